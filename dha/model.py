@@ -1,0 +1,402 @@
+"""A causal transformer whose attention layers read key and value heads through index maps.
+
+Multi-head, grouped-query and decoupled-head attention differ only in two small integer maps
+per layer (Chen et al. 2024, "DHA", section 3):
+
+    head_h = softmax(q_h . k_{key_index[h]}^T / sqrt(hd) + mask) . v_{value_index[h]}
+
+MHA:  key_index = value_index = [0, 1, ..., H-1]
+GQA:  key_index = value_index = [h // (H // G) for h in range(H)]
+DHA:  any two maps onto range(Hk) and range(Hv), chosen per layer; groups may be uneven.
+
+The KV cache keeps only the Hk key heads and Hv value heads of each layer.
+
+Shape legend (used in the comments below):
+    B  batch             T  new tokens in this call     S  tokens in the cache (past + new)
+    D  hidden size       H  query heads                 hd head dim
+    Hk key heads of a layer                             Hv value heads of a layer
+    V  vocabulary size   F  MLP hidden size
+
+This file imports torch only. Family-specific knobs (norm, MLP, positions, biases, parallel
+residual) are plain config fields, set by `dha.families` from a Hugging Face config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int  # query heads H, the same in every layer
+    head_dim: int
+    intermediate_size: int
+    # Per layer, for each query head, the key head and the value head it reads. Empty lists
+    # mean plain MHA (filled in by __post_init__).
+    key_index: list[list[int]] = field(default_factory=list)
+    value_index: list[list[int]] = field(default_factory=list)
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = False  # LayerNorm with a bias (GPT-2, OPT, NeoX, Phi)
+    mlp: str = "gated"  # "gated": down(act(gate(x)) * up(x)) (SwiGLU); "plain": fc2(act(fc1(x)))
+    activation: str = "silu"  # a key of ACTIVATIONS
+    position: str = "rope"  # "rope" | "learned" (absolute position embeddings, GPT-2 / OPT)
+    max_position_embeddings: int = 2048
+    position_offset: int = 0  # learned positions start at this row (OPT uses 2)
+    rope_theta: float = 10000.0
+    rotary_dim: int | None = None  # rotate only the first rotary_dim dims of a head (NeoX, Phi)
+    # Inverse frequencies precomputed for scaled RoPE variants (llama3, linear, yarn...); None
+    # means the plain 1 / theta^(2i/rotary_dim).
+    rope_inv_freq: list[float] | None = None
+    rope_attention_scaling: float = 1.0  # cos/sin multiplier some scaled variants use
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (NeoX, Phi)
+    shared_input_norm: bool = False  # with parallel_residual: one norm feeds both (Phi)
+    tie_word_embeddings: bool = True
+    lm_head_bias: bool = False
+    final_norm: bool = True
+    sliding_window: int | None = None  # attend to at most this many most recent keys (Mistral)
+    family: str = "llama"  # Hugging Face model_type this came from (used by export)
+
+    def __post_init__(self):
+        H, L = self.num_heads, self.num_layers
+        if not self.key_index:
+            self.key_index = [list(range(H)) for _ in range(L)]
+        if not self.value_index:
+            self.value_index = [list(range(H)) for _ in range(L)]
+        for name in ("key_index", "value_index"):
+            maps = getattr(self, name)
+            if len(maps) != L:
+                raise ValueError(f"{name} has {len(maps)} layers, the model has {L}")
+            for layer, m in enumerate(maps):
+                if len(m) != H:
+                    raise ValueError(f"{name}[{layer}] has {len(m)} entries, need one per query head ({H})")
+                if sorted(set(m)) != list(range(max(m) + 1)):
+                    raise ValueError(f"{name}[{layer}] = {m} must use every head 0..{max(m)} at least once")
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
+
+    def key_heads(self, layer: int) -> int:
+        return max(self.key_index[layer]) + 1
+
+    def value_heads(self, layer: int) -> int:
+        return max(self.value_index[layer]) + 1
+
+    def kv_values_per_token(self) -> int:
+        """Numbers the KV cache holds per token, summed over layers: sum_l (Hk + Hv) * hd."""
+        return sum((self.key_heads(l) + self.value_heads(l)) * self.head_dim for l in range(self.num_layers))
+
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
+        return self.kv_values_per_token() * torch.tensor([], dtype=dtype).element_size()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, as Hugging Face's LlamaRMSNorm does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+    raise ValueError(f"unknown norm {cfg.norm!r}")
+
+
+def is_grouped(index: list[int], groups: int) -> bool:
+    """True when `index` is the contiguous GQA map [h // (H // groups)] (MHA when groups == H)."""
+    H = len(index)
+    return H % groups == 0 and list(index) == [h // (H // groups) for h in range(H)]
+
+
+class KVCache:
+    """Preallocated per-layer key and value tensors holding only each layer's own heads.
+
+    keys[l]: (B, Hk(l), max_len, hd), values[l]: (B, Hv(l), max_len, hd). `length` counts the
+    tokens already written; the model advances it after the last layer of each call.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        self.max_len = max_len
+        self.length = 0
+        self.keys = [
+            torch.zeros(batch_size, cfg.key_heads(l), max_len, cfg.head_dim, dtype=dtype, device=device)
+            for l in range(cfg.num_layers)
+        ]
+        self.values = [
+            torch.zeros(batch_size, cfg.value_heads(l), max_len, cfg.head_dim, dtype=dtype, device=device)
+            for l in range(cfg.num_layers)
+        ]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens' k (B, Hk, T, hd) and v (B, Hv, T, hd); return the filled prefix."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} tokens > max_len {self.max_len}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        H, hd = cfg.num_heads, cfg.head_dim
+        self.layer = layer
+        self.num_heads, self.head_dim = H, hd
+        self.num_key_heads, self.num_value_heads = cfg.key_heads(layer), cfg.value_heads(layer)
+        self.q_proj = nn.Linear(cfg.hidden_size, H * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_key_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_value_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * hd, cfg.hidden_size, bias=cfg.o_bias)
+        # Fast path: one contiguous GQA map for both K and V (MHA included) lets SDPA share heads
+        # itself instead of us gathering them. (The maps become buffers in Transformer.init_buffers.)
+        self.plain_gqa = cfg.key_index[layer] == cfg.value_index[layer] and is_grouped(cfg.key_index[layer], self.num_key_heads)
+
+    def project(self, x: torch.Tensor):
+        """Query, key and value heads before RoPE: (B, H, T, hd), (B, Hk, T, hd), (B, Hv, T, hd)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_key_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_value_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q, k, v, mask):
+        """q (B, H, T, hd), k (B, Hk, S, hd), v (B, Hv, S, hd) -> (B, H, T, hd)."""
+        if self.plain_gqa:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                enable_gqa=self.num_key_heads != self.num_heads,
+            )
+        k = k.index_select(1, self.key_index)  # (B, H, S, hd)
+        v = v.index_select(1, self.value_index)  # (B, H, S, hd)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1)
+
+    def forward(self, x, rope, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        if rope is not None:
+            q, k = rope.apply(q), rope.apply(k)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hk, S, hd), (B, Hv, S, hd)
+        y = self.attend(q, k, v, mask)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.mlp == "gated"
+        self.act = ACTIVATIONS[cfg.activation]
+        D, Fh, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        if self.gated:
+            self.gate_proj = nn.Linear(D, Fh, bias=bias)
+        self.up_proj = nn.Linear(D, Fh, bias=bias)
+        self.down_proj = nn.Linear(Fh, D, bias=bias)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.parallel = cfg.parallel_residual
+        self.shared_norm = cfg.shared_input_norm
+        self.attn_norm = make_norm(cfg)
+        if not self.shared_norm:
+            self.mlp_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache):
+        h = self.attn_norm(x)
+        a = self.attn(h, rope, mask, cache)
+        if self.parallel:
+            return x + a + self.mlp(h if self.shared_norm else self.mlp_norm(x))
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Rope:
+    """cos/sin tables for the positions of one call, applied with the rotate-half convention."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int):
+        self.cos, self.sin, self.rotary_dim = cos, sin, rotary_dim  # (T, rotary_dim) each
+
+    def apply(self, x):  # x: (B, heads, T, hd)
+        r = self.rotary_dim
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+        rotated = torch.cat((-x2, x1), dim=-1)
+        x_rot = x_rot * self.cos.to(x.dtype) + rotated * self.sin.to(x.dtype)
+        return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.position == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_position_embeddings + cfg.position_offset, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, l) for l in range(cfg.num_layers))
+        if cfg.final_norm:
+            self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """(Re)compute the non-persistent buffers from the config: RoPE frequencies, head maps.
+
+        Called again after building on the meta device (dha.transforms.build)."""
+        cfg = self.config
+        if cfg.position == "rope":
+            if cfg.rope_inv_freq is not None:
+                inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32)
+            else:
+                r = cfg.rotary_dim
+                inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+        for l, block in enumerate(self.layers):
+            block.attn.register_buffer("key_index", torch.tensor(cfg.key_index[l]), persistent=False)
+            block.attn.register_buffer("value_index", torch.tensor(cfg.value_index[l]), persistent=False)
+
+    def rope(self, positions: torch.Tensor) -> Rope | None:
+        if self.config.position != "rope":
+            return None
+        freqs = positions[:, None].float() * self.inv_freq[None, :].to(positions.device)  # (T, r/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, r)
+        s = self.config.rope_attention_scaling
+        return Rope(emb.cos() * s, emb.sin() * s, self.config.rotary_dim)
+
+    def causal_mask(self, start: int, T: int, S: int, device) -> torch.Tensor | None:
+        """Boolean (T, S) mask, True where attention is allowed; None when SDPA's is_causal suffices."""
+        window = self.config.sliding_window
+        if window is None or window >= S:
+            if start == 0 and T == S:
+                return None  # plain causal: SDPA's is_causal
+            if T == 1:
+                return None  # one new token sees the whole cache
+
+        q_pos = torch.arange(start, start + T, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed &= k_pos > q_pos - window
+        return allowed
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). With a cache, the tokens continue what it holds."""
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        x = self.embed(input_ids)  # (B, T, D)
+        if self.config.position == "learned":
+            x = x + self.pos_embed(positions + self.config.position_offset)
+        rope = self.rope(positions)
+        mask = self.causal_mask(start, T, start + T, input_ids.device)
+        for block in self.layers:
+            x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.length += T
+        if self.config.final_norm:
+            x = self.norm(x)
+        return self.lm_head(x)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Prefill, then decode token by token from the cache. temperature 0 is greedy. (B, T) -> (B, T + new)."""
+    B, T = input_ids.shape
+    cache = model.new_cache(B, T + max_new_tokens)
+    logits = model(input_ids, cache)[:, -1]
+    out = [input_ids]
+    for i in range(max_new_tokens):
+        if temperature > 0:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator)
+        else:
+            token = logits.argmax(-1, keepdim=True)
+        out.append(token)
+        if i + 1 < max_new_tokens:
+            logits = model(token, cache)[:, -1]
+    return torch.cat(out, dim=1)
+
+
+def scaled_init_(model: Transformer, std: float = 0.02, seed: int | None = None) -> Transformer:
+    """GPT-2 style initialisation for models trained from scratch (benchmarks, tests)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            s = std / math.sqrt(2 * model.config.num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * s)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+    return model

@@ -1,0 +1,47 @@
+"""Shared test helpers: tiny random models built locally (no hub), fixed seeds, fp32 on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dha.families import config_from_hf, weights_from_hf
+from dha.transforms import build
+
+
+def tiny_llama_hf(num_heads=6, num_kv_heads=6, bias=False, tie=False, layers=2, seed=0, **overrides):
+    """A random Hugging Face LlamaForCausalLM small enough for tests (hidden 48, head dim 8)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=8,
+        max_position_embeddings=256, attention_bias=bias, tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **overrides,
+    )
+    model = LlamaForCausalLM(config).eval()
+    # Random init leaves biases and norm weights at 0/1; perturb them so they are really tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def ours_from_hf(hf_model):
+    """Our Transformer holding the HF model's weights (through the family table)."""
+    cfg = config_from_hf(hf_model.config)
+    return build(cfg, weights_from_hf(hf_model.state_dict(), cfg)).eval()
+
+
+@pytest.fixture
+def tiny_pair():
+    """(hf_model, our_model) for a 6-head MHA tiny LLaMA."""
+    hf = tiny_llama_hf()
+    return hf, ours_from_hf(hf)
+
+
+def random_ids(batch=2, length=16, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
