@@ -1,26 +1,40 @@
 """One table keyed by Hugging Face `model_type`: how each family's config and weights map to ours.
 
-A family is data plus two pure functions, never a subclass of the model:
+A family is data plus pure functions, never a subclass of the model:
 - `config_from_hf(hf_config) -> ModelConfig`: raise UnsupportedModel for variants we cannot run
   exactly (the message says what is missing);
 - a weight map of key templates (`{}` is the layer number), HF name -> our name, applied by
-  `rename` in either direction; families whose layout differs (fused qkv, Conv1D) add a
-  `weights_from_hf` / `weights_to_hf` pair of dict-in/dict-out functions.
+  `rename` in either direction (every key must match a template: nothing is silently dropped);
+- for layouts that differ from ours (GPT-2's fused, transposed Conv1D `c_attn`; GPT-NeoX's
+  per-head interleaved `query_key_value`) the map sends the fused tensor to an intermediate
+  `layers.{}.attn.qkv.*` key, and a `from_hf_layout` / `to_hf_layout` pair of dict-in/dict-out
+  functions splits and re-fuses it (and transposes Conv1D weights);
+- what older checkpoints on disk carry besides the weights: the base-model prefix they may lack
+  (a checkpoint saved from `GPT2Model` instead of `GPT2LMHeadModel`), non-weight buffers that
+  transformers itself ignores on load (`attn.bias` causal masks, `rotary_emb.inv_freq`), and
+  renamed keys (`embed_out` -> `lm_head` in GPT-NeoX).
 
-`export` writes a stock HF checkpoint by starting from the source's own HF config (kept in our
-checkpoints) and changing only the key/value head count.
+`weights_to_hf(weights_from_hf(sd)) == sd` exactly for the state dict of a stock HF model (a tied
+`lm_head.weight` is left out, as HF's own save_pretrained does). `export` writes a stock HF
+checkpoint by starting from the source's own HF config (kept in our checkpoints) and changing
+only the field named by `kv_heads_field`; families whose HF class has no such field are exported
+with remote code.
+
+Families whose attention normalises each query/key head after projection (qk-norm: Qwen3,
+Gemma 3, OLMo 2, ...) are refused on purpose: a norm is not linear, so a fused key head (a
+weighted sum of a group's key projections) would not reproduce the normalised keys.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .errors import UserError
-from .model import ModelConfig
+from .model import ACTIVATIONS, ModelConfig
 
 
 class UnsupportedModel(UserError):
@@ -33,16 +47,27 @@ class Family:
     hf_class: str  # the stock transformers class export writes (e.g. LlamaForCausalLM)
     config_from_hf: Callable[[object], ModelConfig]
     weight_map: dict[str, str]  # HF key template -> our key template
-    # Optional extra steps around the renaming, for layouts that differ from ours.
-    weights_from_hf: Callable[[dict, ModelConfig], dict] | None = None
-    weights_to_hf: Callable[[dict, ModelConfig], dict] | None = None
-    # Which HF config field holds the key/value head count (None: the family has no GQA in HF).
+    # Which HF config field holds the key/value head count (None: the HF class has no GQA, so a
+    # model with fewer key/value heads than query heads is exported with remote code).
     kv_heads_field: str | None = "num_key_value_heads"
+    # Optional layout steps in our key space: after renaming on load, before renaming on save.
+    from_hf_layout: Callable[[dict, ModelConfig], dict] | None = None
+    to_hf_layout: Callable[[dict, ModelConfig], dict] | None = None
+    # Prefix of the base model inside the *ForCausalLM class (HF's `base_model_prefix` + ".").
+    base_prefix: str = "model."
+    # Key templates of non-weight buffers older checkpoints carry, dropped on load.
+    ignored_keys: tuple[str, ...] = ()
+    # Old HF key -> current HF key, applied on load (HF's own checkpoint conversion mapping).
+    legacy_keys: dict[str, str] = field(default_factory=dict)
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
 
 
 def rename(state_dict: dict[str, torch.Tensor], mapping: dict[str, str]) -> dict[str, torch.Tensor]:
     """Rename keys by templates; any key no template matches is an error (nothing is dropped)."""
-    patterns = [(re.compile("^" + re.escape(src).replace(r"\{\}", r"(\d+)") + "$"), dst) for src, dst in mapping.items()]
+    patterns = [(_pattern(src), dst) for src, dst in mapping.items()]
     out = {}
     for key, value in state_dict.items():
         for pattern, dst in patterns:
@@ -59,7 +84,11 @@ def invert(mapping: dict[str, str]) -> dict[str, str]:
     return {v: k for k, v in mapping.items()}
 
 
-# ---- RoPE ---------------------------------------------------------------------------------------
+def _weight_and_bias(hf: str, ours: str) -> dict[str, str]:
+    return {f"{hf}.weight": f"{ours}.weight", f"{hf}.bias": f"{ours}.bias"}
+
+
+# ---- config helpers ------------------------------------------------------------------------------
 
 # Scaled RoPE variants whose frequencies do not depend on the sequence length can be precomputed
 # by transformers' own functions; dynamic variants change with the input and are refused.
@@ -83,38 +112,49 @@ def rope_fields(hf_config, rotary_dim: int) -> dict:
     return fields
 
 
-def _refuse_qk_norm(hf_config) -> None:
-    for name in ("qk_norm", "use_qk_norm", "qk_layernorm"):
+def partial_rotary_dim(hf_config, head_dim: int) -> int:
+    """Dims of a head that RoPE rotates: int(head_dim * partial_rotary_factor), as GPT-NeoX and Phi
+    compute `rotary_ndims` (transformers' GPTNeoXAttention / PhiAttention)."""
+    factor = float((getattr(hf_config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0))
+    rotary_dim = int(head_dim * factor)
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise UnsupportedModel(
+            f"{hf_config.model_type}: partial_rotary_factor {factor} gives {rotary_dim} rotary dims of {head_dim}; "
+            "dha needs an even, non-zero number"
+        )
+    return rotary_dim
+
+
+def activation(hf_config, name: str) -> str:
+    act = getattr(hf_config, name)
+    if act not in ACTIVATIONS:
+        raise UnsupportedModel(
+            f"{hf_config.model_type}: activation {name}={act!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
+        )
+    return act
+
+
+# Families whose HF attention always normalises queries and keys per head (q_norm / k_norm).
+QK_NORM_FAMILIES = (
+    "qwen3", "qwen3_moe", "qwen3_next", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text",
+    "olmo2", "olmo3", "olmoe", "chameleon",
+)
+# Config flags that turn qk-norm on in families where it is optional (Phi, Cohere, GLM-4 MoE...).
+QK_NORM_FLAGS = ("qk_layernorm", "use_qk_norm", "qk_norm")
+
+
+def _qk_norm_message(model_type: str, what: str) -> str:
+    return (
+        f"{model_type} normalises each query and key head after projection (qk-norm: {what}); a norm is not "
+        "linear, so fusing key heads (a weighted sum of a group's key projections) would not be exact. "
+        f"dha does not support qk-norm models (supported: {', '.join(sorted(FAMILIES))})"
+    )
+
+
+def refuse_qk_norm(hf_config) -> None:
+    for name in QK_NORM_FLAGS:
         if getattr(hf_config, name, False):
-            raise UnsupportedModel(
-                f"{hf_config.model_type} normalises keys per head ({name}): fusing key heads would not be exact, "
-                "and dha does not support it yet"
-            )
-
-
-# ---- LLaMA, Mistral, Qwen2: RMSNorm, RoPE, SwiGLU ----------------------------------------------
-
-LLAMA_WEIGHTS = {
-    "model.embed_tokens.weight": "embed.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q_proj.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k_proj.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
-    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attn.q_proj.bias",
-    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attn.k_proj.bias",
-    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.v_proj.bias",
-    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.o_proj.weight",
-    "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attn.o_proj.bias",
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
-    "model.layers.{}.mlp.gate_proj.bias": "layers.{}.mlp.gate_proj.bias",
-    "model.layers.{}.mlp.up_proj.bias": "layers.{}.mlp.up_proj.bias",
-    "model.layers.{}.mlp.down_proj.bias": "layers.{}.mlp.down_proj.bias",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
+            raise UnsupportedModel(_qk_norm_message(hf_config.model_type, f"{name}=True"))
 
 
 def gqa_maps(num_layers: int, num_heads: int, num_kv_heads: int) -> list[list[int]]:
@@ -124,13 +164,46 @@ def gqa_maps(num_layers: int, num_heads: int, num_kv_heads: int) -> list[list[in
     return [[h // group for h in range(num_heads)] for _ in range(num_layers)]
 
 
-def llama_config(c) -> ModelConfig:
-    _refuse_qk_norm(c)
-    if getattr(c, "hidden_act", "silu") != "silu":
-        raise UnsupportedModel(f"activation {c.hidden_act!r} is not supported for {c.model_type} (expected silu)")
+def _maps(num_layers: int, num_heads: int, num_kv_heads: int) -> dict:
+    maps = gqa_maps(num_layers, num_heads, num_kv_heads)
+    return {"key_index": maps, "value_index": [list(m) for m in maps]}
+
+
+def split_rows(weight: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return [t.contiguous() for t in torch.split(weight, sizes, dim=0)]
+
+
+def attention_sizes(cfg: ModelConfig, layer: int) -> list[int]:
+    """Rows of q, k and v projections in `layer`: (H, Hk, Hv) * hd."""
+    hd = cfg.head_dim
+    return [cfg.num_heads * hd, cfg.key_heads(layer) * hd, cfg.value_heads(layer) * hd]
+
+
+# ---- LLaMA, Mistral, Qwen2: RMSNorm, RoPE, gated MLP ---------------------------------------------
+
+LLAMA_WEIGHTS = {
+    "model.embed_tokens.weight": "embed.weight",
+    **_weight_and_bias("model.layers.{}.self_attn.q_proj", "layers.{}.attn.q_proj"),
+    **_weight_and_bias("model.layers.{}.self_attn.k_proj", "layers.{}.attn.k_proj"),
+    **_weight_and_bias("model.layers.{}.self_attn.v_proj", "layers.{}.attn.v_proj"),
+    **_weight_and_bias("model.layers.{}.self_attn.o_proj", "layers.{}.attn.o_proj"),
+    **_weight_and_bias("model.layers.{}.mlp.gate_proj", "layers.{}.mlp.gate_proj"),
+    **_weight_and_bias("model.layers.{}.mlp.up_proj", "layers.{}.mlp.up_proj"),
+    **_weight_and_bias("model.layers.{}.mlp.down_proj", "layers.{}.mlp.down_proj"),
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+# Older LLaMA-style checkpoints saved the RoPE frequencies as a buffer.
+ROTARY_BUFFER = ("model.layers.{}.self_attn.rotary_emb.inv_freq",)
+
+
+def rope_decoder_config(c, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool, sliding_window: int | None = None) -> ModelConfig:
+    """LLaMA-style decoders: pre-RMSNorm, RoPE on whole heads, gated MLP, optional GQA."""
+    refuse_qk_norm(c)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    maps = gqa_maps(c.num_hidden_layers, c.num_attention_heads, kv)
     return ModelConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
@@ -138,50 +211,399 @@ def llama_config(c) -> ModelConfig:
         num_heads=c.num_attention_heads,
         head_dim=head_dim,
         intermediate_size=c.intermediate_size,
-        key_index=maps,
-        value_index=[list(m) for m in maps],
+        **_maps(c.num_hidden_layers, c.num_attention_heads, kv),
         norm="rmsnorm",
         norm_eps=c.rms_norm_eps,
         mlp="gated",
-        activation="silu",
+        activation=activation(c, "hidden_act"),
         position="rope",
         max_position_embeddings=c.max_position_embeddings,
-        qkv_bias=bool(getattr(c, "attention_bias", False)),
-        o_bias=bool(getattr(c, "attention_bias", False)),
-        mlp_bias=bool(getattr(c, "mlp_bias", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        sliding_window=sliding_window,
         family=c.model_type,
         **rope_fields(c, head_dim),
     )
 
 
+def llama_config(c) -> ModelConfig:
+    bias = bool(getattr(c, "attention_bias", False))
+    return rope_decoder_config(c, qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(c, "mlp_bias", False)))
+
+
+def mistral_config(c) -> ModelConfig:
+    # MistralAttention: no biases; every layer uses config.sliding_window (None: full attention).
+    # HF's mask keeps key j for query i when i - window < j <= i (masking_utils.sliding_window_overlay),
+    # the same rule as Transformer.causal_mask.
+    return rope_decoder_config(c, qkv_bias=False, o_bias=False, mlp_bias=False, sliding_window=c.sliding_window)
+
+
+def qwen2_config(c) -> ModelConfig:
+    # Qwen2Attention: biases on q, k, v but not o. Qwen2Config sets sliding_window to None unless
+    # use_sliding_window, and marks layers >= max_window_layers "sliding_attention" in layer_types.
+    # Our model has one window for all layers, so only all-full or all-sliding configs are exact.
+    types = list(getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers)
+    sliding = [l for l, t in enumerate(types) if t == "sliding_attention"]
+    other = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if other:
+        raise UnsupportedModel(f"qwen2: layer types {other} are not supported (supported: full_attention, sliding_attention)")
+    window = None
+    if sliding:
+        if c.sliding_window is None:
+            raise UnsupportedModel("qwen2: layer_types asks for sliding_attention but sliding_window is not set")
+        if len(sliding) != c.num_hidden_layers:
+            raise UnsupportedModel(
+                f"qwen2 with a sliding window on some layers only (layers {sliding[0]}..{sliding[-1]} of "
+                f"{c.num_hidden_layers}: use_sliding_window with max_window_layers={getattr(c, 'max_window_layers', None)}) "
+                "is not supported: dha's model uses one attention window for every layer"
+            )
+        window = c.sliding_window
+    return rope_decoder_config(c, qkv_bias=True, o_bias=False, mlp_bias=False, sliding_window=window)
+
+
+# ---- GPT-2: learned positions, LayerNorm, fused transposed Conv1D c_attn ------------------------
+
+GPT2_WEIGHTS = {
+    "transformer.wte.weight": "embed.weight",
+    "transformer.wpe.weight": "pos_embed.weight",
+    **_weight_and_bias("transformer.h.{}.ln_1", "layers.{}.attn_norm"),
+    **_weight_and_bias("transformer.h.{}.attn.c_attn", "layers.{}.attn.qkv"),  # split by gpt2_from_hf
+    **_weight_and_bias("transformer.h.{}.attn.c_proj", "layers.{}.attn.o_proj"),
+    **_weight_and_bias("transformer.h.{}.ln_2", "layers.{}.mlp_norm"),
+    **_weight_and_bias("transformer.h.{}.mlp.c_fc", "layers.{}.mlp.up_proj"),
+    **_weight_and_bias("transformer.h.{}.mlp.c_proj", "layers.{}.mlp.down_proj"),
+    **_weight_and_bias("transformer.ln_f", "norm"),
+    "lm_head.weight": "lm_head.weight",
+}
+# transformers' Conv1D computes x @ W + b with W of shape (in, out): the transpose of nn.Linear.
+GPT2_CONV1D = ("attn.o_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def gpt2_config(c) -> ModelConfig:
+    # GPT2Attention.scaling: head_dim**-0.5 when scale_attn_weights, further / (layer + 1) when
+    # scale_attn_by_inverse_layer_idx. Our attention always uses head_dim**-0.5.
+    if c.scale_attn_by_inverse_layer_idx:
+        raise UnsupportedModel("gpt2 with scale_attn_by_inverse_layer_idx=True (attention scaled by 1/(layer+1)) is not supported")
+    if not c.scale_attn_weights:
+        raise UnsupportedModel("gpt2 with scale_attn_weights=False (unscaled attention scores) is not supported")
+    if getattr(c, "add_cross_attention", False):
+        raise UnsupportedModel("gpt2 with add_cross_attention=True (an encoder-decoder) is not supported")
+    # reorder_and_upcast_attn only changes how eager attention rounds in half precision (it computes
+    # q.k in float32); the function is the same, and HF's default SDPA path ignores it.
+    D, H = c.hidden_size, c.num_attention_heads
+    return ModelConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=D,
+        num_layers=c.num_hidden_layers,
+        num_heads=H,
+        head_dim=D // H,
+        intermediate_size=c.n_inner if c.n_inner is not None else 4 * D,
+        norm="layernorm",
+        norm_eps=c.layer_norm_epsilon,
+        norm_bias=True,
+        mlp="plain",
+        activation=activation(c, "activation_function"),
+        position="learned",
+        max_position_embeddings=c.max_position_embeddings,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+        family="gpt2",
+    )
+
+
+def gpt2_from_hf(sd: dict, cfg: ModelConfig) -> dict:
+    """Transpose Conv1D weights to nn.Linear; split c_attn's columns into q, k, v."""
+    sd = dict(sd)
+    for l in range(cfg.num_layers):
+        sizes = attention_sizes(cfg, l)
+        fused_w = sd.pop(f"layers.{l}.attn.qkv.weight").t()  # (D, (H+Hk+Hv)*hd) -> ((H+Hk+Hv)*hd, D)
+        fused_b = sd.pop(f"layers.{l}.attn.qkv.bias")
+        for name, w, b in zip(("q_proj", "k_proj", "v_proj"), split_rows(fused_w, sizes), split_rows(fused_b, sizes)):
+            sd[f"layers.{l}.attn.{name}.weight"], sd[f"layers.{l}.attn.{name}.bias"] = w, b
+        for suffix in GPT2_CONV1D:
+            sd[f"layers.{l}.{suffix}"] = sd[f"layers.{l}.{suffix}"].t().contiguous()
+    return sd
+
+
+def gpt2_to_hf(sd: dict, cfg: ModelConfig) -> dict:
+    """Inverse of gpt2_from_hf. A reduced-KV model gets a c_attn of width (H + Hk + Hv) * hd."""
+    sd = dict(sd)
+    for l in range(cfg.num_layers):
+        for suffix in ("weight", "bias"):
+            parts = [sd.pop(f"layers.{l}.attn.{name}.{suffix}") for name in ("q_proj", "k_proj", "v_proj")]
+            fused = torch.cat(parts, dim=0)
+            sd[f"layers.{l}.attn.qkv.{suffix}"] = fused.t().contiguous() if suffix == "weight" else fused
+        for suffix in GPT2_CONV1D:
+            sd[f"layers.{l}.{suffix}"] = sd[f"layers.{l}.{suffix}"].t().contiguous()
+    return sd
+
+
+# ---- GPT-NeoX / Pythia: partial RoPE, parallel residual, per-head interleaved qkv ----------------
+
+GPT_NEOX_WEIGHTS = {
+    "gpt_neox.embed_in.weight": "embed.weight",
+    **_weight_and_bias("gpt_neox.layers.{}.input_layernorm", "layers.{}.attn_norm"),
+    **_weight_and_bias("gpt_neox.layers.{}.post_attention_layernorm", "layers.{}.mlp_norm"),
+    **_weight_and_bias("gpt_neox.layers.{}.attention.query_key_value", "layers.{}.attn.qkv"),  # split by neox_from_hf
+    **_weight_and_bias("gpt_neox.layers.{}.attention.dense", "layers.{}.attn.o_proj"),
+    **_weight_and_bias("gpt_neox.layers.{}.mlp.dense_h_to_4h", "layers.{}.mlp.up_proj"),
+    **_weight_and_bias("gpt_neox.layers.{}.mlp.dense_4h_to_h", "layers.{}.mlp.down_proj"),
+    **_weight_and_bias("gpt_neox.final_layer_norm", "norm"),
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def gpt_neox_config(c) -> ModelConfig:
+    # GPTNeoXAttention: head_size = hidden // heads; rotary_ndims = int(head_size * partial_rotary_factor)
+    # (the config turns the old rotary_pct / rotary_emb_base into rope_parameters).
+    head_dim = c.hidden_size // c.num_attention_heads
+    return ModelConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        head_dim=head_dim,
+        intermediate_size=c.intermediate_size,
+        norm="layernorm",
+        norm_eps=c.layer_norm_eps,
+        norm_bias=True,
+        mlp="plain",
+        activation=activation(c, "hidden_act"),
+        position="rope",
+        max_position_embeddings=c.max_position_embeddings,
+        qkv_bias=bool(c.attention_bias),
+        o_bias=bool(c.attention_bias),
+        mlp_bias=True,
+        parallel_residual=bool(c.use_parallel_residual),
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+        family="gpt_neox",
+        **rope_fields(c, partial_rotary_dim(c, head_dim)),
+    )
+
+
+def neox_from_hf(sd: dict, cfg: ModelConfig) -> dict:
+    """query_key_value rows are (H, 3, hd): per head, its q, k and v rows one after the other
+    (GPTNeoXAttention views the output as (B, T, H, 3 * hd) and chunks the last dim in three)."""
+    sd = dict(sd)
+    H, hd = cfg.num_heads, cfg.head_dim
+    for l in range(cfg.num_layers):
+        for suffix in ("weight", "bias"):
+            key = f"layers.{l}.attn.qkv.{suffix}"
+            if key not in sd:
+                continue
+            fused = sd.pop(key)
+            per_head = fused.reshape(H, 3, hd, *fused.shape[1:])  # (H, 3, hd[, D])
+            for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                sd[f"layers.{l}.attn.{name}.{suffix}"] = per_head[:, i].reshape(H * hd, *fused.shape[1:]).contiguous()
+    return sd
+
+
+def neox_to_hf(sd: dict, cfg: ModelConfig) -> dict:
+    """Inverse of neox_from_hf; the interleaved layout needs as many key and value heads as query heads."""
+    sd = dict(sd)
+    H, hd = cfg.num_heads, cfg.head_dim
+    for l in range(cfg.num_layers):
+        if cfg.key_heads(l) != H or cfg.value_heads(l) != H:
+            raise UnsupportedModel(
+                f"gpt_neox layer {l} has {cfg.key_heads(l)} key and {cfg.value_heads(l)} value heads for {H} query "
+                "heads: the fused query_key_value layout holds one of each per query head (export it with remote code)"
+            )
+        for suffix in ("weight", "bias"):
+            keys = [f"layers.{l}.attn.{name}.{suffix}" for name in ("q_proj", "k_proj", "v_proj")]
+            if keys[0] not in sd:
+                continue
+            parts = [sd.pop(k) for k in keys]
+            rest = parts[0].shape[1:]
+            fused = torch.stack([p.reshape(H, hd, *rest) for p in parts], dim=1)  # (H, 3, hd[, D])
+            sd[f"layers.{l}.attn.qkv.{suffix}"] = fused.reshape(3 * H * hd, *rest)
+    return sd
+
+
+# ---- OPT: learned positions with offset 2, pre-LayerNorm, plain MLP -------------------------------
+
+OPT_WEIGHTS = {
+    "model.decoder.embed_tokens.weight": "embed.weight",
+    "model.decoder.embed_positions.weight": "pos_embed.weight",
+    **_weight_and_bias("model.decoder.layers.{}.self_attn.q_proj", "layers.{}.attn.q_proj"),
+    **_weight_and_bias("model.decoder.layers.{}.self_attn.k_proj", "layers.{}.attn.k_proj"),
+    **_weight_and_bias("model.decoder.layers.{}.self_attn.v_proj", "layers.{}.attn.v_proj"),
+    **_weight_and_bias("model.decoder.layers.{}.self_attn.out_proj", "layers.{}.attn.o_proj"),
+    **_weight_and_bias("model.decoder.layers.{}.self_attn_layer_norm", "layers.{}.attn_norm"),
+    **_weight_and_bias("model.decoder.layers.{}.fc1", "layers.{}.mlp.up_proj"),
+    **_weight_and_bias("model.decoder.layers.{}.fc2", "layers.{}.mlp.down_proj"),
+    **_weight_and_bias("model.decoder.layers.{}.final_layer_norm", "layers.{}.mlp_norm"),
+    **_weight_and_bias("model.decoder.final_layer_norm", "norm"),
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def opt_config(c) -> ModelConfig:
+    if not c.do_layer_norm_before:
+        raise UnsupportedModel(
+            "opt with do_layer_norm_before=False (post-LayerNorm, e.g. opt-350m) is not supported: dha's blocks are pre-norm"
+        )
+    if c.word_embed_proj_dim != c.hidden_size:
+        raise UnsupportedModel(
+            f"opt with word_embed_proj_dim={c.word_embed_proj_dim} != hidden_size={c.hidden_size} (project_in / "
+            "project_out around the decoder, e.g. opt-350m) is not supported"
+        )
+    if not c.layer_norm_elementwise_affine:
+        raise UnsupportedModel("opt with layer_norm_elementwise_affine=False (LayerNorm without weights) is not supported")
+    # OPTAttention multiplies q by head_dim**-0.5 before q.k instead of after: the same function.
+    # OPTLearnedPositionalEmbedding looks up position + 2 (its table has max_position_embeddings + 2 rows).
+    # OPT's LayerNorms use PyTorch's default eps (1e-5).
+    bias = bool(c.enable_bias)
+    return ModelConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        head_dim=c.hidden_size // c.num_attention_heads,
+        intermediate_size=c.ffn_dim,
+        norm="layernorm",
+        norm_eps=1e-5,
+        norm_bias=True,
+        mlp="plain",
+        activation=activation(c, "activation_function"),
+        position="learned",
+        max_position_embeddings=c.max_position_embeddings,
+        position_offset=2,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+        final_norm=not getattr(c, "_remove_final_layer_norm", False),
+        family="opt",
+    )
+
+
+# ---- Phi (phi-1, phi-1.5, phi-2): partial RoPE, one LayerNorm feeding parallel attention and MLP -
+
+PHI_WEIGHTS = {
+    "model.embed_tokens.weight": "embed.weight",
+    **_weight_and_bias("model.layers.{}.self_attn.q_proj", "layers.{}.attn.q_proj"),
+    **_weight_and_bias("model.layers.{}.self_attn.k_proj", "layers.{}.attn.k_proj"),
+    **_weight_and_bias("model.layers.{}.self_attn.v_proj", "layers.{}.attn.v_proj"),
+    **_weight_and_bias("model.layers.{}.self_attn.dense", "layers.{}.attn.o_proj"),
+    **_weight_and_bias("model.layers.{}.mlp.fc1", "layers.{}.mlp.up_proj"),
+    **_weight_and_bias("model.layers.{}.mlp.fc2", "layers.{}.mlp.down_proj"),
+    **_weight_and_bias("model.layers.{}.input_layernorm", "layers.{}.attn_norm"),
+    **_weight_and_bias("model.final_layernorm", "norm"),
+    **_weight_and_bias("lm_head", "lm_head"),
+}
+
+
+def phi_config(c) -> ModelConfig:
+    refuse_qk_norm(c)  # qk_layernorm=True: per-head LayerNorm on q and k
+    # PhiAttention: head_dim = hidden // heads, all projections with bias, k/v with
+    # num_key_value_heads heads; PhiDecoderLayer: x + attn(ln(x)) + mlp(ln(x)) with one LayerNorm.
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return ModelConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        head_dim=head_dim,
+        intermediate_size=c.intermediate_size,
+        **_maps(c.num_hidden_layers, c.num_attention_heads, kv),
+        norm="layernorm",
+        norm_eps=c.layer_norm_eps,
+        norm_bias=True,
+        mlp="plain",
+        activation=activation(c, "hidden_act"),
+        position="rope",
+        max_position_embeddings=c.max_position_embeddings,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        parallel_residual=True,
+        shared_input_norm=True,
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+        lm_head_bias=True,
+        family="phi",
+        **rope_fields(c, partial_rotary_dim(c, head_dim)),
+    )
+
+
+# ---- the table -------------------------------------------------------------------------------------
+
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", "LlamaForCausalLM", llama_config, LLAMA_WEIGHTS),
+    "llama": Family("llama", "LlamaForCausalLM", llama_config, LLAMA_WEIGHTS, ignored_keys=ROTARY_BUFFER),
+    "mistral": Family("mistral", "MistralForCausalLM", mistral_config, LLAMA_WEIGHTS, ignored_keys=ROTARY_BUFFER),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", qwen2_config, LLAMA_WEIGHTS, ignored_keys=ROTARY_BUFFER),
+    "gpt2": Family(
+        "gpt2", "GPT2LMHeadModel", gpt2_config, GPT2_WEIGHTS, kv_heads_field=None,
+        from_hf_layout=gpt2_from_hf, to_hf_layout=gpt2_to_hf, base_prefix="transformer.",
+        # Causal-mask buffers saved by older transformers (GPT2Attention.bias / masked_bias).
+        ignored_keys=("transformer.h.{}.attn.bias", "transformer.h.{}.attn.masked_bias"),
+    ),
+    "gpt_neox": Family(
+        "gpt_neox", "GPTNeoXForCausalLM", gpt_neox_config, GPT_NEOX_WEIGHTS, kv_heads_field=None,
+        from_hf_layout=neox_from_hf, to_hf_layout=neox_to_hf, base_prefix="gpt_neox.",
+        # GPTNeoXPreTrainedModel._keys_to_ignore_on_load_unexpected, and old saved RoPE frequencies.
+        ignored_keys=(
+            "gpt_neox.layers.{}.attention.bias", "gpt_neox.layers.{}.attention.masked_bias",
+            "gpt_neox.layers.{}.attention.rotary_emb.inv_freq",
+        ),
+        # transformers' conversion_mapping renames Pythia's embed_out to lm_head on load.
+        legacy_keys={"embed_out.weight": "lm_head.weight"},
+    ),
+    "opt": Family("opt", "OPTForCausalLM", opt_config, OPT_WEIGHTS, kv_heads_field=None),
+    # PhiConfig has num_key_value_heads and PhiAttention honours it, so uniform GQA exports stock.
+    "phi": Family("phi", "PhiForCausalLM", phi_config, PHI_WEIGHTS),
 }
 
 
 def family_of(model_type: str) -> Family:
-    if model_type not in FAMILIES:
-        raise UnsupportedModel(
-            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
-        )
-    return FAMILIES[model_type]
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if model_type in QK_NORM_FAMILIES:
+        raise UnsupportedModel(_qk_norm_message(model_type, "q_norm / k_norm"))
+    raise UnsupportedModel(
+        f"architecture {model_type!r} is not supported: dha.families has no config and weight mapping for it "
+        f"(supported: {', '.join(sorted(FAMILIES))})"
+    )
 
 
 def config_from_hf(hf_config) -> ModelConfig:
-    return family_of(hf_config.model_type).config_from_hf(hf_config)
+    fam = family_of(hf_config.model_type)
+    return fam.config_from_hf(hf_config)
+
+
+def normalise_hf_keys(state_dict: dict, fam: Family) -> dict:
+    """What transformers does on load before matching keys: rename legacy keys, add the base-model
+    prefix to a checkpoint saved from the base model, drop ignored buffers."""
+    ignored = [_pattern(t) for t in fam.ignored_keys]
+    prefixed = any(k.startswith(fam.base_prefix) for k in state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        key = fam.legacy_keys.get(key, key)
+        if not prefixed and not key.startswith("lm_head."):
+            key = fam.base_prefix + key
+        if not any(p.match(key) for p in ignored):
+            out[key] = value
+    return out
 
 
 def weights_from_hf(state_dict: dict, cfg: ModelConfig) -> dict:
+    """HF state dict (any checkpoint of the family) -> our state dict for `cfg` (from config_from_hf)."""
     fam = family_of(cfg.family)
-    sd = fam.weights_from_hf(state_dict, cfg) if fam.weights_from_hf else dict(state_dict)
+    sd = normalise_hf_keys(state_dict, fam)
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    return rename(sd, fam.weight_map)
+    sd = rename(sd, fam.weight_map)
+    return fam.from_hf_layout(sd, cfg) if fam.from_hf_layout else sd
 
 
 def weights_to_hf(state_dict: dict, cfg: ModelConfig) -> dict:
+    """Our state dict -> the family's HF state dict (a tied lm_head.weight left out)."""
     fam = family_of(cfg.family)
     sd = {k: v for k, v in state_dict.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    sd = rename(sd, invert(fam.weight_map))
-    return fam.weights_to_hf(sd, cfg) if fam.weights_to_hf else sd
+    if fam.to_hf_layout:
+        sd = fam.to_hf_layout(sd, cfg)
+    return rename(sd, invert(fam.weight_map))
