@@ -154,6 +154,21 @@ def is_grouped(index: list[int], groups: int) -> bool:
     return H % groups == 0 and list(index) == [h // (H // groups) for h in range(H)]
 
 
+# Calls with at most this many new tokens (decode) take Attention.attend_grouped.
+GROUPED_MAX_QUERY_TOKENS = 4
+
+
+def group_tables(index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a map query head -> kv head: (groups (G, n) of query heads per kv head, padded by
+    repeating the group's first member; slot (H,) the flat position of each query head in it)."""
+    G = max(index) + 1
+    members = [[h for h, g in enumerate(index) if g == j] for j in range(G)]
+    n = max(len(m) for m in members)
+    groups = torch.tensor([m + [m[0]] * (n - len(m)) for m in members])
+    slot = torch.tensor([index[h] * n + members[index[h]].index(h) for h in range(len(index))])
+    return groups, slot
+
+
 class KVCache:
     """Preallocated per-layer key and value tensors holding only each layer's own heads.
 
@@ -216,9 +231,37 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                 enable_gqa=self.num_key_heads != self.num_heads,
             )
+        if q.shape[2] <= GROUPED_MAX_QUERY_TOKENS:
+            return self.attend_grouped(q, k, v, mask)
         k = k.index_select(1, self.key_index)  # (B, H, S, hd)
         v = v.index_select(1, self.value_index)  # (B, H, S, hd)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1)
+
+    def attend_grouped(self, q, k, v, mask):
+        """Decoupled maps without copying the cache: each compact K/V head is read once.
+
+        Query heads are gathered into padded per-key-head groups (Hk, n), scored against their one
+        key head, and scattered back; the probabilities are then gathered into per-value-head
+        groups (Hv, m) and multiplied by their one value head. Used for decode, where reading the
+        cache dominates; prefill uses the index_select + SDPA path.
+        """
+        B, H, T, hd = q.shape
+        Hk, n = self.key_groups.shape
+        Hv, m = self.value_groups.shape
+        qg = q.index_select(1, self.key_groups.flatten()).view(B, Hk, n, T, hd)
+        scores = qg @ k.unsqueeze(2).transpose(-1, -2)  # (B, Hk, n, T, S)
+        scores = scores.flatten(1, 2).index_select(1, self.key_slot)  # (B, H, T, S)
+        scores = scores.float() * (hd ** -0.5)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        elif T > 1:
+            S = k.shape[2]
+            causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+            scores = scores.masked_fill(~causal, float("-inf"))
+        probs = scores.softmax(-1).to(q.dtype)
+        pg = probs.index_select(1, self.value_groups.flatten()).view(B, Hv, m, T, -1)
+        out = pg @ v.unsqueeze(2)  # (B, Hv, m, T, hd)
+        return out.flatten(1, 2).index_select(1, self.value_slot)  # (B, H, T, hd)
 
     def forward(self, x, rope, mask, cache: KVCache | None):
         B, T, _ = x.shape
@@ -311,8 +354,13 @@ class Transformer(nn.Module):
                 inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
             self.register_buffer("inv_freq", inv_freq, persistent=False)
         for l, block in enumerate(self.layers):
-            block.attn.register_buffer("key_index", torch.tensor(cfg.key_index[l]), persistent=False)
-            block.attn.register_buffer("value_index", torch.tensor(cfg.value_index[l]), persistent=False)
+            attn = block.attn
+            attn.register_buffer("key_index", torch.tensor(cfg.key_index[l]), persistent=False)
+            attn.register_buffer("value_index", torch.tensor(cfg.value_index[l]), persistent=False)
+            for kind, index in (("key", cfg.key_index[l]), ("value", cfg.value_index[l])):
+                groups, slot = group_tables(index)
+                attn.register_buffer(f"{kind}_groups", groups, persistent=False)
+                attn.register_buffer(f"{kind}_slot", slot, persistent=False)
 
     def rope(self, positions: torch.Tensor) -> Rope | None:
         if self.config.position != "rope":

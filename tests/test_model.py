@@ -76,7 +76,9 @@ def reference_attention(x, wq, wk, wv, wo, key_index, value_index, H, hd, rope_t
     return torch.einsum("bhte,dhe->btd", out, wo.view(wo.shape[0], H, hd))
 
 
-def test_decoupled_uneven_layer_equals_einsum_reference():
+@pytest.mark.parametrize("T", [1, 3, 11], ids=["decode-1", "grouped-3", "prefill-11"])
+def test_decoupled_uneven_layer_equals_einsum_reference(T):
+    """Short calls take the grouped path (no cache copy), long ones gather + SDPA: both checked."""
     key_groups = [[0, 3], [1, 2, 5], [4]]
     value_groups = [[0, 1], [2, 3, 4, 5]]
     key_index = [next(g for g, m in enumerate(key_groups) if h in m) for h in range(6)]
@@ -87,9 +89,9 @@ def test_decoupled_uneven_layer_equals_einsum_reference():
     model = Transformer(cfg).eval()
     attn = model.layers[0].attn
     assert attn.k_proj.weight.shape == (3 * 8, 48) and attn.v_proj.weight.shape == (2 * 8, 48)
-    x = torch.randn(2, 11, 48)
+    x = torch.randn(2, T, 48)
     with torch.no_grad():
-        ours = attn(x, model.rope(torch.arange(11)), None, None)
+        ours = attn(x, model.rope(torch.arange(T)), None, None)
         ref = reference_attention(x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
                                   key_index, value_index, 6, 8, 10000.0)
     assert_close(ours, ref, atol=1e-5, rtol=0)
