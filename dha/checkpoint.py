@@ -158,6 +158,10 @@ def _from_hf(hf_config, hf_state_dict, source: str, kind: str, tokenizer) -> Loa
 def load_hf_dir(directory: str, want_tokenizer: bool = True) -> Loaded:
     from transformers import AutoConfig
 
+    from .export import REMOTE_MODEL_TYPE, load_remote_code_export
+
+    if _json_field(os.path.join(directory, "config.json"), "model_type") == REMOTE_MODEL_TYPE:
+        return load_remote_code_export(directory, want_tokenizer)  # written by `dha export`
     try:
         hf_config = AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError, OSError) as e:
@@ -166,6 +170,15 @@ def load_hf_dir(directory: str, want_tokenizer: bool = True) -> Loaded:
     sd = read_hf_state_dict(directory)
     tok = _tokenizer(directory) if want_tokenizer else None
     return _from_hf(hf_config, sd, directory, "hf", tok)
+
+
+def _json_field(path: str, name: str):
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None  # AutoConfig reports the problem
+    return d.get(name) if isinstance(d, dict) else None
 
 
 def load_gguf(directory: str, filename: str, want_tokenizer: bool = True) -> Loaded:
@@ -279,6 +292,9 @@ def atomic_dir(path: str, overwrite: bool = False):
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the output is an ordinary directory
     try:
         yield tmp
     except BaseException:

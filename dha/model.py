@@ -352,7 +352,9 @@ class Transformer(nn.Module):
             else:
                 r = cfg.rotary_dim
                 inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
-            self.register_buffer("inv_freq", inv_freq, persistent=False)
+            # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
+            # (Hugging Face keeps them in float32 too).
+            self.inv_freq = inv_freq
         for l, block in enumerate(self.layers):
             attn = block.attn
             attn.register_buffer("key_index", torch.tensor(cfg.key_index[l]), persistent=False)
@@ -365,7 +367,7 @@ class Transformer(nn.Module):
     def rope(self, positions: torch.Tensor) -> Rope | None:
         if self.config.position != "rope":
             return None
-        freqs = positions[:, None].float() * self.inv_freq[None, :].to(positions.device)  # (T, r/2)
+        freqs = positions[:, None].float() * self.inv_freq[None, :].to(positions.device, torch.float32)  # (T, r/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, r)
         s = self.config.rope_attention_scaling
         return Rope(emb.cos() * s, emb.sin() * s, self.config.rotary_dim)

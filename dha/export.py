@@ -1,0 +1,334 @@
+"""Export a model as a Hugging Face checkpoint that `transformers` loads, checked before it is kept.
+
+Two kinds of export:
+
+- **stock**: the family's own transformers class (LlamaForCausalLM, ...), whenever the attention
+  layout is one it expresses. For GQA families that means: in every layer key_index == value_index,
+  the query heads are partitioned into groups of equal size, and every layer has the same number of
+  groups. The groups need not be contiguous: query heads can be permuted freely with W_O's columns
+  (METHOD.md, "Useful facts"), so each layer's query heads are reordered to make its groups the
+  contiguous blocks GQA uses (Ainslie et al. 2023). The config is the source's own HF config with
+  only the key/value head count changed. Families without GQA in transformers (kv_heads_field None)
+  are exported stock only while they are still full MHA.
+- **remote-code**: anything else (decoupled key/value groups, uneven groups, per-layer head counts).
+  The checkpoint carries its modeling code, loaded with `trust_remote_code=True`: config.json's
+  `auto_map` points at configuration_dha.py and modeling_dha.py (templates in dha/remote_code/), and
+  dha_model.py is a verbatim copy of dha/model.py, so the exported model runs the same code as ours.
+  (transformers docs, "Customizing models" / custom_models.md: auto_map, trust_remote_code.)
+
+Every export is written into a temp directory, reloaded with AutoModelForCausalLM, and its logits
+compared with ours on random token sequences in float32 (within atol, default 1e-4; see
+REORDER_RTOL for exports whose query heads were reordered); only when they agree is the directory
+renamed to its final name. Otherwise nothing is left behind and the error gives the difference.
+
+`dha.checkpoint.load` reads a remote-code export back (load_remote_code_export) without running
+its code, so converted, exported models can still be evaluated or exported again by dha.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .checkpoint import Loaded, _quiet, atomic_dir
+from .errors import UserError
+from .families import Family, UnsupportedModel, family_of, weights_to_hf
+from .model import ModelConfig, Transformer, is_grouped
+from .transforms import permute_query_heads, state_dict_of
+
+REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_code")
+MODEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")
+REMOTE_CLASS = "DhaForCausalLM"
+REMOTE_MODEL_TYPE = "dha"  # config.json model_type of a remote-code export
+# Keys of a saved HF config that describe where it came from, not the model: dropped on export.
+HF_CONFIG_DROP = ("_name_or_path", "_model_name_or_path", "transformers_version", "auto_map", "_commit_hash")
+
+
+class ExportMismatch(Exception):
+    """The reloaded export does not reproduce our logits (a bug or a config the family cannot hold)."""
+
+
+class NotStock(Exception):
+    """The layout cannot be written as the family's stock transformers class; the message says why."""
+
+
+@dataclass
+class StockLayout:
+    perms: list[list[int]]  # per layer: new query head i is old query head perms[l][i]
+    kv_heads: int  # key/value heads in every layer
+
+
+@dataclass
+class ExportResult:
+    out: str
+    kind: str  # "stock" | "remote-code"
+    hf_class: str  # the transformers class the export loads as
+    key_heads: list[int]  # per layer
+    value_heads: list[int]  # per layer
+    query_heads: int
+    max_abs_diff: float  # largest |logit difference| between the reloaded export and ours as written (fp32)
+    max_abs_diff_source: float  # the same against the source before query heads were reordered
+    permuted_layers: int = 0  # stock: layers whose query heads were reordered to make groups contiguous
+    reason: str | None = None  # remote-code: why a stock export was not possible
+    check: dict = field(default_factory=dict)  # the token sequences the check used
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- which layouts a stock class can hold --------------------------------------------------------
+
+def stock_layout(cfg: ModelConfig, family: Family) -> StockLayout:
+    """The query-head permutations that make every layer plain GQA, or NotStock saying why not."""
+    H = cfg.num_heads
+    kv_heads, perms = None, []
+    for l in range(cfg.num_layers):
+        keys, values = cfg.key_index[l], cfg.value_index[l]
+        if keys != values:
+            raise NotStock(f"layer {l}: key heads and value heads are grouped differently (decoupled)")
+        sizes = Counter(keys)  # key/value head -> how many query heads read it
+        if len(set(sizes.values())) != 1:
+            raise NotStock(f"layer {l}: key/value heads are shared by unequal numbers of query heads "
+                           f"({sorted(sizes.values())})")
+        if kv_heads is None:
+            kv_heads = len(sizes)
+        elif len(sizes) != kv_heads:
+            raise NotStock(f"layers have different key/value head counts ({kv_heads} in layer 0, {len(sizes)} in layer {l})")
+        # Sorting query heads by the key/value head they read makes the groups contiguous blocks
+        # of equal size: key_index becomes [h // (H // kv_heads)], GQA's map.
+        perms.append(sorted(range(H), key=lambda h: (keys[h], h)))
+    if family.kv_heads_field is None and kv_heads != H:
+        raise NotStock(f"transformers' {family.hf_class} has no grouped-query attention, and this model has "
+                       f"{kv_heads} key/value heads for {H} query heads")
+    return StockLayout(perms, kv_heads)
+
+
+# ---- writers ---------------------------------------------------------------------------------------
+
+def _dtype_name(model: Transformer) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def write_stock(directory: str, model: Transformer, hf_config: dict, family: Family, kv_heads: int) -> None:
+    """Write `model` (whose maps are contiguous GQA) as the family's stock class into `directory`."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    cfg = model.config
+    d = {k: v for k, v in hf_config.items() if k not in HF_CONFIG_DROP}
+    if d.get("quantization_config", 0) is None:
+        d.pop("quantization_config")  # a dequantised GGUF source: the weights are plain floats now
+    if family.kv_heads_field is not None:
+        d[family.kv_heads_field] = kv_heads
+    d["architectures"] = [family.hf_class]
+    d["dtype"] = _dtype_name(model)
+    model_type = d.pop("model_type")
+    config = CONFIG_MAPPING[model_type].from_dict(d)
+
+    # Build the stock model on the meta device and take our tensors as its parameters (assign).
+    with torch.device("meta"):
+        hf_model = getattr(transformers, family.hf_class)(config)
+    sd = {k: v.contiguous() for k, v in weights_to_hf(state_dict_of(model), cfg).items()}
+    missing, unexpected = hf_model.load_state_dict(sd, strict=False, assign=True)
+    tied = set(getattr(hf_model, "all_tied_weights_keys", {}) or {})
+    if unexpected or set(missing) - tied:
+        raise ExportMismatch(f"weights do not fit {family.hf_class}: missing {sorted(set(missing) - tied)}, "
+                             f"unexpected {sorted(unexpected)}")
+    hf_model.tie_weights()
+    with _quiet():
+        hf_model.save_pretrained(directory)
+
+
+def remote_code_config(cfg: ModelConfig, hf_config: dict | None, dtype: str) -> dict:
+    """config.json of a remote-code export: our ModelConfig under "dha", and the auto_map."""
+    src = hf_config or {}
+    d = {
+        "architectures": [REMOTE_CLASS],
+        "model_type": REMOTE_MODEL_TYPE,
+        "auto_map": {"AutoConfig": "configuration_dha.DhaConfig", "AutoModelForCausalLM": f"modeling_dha.{REMOTE_CLASS}"},
+        "dha": cfg.to_dict(),
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "dtype": dtype,
+    }
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # generate() reads these
+        if src.get(name) is not None:
+            d[name] = src[name]
+    # The source family's HF config, so that dha can read the export back and export it again.
+    d["dha_source_hf_config"] = hf_config
+    return d
+
+
+def write_remote_code(directory: str, model: Transformer, hf_config: dict | None) -> None:
+    """Write weights, config.json and the modeling code (copied from our own source) into `directory`."""
+    from safetensors.torch import save_file
+
+    shutil.copyfile(MODEL_SOURCE, os.path.join(directory, "dha_model.py"))
+    for name in ("configuration_dha.py", "modeling_dha.py"):
+        shutil.copyfile(os.path.join(REMOTE_CODE_DIR, name), os.path.join(directory, name))
+    # DhaForCausalLM holds our Transformer as `.model`; a tied lm_head is left out (re-tied on load).
+    sd = {f"model.{k}": v.contiguous() for k, v in state_dict_of(model).items()}
+    save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(remote_code_config(model.config, hf_config, _dtype_name(model)), f, indent=1)
+        f.write("\n")
+
+
+def load_remote_code_export(directory: str, want_tokenizer: bool = True) -> Loaded:
+    """Read a remote-code export back as our Transformer (without running the code it carries)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .checkpoint import _tokenizer
+    from .transforms import build
+
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            meta = json.load(f)
+        cfg = ModelConfig.from_dict(meta["dha"])
+        sd = load_file(os.path.join(directory, "model.safetensors"))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, SafetensorError) as e:
+        raise UserError(f"{directory} is not a readable dha remote-code export: {e}") from None
+    if any(not k.startswith("model.") for k in sd):
+        raise UserError(f"{directory}/model.safetensors has weights outside `model.`: not a dha export")
+    try:
+        model = build(cfg, {k.removeprefix("model."): v for k, v in sd.items()})
+    except RuntimeError as e:
+        raise UserError(f"weights in {directory} do not match its config: {str(e).splitlines()[0]}") from None
+    tok = _tokenizer(directory) if want_tokenizer else None
+    return Loaded(model, tok, directory, "hf", hf_config=meta.get("dha_source_hf_config"))
+
+
+# ---- the check -------------------------------------------------------------------------------------
+
+def compare_with_transformers(
+    directory: str, models: list[Transformer], trust_remote_code: bool, batch: int = 2, length: int = 32, seed: int = 0,
+) -> tuple[list[float], float, str, dict]:
+    """Reload `directory` with AutoModelForCausalLM and run it and each of `models` in float32.
+
+    Returns (max |logit difference| to each model, max |logit| of the first model, the reloaded
+    class name, a description of the inputs)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with _quiet():
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                directory, trust_remote_code=trust_remote_code, dtype=torch.float32
+            ).eval()
+    except Exception as e:
+        raise ExportMismatch(f"transformers cannot reload the export: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    cfg = models[0].config
+    length = min(length, cfg.max_position_embeddings)
+    ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    diffs, scale = [], None
+    with torch.no_grad():
+        theirs = hf_model(input_ids=ids, use_cache=False).logits.float()  # (B, T, V)
+        hf_class = type(hf_model).__name__
+        del hf_model  # free its memory before running ours
+        for model in models:
+            ours = model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
+            mine = ours.eval()(ids).float()  # (B, T, V)
+            diffs.append((theirs - mine).abs().max().item() if theirs.shape == mine.shape else float("inf"))
+            scale = mine.abs().max().item() if scale is None else scale
+    return diffs, scale, hf_class, {"batch": batch, "length": length, "seed": seed, "dtype": "float32"}
+
+
+# ---- the export ------------------------------------------------------------------------------------
+
+# Reordering query heads is exact in real arithmetic but changes the order of fp32 sums (W_O, the
+# attention kernels). Measured on SmolLM2-135M (30 layers, logits up to ~34) with all 30 layers
+# reordered: 1.9e-4 on 2x32 tokens (0.0 in float64); the same model in fp32 vs float64 differs by
+# 4.8e-3. So the export is compared with the reordered model (the same sums as the export) within
+# atol, and with the source before reordering within atol + REORDER_RTOL * max|logit|; a wrong
+# permutation moves logits by O(1).
+REORDER_RTOL = 1e-3
+
+
+def export(loaded: Loaded, out: str, force_remote_code: bool = False, atol: float = 1e-4) -> ExportResult:
+    """Write `loaded` to `out` as a Hugging Face checkpoint (stock when possible), check it, keep it.
+
+    Raises UserError when `out` is not empty, ExportMismatch when the reloaded export's fp32 logits
+    differ from ours by more than `atol` (then nothing is written)."""
+    model, cfg = loaded.model, loaded.model.config
+    family, reason = None, None
+    try:
+        family = family_of(cfg.family)
+    except UnsupportedModel:
+        reason = f"dha has no stock transformers class for family {cfg.family!r}"
+    layout = None
+    if force_remote_code:
+        reason = "--force-remote-code"
+    elif family is not None and not loaded.hf_config:
+        reason = "the source keeps no Hugging Face config to start a stock one from"
+    elif family is not None and loaded.hf_config.get("model_type") != cfg.family:
+        reason = f"the source's Hugging Face config is for {loaded.hf_config.get('model_type')!r}, the model for {cfg.family!r}"
+    elif family is not None:
+        try:
+            layout = stock_layout(cfg, family)
+        except NotStock as e:
+            reason = str(e)
+
+    H, L = cfg.num_heads, cfg.num_layers
+    with atomic_dir(out) as tmp:
+        written, permuted = model, 0
+        if layout is not None:
+            permuted = sum(perm != list(range(H)) for perm in layout.perms)
+            if permuted:
+                written = permute_query_heads(model, layout.perms)
+            assert all(is_grouped(written.config.key_index[l], layout.kv_heads) for l in range(L))
+            write_stock(tmp, written, loaded.hf_config, family, layout.kv_heads)
+            kind = "stock"
+        else:
+            write_remote_code(tmp, model, loaded.hf_config)
+            kind = "remote-code"
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        diffs, scale, hf_class, check = compare_with_transformers(
+            tmp, [written, model] if permuted else [written], trust_remote_code=kind == "remote-code"
+        )
+        diff, diff_source = diffs[0], diffs[-1]
+        where = f"on {check['batch']}x{check['length']} random tokens (fp32); nothing written"
+        if not diff <= atol:  # also catches NaN
+            raise ExportMismatch(f"the {kind} export reloaded with transformers ({hf_class}) differs from the model: "
+                                 f"max |logit difference| {diff:.3g} > {atol:g} {where}")
+        if not diff_source <= atol + REORDER_RTOL * scale:
+            raise ExportMismatch(f"the {kind} export differs from the model before its query heads were reordered: "
+                                 f"max |logit difference| {diff_source:.3g} > {atol + REORDER_RTOL * scale:.3g} {where}")
+    key_heads = [cfg.key_heads(l) for l in range(L)]
+    value_heads = [cfg.value_heads(l) for l in range(L)]
+    return ExportResult(os.path.abspath(out), kind, hf_class, key_heads, value_heads, H, diff, diff_source, permuted,
+                        reason, check)
+
+
+def check_out_dir(out: str) -> None:
+    """Refuse an --out that exists and is not an empty directory (before any slow loading)."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"output {out} already exists and is not empty (use a new --out)")
+
+
+def summary_lines(result: ExportResult) -> list[str]:
+    """Human-readable lines for the CLI."""
+    def counts(xs):
+        return str(xs[0]) if len(set(xs)) == 1 else f"{min(xs)}-{max(xs)} (per layer {xs})"
+
+    if result.kind == "stock":
+        lines = [f"stock export: {result.hf_class}, {result.key_heads[0]} key/value heads per layer for "
+                 f"{result.query_heads} query heads"]
+        if result.permuted_layers:
+            lines.append(f"query heads reordered (with W_O) to make groups contiguous in {result.permuted_layers} "
+                         f"of {len(result.key_heads)} layers")
+    else:
+        lines = [f"remote-code export: {result.hf_class} (load with trust_remote_code=True), key heads "
+                 f"{counts(result.key_heads)}, value heads {counts(result.value_heads)}, query heads {result.query_heads}",
+                 f"not stock because: {result.reason}"]
+    c = result.check
+    lines.append(f"reloaded with transformers: max |logit difference| {result.max_abs_diff:.3g} on "
+                 f"{c['batch']}x{c['length']} random tokens ({c['dtype']})")
+    if result.permuted_layers:
+        lines.append(f"against the source before reordering: {result.max_abs_diff_source:.3g} (fp32 summation order)")
+    return lines
