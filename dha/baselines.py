@@ -1,0 +1,443 @@
+"""The baselines users compare DHA against, each as a plan plus the initialised model it gives.
+
+Every method is a function
+
+    method(model, kv_budget, calib_blocks, options) -> (Plan, Transformer)
+
+- model: the source Transformer (not modified);
+- kv_budget: the fraction of the source's KV cache to keep, in (0, 1] (see `heads_for_budget`);
+- calib_blocks: (n, T) calibration token ids from the TRAIN split, or None for methods that need
+  none (gqa);
+- options: ConvertOptions (seed, metric, grouping, ...).
+
+Methods (METHOD.md part C):
+- `gqa`          contiguous groups, mean-pooled (Ainslie et al. 2023, section 2.2).
+- `gqa_similar`  groups of similar heads (agglomerative clustering of the mean of the key and value
+                 similarity), mean-pooled; one grouping shared by K and V, as in GQA (DHA paper's
+                 "GQA with CKA grouping" ablation).
+- `svd`          low-rank compression of each group from calibration activations (Yu et al. 2024,
+                 "Effectively Compress KV Heads for LLM"): PCA for values, a RoPE-commuting PCA
+                 for keys; the reconstruction maps are folded into W_O and W_Q.
+- `prune`        keep the most important heads (measured on calibration tokens), drop the rest;
+                 queries of a dropped head read the most similar kept head.
+
+Shape legend: N calibration tokens, g heads in a group, hd head dim, D hidden, r rotary dims.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .analyze import METRICS, cluster, collect_heads, similarity
+from .errors import UserError
+from .model import Transformer
+from .plan import LayerPlan, Plan, contiguous_groups
+from .transforms import build, heads, merge_groups, regroup_map, state_dict_of, unheads, with_maps
+
+
+@dataclass
+class ConvertOptions:
+    seed: int = 0  # token subsampling in calibration
+    calib_tokens: int = 4096  # calibration tokens used (from the train split)
+    block_size: int = 256  # tokens per calibration block
+    batch_size: int = 4  # calibration blocks per forward pass
+    metric: str = "cka"  # head similarity for grouping and reassignment: "cosine" | "cka"
+    grouping: str = "contiguous"  # svd only: "contiguous" (Yu et al.) | "similar" (clustered, K and V apart)
+    extra: dict = field(default_factory=dict)  # settings of methods registered elsewhere (e.g. dha)
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise UserError(f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
+        if self.grouping not in GROUPINGS:
+            raise UserError(f"unknown grouping {self.grouping!r}; choose from {', '.join(GROUPINGS)}")
+        if self.calib_tokens < 1 or self.block_size < 1 or self.batch_size < 1:
+            raise UserError("calibration tokens, block size and batch size must be positive")
+
+
+GROUPINGS = ("contiguous", "similar")
+
+
+# ---- budget ----------------------------------------------------------------------------------------
+
+def source_heads(model: Transformer) -> tuple[list[int], list[int]]:
+    cfg = model.config
+    return [cfg.key_heads(l) for l in range(cfg.num_layers)], [cfg.value_heads(l) for l in range(cfg.num_layers)]
+
+
+def min_budget(source_key_heads: list[int], source_value_heads: list[int]) -> float:
+    """The smallest budget that keeps one key and one value head per layer."""
+    return 2 * len(source_key_heads) / (sum(source_key_heads) + sum(source_value_heads))
+
+
+def heads_for_budget(source_key_heads: list[int], source_value_heads: list[int], kv_budget: float) -> tuple[list[int], list[int]]:
+    """Key and value heads per layer for a uniform baseline at `kv_budget`.
+
+    The budget is a ceiling on the fraction of the source's KV cache kept, counted in heads (head
+    dim is unchanged): sum_l (Hk'(l) + Hv'(l)) <= kv_budget * sum_l (Hk(l) + Hv(l)), except that no
+    layer keeps fewer than one K and one V head. Per layer and kind, n = floor(kv_budget * n_source)
+    (plus 1e-9 against float error), at least 1. So SmolLM2 (3 KV heads) keeps 1 at 0.34, 2 at 0.67,
+    3 at 1.0; a 6-head MHA keeps 3 at 0.5.
+
+    Raises UserError when kv_budget is outside (0, 1] or below `min_budget` (one K and one V head
+    per layer).
+    """
+    if not isinstance(kv_budget, (int, float)) or math.isnan(kv_budget) or not 0 < kv_budget <= 1:
+        raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {kv_budget}")
+    least = min_budget(source_key_heads, source_value_heads)
+    if kv_budget < least - 1e-9:
+        raise UserError(
+            f"--kv-budget {kv_budget} is too small: keeping one key and one value head in each of the "
+            f"{len(source_key_heads)} layers already keeps {least:.4f} of the KV cache"
+        )
+    def count(n: int) -> int:
+        return max(1, min(n, math.floor(kv_budget * n + 1e-9)))
+    return [count(n) for n in source_key_heads], [count(n) for n in source_value_heads]
+
+
+def largest_divisor_at_most(n: int, target: int) -> int:
+    return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, target))
+
+
+# ---- calibration -----------------------------------------------------------------------------------
+
+def _need_calibration(name: str, calib_blocks) -> None:
+    if calib_blocks is None or calib_blocks.numel() == 0:
+        raise UserError(f"method {name!r} needs calibration text (--data)")
+
+
+def head_similarities(model: Transformer, calib_blocks: torch.Tensor, options: ConvertOptions) -> list[dict]:
+    """Per layer {"keys": (Hk, Hk), "values": (Hv, Hv)} similarity in options.metric."""
+    collected = collect_heads(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed)
+    return [{kind: similarity(layer[kind], options.metric) for kind in ("keys", "values")} for layer in collected]
+
+
+def _plan(model: Transformer, layers: list[LayerPlan], method: str, kv_budget: float, notes: dict) -> Plan:
+    k, v = source_heads(model)
+    plan = Plan(layers, k, v, method=method, kv_budget=kv_budget, notes=notes)
+    plan.validate(k, v)
+    return plan
+
+
+def _options_notes(options: ConvertOptions, calib_blocks) -> dict:
+    notes = {"seed": options.seed, "metric": options.metric}
+    if calib_blocks is not None:
+        notes["calibration_tokens"] = int(min(calib_blocks.numel(), options.calib_tokens))
+    return notes
+
+
+# ---- gqa -------------------------------------------------------------------------------------------
+
+def convert_gqa(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
+    """GQA by mean-pooling contiguous groups (Ainslie et al. 2023, section 2.2).
+
+    GQA needs equal contiguous groups, shared by keys and values, so the count per layer must
+    divide the source's KV head count: we take the largest divisor of it not above the budget's
+    count (`heads_for_budget`), and say so when that is fewer heads than the budget allows.
+    """
+    src_k, src_v = source_heads(model)
+    want_k, want_v = heads_for_budget(src_k, src_v, kv_budget)
+    layers, adjusted = [], []
+    for l, (nk, nv, tk, tv) in enumerate(zip(src_k, src_v, want_k, want_v)):
+        if nk != nv:
+            raise UserError(f"gqa shares one grouping between keys and values, but layer {l} has {nk} key and {nv} value heads")
+        n = largest_divisor_at_most(nk, min(tk, tv))
+        if n != min(tk, tv):
+            adjusted.append(l)
+        groups = contiguous_groups(nk, n)
+        layers.append(LayerPlan(groups, [list(g) for g in groups]))
+    notes = {"grouping": "contiguous", "pooling": "mean"}
+    if adjusted:
+        notes["rounded_down_to_divisor_layers"] = adjusted
+    plan = _plan(model, layers, "gqa", kv_budget, notes)
+    return plan, merge_groups(model, plan)
+
+
+# ---- gqa-similar -----------------------------------------------------------------------------------
+
+def convert_gqa_similar(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
+    """GQA with groups of similar heads, mean-pooled (the DHA paper's CKA-grouping ablation).
+
+    One grouping per layer serves keys and values (a query group shares both, as in GQA); it
+    clusters the mean of the key and the value similarity matrices (options.metric). Groups need
+    not be equal or contiguous, so the count is exactly the budget's (`heads_for_budget`).
+    """
+    _need_calibration("gqa-similar", calib_blocks)
+    src_k, src_v = source_heads(model)
+    want_k, want_v = heads_for_budget(src_k, src_v, kv_budget)
+    sims = head_similarities(model, calib_blocks, options)
+    layers = []
+    for l, (nk, nv) in enumerate(zip(src_k, src_v)):
+        if nk != nv:
+            raise UserError(f"gqa-similar shares one grouping between keys and values, but layer {l} has {nk} key and {nv} value heads")
+        groups = cluster((sims[l]["keys"] + sims[l]["values"]) / 2, min(want_k[l], want_v[l]))
+        layers.append(LayerPlan(groups, [list(g) for g in groups]))
+    notes = {"grouping": "similar (K and V similarity averaged)", "pooling": "mean", **_options_notes(options, calib_blocks)}
+    plan = _plan(model, layers, "gqa-similar", kv_budget, notes)
+    return plan, merge_groups(model, plan)
+
+
+# ---- svd -------------------------------------------------------------------------------------------
+
+def even_groups(num_heads: int, num_groups: int) -> list[list[int]]:
+    """Contiguous groups whose sizes differ by at most one ([0,1],[2,3],[4] for 5 into 3)."""
+    size, extra = divmod(num_heads, num_groups)
+    out, start = [], 0
+    for g in range(num_groups):
+        n = size + (1 if g < extra else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
+    """The k leading eigenvectors (columns) of a Hermitian PSD matrix, largest first."""
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    return vectors[:, -k:].flip(-1)
+
+
+def key_fusion(keys: torch.Tensor, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE-commuting rank-hd compression of a group of key heads, from calibration keys.
+
+    keys: (N, g, hd) pre-RoPE keys of the group's heads (bias included).
+    A map commutes with RoPE when it acts on each rotated pair (i, i + r/2) as a complex scalar
+    (rotation + scaling), because RoPE multiplies pair i of a key by e^{i theta_i p}. So per pair,
+    with z_j = x_i + 1j x_{i+r/2} the complex key of head j, we take the rank-1 complex PCA of the
+    (N, g) matrix Z: its leading right singular vector v gives the new key z~ = sum_j v_j z_j and
+    the reconstruction z_j ~ conj(v_j) z~. A query that read head j then reads the new head with
+    its pair i multiplied by v_j (exact algebra: Re(conj(q) conj(v_j) z~) = Re(conj(v_j q) z~)).
+    Dims past rotary_dim are not rotated: there an ordinary PCA (g*p -> p) is used, as for values.
+    (This is our RoPE-aware choice; Yu et al. 2024 describe their own. It is exact for a group of one.)
+
+    Returns (pair_weights (r/2, g) complex128, pass_basis (g*p, p) float64).
+    """
+    N, g, hd = keys.shape
+    r = rotary_dim
+    k = keys.double()
+    z = torch.complex(k[..., : r // 2], k[..., r // 2 : r])  # (N, g, r/2)
+    pair_weights = torch.empty(r // 2, g, dtype=torch.complex128)
+    for i in range(r // 2):
+        Z = z[:, :, i]  # (N, g)
+        pair_weights[i] = _top_eigvecs(Z.conj().T @ Z, 1)[:, 0]
+    p = hd - r
+    if p:
+        P = k[..., r:].reshape(N, g * p)  # (N, g*p)
+        pass_basis = _top_eigvecs(P.T @ P, p)  # (g*p, p)
+    else:
+        pass_basis = torch.zeros(0, 0, dtype=torch.float64)
+    return pair_weights, pass_basis
+
+
+def _complex_rows(w: torch.Tensor, c: torch.Tensor, r: int) -> torch.Tensor:
+    """Multiply the rotated pairs of one head's rows (hd, ...) by complex scalars c (r/2,)."""
+    w = w.double()
+    a, b = c.real.reshape(-1, *([1] * (w.dim() - 1))), c.imag.reshape(-1, *([1] * (w.dim() - 1)))
+    x1, x2 = w[: r // 2], w[r // 2 : r]
+    return torch.cat([a * x1 - b * x2, b * x1 + a * x2, w[r:]])
+
+
+def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
+    """Low-rank KV-head compression from calibration activations (Yu et al. 2024).
+
+    Groups: contiguous, sizes differing by at most one (options.grouping "contiguous", their
+    setting), or clustered by similarity, keys and values apart ("similar"). Per group of g heads:
+    - values: PCA of the group's concatenated value outputs V (N, g*hd), uncentred (the new head
+      has no extra bias to carry a mean): U (g*hd, hd) = the leading eigenvectors of V^T V. The new
+      value head is U^T [W_v of the group] (and bias), and source head j ~ U_j v~, U_j the j-th
+      (hd, hd) block of U; softmax weights sum to one, so a query head h that read j gets W_O's
+      columns of h replaced by W_O[:, h] U_j. Exact when g = 1 (U is then orthogonal).
+    - keys: `key_fusion`, the RoPE-commuting analogue: complex per-frequency-pair weights, folded
+      into the query heads' W_Q rows (and q bias).
+    o_proj and q_proj change; nothing else does.
+    """
+    _need_calibration("svd", calib_blocks)
+    cfg, hd = model.config, model.config.head_dim
+    r = cfg.rotary_dim if cfg.position == "rope" else 0
+    src_k, src_v = source_heads(model)
+    want_k, want_v = heads_for_budget(src_k, src_v, kv_budget)
+    collected = collect_heads(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed)
+
+    sd = state_dict_of(model)
+    layers, key_index, value_index = [], [], []
+    for l in range(cfg.num_layers):
+        acts = collected[l]
+        if options.grouping == "similar":
+            key_groups = cluster(similarity(acts["keys"], options.metric), want_k[l])
+            value_groups = cluster(similarity(acts["values"], options.metric), want_v[l])
+        else:
+            key_groups, value_groups = even_groups(src_k[l], want_k[l]), even_groups(src_v[l], want_v[l])
+        layers.append(LayerPlan(key_groups, value_groups))
+        pre = f"layers.{l}.attn"
+        has_bias = f"{pre}.k_proj.bias" in sd
+        dtype = sd[f"{pre}.k_proj.weight"].dtype
+
+        # keys -> new k_proj rows; per source key head j, a transform of the W_Q rows of its readers
+        wk = heads(sd[f"{pre}.k_proj.weight"], hd).double()  # (Hk, hd, D)
+        bk = heads(sd[f"{pre}.k_proj.bias"], hd).double() if has_bias else None  # (Hk, hd)
+        new_wk, new_bk, query_map = [], [], {}
+        for members in key_groups:
+            pair_w, pass_basis = key_fusion(acts["keys"][:, members], r)
+            p = hd - r
+            w_rows = sum(_complex_rows(wk[j], pair_w[:, m], r) for m, j in enumerate(members))  # (hd, D)
+            b_rows = sum(_complex_rows(bk[j], pair_w[:, m], r) for m, j in enumerate(members)) if has_bias else None
+            if p:
+                blocks_ = pass_basis.reshape(len(members), p, p)  # (g, p, p): U_j
+                w_rows[r:] = sum(blocks_[m].T @ wk[j][r:] for m, j in enumerate(members))
+                if has_bias:
+                    b_rows[r:] = sum(blocks_[m].T @ bk[j][r:] for m, j in enumerate(members))
+            new_wk.append(w_rows)
+            if has_bias:
+                new_bk.append(b_rows)
+            for m, j in enumerate(members):
+                query_map[j] = (pair_w[:, m], blocks_[m] if p else None)
+        wq = heads(sd[f"{pre}.q_proj.weight"], hd).double()  # (H, hd, D)
+        bq = heads(sd[f"{pre}.q_proj.bias"], hd).double() if has_bias else None
+        for h in range(cfg.num_heads):
+            c, pass_u = query_map[cfg.key_index[l][h]]
+            wq[h] = _complex_rows(wq[h], c, r)
+            if has_bias:
+                bq[h] = _complex_rows(bq[h], c, r)
+            if pass_u is not None:
+                wq[h][r:] = pass_u.T @ wq[h][r:]
+                if has_bias:
+                    bq[h][r:] = pass_u.T @ bq[h][r:]
+        sd[f"{pre}.k_proj.weight"] = unheads(torch.stack(new_wk)).to(dtype)
+        sd[f"{pre}.q_proj.weight"] = unheads(wq).to(dtype)
+        if has_bias:
+            sd[f"{pre}.k_proj.bias"] = unheads(torch.stack(new_bk)).to(dtype)
+            sd[f"{pre}.q_proj.bias"] = unheads(bq).to(dtype)
+
+        # values -> new v_proj rows; W_O columns of each query head through U_j of its source head
+        wv = heads(sd[f"{pre}.v_proj.weight"], hd).double()  # (Hv, hd, D)
+        bv = heads(sd[f"{pre}.v_proj.bias"], hd).double() if has_bias else None
+        new_wv, new_bv, out_map = [], [], {}
+        for members in value_groups:
+            V = acts["values"][:, members].double().reshape(-1, len(members) * hd)  # (N, g*hd)
+            U = _top_eigvecs(V.T @ V, hd)  # (g*hd, hd)
+            new_wv.append(U.T @ unheads(wv[members]))  # (hd, D)
+            if has_bias:
+                new_bv.append(U.T @ unheads(bv[members]))
+            for m, j in enumerate(members):
+                out_map[j] = U[m * hd:(m + 1) * hd]  # (hd, hd): U_j
+        wo = sd[f"{pre}.o_proj.weight"].double()  # (D, H*hd)
+        wo_heads = heads(wo.T, hd)  # (H, hd, D): W_O[:, h]^T
+        for h in range(cfg.num_heads):
+            # W_O[:, h] U_j, written as rows: (W_O[:, h] U_j)^T = U_j^T W_O[:, h]^T
+            wo_heads[h] = out_map[cfg.value_index[l][h]].T @ wo_heads[h]
+        sd[f"{pre}.o_proj.weight"] = unheads(wo_heads).T.contiguous().to(dtype)
+        sd[f"{pre}.v_proj.weight"] = unheads(torch.stack(new_wv)).to(dtype)
+        if has_bias:
+            sd[f"{pre}.v_proj.bias"] = unheads(torch.stack(new_bv)).to(dtype)
+        key_index.append(regroup_map(cfg.key_index[l], key_groups))
+        value_index.append(regroup_map(cfg.value_index[l], value_groups))
+
+    notes = {"grouping": options.grouping, "keys": "complex per-frequency-pair PCA (RoPE-commuting), folded into W_Q",
+             "values": "PCA of the group's outputs, folded into W_O", **_options_notes(options, calib_blocks)}
+    plan = _plan(model, layers, "svd", kv_budget, notes)
+    return plan, build(with_maps(cfg, key_index, value_index), sd)
+
+
+# ---- prune -----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def attention_inputs(model: Transformer, calib_blocks: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """Per layer, the normed input its attention receives: (n_blocks, T, D)."""
+    inputs: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    handles = [
+        block.attn.register_forward_pre_hook(lambda attn, args, l=l: inputs[l].append(args[0].detach()))
+        for l, block in enumerate(model.layers)
+    ]
+    try:
+        for start in range(0, calib_blocks.shape[0], batch_size):
+            model(calib_blocks[start:start + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(x) for x in inputs]
+
+
+@torch.no_grad()
+def attention_output(model: Transformer, layer: int, x: torch.Tensor, key_index: list[int], value_index: list[int]) -> torch.Tensor:
+    """Layer `layer`'s attention output on its input x (B, T, D) when query h reads key head
+    key_index[h] and value head value_index[h] of the layer's own (unchanged) projections."""
+    attn = model.layers[layer].attn
+    B, T, _ = x.shape
+    q, k, v = attn.project(x)  # (B, H, T, hd), (B, Hk, T, hd), (B, Hv, T, hd)
+    rope = model.rope(torch.arange(T, device=x.device))
+    if rope is not None:
+        q, k = rope.apply(q), rope.apply(k)
+    k = k[:, key_index]  # (B, H, T, hd)
+    v = v[:, value_index]
+    mask = model.causal_mask(0, T, T, x.device)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def convert_prune(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
+    """Keep the most important key heads and value heads of each layer, drop the rest.
+
+    Importance of a head, measured on calibration tokens, keys and values apart: the relative
+    squared error of the layer's attention output, ||y' - y||^2 / ||y||^2, when the query heads
+    that read it read instead its most similar other head (options.metric). That is what dropping
+    it costs when it is dropped alone (one score per head; interactions between dropped heads are
+    not modelled). Each layer keeps its `heads_for_budget` most important heads; the queries of a
+    dropped head read the most similar kept head. In the plan, a kept head and the heads assigned
+    to it form a group, merged with weight 1 on the kept head and 0 on the others.
+    """
+    _need_calibration("prune", calib_blocks)
+    cfg = model.config
+    src_k, src_v = source_heads(model)
+    want_k, want_v = heads_for_budget(src_k, src_v, kv_budget)
+    blocks_ = calib_blocks[: max(1, math.ceil(options.calib_tokens / calib_blocks.shape[1]))]
+    sims = head_similarities(model, blocks_, options)
+    inputs = attention_inputs(model, blocks_, options.batch_size)
+
+    layers, key_weights, value_weights, importance = [], [], [], []
+    for l in range(cfg.num_layers):
+        x = inputs[l]  # (n_blocks, T, D)
+        y = attention_output(model, l, x, cfg.key_index[l], cfg.value_index[l]).double()
+        norm = y.pow(2).sum()
+        chosen, layer_importance = {}, {}
+        for kind, index, sim, want in (
+            ("keys", cfg.key_index[l], sims[l]["keys"], want_k[l]),
+            ("values", cfg.value_index[l], sims[l]["values"], want_v[l]),
+        ):
+            n = sim.shape[0]
+            scores = []
+            for j in range(n):
+                if n == 1:
+                    scores.append(float("inf"))
+                    continue
+                others = sim[j].clone()
+                others[j] = -float("inf")
+                nearest = int(others.argmax())
+                moved = [nearest if i == j else i for i in index]
+                ki, vi = (moved, cfg.value_index[l]) if kind == "keys" else (cfg.key_index[l], moved)
+                y2 = attention_output(model, l, x, ki, vi).double()
+                scores.append(float((y2 - y).pow(2).sum() / norm.clamp_min(1e-30)))
+            # most important first; ties by head number (deterministic)
+            kept = sorted(sorted(range(n), key=lambda j: (-scores[j], j))[:want])
+            groups = {k: [k] for k in kept}
+            for j in range(n):
+                if j not in groups:
+                    target = max(kept, key=lambda k: (float(sim[j, k]), -k))
+                    groups[target].append(j)
+            group_list = [sorted(groups[k]) for k in kept]
+            chosen[kind] = (group_list, [torch.tensor([1.0 if m == k else 0.0 for m in g]) for k, g in zip(kept, group_list)])
+            layer_importance[kind] = [s if math.isfinite(s) else None for s in scores]
+        layers.append(LayerPlan(chosen["keys"][0], chosen["values"][0]))
+        key_weights.append(chosen["keys"][1])
+        value_weights.append(chosen["values"][1])
+        importance.append(layer_importance)
+
+    notes = {"importance": "relative attention-output error when the head alone is replaced by its most similar head",
+             "merge": "weight 1 on the kept head of each group, 0 on the dropped heads assigned to it",
+             "kept_heads": [{"keys": [g[int(w.argmax())] for g, w in zip(lp.key_groups, kw)],
+                             "values": [g[int(w.argmax())] for g, w in zip(lp.value_groups, vw)]}
+                            for lp, kw, vw in zip(layers, key_weights, value_weights)],
+             "importance_per_layer": importance, **_options_notes(options, blocks_)}
+    plan = _plan(model, layers, "prune", kv_budget, notes)
+    return plan, merge_groups(model, plan, key_weights, value_weights)

@@ -1,0 +1,100 @@
+"""Convert a model to fewer KV heads: by a named method at a KV budget, or by replaying a saved plan.
+
+    METHODS[name](model, kv_budget, calib_blocks, options) -> (Plan, Transformer)
+
+is the registry the `dha convert` verb reads. A method gets the source model (never modified),
+the fraction of the KV cache to keep (dha.baselines.heads_for_budget says how the uniform
+baselines round it), calibration token blocks (n, T) from the TRAIN split (None when the caller has
+no data; methods that need it raise UserError), and ConvertOptions; it returns the plan it chose
+(method, kv_budget and notes set) and the initialised model. Other modules add their method to
+METHODS (the DHA search/fusion registers "dha").
+
+`convert` wraps a method for a loaded checkpoint: the result carries the tokenizer, the source's
+HF config (for export) and provenance, plus the plan. `apply_plan` replays a plan with mean pooling.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .baselines import (
+    ConvertOptions,
+    convert_gqa,
+    convert_gqa_similar,
+    convert_prune,
+    convert_svd,
+    heads_for_budget,
+    source_heads,
+)
+from .checkpoint import Loaded
+from .errors import UserError
+from .model import Transformer
+from .pipeline import convert_dha
+from .plan import Plan
+from .transforms import merge_groups
+
+Method = Callable[[Transformer, float, "torch.Tensor | None", ConvertOptions], "tuple[Plan, Transformer]"]
+
+METHODS: dict[str, Method] = {
+    "gqa": convert_gqa,
+    "gqa-similar": convert_gqa_similar,
+    "svd": convert_svd,
+    "prune": convert_prune,
+    "dha": convert_dha,  # search + mean merge; `dha convert --method dha` runs the full pipeline (dha.pipeline.run_dha)
+}
+
+# Methods that can run without calibration text.
+NO_CALIBRATION = {"gqa"}
+
+__all__ = ["METHODS", "ConvertOptions", "convert", "apply_plan", "check_method", "heads_for_budget", "kv_summary"]
+
+
+def check_method(method: str) -> Method:
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def _result(loaded: Loaded, model: Transformer, plan: Plan, extra: dict) -> Loaded:
+    provenance = {
+        "converted_from": loaded.source,
+        "source_provenance": loaded.provenance,
+        "method": plan.method,
+        "kv_budget": plan.kv_budget,
+        "kv_fraction": plan.kv_fraction(),
+        **extra,
+    }
+    # The source's own plan (when it was itself converted) is superseded: the new plan is relative
+    # to the heads of `loaded.model`, and its provenance keeps the chain.
+    return Loaded(model.eval(), loaded.tokenizer, loaded.source, "native", loaded.hf_config, plan, provenance)
+
+
+def convert(loaded: Loaded, method: str, kv_budget: float, calib_blocks: torch.Tensor | None,
+            options: ConvertOptions | None = None) -> Loaded:
+    """Run METHODS[method] on loaded.model; the new Loaded carries tokenizer, hf_config, plan."""
+    fn = check_method(method)
+    options = options or ConvertOptions()
+    plan, model = fn(loaded.model, kv_budget, calib_blocks, options)
+    plan.method, plan.kv_budget = method, kv_budget
+    return _result(loaded, model, plan, {"options": {k: v for k, v in vars(options).items() if k != "extra"} | options.extra})
+
+
+def apply_plan(loaded: Loaded, plan: Plan) -> Loaded:
+    """Mean-pool the groups of a saved plan (PlanError, a UserError, if it does not fit the model)."""
+    src_k, src_v = source_heads(loaded.model)
+    plan.validate(src_k, src_v)
+    model = merge_groups(loaded.model, plan)
+    return _result(loaded, model, plan, {"applied_plan": True, "pooling": "mean"})
+
+
+def kv_summary(model: Transformer) -> dict:
+    """Heads per layer and KV-cache bytes per token (fp32 and bf16) of a model."""
+    cfg = model.config
+    return {
+        "key_heads": [cfg.key_heads(l) for l in range(cfg.num_layers)],
+        "value_heads": [cfg.value_heads(l) for l in range(cfg.num_layers)],
+        "kv_bytes_per_token_fp32": cfg.kv_bytes_per_token(torch.float32),
+        "kv_bytes_per_token_bf16": cfg.kv_bytes_per_token(torch.bfloat16),
+    }
