@@ -82,7 +82,379 @@ def run_generate(args) -> int:
     return 0
 
 
-VERBS = [add_inspect, add_generate]
+# ---- eval ----------------------------------------------------------------------------------------
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="held-out perplexity, KV-cache bytes per token and decode speed (of one or several models)",
+                       description="Evaluate SOURCE (and --compare models, on the same data, with interleaved timing runs): "
+                                   "perplexity on held-out documents, KV-cache bytes per token (analytic and measured), "
+                                   "prefill and decode tokens/s and peak memory. Prints a table, then one JSON line.")
+    _add_source(p)
+    p.add_argument("--data", default="pydoc", help="text: .txt, .jsonl, .parquet, a saved `datasets` directory, or 'pydoc' (default: Python's own reference topics)")
+    p.add_argument("--text-field", default="text", help="JSONL field / parquet or dataset column holding the text")
+    p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of documents held out (by a stable hash of each document)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="more models to evaluate in the same run; ratios are to SOURCE")
+    p.add_argument("--block-size", type=int, default=512, help="perplexity window length in tokens")
+    p.add_argument("--max-eval-tokens", type=int, default=16384, help="score at most this many held-out tokens (0: all)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward pass for perplexity")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="decode-speed batch sizes, comma-separated")
+    p.add_argument("--context", type=int, default=512, help="prompt tokens prefilled before timing decode")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per timing run")
+    p.add_argument("--repeats", type=int, default=2, help="timing runs per model and batch size (the fastest is kept)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own; 1 is faster on a busy machine)")
+    p.add_argument("--tasks", default="", help="also run these lm-evaluation-harness tasks, comma-separated (needs `pip install lm-eval`)")
+    p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs (e.g. dataset_path: json over a local JSONL)")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    import os
+
+    from .checkpoint import load, parse_dtype
+    from .data import DEFAULT_DATA, DataError, load_tokens
+    from .evaluate import EvalOptions, evaluate_models, flatten, print_report
+
+    if args.data != DEFAULT_DATA and not os.path.exists(args.data):  # fail before loading models
+        raise DataError(f"data not found: {args.data}")
+    if args.max_eval_tokens < 0:
+        raise UserError("--max-eval-tokens must be 0 (all) or positive")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = EvalOptions(
+        block_size=args.block_size, max_eval_tokens=args.max_eval_tokens or None, eval_batch_size=args.eval_batch_size,
+        batch_sizes=args.batch_sizes, context=args.context, new_tokens=args.new_tokens, repeats=args.repeats,
+        progress=sys.stderr.isatty(), tasks=[t for t in args.tasks.split(",") if t.strip()],
+        include_path=args.include_path, limit=args.limit,
+    )
+    dtype = parse_dtype(args.dtype)
+    models = [load(source, dtype) for source in [args.source, *args.compare]]
+    splits = load_tokens(args.data, models[0].tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
+    report = flatten(evaluate_models(models, splits, options))
+    if not args.json:
+        print_report(report)
+    print(json.dumps(report))
+    return 0
+
+
+# ---- export --------------------------------------------------------------------------------------
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a Hugging Face checkpoint (stock class when the layout allows, else with its own code)",
+                       description="Write SOURCE as a Hugging Face checkpoint: the family's stock class (e.g. LlamaForCausalLM) "
+                                   "when every layer is GQA with the same number of equal groups (query heads are reordered to "
+                                   "make groups contiguous), otherwise a checkpoint carrying its modeling code "
+                                   "(trust_remote_code=True). The export is reloaded with transformers and its logits compared "
+                                   "with ours before it is kept. Prints a summary, then one JSON line.")
+    _add_source(p)
+    p.add_argument("--out", required=True, metavar="HF_DIR", help="new (or empty) output directory")
+    p.add_argument("--force-remote-code", action="store_true", help="write the remote-code kind even when a stock class fits")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest |logit difference| (fp32) accepted in the reload check")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from .checkpoint import load, parse_dtype
+    from .export import ExportMismatch, check_out_dir, export, summary_lines
+
+    if not args.atol >= 0:
+        raise UserError("--atol must be 0 or positive")
+    check_out_dir(args.out)  # before loading: a large model takes a while
+    loaded = load(args.source, parse_dtype(args.dtype))
+    try:
+        result = export(loaded, args.out, force_remote_code=args.force_remote_code, atol=args.atol)
+    except ExportMismatch as e:  # our failure, not the user's input: exit 1
+        print(f"dha: error: {e}", file=sys.stderr)
+        return 1
+    for line in summary_lines(result):
+        print(line)
+    print(json.dumps({"out": result.out, "kind": result.kind, "max_abs_diff": result.max_abs_diff, **result.to_dict()}))
+    return 0
+
+
+# ---- analyze and convert: calibration text ------------------------------------------------------
+
+def _add_calibration(p: argparse.ArgumentParser, default_tokens: int) -> None:
+    p.add_argument("--data", default="pydoc", help="calibration text (its TRAIN split is used): .txt, .jsonl, .parquet, a saved `datasets` directory, or 'pydoc' (default)")
+    p.add_argument("--text-field", default="text", help="JSONL field / parquet or dataset column holding the text")
+    p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of documents held out (never used for calibration)")
+    p.add_argument("--calib-tokens", type=int, default=default_tokens, help="calibration tokens, from the train split")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per calibration block")
+    p.add_argument("--seed", type=int, default=0, help="seed for token subsampling")
+    p.add_argument("--metric", default="cka", help="head similarity: cka (linear CKA) | cosine")
+
+
+def _check_calibration_args(args) -> None:
+    """Fail on bad options before any model is loaded."""
+    import os
+
+    from .data import DEFAULT_DATA, DataError
+
+    if args.data != DEFAULT_DATA and not os.path.exists(args.data):
+        raise DataError(f"data not found: {args.data}")
+    if args.calib_tokens < 1:
+        raise UserError("--calib-tokens must be at least 1")
+    if args.block_size < 1:
+        raise UserError("--block-size must be at least 1")
+    if args.metric not in ("cka", "cosine"):
+        raise UserError(f"unknown --metric {args.metric!r}; choose from cka, cosine")
+
+
+def _check_out(path: str) -> None:
+    import os
+
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise UserError(f"output {path} already exists and is not empty (use a new --out)")
+
+
+def _calibration_blocks(args, tokenizer):
+    """(n, block_size) token blocks from the TRAIN split, about --calib-tokens tokens in all."""
+    from .data import DataError, blocks, load_tokens
+
+    if tokenizer is None:
+        raise UserError("this model has no tokenizer, so calibration text cannot be tokenised")
+    splits = load_tokens(args.data, tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
+    if splits.train.numel() == 0:
+        raise DataError(f"{args.data}: the train split is empty")
+    block_size = min(args.block_size, max(1, args.calib_tokens))
+    return blocks(splits.train, block_size, max_blocks=-(-args.calib_tokens // block_size))
+
+
+# ---- analyze -------------------------------------------------------------------------------------
+
+def add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="similarity of key heads and of value heads per layer: heatmaps, clusters, redundancy",
+                       description="Measure how similar the key heads and the value heads of every layer are on calibration "
+                                   "tokens (cosine and linear CKA of pre-RoPE head outputs), cluster them for every group "
+                                   "count, and write analysis.json, per-layer heatmaps and a redundancy chart to --out.")
+    _add_source(p)
+    _add_calibration(p, default_tokens=4096)
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="redundancy: the fewest groups keeping every within-group similarity >= this (default 0.5)")
+    p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    p.set_defaults(func=run_analyze)
+
+
+def run_analyze(args) -> int:
+    from .analyze import analyze, summary_table, write_report
+    from .checkpoint import atomic_dir, load, parse_dtype
+
+    _check_calibration_args(args)
+    _check_out(args.out)
+    loaded = load(args.source, parse_dtype(args.dtype))
+    calib = _calibration_blocks(args, loaded.tokenizer)
+    result = analyze(loaded.model, calib, metric=args.metric, threshold=args.threshold,
+                     max_tokens=args.calib_tokens, seed=args.seed)
+    result["source"] = loaded.source
+    result["data"] = args.data
+    with atomic_dir(args.out) as tmp:
+        files = write_report(result, tmp)
+    print(summary_table(result))
+    print(json.dumps({"out": args.out, "files": len(files), "calibration_tokens": result["calibration_tokens"],
+                      "metric": args.metric, "threshold": args.threshold,
+                      "key_groups_needed": [e["keys"]["groups_needed"] for e in result["layers"]],
+                      "value_groups_needed": [e["values"]["groups_needed"] for e in result["layers"]]}))
+    return 0
+
+
+# ---- convert -------------------------------------------------------------------------------------
+
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="shrink the KV cache by a method at a KV budget, or by a saved plan",
+                       description="Convert SOURCE to fewer key/value heads and write a native checkpoint (with plan.json) "
+                                   "to --out. Methods: gqa (contiguous mean-pooling), gqa-similar (similar heads "
+                                   "mean-pooled), svd (low-rank from calibration activations), prune (keep the most "
+                                   "important heads); or --plan PLAN.json to replay a plan with mean pooling.")
+    _add_source(p)
+    p.add_argument("--method", help="conversion method (gqa, gqa-similar, svd, prune, ...)")
+    p.add_argument("--kv-budget", type=float, help="fraction of the source's KV cache to keep, in (0, 1]")
+    p.add_argument("--plan", help="apply this plan.json (mean pooling) instead of a method")
+    p.add_argument("--grouping", default="contiguous", help="svd only: contiguous (Yu et al.) | similar")
+    _add_calibration(p, default_tokens=4096)
+    p.add_argument("--out", required=True, help="checkpoint directory to write (must not exist or be empty)")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    from .pipeline import add_dha_options
+
+    add_dha_options(p)  # --method dha: search, fusion, training options (dha.pipeline)
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args) -> int:
+    from .baselines import ConvertOptions, heads_for_budget, source_heads
+    from .checkpoint import load, parse_dtype, save
+    from .convert import NO_CALIBRATION, apply_plan, check_method, convert, kv_summary
+    from .plan import Plan
+
+    if (args.method is None) == (args.plan is None):
+        raise UserError("give either --method (with --kv-budget) or --plan")
+    if args.method == "dha":  # the full DHA pipeline: search, fusion, merge, training, report
+        from .pipeline import run_convert_dha
+
+        return run_convert_dha(args)
+    if args.method is not None:
+        check_method(args.method)
+        if args.kv_budget is None:
+            raise UserError("--method needs --kv-budget (the fraction of the KV cache to keep, in (0, 1])")
+        if not 0 < args.kv_budget <= 1:
+            raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
+        options = ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens, block_size=args.block_size,
+                                 metric=args.metric, grouping=args.grouping)
+        needs_data = args.method not in NO_CALIBRATION
+        if needs_data:
+            _check_calibration_args(args)
+    plan = Plan.load(args.plan) if args.plan is not None else None
+    _check_out(args.out)
+
+    loaded = load(args.source, parse_dtype(args.dtype))
+    before = kv_summary(loaded.model)
+    if plan is not None:
+        result = apply_plan(loaded, plan)
+    else:
+        heads_for_budget(*source_heads(loaded.model), args.kv_budget)  # budget errors before reading data
+        calib = _calibration_blocks(args, loaded.tokenizer) if needs_data else None
+        result = convert(loaded, args.method, args.kv_budget, calib, options)
+    # Continued training after conversion (--tokens N) belongs here: train result.model, then save.
+    save(args.out, result, overwrite=False)
+
+    after = kv_summary(result.model)
+    summary = {
+        "out": args.out, "method": result.plan.method, "kv_budget": result.plan.kv_budget,
+        "kv_fraction": round(result.plan.kv_fraction(), 6),
+        "key_heads": after["key_heads"], "value_heads": after["value_heads"],
+        "kv_bytes_per_token_fp32_before": before["kv_bytes_per_token_fp32"],
+        "kv_bytes_per_token_fp32_after": after["kv_bytes_per_token_fp32"],
+        "kv_bytes_per_token_bf16_before": before["kv_bytes_per_token_bf16"],
+        "kv_bytes_per_token_bf16_after": after["kv_bytes_per_token_bf16"],
+    }
+    if not args.json:
+        print(f"{'layer':>5}  {'K heads':>9}  {'V heads':>9}")
+        for l, (kb, ka, vb, va) in enumerate(zip(before["key_heads"], after["key_heads"], before["value_heads"], after["value_heads"])):
+            print(f"{l:>5}  {kb:>3} -> {ka:<3}  {vb:>3} -> {va:<3}")
+        print(f"KV cache / token: {before['kv_bytes_per_token_fp32']:,} -> {after['kv_bytes_per_token_fp32']:,} bytes fp32 "
+              f"({before['kv_bytes_per_token_bf16']:,} -> {after['kv_bytes_per_token_bf16']:,} bf16), "
+              f"{result.plan.kv_fraction():.1%} kept ({result.plan.method}); wrote {args.out}")
+    print(json.dumps(summary))
+    return 0
+
+
+# ---- train ---------------------------------------------------------------------------------------
+
+def add_training_options(p: argparse.ArgumentParser, tokens_required: bool = True, skip: tuple[str, ...] = (),
+                         dtype_flag: str = "--dtype") -> None:
+    """The TrainConfig options (dha.train), for `train` and for verbs that train afterwards (convert
+    --tokens). `skip` names options (dest names) the verb already defines with the same meaning;
+    `dtype_flag` renames the autocast option where --dtype already means the load dtype
+    (e.g. "--train-dtype"). Read them back with train_config_from_args(args)."""
+    from .train import TrainConfig
+
+    d = TrainConfig(tokens=1)
+    options = [
+        ("tokens", dict(type=int, required=tokens_required, default=None, help="training tokens in total (all processes)")),
+        ("block_size", dict(type=int, default=d.block_size, help=f"tokens per training row (default {d.block_size})")),
+        ("batch_tokens", dict(type=int, default=d.batch_tokens, help=f"global batch in tokens, over all processes and accumulation (default {d.batch_tokens})")),
+        ("micro_batch", dict(type=int, default=d.micro_batch, help=f"rows per forward/backward on one process (default {d.micro_batch})")),
+        ("lr", dict(type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")),
+        ("min_lr_ratio", dict(type=float, default=d.min_lr_ratio, help=f"cosine ends at this fraction of --lr (default {d.min_lr_ratio})")),
+        ("warmup_steps", dict(type=int, default=None, help="linear warm-up steps (default: 5%% of the steps)")),
+        ("weight_decay", dict(type=float, default=d.weight_decay, help=f"AdamW weight decay on matrices (default {d.weight_decay})")),
+        ("grad_clip", dict(type=float, default=d.grad_clip, help=f"max gradient norm, 0 = off (default {d.grad_clip})")),
+        ("train_dtype", dict(default=d.dtype, metavar="DTYPE", help="autocast dtype: auto (bfloat16 where the hardware has it natively, else float32) | bfloat16 | "
+                                                    "float16 | float32 = off; weights stay float32 (default auto)")),
+        ("eval_every", dict(type=int, default=d.eval_every, help=f"held-out evaluation every N steps, 0 = only at the end (default {d.eval_every})")),
+        ("eval_tokens", dict(type=int, default=d.eval_tokens, help=f"held-out tokens per evaluation (default {d.eval_tokens})")),
+        ("save_every", dict(type=int, default=d.save_every, help="checkpoint for --resume every N steps, 0 = none (default 0)")),
+        ("seed", dict(type=int, default=d.seed, help="data order seed (default 0)")),
+        ("distill", dict(action="store_true", help="add a KL loss to the teacher's logits")),
+        ("teacher", dict(default=None, help="teacher model SOURCE for --distill (default: SOURCE as loaded, before training)")),
+        ("distill_weight", dict(type=float, default=d.distill_weight, help=f"objective = (1-w) LM + w KD (default {d.distill_weight})")),
+        ("distill_temperature", dict(type=float, default=d.distill_temperature, help=f"KD temperature (default {d.distill_temperature})")),
+        ("fsdp", dict(action="store_true", help="under torchrun: shard with FSDP instead of DDP")),
+        ("resume", dict(default=None, help="continue the run in this directory (its newest checkpoint)")),
+        ("no_progress", dict(action="store_true", help="no progress bar")),
+    ]
+    for dest, kw in options:
+        if dest not in skip:
+            flag = dtype_flag if dest == "train_dtype" else "--" + dest.replace("_", "-")
+            p.add_argument(flag, dest=dest, **kw)
+
+
+def train_config_from_args(args):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        tokens=args.tokens, block_size=args.block_size, batch_tokens=args.batch_tokens, micro_batch=args.micro_batch,
+        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, dtype=args.train_dtype, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
+        save_every=args.save_every, seed=args.seed, distill=args.distill, distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature, fsdp=args.fsdp,
+    )
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="continued pre-training (AdamW, cosine schedule), alone or under torchrun",
+                       description="Continue pre-training SOURCE on DATA and write the trained model, logs (log.jsonl, "
+                                   "TensorBoard) and checkpoints to --out. Under `torchrun --nproc_per_node P -m dha train ...` "
+                                   "the same command runs data-parallel (DDP, or FSDP with --fsdp). See docs/training.md.")
+    p.add_argument("source", nargs="?", default=None, metavar="SOURCE", help=SOURCE_HELP)
+    p.add_argument("--data", default=None, help="training text: .txt, .jsonl, .parquet, a saved dataset dir, or pydoc (default)")
+    p.add_argument("--text-field", default="text", help="the text field/column of .jsonl, .parquet and datasets")
+    p.add_argument("--out", default=None, help="run directory to write (default: the --resume directory)")
+    add_training_options(p)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    import os
+
+    import torch
+
+    from .checkpoint import load
+    from .train import continue_training, source_identity
+
+    if args.out is None:
+        if args.resume is None:
+            raise UserError("give --out DIR (or --resume DIR to continue a run there)")
+        args.out = args.resume
+    if args.teacher is not None and not args.distill:
+        raise UserError("--teacher is only used with --distill")
+    cfg = train_config_from_args(args)
+    cfg.validate()
+    loaded = load(args.source, torch.float32)  # master weights in float32; --dtype is the autocast dtype
+    teacher = load(args.teacher, torch.float32, tokenizer=False).model if args.teacher is not None else None
+    run_info = {"source": source_identity(args.source), "data": source_identity(args.data or "pydoc"),
+                "text_field": args.text_field, "teacher": source_identity(args.teacher) if args.teacher else None}
+    try:
+        result = continue_training(loaded, args.data, cfg, out_dir=args.out, teacher=teacher, resume=args.resume,
+                                   progress=not args.no_progress, text_field=args.text_field, run_info=run_info)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 reports
+        last = result.history[-1] if result.history else {}
+        final_eval = result.evals[-1] if result.evals else {}
+        print(json.dumps({"out": args.out, "steps": result.steps, "tokens": last.get("tokens"), "loss": last.get("loss"),
+                          "heldout_loss": final_eval.get("heldout_loss"), "ppl": final_eval.get("ppl")}))
+    return 0
+
+
+VERBS = [add_inspect, add_generate, add_eval, add_export, add_analyze, add_convert, add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,253 @@
+"""dha.evaluate and `dha eval`: perplexity against a hand computation, measured KV-cache bytes
+against the formula for MHA, GQA and an uneven DHA map, speed records, and the CLI's JSON line.
+Tiny models (hidden 48, 2 layers, 6 heads), fp32 on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from dha.checkpoint import Loaded, save
+from dha.cli import main
+from dha.data import TokenSplits
+from dha.evaluate import EvalOptions, decode_speed, evaluate, evaluate_models, kv_bytes, perplexity
+from dha.model import ModelConfig, Transformer, scaled_init_
+from dha.transforms import build, state_dict_of, with_maps
+from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
+from tests.test_data import DOCS, tiny_tokenizer
+
+FAST = EvalOptions(block_size=16, max_eval_tokens=64, eval_batch_size=2, batch_sizes=[1, 2], context=8,
+                   new_tokens=3, repeats=1, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_model(vocab=300, key_index=None, value_index=None, seed=0) -> Transformer:
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=48, num_layers=2, num_heads=6, head_dim=8, intermediate_size=64,
+                      key_index=key_index or [], value_index=value_index or [], max_position_embeddings=256)
+    torch.manual_seed(seed)
+    return scaled_init_(Transformer(cfg), std=0.2, seed=seed).eval()
+
+
+# ---- perplexity -------------------------------------------------------------------------------
+
+def test_perplexity_equals_hand_computation():
+    model = ours_from_hf(tiny_llama_hf(num_kv_heads=2))
+    windows = random_ids(batch=3, length=10, vocab=97, seed=1)  # (3, 10)
+    got = perplexity(model, windows, batch_size=2, progress=False)
+
+    # Reference: every token t >= 1 of a window, predicted from that window's tokens 0..t-1 alone
+    # (a separate forward pass on the prefix), log-softmax, gathered one position at a time.
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in windows:
+            for t in range(1, len(row)):
+                logits = model(row[None, :t])[0, -1].double()  # (V,)
+                total -= torch.log_softmax(logits, -1)[row[t]].item()
+                count += 1
+    assert got["tokens"] == count == 3 * 9
+    torch.testing.assert_close(got["nll"], total / count, rtol=1e-5, atol=1e-5)  # fp32 model, fp64 reference
+    torch.testing.assert_close(got["ppl"], math.exp(total / count), rtol=1e-5, atol=1e-5)
+
+
+def test_perplexity_needs_two_token_windows():
+    from dha.errors import UserError
+
+    with pytest.raises(UserError, match="at least 2 tokens"):
+        perplexity(tiny_model(), torch.zeros(2, 1, dtype=torch.long), progress=False)
+
+
+# ---- KV-cache bytes ---------------------------------------------------------------------------
+
+def dha_uneven_model() -> Transformer:
+    """Layer 0: 3 key heads {0,1},{2},{3,4,5}, 2 value heads {0,2,4},{1,3,5}; layer 1: 1 key head, 4 value heads."""
+    key_index = [[0, 0, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0]]
+    value_index = [[0, 1, 0, 1, 0, 1], [0, 1, 2, 3, 3, 3]]
+    mha = tiny_model()
+    cfg = with_maps(mha.config, key_index, value_index)
+    sd = state_dict_of(mha)
+    for l, (hk, hv) in enumerate([(3, 2), (1, 4)]):  # keep the first hk / hv heads' rows (8 rows per head)
+        sd[f"layers.{l}.attn.k_proj.weight"] = sd[f"layers.{l}.attn.k_proj.weight"][: hk * 8]
+        sd[f"layers.{l}.attn.v_proj.weight"] = sd[f"layers.{l}.attn.v_proj.weight"][: hv * 8]
+    return build(cfg, sd).eval()
+
+
+@pytest.mark.parametrize("name, make, heads_per_layer", [
+    ("mha", lambda: ours_from_hf(tiny_llama_hf()), [(6, 6), (6, 6)]),
+    ("gqa", lambda: ours_from_hf(tiny_llama_hf(num_kv_heads=2)), [(2, 2), (2, 2)]),
+    ("dha", dha_uneven_model, [(3, 2), (1, 4)]),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_measured_kv_bytes_equal_analytic(name, make, heads_per_layer, dtype):
+    model = make().to(dtype)
+    expected = sum((hk + hv) * 8 for hk, hv in heads_per_layer) * (4 if dtype == torch.float32 else 2)  # head dim 8
+    got = kv_bytes(model)
+    assert got["analytic"] == expected
+    assert got["measured"] == expected
+
+
+# ---- speed and the whole evaluation ------------------------------------------------------------
+
+def test_decode_speed_records():
+    models = [tiny_model(), dha_uneven_model()]
+    out = decode_speed(models, FAST)
+    assert len(out) == 2 and [s["batch_size"] for s in out[0]] == [1, 2]
+    for per_model, model in zip(out, models):
+        for s in per_model:
+            assert s["decode_tokens_per_s"] == pytest.approx(s["batch_size"] * 3 / s["decode_s"])
+            assert s["prefill_tokens_per_s"] == pytest.approx(s["batch_size"] * 8 / s["prefill_s"])
+            assert s["kv_cache_bytes"] == model.config.kv_bytes_per_token() * s["batch_size"] * (8 + 3)
+            assert s["peak_memory_bytes"] > 0
+
+
+def loaded_tiny(model=None, source="tiny") -> Loaded:
+    return Loaded(model or tiny_model(), tiny_tokenizer(), source, "native")
+
+
+def test_evaluate_and_compare():
+    stream = torch.tensor([(i * 37) % 300 for i in range(200)])
+    splits = TokenSplits(stream[:100], stream[100:], "synthetic", 1, 1)
+    one = evaluate(loaded_tiny(), splits, FAST)
+    assert one["eval_tokens"] == 4 * 15  # max 64 tokens -> 4 windows of 16, first token unscored
+    windows = stream[100:164].view(4, 16)
+    torch.testing.assert_close(one["ppl"], perplexity(loaded_tiny().model, windows, progress=False)["ppl"], rtol=1e-5, atol=0)  # batch 2 vs 1: fp32 sums differ
+    assert one["decode_tokens_per_s"] == one["speed"][-1]["decode_tokens_per_s"]  # largest batch size
+
+    report = evaluate_models([loaded_tiny(), loaded_tiny(dha_uneven_model(), "dha")], splits, FAST)
+    a, b = report["models"]
+    assert a["ratios"]["ppl"] == 1.0 and a["ratios"]["kv_bytes_per_token"] == 1.0
+    assert b["ratios"]["kv_bytes_per_token"] == pytest.approx((3 + 2 + 1 + 4) / 24)
+    assert b["ratios"]["ppl"] == pytest.approx(b["ppl"] / a["ppl"])
+    assert set(b["ratios"]["decode_tokens_per_s"]) == {"1", "2"}
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved_tiny(tmp_path):
+    path = str(tmp_path / "tiny_ckpt")
+    save(path, loaded_tiny())
+    return path
+
+
+def write_text_data(tmp_path):
+    p = tmp_path / "data.txt"
+    p.write_text("\n\n".join(DOCS * 3))  # repeated documents share hashes: split by content
+    return str(p)
+
+
+CLI_FAST = ["--block-size", "16", "--max-eval-tokens", "64", "--context", "8", "--new-tokens", "3",
+            "--batch-sizes", "1,2", "--repeats", "1", "--heldout-fraction", "0.3"]
+
+
+def test_cli_eval_prints_table_then_json_line(tmp_path, saved_tiny, capsys):
+    data = write_text_data(tmp_path)
+    assert main(["eval", saved_tiny, "--data", data, *CLI_FAST]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) > 3 and "perplexity" in lines[1]
+    report = json.loads(lines[-1])
+    for key in ("ppl", "kv_bytes_per_token", "decode_tokens_per_s", "models"):
+        assert key in report
+    assert report["kv_bytes_per_token"] == 2 * 2 * 6 * 8 * 4  # layers x (K+V) x heads x hd x fp32
+    assert report["eval_tokens"] == 4 * 15
+
+
+def test_cli_eval_compare(tmp_path, saved_tiny, capsys):
+    other = str(tmp_path / "dha_ckpt")
+    save(other, loaded_tiny(dha_uneven_model(), other))
+    data = write_text_data(tmp_path)
+    assert main(["eval", saved_tiny, "--compare", other, "--data", data, "--json", *CLI_FAST]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    report = json.loads(out[0])
+    assert [os.path.basename(m["source"]) for m in report["models"]] == ["tiny_ckpt", "dha_ckpt"]
+    assert report["models"][1]["ratios"]["kv_bytes_per_token"] == pytest.approx(10 / 24)
+    assert report["ppl"] == report["models"][0]["ppl"]
+
+
+def test_cli_eval_bad_data_exits_2_and_writes_nothing(tmp_path, saved_tiny, capsys):
+    before = sorted(os.listdir(tmp_path))
+    assert main(["eval", saved_tiny, "--data", str(tmp_path / "nope.jsonl"), *CLI_FAST]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "data not found" in captured.err and len(captured.err.strip().splitlines()) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    assert main(["eval", saved_tiny, "--data", str(bad), *CLI_FAST]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no 'text' field" in captured.err
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["bad.jsonl"])  # no cache, no outputs
+
+
+# ---- lm-evaluation-harness adapter (optional dependency) ---------------------------------------
+
+MC_ROWS = [
+    {"question": "The cat sat on the", "choices": [" mat", " dog", " world"], "label": 0},
+    {"question": "Hello", "choices": [" world", " cat"], "label": 1},
+    {"question": "Document number 3 talks", "choices": [" about", " the", " second line"], "label": 2},
+    {"question": "It has a second", "choices": [" line", " cat"], "label": 0},
+]
+
+
+def hand_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """lm-eval's rule, written out: encode context+continuation, the continuation is the tokens after
+    the context's; sum log-softmax over those positions, one position at a time, fp64."""
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    n_context = len(tokenizer.encode(context, add_special_tokens=False))
+    with torch.no_grad():
+        logits = model(torch.tensor([whole[:-1]]))[0].double()  # (T-1, V)
+    return sum(torch.log_softmax(logits[t - 1], -1)[whole[t]].item() for t in range(n_context, len(whole)))
+
+
+def test_lm_eval_task_matches_hand_computation(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from dha.evaluate import lm_eval_model
+
+    loaded = loaded_tiny()
+    lm = lm_eval_model(loaded, batch_size=3, progress=False)
+    requests, expected = [], []
+    for row in MC_ROWS:
+        for choice in row["choices"]:
+            ctx, cont = lm._encode_pair(row["question"], choice)
+            requests.append(((row["question"], choice), ctx, cont))
+            expected.append(hand_loglikelihood(loaded.model, loaded.tokenizer, row["question"], choice))
+    got = [lp for lp, _ in lm._loglikelihood_tokens(requests)]  # batches of 3 mixed lengths, right-padded
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)  # fp32 model vs fp64 sum
+
+    # The same through a local task YAML and the CLI.
+    data = tmp_path / "mc.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in MC_ROWS) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_mc.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {tmp_path / 'hf'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_target: label
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+metadata:
+  version: 1.0
+""")
+    it = iter(expected)
+    scores = [[next(it) for _ in row["choices"]] for row in MC_ROWS]
+    acc = sum(max(range(len(s)), key=s.__getitem__) == row["label"] for s, row in zip(scores, MC_ROWS)) / len(MC_ROWS)
+    path = str(tmp_path / "ckpt")
+    save(path, loaded)
+    text = write_text_data(tmp_path)
+    assert main(["eval", path, "--data", text, "--json", "--tasks", "tiny_mc", "--include-path", str(tasks), *CLI_FAST]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["tasks"]["tiny_mc"]["acc"] == pytest.approx(acc)
