@@ -1,0 +1,523 @@
+"""DHA end to end: search -> fusion training -> merge -> continued training -> evaluation -> report.
+
+The three stages of the DHA paper (Chen et al. 2024, section 3), on the user's data and token budget:
+
+1. Search (`dha.search.search`): groups of similar key heads and value heads and how many of each
+   every layer keeps, exactly on the KV budget, from calibration blocks of the TRAIN split.
+2. Fusion (`dha.fuse`): for `fusion_fraction` of the training tokens, the model keeps all its
+   heads; each group's heads become learned linear combinations (identity at step 0) pushed
+   together by a progressive fusion loss, trained with the LM loss (+ distillation to the source).
+3. Merge each group to one head (the mean of its fused copies), then continued training for the
+   rest of the tokens (`dha.train`).
+
+With tokens = 0 the plan's groups are mean-merged without training (exact when a group's heads are
+identical). The output directory is a native checkpoint (with plan.json) plus a report:
+
+    report.md        what was done, a table against the source, the plots below
+    summary.json     the same numbers as one JSON document
+    log.jsonl        every training step and evaluation of both stages ({"stage": "fusion" | "continued"})
+    allocation.png   key and value heads kept per layer (dha.search.plot_allocation)
+    loss.png         training loss (and fusion distance) against tokens
+    perplexity.png   held-out perplexity against tokens, the source as a line
+
+`dha convert SOURCE --method dha --kv-budget B --data D --tokens N --out DIR` runs this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from .errors import UserError
+from .fuse import FusedModel, FusionOptions, FusionSchedule, merge
+from .plan import Plan
+
+DEFAULT_FUSION_FRACTION = 0.3
+
+
+@dataclass
+class DHAConfig:
+    """Everything `run_dha` needs besides the model and the data."""
+
+    kv_budget: float  # fraction of the source's KV cache kept, in (0, 1]
+    tokens: int = 0  # training tokens in all (fusion + continued); 0: search and mean-merge only
+    fusion_fraction: float = DEFAULT_FUSION_FRACTION  # share of `tokens` spent in the fusion stage
+    calib_tokens: int = 4096  # calibration tokens for the search (train split)
+    calib_block_size: int = 256  # tokens per calibration block
+    final_eval_tokens: int = 16384  # held-out tokens scored for the final table (source and result)
+    final_eval_block_size: int = 512  # perplexity window of the final table
+    search: object = None  # dha.search.SearchOptions (None: its defaults)
+    fusion: FusionOptions = field(default_factory=FusionOptions)
+    train: object = None  # dha.train.TrainConfig template (its `tokens` is set per stage; None: defaults)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.fusion_fraction <= 1.0:
+            raise UserError(f"--fusion-fraction must be in [0, 1], got {self.fusion_fraction}")
+        if self.tokens < 0:
+            raise UserError(f"--tokens must be >= 0, got {self.tokens}")
+        if self.calib_tokens < 1 or self.calib_block_size < 1:
+            raise UserError("calibration tokens and block size must be positive")
+
+
+@dataclass
+class StageTokens:
+    fusion: int  # tokens of the fusion stage (0: none, groups are mean-merged at once)
+    continued: int  # tokens of the continued training after the merge
+    step_tokens: int  # tokens per optimizer step
+
+
+def split_tokens(tokens: int, fusion_fraction: float, batch_tokens: int, block_size: int) -> StageTokens:
+    """Split the token budget between the stages in whole optimizer steps.
+
+    The fusion stage gets round(fusion_fraction * steps) steps, the continued training the rest
+    (tokens beyond the last whole step are not used). UserError if a stage that the fraction asks
+    for (fusion when > 0, continued when < 1) would get no step."""
+    rows = max(1, batch_tokens // block_size)
+    step = rows * block_size
+    if tokens == 0:
+        return StageTokens(0, 0, step)
+    steps = tokens // step
+    fusion_steps = int(round(fusion_fraction * steps))
+    if 0 < fusion_fraction < 1 and steps >= 2:
+        fusion_steps = min(max(fusion_steps, 1), steps - 1)  # both stages asked for: at least one step each
+    continued_steps = steps - fusion_steps
+    for name, n, wanted in (("fusion", fusion_steps, fusion_fraction > 0), ("continued training", continued_steps, fusion_fraction < 1)):
+        if wanted and n < 1:
+            raise UserError(
+                f"--tokens {tokens} is {steps} optimizer step(s) of {step} tokens ({rows} blocks of {block_size}), which leaves "
+                f"the {name} stage no step at --fusion-fraction {fusion_fraction}: raise --tokens, lower --batch-tokens, "
+                "or change --fusion-fraction"
+            )
+    return StageTokens(fusion_steps * step, continued_steps * step, step)
+
+
+def calibration_blocks(train_stream: torch.Tensor, calib_tokens: int, block_size: int) -> torch.Tensor:
+    """About `calib_tokens` tokens from the start of the TRAIN stream, as (n, block) blocks."""
+    from .data import DataError, blocks
+
+    if train_stream.numel() == 0:
+        raise DataError("the train split is empty: no calibration text")
+    block_size = max(2, min(block_size, calib_tokens, train_stream.numel()))
+    return blocks(train_stream, block_size, max_blocks=-(-calib_tokens // block_size))
+
+
+def heldout_blocks(heldout: torch.Tensor, max_tokens: int, block_size: int) -> torch.Tensor | None:
+    """Windows of the held-out stream for the final table (None when it holds under 2 tokens)."""
+    from .data import blocks
+
+    if heldout.numel() < 2:
+        return None
+    block_size = max(2, min(block_size, heldout.numel()))
+    return blocks(heldout, block_size, max_blocks=max(1, max_tokens // block_size))
+
+
+# ---- the method, as METHODS["dha"] -------------------------------------------------------------
+
+def convert_dha(model, kv_budget: float, calib_blocks: torch.Tensor | None, options) -> tuple:
+    """METHODS["dha"] (dha.convert): search, then mean-merge each group, no training.
+
+    The training stages need data and a token budget: `run_dha` (the CLI's `--method dha`) runs them.
+    options.extra may hold "search" (a dict of dha.search.SearchOptions fields).
+    """
+    from .search import SearchOptions, search
+    from .transforms import merge_groups
+
+    extra = dict(getattr(options, "extra", {}) or {})
+    search_fields = {"metric": options.metric, "seed": options.seed, "batch_size": options.batch_size,
+                     **extra.get("search", {})}
+    plan = search(model, kv_budget, calib_blocks, SearchOptions(**search_fields))
+    return plan, merge_groups(model, plan)
+
+
+# ---- end to end --------------------------------------------------------------------------------
+
+@dataclass
+class DHAResult:
+    loaded: object  # dha.checkpoint.Loaded of the final model (tokenizer, plan, provenance)
+    summary: dict  # the numbers of report.md / summary.json
+    log: list[dict]  # training and evaluation records of both stages, tokens counted from the start
+
+
+def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progress: bool = True) -> DHAResult:
+    """Search, fuse, merge, train, evaluate (module doc). `loaded.model` is not modified.
+
+    loaded: dha.checkpoint.Loaded of the source (float32 weights for training);
+    splits: dha.data.TokenSplits (calibration and training read the train split only);
+    teacher: model to distil from when config.train.distill (default: the source);
+    plan: a plan from an earlier search of this model (dha.plan.Plan) to reuse instead of searching.
+    """
+    from .checkpoint import Loaded
+    from .evaluate import perplexity
+    from .search import SearchOptions, search
+    from .train import TrainConfig, train
+    from .transforms import merge_groups
+
+    config.validate()
+    source = loaded.model
+    search_options = config.search or SearchOptions()
+    train_template = config.train or TrainConfig(tokens=1)
+    stages = split_tokens(config.tokens, config.fusion_fraction, train_template.batch_tokens, train_template.block_size)
+    if config.tokens and splits.train.numel() < train_template.block_size + 1:
+        raise UserError(f"the train split has {splits.train.numel()} tokens, less than one training block of "
+                        f"{train_template.block_size}: use more data or a smaller --block-size")
+    if train_template.distill and teacher is None:
+        teacher = source
+    log_progress = (lambda msg: print(f"dha: {msg}", file=sys.stderr)) if progress else (lambda msg: None)
+    seconds = {}
+
+    # 1. search
+    t0 = time.perf_counter()
+    calib = calibration_blocks(splits.train, config.calib_tokens, config.calib_block_size)
+    if plan is None:
+        log_progress(f"search ({search_options.search}) on {calib.numel()} calibration tokens")
+        plan = search(source, config.kv_budget, calib, search_options)
+    else:
+        plan.validate(*_source_heads(source))
+        plan = Plan.from_dict(plan.to_dict())  # a copy: run_dha writes its notes
+    seconds["search"] = time.perf_counter() - t0
+
+    heldout_train = splits.heldout if splits.heldout.numel() >= train_template.block_size else None
+    log: list[dict] = []
+
+    def record(history: list[dict], evals: list[dict], stage: str, offset: int) -> None:
+        for r in sorted(history + evals, key=lambda r: (r["step"], r["kind"] == "eval")):
+            log.append({**r, "stage": stage, "tokens": r["tokens"] + offset})
+
+    # 2. fusion, 3. merge
+    t0 = time.perf_counter()
+    fusion_distance, coefficient_lr = None, None
+    if stages.fusion:
+        fused = FusedModel(source, plan, config.fusion)
+        cfg = replace(train_template, tokens=stages.fusion)
+        steps = stages.fusion // stages.step_tokens
+        log_progress(f"fusion: {steps} steps, {stages.fusion:,} tokens ({config.fusion.space} space, {config.fusion.schedule})")
+        schedule = FusionSchedule(fused, steps, config.fusion)
+        coefficient_lr = schedule.coefficient_lr
+        result = train(fused, splits.train, heldout_train, cfg, teacher=teacher, hooks=schedule.hooks(), progress=progress)
+        record(result.history, result.evals, "fusion", 0)
+        fused = result.model
+        fused.train()
+        if config.fusion.space == "output":
+            with torch.no_grad():
+                fused(calib[: search_options.batch_size].to(fused.model.embed.weight.device))
+        fusion_distance = float(fused.fusion_loss()[0].detach())
+        plan, model = merge(fused)
+        del fused
+    else:
+        model = merge_groups(source, plan)
+    seconds["fusion"] = time.perf_counter() - t0
+
+    # 4. continued training
+    t0 = time.perf_counter()
+    if stages.continued:
+        cfg = replace(train_template, tokens=stages.continued)
+        log_progress(f"continued training: {stages.continued // stages.step_tokens} steps, {stages.continued:,} tokens")
+        result = train(model, splits.train, heldout_train, cfg, teacher=teacher, progress=progress)
+        record(result.history, result.evals, "continued", stages.fusion)
+        model = result.model
+    seconds["continued"] = time.perf_counter() - t0
+    model = model.to(next(source.parameters()).device).eval()  # training may have moved it to the GPU
+
+    # 5. evaluation beside the source (and the plan mean-merged without training)
+    t0 = time.perf_counter()
+    windows = heldout_blocks(splits.heldout, config.final_eval_tokens, config.final_eval_block_size)
+    rows = []
+    candidates = [("source", source), ("plan, mean-merged (no training)", merge_groups(source, plan) if config.tokens else model)]
+    if config.tokens:
+        candidates.append(("dha (fused, merged, trained)", model))
+    for name, m in candidates:
+        was_training = m.training
+        m.eval()
+        ppl = perplexity(m, windows, batch_size=4, progress=False) if windows is not None else None
+        m.train(was_training)
+        rows.append({"model": name, "kv_heads": sum(m.config.key_heads(l) + m.config.value_heads(l) for l in range(m.config.num_layers)),
+                     "kv_bytes_per_token_bf16": m.config.kv_bytes_per_token(torch.bfloat16),
+                     "kv_bytes_per_token_fp32": m.config.kv_bytes_per_token(torch.float32),
+                     "heldout_ppl": ppl["ppl"] if ppl else None, "heldout_nll": ppl["nll"] if ppl else None,
+                     "heldout_tokens": ppl["tokens"] if ppl else 0})
+    # The source on the windows the training evaluations use (the first rows of the held-out
+    # blocks, dha.train), so the perplexity curve has a like-for-like reference line.
+    source_curve_ppl = None
+    if config.tokens and heldout_train is not None:
+        from .data import blocks
+
+        eval_rows = blocks(heldout_train, train_template.block_size)
+        eval_rows = eval_rows[: max(1, min(eval_rows.shape[0], train_template.eval_tokens // train_template.block_size))]
+        source_curve_ppl = perplexity(source.eval(), eval_rows, batch_size=4, progress=False)["ppl"]
+    seconds["evaluation"] = time.perf_counter() - t0
+
+    summary = {
+        "method": "dha", "source": loaded.source, "data": splits.source, "kv_budget": config.kv_budget,
+        "kv_fraction": plan.kv_fraction(), "tokens": config.tokens, "fusion_tokens": stages.fusion,
+        "continued_tokens": stages.continued, "fusion_distance_at_merge": fusion_distance, "coefficient_lr": coefficient_lr,
+        "key_heads": plan.key_heads(), "value_heads": plan.value_heads(),
+        "search": {k: v for k, v in asdict(search_options).items() if k != "progress"},
+        "fusion": asdict(config.fusion), "train": asdict(train_template) if config.tokens else None,
+        "fusion_fraction": config.fusion_fraction, "calibration_tokens": int(calib.numel()),
+        "results": rows, "source_ppl_on_training_eval_windows": source_curve_ppl, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
+    plan.method, plan.kv_budget = "dha", config.kv_budget
+    plan.notes = {**plan.notes, "pipeline": {k: summary[k] for k in ("tokens", "fusion_tokens", "continued_tokens",
+                                                                      "fusion_fraction", "fusion_distance_at_merge")}}
+    provenance = {"converted_from": loaded.source, "source_provenance": loaded.provenance, "method": "dha",
+                  "kv_budget": config.kv_budget, "kv_fraction": plan.kv_fraction(), "data": splits.source,
+                  "tokens": config.tokens, "fusion_tokens": stages.fusion, "continued_tokens": stages.continued,
+                  "fusion": asdict(config.fusion)}
+    out = Loaded(model, loaded.tokenizer, loaded.source, "native", loaded.hf_config, plan, provenance)
+    return DHAResult(out, summary, log)
+
+
+def _source_heads(model) -> tuple[list[int], list[int]]:
+    cfg = model.config
+    return [cfg.key_heads(l) for l in range(cfg.num_layers)], [cfg.value_heads(l) for l in range(cfg.num_layers)]
+
+
+# ---- output: checkpoint + report -------------------------------------------------------------------
+
+def write_outputs(directory: str, result: DHAResult) -> list[str]:
+    """Native checkpoint, report.md, summary.json, log.jsonl and the plots, into `directory`."""
+    from .checkpoint import write_native
+    from .search import plot_allocation
+
+    write_native(directory, result.loaded)
+    files = []
+    with open(os.path.join(directory, "log.jsonl"), "w") as f:
+        for r in result.log:
+            f.write(json.dumps(r) + "\n")
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+        json.dump(result.summary, f, indent=1, default=str)
+        f.write("\n")
+    plot_allocation(result.loaded.plan, os.path.join(directory, "allocation.png"))
+    files.append("allocation.png")
+    if any(r["kind"] == "train" for r in result.log):
+        plot_loss(result.log, os.path.join(directory, "loss.png"))
+        files.append("loss.png")
+    if any(r["kind"] == "eval" for r in result.log):
+        source_ppl = result.summary.get("source_ppl_on_training_eval_windows")
+        plot_perplexity(result.log, source_ppl, os.path.join(directory, "perplexity.png"))
+        files.append("perplexity.png")
+    with open(os.path.join(directory, "report.md"), "w") as f:
+        f.write(report_markdown(result.summary, files))
+    return ["report.md", "summary.json", "log.jsonl", "plan.json", *files]
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _merge_line(ax, log: list[dict]) -> None:
+    fusion_end = max((r["tokens"] for r in log if r["stage"] == "fusion"), default=None)
+    if fusion_end is not None and any(r["stage"] == "continued" for r in log):
+        ax.axvline(fusion_end, color="grey", linestyle=":", linewidth=1)
+        ax.text(fusion_end, ax.get_ylim()[1], " merge", va="top", fontsize="small", color="grey")
+
+
+def plot_loss(log: list[dict], path: str) -> None:
+    """Training LM loss against tokens (both stages); the fusion distance on a second axis."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for stage, color in (("fusion", "tab:purple"), ("continued", "tab:blue")):
+        rs = [r for r in log if r["kind"] == "train" and r["stage"] == stage]
+        if rs:
+            ax.plot([r["tokens"] for r in rs], [r["loss"] for r in rs], color=color, linewidth=1, label=f"LM loss ({stage})")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("LM loss (nats/token)")
+    dist = [r for r in log if r["kind"] == "train" and "fusion/distance" in r]
+    handles, labels = ax.get_legend_handles_labels()
+    if dist:
+        ax2 = ax.twinx()
+        line = ax2.plot([r["tokens"] for r in dist], [max(r["fusion/distance"], 1e-12) for r in dist],
+                        color="tab:green", linewidth=1, label="fusion distance (mean over groups)")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("fusion distance (relative)")
+        handles += line
+        labels += [line[0].get_label()]
+    _merge_line(ax, log)
+    ax.legend(handles, labels, loc="upper right", fontsize="small")
+    ax.set_title("DHA training: fusion stage, then continued training after the merge")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_perplexity(log: list[dict], source_ppl: float | None, path: str) -> None:
+    """Held-out perplexity against tokens (the evaluations of both stages), the source as a line."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for stage, color in (("fusion", "tab:purple"), ("continued", "tab:blue")):
+        rs = [r for r in log if r["kind"] == "eval" and r["stage"] == stage]
+        if rs:
+            ax.plot([r["tokens"] for r in rs], [r["ppl"] for r in rs], "o-", color=color, markersize=3, linewidth=1, label=stage)
+    if source_ppl is not None:
+        ax.axhline(source_ppl, color="black", linestyle="--", linewidth=1, label="source")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out perplexity")
+    _merge_line(ax, log)
+    ax.legend(loc="upper right", fontsize="small")
+    ax.set_title("Held-out perplexity during DHA training")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def report_markdown(summary: dict, plots: list[str]) -> str:
+    rows = summary["results"]
+    source = rows[0]
+    lines = [
+        "# DHA conversion report",
+        "",
+        f"- source: `{summary['source']}`",
+        f"- data: `{summary['data']}` (calibration and training on its train split; evaluation on its held-out split)",
+        f"- KV budget: {summary['kv_budget']:g}; kept {summary['kv_fraction']:.4f} of the source's KV heads",
+        f"- search: {summary['search']['search']} ({summary['calibration_tokens']:,} calibration tokens)",
+        f"- training tokens: {summary['tokens']:,} = fusion {summary['fusion_tokens']:,} + continued {summary['continued_tokens']:,}"
+        + ("" if summary["tokens"] else " (tokens 0: groups mean-merged, no training)"),
+    ]
+    if summary["fusion_tokens"]:
+        fu = summary["fusion"]
+        lines.append(f"- fusion: {fu['space']} space, {fu['schedule']} schedule (weight {fu['weight']:g}, eps {fu['eps']:g}), "
+                     f"coefficient lr {summary['coefficient_lr']:g}, base K/V weights {'trained' if fu['train_base'] else 'frozen'}; "
+                     f"fusion distance at the merge: {_fmt(summary['fusion_distance_at_merge'], '.3g')}")
+    if summary.get("train"):
+        tr = summary["train"]
+        lines.append(f"- training: lr {tr['lr']:g}, batch {tr['batch_tokens']:,} tokens of blocks of {tr['block_size']}, "
+                     f"autocast {tr['dtype']}" + (f", distillation (weight {tr['distill_weight']:g})" if tr["distill"] else ""))
+    lines += [
+        f"- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()),
+        "",
+        "## Against the source",
+        "",
+        "| model | KV heads | KV bytes/token (bf16) | KV cache vs source | held-out ppl | ppl vs source |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = r["kv_bytes_per_token_bf16"] / source["kv_bytes_per_token_bf16"]
+        rel = (r["heldout_ppl"] / source["heldout_ppl"]) if (r["heldout_ppl"] and source["heldout_ppl"]) else None
+        lines.append(f"| {r['model']} | {r['kv_heads']} | {r['kv_bytes_per_token_bf16']:,} | {ratio:.1%} | "
+                     f"{_fmt(r['heldout_ppl'], '.3f')} | {'n/a' if rel is None else format(rel, '.3f') + 'x'} |")
+    lines += ["", f"Perplexity on {source['heldout_tokens']:,} held-out tokens (non-overlapping windows).", ""]
+    lines += ["## Heads per layer", "", "| layer | key heads | value heads |", "|---:|---:|---:|"]
+    for l, (k, v) in enumerate(zip(summary["key_heads"], summary["value_heads"])):
+        lines.append(f"| {l} | {k} | {v} |")
+    lines.append("")
+    captions = {"allocation.png": "Key and value heads kept per layer (outline: the source).",
+                "loss.png": "Training loss against tokens; fusion distance on the right axis; the dotted line is the merge.",
+                "perplexity.png": "Held-out perplexity against tokens (the training evaluations' windows); the dashed line is the source on the same windows."}
+    lines += ["## Plots", ""]
+    for p in plots:
+        lines += [f"![{p}]({p})", "", captions.get(p, ""), ""]
+    return "\n".join(lines)
+
+
+# ---- CLI glue (the `convert` verb dispatches --method dha here) ---------------------------------------
+
+def add_dha_options(p) -> None:
+    """The DHA-specific options of `dha convert --method dha`."""
+    g = p.add_argument_group("DHA (--method dha)")
+    d = FusionOptions()
+    g.add_argument("--search", default="cost", help="allocation search: cost (DP on fusion costs, default) | learned (paper-faithful, trained)")
+    g.add_argument("--key-cost", default="logit", help="search's key cost: logit (attention-logit error, default) | output")
+    g.add_argument("--sensitivity", action="store_true", help="search: weight costs by each layer's measured LM-loss increase")
+    g.add_argument("--fusion-fraction", type=float, default=DEFAULT_FUSION_FRACTION,
+                   help=f"share of --tokens spent in the fusion stage, the rest after the merge (default {DEFAULT_FUSION_FRACTION})")
+    g.add_argument("--fusion-space", default=d.space, help=f"fusion distance on: param (weights) | output (batch outputs) (default {d.space})")
+    g.add_argument("--fusion-schedule", default=d.schedule, help=f"ramp (progressive loss weight) | anneal (ramp + copies interpolated to their mean) | lagrangian (default {d.schedule})")
+    g.add_argument("--fusion-weight", type=float, default=d.weight, help=f"ramp: final fusion-loss weight (default {d.weight:g})")
+    g.add_argument("--fusion-ramp-end", type=float, default=d.ramp_end, help=f"fraction of the fusion steps at which the ramp ends (default {d.ramp_end:g})")
+    g.add_argument("--fusion-eps", type=float, default=d.eps, help=f"lagrangian: target fusion distance (default {d.eps:g})")
+    g.add_argument("--fusion-lr", type=float, default=None, help="learning rate of the fusion coefficients (default: 2 / fusion steps, in [0.005, 0.1])")
+    g.add_argument("--freeze-base", action="store_true", help="fusion: keep the source K/V projection weights fixed (only the coefficients and the rest train)")
+    # Training options (--tokens, --lr, --distill, ...) from dha.cli, unless the verb has them already.
+    # The verb's --block-size (calibration) and --seed also serve training; its --dtype is the load dtype.
+    from .cli import add_training_options
+
+    present = {a.dest for a in p._actions}
+    skip = tuple(present | ({"train_dtype"} if "--dtype" in p._option_string_actions else set()))
+    if "tokens" not in present:
+        add_training_options(p, tokens_required=False, skip=skip)
+
+
+def run_convert_dha(args) -> int:
+    """`dha convert SOURCE --method dha ...`: run_dha on the CLI's options, write DIR, print a JSON line."""
+    from .checkpoint import atomic_dir, load
+    from .data import DEFAULT_DATA, DataError, load_tokens
+    from .search import SearchOptions
+
+    tokens = getattr(args, "tokens", None) or 0
+    for flag, value in (("--resume", getattr(args, "resume", None)), ("--save-every", getattr(args, "save_every", 0)),
+                        ("--fsdp", getattr(args, "fsdp", False))):
+        if value:
+            raise UserError(f"{flag} is not supported with --method dha yet (the pipeline runs in one process, start to end)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--method dha runs in one process: start it without torchrun")
+    if args.kv_budget is None or not 0 < args.kv_budget <= 1:
+        raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
+    data = args.data or DEFAULT_DATA
+    if data != DEFAULT_DATA and not os.path.exists(data):
+        raise DataError(f"data not found: {data}")
+    search_options = SearchOptions(search=args.search, metric=args.metric, key_cost=args.key_cost,
+                                   sensitivity=args.sensitivity, seed=args.seed,
+                                   progress=not getattr(args, "no_progress", False))
+    fusion = FusionOptions(space=args.fusion_space, schedule=args.fusion_schedule, weight=args.fusion_weight,
+                           ramp_end=args.fusion_ramp_end, eps=args.fusion_eps, coefficient_lr=args.fusion_lr,
+                           train_base=not args.freeze_base)
+    train_cfg = _train_config(args, tokens)
+    config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction,
+                       calib_tokens=args.calib_tokens, calib_block_size=args.block_size if not hasattr(args, "calib_block_size") else args.calib_block_size,
+                       search=search_options, fusion=fusion, train=train_cfg)
+    config.validate()
+    split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"output {args.out} already exists and is not empty (use a new --out)")
+
+    loaded = load(args.source, torch.float32)  # float32 master weights; --dtype of training is autocast only
+    teacher = None
+    if getattr(args, "teacher", None):
+        teacher = load(args.teacher, torch.float32, tokenizer=False).model
+    splits = load_tokens(data, loaded.tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
+    result = run_dha(loaded, splits, config, teacher=teacher, progress=not getattr(args, "no_progress", False))
+    with atomic_dir(args.out) as tmp:
+        files = write_outputs(tmp, result)
+    s = result.summary
+    if not getattr(args, "json", False):
+        for r in s["results"]:
+            print(f"{r['model']:<34} KV {r['kv_bytes_per_token_bf16']:>8,} B/token bf16   ppl {_fmt(r['heldout_ppl'], '.3f')}")
+        print(f"wrote {args.out} ({', '.join(files)})")
+    print(json.dumps({"out": args.out, "method": "dha", "kv_budget": s["kv_budget"], "kv_fraction": round(s["kv_fraction"], 6),
+                      "tokens": s["tokens"], "fusion_tokens": s["fusion_tokens"], "continued_tokens": s["continued_tokens"],
+                      "key_heads": s["key_heads"], "value_heads": s["value_heads"],
+                      "source_ppl": s["results"][0]["heldout_ppl"], "ppl": s["results"][-1]["heldout_ppl"],
+                      "kv_bytes_per_token_bf16_before": s["results"][0]["kv_bytes_per_token_bf16"],
+                      "kv_bytes_per_token_bf16_after": s["results"][-1]["kv_bytes_per_token_bf16"]}))
+    return 0
+
+
+def _train_config(args, tokens: int):
+    """TrainConfig from the training options the verb has (dha.cli.add_training_options); defaults otherwise."""
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+              if f.name not in ("tokens", "dtype") and getattr(args, f.name, None) is not None}
+    if getattr(args, "train_dtype", None) is not None:
+        values["dtype"] = args.train_dtype
+    cfg = TrainConfig(tokens=max(1, tokens), **values)
+    cfg.validate()
+    return cfg
