@@ -328,8 +328,21 @@ def run_convert(args) -> int:
         heads_for_budget(*source_heads(loaded.model), args.kv_budget)  # budget errors before reading data
         calib = _calibration_blocks(args, loaded.tokenizer) if needs_data else None
         result = convert(loaded, args.method, args.kv_budget, calib, options)
-    # Continued training after conversion (--tokens N) belongs here: train result.model, then save.
-    save(args.out, result, overwrite=False)
+    tokens = getattr(args, "tokens", None) or 0
+    if tokens > 0:
+        # Continued training of the converted model with the same loop as `dha train` (and as the
+        # dha method's stages), so methods compare at equal token budgets. The run directory is
+        # itself the converted checkpoint (plus log.jsonl, TensorBoard, run.json).
+        from .train import continue_training
+
+        teacher = loaded.model if args.distill else None
+        result.provenance = {**result.provenance, "method": result.plan.method, "train_tokens": tokens}
+        continue_training(result, args.data, train_config_from_args(args), out_dir=args.out, teacher=teacher,
+                          progress=not args.no_progress, text_field=args.text_field,
+                          run_info={"source": args.source or "smollm2-135m", "method": result.plan.method,
+                                    "kv_budget": args.kv_budget, "data": args.data or "pydoc"})
+    else:
+        save(args.out, result, overwrite=False)
 
     after = kv_summary(result.model)
     summary = {
@@ -399,7 +412,7 @@ def train_config_from_args(args):
     return TrainConfig(
         tokens=args.tokens, block_size=args.block_size, batch_tokens=args.batch_tokens, micro_batch=args.micro_batch,
         lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, dtype=args.train_dtype, eval_every=args.eval_every, eval_tokens=args.eval_tokens,
+        grad_clip=args.grad_clip, dtype=getattr(args, "train_dtype", "auto"), eval_every=args.eval_every, eval_tokens=args.eval_tokens,
         save_every=args.save_every, seed=args.seed, distill=args.distill, distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature, fsdp=args.fsdp,
     )

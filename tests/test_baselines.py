@@ -248,3 +248,34 @@ def test_svd_full_rank_on_smollm2_reproduces_logits():
         assert_close(full(ids), source(ids), atol=2e-4, rtol=0)  # fp32; logits up to ~30, measured max error 5e-5
         plan, small = convert_gqa(source, 0.34, None, ConvertOptions())
     assert plan.key_heads() == [1] * 30 and small.config.kv_bytes_per_token() * 3 == source.config.kv_bytes_per_token()
+
+
+def test_cli_convert_baseline_with_tokens_trains_and_saves(tmp_path, monkeypatch, capsys):
+    """`dha convert --method gqa --tokens N` continues training with the shared loop."""
+    import json
+    import os
+
+    from dha.checkpoint import load
+    from dha.cli import main
+    from tests.test_train import text_file, tiny_source
+
+    monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
+    source = tiny_source(str(tmp_path / "tiny"))
+    data = text_file(str(tmp_path / "data.txt"))
+    out = str(tmp_path / "gqa")
+    code = main(["convert", source, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--block-size", "16",
+                 "--batch-tokens", "64", "--tokens", "256", "--eval-every", "2", "--no-progress", "--json", "--out", out])
+    assert code == 0
+    with open(os.path.join(out, "log.jsonl")) as f:
+        steps = [json.loads(line) for line in f if '"loss"' in line]
+    assert len(steps) >= 4 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    trained = load(out)
+    before = load(source)
+    assert trained.plan is not None and trained.plan.method == "gqa"
+    from dha.baselines import source_heads
+
+    cfg = trained.model.config
+    expected_k, expected_v = heads_for_budget(*source_heads(before.model), 0.5)
+    assert [cfg.key_heads(l) for l in range(cfg.num_layers)] == list(expected_k)
+    assert [cfg.value_heads(l) for l in range(cfg.num_layers)] == list(expected_v)
+    assert trained.model.state_dict()["embed.weight"].ne(before.model.state_dict()["embed.weight"]).any()  # it trained
