@@ -1,0 +1,119 @@
+"""DHA against the baselines at equal KV budget and equal training tokens, in one run.
+
+Issue 5's benchmarks 1 and 2 on SmolLM2-135M and the built-in pydoc text:
+
+  --setup smollm2      SmolLM2 itself (3 KV heads per layer) at --kv-budget (default 0.34: one
+                       K and one V head per layer, plus what the budget's rounding leaves over)
+  --setup mha-permuted SmolLM2 expanded to MHA (9 KV heads, exact) with every layer's query heads
+                       randomly permuted: identical heads scattered (METHOD.md part D). At 3/9 the
+                       search must recover the original groups and reproduce the source with 0 tokens.
+
+For each method and each token count: convert (dha: search + fusion + merge + continued training
+by dha.pipeline.run_dha; baselines: dha.convert.convert then dha.train.train with the same
+TrainConfig), then held-out perplexity on the same windows, as a ratio to the source's.
+
+    python benchmarks/dha_vs_baselines.py --setup smollm2 --tokens 0,16384 --methods gqa,svd,dha
+    python benchmarks/dha_vs_baselines.py --setup mha-permuted --kv-budget 0.3334 --tokens 0 --methods gqa-similar,svd,dha
+
+Prints a table and one JSON line; --out FILE also writes the JSON there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from dha.baselines import ConvertOptions
+from dha.checkpoint import load
+from dha.convert import METHODS, convert
+from dha.data import blocks, load_tokens
+from dha.evaluate import perplexity
+from dha.pipeline import DHAConfig, calibration_blocks, run_dha
+from dha.train import TrainConfig, train
+from dha.transforms import expand_to_mha, permute_query_heads
+
+
+def source_model(setup: str, seed: int):
+    loaded = load(None)
+    if setup == "mha-permuted":
+        g = torch.Generator().manual_seed(seed)
+        mha = expand_to_mha(loaded.model)
+        H = mha.config.num_heads
+        perms = [torch.randperm(H, generator=g).tolist() for _ in range(mha.config.num_layers)]
+        loaded.model = permute_query_heads(mha, perms).eval()
+    return loaded
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setup", choices=["smollm2", "mha-permuted"], default="smollm2")
+    p.add_argument("--kv-budget", type=float, default=0.34)
+    p.add_argument("--methods", default="gqa,gqa-similar,svd,prune,dha")
+    p.add_argument("--tokens", default="0,16384", help="comma-separated training-token budgets")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored (windows of 512)")
+    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    loaded = source_model(args.setup, args.seed)
+    splits = load_tokens(None, loaded.tokenizer)
+    windows = blocks(splits.heldout, 512)[: max(1, args.eval_tokens // 512)]
+    calib = calibration_blocks(splits.train, args.calib_tokens, 256)
+    source_ppl = perplexity(loaded.model, windows, batch_size=4, progress=False)["ppl"]
+    print(f"source ({args.setup}): ppl {source_ppl:.3f} on {windows.numel()} held-out tokens", file=sys.stderr)
+    train_cfg = TrainConfig(tokens=1, block_size=256, batch_tokens=args.batch_tokens, micro_batch=4, lr=args.lr,
+                            eval_every=0, eval_tokens=2048, seed=args.seed)
+    rows = []
+    dha_plan = None  # the search is deterministic: run it once, reuse it for every token budget
+    for method in args.methods.split(","):
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method}")
+        for tokens in [int(t) for t in args.tokens.split(",")]:
+            t0 = time.perf_counter()
+            if method == "dha":
+                cfg = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, calib_tokens=args.calib_tokens,
+                                final_eval_tokens=512, train=replace(train_cfg, tokens=max(tokens, 1)))
+                result = run_dha(loaded, splits, cfg, plan=dha_plan, progress=False)
+                dha_plan = result.loaded.plan
+                model, plan = result.loaded.model, result.loaded.plan
+            else:
+                converted = convert(loaded, method, args.kv_budget, calib,
+                                    ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens))
+                model, plan = converted.model, converted.plan
+                if tokens:
+                    model = train(model, splits.train, None, replace(train_cfg, tokens=tokens), progress=False).model
+            model.eval()
+            ppl = perplexity(model, windows, batch_size=4, progress=False)["ppl"]
+            row = {"method": method, "tokens": tokens, "ppl": ppl, "ppl_ratio": ppl / source_ppl,
+                   "kv_fraction": plan.kv_fraction(), "key_heads": sum(plan.key_heads()),
+                   "value_heads": sum(plan.value_heads()), "seconds": round(time.perf_counter() - t0, 1)}
+            rows.append(row)
+            print(f"{method:>12} {tokens:>8} tokens  ppl {ppl:10.3f}  x{ppl / source_ppl:8.3f}  "
+                  f"KV {row['kv_fraction']:.1%}  ({row['seconds']} s)", file=sys.stderr, flush=True)
+
+    print(f"\n{'method':>12} {'tokens':>8} {'ppl':>10} {'/ source':>9} {'KV kept':>8}")
+    print(f"{'source':>12} {'':>8} {source_ppl:10.3f} {1:9.3f} {1:8.1%}")
+    for r in rows:
+        print(f"{r['method']:>12} {r['tokens']:>8} {r['ppl']:10.3f} {r['ppl_ratio']:9.3f} {r['kv_fraction']:8.1%}")
+    report = {"setup": args.setup, "kv_budget": args.kv_budget, "source_ppl": source_ppl,
+              "eval_tokens": int(windows.numel()), "train": {"batch_tokens": args.batch_tokens, "lr": args.lr},
+              "rows": rows, "seconds": round(time.perf_counter() - t_start, 1),
+              "command": "python benchmarks/dha_vs_baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
