@@ -260,7 +260,9 @@ def _tokenizer(directory: str):
 
     try:
         with _quiet():
-            return AutoTokenizer.from_pretrained(directory)
+            # Never run (or ask to run) code shipped in a checkpoint: a remote-code export's
+            # config has an auto_map, but its tokenizer is a stock one.
+            return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except Exception:
         return None  # a model without a tokenizer still loads; commands that need text say so
 

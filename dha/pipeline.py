@@ -225,7 +225,10 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
 
     # 5. evaluation beside the source (and the plan mean-merged without training)
     t0 = time.perf_counter()
-    windows = heldout_blocks(splits.heldout, config.final_eval_tokens, config.final_eval_block_size)
+    window = config.final_eval_block_size
+    if source.config.position == "learned":  # learned position tables (GPT-2, OPT) end somewhere
+        window = min(window, source.config.max_position_embeddings)
+    windows = heldout_blocks(splits.heldout, config.final_eval_tokens, window)
     rows = []
     candidates = [("source", source), ("plan, mean-merged (no training)", merge_groups(source, plan) if config.tokens else model)]
     if config.tokens:

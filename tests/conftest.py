@@ -8,6 +8,10 @@ import torch
 from dha.families import config_from_hf, weights_from_hf
 from dha.transforms import build
 
+# Tiny test models are dominated by per-op overhead, which a second thread only adds to (and on a
+# shared machine, thread contention slows them 10x). Subprocess tests set their own threads.
+torch.set_num_threads(1)
+
 
 def tiny_llama_hf(num_heads=6, num_kv_heads=6, bias=False, tie=False, layers=2, seed=0, **overrides):
     """A random Hugging Face LlamaForCausalLM small enough for tests (hidden 48, head dim 8)."""
