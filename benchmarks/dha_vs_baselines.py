@@ -41,11 +41,13 @@ from dha.transforms import expand_to_mha, permute_query_heads
 def source_model(setup: str, seed: int):
     loaded = load(None)
     if setup == "mha-permuted":
+        # Permute the query heads of the GQA model first, then expand: the copies of each KV
+        # head land on scattered positions. (Permuting after expanding would only move the maps
+        # and leave the copied K/V heads contiguous.)
         g = torch.Generator().manual_seed(seed)
-        mha = expand_to_mha(loaded.model)
-        H = mha.config.num_heads
-        perms = [torch.randperm(H, generator=g).tolist() for _ in range(mha.config.num_layers)]
-        loaded.model = permute_query_heads(mha, perms).eval()
+        cfg = loaded.model.config
+        perms = [torch.randperm(cfg.num_heads, generator=g).tolist() for _ in range(cfg.num_layers)]
+        loaded.model = expand_to_mha(permute_query_heads(loaded.model, perms)).eval()
     return loaded
 
 
