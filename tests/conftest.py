@@ -49,3 +49,31 @@ def tiny_pair():
 def random_ids(batch=2, length=16, vocab=97, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing about rivers mountains "
+         "and old towns under grey skies where people walk slowly to markets selling bread fish apples").split()
+
+
+def save_tiny_source(path: str, model) -> str:
+    """Save `model` as a native checkpoint with a word-level tokenizer over WORDS (built here, no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dha.checkpoint import Loaded, save
+
+    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
+    save(path, Loaded(model, tokenizer, "tiny", "native"))
+    return path
+
+
+def text_file(path: str, documents: int = 40, words: int = 60, seed: int = 0) -> str:
+    """Random documents of WORDS separated by blank lines."""
+    g = torch.Generator().manual_seed(seed)
+    docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=g).tolist()) for _ in range(documents)]
+    with open(path, "w") as f:
+        f.write("\n\n".join(docs) + "\n")
+    return path

@@ -11,33 +11,13 @@ import torch
 from torch.testing import assert_close
 
 from dha.analyze import analyze, cluster, collect_heads, cosine_similarity, linear_cka, write_report
-from dha.checkpoint import Loaded, save
 from dha.cli import main
-from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
-
-WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing about rivers mountains "
-         "and old towns under grey skies where people walk slowly to markets selling bread fish apples").split()
+from tests.conftest import ours_from_hf, random_ids, save_tiny_source, text_file, tiny_llama_hf  # noqa: F401
 
 
 def tiny_source(path: str, hf=None) -> str:
     """A native checkpoint of a tiny LLaMA with a word-level tokenizer built here (no hub)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(WORDS))}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
-    save(path, Loaded(ours_from_hf(hf if hf is not None else tiny_llama_hf()), tokenizer, "tiny", "native"))
-    return path
-
-
-def text_file(path: str, documents: int = 40, words: int = 60, seed: int = 0) -> str:
-    g = torch.Generator().manual_seed(seed)
-    docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=g).tolist()) for _ in range(documents)]
-    with open(path, "w") as f:
-        f.write("\n\n".join(docs) + "\n")
-    return path
+    return save_tiny_source(path, ours_from_hf(hf if hf is not None else tiny_llama_hf()))
 
 
 def duplicated_heads_hf():

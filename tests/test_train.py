@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from dha.checkpoint import Loaded, load, save
+from dha.checkpoint import load
 from dha.cli import main
 from dha.model import ModelConfig, Transformer, scaled_init_
 from dha.train import Hooks, TrainConfig, distill_loss_sum, lr_factor, ramp, train
-from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
+from tests.conftest import ours_from_hf, random_ids, save_tiny_source, text_file, tiny_llama_hf  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -268,30 +268,9 @@ def test_negative_lr_group_ascends_positive_descends():
 
 # ---- the CLI, bad input ------------------------------------------------------------------------------
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing about rivers mountains "
-         "and old towns under grey skies where people walk slowly to markets selling bread fish apples "
-         "cheese wine salt honey").split()
-
-
 def tiny_source(path: str, layers: int = 2, seed: int = 0) -> str:
-    """A native checkpoint of a tiny model with a word-level tokenizer built here (no hub)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(WORDS))}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
-    save(path, Loaded(tiny_model(seed, layers), tokenizer, "tiny", "native"))
-    return path
-
-
-def text_file(path: str, documents: int = 40, words: int = 60, seed: int = 0) -> str:
-    g = torch.Generator().manual_seed(seed)
-    docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=g).tolist()) for _ in range(documents)]
-    with open(path, "w") as f:
-        f.write("\n\n".join(docs) + "\n")
-    return path
+    """A native checkpoint of tiny_model with a word-level tokenizer (tests.conftest)."""
+    return save_tiny_source(path, tiny_model(seed, layers))
 
 
 def snapshot(directory: str) -> dict:
