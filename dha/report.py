@@ -42,7 +42,7 @@ def inspect_model(loaded) -> dict:
 
 
 def _runs(values: list[int]) -> str:
-    """[3,3,3,1,1] -> '3 x3, 1 x2' style summary kept short for the table header."""
+    """[3, 3, 3, 1, 1] -> '3 (layers 0-2), 1 (layers 3-4)': runs of equal counts, for the table."""
     out, i = [], 0
     while i < len(values):
         j = i
