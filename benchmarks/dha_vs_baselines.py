@@ -8,12 +8,26 @@ Issue 5's benchmarks 1 and 2 on SmolLM2-135M and the built-in pydoc text:
                        randomly permuted: identical heads scattered (METHOD.md part D). At 3/9 the
                        search must recover the original groups and reproduce the source with 0 tokens.
 
+  --setup PATH         any checkpoint `dha.checkpoint.load` reads (benchmark 3: the small MHA
+                       model of benchmarks/train_small_mha.py)
+
+Methods: the names of `dha convert --method`, and DHA ablations written dha+CHANGE[+CHANGE]:
+  nofusion (mean-merge the searched groups, all tokens after the merge), uniform (same K and V
+  counts in every layer), coupled (keys and values share groups and counts), learned (the
+  paper-faithful learned search instead of the cost DP), sensitivity (cost search with layer
+  sensitivities).
+
 For each method and each token count: convert (dha: search + fusion + merge + continued training
 by dha.pipeline.run_dha; baselines: dha.convert.convert then dha.train.train with the same
 TrainConfig), then held-out perplexity on the same windows, as a ratio to the source's.
 
     python benchmarks/dha_vs_baselines.py --setup smollm2 --tokens 0,16384 --methods gqa,svd,dha
     python benchmarks/dha_vs_baselines.py --setup mha-permuted --kv-budget 0.3334 --tokens 0 --methods gqa-similar,svd,dha
+    python benchmarks/dha_vs_baselines.py --kv-budget 0.5 --tokens 16384 --methods dha,dha+nofusion,dha+uniform
+
+A method whose converted model is bit-identical to one already run (gqa-similar and gqa at one
+head per layer: a single group can be formed only one way) is not trained again: its row copies
+that result and says so in "same_as".
 
 Prints a table and one JSON line; --out FILE also writes the JSON there.
 """
@@ -21,6 +35,7 @@ Prints a table and one JSON line; --out FILE also writes the JSON there.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -34,12 +49,46 @@ from dha.convert import METHODS, convert
 from dha.data import blocks, load_tokens
 from dha.evaluate import perplexity
 from dha.pipeline import DHAConfig, calibration_blocks, run_dha
+from dha.search import SearchOptions
 from dha.train import TrainConfig, train
 from dha.transforms import expand_to_mha, permute_query_heads
 
 
+DHA_CHANGES = ("nofusion", "uniform", "coupled", "learned", "sensitivity", "pca")
+
+
+def dha_config(method: str, kv_budget: float, tokens: int, calib_tokens: int, train_cfg: TrainConfig,
+               learned_steps: int = 240) -> DHAConfig:
+    """DHAConfig of "dha" or an ablation "dha+change+...", see the module doc."""
+    changes = method.split("+")[1:]
+    fraction = DHAConfig(kv_budget).fusion_fraction
+    for c in [c for c in changes if c.startswith("fusion")]:
+        fraction = float(c[len("fusion"):])
+        changes.remove(c)
+    unknown = [c for c in changes if c not in DHA_CHANGES]
+    if unknown:
+        raise SystemExit(f"unknown DHA change(s) {unknown}; choose from {', '.join(DHA_CHANGES)}")
+    search = SearchOptions(search="learned" if "learned" in changes else "cost",
+                           allocation="uniform" if "uniform" in changes else "adaptive",
+                           decoupled="coupled" not in changes, sensitivity="sensitivity" in changes,
+                           steps=learned_steps, progress=False)
+    return DHAConfig(kv_budget=kv_budget, tokens=tokens, calib_tokens=calib_tokens, final_eval_tokens=512,
+                     fusion_fraction=0.0 if {"nofusion", "pca"} & set(changes) else fraction,
+                     merge="pca" if "pca" in changes else "mean",
+                     search=search, train=replace(train_cfg, tokens=max(tokens, 1)))
+
+
+def fingerprint(model) -> str:
+    """sha256 of the model's config and weights: equal for bit-identical conversions."""
+    h = hashlib.sha256(repr(model.config).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def source_model(setup: str, seed: int):
-    loaded = load(None)
+    loaded = load(None if setup in ("smollm2", "mha-permuted") else setup)
     if setup == "mha-permuted":
         # Permute the query heads of the GQA model first, then expand: the copies of each KV
         # head land on scattered positions. (Permuting after expanding would only move the maps
@@ -53,7 +102,7 @@ def source_model(setup: str, seed: int):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setup", choices=["smollm2", "mha-permuted"], default="smollm2")
+    p.add_argument("--setup", default="smollm2", help="smollm2 | mha-permuted | PATH of a checkpoint (module doc)")
     p.add_argument("--kv-budget", type=float, default=0.34)
     p.add_argument("--methods", default="gqa,gqa-similar,svd,prune,dha")
     p.add_argument("--tokens", default="0,16384", help="comma-separated training-token budgets")
@@ -61,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--learned-steps", type=int, default=240, help="optimisation steps of the learned search (dha+learned)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -75,29 +125,41 @@ def main(argv=None) -> int:
     train_cfg = TrainConfig(tokens=1, block_size=256, batch_tokens=args.batch_tokens, micro_batch=4, lr=args.lr,
                             eval_every=0, eval_tokens=2048, seed=args.seed)
     rows = []
-    dha_plan = None  # the search is deterministic: run it once, reuse it for every token budget
+    dha_plans = {}  # the search is deterministic: run it once per search setting, reuse it for every token budget
+    done = {}  # (fingerprint of the converted model, tokens) -> row
     for method in args.methods.split(","):
-        if method not in METHODS:
+        if method.split("+")[0] not in METHODS or ("+" in method and not method.startswith("dha+")):
             raise SystemExit(f"unknown method {method}")
         for tokens in [int(t) for t in args.tokens.split(",")]:
             t0 = time.perf_counter()
-            if method == "dha":
-                cfg = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, calib_tokens=args.calib_tokens,
-                                final_eval_tokens=512, train=replace(train_cfg, tokens=max(tokens, 1)))
-                result = run_dha(loaded, splits, cfg, plan=dha_plan, progress=False)
-                dha_plan = result.loaded.plan
+            same_as = None
+            if method.startswith("dha"):
+                cfg = dha_config(method, args.kv_budget, tokens, args.calib_tokens, train_cfg, args.learned_steps)
+                search_key = repr(cfg.search)  # variants that differ after the search share its plan
+                result = run_dha(loaded, splits, cfg, plan=dha_plans.get(search_key), progress=False)
+                dha_plans[search_key] = result.loaded.plan
                 model, plan = result.loaded.model, result.loaded.plan
             else:
                 converted = convert(loaded, method, args.kv_budget, calib,
                                     ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens))
                 model, plan = converted.model, converted.plan
-                if tokens:
+                key = (fingerprint(model), tokens)
+                if key in done:
+                    same_as = done[key]
+                elif tokens:
                     model = train(model, splits.train, None, replace(train_cfg, tokens=tokens), progress=False).model
-            model.eval()
-            ppl = perplexity(model, windows, batch_size=4, progress=False)["ppl"]
+            if same_as is not None:
+                ppl = same_as["ppl"]
+            else:
+                model.eval()
+                ppl = perplexity(model, windows, batch_size=4, progress=False)["ppl"]
             row = {"method": method, "tokens": tokens, "ppl": ppl, "ppl_ratio": ppl / source_ppl,
                    "kv_fraction": plan.kv_fraction(), "key_heads": sum(plan.key_heads()),
                    "value_heads": sum(plan.value_heads()), "seconds": round(time.perf_counter() - t0, 1)}
+            if same_as is not None:
+                row["same_as"] = same_as["method"]
+            elif not method.startswith("dha"):
+                done[key] = row
             rows.append(row)
             print(f"{method:>12} {tokens:>8} tokens  ppl {ppl:10.3f}  x{ppl / source_ppl:8.3f}  "
                   f"KV {row['kv_fraction']:.1%}  ({row['seconds']} s)", file=sys.stderr, flush=True)
@@ -106,7 +168,7 @@ def main(argv=None) -> int:
     print(f"{'source':>12} {'':>8} {source_ppl:10.3f} {1:9.3f} {1:8.1%}")
     for r in rows:
         print(f"{r['method']:>12} {r['tokens']:>8} {r['ppl']:10.3f} {r['ppl_ratio']:9.3f} {r['kv_fraction']:8.1%}")
-    report = {"setup": args.setup, "kv_budget": args.kv_budget, "source_ppl": source_ppl,
+    report = {"setup": args.setup, "kv_budget": args.kv_budget, "source_ppl": source_ppl, "learned_steps": args.learned_steps,
               "eval_tokens": int(windows.numel()), "train": {"batch_tokens": args.batch_tokens, "lr": args.lr},
               "rows": rows, "seconds": round(time.perf_counter() - t_start, 1),
               "command": "python benchmarks/dha_vs_baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -254,22 +254,34 @@ def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: Con
     o_proj and q_proj change; nothing else does.
     """
     _need_calibration("svd", calib_blocks)
-    cfg, hd = model.config, model.config.head_dim
-    r = cfg.rotary_dim if cfg.position == "rope" else 0
     src_k, src_v = source_heads(model)
     want_k, want_v = heads_for_budget(src_k, src_v, kv_budget)
     collected = collect_heads(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed)
-
-    sd = state_dict_of(model)
-    layers, key_index, value_index = [], [], []
-    for l in range(cfg.num_layers):
-        acts = collected[l]
+    layers = []
+    for l, acts in enumerate(collected):
         if options.grouping == "similar":
             key_groups = cluster(similarity(acts["keys"], options.metric), want_k[l])
             value_groups = cluster(similarity(acts["values"], options.metric), want_v[l])
         else:
             key_groups, value_groups = even_groups(src_k[l], want_k[l]), even_groups(src_v[l], want_v[l])
         layers.append(LayerPlan(key_groups, value_groups))
+    notes = {"grouping": options.grouping, "keys": "complex per-frequency-pair PCA (RoPE-commuting), folded into W_Q",
+             "values": "PCA of the group's outputs, folded into W_O", **_options_notes(options, calib_blocks)}
+    plan = _plan(model, layers, "svd", kv_budget, notes)
+    return plan, pca_merge(model, layers, collected)
+
+
+def pca_merge(model: Transformer, layers: list[LayerPlan], collected: list[dict]) -> Transformer:
+    """Merge each group of `layers` (one LayerPlan per layer: groups of source heads) into one head
+    by the PCA compression of `convert_svd`, from `collected` (dha.analyze.collect_heads of `model`
+    on calibration tokens). Used by `svd` and by `dha --merge pca` (its own groups). q_proj,
+    k_proj, v_proj and o_proj change; nothing else does."""
+    cfg, hd = model.config, model.config.head_dim
+    r = cfg.rotary_dim if cfg.position == "rope" else 0
+    sd = state_dict_of(model)
+    key_index, value_index = [], []
+    for l, (acts, layer_plan) in enumerate(zip(collected, layers)):
+        key_groups, value_groups = layer_plan.key_groups, layer_plan.value_groups
         pre = f"layers.{l}.attn"
         has_bias = f"{pre}.k_proj.bias" in sd
         dtype = sd[f"{pre}.k_proj.weight"].dtype
@@ -333,11 +345,7 @@ def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: Con
             sd[f"{pre}.v_proj.bias"] = unheads(torch.stack(new_bv)).to(dtype)
         key_index.append(regroup_map(cfg.key_index[l], key_groups))
         value_index.append(regroup_map(cfg.value_index[l], value_groups))
-
-    notes = {"grouping": options.grouping, "keys": "complex per-frequency-pair PCA (RoPE-commuting), folded into W_Q",
-             "values": "PCA of the group's outputs, folded into W_O", **_options_notes(options, calib_blocks)}
-    plan = _plan(model, layers, "svd", kv_budget, notes)
-    return plan, build(with_maps(cfg, key_index, value_index), sd)
+    return build(with_maps(cfg, key_index, value_index), sd)
 
 
 # ---- prune -----------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ The three stages of the DHA paper (Chen et al. 2024, section 3), on the user's d
    rest of the tokens (`dha.train`).
 
 With tokens = 0 the plan's groups are mean-merged without training (exact when a group's heads are
-identical). The output directory is a native checkpoint (with plan.json) plus a report:
+identical). `merge="pca"` replaces fusion by a one-shot merge of the searched groups with the `svd`
+baseline's PCA compression (the maps folded into W_Q and W_O; `dha.baselines.pca_merge`): DHA's
+search with the best training-free initialisation we have, then continued training. The output directory is a native checkpoint (with plan.json) plus a report:
 
     report.md        what was done, a table against the source, the plots below
     summary.json     the same numbers as one JSON document
@@ -38,6 +40,7 @@ from .fuse import FusedModel, FusionOptions, FusionSchedule, merge
 from .plan import Plan
 
 DEFAULT_FUSION_FRACTION = 0.3
+MERGES = ("mean", "pca")
 
 
 @dataclass
@@ -53,6 +56,7 @@ class DHAConfig:
     final_eval_block_size: int = 512  # perplexity window of the final table
     search: object = None  # dha.search.SearchOptions (None: its defaults)
     fusion: FusionOptions = field(default_factory=FusionOptions)
+    merge: str = "mean"  # how groups become heads without fusion: "mean" | "pca" (svd's compression; no fusion stage)
     train: object = None  # dha.train.TrainConfig template (its `tokens` is set per stage; None: defaults)
 
     def validate(self) -> None:
@@ -60,6 +64,10 @@ class DHAConfig:
             raise UserError(f"--fusion-fraction must be in [0, 1], got {self.fusion_fraction}")
         if self.tokens < 0:
             raise UserError(f"--tokens must be >= 0, got {self.tokens}")
+        if self.merge not in MERGES:
+            raise UserError(f"--merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
+        if self.merge == "pca" and self.tokens and self.fusion_fraction > 0:
+            raise UserError("--merge pca replaces the fusion stage: use it with --fusion-fraction 0")
         if self.calib_tokens < 1 or self.calib_block_size < 1:
             raise UserError("calibration tokens and block size must be positive")
 
@@ -159,6 +167,15 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
 
     config.validate()
     source = loaded.model
+
+    def merge_without_fusion(model, plan, calib):
+        if config.merge == "pca":
+            from .analyze import collect_heads
+            from .baselines import pca_merge
+
+            return pca_merge(model, plan.layers, collect_heads(model, calib, search_options.batch_size))
+        return merge_groups(model, plan)
+
     search_options = config.search or SearchOptions()
     train_template = config.train or TrainConfig(tokens=1)
     stages = split_tokens(config.tokens, config.fusion_fraction, train_template.batch_tokens, train_template.block_size)
@@ -209,7 +226,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
         plan, model = merge(fused)
         del fused
     else:
-        model = merge_groups(source, plan)
+        model = merge_without_fusion(source, plan, calib)
     seconds["fusion"] = time.perf_counter() - t0
 
     # 4. continued training
@@ -230,7 +247,8 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
         window = min(window, source.config.max_position_embeddings)
     windows = heldout_blocks(splits.heldout, config.final_eval_tokens, window)
     rows = []
-    candidates = [("source", source), ("plan, mean-merged (no training)", merge_groups(source, plan) if config.tokens else model)]
+    merged_name = f"plan, {'mean' if config.merge == 'mean' else 'PCA'}-merged (no training)"
+    candidates = [("source", source), (merged_name, merge_without_fusion(source, plan, calib) if config.tokens else model)]
     if config.tokens:
         candidates.append(("dha (fused, merged, trained)", model))
     for name, m in candidates:
@@ -261,7 +279,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
         "key_heads": plan.key_heads(), "value_heads": plan.value_heads(),
         "search": {k: v for k, v in asdict(search_options).items() if k != "progress"},
         "fusion": asdict(config.fusion), "train": asdict(train_template) if config.tokens else None,
-        "fusion_fraction": config.fusion_fraction, "calibration_tokens": int(calib.numel()),
+        "fusion_fraction": config.fusion_fraction, "merge": config.merge, "calibration_tokens": int(calib.numel()),
         "results": rows, "source_ppl_on_training_eval_windows": source_curve_ppl, "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     plan.method, plan.kv_budget = "dha", config.kv_budget
@@ -389,7 +407,7 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
         f"- KV budget: {summary['kv_budget']:g}; kept {summary['kv_fraction']:.4f} of the source's KV heads",
         f"- search: {summary['search']['search']} ({summary['calibration_tokens']:,} calibration tokens)",
         f"- training tokens: {summary['tokens']:,} = fusion {summary['fusion_tokens']:,} + continued {summary['continued_tokens']:,}"
-        + ("" if summary["tokens"] else " (tokens 0: groups mean-merged, no training)"),
+        + ("" if summary["tokens"] else " (tokens 0: groups merged, no training)"),
     ]
     if summary["fusion_tokens"]:
         fu = summary["fusion"]
@@ -401,7 +419,7 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
         lines.append(f"- training: lr {tr['lr']:g}, batch {tr['batch_tokens']:,} tokens of blocks of {tr['block_size']}, "
                      f"autocast {tr['dtype']}" + (f", distillation (weight {tr['distill_weight']:g})" if tr["distill"] else ""))
     lines += [
-        f"- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()),
+        "- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()),
         "",
         "## Against the source",
         "",
@@ -436,6 +454,11 @@ def add_dha_options(p) -> None:
     g.add_argument("--search", default="cost", help="allocation search: cost (DP on fusion costs, default) | learned (paper-faithful, trained)")
     g.add_argument("--key-cost", default="logit", help="search's key cost: logit (attention-logit error, default) | output")
     g.add_argument("--sensitivity", action="store_true", help="search: weight costs by each layer's measured LM-loss increase")
+    g.add_argument("--allocation", default="adaptive", choices=["adaptive", "uniform"],
+                   help="cost search: adaptive (per-layer counts, default) | uniform (the same K and V counts in every layer; an ablation)")
+    g.add_argument("--coupled-kv", action="store_true", help="cost search: keys and values share one grouping and count per layer (an ablation)")
+    g.add_argument("--merge", default="mean", choices=list(MERGES),
+                   help="without fusion: mean (average each group, default) | pca (the svd baseline's compression of each searched group; needs --fusion-fraction 0)")
     g.add_argument("--fusion-fraction", type=float, default=DEFAULT_FUSION_FRACTION,
                    help=f"share of --tokens spent in the fusion stage, the rest after the merge (default {DEFAULT_FUSION_FRACTION})")
     g.add_argument("--fusion-space", default=d.space, help=f"fusion distance on: param (weights) | output (batch outputs) (default {d.space})")
@@ -474,13 +497,14 @@ def run_convert_dha(args) -> int:
     if data != DEFAULT_DATA and not os.path.exists(data):
         raise DataError(f"data not found: {data}")
     search_options = SearchOptions(search=args.search, metric=args.metric, key_cost=args.key_cost,
-                                   sensitivity=args.sensitivity, seed=args.seed,
+                                   sensitivity=args.sensitivity, allocation=args.allocation,
+                                   decoupled=not args.coupled_kv, seed=args.seed,
                                    progress=not getattr(args, "no_progress", False))
     fusion = FusionOptions(space=args.fusion_space, schedule=args.fusion_schedule, weight=args.fusion_weight,
                            ramp_end=args.fusion_ramp_end, eps=args.fusion_eps, coefficient_lr=args.fusion_lr,
                            train_base=not args.freeze_base)
     train_cfg = _train_config(args, tokens)
-    config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction,
+    config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction, merge=args.merge,
                        calib_tokens=args.calib_tokens, calib_block_size=args.block_size if not hasattr(args, "calib_block_size") else args.calib_block_size,
                        search=search_options, fusion=fusion, train=train_cfg)
     config.validate()
@@ -503,7 +527,7 @@ def run_convert_dha(args) -> int:
             print(f"{r['model']:<34} KV {r['kv_bytes_per_token_bf16']:>8,} B/token bf16   ppl {_fmt(r['heldout_ppl'], '.3f')}")
         print(f"wrote {args.out} ({', '.join(files)})")
     print(json.dumps({"out": args.out, "method": "dha", "kv_budget": s["kv_budget"], "kv_fraction": round(s["kv_fraction"], 6),
-                      "tokens": s["tokens"], "fusion_tokens": s["fusion_tokens"], "continued_tokens": s["continued_tokens"],
+                      "tokens": s["tokens"], "merge": s["merge"], "fusion_tokens": s["fusion_tokens"], "continued_tokens": s["continued_tokens"],
                       "key_heads": s["key_heads"], "value_heads": s["value_heads"],
                       "source_ppl": s["results"][0]["heldout_ppl"], "ppl": s["results"][-1]["heldout_ppl"],
                       "kv_bytes_per_token_bf16_before": s["results"][0]["kv_bytes_per_token_bf16"],

@@ -39,6 +39,8 @@ Three steps (METHOD.md part B):
    - search="learned" (paper-faithful; see `learned_counts` for the relaxation): relaxed head
      counts trained with the LM loss, the fusion loss and an augmented-Lagrangian budget constraint.
    The plan then takes, for each layer and kind, the clustering at the chosen count.
+   Two ablations of the cost search switch DHA's ideas off (`allocate_with`): allocation="uniform"
+   (the same counts in every layer) and decoupled=False (keys and values share groups and counts).
 
 Shape legend: N calibration tokens (n_blocks * T), T tokens per block, H query heads, n source
 heads of one kind in a layer, hd head dim, P sampled (query, key) token pairs, L layers.
@@ -61,6 +63,7 @@ from .plan import LayerPlan, Plan
 from .transforms import heads, merge_groups, unheads
 
 SEARCHES = ("cost", "learned")
+ALLOCATIONS = ("adaptive", "uniform")
 KEY_COSTS = ("logit", "output")
 KINDS = ("key", "value")
 
@@ -76,6 +79,9 @@ class SearchOptions:
     key_cost: str = "logit"  # key cost: "logit" (attention-logit error) | "output" (key-output error)
     key_pairs: int = 16384  # (query, key) token pairs sampled per layer for the logit cost
     sensitivity: bool = False  # weight each layer/kind's costs by its measured LM-loss increase at 1 head
+    # Ablations of DHA's two ideas (cost search only; docs/method.md, "Ablations"):
+    allocation: str = "adaptive"  # "adaptive": counts per layer by the DP | "uniform": the same K count and V count in every layer
+    decoupled: bool = True  # False: keys and values of a layer share one grouping and one count (GQA-like)
     seed: int = 0  # pair sampling and hard-concrete noise: same seed -> same plan
     batch_size: int = 4  # calibration blocks per forward pass
     # learned search (LLM-Shearing recipe: hard-concrete gates + augmented Lagrangian)
@@ -94,6 +100,10 @@ class SearchOptions:
             raise UserError(f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
         if self.key_cost not in KEY_COSTS:
             raise UserError(f"unknown key cost {self.key_cost!r}; choose from {', '.join(KEY_COSTS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise UserError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+        if self.search == "learned" and (self.allocation != "adaptive" or not self.decoupled):
+            raise UserError("uniform allocation and coupled keys/values are ablations of the cost search (use --search cost)")
         if self.key_pairs < 1 or self.batch_size < 1 or self.steps < 1:
             raise UserError("key_pairs, batch_size and steps must be positive")
         if not 0.0 <= self.warmup <= 1.0:
@@ -111,6 +121,7 @@ class HeadTable:
     groupings: list[list[list[int]]]  # groupings[n - 1]: the heads clustered into n groups
     costs: list[float]  # costs[n - 1]: relative fusion cost of groupings[n - 1] (0 at n = source heads)
     quadratic: torch.Tensor = field(repr=False)  # (n, n, n) float64: A_m for each source head m
+    similarity: torch.Tensor = field(repr=False, default=None)  # (n, n): what the heads were clustered by
 
 
 # ---- budget --------------------------------------------------------------------------------------
@@ -227,8 +238,26 @@ def head_tables(model: Transformer, calib_blocks: torch.Tensor, options: SearchO
             sim = similarity(outputs, options.metric)
             groupings = [cluster(sim, c) for c in range(1, n + 1)]
             costs = [grouping_cost(quadratic, g) for g in groupings]
-            tables.append(HeadTable(l, kind, groupings, costs, quadratic))
+            tables.append(HeadTable(l, kind, groupings, costs, quadratic, sim))
     return tables
+
+
+def coupled_tables(model: Transformer, tables: list[HeadTable]) -> list[HeadTable]:
+    """The coupled-K/V ablation: each layer's keys and values share one grouping per count,
+    clustered on the mean of the two similarity matrices (like GQA, unlike DHA); each kind keeps
+    its own cost of that shared grouping. Needs a source whose layers read key head i and value
+    head i together (key_index == value_index: every MHA and GQA checkpoint)."""
+    cfg = model.config
+    out = []
+    for l in range(cfg.num_layers):
+        if cfg.key_index[l] != cfg.value_index[l]:
+            raise UserError(f"layer {l} already has decoupled key and value heads: keys and values cannot share groups")
+        key, value = tables[2 * l], tables[2 * l + 1]
+        sim = (key.similarity + value.similarity) / 2
+        groupings = [cluster(sim, c) for c in range(1, len(key.groupings) + 1)]
+        for t in (key, value):
+            out.append(HeadTable(l, t.kind, groupings, [grouping_cost(t.quadratic, g) for g in groupings], t.quadratic, sim))
+    return out
 
 
 def sensitivities(model: Transformer, calib_blocks: torch.Tensor, tables: list[HeadTable], batch_size: int) -> list[float]:
@@ -288,6 +317,36 @@ def allocate(costs: list[list[float]], total: int) -> list[int]:
         counts.append(int(choice[i, b]))
         b -= counts[-1]
     return counts[::-1]
+
+
+def allocate_with(costs: list[list[float]], total: int, options: SearchOptions) -> list[int]:
+    """Counts per table (key, value, key, value, ...) under the ablation settings of `options`.
+
+    adaptive + decoupled (DHA): `allocate`, exactly `total` heads.
+    coupled: a layer's K and V counts are equal; the DP runs on per-layer summed costs with
+      total // 2 heads per kind (an odd total leaves one head unused).
+    uniform: the same count in every layer for each kind: the (nK, nV) pair (nK == nV when coupled)
+      of least summed cost among those that keep the most heads within `total`.
+    """
+    pairs = [[ck + cv for ck, cv in zip(costs[i], costs[i + 1])] for i in range(0, len(costs), 2)]
+    L = len(pairs)
+    if options.allocation == "adaptive":
+        if options.decoupled:
+            return allocate(costs, total)
+        return [n for n in allocate(pairs, total // 2) for _ in range(2)]
+    max_k, max_v = min(len(c) for c in costs[0::2]), min(len(c) for c in costs[1::2])
+    options_kv = [(k, v) for k in range(1, max_k + 1) for v in range(1, max_v + 1)
+                  if L * (k + v) <= total and (options.decoupled or k == v)]
+    if not options_kv:
+        raise UserError(f"a uniform allocation needs at least {2 * L} heads, the budget keeps {total}")
+    most = max(k + v for k, v in options_kv)
+
+    def cost(kv):
+        k, v = kv
+        return sum(costs[2 * l][k - 1] + costs[2 * l + 1][v - 1] for l in range(L))
+
+    k, v = min((kv for kv in options_kv if sum(kv) == most), key=lambda kv: (cost(kv), kv))
+    return [k, v] * L
 
 
 # ---- learned search ------------------------------------------------------------------------------
@@ -471,6 +530,8 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
     src_k, src_v = source_heads(model)
     total = total_heads_for_budget(src_k, src_v, kv_budget)
     tables = head_tables(model, calib_blocks, options)
+    if not options.decoupled:
+        tables = coupled_tables(model, tables)
     notes = {"search": options.search, "total_heads": total, "calibration_tokens": int(calib_blocks.numel()),
              "options": {k: v for k, v in asdict(options).items() if k != "progress"}}
     costs = [t.costs for t in tables]
@@ -479,7 +540,8 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
         costs = weighted_costs(tables, sens)
         notes["sensitivity"] = _by_kind(tables, [round(s, 6) for s in sens])
     if options.search == "cost":
-        counts = allocate(costs, total)
+        counts = allocate_with(costs, total, options)
+        notes["heads_kept"] = sum(counts)  # == total unless an ablation cannot meet it exactly
     else:
         counts, notes["learned"] = learned_counts(model, calib_blocks, tables, total, options)
     notes["costs"] = _by_kind(tables, [[float(f"{c:.6g}") for c in t.costs] for t in tables])

@@ -361,3 +361,35 @@ def test_methods_registry_dha_searches_and_mean_merges():
     ids = random_ids()
     with torch.no_grad():
         assert_close(out.model(ids), hf_logits(hf, ids), atol=1e-5, rtol=0)
+
+
+def test_pca_merge_of_identical_heads_is_exact():
+    """`dha --merge pca` (the svd baseline's compression on the searched groups): a group of copies
+    is compressed without loss, RoPE and biases included (fp32 against HF's model, atol 1e-4)."""
+    from dha.analyze import collect_heads
+    from dha.baselines import pca_merge
+
+    hf = identical_heads_hf()
+    ids = random_ids()
+    model = ours_from_hf(hf)
+    merged = pca_merge(model, DECOUPLED.layers, collect_heads(model, random_ids(4, 32, seed=5), 4))
+    assert [merged.config.key_heads(l) for l in range(2)] == [3, 3]
+    assert [merged.config.value_heads(l) for l in range(2)] == [2, 2]
+    with torch.no_grad():
+        assert_close(merged(ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def test_cli_convert_dha_pca_merge(convert_setup, capsys):
+    import json
+    import os
+
+    from dha.cli import main
+
+    tmp_path, source, common = convert_setup
+    out = str(tmp_path / "pca")
+    assert main(["convert", source, *common, "--tokens", "0", "--merge", "pca", "--out", out]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["merge"] == "pca" and summary["fusion_tokens"] == 0
+    bad = str(tmp_path / "bad")
+    assert main(["convert", source, *common, "--tokens", "640", "--merge", "pca", "--out", bad]) == 2
+    assert "--fusion-fraction 0" in capsys.readouterr().err and not os.path.exists(bad)

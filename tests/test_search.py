@@ -17,7 +17,7 @@ from dha.analyze import collect_heads
 from dha.errors import UserError
 from dha.plan import LayerPlan, Plan, contiguous_groups
 from dha.search import (
-    SearchOptions, allocate, group_cost, grouping_cost, head_tables, key_logit_quadratic, output_quadratic,
+    SearchOptions, allocate, allocate_with, group_cost, grouping_cost, head_tables, key_logit_quadratic, output_quadratic,
     plot_allocation, sample_pairs, search, total_heads_for_budget,
 )
 from dha.transforms import build, expand_to_mha, merge_groups, permute_query_heads, state_dict_of
@@ -147,6 +147,43 @@ def test_allocate_is_optimal_against_brute_force():
             assert sum(counts) == total
             assert all(1 <= n <= s for n, s in zip(counts, sizes))
             assert math.isclose(sum(c[n - 1] for c, n in zip(costs, counts)), best, rel_tol=1e-12, abs_tol=1e-12)
+
+
+def test_ablation_allocations_against_brute_force():
+    """uniform: the same (nK, nV) in every layer, least cost among the pairs keeping the most heads
+    within the total; coupled: nK == nV per layer, optimal by brute force over the layers."""
+    rng = np.random.default_rng(1)
+    L, n = 3, 4
+    costs = [sorted(rng.random(n).tolist(), reverse=True) for _ in range(2 * L)]  # key, value, key, value, ...
+
+    def total_cost(counts):
+        return sum(c[k - 1] for c, k in zip(costs, counts))
+
+    for total in range(2 * L, 2 * L * n + 1):
+        pairs = [(k, v) for k in range(1, n + 1) for v in range(1, n + 1) if L * (k + v) <= total]
+        most = max(k + v for k, v in pairs)
+        best = min(total_cost([k, v] * L) for k, v in pairs if k + v == most)
+        counts = allocate_with(costs, total, SearchOptions(allocation="uniform"))
+        assert counts[0::2] == [counts[0]] * L and counts[1::2] == [counts[1]] * L
+        assert sum(counts) == L * most and math.isclose(total_cost(counts), best, rel_tol=1e-12)
+
+        coupled = allocate_with(costs, total, SearchOptions(decoupled=False))
+        brute = min(total_cost([m for m in combo for _ in range(2)])
+                    for combo in itertools.product(range(1, n + 1), repeat=L) if 2 * sum(combo) == 2 * (total // 2))
+        assert coupled[0::2] == coupled[1::2] and sum(coupled) == 2 * (total // 2)
+        assert math.isclose(total_cost(coupled), brute, rel_tol=1e-12)
+
+
+def test_coupled_search_shares_groups_and_learned_refuses_ablations():
+    model = ours_from_hf(tiny_llama_hf())
+    plan = search(model, 0.5, random_ids(4, 16), SearchOptions(key_pairs=256, decoupled=False))
+    for layer in plan.layers:
+        assert as_sets(layer.key_groups) == as_sets(layer.value_groups)
+    assert sum(plan.key_heads()) + sum(plan.value_heads()) == 12
+    with pytest.raises(UserError):
+        SearchOptions(search="learned", allocation="uniform")
+    with pytest.raises(UserError):
+        SearchOptions(allocation="flat")
 
 
 def test_budgets_out_of_reach_raise_user_error():
