@@ -1,0 +1,93 @@
+"""Plots of issue 5's benchmark results (benchmarks/results/*.json) for the README and docs/method.md.
+
+    python benchmarks/plot_results.py            # -> docs/images/*.png
+
+- dha_vs_baselines_smollm2.png: held-out perplexity / source against training tokens, SmolLM2 at
+  1/3 of its KV cache (every b2_smollm2_third_*.json and dha_vs_baselines_smollm2_16k.json);
+- small_mha.png: the small MHA model at 50% and 25%, each method at 0 and 16,384 tokens.
+Only what the result files hold is drawn; a missing file is skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+IMAGES = os.path.join(REPO, "docs", "images")
+COLORS = {"gqa": "tab:gray", "gqa-similar": "tab:brown", "svd": "tab:green", "prune": "tab:purple",
+          "dha": "tab:red", "dha+pca": "tab:orange"}
+
+
+def rows(pattern: str) -> list[dict]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, pattern))):
+        with open(path) as f:
+            report = json.load(f)
+        out += [{**r, "source_ppl": report["source_ppl"]} for r in report["rows"] if "same_as" not in r]
+    return out
+
+
+def plot_smollm2() -> str | None:
+    data = rows("b2_smollm2_third_*.json") + rows("dha_vs_baselines_smollm2_16k.json")
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method in sorted({r["method"] for r in data}):
+        pts = sorted((r["tokens"], r["ppl_ratio"]) for r in data if r["method"] == method)
+        ax.plot([t / 1000 for t, _ in pts], [p for _, p in pts], "o-", label=method, color=COLORS.get(method))
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens (thousands)")
+    ax.set_ylabel("held-out perplexity / source")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_title("SmolLM2-135M at 1/3 of its KV cache (pydoc held-out)")
+    ax.legend(fontsize="small")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return save(fig, "dha_vs_baselines_smollm2.png")
+
+
+def plot_small_mha() -> str | None:
+    panels = [(b, rows(f"b3_small_mha_{b}.json")) for b in ("0.5", "0.25")]
+    panels = [(b, d) for b, d in panels if d]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
+    for ax, (budget, data) in zip(axes[0], panels):
+        methods = list(dict.fromkeys(r["method"] for r in data))
+        tokens = sorted({r["tokens"] for r in data})
+        width = 0.8 / len(tokens)
+        for i, t in enumerate(tokens):
+            vals = [next((r["ppl_ratio"] for r in data if r["method"] == m and r["tokens"] == t), float("nan")) for m in methods]
+            ax.bar([j + i * width for j in range(len(methods))], vals, width, label=f"{t:,} tokens")
+        ax.set_xticks([j + width * (len(tokens) - 1) / 2 for j in range(len(methods))], methods, rotation=20)
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+        ax.set_ylabel("held-out perplexity / source")
+        ax.set_title(f"small MHA model, budget {budget}")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return save(fig, "small_mha.png")
+
+
+def save(fig, name: str) -> str:
+    os.makedirs(IMAGES, exist_ok=True)
+    path = os.path.join(IMAGES, name)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    for made in (plot_smollm2(), plot_small_mha()):
+        if made:
+            print(made)
