@@ -14,7 +14,8 @@ if [[ $part == 1 || $part == all ]]; then
   # 1. SmolLM2 expanded to MHA with query heads permuted: exact at 3/9, beyond exact at 2/9.
   $bench --setup mha-permuted --kv-budget 0.3334 --methods dha,gqa,gqa-similar,svd --tokens 0 --out $res/b1_mha_permuted_3of9.json
   $bench --setup mha-permuted --kv-budget 0.2223 --methods dha,gqa-similar,svd --tokens 0 --out $res/b1_mha_permuted_2of9.json
-  $bench --setup mha-permuted --kv-budget 0.2223 --methods dha+pca --tokens 0 --out $res/b1_mha_permuted_2of9_variants.json
+  # not run yet (no time left in the session that ran the rest):
+  # $bench --setup mha-permuted --kv-budget 0.2223 --methods dha+pca --tokens 0 --out $res/b1_mha_permuted_2of9_variants.json
 fi
 if [[ $part == 2 || $part == all ]]; then
   # 2. SmolLM2 at 1/3 of its KV cache, 0 / 50k / 200k training tokens.
@@ -38,5 +39,6 @@ if [[ $part == 4 || $part == all ]]; then
   #    must keep exactly one K and one V head), mean-merged without training.
   $bench --kv-budget 0.5 --methods dha,dha+uniform,dha+coupled,dha+pca,gqa-similar,svd --tokens 0 \
     --out $res/ablations_smollm2_half_search.json
-  $bench --kv-budget 0.5 --methods dha+learned --learned-steps 60 --tokens 0 --out $res/ablations_smollm2_half_learned.json
+  # not run yet (no time left in the session that ran the rest):
+  # $bench --kv-budget 0.5 --methods dha+learned --learned-steps 60 --tokens 0 --out $res/ablations_smollm2_half_learned.json
 fi

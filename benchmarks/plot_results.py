@@ -4,8 +4,9 @@
 
 - dha_vs_baselines_smollm2.png: held-out perplexity / source against training tokens, SmolLM2 at
   1/3 of its KV cache (every b2_smollm2_third_*.json and dha_vs_baselines_smollm2_16k.json);
-- small_mha.png: the small MHA model at 50% and 25%, each method at 0 and 16,384 tokens.
-Only what the result files hold is drawn; a missing file is skipped.
+- small_mha.png: the small MHA model at 50% and 25%, each method (no training).
+Only what the result files hold is drawn; a missing file is skipped. Also prints the README's
+table of benchmark 2 (held-out ppl and ratio to the source, per method and token count) as Markdown.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def plot_smollm2() -> str | None:
 
 
 def plot_small_mha() -> str | None:
-    panels = [(b, rows(f"b3_small_mha_{b}.json")) for b in ("0.5", "0.25")]
+    panels = [(b, rows(f"b3_small_mha_{b}_*.json")) for b in ("0.5", "0.25")]
     panels = [(b, d) for b, d in panels if d]
     if not panels:
         return None
@@ -87,7 +88,21 @@ def save(fig, name: str) -> str:
     return path
 
 
+def smollm2_table() -> str:
+    data = rows("b2_smollm2_third_*.json") + rows("dha_vs_baselines_smollm2_16k.json")
+    tokens = sorted({r["tokens"] for r in data})
+    lines = ["| method | " + " | ".join(f"{t:,} tokens" for t in tokens) + " |", "|---|" + "---:|" * len(tokens)]
+    for method in dict.fromkeys(r["method"] for r in data):
+        cells = []
+        for t in tokens:
+            r = next((r for r in data if r["method"] == method and r["tokens"] == t), None)
+            cells.append(f"{r['ppl']:,.1f} ({r['ppl_ratio']:.2f}x)" if r else "")
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    print(smollm2_table())
     for made in (plot_smollm2(), plot_small_mha()):
         if made:
             print(made)
