@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dha.checkpoint import Loaded, load, save
+from dha.checkpoint import load, save
 from dha.cli import main
 from dha.transforms import expand_to_mha
 from tests.conftest import random_ids, tiny_llama_hf
