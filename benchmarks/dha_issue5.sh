@@ -23,6 +23,7 @@ if [[ $part == 2 || $part == all ]]; then
   # (the two 200k-token runs ran side by side, one thread each: OMP_NUM_THREADS=1)
   $bench --kv-budget 0.3334 --methods dha --tokens 200000 --batch-tokens 1024 --out $res/b2_smollm2_third_200k_dha.json
   $bench --kv-budget 0.3334 --methods gqa --tokens 200000 --batch-tokens 1024 --out $res/b2_smollm2_third_200k_gqa.json
+  $bench --kv-budget 0.3334 --methods dha --tokens 40000 --batch-tokens 1024 --out $res/b2_smollm2_third_40k_dha.json  # 1/5 of 200k
 fi
 if [[ $part == 3 || $part == all ]]; then
   # 3. A small MHA model with learned heads (trained once, cached under ~/.cache/dha, not committed).
