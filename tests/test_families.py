@@ -111,17 +111,21 @@ def test_sliding_window_is_exercised():
     assert config_from_hf(CASES["qwen2"]().config).sliding_window is None  # use_sliding_window off
 
 
-def test_cached_decode_equals_full_forward(case):
-    _, _, ours = case
+def assert_cached_decode_matches(model, prefill: int = 10) -> torch.Tensor:
+    """Full-sequence logits, checked equal (fp32, atol 1e-5) to prefill + one-token decode steps."""
     ids = random_ids(length=LENGTH)
-    prefill = 10
     with torch.no_grad():
-        full = ours(ids)
-        cache = ours.new_cache(ids.shape[0], LENGTH)
-        steps = [ours(ids[:, :prefill], cache)]
+        full = model(ids)
+        cache = model.new_cache(ids.shape[0], LENGTH)
+        steps = [model(ids[:, :prefill], cache)]
         for t in range(prefill, LENGTH):
-            steps.append(ours(ids[:, t : t + 1], cache))
+            steps.append(model(ids[:, t : t + 1], cache))
     assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)  # fp32
+    return full
+
+
+def test_cached_decode_equals_full_forward(case):
+    assert_cached_decode_matches(case[2])
 
 
 def test_identity_conversion_is_exact(case):

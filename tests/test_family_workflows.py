@@ -35,7 +35,7 @@ from dha.families import FAMILIES
 from dha.plan import LayerPlan, Plan
 from dha.transforms import expand_to_mha, merge_groups
 from tests.conftest import ours_from_hf, random_ids
-from tests.test_families import CASES, LENGTH, VOCAB
+from tests.test_families import CASES, LENGTH, VOCAB, assert_cached_decode_matches
 
 BUDGET = 0.5
 # One case per family: the base row of test_families (llama 3 KV heads, qwen2 3, mistral 2 with a
@@ -91,19 +91,6 @@ def calibration() -> torch.Tensor:
 def kv_heads(model) -> tuple[list[int], list[int]]:
     cfg = model.config
     return [cfg.key_heads(l) for l in range(cfg.num_layers)], [cfg.value_heads(l) for l in range(cfg.num_layers)]
-
-
-def assert_cached_decode_matches(model, prefill: int = 10) -> torch.Tensor:
-    """Full-sequence logits, checked equal (fp32, atol 1e-5) to prefill + one-token decode steps."""
-    ids = random_ids(length=LENGTH)
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache(ids.shape[0], LENGTH)
-        steps = [model(ids[:, :prefill], cache)]
-        for t in range(prefill, LENGTH):
-            steps.append(model(ids[:, t : t + 1], cache))
-    assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)  # fp32
-    return full
 
 
 @pytest.mark.parametrize("case", sorted(METHOD_CASES))
