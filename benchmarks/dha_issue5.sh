@@ -24,13 +24,18 @@ if [[ $part == 2 || $part == all ]]; then
   $bench --kv-budget 0.3334 --methods dha --tokens 200000 --batch-tokens 1024 --out $res/b2_smollm2_third_200k_dha.json
   $bench --kv-budget 0.3334 --methods gqa --tokens 200000 --batch-tokens 1024 --out $res/b2_smollm2_third_200k_gqa.json
   $bench --kv-budget 0.3334 --methods dha --tokens 40000 --batch-tokens 1024 --out $res/b2_smollm2_third_40k_dha.json  # 1/5 of 200k
+  # (side by side, one thread each, in a later session)
+  $bench --kv-budget 0.3334 --methods svd --tokens 200000 --batch-tokens 1024 --out $res/b2_smollm2_third_200k_svd.json
+  $bench --kv-budget 0.3334 --methods prune --tokens 200000 --batch-tokens 1024 --out $res/b2_smollm2_third_200k_prune.json
+  # the 16k column (an earlier run, same settings)
+  $bench --kv-budget 0.3334 --methods gqa,svd,dha --tokens 16384 --batch-tokens 1024 --out $res/dha_vs_baselines_smollm2_16k.json
 fi
 if [[ $part == 3 || $part == all ]]; then
   # 3. A small MHA model with learned heads (trained once, cached under ~/.cache/dha, not committed).
   [ -e ~/.cache/dha/small-mha-pydoc/dha_config.json ] || python benchmarks/train_small_mha.py
   for B in 0.5 0.25; do
-    $bench --setup ~/.cache/dha/small-mha-pydoc --kv-budget $B --methods gqa,gqa-similar,svd,prune,dha,dha+pca \
-      --tokens 0 --out $res/b3_small_mha_${B}_0.json
+    $bench --setup ~/.cache/dha/small-mha-pydoc --kv-budget $B --methods source,gqa,gqa-similar,svd,prune,dha,dha+nosensitivity,dha+pca \
+      --tokens 0,50000 --batch-tokens 1024 --out $res/b3_small_mha_${B}_50k.json
   done
 fi
 if [[ $part == 4 || $part == all ]]; then
@@ -38,8 +43,23 @@ if [[ $part == 4 || $part == all ]]; then
   #    three heads of a layer) and the same mean merge, so gqa IS dha without fusion there. The
   #    search ablations run at 1/2, where allocation has something to choose (at 1/3 every layer
   #    must keep exactly one K and one V head), mean-merged without training.
-  $bench --kv-budget 0.5 --methods dha,dha+uniform,dha+coupled,dha+pca,gqa-similar,svd --tokens 0 \
-    --out $res/ablations_smollm2_half_search.json
-  # not run yet (no time left in the session that ran the rest):
-  # $bench --kv-budget 0.5 --methods dha+learned --learned-steps 60 --tokens 0 --out $res/ablations_smollm2_half_learned.json
+  #    (These two files were made before the sensitivity weighting became the default: the
+  #    +nosensitivity names below reproduce them; their rows say dha, dha+uniform, ...)
+  $bench --kv-budget 0.5 --methods dha+nosensitivity,dha+uniform+nosensitivity,dha+coupled+nosensitivity,dha+pca+nosensitivity,gqa-similar,svd \
+    --tokens 0 --out $res/ablations_smollm2_half_search.json
+  # The same variants, and the learned and sensitivity-weighted searches, with 16,384 tokens of
+  # training (two lanes side by side, one thread each: OMP_NUM_THREADS=1).
+  $bench --kv-budget 0.5 --methods dha+nosensitivity,dha+uniform+nosensitivity,dha+pca+nosensitivity,dha+coupled+nosensitivity \
+    --tokens 16384 --batch-tokens 1024 --out $res/ablations_smollm2_half_16k.json
+  $bench --kv-budget 0.5 --methods dha+learned --learned-steps 120 --tokens 0,16384 --batch-tokens 1024 \
+    --out $res/ablations_smollm2_half_learned.json
+  $bench --kv-budget 0.5 --methods dha+sensitivity --tokens 0,16384 --batch-tokens 1024 \
+    --out $res/ablations_smollm2_half_sensitivity.json   # = today's default dha
+  # The default search with the PCA merge instead of fusion.
+  $bench --kv-budget 0.5 --methods dha+pca --tokens 0,16384 --batch-tokens 1024 --out $res/ablations_smollm2_half_pca_sensitivity.json
+  # The split of the tokens between fusion and continued training, at 1/3 (where the plan is fixed:
+  # every layer keeps one K and one V head). Fraction 0 is gqa (same groups, mean merge) and 0.3 is
+  # dha, both in dha_vs_baselines_smollm2_16k.json.
+  $bench --kv-budget 0.3334 --methods dha+fusion0.1,dha+fusion0.6 --tokens 16384 --batch-tokens 1024 \
+    --out $res/fusion_fraction_smollm2_third_16k.json
 fi

@@ -11,11 +11,16 @@ Issue 5's benchmarks 1 and 2 on SmolLM2-135M and the built-in pydoc text:
   --setup PATH         any checkpoint `dha.checkpoint.load` reads (benchmark 3: the small MHA
                        model of benchmarks/train_small_mha.py)
 
-Methods: the names of `dha convert --method`, and DHA ablations written dha+CHANGE[+CHANGE]:
-  nofusion (mean-merge the searched groups, all tokens after the merge), uniform (same K and V
-  counts in every layer), coupled (keys and values share groups and counts), learned (the
-  paper-faithful learned search instead of the cost DP), sensitivity (cost search with layer
-  sensitivities).
+Methods: the names of `dha convert --method`, and DHA ablations written dha+CHANGE[+CHANGE], each
+switching one default of `--method dha` off: nofusion (mean-merge the searched groups, all tokens
+after the merge), pca (PCA-merge the searched groups, all tokens after the merge), uniform (same K
+and V counts in every layer), coupled (keys and values share groups and counts), learned (the
+paper-faithful learned search instead of the cost DP), nosensitivity (the cost DP on the relative
+costs alone), fusionF (fusion fraction F, e.g. fusion0.6). `source` is the control: the unconverted
+model trained by the same loop on the same tokens (how much of a gain is just fine-tuning on the text).
+
+Result files made before the search's sensitivity weighting became the default (session 3) say so
+in their "note": their `dha` rows are what `dha+nosensitivity` is now.
 
 For each method and each token count: convert (dha: search + fusion + merge + continued training
 by dha.pipeline.run_dha; baselines: dha.convert.convert then dha.train.train with the same
@@ -35,6 +40,7 @@ Prints a table and one JSON line; --out FILE also writes the JSON there.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import sys
@@ -43,18 +49,19 @@ from dataclasses import replace
 
 import torch
 
-from dha.baselines import ConvertOptions
+from dha.baselines import ConvertOptions, source_heads
 from dha.checkpoint import load
 from dha.convert import METHODS, convert
 from dha.data import blocks, load_tokens
 from dha.evaluate import perplexity
 from dha.pipeline import DHAConfig, calibration_blocks, run_dha
+from dha.plan import identity_plan
 from dha.search import SearchOptions
 from dha.train import TrainConfig, train
 from dha.transforms import expand_to_mha, permute_query_heads
 
 
-DHA_CHANGES = ("nofusion", "uniform", "coupled", "learned", "sensitivity", "pca")
+DHA_CHANGES = ("nofusion", "pca", "uniform", "coupled", "learned", "nosensitivity", "sensitivity")  # sensitivity: the default, named explicitly
 
 
 def dha_config(method: str, kv_budget: float, tokens: int, calib_tokens: int, train_cfg: TrainConfig,
@@ -70,7 +77,7 @@ def dha_config(method: str, kv_budget: float, tokens: int, calib_tokens: int, tr
         raise SystemExit(f"unknown DHA change(s) {unknown}; choose from {', '.join(DHA_CHANGES)}")
     search = SearchOptions(search="learned" if "learned" in changes else "cost",
                            allocation="uniform" if "uniform" in changes else "adaptive",
-                           decoupled="coupled" not in changes, sensitivity="sensitivity" in changes,
+                           decoupled="coupled" not in changes, sensitivity="nosensitivity" not in changes,
                            steps=learned_steps, progress=False)
     return DHAConfig(kv_budget=kv_budget, tokens=tokens, calib_tokens=calib_tokens, final_eval_tokens=512,
                      fusion_fraction=0.0 if {"nofusion", "pca"} & set(changes) else fraction,
@@ -128,7 +135,7 @@ def main(argv=None) -> int:
     dha_plans = {}  # the search is deterministic: run it once per search setting, reuse it for every token budget
     done = {}  # (fingerprint of the converted model, tokens) -> row
     for method in args.methods.split(","):
-        if method.split("+")[0] not in METHODS or ("+" in method and not method.startswith("dha+")):
+        if (method != "source" and method.split("+")[0] not in METHODS) or ("+" in method and not method.startswith("dha+")):
             raise SystemExit(f"unknown method {method}")
         for tokens in [int(t) for t in args.tokens.split(",")]:
             t0 = time.perf_counter()
@@ -139,6 +146,10 @@ def main(argv=None) -> int:
                 result = run_dha(loaded, splits, cfg, plan=dha_plans.get(search_key), progress=False)
                 dha_plans[search_key] = result.loaded.plan
                 model, plan = result.loaded.model, result.loaded.plan
+            elif method == "source":  # the control: no conversion, the same training
+                model, plan = copy.deepcopy(loaded.model), identity_plan(*source_heads(loaded.model))
+                if tokens:
+                    model = train(model, splits.train, None, replace(train_cfg, tokens=tokens), progress=False).model
             else:
                 converted = convert(loaded, method, args.kv_budget, calib,
                                     ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens))
@@ -158,7 +169,7 @@ def main(argv=None) -> int:
                    "value_heads": sum(plan.value_heads()), "seconds": round(time.perf_counter() - t0, 1)}
             if same_as is not None:
                 row["same_as"] = same_as["method"]
-            elif not method.startswith("dha"):
+            elif method != "source" and not method.startswith("dha"):
                 done[key] = row
             rows.append(row)
             print(f"{method:>12} {tokens:>8} tokens  ppl {ppl:10.3f}  x{ppl / source_ppl:8.3f}  "

@@ -3,8 +3,11 @@
     python benchmarks/plot_results.py            # -> docs/images/*.png
 
 - dha_vs_baselines_smollm2.png: held-out perplexity / source against training tokens, SmolLM2 at
-  1/3 of its KV cache (every b2_smollm2_third_*.json and dha_vs_baselines_smollm2_16k.json);
-- small_mha.png: the small MHA model at 50% and 25%, each method (no training).
+  1/3 of its KV cache (every b2_smollm2_third_*.json and dha_vs_baselines_smollm2_16k.json), and
+  the source itself trained the same way (b2_smollm2_source_*.json);
+- small_mha.png: the small MHA model at 50% and 25%, each method (no training);
+- ablations_smollm2.png: the DHA ablations on SmolLM2 at 1/2 (ablations_smollm2_half_*.json), each
+  variant with no training and after 16,384 tokens.
 Only what the result files hold is drawn; a missing file is skipped. Also prints the README's
 table of benchmark 2 (held-out ppl and ratio to the source, per method and token count) as Markdown.
 """
@@ -24,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 IMAGES = os.path.join(REPO, "docs", "images")
 COLORS = {"gqa": "tab:gray", "gqa-similar": "tab:brown", "svd": "tab:green", "prune": "tab:purple",
-          "dha": "tab:red", "dha+pca": "tab:orange"}
+          "dha": "tab:red", "dha+pca": "tab:orange",
+          "source": "black"}
 
 
 def rows(pattern: str) -> list[dict]:
@@ -32,12 +36,26 @@ def rows(pattern: str) -> list[dict]:
     for path in sorted(glob.glob(os.path.join(RESULTS, pattern))):
         with open(path) as f:
             report = json.load(f)
-        out += [{**r, "source_ppl": report["source_ppl"]} for r in report["rows"] if "same_as" not in r]
+        # Files made before the sensitivity weighting became the default: their dha rows are
+        # what dha+nosensitivity is now (their "note" says so); label them that way.
+        old_default = "sensitivity weighting was off" in report.get("note", "") and "1/3" not in report["note"]
+        for r in report["rows"]:
+            if "same_as" in r:
+                continue
+            if old_default and r["method"].startswith("dha") and "learned" not in r["method"]:
+                r = {**r, "method": r["method"] + "+nosensitivity"}
+            out.append({**r, "source_ppl": report["source_ppl"]})
     return out
 
 
+def smollm2_rows() -> list[dict]:
+    """Benchmark 2: every method at 1/3, and the control (the source trained the same way)."""
+    return (rows("b2_smollm2_third_*.json") + rows("dha_vs_baselines_smollm2_16k.json")
+            + rows("b2_smollm2_source_*.json"))
+
+
 def plot_smollm2() -> str | None:
-    data = rows("b2_smollm2_third_*.json") + rows("dha_vs_baselines_smollm2_16k.json")
+    data = smollm2_rows()
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -55,6 +73,22 @@ def plot_smollm2() -> str | None:
     return save(fig, "dha_vs_baselines_smollm2.png")
 
 
+def bars(ax, data: list[dict], title: str) -> None:
+    """One group of bars per method, one bar per training-token count: perplexity / source, log scale."""
+    methods = list(dict.fromkeys(r["method"] for r in data))
+    tokens = sorted({r["tokens"] for r in data})
+    width = 0.8 / len(tokens)
+    for i, t in enumerate(tokens):
+        vals = [next((r["ppl_ratio"] for r in data if r["method"] == m and r["tokens"] == t), float("nan")) for m in methods]
+        ax.bar([j + i * width for j in range(len(methods))], vals, width, label=f"{t:,} tokens")
+    ax.set_xticks([j + width * (len(tokens) - 1) / 2 for j in range(len(methods))], methods, rotation=20)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_ylabel("held-out perplexity / source")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+
+
 def plot_small_mha() -> str | None:
     panels = [(b, rows(f"b3_small_mha_{b}_*.json")) for b in ("0.5", "0.25")]
     panels = [(b, d) for b, d in panels if d]
@@ -62,20 +96,19 @@ def plot_small_mha() -> str | None:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.8), squeeze=False)
     for ax, (budget, data) in zip(axes[0], panels):
-        methods = list(dict.fromkeys(r["method"] for r in data))
-        tokens = sorted({r["tokens"] for r in data})
-        width = 0.8 / len(tokens)
-        for i, t in enumerate(tokens):
-            vals = [next((r["ppl_ratio"] for r in data if r["method"] == m and r["tokens"] == t), float("nan")) for m in methods]
-            ax.bar([j + i * width for j in range(len(methods))], vals, width, label=f"{t:,} tokens")
-        ax.set_xticks([j + width * (len(tokens) - 1) / 2 for j in range(len(methods))], methods, rotation=20)
-        ax.set_yscale("log")
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
-        ax.set_ylabel("held-out perplexity / source")
-        ax.set_title(f"small MHA model, budget {budget}")
-        ax.legend(fontsize="small")
+        bars(ax, data, f"small MHA model, budget {budget}")
     fig.tight_layout()
     return save(fig, "small_mha.png")
+
+
+def plot_ablations() -> str | None:
+    data = [r for r in rows("ablations_smollm2_half_*.json") if r["method"].startswith("dha")]
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    bars(ax, data, "DHA ablations, SmolLM2-135M at 1/2 of its KV cache")
+    fig.tight_layout()
+    return save(fig, "ablations_smollm2.png")
 
 
 def save(fig, name: str) -> str:
@@ -89,7 +122,7 @@ def save(fig, name: str) -> str:
 
 
 def smollm2_table() -> str:
-    data = rows("b2_smollm2_third_*.json") + rows("dha_vs_baselines_smollm2_16k.json")
+    data = smollm2_rows()
     tokens = sorted({r["tokens"] for r in data})
     lines = ["| method | " + " | ".join(f"{t:,} tokens" for t in tokens) + " |", "|---|" + "---:|" * len(tokens)]
     for method in dict.fromkeys(r["method"] for r in data):
@@ -103,6 +136,6 @@ def smollm2_table() -> str:
 
 if __name__ == "__main__":
     print(smollm2_table())
-    for made in (plot_smollm2(), plot_small_mha()):
+    for made in (plot_smollm2(), plot_small_mha(), plot_ablations()):
         if made:
             print(made)

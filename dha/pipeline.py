@@ -27,6 +27,7 @@ search with the best training-free initialisation we have, then continued traini
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -453,7 +454,9 @@ def add_dha_options(p) -> None:
     d = FusionOptions()
     g.add_argument("--search", default="cost", help="allocation search: cost (DP on fusion costs, default) | learned (paper-faithful, trained)")
     g.add_argument("--key-cost", default="logit", help="search's key cost: logit (attention-logit error, default) | output")
-    g.add_argument("--sensitivity", action="store_true", help="search: weight costs by each layer's measured LM-loss increase")
+    g.add_argument("--sensitivity", action=argparse.BooleanOptionalAction, default=True,
+                   help="cost search: weight each layer's costs by its measured LM-loss increase when merged to one head "
+                        "(default on; --no-sensitivity skips the 2 x layers extra evaluations of the calibration text)")
     g.add_argument("--allocation", default="adaptive", choices=["adaptive", "uniform"],
                    help="cost search: adaptive (per-layer counts, default) | uniform (the same K and V counts in every layer; an ablation)")
     g.add_argument("--coupled-kv", action="store_true", help="cost search: keys and values share one grouping and count per layer (an ablation)")

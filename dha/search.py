@@ -35,7 +35,8 @@ Three steps (METHOD.md part B):
 3. Allocation: per-layer counts nK(l), nV(l) in [1, source heads] with
    sum_l (nK(l) + nV(l)) == `total_heads_for_budget` EXACTLY.
    - search="cost": minimise the summed costs by exact dynamic programming (`allocate`); costs
-     optionally weighted by each layer's measured sensitivity (options.sensitivity, default off).
+     weighted by each layer's measured sensitivity (options.sensitivity, default on: the relative
+     costs alone over-merge keys on SmolLM2; docs/method.md, Benchmarks 4).
    - search="learned" (paper-faithful; see `learned_counts` for the relaxation): relaxed head
      counts trained with the LM loss, the fusion loss and an augmented-Lagrangian budget constraint.
    The plan then takes, for each layer and kind, the clustering at the chosen count.
@@ -78,7 +79,7 @@ class SearchOptions:
     metric: str = "cosine"  # similarity the heads are clustered by: "cosine" | "cka"
     key_cost: str = "logit"  # key cost: "logit" (attention-logit error) | "output" (key-output error)
     key_pairs: int = 16384  # (query, key) token pairs sampled per layer for the logit cost
-    sensitivity: bool = False  # weight each layer/kind's costs by its measured LM-loss increase at 1 head
+    sensitivity: bool = True  # cost search: weight each layer/kind's costs by its measured LM-loss increase at 1 head
     # Ablations of DHA's two ideas (cost search only; docs/method.md, "Ablations"):
     allocation: str = "adaptive"  # "adaptive": counts per layer by the DP | "uniform": the same K count and V count in every layer
     decoupled: bool = True  # False: keys and values of a layer share one grouping and one count (GQA-like)
@@ -280,10 +281,14 @@ def sensitivities(model: Transformer, calib_blocks: torch.Tensor, tables: list[H
     return out
 
 
-def weighted_costs(tables: list[HeadTable], sensitivity: list[float], floor: float = 1e-6) -> list[list[float]]:
+def weighted_costs(tables: list[HeadTable], sensitivity: list[float], floor: float = 0.01) -> list[list[float]]:
     """Costs rescaled so that a table's 1-head cost equals its measured loss increase:
-    cost'(n) = cost(n) / cost(1) * max(dL, floor). First order: loss grows in proportion to the
-    fusion error, with the slope measured per layer and kind."""
+    cost'(n) = cost(n) / cost(1) * max(dL, floor * median dL). First order: loss grows in proportion
+    to the fusion error, with the slope measured per layer and kind. The floor is relative: a table
+    whose measured increase is ~0 or negative (noise) must not look free to merge, or the DP would
+    trade its heads for rounding noise in other tables' near-zero costs."""
+    positive = sorted(max(d, 0.0) for d in sensitivity)
+    floor = max(floor * positive[len(positive) // 2], 1e-9)
     out = []
     for t, d in zip(tables, sensitivity):
         scale = max(d, floor) / t.costs[0] if t.costs[0] > 0 else 0.0
@@ -535,7 +540,7 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
     notes = {"search": options.search, "total_heads": total, "calibration_tokens": int(calib_blocks.numel()),
              "options": {k: v for k, v in asdict(options).items() if k != "progress"}}
     costs = [t.costs for t in tables]
-    if options.sensitivity:
+    if options.sensitivity and options.search == "cost":  # the learned search uses the LM loss itself
         sens = sensitivities(model, calib_blocks, tables, options.batch_size)
         costs = weighted_costs(tables, sens)
         notes["sensitivity"] = _by_kind(tables, [round(s, 6) for s in sens])

@@ -309,6 +309,12 @@ def test_cli_convert_dha_tokens_zero_mean_merges(convert_setup, capsys):
     ids = random_ids(length=8, vocab=30)
     with torch.no_grad():
         assert_close(load(out).model(ids), expected(ids), atol=1e-6, rtol=0)
+    # The search weights its costs by measured sensitivities unless told not to.
+    assert plan.notes["options"]["sensitivity"] and len(plan.notes["sensitivity"]["key"]) == 2
+    plain = str(tmp_path / "dha0-plain")
+    assert main(["convert", source, *common, "--tokens", "0", "--no-sensitivity", "--out", plain]) == 0
+    plain_plan = Plan.load(os.path.join(plain, "plan.json"))
+    assert not plain_plan.notes["options"]["sensitivity"] and "sensitivity" not in plain_plan.notes
 
 
 def test_cli_convert_dha_too_few_tokens_exits_2_and_writes_nothing(convert_setup, capsys):
