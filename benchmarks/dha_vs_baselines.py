@@ -146,14 +146,13 @@ def main(argv=None) -> int:
                 result = run_dha(loaded, splits, cfg, plan=dha_plans.get(search_key), progress=False)
                 dha_plans[search_key] = result.loaded.plan
                 model, plan = result.loaded.model, result.loaded.plan
-            elif method == "source":  # the control: no conversion, the same training
-                model, plan = copy.deepcopy(loaded.model), identity_plan(*source_heads(loaded.model))
-                if tokens:
-                    model = train(model, splits.train, None, replace(train_cfg, tokens=tokens), progress=False).model
             else:
-                converted = convert(loaded, method, args.kv_budget, calib,
-                                    ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens))
-                model, plan = converted.model, converted.plan
+                if method == "source":  # the control: no conversion, the same training
+                    model, plan = copy.deepcopy(loaded.model), identity_plan(*source_heads(loaded.model))
+                else:
+                    converted = convert(loaded, method, args.kv_budget, calib,
+                                        ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens))
+                    model, plan = converted.model, converted.plan
                 key = (fingerprint(model), tokens)
                 if key in done:
                     same_as = done[key]
@@ -169,7 +168,7 @@ def main(argv=None) -> int:
                    "value_heads": sum(plan.value_heads()), "seconds": round(time.perf_counter() - t0, 1)}
             if same_as is not None:
                 row["same_as"] = same_as["method"]
-            elif method != "source" and not method.startswith("dha"):
+            elif not method.startswith("dha"):
                 done[key] = row
             rows.append(row)
             print(f"{method:>12} {tokens:>8} tokens  ppl {ppl:10.3f}  x{ppl / source_ppl:8.3f}  "

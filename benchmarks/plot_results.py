@@ -36,15 +36,9 @@ def rows(pattern: str) -> list[dict]:
     for path in sorted(glob.glob(os.path.join(RESULTS, pattern))):
         with open(path) as f:
             report = json.load(f)
-        # Files made before the sensitivity weighting became the default: their dha rows are
-        # what dha+nosensitivity is now (their "note" says so); label them that way.
-        old_default = "sensitivity weighting was off" in report.get("note", "") and "1/3" not in report["note"]
-        for r in report["rows"]:
-            if "same_as" in r:
-                continue
-            if old_default and r["method"].startswith("dha") and "learned" not in r["method"]:
-                r = {**r, "method": r["method"] + "+nosensitivity"}
-            out.append({**r, "source_ppl": report["source_ppl"]})
+        old_defaults = report.get("search_defaults", {})
+        out += [{**r, "source_ppl": report["source_ppl"], "search_defaults": old_defaults}
+                for r in report["rows"] if "same_as" not in r]
     return out
 
 
@@ -103,6 +97,9 @@ def plot_small_mha() -> str | None:
 
 def plot_ablations() -> str | None:
     data = [r for r in rows("ablations_smollm2_half_*.json") if r["method"].startswith("dha")]
+    for r in data:  # files made before sensitivity weighting was the default: say what their cost-search rows were
+        if r["search_defaults"].get("sensitivity") is False and "learned" not in r["method"]:
+            r["method"] += "+nosensitivity"
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(10, 4.2))

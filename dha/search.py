@@ -50,6 +50,7 @@ heads of one kind in a layer, hd head dim, P sampled (query, key) token pairs, L
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -281,14 +282,13 @@ def sensitivities(model: Transformer, calib_blocks: torch.Tensor, tables: list[H
     return out
 
 
-def weighted_costs(tables: list[HeadTable], sensitivity: list[float], floor: float = 0.01) -> list[list[float]]:
+def weighted_costs(tables: list[HeadTable], sensitivity: list[float], floor_fraction: float = 0.1) -> list[list[float]]:
     """Costs rescaled so that a table's 1-head cost equals its measured loss increase:
-    cost'(n) = cost(n) / cost(1) * max(dL, floor * median dL). First order: loss grows in proportion
+    cost'(n) = cost(n) / cost(1) * max(dL, floor_fraction * median dL). First order: loss grows in proportion
     to the fusion error, with the slope measured per layer and kind. The floor is relative: a table
     whose measured increase is ~0 or negative (noise) must not look free to merge, or the DP would
     trade its heads for rounding noise in other tables' near-zero costs."""
-    positive = sorted(max(d, 0.0) for d in sensitivity)
-    floor = max(floor * positive[len(positive) // 2], 1e-9)
+    floor = max(floor_fraction * statistics.median(max(d, 0.0) for d in sensitivity), 1e-9)
     out = []
     for t, d in zip(tables, sensitivity):
         scale = max(d, floor) / t.costs[0] if t.costs[0] > 0 else 0.0
