@@ -13,9 +13,10 @@ res=benchmarks/results
 if [[ $part == 1 || $part == all ]]; then
   # 1. SmolLM2 expanded to MHA with query heads permuted: exact at 3/9, beyond exact at 2/9.
   $bench --setup mha-permuted --kv-budget 0.3334 --methods dha,gqa,gqa-similar,svd --tokens 0 --out $res/b1_mha_permuted_3of9.json
-  $bench --setup mha-permuted --kv-budget 0.2223 --methods dha,gqa-similar,svd --tokens 0 --out $res/b1_mha_permuted_2of9.json
-  # not run yet (no time left in the session that ran the rest):
-  # $bench --setup mha-permuted --kv-budget 0.2223 --methods dha+pca --tokens 0 --out $res/b1_mha_permuted_2of9_variants.json
+  # (made before the sensitivity weighting became the default: its "dha" row is dha+nosensitivity)
+  $bench --setup mha-permuted --kv-budget 0.2223 --methods dha+nosensitivity,gqa-similar,svd --tokens 0 --out $res/b1_mha_permuted_2of9.json
+  # today's default search, with the mean merge and with the PCA merge
+  $bench --setup mha-permuted --kv-budget 0.2223 --methods dha,dha+pca --tokens 0 --out $res/b1_mha_permuted_2of9_sensitivity.json
 fi
 if [[ $part == 2 || $part == all ]]; then
   # 2. SmolLM2 at 1/3 of its KV cache, 0 / 50k / 200k training tokens.
