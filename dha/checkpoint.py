@@ -284,6 +284,22 @@ def _quiet():
 
 # ---- saving ----------------------------------------------------------------------------------
 
+def check_out(path: str) -> None:
+    """Refuse an --out that exists and is not an empty directory, or that cannot be created, before any slow work."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if not os.path.isdir(path) or os.listdir(path):
+            raise UserError(f"output {path} already exists and is not empty (use a new --out)")
+        return
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f"output {path} cannot be created: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"output {path} cannot be created: no permission to write in {ancestor}")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str, overwrite: bool = False):
     """Yield a temp directory beside `path`; on success rename it to `path`, else remove it."""
@@ -292,8 +308,11 @@ def atomic_dir(path: str, overwrite: bool = False):
         if not os.path.isdir(path) or os.listdir(path):
             raise UserError(f"output {path} already exists and is not empty (use a new --out)")
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    except OSError as e:
+        raise UserError(f"output {path} cannot be created: {e.strerror or e}") from e
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the output is an ordinary directory

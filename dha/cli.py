@@ -169,12 +169,12 @@ def add_export(sub) -> None:
 
 
 def run_export(args) -> int:
-    from .checkpoint import load, parse_dtype
-    from .export import ExportMismatch, check_out_dir, export, summary_lines
+    from .checkpoint import check_out, load, parse_dtype
+    from .export import ExportMismatch, export, summary_lines
 
     if not args.atol >= 0:
         raise UserError("--atol must be 0 or positive")
-    check_out_dir(args.out)  # before loading: a large model takes a while
+    check_out(args.out)  # before loading: a large model takes a while
     loaded = load(args.source, parse_dtype(args.dtype))
     try:
         result = export(loaded, args.out, force_remote_code=args.force_remote_code, atol=args.atol)
@@ -194,9 +194,10 @@ def _add_calibration(p: argparse.ArgumentParser, default_tokens: int) -> None:
     p.add_argument("--text-field", default="text", help="JSONL field / parquet or dataset column holding the text")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of documents held out (never used for calibration)")
     p.add_argument("--calib-tokens", type=int, default=default_tokens, help="calibration tokens, from the train split")
-    p.add_argument("--block-size", type=int, default=256, help="tokens per calibration block")
-    p.add_argument("--seed", type=int, default=0, help="seed for token subsampling")
-    p.add_argument("--metric", default="cka", help="head similarity: cka (linear CKA) | cosine")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per calibration block (convert --tokens: also per training row)")
+    p.add_argument("--seed", type=int, default=0, help="seed for token subsampling (convert: also the search and the training data order)")
+    p.add_argument("--metric", default=None, help="head similarity: cka (linear CKA) | cosine "
+                                                  "(default: cka; the dha search: cosine, as benchmarked)")
 
 
 def _check_calibration_args(args) -> None:
@@ -211,15 +212,8 @@ def _check_calibration_args(args) -> None:
         raise UserError("--calib-tokens must be at least 1")
     if args.block_size < 1:
         raise UserError("--block-size must be at least 1")
-    if args.metric not in ("cka", "cosine"):
+    if args.metric not in (None, "cka", "cosine"):
         raise UserError(f"unknown --metric {args.metric!r}; choose from cka, cosine")
-
-
-def _check_out(path: str) -> None:
-    import os
-
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise UserError(f"output {path} already exists and is not empty (use a new --out)")
 
 
 def _calibration_blocks(args, tokenizer):
@@ -252,12 +246,13 @@ def add_analyze(sub) -> None:
 
 def run_analyze(args) -> int:
     from .analyze import analyze, summary_table, write_report
-    from .checkpoint import atomic_dir, load, parse_dtype
+    from .checkpoint import atomic_dir, check_out, load, parse_dtype
 
     _check_calibration_args(args)
-    _check_out(args.out)
+    check_out(args.out)
     loaded = load(args.source, parse_dtype(args.dtype))
     calib = _calibration_blocks(args, loaded.tokenizer)
+    args.metric = args.metric or "cka"
     result = analyze(loaded.model, calib, metric=args.metric, threshold=args.threshold,
                      max_tokens=args.calib_tokens, seed=args.seed)
     result["source"] = loaded.source
@@ -277,16 +272,19 @@ def run_analyze(args) -> int:
 def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="shrink the KV cache by a method at a KV budget, or by a saved plan",
                        description="Convert SOURCE to fewer key/value heads and write a native checkpoint (with plan.json) "
-                                   "to --out. Methods: gqa (contiguous mean-pooling), gqa-similar (similar heads "
-                                   "mean-pooled), svd (low-rank from calibration activations), prune (keep the most "
-                                   "important heads); or --plan PLAN.json to replay a plan with mean pooling.")
+                                   "to --out. Methods: dha (Decoupled-Head Attention: search, fusion, merge, continued "
+                                   "training, report; docs/method.md), and the baselines gqa (contiguous mean-pooling), "
+                                   "gqa-similar (similar heads mean-pooled), svd (low-rank from calibration activations), "
+                                   "prune (keep the most important heads); or --plan PLAN.json to replay a plan with mean "
+                                   "pooling. With --tokens N the converted model is trained on N tokens of --data.")
     _add_source(p)
-    p.add_argument("--method", help="conversion method (gqa, gqa-similar, svd, prune, ...)")
+    p.add_argument("--method", help="conversion method: dha | gqa | gqa-similar | svd | prune")
     p.add_argument("--kv-budget", type=float, help="fraction of the source's KV cache to keep, in (0, 1]")
     p.add_argument("--plan", help="apply this plan.json (mean pooling) instead of a method")
     p.add_argument("--grouping", default="contiguous", help="svd only: contiguous (Yu et al.) | similar")
     _add_calibration(p, default_tokens=4096)
-    p.add_argument("--out", required=True, help="checkpoint directory to write (must not exist or be empty)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (must not exist or be empty; "
+                                                "with --tokens, a training run directory that --resume continues)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     from .pipeline import add_dha_options
 
@@ -294,9 +292,35 @@ def add_convert(sub) -> None:
     p.set_defaults(func=run_convert)
 
 
+def _check_convert_training(args, tokens: int) -> str | None:
+    """The training options of a baseline conversion, checked before loading; the run to resume, if any."""
+    import os
+
+    resume = getattr(args, "resume", None)
+    if tokens <= 0:
+        for flag, value in (("--resume", resume), ("--save-every", getattr(args, "save_every", 0)),
+                            ("--distill", getattr(args, "distill", False)), ("--teacher", getattr(args, "teacher", None))):
+            if value:
+                raise UserError(f"{flag} is about training: give --tokens N as well")
+        return None
+    if args.dtype not in ("auto", "float32"):
+        raise UserError(f"--dtype {args.dtype}: with --tokens the model trains with float32 weights; "
+                        "set the autocast dtype with --train-dtype")
+    if args.teacher is not None and not args.distill:
+        raise UserError("--teacher is only used with --distill")
+    if resume is not None:
+        out = os.path.abspath(args.out)
+        if os.path.commonpath([out, os.path.abspath(resume)]) != out:
+            raise UserError(f"--resume {resume}: a conversion resumes its own run, in --out {args.out}")
+    train_config_from_args(args).validate()
+    return resume
+
+
 def run_convert(args) -> int:
+    import torch
+
     from .baselines import ConvertOptions, heads_for_budget, source_heads
-    from .checkpoint import load, parse_dtype, save
+    from .checkpoint import check_out, load, parse_dtype, save
     from .convert import NO_CALIBRATION, apply_plan, check_method, convert, kv_summary
     from .plan import Plan
 
@@ -313,14 +337,18 @@ def run_convert(args) -> int:
         if not 0 < args.kv_budget <= 1:
             raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
         options = ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens, block_size=args.block_size,
-                                 metric=args.metric, grouping=args.grouping)
+                                 metric=args.metric or "cka", grouping=args.grouping)
         needs_data = args.method not in NO_CALIBRATION
         if needs_data:
             _check_calibration_args(args)
     plan = Plan.load(args.plan) if args.plan is not None else None
-    _check_out(args.out)
+    tokens = getattr(args, "tokens", None) or 0
+    resume = _check_convert_training(args, tokens)
+    if resume is None:
+        check_out(args.out)
 
-    loaded = load(args.source, parse_dtype(args.dtype))
+    # Training keeps float32 master weights (its autocast dtype is --train-dtype), as `dha train` does.
+    loaded = load(args.source, torch.float32 if tokens > 0 else parse_dtype(args.dtype))
     before = kv_summary(loaded.model)
     if plan is not None:
         result = apply_plan(loaded, plan)
@@ -328,19 +356,25 @@ def run_convert(args) -> int:
         heads_for_budget(*source_heads(loaded.model), args.kv_budget)  # budget errors before reading data
         calib = _calibration_blocks(args, loaded.tokenizer) if needs_data else None
         result = convert(loaded, args.method, args.kv_budget, calib, options)
-    tokens = getattr(args, "tokens", None) or 0
     if tokens > 0:
         # Continued training of the converted model with the same loop as `dha train` (and as the
         # dha method's stages), so methods compare at equal token budgets. The run directory is
-        # itself the converted checkpoint (plus log.jsonl, TensorBoard, run.json).
-        from .train import continue_training
+        # itself the converted checkpoint (plus log.jsonl, TensorBoard, run.json) and, with
+        # --save-every, holds the checkpoints that --resume continues from (the conversion is
+        # deterministic, so it is redone and the checkpoint's weights replace it).
+        from .train import continue_training, source_identity
 
-        teacher = loaded.model if args.distill else None
+        if args.teacher is not None:
+            teacher = load(args.teacher, torch.float32, tokenizer=False).model
+        else:
+            teacher = loaded.model if args.distill else None
         result.provenance = {**result.provenance, "method": result.plan.method, "train_tokens": tokens}
         continue_training(result, args.data, train_config_from_args(args), out_dir=args.out, teacher=teacher,
-                          progress=not args.no_progress, text_field=args.text_field,
-                          run_info={"source": args.source or "smollm2-135m", "method": result.plan.method,
-                                    "kv_budget": args.kv_budget, "data": args.data or "pydoc"})
+                          resume=resume, progress=not args.no_progress, text_field=args.text_field,
+                          heldout_fraction=args.heldout_fraction,
+                          run_info={"source": source_identity(args.source), "method": result.plan.method,
+                                    "kv_budget": args.kv_budget, "data": source_identity(args.data or "pydoc"),
+                                    "teacher": source_identity(args.teacher) if args.teacher else None})
     else:
         save(args.out, result, overwrite=False)
 

@@ -305,12 +305,6 @@ def export(loaded: Loaded, out: str, force_remote_code: bool = False, atol: floa
                         reason, check)
 
 
-def check_out_dir(out: str) -> None:
-    """Refuse an --out that exists and is not an empty directory (before any slow loading)."""
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise UserError(f"output {out} already exists and is not empty (use a new --out)")
-
-
 def summary_lines(result: ExportResult) -> list[str]:
     """Human-readable lines for the CLI."""
     def counts(xs):

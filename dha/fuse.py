@@ -215,11 +215,6 @@ class FusedModel(nn.Module):
     def coefficient_parameters(self) -> list[nn.Parameter]:
         return [p.coefficients for _, _, p in self.projections()]
 
-    def model_parameters(self) -> list[nn.Parameter]:
-        """Every trainable parameter except the fusion coefficients (tied weights once)."""
-        coeff = {id(p) for p in self.coefficient_parameters()}
-        return [p for p in self.parameters() if p.requires_grad and id(p) not in coeff]
-
     def layer_distances(self) -> torch.Tensor:
         """(L, 2) mean fusion distance over the multi-head groups of each layer, [key, value]; 0 where none."""
         rows = []
@@ -294,19 +289,15 @@ class FusionSchedule:
         self.end = max(self.start + 1, round(self.options.ramp_end * self.steps))
         lr = self.options.coefficient_lr
         self.coefficient_lr = lr if lr is not None else min(0.1, max(0.005, 2.0 / self.steps))
-        self.set_anneal(1)
-        self.multipliers: nn.Parameter | None = None
+        self.set_anneal(0)  # the starting point (step 0, its evaluation and the first step) is the unchanged model
+        self.multipliers: nn.Parameter | None = None  # lagrangian: made in param_groups, on the training device
         self.initial: torch.Tensor | None = None
-        if self.options.schedule == "lagrangian":
-            L = fused.config.num_layers
-            device = fused.model.embed.weight.device
-            self.multipliers = nn.Parameter(torch.zeros(2, L, 2, device=device))  # [l1, l2] x (layer, kind)
-            if self.options.space == "param":
-                with torch.no_grad():
-                    self.initial = fused.layer_distances().detach()
+        if self.options.schedule == "lagrangian" and self.options.space == "param":
+            with torch.no_grad():
+                self.initial = fused.layer_distances().detach()
 
     def set_anneal(self, step: int) -> None:
-        """The annealing of the copies for `step` (1-based; 0 outside the "anneal" schedule)."""
+        """The annealing of the copies after `step` steps (0 outside the "anneal" schedule); step k trains at step k-1's."""
         from .train import ramp
 
         a = ramp(step, self.start, self.end, 0.0, 1.0) if self.options.schedule == "anneal" else 0.0
@@ -332,7 +323,7 @@ class FusionSchedule:
         if self.initial is None:  # output space: the first batch gives the starting distances
             self.initial = d.detach().clone()
         frac = ramp(step, self.start, self.end, 0.0, 1.0)
-        target = (1 - frac) * self.initial + frac * self.options.eps
+        target = (1 - frac) * self.initial.to(d.device) + frac * self.options.eps
         active = torch.stack([torch.tensor([any(len(g) > 1 for g in b.attn.k_proj.groups),
                                             any(len(g) > 1 for g in b.attn.v_proj.groups)])
                               for b in model.model.layers]).to(d.device)  # (L, 2)
@@ -349,12 +340,15 @@ class FusionSchedule:
 
     def param_groups(self, model: FusedModel) -> list[dict]:
         groups = [{"params": model.coefficient_parameters(), "lr": self.coefficient_lr, "weight_decay": 0.0}]
-        if self.multipliers is not None:
+        if self.options.schedule == "lagrangian":
+            # Called by train() after it has moved the model, so the multipliers live on its device.
+            device = model.model.embed.weight.device
+            self.multipliers = nn.Parameter(torch.zeros(2, model.config.num_layers, 2, device=device))  # [l1, l2] x (layer, kind)
             groups.append({"params": [self.multipliers], "lr": -self.options.multiplier_lr, "weight_decay": 0.0})
         return groups
 
     def on_step_end(self, model: FusedModel, step: int, record: dict) -> None:
-        self.set_anneal(step + 1)
+        self.set_anneal(step)
         if self.multipliers is not None:
             with torch.no_grad():
                 self.multipliers.clamp_(min=0.0)  # inequality constraint: multipliers stay >= 0

@@ -160,6 +160,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     teacher: model to distil from when config.train.distill (default: the source);
     plan: a plan from an earlier search of this model (dha.plan.Plan) to reuse instead of searching.
     """
+    from .baselines import source_heads
     from .checkpoint import Loaded
     from .evaluate import perplexity
     from .search import SearchOptions, search
@@ -195,7 +196,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
         log_progress(f"search ({search_options.search}) on {calib.numel()} calibration tokens")
         plan = search(source, config.kv_budget, calib, search_options)
     else:
-        plan.validate(*_source_heads(source))
+        plan.validate(*source_heads(source))
         plan = Plan.from_dict(plan.to_dict())  # a copy: run_dha writes its notes
     seconds["search"] = time.perf_counter() - t0
 
@@ -233,7 +234,9 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     # 4. continued training
     t0 = time.perf_counter()
     if stages.continued:
-        cfg = replace(train_template, tokens=stages.continued)
+        # The continued stage reads on from where fusion stopped: the budget is N distinct tokens
+        # (up to the epochs the train split allows), the same as a baseline trained on N tokens.
+        cfg = replace(train_template, tokens=stages.continued, data_start=stages.fusion // train_template.block_size)
         log_progress(f"continued training: {stages.continued // stages.step_tokens} steps, {stages.continued:,} tokens")
         result = train(model, splits.train, heldout_train, cfg, teacher=teacher, progress=progress)
         record(result.history, result.evals, "continued", stages.fusion)
@@ -292,11 +295,6 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
                   "fusion": asdict(config.fusion)}
     out = Loaded(model, loaded.tokenizer, loaded.source, "native", loaded.hf_config, plan, provenance)
     return DHAResult(out, summary, log)
-
-
-def _source_heads(model) -> tuple[list[int], list[int]]:
-    cfg = model.config
-    return [cfg.key_heads(l) for l in range(cfg.num_layers)], [cfg.value_heads(l) for l in range(cfg.num_layers)]
 
 
 # ---- output: checkpoint + report -------------------------------------------------------------------
@@ -472,18 +470,18 @@ def add_dha_options(p) -> None:
     g.add_argument("--fusion-lr", type=float, default=None, help="learning rate of the fusion coefficients (default: 2 / fusion steps, in [0.005, 0.1])")
     g.add_argument("--freeze-base", action="store_true", help="fusion: keep the source K/V projection weights fixed (only the coefficients and the rest train)")
     # Training options (--tokens, --lr, --distill, ...) from dha.cli, unless the verb has them already.
-    # The verb's --block-size (calibration) and --seed also serve training; its --dtype is the load dtype.
+    # The verb's --block-size (calibration) and --seed also serve training; its --dtype is the load
+    # dtype, so the autocast dtype of training is --train-dtype.
     from .cli import add_training_options
 
     present = {a.dest for a in p._actions}
-    skip = tuple(present | ({"train_dtype"} if "--dtype" in p._option_string_actions else set()))
     if "tokens" not in present:
-        add_training_options(p, tokens_required=False, skip=skip)
+        add_training_options(p, tokens_required=False, skip=tuple(present), dtype_flag="--train-dtype")
 
 
 def run_convert_dha(args) -> int:
     """`dha convert SOURCE --method dha ...`: run_dha on the CLI's options, write DIR, print a JSON line."""
-    from .checkpoint import atomic_dir, load
+    from .checkpoint import atomic_dir, check_out, load
     from .data import DEFAULT_DATA, DataError, load_tokens
     from .search import SearchOptions
 
@@ -494,12 +492,17 @@ def run_convert_dha(args) -> int:
             raise UserError(f"{flag} is not supported with --method dha yet (the pipeline runs in one process, start to end)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--method dha runs in one process: start it without torchrun")
+    if args.dtype not in ("auto", "float32"):
+        raise UserError(f"--dtype {args.dtype}: --method dha works on float32 weights; set the autocast dtype of "
+                        "its training with --train-dtype")
+    if getattr(args, "teacher", None) and not getattr(args, "distill", False):
+        raise UserError("--teacher is only used with --distill")
     if args.kv_budget is None or not 0 < args.kv_budget <= 1:
         raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
     data = args.data or DEFAULT_DATA
     if data != DEFAULT_DATA and not os.path.exists(data):
         raise DataError(f"data not found: {data}")
-    search_options = SearchOptions(search=args.search, metric=args.metric, key_cost=args.key_cost,
+    search_options = SearchOptions(search=args.search, metric=args.metric or SearchOptions.metric, key_cost=args.key_cost,
                                    sensitivity=args.sensitivity, allocation=args.allocation,
                                    decoupled=not args.coupled_kv, seed=args.seed,
                                    progress=not getattr(args, "no_progress", False))
@@ -508,13 +511,11 @@ def run_convert_dha(args) -> int:
                            train_base=not args.freeze_base)
     train_cfg = _train_config(args, tokens)
     config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction, merge=args.merge,
-                       calib_tokens=args.calib_tokens, calib_block_size=args.block_size if not hasattr(args, "calib_block_size") else args.calib_block_size,
+                       calib_tokens=args.calib_tokens, calib_block_size=args.block_size,
                        search=search_options, fusion=fusion, train=train_cfg)
     config.validate()
     split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise UserError(f"output {args.out} already exists and is not empty (use a new --out)")
+    check_out(args.out)
 
     loaded = load(args.source, torch.float32)  # float32 master weights; --dtype of training is autocast only
     teacher = None

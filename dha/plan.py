@@ -124,8 +124,12 @@ class Plan:
                 d = json.load(f)
         except FileNotFoundError:
             raise PlanError(f"plan file not found: {path}") from None
-        except json.JSONDecodeError as e:
+        except IsADirectoryError:
+            raise PlanError(f"{path} is a directory: give its plan.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"plan file {path} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise PlanError(f"cannot read plan file {path}: {e.strerror or e}") from None
         return cls.from_dict(d)
 
 

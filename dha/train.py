@@ -74,7 +74,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
@@ -114,6 +114,7 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every this many steps (needs an output dir); 0: none
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # data order (and the torch/python RNGs, for hooks that sample)
+    data_start: int = 0  # rows of the seeded data order already read (a later stage starts where an earlier one stopped)
     distill: bool = False  # add the KL to the teacher's logits
     distill_weight: float = 0.5  # w in (1 - w) * LM + w * KD
     distill_temperature: float = 1.0  # T in the KD term
@@ -123,6 +124,7 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.tokens >= 1, f"tokens must be at least 1, got {self.tokens}"),
+            (self.data_start >= 0, f"data start must be >= 0, got {self.data_start}"),
             (self.block_size >= 2, f"block size must be at least 2 (one input and one target), got {self.block_size}"),
             (self.batch_tokens >= 1, f"batch tokens must be at least 1, got {self.batch_tokens}"),
             (self.micro_batch >= 1, f"micro batch must be at least 1, got {self.micro_batch}"),
@@ -329,7 +331,9 @@ def _same_run(a: dict, b: dict) -> list[str]:
     """Names of what differs between two run identities (ignoring fields that may change on resume)."""
     diffs = [k for k in ("format", "run", "model") if a.get(k) != b.get(k)]
     ca, cb = a.get("config", {}), b.get("config", {})
-    diffs += [f"config.{k}" for k in sorted(set(ca) | set(cb)) if k not in RESUMABLE_CHANGES and ca.get(k) != cb.get(k)]
+    default = {f.name: f.default for f in fields(TrainConfig)}  # a field added since a run was written has its default there
+    diffs += [f"config.{k}" for k in sorted(set(ca) | set(cb))
+              if k not in RESUMABLE_CHANGES and ca.get(k, default.get(k)) != cb.get(k, default.get(k))]
     return diffs
 
 
@@ -636,7 +640,7 @@ def train(
         factor = lr_factor(step, shape.steps, shape.warmup, cfg.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = abs(g["peak_lr"]) * factor
-        start = (step - 1) * shape.rows + d.rank * per_rank
+        start = cfg.data_start + (step - 1) * shape.rows + d.rank * per_rank
         my_rows = rows[rows_at(rows.shape[0], cfg.seed, start, per_rank)]  # (per_rank, width)
         sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # LM and KD loss sums
         extra_scalars: dict = {}
@@ -793,6 +797,7 @@ def continue_training(
     resume: str | None = None,
     progress: bool = True,
     text_field: str = "text",
+    heldout_fraction: float = 0.1,
     run_info: dict | None = None,
 ) -> TrainResult:
     """Train `loaded.model` on DATA (tokenised with `loaded.tokenizer`, see dha.data.load_tokens).
@@ -803,7 +808,7 @@ def continue_training(
     run_info identifies the run in run.json (default: source and data as named)."""
     from .data import load_tokens
 
-    splits = load_tokens(data, loaded.tokenizer, text_field=text_field)
+    splits = load_tokens(data, loaded.tokenizer, text_field=text_field, heldout_fraction=heldout_fraction)
     if run_info is None:
         run_info = {"source": loaded.source, "data": splits.source, "text_field": text_field}
     heldout = splits.heldout if splits.heldout.numel() >= cfg.block_size else None

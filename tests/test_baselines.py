@@ -6,6 +6,7 @@ References: stock HF LlamaForCausalLM models whose weights the tests build by ha
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import pytest
@@ -279,3 +280,89 @@ def test_cli_convert_baseline_with_tokens_trains_and_saves(tmp_path, monkeypatch
     assert [cfg.key_heads(l) for l in range(cfg.num_layers)] == list(expected_k)
     assert [cfg.value_heads(l) for l in range(cfg.num_layers)] == list(expected_v)
     assert trained.model.state_dict()["embed.weight"].ne(before.model.state_dict()["embed.weight"]).any()  # it trained
+
+
+# ---- convert --tokens: the training options --------------------------------------------------------
+
+def _state(path):
+    return {k: v.clone() for k, v in load(path).model.state_dict().items()}
+
+
+def test_cli_convert_training_resumes_after_a_crash_like_an_uninterrupted_run(workspace, monkeypatch):
+    """A baseline conversion with --tokens and --save-every, stopped at step 4, continues from its
+    step-2 checkpoint with --resume and ends where the uninterrupted run ends (fp32, atol 1e-6)."""
+    import dha.train
+
+    tmp, src, data = workspace
+    common = ["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--tokens", "384",
+              "--block-size", "16", "--batch-tokens", "64", "--eval-every", "0", "--no-progress", "--json"]
+    full, crashed = str(tmp / "full"), str(tmp / "crashed")
+    assert main([*common, "--out", full]) == 0
+
+    real = dha.train.lr_factor
+
+    def crash_at_step_4(step, *args):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return real(step, *args)
+
+    monkeypatch.setattr(dha.train, "lr_factor", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main([*common, "--save-every", "2", "--out", crashed])
+    monkeypatch.setattr(dha.train, "lr_factor", real)
+    assert os.path.exists(os.path.join(crashed, "checkpoints", "step_00000002.pt"))
+    assert main([*common, "--save-every", "2", "--out", crashed, "--resume", crashed]) == 0
+    want, got = _state(full), _state(crashed)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resume", "somewhere"], "give --tokens"),
+    (["--save-every", "2"], "give --tokens"),
+    (["--tokens", "128", "--dtype", "bfloat16"], "--train-dtype"),
+    (["--tokens", "128", "--teacher", "x"], "only used with --distill"),
+    (["--tokens", "128", "--resume", "elsewhere"], "resumes its own run"),
+])
+def test_cli_convert_training_options_refused_before_loading(workspace, extra, message, capsys):
+    tmp, src, data = workspace
+    out = tmp / "out"
+    assert main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, *extra, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_convert_training_holds_out_what_calibration_held_out(workspace, monkeypatch):
+    """--heldout-fraction splits the text for training as it did for calibration."""
+    import dha.data
+
+    tmp, src, data = workspace
+    seen, real = [], dha.data.load_tokens
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("heldout_fraction", 0.1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dha.data, "load_tokens", spy)
+    assert main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--heldout-fraction", "0.3",
+                 "--tokens", "64", "--block-size", "16", "--batch-tokens", "64", "--eval-every", "0", "--no-progress",
+                 "--out", str(tmp / "o")]) == 0
+    assert seen and all(f == 0.3 for f in seen)
+
+
+def test_cli_out_that_cannot_be_created_exits_2_before_any_work(workspace, capsys):
+    tmp, src, data = workspace
+    blocker = tmp / "a_file"
+    blocker.write_text("x")
+    for verb in (["convert", src, "--method", "gqa", "--kv-budget", "0.5"], ["convert", src, "--method", "dha", "--kv-budget", "0.5"],
+                 ["analyze", src, "--data", data], ["export", src]):
+        assert main([*verb, "--out", str(blocker / "sub" / "out")]) == 2, verb
+        assert "is not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == "x"
+
+
+def test_cli_plan_that_is_a_directory_exits_2(workspace, capsys):
+    tmp, src, data = workspace
+    assert main(["convert", src, "--plan", str(tmp), "--out", str(tmp / "out")]) == 2
+    assert "is a directory" in capsys.readouterr().err

@@ -288,6 +288,29 @@ def test_cli_convert_dha_end_to_end(convert_setup, capsys):
     assert "![allocation.png](allocation.png)" in report and "| source |" in report
 
 
+def test_continued_training_reads_on_from_where_fusion_stopped(convert_setup, capsys, monkeypatch):
+    """The token budget is N distinct tokens: the two stages must not both read the first rows."""
+    import dha.train
+    from dha.cli import main
+
+    real_rows_at, reads = dha.train.rows_at, []
+
+    def spy(num_rows, seed, start, count):
+        idx = real_rows_at(num_rows, seed, start, count)
+        reads.append((num_rows, idx.tolist()))
+        return idx
+
+    monkeypatch.setattr(dha.train, "rows_at", spy)
+    tmp_path, source, common = convert_setup
+    assert main(["convert", source, *common, "--tokens", "640", "--eval-every", "0", "--out", str(tmp_path / "o")]) == 0
+    assert len(reads) == 10  # 3 fusion + 7 continued steps of 4 rows
+    num_rows = reads[0][0]
+    rows = [i for _, idx in reads for i in idx]
+    assert len(rows) == 40
+    first_epoch = rows[:num_rows]
+    assert len(set(first_epoch)) == len(first_epoch), "a row was read twice before the train split was used up"
+
+
 def test_cli_convert_dha_tokens_zero_mean_merges(convert_setup, capsys):
     import json
     import os
@@ -350,6 +373,21 @@ def test_anneal_reaches_the_merged_model_exactly():
     _, merged_after = merge(fused)  # the merge weights do not depend on the annealing
     with torch.no_grad():
         assert_close(merged_after(ids), merged_before(ids), atol=1e-6, rtol=0)
+
+
+def test_anneal_schedule_starts_at_the_unchanged_model_and_ends_merged():
+    """Step 0 (and its evaluation) is the source; after the last step the copies sit at their mean."""
+    from dha.fuse import FusionSchedule
+
+    hf = tiny_llama_hf()
+    fused = FusedModel(ours_from_hf(hf), DECOUPLED, FusionOptions(schedule="anneal", ramp_end=1.0)).eval()
+    schedule = FusionSchedule(fused, steps=4)
+    ids = random_ids()
+    with torch.no_grad():
+        assert_close(fused(ids), hf_logits(hf, ids), atol=1e-5, rtol=0)  # fp32
+        for step in range(1, 5):
+            schedule.on_step_end(fused, step, {})
+        assert fused.fusion_loss()[0].item() < 1e-10
 
 
 def test_methods_registry_dha_searches_and_mean_merges():
