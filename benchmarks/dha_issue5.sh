@@ -30,6 +30,10 @@ if [[ $part == 2 || $part == all ]]; then
   $bench --kv-budget 0.3334 --methods prune --tokens 200000 --batch-tokens 1024 --out $res/b2_smollm2_third_200k_prune.json
   # the 16k column (an earlier run, same settings)
   $bench --kv-budget 0.3334 --methods gqa,svd,dha --tokens 16384 --batch-tokens 1024 --out $res/dha_vs_baselines_smollm2_16k.json
+  # The dha rows above were made while its continued training re-read the fusion stage's rows (their
+  # files say "reread_fusion_rows"); after the fix (commit 1623a70), the same runs (two lanes, one thread each):
+  $bench --kv-budget 0.3334 --methods dha --tokens 16384,40000,50000 --batch-tokens 1024 --out $res/b2_smollm2_third_dha_16k_40k_50k_distinct.json
+  $bench --kv-budget 0.3334 --methods dha --tokens 200000 --batch-tokens 1024 --out $res/b2_smollm2_third_200k_dha_distinct.json
 fi
 if [[ $part == 3 || $part == all ]]; then
   # 3. A small MHA model with learned heads (trained once, cached under ~/.cache/dha, not committed).
@@ -54,6 +58,7 @@ if [[ $part == 4 || $part == all ]]; then
     --tokens 16384 --batch-tokens 1024 --out $res/ablations_smollm2_half_16k.json
   $bench --kv-budget 0.5 --methods dha+learned --learned-steps 120 --tokens 0,16384 --batch-tokens 1024 \
     --out $res/ablations_smollm2_half_learned.json
+  $bench --kv-budget 0.5 --methods dha+learned --learned-steps 240 --tokens 0 --out $res/ablations_smollm2_half_learned240.json  # the paper's 240 steps
   $bench --kv-budget 0.5 --methods dha+sensitivity --tokens 0,16384 --batch-tokens 1024 \
     --out $res/ablations_smollm2_half_sensitivity.json   # = today's default dha
   # The default search with the PCA merge instead of fusion.

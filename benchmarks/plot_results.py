@@ -8,7 +8,9 @@
 - small_mha.png: the small MHA model at 50% and 25%, each method (no training);
 - ablations_smollm2.png: the DHA ablations on SmolLM2 at 1/2 (ablations_smollm2_half_*.json), each
   variant with no training and after 16,384 tokens.
-Only what the result files hold is drawn; a missing file is skipped. Also prints the README's
+Only what the result files hold is drawn; a missing file is skipped. Files made while the dha
+method's continued training re-read its fusion stage's rows say so ("reread_fusion_rows"); their
+trained dha rows are labelled "(re-read)" (dashed in the SmolLM2 plot). Also prints the README's
 table of benchmark 2 (held-out ppl and ratio to the source, per method and token count) as Markdown.
 """
 
@@ -22,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -37,15 +40,29 @@ def rows(pattern: str) -> list[dict]:
         with open(path) as f:
             report = json.load(f)
         old_defaults = report.get("search_defaults", {})
-        out += [{**r, "source_ppl": report["source_ppl"], "search_defaults": old_defaults}
-                for r in report["rows"] if "same_as" not in r]
+        for r in report["rows"]:
+            if "same_as" in r:
+                continue
+            out.append({**r, "source_ppl": report["source_ppl"], "search_defaults": old_defaults,
+                        "reread": bool(report.get("reread_fusion_rows")) and reread(r)})
     return out
+
+
+def reread(row: dict) -> bool:
+    """A trained dha row with a fusion stage, from a file made while continued training re-read fusion's rows."""
+    return row["method"].startswith("dha") and "pca" not in row["method"] and row["tokens"] > 0
 
 
 def smollm2_rows() -> list[dict]:
     """Benchmark 2: every method at 1/3, and the control (the source trained the same way)."""
-    return (rows("b2_smollm2_third_*.json") + rows("dha_vs_baselines_smollm2_16k.json")
-            + rows("b2_smollm2_source_*.json"))
+    data = rows("b2_smollm2_third_*.json") + rows("dha_vs_baselines_smollm2_16k.json") + rows("b2_smollm2_source_*.json")
+    for r in data:  # both kinds of dha run are here: name the old ones
+        if r["reread"]:
+            r["method"] += " (re-read)"
+    return data
+
+
+REREAD_NOTE = "* dha variants with fusion, trained: made while continued training re-read the fusion rows (fixed since)"
 
 
 def plot_smollm2() -> str | None:
@@ -55,7 +72,9 @@ def plot_smollm2() -> str | None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method in sorted({r["method"] for r in data}):
         pts = sorted((r["tokens"], r["ppl_ratio"]) for r in data if r["method"] == method)
-        ax.plot([t / 1000 for t, _ in pts], [p for _, p in pts], "o-", label=method, color=COLORS.get(method))
+        style = "o--" if method.endswith("(re-read)") else "o-"
+        ax.plot([t / 1000 for t, _ in pts], [p for _, p in pts], style, label=method,
+                color=COLORS.get(method.removesuffix(" (re-read)")), alpha=0.5 if style == "o--" else 1.0)
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (thousands)")
     ax.set_ylabel("held-out perplexity / source")
@@ -72,15 +91,23 @@ def bars(ax, data: list[dict], title: str) -> None:
     methods = list(dict.fromkeys(r["method"] for r in data))
     tokens = sorted({r["tokens"] for r in data})
     width = 0.8 / len(tokens)
+    handles = []
     for i, t in enumerate(tokens):
-        vals = [next((r["ppl_ratio"] for r in data if r["method"] == m and r["tokens"] == t), float("nan")) for m in methods]
-        ax.bar([j + i * width for j in range(len(methods))], vals, width, label=f"{t:,} tokens")
+        cell = [next((r for r in data if r["method"] == m and r["tokens"] == t), None) for m in methods]
+        vals = [r["ppl_ratio"] if r else float("nan") for r in cell]
+        made = ax.bar([j + i * width for j in range(len(methods))], vals, width, label=f"{t:,} tokens")
+        handles.append(Patch(facecolor=made.patches[0].get_facecolor(), label=f"{t:,} tokens"))
+        for patch, r in zip(made.patches, cell):
+            if r and r["reread"]:
+                patch.set_hatch("/////")
+    if any(r["reread"] for r in data):
+        ax.figure.text(0.01, 0.01, REREAD_NOTE.replace("* ", "hatched: "), fontsize=7)
     ax.set_xticks([j + width * (len(tokens) - 1) / 2 for j in range(len(methods))], methods, rotation=20)
     ax.set_yscale("log")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
     ax.set_ylabel("held-out perplexity / source")
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(handles=handles, fontsize="small")
 
 
 def plot_small_mha() -> str | None:
