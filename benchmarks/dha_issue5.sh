@@ -68,4 +68,7 @@ if [[ $part == 4 || $part == all ]]; then
   # dha, both in dha_vs_baselines_smollm2_16k.json.
   $bench --kv-budget 0.3334 --methods dha+fusion0.1,dha+fusion0.6 --tokens 16384 --batch-tokens 1024 \
     --out $res/fusion_fraction_smollm2_third_16k.json
+  # the same after the re-read fix (0.3 is the 16k row of b2_smollm2_third_dha_16k_40k_50k_distinct.json)
+  $bench --kv-budget 0.3334 --methods dha+fusion0.1,dha+fusion0.6 --tokens 16384 --batch-tokens 1024 \
+    --out $res/fusion_fraction_smollm2_third_16k_distinct.json
 fi
