@@ -50,7 +50,7 @@ def rows(pattern: str) -> list[dict]:
 
 def reread(row: dict) -> bool:
     """A trained dha row with a fusion stage, from a file made while continued training re-read fusion's rows."""
-    return row["method"].startswith("dha") and "pca" not in row["method"] and row["tokens"] > 0
+    return row["method"].startswith("dha") and "pca" not in row["method"] and "nofusion" not in row["method"] and row["tokens"] > 0
 
 
 def smollm2_rows() -> list[dict]:
@@ -100,8 +100,9 @@ def bars(ax, data: list[dict], title: str) -> None:
         for patch, r in zip(made.patches, cell):
             if r and r["reread"]:
                 patch.set_hatch("/////")
-    if any(r["reread"] for r in data):
+    if any(r["reread"] for r in data) and not getattr(ax.figure, "reread_noted", False):
         ax.figure.text(0.01, 0.01, REREAD_NOTE.replace("* ", "hatched: "), fontsize=7)
+        ax.figure.reread_noted = True  # once per figure, however many panels
     ax.set_xticks([j + width * (len(tokens) - 1) / 2 for j in range(len(methods))], methods, rotation=20)
     ax.set_yscale("log")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")

@@ -288,7 +288,13 @@ def check_out(path: str) -> None:
     """Refuse an --out that exists and is not an empty directory, or that cannot be created, before any slow work."""
     path = os.path.abspath(path)
     if os.path.exists(path):
-        if not os.path.isdir(path) or os.listdir(path):
+        try:
+            empty = os.path.isdir(path) and not os.listdir(path)
+        except OSError as e:
+            raise UserError(f"output {path} cannot be read: {e.strerror or e}") from None
+        if os.path.exists(os.path.join(path, "run.json")):
+            raise UserError(f"output {path} holds a training run: continue it with --resume {path}, or use a new --out")
+        if not empty:
             raise UserError(f"output {path} already exists and is not empty (use a new --out)")
         return
     ancestor = os.path.dirname(path)

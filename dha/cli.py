@@ -373,7 +373,10 @@ def run_convert(args) -> int:
                           resume=resume, progress=not args.no_progress, text_field=args.text_field,
                           heldout_fraction=args.heldout_fraction,
                           run_info={"source": source_identity(args.source), "method": result.plan.method,
-                                    "kv_budget": args.kv_budget, "data": source_identity(args.data or "pydoc"),
+                                    "kv_budget": args.kv_budget, "plan": source_identity(args.plan) if args.plan else None,
+                                    "data": source_identity(args.data or "pydoc"), "text_field": args.text_field,
+                                    "heldout_fraction": args.heldout_fraction, "calib_tokens": args.calib_tokens,
+                                    "metric": args.metric or "cka", "grouping": args.grouping,
                                     "teacher": source_identity(args.teacher) if args.teacher else None})
     else:
         save(args.out, result, overwrite=False)

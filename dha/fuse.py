@@ -285,7 +285,7 @@ class FusionSchedule:
     def __init__(self, fused: FusedModel, steps: int, options: FusionOptions | None = None):
         self.fused, self.steps = fused, max(1, steps)
         self.options = options or fused.options
-        self.start = round(self.options.ramp_start * self.steps)
+        self.start = min(round(self.options.ramp_start * self.steps), self.steps - 1)  # the ramp ends by the last step
         self.end = max(self.start + 1, round(self.options.ramp_end * self.steps))
         lr = self.options.coefficient_lr
         self.coefficient_lr = lr if lr is not None else min(0.1, max(0.005, 2.0 / self.steps))

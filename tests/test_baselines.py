@@ -366,3 +366,61 @@ def test_cli_plan_that_is_a_directory_exits_2(workspace, capsys):
     tmp, src, data = workspace
     assert main(["convert", src, "--plan", str(tmp), "--out", str(tmp / "out")]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_cli_metric_default_is_each_consumers_own(workspace, monkeypatch):
+    """--metric unset: the baselines cluster by CKA, the dha search by its own default (cosine)."""
+    import dha.convert
+    import dha.search
+
+    tmp, src, data = workspace
+    seen = {}
+
+    def stop_convert(loaded, method, budget, calib, options):
+        seen["gqa-similar"] = options.metric
+        raise _Stop
+
+    def stop_search(model, budget, calib, options):
+        seen["dha"] = options.metric
+        raise _Stop
+
+    monkeypatch.setattr(dha.convert, "convert", stop_convert)
+    monkeypatch.setattr(dha.search, "search", stop_search)
+    for method in ("gqa-similar", "dha"):
+        with pytest.raises(_Stop):
+            main(["convert", src, "--method", method, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "64",
+                  "--block-size", "16", "--no-progress", "--out", str(tmp / method)])
+    assert seen == {"gqa-similar": "cka", "dha": "cosine"}
+
+
+def test_cli_convert_training_gets_train_dtype_and_teacher(workspace, monkeypatch):
+    import dha.train
+
+    tmp, src, data = workspace
+    seen = {}
+
+    def stop(loaded, data, cfg, **kwargs):
+        seen.update(dtype=cfg.dtype, teacher=kwargs["teacher"], weights=next(loaded.model.parameters()).dtype)
+        raise _Stop
+
+    monkeypatch.setattr(dha.train, "continue_training", stop)
+    other = tiny_source(str(tmp / "teacher"), tiny_llama_hf(seed=7, layers=3))  # a teacher unlike the source
+    with pytest.raises(_Stop):
+        main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--tokens", "64",
+              "--train-dtype", "bfloat16", "--distill", "--teacher", other, "--block-size", "16", "--batch-tokens", "64",
+              "--no-progress", "--out", str(tmp / "o")])
+    assert seen["dtype"] == "bfloat16" and seen["weights"] == torch.float32
+    assert seen["teacher"].config.num_layers == 3  # --teacher, not the source (2 layers)
+
+
+def test_cli_out_holding_a_training_run_points_to_resume(workspace, capsys):
+    tmp, src, data = workspace
+    run = tmp / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    assert main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--out", str(run)]) == 2
+    assert f"--resume {run}" in capsys.readouterr().err

@@ -375,17 +375,19 @@ def test_anneal_reaches_the_merged_model_exactly():
         assert_close(merged_after(ids), merged_before(ids), atol=1e-6, rtol=0)
 
 
-def test_anneal_schedule_starts_at_the_unchanged_model_and_ends_merged():
+@pytest.mark.parametrize("ramp_start, ramp_end, steps", [(0.0, 1.0, 4), (0.0, 0.5, 1), (1.0, 1.0, 4), (0.9, 0.9, 3), (0.6, 1.0, 1)])
+def test_anneal_schedule_starts_at_the_unchanged_model_and_ends_merged(ramp_start, ramp_end, steps):
     """Step 0 (and its evaluation) is the source; after the last step the copies sit at their mean."""
     from dha.fuse import FusionSchedule
 
     hf = tiny_llama_hf()
-    fused = FusedModel(ours_from_hf(hf), DECOUPLED, FusionOptions(schedule="anneal", ramp_end=1.0)).eval()
-    schedule = FusionSchedule(fused, steps=4)
+    options = FusionOptions(schedule="anneal", ramp_start=ramp_start, ramp_end=ramp_end)
+    fused = FusedModel(ours_from_hf(hf), DECOUPLED, options).eval()
+    schedule = FusionSchedule(fused, steps=steps)
     ids = random_ids()
     with torch.no_grad():
         assert_close(fused(ids), hf_logits(hf, ids), atol=1e-5, rtol=0)  # fp32
-        for step in range(1, 5):
+        for step in range(1, steps + 1):
             schedule.on_step_end(fused, step, {})
         assert fused.fusion_loss()[0].item() < 1e-10
 

@@ -334,3 +334,17 @@ def test_cli_bad_inputs_exit_2_and_overwrite_nothing(cli_setup, capsys):
     assert snapshot(run) == before
     assert (stranger / "notes.txt").read_text() == "mine" and os.listdir(stranger) == ["notes.txt"]
     assert not any(os.path.exists(tmp_path / d) for d in "abc")
+
+
+def test_a_run_written_before_a_config_field_existed_still_resumes():
+    """run.json from before TrainConfig.data_start: the missing field counts as its default."""
+    from dataclasses import asdict
+
+    from dha.train import _same_run
+
+    cfg = TrainConfig(tokens=64)
+    new = {"format": 1, "run": {}, "config": asdict(cfg), "model": None}
+    old = {**new, "config": {k: v for k, v in asdict(cfg).items() if k != "data_start"}}
+    assert _same_run(old, new) == []
+    moved = {**new, "config": {**asdict(cfg), "data_start": 8}}
+    assert _same_run(old, moved) == ["config.data_start"]
