@@ -63,6 +63,9 @@ if [[ $part == 4 || $part == all ]]; then
     --out $res/ablations_smollm2_half_sensitivity.json   # = today's default dha
   # The default search with the PCA merge instead of fusion.
   $bench --kv-budget 0.5 --methods dha+pca --tokens 0,16384 --batch-tokens 1024 --out $res/ablations_smollm2_half_pca_sensitivity.json
+  # The default and --no-sensitivity at 16k again after the re-read fix (two lanes, one thread each)
+  $bench --kv-budget 0.5 --methods dha --tokens 16384 --batch-tokens 1024 --out $res/ablations_smollm2_half_dha_16k_distinct.json
+  $bench --kv-budget 0.5 --methods dha+nosensitivity --tokens 16384 --batch-tokens 1024 --out $res/ablations_smollm2_half_nosensitivity_16k_distinct.json
   # The split of the tokens between fusion and continued training, at 1/3 (where the plan is fixed:
   # every layer keeps one K and one V head). Fraction 0 is gqa (same groups, mean merge) and 0.3 is
   # dha, both in dha_vs_baselines_smollm2_16k.json.

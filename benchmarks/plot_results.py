@@ -93,7 +93,9 @@ def bars(ax, data: list[dict], title: str) -> None:
     width = 0.8 / len(tokens)
     handles = []
     for i, t in enumerate(tokens):
-        cell = [next((r for r in data if r["method"] == m and r["tokens"] == t), None) for m in methods]
+        # where a run was repeated after the re-read fix, the new one
+        cell = [min((r for r in data if r["method"] == m and r["tokens"] == t), key=lambda r: r["reread"], default=None)
+                for m in methods]
         vals = [r["ppl_ratio"] if r else float("nan") for r in cell]
         made = ax.bar([j + i * width for j in range(len(methods))], vals, width, label=f"{t:,} tokens")
         handles.append(Patch(facecolor=made.patches[0].get_facecolor(), label=f"{t:,} tokens"))
@@ -128,6 +130,7 @@ def plot_ablations() -> str | None:
     for r in data:  # files made before sensitivity weighting was the default: say what their cost-search rows were
         if r["search_defaults"].get("sensitivity") is False and "learned" not in r["method"]:
             r["method"] += "+nosensitivity"
+        r["method"] = r["method"].replace("+sensitivity", "")  # the default since: plain dha
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(10, 4.2))
