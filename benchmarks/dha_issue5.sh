@@ -41,7 +41,14 @@ if [[ $part == 3 || $part == all ]]; then
   for B in 0.5 0.25; do
     $bench --setup ~/.cache/dha/small-mha-pydoc --kv-budget $B --methods source,gqa,gqa-similar,svd,prune,dha,dha+nosensitivity,dha+pca \
       --tokens 0,50000 --batch-tokens 1024 --out $res/b3_small_mha_${B}_50k.json
+    # the fused DHA rows again after the re-read fix
+    $bench --setup ~/.cache/dha/small-mha-pydoc --kv-budget $B --methods dha,dha+nosensitivity --tokens 50000 --batch-tokens 1024 \
+      --out $res/b3_small_mha_${B}_dha_50k_distinct.json
   done
+  # Data-order noise at 0.5: --seed 1 (the *_reread_* and *_oldanneal_* controls need the one-line
+  # code changes their "note" names, so they are not rerun here)
+  $bench --setup ~/.cache/dha/small-mha-pydoc --kv-budget 0.5 --methods dha --tokens 50000 --batch-tokens 1024 --seed 1 \
+    --out $res/b3_small_mha_0.5_dha_50k_distinct_seed1.json
 fi
 if [[ $part == 4 || $part == all ]]; then
   # 4. Ablations. Without fusion: at 1/3 on SmolLM2 (part 2) dha and gqa have the same groups (all
