@@ -91,7 +91,7 @@ def bars(ax, data: list[dict], title: str) -> None:
     methods = list(dict.fromkeys(r["method"] for r in data))
     tokens = sorted({r["tokens"] for r in data})
     width = 0.8 / len(tokens)
-    handles = []
+    handles, hatched = [], False
     for i, t in enumerate(tokens):
         # where a run was repeated after the re-read fix, the new one
         cell = [min((r for r in data if r["method"] == m and r["tokens"] == t), key=lambda r: r["reread"], default=None)
@@ -102,7 +102,8 @@ def bars(ax, data: list[dict], title: str) -> None:
         for patch, r in zip(made.patches, cell):
             if r and r["reread"]:
                 patch.set_hatch("/////")
-    if any(r["reread"] for r in data) and not getattr(ax.figure, "reread_noted", False):
+                hatched = True
+    if hatched and not getattr(ax.figure, "reread_noted", False):
         ax.figure.text(0.01, 0.01, REREAD_NOTE.replace("* ", "hatched: "), fontsize=7)
         ax.figure.reread_noted = True  # once per figure, however many panels
     ax.set_xticks([j + width * (len(tokens) - 1) / 2 for j in range(len(methods))], methods, rotation=20)
