@@ -62,7 +62,7 @@ def smollm2_rows() -> list[dict]:
     return data
 
 
-REREAD_NOTE = "* dha variants with fusion, trained: made while continued training re-read the fusion rows (fixed since)"
+REREAD_NOTE = "hatched: dha variants with fusion, trained: made while continued training re-read the fusion rows (fixed since)"
 
 
 def plot_smollm2() -> str | None:
@@ -104,7 +104,7 @@ def bars(ax, data: list[dict], title: str) -> None:
                 patch.set_hatch("/////")
                 hatched = True
     if hatched and not getattr(ax.figure, "reread_noted", False):
-        ax.figure.text(0.01, 0.01, REREAD_NOTE.replace("* ", "hatched: "), fontsize=7)
+        ax.figure.text(0.01, 0.01, REREAD_NOTE, fontsize=7)
         ax.figure.reread_noted = True  # once per figure, however many panels
     ax.set_xticks([j + width * (len(tokens) - 1) / 2 for j in range(len(methods))], methods, rotation=20)
     ax.set_yscale("log")

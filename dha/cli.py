@@ -252,7 +252,7 @@ def run_analyze(args) -> int:
     check_out(args.out)
     loaded = load(args.source, parse_dtype(args.dtype))
     calib = _calibration_blocks(args, loaded.tokenizer)
-    args.metric = args.metric or "cka"
+    args.metric = args.metric or "cka"  # analyze's own default, named here for the JSON line
     result = analyze(loaded.model, calib, metric=args.metric, threshold=args.threshold,
                      max_tokens=args.calib_tokens, seed=args.seed)
     result["source"] = loaded.source
@@ -292,8 +292,17 @@ def add_convert(sub) -> None:
     p.set_defaults(func=run_convert)
 
 
-def _check_convert_training(args, tokens: int) -> str | None:
-    """The training options of a baseline conversion, checked before loading; the run to resume, if any."""
+def check_convert_training_flags(args) -> None:
+    """What both convert paths (baselines, dha) require of the training flags: float32 master weights, and --teacher only with --distill."""
+    if args.dtype not in ("auto", "float32"):
+        raise UserError(f"--dtype {args.dtype}: --method dha, and any conversion with --tokens, keeps float32 weights; "
+                        "set the autocast dtype of its training with --train-dtype")
+    if getattr(args, "teacher", None) is not None and not getattr(args, "distill", False):
+        raise UserError("--teacher is only used with --distill")
+
+
+def _convert_training(args, tokens: int):
+    """A baseline conversion's training settings, checked before loading: (TrainConfig or None, the run to resume or None)."""
     import os
 
     resume = getattr(args, "resume", None)
@@ -302,18 +311,15 @@ def _check_convert_training(args, tokens: int) -> str | None:
                             ("--distill", getattr(args, "distill", False)), ("--teacher", getattr(args, "teacher", None))):
             if value:
                 raise UserError(f"{flag} is about training: give --tokens N as well")
-        return None
-    if args.dtype not in ("auto", "float32"):
-        raise UserError(f"--dtype {args.dtype}: with --tokens the model trains with float32 weights; "
-                        "set the autocast dtype with --train-dtype")
-    if args.teacher is not None and not args.distill:
-        raise UserError("--teacher is only used with --distill")
+        return None, None
+    check_convert_training_flags(args)
     if resume is not None:
         out = os.path.abspath(args.out)
         if os.path.commonpath([out, os.path.abspath(resume)]) != out:
             raise UserError(f"--resume {resume}: a conversion resumes its own run, in --out {args.out}")
-    train_config_from_args(args).validate()
-    return resume
+    cfg = train_config_from_args(args)
+    cfg.validate()
+    return cfg, resume
 
 
 def run_convert(args) -> int:
@@ -337,13 +343,13 @@ def run_convert(args) -> int:
         if not 0 < args.kv_budget <= 1:
             raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
         options = ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens, block_size=args.block_size,
-                                 metric=args.metric or "cka", grouping=args.grouping)
+                                 metric=args.metric or ConvertOptions.metric, grouping=args.grouping)
         needs_data = args.method not in NO_CALIBRATION
         if needs_data:
             _check_calibration_args(args)
     plan = Plan.load(args.plan) if args.plan is not None else None
     tokens = getattr(args, "tokens", None) or 0
-    resume = _check_convert_training(args, tokens)
+    train_cfg, resume = _convert_training(args, tokens)
     if resume is None:
         check_out(args.out)
 
@@ -369,14 +375,14 @@ def run_convert(args) -> int:
         else:
             teacher = loaded.model if args.distill else None
         result.provenance = {**result.provenance, "method": result.plan.method, "train_tokens": tokens}
-        continue_training(result, args.data, train_config_from_args(args), out_dir=args.out, teacher=teacher,
+        continue_training(result, args.data, train_cfg, out_dir=args.out, teacher=teacher,
                           resume=resume, progress=not args.no_progress, text_field=args.text_field,
                           heldout_fraction=args.heldout_fraction,
                           run_info={"source": source_identity(args.source), "method": result.plan.method,
                                     "kv_budget": args.kv_budget, "plan": source_identity(args.plan) if args.plan else None,
                                     "data": source_identity(args.data or "pydoc"), "text_field": args.text_field,
                                     "heldout_fraction": args.heldout_fraction, "calib_tokens": args.calib_tokens,
-                                    "metric": args.metric or "cka", "grouping": args.grouping,
+                                    "metric": args.metric or ConvertOptions.metric, "grouping": args.grouping,
                                     "teacher": source_identity(args.teacher) if args.teacher else None})
     else:
         save(args.out, result, overwrite=False)

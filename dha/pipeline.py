@@ -482,6 +482,7 @@ def add_dha_options(p) -> None:
 def run_convert_dha(args) -> int:
     """`dha convert SOURCE --method dha ...`: run_dha on the CLI's options, write DIR, print a JSON line."""
     from .checkpoint import atomic_dir, check_out, load
+    from .cli import check_convert_training_flags
     from .data import DEFAULT_DATA, DataError, load_tokens
     from .search import SearchOptions
 
@@ -492,11 +493,7 @@ def run_convert_dha(args) -> int:
             raise UserError(f"{flag} is not supported with --method dha yet (the pipeline runs in one process, start to end)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--method dha runs in one process: start it without torchrun")
-    if args.dtype not in ("auto", "float32"):
-        raise UserError(f"--dtype {args.dtype}: --method dha works on float32 weights; set the autocast dtype of "
-                        "its training with --train-dtype")
-    if getattr(args, "teacher", None) and not getattr(args, "distill", False):
-        raise UserError("--teacher is only used with --distill")
+    check_convert_training_flags(args)  # --method dha always works on float32 weights
     if args.kv_budget is None or not 0 < args.kv_budget <= 1:
         raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
     data = args.data or DEFAULT_DATA
