@@ -54,6 +54,7 @@ from dha.checkpoint import load
 from dha.convert import METHODS, convert
 from dha.data import blocks, load_tokens
 from dha.evaluate import perplexity
+from dha.fuse import FusionOptions
 from dha.pipeline import DHAConfig, calibration_blocks, run_dha
 from dha.plan import identity_plan
 from dha.search import SearchOptions
@@ -61,7 +62,10 @@ from dha.train import TrainConfig, train
 from dha.transforms import expand_to_mha, permute_query_heads
 
 
-DHA_CHANGES = ("nofusion", "pca", "uniform", "coupled", "learned", "nosensitivity", "sensitivity")  # sensitivity: the default, named explicitly
+# nofusion: the aligned merge at once, all tokens after it | mean: fuse toward the group mean (the old
+# target) | plain: the aligned merge in the plain (PCA) metric | pca: plain + nofusion (the old
+# --merge pca recipe) | nodistill: no distillation | frozenmaps: the merge maps are not trained
+DHA_CHANGES = ("nofusion", "mean", "plain", "pca", "nodistill", "frozenmaps", "uniform", "coupled", "learned", "nosensitivity")
 
 
 def dha_config(method: str, kv_budget: float, tokens: int, calib_tokens: int, train_cfg: TrainConfig,
@@ -76,13 +80,22 @@ def dha_config(method: str, kv_budget: float, tokens: int, calib_tokens: int, tr
     if unknown:
         raise SystemExit(f"unknown DHA change(s) {unknown}; choose from {', '.join(DHA_CHANGES)}")
     search = SearchOptions(search="learned" if "learned" in changes else "cost",
+                           metric="plain" if {"plain", "pca"} & set(changes) else "weighted",
                            allocation="uniform" if "uniform" in changes else "adaptive",
                            decoupled="coupled" not in changes, sensitivity="nosensitivity" not in changes,
                            steps=learned_steps, progress=False)
+    fusion = FusionOptions(learn_maps="frozenmaps" not in changes)
+    train = replace(train_cfg, tokens=max(tokens, 1), distill=train_cfg.distill and "nodistill" not in changes)
     return DHAConfig(kv_budget=kv_budget, tokens=tokens, calib_tokens=calib_tokens, final_eval_tokens=512,
                      fusion_fraction=0.0 if {"nofusion", "pca"} & set(changes) else fraction,
-                     merge="pca" if "pca" in changes else "mean",
-                     search=search, train=replace(train_cfg, tokens=max(tokens, 1)))
+                     merge="mean" if "mean" in changes else "aligned", fusion=fusion, search=search, train=train)
+
+
+def second_windows(path: str, tokenizer, max_tokens: int) -> torch.Tensor:
+    """512-token windows of a second text, all of it (train and held-out parts alike: nothing trains on it)."""
+    splits = load_tokens(path, tokenizer)
+    stream = torch.cat([splits.heldout, splits.train])
+    return blocks(stream, 512)[: max(1, max_tokens // 512)]
 
 
 def fingerprint(model) -> str:
@@ -119,6 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--learned-steps", type=int, default=240, help="optimisation steps of the learned search (dha+learned)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                   help="every method's training distils from the source (dha's default; default on)")
+    p.add_argument("--second-text", default=None,
+                   help="a second text (any --data form) that nothing trains or calibrates on: every model is also scored on it")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -129,8 +146,10 @@ def main(argv=None) -> int:
     calib = calibration_blocks(splits.train, args.calib_tokens, 256)
     source_ppl = perplexity(loaded.model, windows, batch_size=4, progress=False)["ppl"]
     print(f"source ({args.setup}): ppl {source_ppl:.3f} on {windows.numel()} held-out tokens", file=sys.stderr)
+    second = second_windows(args.second_text, loaded.tokenizer, args.eval_tokens) if args.second_text else None
+    second_source = perplexity(loaded.model, second, batch_size=4, progress=False)["ppl"] if second is not None else None
     train_cfg = TrainConfig(tokens=1, block_size=256, batch_tokens=args.batch_tokens, micro_batch=4, lr=args.lr,
-                            eval_every=0, eval_tokens=2048, seed=args.seed)
+                            eval_every=0, eval_tokens=2048, seed=args.seed, distill=args.distill)
     rows = []
     dha_plans = {}  # the search is deterministic: run it once per search setting, reuse it for every token budget
     done = {}  # (fingerprint of the converted model, tokens) -> row
@@ -157,13 +176,16 @@ def main(argv=None) -> int:
                 if key in done:
                     same_as = done[key]
                 elif tokens:
-                    model = train(model, splits.train, None, replace(train_cfg, tokens=tokens), progress=False).model
+                    teacher = loaded.model if train_cfg.distill else None
+                    model = train(model, splits.train, None, replace(train_cfg, tokens=tokens), teacher=teacher, progress=False).model
             if same_as is not None:
-                ppl = same_as["ppl"]
+                ppl, ppl2 = same_as["ppl"], same_as.get("second_ppl")
             else:
                 model.eval()
                 ppl = perplexity(model, windows, batch_size=4, progress=False)["ppl"]
+                ppl2 = perplexity(model, second, batch_size=4, progress=False)["ppl"] if second is not None else None
             row = {"method": method, "tokens": tokens, "ppl": ppl, "ppl_ratio": ppl / source_ppl,
+                   "second_ppl": ppl2, "second_ppl_ratio": ppl2 / second_source if ppl2 else None,
                    "kv_fraction": plan.kv_fraction(), "key_heads": sum(plan.key_heads()),
                    "value_heads": sum(plan.value_heads()), "seconds": round(time.perf_counter() - t0, 1)}
             if same_as is not None:
@@ -172,13 +194,15 @@ def main(argv=None) -> int:
                 done[key] = row
             rows.append(row)
             print(f"{method:>12} {tokens:>8} tokens  ppl {ppl:10.3f}  x{ppl / source_ppl:8.3f}  "
-                  f"KV {row['kv_fraction']:.1%}  ({row['seconds']} s)", file=sys.stderr, flush=True)
+                  f"KV {row['kv_fraction']:.1%}  ({row['seconds']} s)"
+                  + (f"  second text x{row['second_ppl_ratio']:.3f}" if ppl2 else ""), file=sys.stderr, flush=True)
 
     print(f"\n{'method':>12} {'tokens':>8} {'ppl':>10} {'/ source':>9} {'KV kept':>8}")
     print(f"{'source':>12} {'':>8} {source_ppl:10.3f} {1:9.3f} {1:8.1%}")
     for r in rows:
         print(f"{r['method']:>12} {r['tokens']:>8} {r['ppl']:10.3f} {r['ppl_ratio']:9.3f} {r['kv_fraction']:8.1%}")
     report = {"setup": args.setup, "kv_budget": args.kv_budget, "source_ppl": source_ppl, "learned_steps": args.learned_steps,
+              "second_text": args.second_text, "second_source_ppl": second_source, "distill": args.distill, "seed": args.seed,
               "eval_tokens": int(windows.numel()), "train": {"batch_tokens": args.batch_tokens, "lr": args.lr},
               "rows": rows, "seconds": round(time.perf_counter() - t_start, 1),
               "command": "python benchmarks/dha_vs_baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -10,7 +10,7 @@ Every method is a function
   none (gqa);
 - options: ConvertOptions (seed, metric, grouping, ...).
 
-Methods (METHOD.md part C):
+Methods (the usual baselines of KV-head reduction):
 - `gqa`          contiguous groups, mean-pooled (Ainslie et al. 2023, section 2.2).
 - `gqa_similar`  groups of similar heads (agglomerative clustering of the mean of the key and value
                  similarity), mean-pooled; one grouping shared by K and V, as in GQA (DHA paper's
@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from .analyze import METRICS, cluster, collect_heads, similarity
+from .compress import aligned_merge, closed_form_merges, heads_for_budget, largest_divisor_at_most, layer_stats, source_heads
 from .errors import UserError
 from .model import Transformer
 from .plan import LayerPlan, Plan, contiguous_groups
-from .transforms import build, heads, merge_groups, regroup_map, state_dict_of, unheads, with_maps
+from .transforms import merge_groups
 
 
 @dataclass
@@ -59,47 +60,6 @@ class ConvertOptions:
 
 
 GROUPINGS = ("contiguous", "similar")
-
-
-# ---- budget ----------------------------------------------------------------------------------------
-
-def source_heads(model: Transformer) -> tuple[list[int], list[int]]:
-    cfg = model.config
-    return [cfg.key_heads(l) for l in range(cfg.num_layers)], [cfg.value_heads(l) for l in range(cfg.num_layers)]
-
-
-def min_budget(source_key_heads: list[int], source_value_heads: list[int]) -> float:
-    """The smallest budget that keeps one key and one value head per layer."""
-    return 2 * len(source_key_heads) / (sum(source_key_heads) + sum(source_value_heads))
-
-
-def heads_for_budget(source_key_heads: list[int], source_value_heads: list[int], kv_budget: float) -> tuple[list[int], list[int]]:
-    """Key and value heads per layer for a uniform baseline at `kv_budget`.
-
-    The budget is a ceiling on the fraction of the source's KV cache kept, counted in heads (head
-    dim is unchanged): sum_l (Hk'(l) + Hv'(l)) <= kv_budget * sum_l (Hk(l) + Hv(l)), except that no
-    layer keeps fewer than one K and one V head. Per layer and kind, n = floor(kv_budget * n_source)
-    (plus 1e-9 against float error), at least 1. So SmolLM2 (3 KV heads) keeps 1 at 0.34, 2 at 0.67,
-    3 at 1.0; a 6-head MHA keeps 3 at 0.5.
-
-    Raises UserError when kv_budget is outside (0, 1] or below `min_budget` (one K and one V head
-    per layer).
-    """
-    if not isinstance(kv_budget, (int, float)) or math.isnan(kv_budget) or not 0 < kv_budget <= 1:
-        raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {kv_budget}")
-    least = min_budget(source_key_heads, source_value_heads)
-    if kv_budget < least - 1e-9:
-        raise UserError(
-            f"--kv-budget {kv_budget} is too small: keeping one key and one value head in each of the "
-            f"{len(source_key_heads)} layers already keeps {least:.4f} of the KV cache"
-        )
-    def count(n: int) -> int:
-        return max(1, min(n, math.floor(kv_budget * n + 1e-9)))
-    return [count(n) for n in source_key_heads], [count(n) for n in source_value_heads]
-
-
-def largest_divisor_at_most(n: int, target: int) -> int:
-    return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, target))
 
 
 # ---- calibration -----------------------------------------------------------------------------------
@@ -193,52 +153,6 @@ def even_groups(num_heads: int, num_groups: int) -> list[list[int]]:
     return out
 
 
-def _top_eigvecs(gram: torch.Tensor, k: int) -> torch.Tensor:
-    """The k leading eigenvectors (columns) of a Hermitian PSD matrix, largest first."""
-    values, vectors = torch.linalg.eigh(gram)  # ascending
-    return vectors[:, -k:].flip(-1)
-
-
-def key_fusion(keys: torch.Tensor, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE-commuting rank-hd compression of a group of key heads, from calibration keys.
-
-    keys: (N, g, hd) pre-RoPE keys of the group's heads (bias included).
-    A map commutes with RoPE when it acts on each rotated pair (i, i + r/2) as a complex scalar
-    (rotation + scaling), because RoPE multiplies pair i of a key by e^{i theta_i p}. So per pair,
-    with z_j = x_i + 1j x_{i+r/2} the complex key of head j, we take the rank-1 complex PCA of the
-    (N, g) matrix Z: its leading right singular vector v gives the new key z~ = sum_j v_j z_j and
-    the reconstruction z_j ~ conj(v_j) z~. A query that read head j then reads the new head with
-    its pair i multiplied by v_j (exact algebra: Re(conj(q) conj(v_j) z~) = Re(conj(v_j q) z~)).
-    Dims past rotary_dim are not rotated: there an ordinary PCA (g*p -> p) is used, as for values.
-    (This is our RoPE-aware choice; Yu et al. 2024 describe their own. It is exact for a group of one.)
-
-    Returns (pair_weights (r/2, g) complex128, pass_basis (g*p, p) float64).
-    """
-    N, g, hd = keys.shape
-    r = rotary_dim
-    k = keys.double()
-    z = torch.complex(k[..., : r // 2], k[..., r // 2 : r])  # (N, g, r/2)
-    pair_weights = torch.empty(r // 2, g, dtype=torch.complex128)
-    for i in range(r // 2):
-        Z = z[:, :, i]  # (N, g)
-        pair_weights[i] = _top_eigvecs(Z.conj().T @ Z, 1)[:, 0]
-    p = hd - r
-    if p:
-        P = k[..., r:].reshape(N, g * p)  # (N, g*p)
-        pass_basis = _top_eigvecs(P.T @ P, p)  # (g*p, p)
-    else:
-        pass_basis = torch.zeros(0, 0, dtype=torch.float64)
-    return pair_weights, pass_basis
-
-
-def _complex_rows(w: torch.Tensor, c: torch.Tensor, r: int) -> torch.Tensor:
-    """Multiply the rotated pairs of one head's rows (hd, ...) by complex scalars c (r/2,)."""
-    w = w.double()
-    a, b = c.real.reshape(-1, *([1] * (w.dim() - 1))), c.imag.reshape(-1, *([1] * (w.dim() - 1)))
-    x1, x2 = w[: r // 2], w[r // 2 : r]
-    return torch.cat([a * x1 - b * x2, b * x1 + a * x2, w[r:]])
-
-
 def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
     """Low-rank KV-head compression from calibration activations (Yu et al. 2024).
 
@@ -249,14 +163,16 @@ def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: Con
       value head is U^T [W_v of the group] (and bias), and source head j ~ U_j v~, U_j the j-th
       (hd, hd) block of U; softmax weights sum to one, so a query head h that read j gets W_O's
       columns of h replaced by W_O[:, h] U_j. Exact when g = 1 (U is then orthogonal).
-    - keys: `key_fusion`, the RoPE-commuting analogue: complex per-frequency-pair weights, folded
-      into the query heads' W_Q rows (and q bias).
+    - keys: the RoPE-commuting analogue, a complex PCA per frequency pair, folded into the query
+      heads' W_Q rows (and q bias).
+    Both are `dha.compress`'s aligned merge in its "plain" metric (DHA uses the weighted one).
     o_proj and q_proj change; nothing else does.
     """
     _need_calibration("svd", calib_blocks)
     src_k, src_v = source_heads(model)
     want_k, want_v = heads_for_budget(src_k, src_v, kv_budget)
     collected = collect_heads(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed)
+    stats = [layer_stats(model, l, acts, "plain") for l, acts in enumerate(collected)]
     layers = []
     for l, acts in enumerate(collected):
         if options.grouping == "similar":
@@ -268,84 +184,7 @@ def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: Con
     notes = {"grouping": options.grouping, "keys": "complex per-frequency-pair PCA (RoPE-commuting), folded into W_Q",
              "values": "PCA of the group's outputs, folded into W_O", **_options_notes(options, calib_blocks)}
     plan = _plan(model, layers, "svd", kv_budget, notes)
-    return plan, pca_merge(model, layers, collected)
-
-
-def pca_merge(model: Transformer, layers: list[LayerPlan], collected: list[dict]) -> Transformer:
-    """Merge each group of `layers` (one LayerPlan per layer: groups of source heads) into one head
-    by the PCA compression of `convert_svd`, from `collected` (dha.analyze.collect_heads of `model`
-    on calibration tokens). Used by `svd` and by `dha --merge pca` (its own groups). q_proj,
-    k_proj, v_proj and o_proj change; nothing else does."""
-    cfg, hd = model.config, model.config.head_dim
-    r = cfg.rotary_dim if cfg.position == "rope" else 0
-    sd = state_dict_of(model)
-    key_index, value_index = [], []
-    for l, (acts, layer_plan) in enumerate(zip(collected, layers)):
-        key_groups, value_groups = layer_plan.key_groups, layer_plan.value_groups
-        pre = f"layers.{l}.attn"
-        has_bias = f"{pre}.k_proj.bias" in sd
-        dtype = sd[f"{pre}.k_proj.weight"].dtype
-
-        # keys -> new k_proj rows; per source key head j, a transform of the W_Q rows of its readers
-        wk = heads(sd[f"{pre}.k_proj.weight"], hd).double()  # (Hk, hd, D)
-        bk = heads(sd[f"{pre}.k_proj.bias"], hd).double() if has_bias else None  # (Hk, hd)
-        new_wk, new_bk, query_map = [], [], {}
-        for members in key_groups:
-            pair_w, pass_basis = key_fusion(acts["keys"][:, members], r)
-            p = hd - r
-            w_rows = sum(_complex_rows(wk[j], pair_w[:, m], r) for m, j in enumerate(members))  # (hd, D)
-            b_rows = sum(_complex_rows(bk[j], pair_w[:, m], r) for m, j in enumerate(members)) if has_bias else None
-            if p:
-                blocks_ = pass_basis.reshape(len(members), p, p)  # (g, p, p): U_j
-                w_rows[r:] = sum(blocks_[m].T @ wk[j][r:] for m, j in enumerate(members))
-                if has_bias:
-                    b_rows[r:] = sum(blocks_[m].T @ bk[j][r:] for m, j in enumerate(members))
-            new_wk.append(w_rows)
-            if has_bias:
-                new_bk.append(b_rows)
-            for m, j in enumerate(members):
-                query_map[j] = (pair_w[:, m], blocks_[m] if p else None)
-        wq = heads(sd[f"{pre}.q_proj.weight"], hd).double()  # (H, hd, D)
-        bq = heads(sd[f"{pre}.q_proj.bias"], hd).double() if has_bias else None
-        for h in range(cfg.num_heads):
-            c, pass_u = query_map[cfg.key_index[l][h]]
-            wq[h] = _complex_rows(wq[h], c, r)
-            if has_bias:
-                bq[h] = _complex_rows(bq[h], c, r)
-            if pass_u is not None:
-                wq[h][r:] = pass_u.T @ wq[h][r:]
-                if has_bias:
-                    bq[h][r:] = pass_u.T @ bq[h][r:]
-        sd[f"{pre}.k_proj.weight"] = unheads(torch.stack(new_wk)).to(dtype)
-        sd[f"{pre}.q_proj.weight"] = unheads(wq).to(dtype)
-        if has_bias:
-            sd[f"{pre}.k_proj.bias"] = unheads(torch.stack(new_bk)).to(dtype)
-            sd[f"{pre}.q_proj.bias"] = unheads(bq).to(dtype)
-
-        # values -> new v_proj rows; W_O columns of each query head through U_j of its source head
-        wv = heads(sd[f"{pre}.v_proj.weight"], hd).double()  # (Hv, hd, D)
-        bv = heads(sd[f"{pre}.v_proj.bias"], hd).double() if has_bias else None
-        new_wv, new_bv, out_map = [], [], {}
-        for members in value_groups:
-            V = acts["values"][:, members].double().reshape(-1, len(members) * hd)  # (N, g*hd)
-            U = _top_eigvecs(V.T @ V, hd)  # (g*hd, hd)
-            new_wv.append(U.T @ unheads(wv[members]))  # (hd, D)
-            if has_bias:
-                new_bv.append(U.T @ unheads(bv[members]))
-            for m, j in enumerate(members):
-                out_map[j] = U[m * hd:(m + 1) * hd]  # (hd, hd): U_j
-        wo = sd[f"{pre}.o_proj.weight"].double()  # (D, H*hd)
-        wo_heads = heads(wo.T, hd)  # (H, hd, D): W_O[:, h]^T
-        for h in range(cfg.num_heads):
-            # W_O[:, h] U_j, written as rows: (W_O[:, h] U_j)^T = U_j^T W_O[:, h]^T
-            wo_heads[h] = out_map[cfg.value_index[l][h]].T @ wo_heads[h]
-        sd[f"{pre}.o_proj.weight"] = unheads(wo_heads).T.contiguous().to(dtype)
-        sd[f"{pre}.v_proj.weight"] = unheads(torch.stack(new_wv)).to(dtype)
-        if has_bias:
-            sd[f"{pre}.v_proj.bias"] = unheads(torch.stack(new_bv)).to(dtype)
-        key_index.append(regroup_map(cfg.key_index[l], key_groups))
-        value_index.append(regroup_map(cfg.value_index[l], value_groups))
-    return build(with_maps(cfg, key_index, value_index), sd)
+    return plan, aligned_merge(model, layers, closed_form_merges(stats, layers))
 
 
 # ---- prune -----------------------------------------------------------------------------------------

@@ -280,14 +280,13 @@ def add_convert(sub) -> None:
     _add_source(p)
     p.add_argument("--method", help="conversion method: dha | gqa | gqa-similar | svd | prune")
     p.add_argument("--kv-budget", type=float, help="fraction of the source's KV cache to keep, in (0, 1]")
-    p.add_argument("--plan", help="apply this plan.json (mean pooling) instead of a method")
+    p.add_argument("--plan", help="apply this plan.json (mean pooling) instead of a method; with --method dha, "
+                                  "use its groups instead of searching (aligned merge, fusion, training)")
     p.add_argument("--grouping", default="contiguous", help="svd only: contiguous (Yu et al.) | similar")
     _add_calibration(p, default_tokens=4096)
     p.add_argument("--out", required=True, help="checkpoint directory to write (must not exist or be empty; "
                                                 "with --tokens, a training run directory that --resume continues)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
-    from .pipeline import add_dha_options
-
     add_dha_options(p)  # --method dha: search, fusion, training options (dha.pipeline)
     p.set_defaults(func=run_convert)
 
@@ -325,16 +324,15 @@ def _convert_training(args, tokens: int):
 def run_convert(args) -> int:
     import torch
 
-    from .baselines import ConvertOptions, heads_for_budget, source_heads
+    from .baselines import ConvertOptions
+    from .compress import heads_for_budget, source_heads
     from .checkpoint import check_out, load, parse_dtype, save
     from .convert import NO_CALIBRATION, apply_plan, check_method, convert, kv_summary
     from .plan import Plan
 
-    if (args.method is None) == (args.plan is None):
-        raise UserError("give either --method (with --kv-budget) or --plan")
+    if (args.method is None) == (args.plan is None) and args.method != "dha":
+        raise UserError("give either --method (with --kv-budget) or --plan (--method dha takes both: its search is replaced by the plan)")
     if args.method == "dha":  # the full DHA pipeline: search, fusion, merge, training, report
-        from .pipeline import run_convert_dha
-
         return run_convert_dha(args)
     if args.method is not None:
         check_method(args.method)
@@ -408,6 +406,133 @@ def run_convert(args) -> int:
     return 0
 
 
+# ---- convert --method dha: the DHA pipeline (dha.pipeline) ------------------------------------------
+
+def add_dha_options(p) -> None:
+    """The DHA-specific options of `dha convert --method dha`."""
+    from .fuse import FusionOptions
+    from .pipeline import DEFAULT_FUSION_FRACTION, MERGES
+
+    g = p.add_argument_group("DHA (--method dha)")
+    d = FusionOptions()
+    g.add_argument("--search", default="cost", choices=["cost", "learned"],
+                   help="allocation search: cost (DP on the merge costs, default) | learned (paper-faithful, trained)")
+    g.add_argument("--sensitivity", action=argparse.BooleanOptionalAction, default=True,
+                   help="cost search: costs as estimated LM-loss increases, from one backward pass over the calibration "
+                        "tokens (default on; --no-sensitivity: relative merge residuals alone)")
+    g.add_argument("--allocation", default="adaptive", choices=["adaptive", "uniform"],
+                   help="cost search: adaptive (per-layer counts, default) | uniform (the same K and V counts in every layer; an ablation)")
+    g.add_argument("--coupled-kv", action="store_true", help="cost search: keys and values share one grouping and count per layer (an ablation)")
+    g.add_argument("--merge", default="aligned", choices=[*MERGES, "pca"],
+                   help="what each group becomes, and what fusion moves toward: aligned (closed-form aligned merge, default) | "
+                        "mean (the group mean; the old target) | pca (aligned with --merge-metric plain)")
+    g.add_argument("--merge-metric", default=None, choices=["weighted", "plain"],
+                   help="aligned merge: weighted (keys by the energy of their queries, values by W_O: default) | plain (PCA)")
+    g.add_argument("--fusion-fraction", type=float, default=DEFAULT_FUSION_FRACTION,
+                   help=f"share of --tokens spent in the fusion stage, the rest after the merge (default {DEFAULT_FUSION_FRACTION})")
+    g.add_argument("--fusion-schedule", default=d.schedule, choices=["anneal", "ramp", "lagrangian"],
+                   help=f"anneal (heads interpolated to their merge, plus the ramp) | ramp (progressive loss weight) | lagrangian (default {d.schedule})")
+    g.add_argument("--fusion-weight", type=float, default=d.weight, help=f"ramp: final fusion-loss weight (default {d.weight:g})")
+    g.add_argument("--fusion-ramp-end", type=float, default=d.ramp_end, help=f"fraction of the fusion steps at which the ramp ends (default {d.ramp_end:g})")
+    g.add_argument("--fusion-eps", type=float, default=d.eps, help=f"lagrangian: target fusion distance (default {d.eps:g})")
+    g.add_argument("--freeze-base", action="store_true", help="fusion: keep the source K/V projection weights fixed")
+    g.add_argument("--freeze-maps", action="store_true", help="fusion: keep the merge maps at their closed form (not trained)")
+    # Training options (--tokens, --lr, --distill, ...) from dha.cli, unless the verb has them already.
+    # The verb's --block-size (calibration) and --seed also serve training; its --dtype is the load
+    # dtype, so the autocast dtype of training is --train-dtype.
+    present = {a.dest for a in p._actions}
+    if "tokens" not in present:
+        add_training_options(p, tokens_required=False, skip=tuple(present), dtype_flag="--train-dtype")
+
+
+def run_convert_dha(args) -> int:
+    """`dha convert SOURCE --method dha ...`: run_dha on the CLI's options, write DIR, print a JSON line."""
+    import os
+
+    import torch
+
+    from .checkpoint import atomic_dir, check_out, load
+    from .data import DEFAULT_DATA, DataError, load_tokens
+    from .fuse import FusionOptions
+    from .pipeline import DHAConfig, format_number, run_dha, split_tokens, write_outputs
+    from .plan import Plan
+    from .search import SearchOptions
+
+    tokens = getattr(args, "tokens", None) or 0
+    if args.distill is None:
+        args.distill = tokens > 0  # distillation from the source is on by default for dha (docs/method.md)
+    if args.metric is not None:
+        raise UserError("--metric (cka | cosine) is a baselines option: the DHA search groups heads by their merge "
+                        "residual (see --merge-metric)")
+    for flag, value in (("--resume", getattr(args, "resume", None)), ("--save-every", getattr(args, "save_every", 0)),
+                        ("--fsdp", getattr(args, "fsdp", False))):
+        if value:
+            raise UserError(f"{flag} is not supported with --method dha yet (the pipeline runs in one process, start to end)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--method dha runs in one process: start it without torchrun")
+    check_convert_training_flags(args)  # --method dha always works on float32 weights
+    plan = Plan.load(args.plan) if args.plan is not None else None
+    if plan is not None and args.kv_budget is None:
+        args.kv_budget = plan.kv_budget if plan.kv_budget is not None else plan.kv_fraction()
+    if args.kv_budget is None or not 0 < args.kv_budget <= 1:
+        raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
+    data = args.data or DEFAULT_DATA
+    if data != DEFAULT_DATA and not os.path.exists(data):
+        raise DataError(f"data not found: {data}")
+    if args.merge == "pca" and args.merge_metric == "weighted":
+        raise UserError("--merge pca is the aligned merge with --merge-metric plain: drop one of them")
+    metric = "plain" if args.merge == "pca" else (args.merge_metric or SearchOptions.metric)
+    search_options = SearchOptions(search=args.search, metric=metric, sensitivity=args.sensitivity, allocation=args.allocation,
+                                   decoupled=not args.coupled_kv, seed=args.seed,
+                                   progress=not getattr(args, "no_progress", False))
+    fusion = FusionOptions(schedule=args.fusion_schedule, weight=args.fusion_weight, ramp_end=args.fusion_ramp_end,
+                           eps=args.fusion_eps, train_base=not args.freeze_base, learn_maps=not args.freeze_maps)
+    train_cfg = _train_config(args, tokens)
+    config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction,
+                       merge="aligned" if args.merge == "pca" else args.merge,
+                       calib_tokens=args.calib_tokens, calib_block_size=args.block_size,
+                       search=search_options, fusion=fusion, train=train_cfg)
+    config.validate()
+    split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
+    check_out(args.out)
+
+    loaded = load(args.source, torch.float32)  # float32 master weights; --dtype of training is autocast only
+    teacher = None
+    if getattr(args, "teacher", None):
+        teacher = load(args.teacher, torch.float32, tokenizer=False).model
+    splits = load_tokens(data, loaded.tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
+    result = run_dha(loaded, splits, config, teacher=teacher, plan=plan, progress=not getattr(args, "no_progress", False))
+    with atomic_dir(args.out) as tmp:
+        files = write_outputs(tmp, result)
+    s = result.summary
+    if not getattr(args, "json", False):
+        for r in s["results"]:
+            print(f"{r['model']:<34} KV {r['kv_bytes_per_token_bf16']:>8,} B/token bf16   ppl {format_number(r['heldout_ppl'], '.3f')}")
+        print(f"wrote {args.out} ({', '.join(files)})")
+    print(json.dumps({"out": args.out, "method": "dha", "kv_budget": s["kv_budget"], "kv_fraction": round(s["kv_fraction"], 6),
+                      "tokens": s["tokens"], "merge": s["merge"], "fusion_tokens": s["fusion_tokens"], "continued_tokens": s["continued_tokens"],
+                      "key_heads": s["key_heads"], "value_heads": s["value_heads"],
+                      "source_ppl": s["results"][0]["heldout_ppl"], "ppl": s["results"][-1]["heldout_ppl"],
+                      "kv_bytes_per_token_bf16_before": s["results"][0]["kv_bytes_per_token_bf16"],
+                      "kv_bytes_per_token_bf16_after": s["results"][-1]["kv_bytes_per_token_bf16"]}))
+    return 0
+
+
+def _train_config(args, tokens: int):
+    """TrainConfig from the training options the verb has (dha.cli.add_training_options); defaults otherwise."""
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+              if f.name not in ("tokens", "dtype") and getattr(args, f.name, None) is not None}
+    if getattr(args, "train_dtype", None) is not None:
+        values["dtype"] = args.train_dtype
+    cfg = TrainConfig(tokens=max(1, tokens), **values)
+    cfg.validate()
+    return cfg
+
+
 # ---- train ---------------------------------------------------------------------------------------
 
 def add_training_options(p: argparse.ArgumentParser, tokens_required: bool = True, skip: tuple[str, ...] = (),
@@ -435,7 +560,8 @@ def add_training_options(p: argparse.ArgumentParser, tokens_required: bool = Tru
         ("eval_tokens", dict(type=int, default=d.eval_tokens, help=f"held-out tokens per evaluation (default {d.eval_tokens})")),
         ("save_every", dict(type=int, default=d.save_every, help="checkpoint for --resume every N steps, 0 = none (default 0)")),
         ("seed", dict(type=int, default=d.seed, help="data order seed (default 0)")),
-        ("distill", dict(action="store_true", help="add a KL loss to the teacher's logits")),
+        ("distill", dict(action=argparse.BooleanOptionalAction, default=None,
+                         help="add a KL loss to the teacher's logits (default: on for convert --method dha, off otherwise)")),
         ("teacher", dict(default=None, help="teacher model SOURCE for --distill (default: SOURCE as loaded, before training)")),
         ("distill_weight", dict(type=float, default=d.distill_weight, help=f"objective = (1-w) LM + w KD (default {d.distill_weight})")),
         ("distill_temperature", dict(type=float, default=d.distill_temperature, help=f"KD temperature (default {d.distill_temperature})")),
@@ -456,7 +582,7 @@ def train_config_from_args(args):
         tokens=args.tokens, block_size=args.block_size, batch_tokens=args.batch_tokens, micro_batch=args.micro_batch,
         lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, dtype=getattr(args, "train_dtype", "auto"), eval_every=args.eval_every, eval_tokens=args.eval_tokens,
-        save_every=args.save_every, seed=args.seed, distill=args.distill, distill_weight=args.distill_weight,
+        save_every=args.save_every, seed=args.seed, distill=bool(args.distill), distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature, fsdp=args.fsdp,
     )
 

@@ -25,15 +25,27 @@ from .baselines import (
     convert_gqa_similar,
     convert_prune,
     convert_svd,
-    heads_for_budget,
-    source_heads,
 )
 from .checkpoint import Loaded
+from .compress import aligned_merge, calibrate, closed_form_merges, heads_for_budget, source_heads
 from .errors import UserError
 from .model import Transformer
-from .pipeline import convert_dha
 from .plan import Plan
+from .search import SearchOptions, search
 from .transforms import merge_groups
+
+
+def convert_dha(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
+    """METHODS["dha"]: DHA without training: search, then the aligned merge of every group.
+
+    The training stages need data and a token budget: `dha.pipeline.run_dha` (the CLI's
+    `--method dha`) runs them. options.extra may hold "search" (a dict of SearchOptions fields)."""
+    fields = {"seed": options.seed, "batch_size": options.batch_size, **dict(options.extra or {}).get("search", {})}
+    search_options = SearchOptions(**fields)
+    calibration = calibrate(model, calib_blocks, search_options.batch_size, search_options.metric,
+                            gradients=search_options.sensitivity and search_options.search == "cost")
+    plan = search(model, kv_budget, calib_blocks, search_options, calibration=calibration)
+    return plan, aligned_merge(model, plan.layers, closed_form_merges(calibration.stats, plan.layers))
 
 Method = Callable[[Transformer, float, "torch.Tensor | None", ConvertOptions], "tuple[Plan, Transformer]"]
 
@@ -42,7 +54,7 @@ METHODS: dict[str, Method] = {
     "gqa-similar": convert_gqa_similar,
     "svd": convert_svd,
     "prune": convert_prune,
-    "dha": convert_dha,  # search + mean merge; `dha convert --method dha` runs the full pipeline (dha.pipeline.run_dha)
+    "dha": convert_dha,  # search + aligned merge; `dha convert --method dha` runs the full pipeline (dha.pipeline.run_dha)
 }
 
 # Methods that can run without calibration text.

@@ -6,7 +6,7 @@ Two kinds of export:
   layout is one it expresses. For GQA families that means: in every layer key_index == value_index,
   the query heads are partitioned into groups of equal size, and every layer has the same number of
   groups. The groups need not be contiguous: query heads can be permuted freely with W_O's columns
-  (METHOD.md, "Useful facts"), so each layer's query heads are reordered to make its groups the
+  (the function is unchanged), so each layer's query heads are reordered to make its groups the
   contiguous blocks GQA uses (Ainslie et al. 2023). The config is the source's own HF config with
   only the key/value head count changed. Families without GQA in transformers (kv_heads_field None)
   are exported stock only while they are still full MHA.

@@ -11,9 +11,10 @@ The three stages of the DHA paper (Chen et al. 2024, section 3), on the user's d
    rest of the tokens (`dha.train`).
 
 With tokens = 0 the plan's groups are mean-merged without training (exact when a group's heads are
-identical). `merge="pca"` replaces fusion by a one-shot merge of the searched groups with the `svd`
-baseline's PCA compression (the maps folded into W_Q and W_O; `dha.baselines.pca_merge`): DHA's
-search with the best training-free initialisation we have, then continued training. The output directory is a native checkpoint (with plan.json) plus a report:
+identical). `merge` says what the groups become: "aligned" (default) the closed-form aligned
+merge of `dha.compress` (shared head + reading maps folded into W_Q and W_O), which fusion moves
+toward and which is also the training-free result; "mean" the group mean (the old target, for
+comparison). The output directory is a native checkpoint (with plan.json) plus a report:
 
     report.md        what was done, a table against the source, the plots below
     summary.json     the same numbers as one JSON document
@@ -27,7 +28,6 @@ search with the best training-free initialisation we have, then continued traini
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -41,7 +41,7 @@ from .fuse import FusedModel, FusionOptions, FusionSchedule, merge
 from .plan import Plan
 
 DEFAULT_FUSION_FRACTION = 0.3
-MERGES = ("mean", "pca")
+MERGES = ("aligned", "mean")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class DHAConfig:
     final_eval_block_size: int = 512  # perplexity window of the final table
     search: object = None  # dha.search.SearchOptions (None: its defaults)
     fusion: FusionOptions = field(default_factory=FusionOptions)
-    merge: str = "mean"  # how groups become heads without fusion: "mean" | "pca" (svd's compression; no fusion stage)
+    merge: str = "aligned"  # what each group becomes (fusion's target): "aligned" (closed form, dha.compress) | "mean"
     train: object = None  # dha.train.TrainConfig template (its `tokens` is set per stage; None: defaults)
 
     def validate(self) -> None:
@@ -67,8 +67,6 @@ class DHAConfig:
             raise UserError(f"--tokens must be >= 0, got {self.tokens}")
         if self.merge not in MERGES:
             raise UserError(f"--merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
-        if self.merge == "pca" and self.tokens and self.fusion_fraction > 0:
-            raise UserError("--merge pca replaces the fusion stage: use it with --fusion-fraction 0")
         if self.calib_tokens < 1 or self.calib_block_size < 1:
             raise UserError("calibration tokens and block size must be positive")
 
@@ -125,24 +123,6 @@ def heldout_blocks(heldout: torch.Tensor, max_tokens: int, block_size: int) -> t
     return blocks(heldout, block_size, max_blocks=max(1, max_tokens // block_size))
 
 
-# ---- the method, as METHODS["dha"] -------------------------------------------------------------
-
-def convert_dha(model, kv_budget: float, calib_blocks: torch.Tensor | None, options) -> tuple:
-    """METHODS["dha"] (dha.convert): search, then mean-merge each group, no training.
-
-    The training stages need data and a token budget: `run_dha` (the CLI's `--method dha`) runs them.
-    options.extra may hold "search" (a dict of dha.search.SearchOptions fields).
-    """
-    from .search import SearchOptions, search
-    from .transforms import merge_groups
-
-    extra = dict(getattr(options, "extra", {}) or {})
-    search_fields = {"metric": options.metric, "seed": options.seed, "batch_size": options.batch_size,
-                     **extra.get("search", {})}
-    plan = search(model, kv_budget, calib_blocks, SearchOptions(**search_fields))
-    return plan, merge_groups(model, plan)
-
-
 # ---- end to end --------------------------------------------------------------------------------
 
 @dataclass
@@ -160,8 +140,8 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     teacher: model to distil from when config.train.distill (default: the source);
     plan: a plan from an earlier search of this model (dha.plan.Plan) to reuse instead of searching.
     """
-    from .baselines import source_heads
     from .checkpoint import Loaded
+    from .compress import aligned_merge, calibrate, closed_form_merges, source_heads
     from .evaluate import perplexity
     from .search import SearchOptions, search
     from .train import TrainConfig, train
@@ -169,15 +149,6 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
 
     config.validate()
     source = loaded.model
-
-    def merge_without_fusion(model, plan, calib):
-        if config.merge == "pca":
-            from .analyze import collect_heads
-            from .baselines import pca_merge
-
-            return pca_merge(model, plan.layers, collect_heads(model, calib, search_options.batch_size))
-        return merge_groups(model, plan)
-
     search_options = config.search or SearchOptions()
     train_template = config.train or TrainConfig(tokens=1)
     stages = split_tokens(config.tokens, config.fusion_fraction, train_template.batch_tokens, train_template.block_size)
@@ -189,16 +160,23 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     log_progress = (lambda msg: print(f"dha: {msg}", file=sys.stderr)) if progress else (lambda msg: None)
     seconds = {}
 
-    # 1. search
+    # 1. calibration (one pass) and search
     t0 = time.perf_counter()
     calib = calibration_blocks(splits.train, config.calib_tokens, config.calib_block_size)
+    gradients = plan is None and search_options.sensitivity and search_options.search == "cost"
+    log_progress(f"calibration on {calib.numel()} tokens" + (" (with gradients)" if gradients else ""))
+    calibration = calibrate(source, calib, search_options.batch_size, search_options.metric, gradients=gradients)
     if plan is None:
-        log_progress(f"search ({search_options.search}) on {calib.numel()} calibration tokens")
-        plan = search(source, config.kv_budget, calib, search_options)
+        log_progress(f"search ({search_options.search})")
+        plan = search(source, config.kv_budget, calib, search_options, calibration=calibration)
     else:
         plan.validate(*source_heads(source))
         plan = Plan.from_dict(plan.to_dict())  # a copy: run_dha writes its notes
+    merges = closed_form_merges(calibration.stats, plan.layers) if config.merge == "aligned" else None
     seconds["search"] = time.perf_counter() - t0
+
+    def merge_without_fusion(model):
+        return aligned_merge(model, plan.layers, merges) if merges is not None else merge_groups(model, plan)
 
     heldout_train = splits.heldout if splits.heldout.numel() >= train_template.block_size else None
     log: list[dict] = []
@@ -209,26 +187,21 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
 
     # 2. fusion, 3. merge
     t0 = time.perf_counter()
-    fusion_distance, coefficient_lr = None, None
+    fusion_distance = None
     if stages.fusion:
-        fused = FusedModel(source, plan, config.fusion)
+        fused = FusedModel(source, plan, merges, config.fusion)
         cfg = replace(train_template, tokens=stages.fusion)
         steps = stages.fusion // stages.step_tokens
-        log_progress(f"fusion: {steps} steps, {stages.fusion:,} tokens ({config.fusion.space} space, {config.fusion.schedule})")
+        log_progress(f"fusion: {steps} steps, {stages.fusion:,} tokens (toward the {config.merge} merge, {config.fusion.schedule})")
         schedule = FusionSchedule(fused, steps, config.fusion)
-        coefficient_lr = schedule.coefficient_lr
         result = train(fused, splits.train, heldout_train, cfg, teacher=teacher, hooks=schedule.hooks(), progress=progress)
         record(result.history, result.evals, "fusion", 0)
         fused = result.model
-        fused.train()
-        if config.fusion.space == "output":
-            with torch.no_grad():
-                fused(calib[: search_options.batch_size].to(fused.model.embed.weight.device))
         fusion_distance = float(fused.fusion_loss()[0].detach())
         plan, model = merge(fused)
         del fused
     else:
-        model = merge_without_fusion(source, plan, calib)
+        model = merge_without_fusion(source)
     seconds["fusion"] = time.perf_counter() - t0
 
     # 4. continued training
@@ -251,8 +224,8 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
         window = min(window, source.config.max_position_embeddings)
     windows = heldout_blocks(splits.heldout, config.final_eval_tokens, window)
     rows = []
-    merged_name = f"plan, {'mean' if config.merge == 'mean' else 'PCA'}-merged (no training)"
-    candidates = [("source", source), (merged_name, merge_without_fusion(source, plan, calib) if config.tokens else model)]
+    merged_name = f"plan, {config.merge}-merged (no training)"
+    candidates = [("source", source), (merged_name, merge_without_fusion(source) if config.tokens else model)]
     if config.tokens:
         candidates.append(("dha (fused, merged, trained)", model))
     for name, m in candidates:
@@ -279,7 +252,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     summary = {
         "method": "dha", "source": loaded.source, "data": splits.source, "kv_budget": config.kv_budget,
         "kv_fraction": plan.kv_fraction(), "tokens": config.tokens, "fusion_tokens": stages.fusion,
-        "continued_tokens": stages.continued, "fusion_distance_at_merge": fusion_distance, "coefficient_lr": coefficient_lr,
+        "continued_tokens": stages.continued, "fusion_distance_at_merge": fusion_distance,
         "key_heads": plan.key_heads(), "value_heads": plan.value_heads(),
         "search": {k: v for k, v in asdict(search_options).items() if k != "progress"},
         "fusion": asdict(config.fusion), "train": asdict(train_template) if config.tokens else None,
@@ -391,7 +364,7 @@ def plot_perplexity(log: list[dict], source_ppl: float | None, path: str) -> Non
     plt.close(fig)
 
 
-def _fmt(x, spec: str) -> str:
+def format_number(x, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
@@ -410,9 +383,9 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
     ]
     if summary["fusion_tokens"]:
         fu = summary["fusion"]
-        lines.append(f"- fusion: {fu['space']} space, {fu['schedule']} schedule (weight {fu['weight']:g}, eps {fu['eps']:g}), "
-                     f"coefficient lr {summary['coefficient_lr']:g}, base K/V weights {'trained' if fu['train_base'] else 'frozen'}; "
-                     f"fusion distance at the merge: {_fmt(summary['fusion_distance_at_merge'], '.3g')}")
+        lines.append(f"- fusion: toward the {summary['merge']} merge, {fu['schedule']} schedule (weight {fu['weight']:g}, eps {fu['eps']:g}), "
+                     f"base K/V weights {'trained' if fu['train_base'] else 'frozen'}, maps {'trained' if fu['learn_maps'] else 'frozen'}; "
+                     f"fusion distance at the merge: {format_number(summary['fusion_distance_at_merge'], '.3g')}")
     if summary.get("train"):
         tr = summary["train"]
         lines.append(f"- training: lr {tr['lr']:g}, batch {tr['batch_tokens']:,} tokens of blocks of {tr['block_size']}, "
@@ -429,7 +402,7 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
         ratio = r["kv_bytes_per_token_bf16"] / source["kv_bytes_per_token_bf16"]
         rel = (r["heldout_ppl"] / source["heldout_ppl"]) if (r["heldout_ppl"] and source["heldout_ppl"]) else None
         lines.append(f"| {r['model']} | {r['kv_heads']} | {r['kv_bytes_per_token_bf16']:,} | {ratio:.1%} | "
-                     f"{_fmt(r['heldout_ppl'], '.3f')} | {'n/a' if rel is None else format(rel, '.3f') + 'x'} |")
+                     f"{format_number(r['heldout_ppl'], '.3f')} | {'n/a' if rel is None else format(rel, '.3f') + 'x'} |")
     lines += ["", f"Perplexity on {source['heldout_tokens']:,} held-out tokens (non-overlapping windows).", ""]
     lines += ["## Heads per layer", "", "| layer | key heads | value heads |", "|---:|---:|---:|"]
     for l, (k, v) in enumerate(zip(summary["key_heads"], summary["value_heads"])):
@@ -442,110 +415,3 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
     for p in plots:
         lines += [f"![{p}]({p})", "", captions.get(p, ""), ""]
     return "\n".join(lines)
-
-
-# ---- CLI glue (the `convert` verb dispatches --method dha here) ---------------------------------------
-
-def add_dha_options(p) -> None:
-    """The DHA-specific options of `dha convert --method dha`."""
-    g = p.add_argument_group("DHA (--method dha)")
-    d = FusionOptions()
-    g.add_argument("--search", default="cost", help="allocation search: cost (DP on fusion costs, default) | learned (paper-faithful, trained)")
-    g.add_argument("--key-cost", default="logit", help="search's key cost: logit (attention-logit error, default) | output")
-    g.add_argument("--sensitivity", action=argparse.BooleanOptionalAction, default=True,
-                   help="cost search: weight each layer's costs by its measured LM-loss increase when merged to one head "
-                        "(default on; --no-sensitivity skips the 2 x layers extra evaluations of the calibration text)")
-    g.add_argument("--allocation", default="adaptive", choices=["adaptive", "uniform"],
-                   help="cost search: adaptive (per-layer counts, default) | uniform (the same K and V counts in every layer; an ablation)")
-    g.add_argument("--coupled-kv", action="store_true", help="cost search: keys and values share one grouping and count per layer (an ablation)")
-    g.add_argument("--merge", default="mean", choices=list(MERGES),
-                   help="without fusion: mean (average each group, default) | pca (the svd baseline's compression of each searched group; needs --fusion-fraction 0)")
-    g.add_argument("--fusion-fraction", type=float, default=DEFAULT_FUSION_FRACTION,
-                   help=f"share of --tokens spent in the fusion stage, the rest after the merge (default {DEFAULT_FUSION_FRACTION})")
-    g.add_argument("--fusion-space", default=d.space, help=f"fusion distance on: param (weights) | output (batch outputs) (default {d.space})")
-    g.add_argument("--fusion-schedule", default=d.schedule, help=f"ramp (progressive loss weight) | anneal (ramp + copies interpolated to their mean) | lagrangian (default {d.schedule})")
-    g.add_argument("--fusion-weight", type=float, default=d.weight, help=f"ramp: final fusion-loss weight (default {d.weight:g})")
-    g.add_argument("--fusion-ramp-end", type=float, default=d.ramp_end, help=f"fraction of the fusion steps at which the ramp ends (default {d.ramp_end:g})")
-    g.add_argument("--fusion-eps", type=float, default=d.eps, help=f"lagrangian: target fusion distance (default {d.eps:g})")
-    g.add_argument("--fusion-lr", type=float, default=None, help="learning rate of the fusion coefficients (default: 2 / fusion steps, in [0.005, 0.1])")
-    g.add_argument("--freeze-base", action="store_true", help="fusion: keep the source K/V projection weights fixed (only the coefficients and the rest train)")
-    # Training options (--tokens, --lr, --distill, ...) from dha.cli, unless the verb has them already.
-    # The verb's --block-size (calibration) and --seed also serve training; its --dtype is the load
-    # dtype, so the autocast dtype of training is --train-dtype.
-    from .cli import add_training_options
-
-    present = {a.dest for a in p._actions}
-    if "tokens" not in present:
-        add_training_options(p, tokens_required=False, skip=tuple(present), dtype_flag="--train-dtype")
-
-
-def run_convert_dha(args) -> int:
-    """`dha convert SOURCE --method dha ...`: run_dha on the CLI's options, write DIR, print a JSON line."""
-    from .checkpoint import atomic_dir, check_out, load
-    from .cli import check_convert_training_flags
-    from .data import DEFAULT_DATA, DataError, load_tokens
-    from .search import SearchOptions
-
-    tokens = getattr(args, "tokens", None) or 0
-    for flag, value in (("--resume", getattr(args, "resume", None)), ("--save-every", getattr(args, "save_every", 0)),
-                        ("--fsdp", getattr(args, "fsdp", False))):
-        if value:
-            raise UserError(f"{flag} is not supported with --method dha yet (the pipeline runs in one process, start to end)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--method dha runs in one process: start it without torchrun")
-    check_convert_training_flags(args)  # --method dha always works on float32 weights
-    if args.kv_budget is None or not 0 < args.kv_budget <= 1:
-        raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
-    data = args.data or DEFAULT_DATA
-    if data != DEFAULT_DATA and not os.path.exists(data):
-        raise DataError(f"data not found: {data}")
-    search_options = SearchOptions(search=args.search, metric=args.metric or SearchOptions.metric, key_cost=args.key_cost,
-                                   sensitivity=args.sensitivity, allocation=args.allocation,
-                                   decoupled=not args.coupled_kv, seed=args.seed,
-                                   progress=not getattr(args, "no_progress", False))
-    fusion = FusionOptions(space=args.fusion_space, schedule=args.fusion_schedule, weight=args.fusion_weight,
-                           ramp_end=args.fusion_ramp_end, eps=args.fusion_eps, coefficient_lr=args.fusion_lr,
-                           train_base=not args.freeze_base)
-    train_cfg = _train_config(args, tokens)
-    config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction, merge=args.merge,
-                       calib_tokens=args.calib_tokens, calib_block_size=args.block_size,
-                       search=search_options, fusion=fusion, train=train_cfg)
-    config.validate()
-    split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
-    check_out(args.out)
-
-    loaded = load(args.source, torch.float32)  # float32 master weights; --dtype of training is autocast only
-    teacher = None
-    if getattr(args, "teacher", None):
-        teacher = load(args.teacher, torch.float32, tokenizer=False).model
-    splits = load_tokens(data, loaded.tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
-    result = run_dha(loaded, splits, config, teacher=teacher, progress=not getattr(args, "no_progress", False))
-    with atomic_dir(args.out) as tmp:
-        files = write_outputs(tmp, result)
-    s = result.summary
-    if not getattr(args, "json", False):
-        for r in s["results"]:
-            print(f"{r['model']:<34} KV {r['kv_bytes_per_token_bf16']:>8,} B/token bf16   ppl {_fmt(r['heldout_ppl'], '.3f')}")
-        print(f"wrote {args.out} ({', '.join(files)})")
-    print(json.dumps({"out": args.out, "method": "dha", "kv_budget": s["kv_budget"], "kv_fraction": round(s["kv_fraction"], 6),
-                      "tokens": s["tokens"], "merge": s["merge"], "fusion_tokens": s["fusion_tokens"], "continued_tokens": s["continued_tokens"],
-                      "key_heads": s["key_heads"], "value_heads": s["value_heads"],
-                      "source_ppl": s["results"][0]["heldout_ppl"], "ppl": s["results"][-1]["heldout_ppl"],
-                      "kv_bytes_per_token_bf16_before": s["results"][0]["kv_bytes_per_token_bf16"],
-                      "kv_bytes_per_token_bf16_after": s["results"][-1]["kv_bytes_per_token_bf16"]}))
-    return 0
-
-
-def _train_config(args, tokens: int):
-    """TrainConfig from the training options the verb has (dha.cli.add_training_options); defaults otherwise."""
-    from dataclasses import fields
-
-    from .train import TrainConfig
-
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-              if f.name not in ("tokens", "dtype") and getattr(args, f.name, None) is not None}
-    if getattr(args, "train_dtype", None) is not None:
-        values["dtype"] = args.train_dtype
-    cfg = TrainConfig(tokens=max(1, tokens), **values)
-    cfg.validate()
-    return cfg

@@ -2,71 +2,59 @@
 
 DHA (Chen et al. 2024, section 3.1 "Search") finds, before fusion, the groups of similar heads and
 a per-layer allocation of key and value heads under a global KV-head budget. Like llm-awq's
-`run_awq`, `search` returns plain data (a `dha.plan.Plan`); applying it (mean merge, or learned
-fusion in `dha.fuse`) is separate.
+`run_awq`, `search` returns plain data (a `dha.plan.Plan`); applying it (the aligned merge, or
+fusion toward it in `dha.fuse`) is separate.
 
-Three steps (METHOD.md part B):
+Everything comes from one pass over the calibration tokens (`dha.compress.calibrate`): the heads'
+outputs, their second moments in the merge metric and, for the sensitivity weighting, the LM
+loss's gradients at the heads' outputs (one backward pass; the model is never copied).
 
-1. Grouping. Per layer, keys and values apart, for every count n the heads are clustered into n
-   groups by the similarity of their calibration outputs (`dha.analyze.cluster`, options.metric).
+1. Grouping (`agglomerate`). Per layer, keys and values apart: agglomerative clustering on the
+   closed-form merge itself. Starting from single heads, the two groups whose union leaves the
+   least extra residual (`dha.compress.group_residual`: the error of the aligned merge, in the
+   metric) are merged, down to one group: a nested grouping for every count n. Heads that are
+   rotations of each other merge at no cost, which raw-output similarity would not see.
 
-2. Cost of each grouping (`head_tables`, `group_cost`). The fusion loss after the best in-group
-   fusion, relative to the layer's total, so layers and kinds are comparable (0 = lossless, 1 =
-   as bad as dropping the heads). A group S's shared head is a scalar combination of its members,
-   sum_j w_j head_j (what `dha.transforms.merge_groups` applies), and its cost is
-
-       cost(S) = min_w sum_{m in S} (w - e_m)^T A_m[S, S] (w - e_m)
-
-   with one PSD matrix A_m per source head m (an (n, n) Gram matrix over the layer's heads):
-   - values: A_m = Gram of the value outputs over calibration tokens (the same for every m), i.e.
-     the squared error of replacing each member's outputs by the shared head. Setting the
-     gradient to zero gives |S| A w = A 1, solved by w = 1/|S|: the mean is optimal (indeed it
-     minimises sum_m ||v - v_m||^2 over any per-token v, and it lies in the span). Each source
-     value head counts once, however many query heads read it (all equal in MHA and GQA sources);
-   - keys, key_cost="logit" (default): A_m = sum over the query heads h that read m of
-     Z_h^T Z_h, where Z_h[p, j] = q_h(i_p) . R(j_p - i_p) k_j(j_p) is the RoPE'd attention logit of
-     query head h at position i_p against key head j at position j_p, on sampled causal pairs p of
-     the same calibration block. So cost is the squared logit error the shared key causes to every
-     query head that used a member key. The best w here is a least-squares solution, not the mean
-     in general; the mean's cost is an upper bound.
-   - keys, key_cost="output": as values, on the pre-RoPE key outputs.
-   The normaliser is sum_m A_m[m, m] over the layer's heads (its value energy, or its logit energy).
+2. Cost of each (layer, kind, count):
+   - relative residual: sum of the groups' residuals / the layer-kind's energy (0 = lossless,
+     1 = as bad as dropping the heads). Comparable across layers only in the metric's own units;
+   - sensitivity=True (default): the second-order estimate of the LM-loss increase of that merge,
+     1/2 sum_t (g_t . delta_t)^2 over calibration tokens (`dha.compress.fisher_cost`), g the loss
+     gradient at the heads' outputs and delta the merge's error on them: costs in nats, the same
+     unit for keys, values and every layer.
 
 3. Allocation: per-layer counts nK(l), nV(l) in [1, source heads] with
    sum_l (nK(l) + nV(l)) == `total_heads_for_budget` EXACTLY.
-   - search="cost": minimise the summed costs by exact dynamic programming (`allocate`); costs
-     weighted by each layer's measured sensitivity (options.sensitivity, default on: the relative
-     costs alone over-merge keys on SmolLM2; docs/method.md, Benchmarks 4).
-   - search="learned" (paper-faithful; see `learned_counts` for the relaxation): relaxed head
-     counts trained with the LM loss, the fusion loss and an augmented-Lagrangian budget constraint.
-   The plan then takes, for each layer and kind, the clustering at the chosen count.
+   - search="cost": minimise the summed costs by exact dynamic programming (`allocate`).
+   - search="learned" (paper-faithful; see `learned_counts`): relaxed head counts trained with the
+     LM loss, the relative residuals as fusion loss and an augmented-Lagrangian budget constraint.
+   The plan then takes, for each layer and kind, the grouping at the chosen count.
    Two ablations of the cost search switch DHA's ideas off (`allocate_with`): allocation="uniform"
    (the same counts in every layer) and decoupled=False (keys and values share groups and counts).
 
-Shape legend: N calibration tokens (n_blocks * T), T tokens per block, H query heads, n source
-heads of one kind in a layer, hd head dim, P sampled (query, key) token pairs, L layers.
+Shape legend: N calibration tokens (n_blocks * T), H query heads, n source heads of one kind in a
+layer, hd head dim, L layers.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .analyze import METRICS, cluster, collect_heads, similarity
-from .baselines import heads_for_budget, source_heads
+from .compress import (METRICS, Calibration, calibrate, fisher_cost, group_merge, group_residual, energy,
+                       reconstructed_outputs, reconstructed_key_rows, reconstructed_value_rows, source_heads,
+                       total_heads_for_budget)
 from .errors import UserError
 from .model import Transformer
 from .plan import LayerPlan, Plan
-from .transforms import heads, merge_groups, unheads
+from .transforms import heads, unheads
 
 SEARCHES = ("cost", "learned")
 ALLOCATIONS = ("adaptive", "uniform")
-KEY_COSTS = ("logit", "output")
 KINDS = ("key", "value")
 
 # Hard-concrete distribution (Louizos et al. 2018, "Learning sparse neural networks through L0
@@ -77,14 +65,12 @@ HC_TEMPERATURE, HC_LOW, HC_HIGH = 2.0 / 3.0, -0.1, 1.1
 @dataclass
 class SearchOptions:
     search: str = "cost"  # "cost": exact DP on the cost table | "learned": relaxed counts, trained
-    metric: str = "cosine"  # similarity the heads are clustered by: "cosine" | "cka"
-    key_cost: str = "logit"  # key cost: "logit" (attention-logit error) | "output" (key-output error)
-    key_pairs: int = 16384  # (query, key) token pairs sampled per layer for the logit cost
-    sensitivity: bool = True  # cost search: weight each layer/kind's costs by its measured LM-loss increase at 1 head
+    metric: str = "weighted"  # merge metric: "weighted" (query energy for keys, W_O for values) | "plain" (PCA)
+    sensitivity: bool = True  # cost search: costs as estimated LM-loss increases (one backward pass)
     # Ablations of DHA's two ideas (cost search only; docs/method.md, "Ablations"):
     allocation: str = "adaptive"  # "adaptive": counts per layer by the DP | "uniform": the same K count and V count in every layer
     decoupled: bool = True  # False: keys and values of a layer share one grouping and one count (GQA-like)
-    seed: int = 0  # pair sampling and hard-concrete noise: same seed -> same plan
+    seed: int = 0  # hard-concrete noise of the learned search: same seed -> same plan
     batch_size: int = 4  # calibration blocks per forward pass
     # learned search (LLM-Shearing recipe: hard-concrete gates + augmented Lagrangian)
     steps: int = 240  # optimisation steps (the DHA paper reports 240 for LLaMA2-7B at 25%)
@@ -99,15 +85,13 @@ class SearchOptions:
         if self.search not in SEARCHES:
             raise UserError(f"unknown search {self.search!r}; choose from {', '.join(SEARCHES)}")
         if self.metric not in METRICS:
-            raise UserError(f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
-        if self.key_cost not in KEY_COSTS:
-            raise UserError(f"unknown key cost {self.key_cost!r}; choose from {', '.join(KEY_COSTS)}")
+            raise UserError(f"unknown merge metric {self.metric!r}; choose from {', '.join(METRICS)}")
         if self.allocation not in ALLOCATIONS:
             raise UserError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
         if self.search == "learned" and (self.allocation != "adaptive" or not self.decoupled):
             raise UserError("uniform allocation and coupled keys/values are ablations of the cost search (use --search cost)")
-        if self.key_pairs < 1 or self.batch_size < 1 or self.steps < 1:
-            raise UserError("key_pairs, batch_size and steps must be positive")
+        if self.batch_size < 1 or self.steps < 1:
+            raise UserError("batch_size and steps must be positive")
         if not 0.0 <= self.warmup <= 1.0:
             raise UserError(f"warmup is a fraction of the steps in [0, 1], got {self.warmup}")
         if self.gate_lr <= 0 or self.multiplier_lr <= 0 or self.fusion_weight < 0:
@@ -116,183 +100,93 @@ class SearchOptions:
 
 @dataclass
 class HeadTable:
-    """The key (or value) heads of one layer: a grouping and its fusion cost for every count."""
+    """The key (or value) heads of one layer: a grouping and its costs for every count."""
 
     layer: int
     kind: str  # "key" | "value"
-    groupings: list[list[list[int]]]  # groupings[n - 1]: the heads clustered into n groups
-    costs: list[float]  # costs[n - 1]: relative fusion cost of groupings[n - 1] (0 at n = source heads)
-    quadratic: torch.Tensor = field(repr=False)  # (n, n, n) float64: A_m for each source head m
-    similarity: torch.Tensor = field(repr=False, default=None)  # (n, n): what the heads were clustered by
+    groupings: list[list[list[int]]]  # groupings[n - 1]: the heads in n groups
+    costs: list[float]  # costs[n - 1]: relative residual of groupings[n - 1] (0 at n = source heads)
+    fisher: list[float] | None = None  # fisher[n - 1]: estimated LM-loss increase (nats, summed over calibration tokens)
 
 
-# ---- budget --------------------------------------------------------------------------------------
+# ---- grouping and costs --------------------------------------------------------------------------
 
-def total_heads_for_budget(source_key_heads: list[int], source_value_heads: list[int], kv_budget: float) -> int:
-    """Total K+V heads a plan at `kv_budget` keeps: floor(kv_budget * sum of source heads).
+def agglomerate(residual, n: int) -> list[list[list[int]]]:
+    """Nested groupings of n heads for every count: groupings[c - 1] has c groups.
 
-    Same convention as `dha.baselines.heads_for_budget` (the budget is a ceiling on the fraction of
-    the KV cache kept, +1e-9 against float error), which also validates the budget: outside (0, 1]
-    or below one key and one value head per layer -> UserError. The search meets this total
-    exactly, so it never keeps fewer heads than the uniform baselines at the same budget.
-    """
-    heads_for_budget(source_key_heads, source_value_heads, kv_budget)  # raises UserError when unmeetable
-    total = math.floor(kv_budget * (sum(source_key_heads) + sum(source_value_heads)) + 1e-9)
-    least = 2 * len(source_key_heads)
-    if total < least:  # a budget a hair above min_budget can still floor below it
-        raise UserError(f"--kv-budget {kv_budget} keeps {total} heads, fewer than one key and one value head in each of {len(source_key_heads)} layers")
-    return total
+    residual(members) -> float is the error a merged group leaves. Greedy: merge the two groups whose
+    union adds the least residual (ties: the lowest head numbers). Groups are sorted lists, in order
+    of their first member."""
+    cache: dict[tuple, float] = {}
 
+    def res(members: tuple) -> float:
+        if members not in cache:
+            cache[members] = 0.0 if len(members) == 1 else residual(list(members))
+        return cache[members]
 
-# ---- costs ---------------------------------------------------------------------------------------
-
-def output_quadratic(outputs: torch.Tensor) -> torch.Tensor:
-    """outputs (N, n, hd) -> (n, n, n): A_m = the Gram matrix of the heads' outputs, for every m."""
-    x = outputs.double()
-    gram = torch.einsum("tad,tbd->ab", x, x)  # (n, n): sum over tokens and dims
-    return gram.expand(x.shape[1], -1, -1).clone()
-
-
-def sample_pairs(num_blocks: int, block_len: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """(P, 3) causal (block, query position, key position) pairs, key position <= query position.
-
-    Two positions drawn uniformly in a block, the later one is the query's: every causal pair is
-    equally likely except the diagonal (half as likely)."""
-    b = torch.randint(num_blocks, (count,), generator=generator)
-    i = torch.randint(block_len, (count,), generator=generator)
-    j = torch.randint(block_len, (count,), generator=generator)
-    return torch.stack([b, torch.maximum(i, j), torch.minimum(i, j)], dim=1)
+    clusters = [(j,) for j in range(n)]
+    out = {n: [list(c) for c in clusters]}
+    while len(clusters) > 1:
+        best = None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                union = tuple(sorted(clusters[a] + clusters[b]))
+                extra = res(union) - res(clusters[a]) - res(clusters[b])
+                if best is None or extra < best[0] - 1e-12 * max(1.0, abs(best[0])):
+                    best = (extra, a, b, union)
+        _, a, b, union = best
+        clusters = sorted([c for i, c in enumerate(clusters) if i not in (a, b)] + [union])
+        out[len(clusters)] = [list(c) for c in clusters]
+    return [out[c] for c in range(1, n + 1)]
 
 
-def key_logit_quadratic(queries: torch.Tensor, keys: torch.Tensor, key_index: list[int], model: Transformer,
-                        block_len: int, pairs: torch.Tensor) -> torch.Tensor:
-    """A_m = sum_{h: key_index[h] = m} Z_h^T Z_h: the logit-space Gram matrices of one layer's keys.
-
-    queries (N, H, hd), keys (N, n, hd): pre-RoPE, N = n_blocks * block_len in block order (as
-    `collect_heads` returns them); pairs (P, 3) from `sample_pairs`. -> (n, n, n) float64.
-    Logits are q . k with the model's own RoPE at the tokens' positions (so relative offsets are
-    those of real attention); the 1/sqrt(hd) scale cancels in the relative cost.
-    """
-    N, H, hd = queries.shape
-    n = keys.shape[1]
-    q = queries.reshape(N // block_len, block_len, H, hd).transpose(1, 2)  # (nb, H, T, hd)
-    k = keys.reshape(N // block_len, block_len, n, hd).transpose(1, 2)  # (nb, n, T, hd)
-    rope = model.rope(torch.arange(block_len))
-    if rope is not None:
-        q, k = rope.apply(q.float()), rope.apply(k.float())
-    grams = torch.zeros(H, n, n, dtype=torch.float64)
-    for chunk in pairs.split(2048):  # bounded memory on wide models
-        b, i, j = chunk.unbind(1)
-        qs = q[b, :, i].double()  # (p, H, hd): query heads at the query positions
-        ks = k[b, :, j].double()  # (p, n, hd): key heads at the key positions
-        z = torch.einsum("phd,pmd->phm", qs, ks)  # (p, H, n): logit of each query head against each key head
-        grams += torch.einsum("phm,phk->hmk", z, z)  # (H, n, n): Z_h^T Z_h
-    out = torch.zeros(n, n, n, dtype=torch.float64)
-    return out.index_add_(0, torch.tensor(key_index), grams)
+def relative_cost(stats, kind: str, groups: list[list[int]]) -> float:
+    total = energy(stats, kind)
+    return sum(group_residual(stats, kind, g) for g in groups) / total if total > 0 else 0.0
 
 
-def group_cost(quadratic: torch.Tensor, members: list[int]) -> tuple[float, torch.Tensor]:
-    """(cost, w): the least fusion cost of one group and the member weights that reach it.
-
-    cost = min_w sum_{m in S} (w - e_m)^T A_m[S, S] (w - e_m)  (absolute, not normalised), with
-    S = members and A = `quadratic` (n, n, n). The normal equations are
-    (sum_m A_m[S, S]) w = sum_m A_m[S, m]; the pseudo-inverse gives the least-norm solution when
-    members are linearly dependent (identical heads).
-    """
-    S = torch.tensor(members)
-    if len(members) == 1:
-        return 0.0, torch.ones(1, dtype=torch.float64)
-    blocks = quadratic[S][:, S][:, :, S]  # (g, g, g): A_m[S, S] for m in S
-    lhs = blocks.sum(0)  # (g, g)
-    rhs = torch.stack([blocks[a, :, a] for a in range(len(members))]).sum(0)  # (g,): sum_m A_m[S, m]
-    w = torch.linalg.pinv(lhs, hermitian=True) @ rhs
-    cost = sum(
-        float((w - e) @ blocks[a] @ (w - e))
-        for a, e in enumerate(torch.eye(len(members), dtype=torch.float64))
-    )
-    return max(cost, 0.0), w
-
-
-def grouping_cost(quadratic: torch.Tensor, groups: list[list[int]]) -> float:
-    """Relative fusion cost of a whole grouping of one layer's heads: sum of group costs / energy."""
-    energy = float(torch.diagonal(quadratic, dim1=1, dim2=2).diagonal().sum())  # sum_m A_m[m, m]
-    if energy <= 0:
-        return 0.0
-    return sum(group_cost(quadratic, g)[0] for g in groups) / energy
-
-
-def head_tables(model: Transformer, calib_blocks: torch.Tensor, options: SearchOptions) -> list[HeadTable]:
-    """For every layer, key then value: groupings for every count and their relative costs."""
+def table_fisher(model: Transformer, calibration: Calibration, layer: int, kind: str, groupings) -> list[float]:
+    """Estimated LM-loss increase (`dha.compress.fisher_cost`) of each grouping's aligned merge."""
     cfg = model.config
-    collected = collect_heads(model, calib_blocks, options.batch_size)  # every token, block order
-    num_blocks, block_len = calib_blocks.shape
-    generator = torch.Generator().manual_seed(options.seed)
+    r = cfg.rotary_dim if cfg.position == "rope" else 0
+    name = kind + "s"
+    outputs, grads = calibration.acts[layer][name], calibration.grads[layer][name]
+    stats = calibration.stats[layer]
+    out = []
+    for groups in groupings:
+        merges = [group_merge(stats, kind, g) for g in groups]
+        out.append(fisher_cost(outputs, grads, reconstructed_outputs(outputs.double(), kind, groups, merges, r)))
+    return out
+
+
+def head_tables(model: Transformer, calibration: Calibration, sensitivity: bool) -> list[HeadTable]:
+    """For every layer, key then value: nested groupings for every count and their costs."""
     tables = []
-    for l, layer in enumerate(collected):
-        for kind, name in (("key", "keys"), ("value", "values")):
-            outputs = layer[name]  # (N, n, hd)
-            n = outputs.shape[1]
-            if kind == "key" and options.key_cost == "logit":
-                pairs = sample_pairs(num_blocks, block_len, options.key_pairs, generator)
-                quadratic = key_logit_quadratic(layer["queries"], outputs, cfg.key_index[l], model, block_len, pairs)
-            else:
-                quadratic = output_quadratic(outputs)
-            sim = similarity(outputs, options.metric)
-            groupings = [cluster(sim, c) for c in range(1, n + 1)]
-            costs = [grouping_cost(quadratic, g) for g in groupings]
-            tables.append(HeadTable(l, kind, groupings, costs, quadratic, sim))
+    for l, stats in enumerate(calibration.stats):
+        for kind in KINDS:
+            n = model.config.key_heads(l) if kind == "key" else model.config.value_heads(l)
+            groupings = agglomerate(lambda g, s=stats, k=kind: group_residual(s, k, g), n)
+            fisher = table_fisher(model, calibration, l, kind, groupings) if sensitivity else None
+            tables.append(HeadTable(l, kind, groupings, [relative_cost(stats, kind, g) for g in groupings], fisher))
     return tables
 
 
-def coupled_tables(model: Transformer, tables: list[HeadTable]) -> list[HeadTable]:
-    """The coupled-K/V ablation: each layer's keys and values share one grouping per count,
-    clustered on the mean of the two similarity matrices (like GQA, unlike DHA); each kind keeps
-    its own cost of that shared grouping. Needs a source whose layers read key head i and value
-    head i together (key_index == value_index: every MHA and GQA checkpoint)."""
+def coupled_tables(model: Transformer, calibration: Calibration, sensitivity: bool) -> list[HeadTable]:
+    """The coupled-K/V ablation: each layer's keys and values share one grouping per count (like
+    GQA, unlike DHA), clustered on the sum of the two relative residuals; each kind keeps its own
+    cost of that shared grouping. Needs a source whose layers read key head i and value head i
+    together (key_index == value_index: every MHA and GQA checkpoint)."""
     cfg = model.config
     out = []
-    for l in range(cfg.num_layers):
+    for l, stats in enumerate(calibration.stats):
         if cfg.key_index[l] != cfg.value_index[l]:
             raise UserError(f"layer {l} already has decoupled key and value heads: keys and values cannot share groups")
-        key, value = tables[2 * l], tables[2 * l + 1]
-        sim = (key.similarity + value.similarity) / 2
-        groupings = [cluster(sim, c) for c in range(1, len(key.groupings) + 1)]
-        for t in (key, value):
-            out.append(HeadTable(l, t.kind, groupings, [grouping_cost(t.quadratic, g) for g in groupings], t.quadratic, sim))
-    return out
-
-
-def sensitivities(model: Transformer, calib_blocks: torch.Tensor, tables: list[HeadTable], batch_size: int) -> list[float]:
-    """Per table, the LM-loss increase (nats/token, calibration blocks) when that layer's keys (or
-    values) alone are mean-merged into one head and everything else is left as it is."""
-    from .evaluate import perplexity
-
-    src_k, src_v = source_heads(model)
-    base = perplexity(model, calib_blocks, batch_size, progress=False)["nll"]
-    out = []
-    for t in tables:
-        layers = [LayerPlan([[h] for h in range(k)], [[h] for h in range(v)]) for k, v in zip(src_k, src_v)]
-        one = t.groupings[0]
-        if t.kind == "key":
-            layers[t.layer].key_groups = one
-        else:
-            layers[t.layer].value_groups = one
-        merged = merge_groups(model, Plan(layers, src_k, src_v))
-        out.append(perplexity(merged, calib_blocks, batch_size, progress=False)["nll"] - base)
-    return out
-
-
-def weighted_costs(tables: list[HeadTable], sensitivity: list[float], floor_fraction: float = 0.1) -> list[list[float]]:
-    """Costs rescaled so that a table's 1-head cost equals its measured loss increase:
-    cost'(n) = cost(n) / cost(1) * max(dL, floor_fraction * median dL). First order: loss grows in proportion
-    to the fusion error, with the slope measured per layer and kind. The floor is relative: a table
-    whose measured increase is ~0 or negative (noise) must not look free to merge, or the DP would
-    trade its heads for rounding noise in other tables' near-zero costs."""
-    floor = max(floor_fraction * statistics.median(max(d, 0.0) for d in sensitivity), 1e-9)
-    out = []
-    for t, d in zip(tables, sensitivity):
-        scale = max(d, floor) / t.costs[0] if t.costs[0] > 0 else 0.0
-        out.append([c * scale for c in t.costs])
+        ek, ev = max(energy(stats, "key"), 1e-30), max(energy(stats, "value"), 1e-30)
+        groupings = agglomerate(lambda g: group_residual(stats, "key", g) / ek + group_residual(stats, "value", g) / ev,
+                                cfg.key_heads(l))
+        for kind in KINDS:
+            fisher = table_fisher(model, calibration, l, kind, groupings) if sensitivity else None
+            out.append(HeadTable(l, kind, groupings, [relative_cost(stats, kind, g) for g in groupings], fisher))
     return out
 
 
@@ -356,14 +250,26 @@ def allocate_with(costs: list[list[float]], total: int, options: SearchOptions) 
 
 # ---- learned search ------------------------------------------------------------------------------
 
-def averaging_matrices(groupings: list[list[list[int]]]) -> torch.Tensor:
-    """(n, n, n): M[c - 1] maps each source head to the mean of its group in the c-group clustering,
-    so heads(W) -> M[c - 1] @ heads(W) are the c-group mean-merged weights, still one per source head."""
-    n = len(groupings)
-    out = torch.zeros(n, n, n)
-    for c, groups in enumerate(groupings):
-        for g in groups:
-            out[c][torch.tensor(g)[:, None], torch.tensor(g)[None, :]] = 1.0 / len(g)
+def reconstructed_weights(model: Transformer, stats, table: HeadTable) -> dict[str, torch.Tensor]:
+    """{"weight": (n, n*hd, D), "bias": (n, n*hd)?}: the table's k_proj (or v_proj) weights as the
+    c-group aligned merge gives them back to each source head, for every count c (c = n: unchanged)."""
+    cfg, hd = model.config, model.config.head_dim
+    r = cfg.rotary_dim if cfg.position == "rope" else 0
+    proj = getattr(model.layers[table.layer].attn, "k_proj" if table.kind == "key" else "v_proj")
+    out = {}
+    for suffix in ("weight", "bias"):
+        w = getattr(proj, suffix)
+        if w is None:
+            continue
+        rows = heads(w.detach().double(), hd)  # (n, hd, ...)
+        per_count = []
+        for groups in table.groupings:
+            rec = rows.clone()
+            for g in groups:
+                merge = group_merge(stats, table.kind, g)
+                rec[g] = reconstructed_key_rows(rows[g], merge, r) if table.kind == "key" else reconstructed_value_rows(rows[g], merge)
+            per_count.append(unheads(rec).to(w.dtype))
+        out[suffix] = torch.stack(per_count)
     return out
 
 
@@ -388,9 +294,9 @@ def hard_concrete_open(log_alpha: torch.Tensor) -> torch.Tensor:
 def count_coefficients(kept: torch.Tensor) -> torch.Tensor:
     """kept (n - 1,) in [0, 1] -> (n,) weights c_1..c_n of the c-group models.
 
-    u_1 = 1 and u_c = kept[c - 2]; c_c = u_c - u_{c + 1} (u_{n + 1} = 0), so sum_c c_c M_c =
-    M_1 + sum_{c >= 2} u_c (M_c - M_{c - 1}): a telescoping interpolation that is exactly the
-    c-group merge when u = (1, ..., 1, 0, ..., 0) with c ones."""
+    u_1 = 1 and u_c = kept[c - 2]; c_c = u_c - u_{c + 1} (u_{n + 1} = 0), so sum_c c_c W_c =
+    W_1 + sum_{c >= 2} u_c (W_c - W_{c - 1}): a telescoping interpolation that is exactly the
+    c-group model W_c when u = (1, ..., 1, 0, ..., 0) with c ones."""
     u = torch.cat([kept.new_ones(1), kept, kept.new_zeros(1)])
     return u[:-1] - u[1:]
 
@@ -403,14 +309,15 @@ class RelaxedCounts(nn.Module):
     `torch.func.functional_call`: no gradient reaches them and the model object is never modified.
     """
 
-    def __init__(self, model: Transformer, tables: list[HeadTable], gate_init: float):
+    def __init__(self, model: Transformer, tables: list[HeadTable], calibration: Calibration, gate_init: float):
         super().__init__()
         self.model = model
         self.config = model.config  # dha.train records it in the run identity
         self.names = [f"layers.{t.layer}.attn.{'k_proj' if t.kind == 'key' else 'v_proj'}" for t in tables]
         self.gates = nn.ParameterList(nn.Parameter(torch.full((len(t.costs) - 1,), gate_init)) for t in tables)
         for i, t in enumerate(tables):
-            self.register_buffer(f"merge_{i}", averaging_matrices(t.groupings), persistent=False)  # (n, n, n)
+            for suffix, w in reconstructed_weights(model, calibration.stats[t.layer], t).items():
+                self.register_buffer(f"{suffix}_{i}", w, persistent=False)  # (n, ...): the c-group weights W_c
             self.register_buffer(f"cost_{i}", torch.tensor(t.costs, dtype=torch.float32), persistent=False)  # (n,)
         self.source_heads = sum(len(t.costs) for t in tables)
 
@@ -420,16 +327,13 @@ class RelaxedCounts(nn.Module):
         return torch.cumprod(hard_concrete_sample(la) if sample else hard_concrete_mean(la), 0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hd = self.model.config.head_dim
         weights = {name: p.detach() for name, p in self.model.named_parameters()}
         for i, name in enumerate(self.names):
             coeff = count_coefficients(self.kept(i, sample=self.training))  # (n,)
-            mix = torch.einsum("c,cab->ab", coeff, getattr(self, f"merge_{i}"))  # (n, n)
             for suffix in ("weight", "bias"):
-                key = f"{name}.{suffix}"
-                if key in weights:
-                    w = weights[key]
-                    weights[key] = unheads(torch.einsum("ab,b...->a...", mix.to(w.dtype), heads(w, hd)))
+                if f"{name}.{suffix}" in weights:
+                    per_count = getattr(self, f"{suffix}_{i}")  # (n, ...)
+                    weights[f"{name}.{suffix}"] = torch.einsum("c,c...->...", coeff.to(per_count.dtype), per_count)
         return torch.func.functional_call(self.model, weights, (input_ids,))
 
     def expected_counts(self) -> list[torch.Tensor]:
@@ -442,18 +346,18 @@ class RelaxedCounts(nn.Module):
                    for i, la in enumerate(self.gates))
 
 
-def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[HeadTable], total: int,
-                   options: SearchOptions) -> tuple[list[int], dict]:
-    """Per-table head counts from relaxed, trained counts (the DHA paper's search; METHOD.md part B).
+def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[HeadTable], calibration: Calibration,
+                   total: int, options: SearchOptions) -> tuple[list[int], dict]:
+    """Per-table head counts from relaxed, trained counts (the DHA paper's search, with the LLM-Shearing relaxation).
 
     Relaxation (`RelaxedCounts`). A table (layer l, keys or values) with n source heads has the
-    groupings G_1..G_n of step 1 and their mean-merge matrices M_c (`averaging_matrices`): the
-    c-group model's weights are M_c @ heads(W). It gets n - 1 hard-concrete gates z_2..z_n
+    groupings G_1..G_n of step 1 and, for each, its aligned merge given back to every source head:
+    the c-group model's weights W_c (`reconstructed_weights`; W_n = W). It gets n - 1 hard-concrete gates z_2..z_n
     (log-alpha parameters; Louizos et al. 2018, as in LLM-Shearing) and "head c is kept" variables
     u_c = z_2 * ... * z_c (cumulative, so counts are ordered: keeping c heads implies keeping c - 1),
     u_1 = 1. The layer's relaxed weights are
 
-        W~ = (M_1 + sum_{c=2..n} u_c (M_c - M_{c-1})) @ heads(W)
+        W~ = W_1 + sum_{c=2..n} u_c (W_c - W_{c-1})
 
     which is the c-group merged model when u = (1,..,1,0,..,0) (c ones) and a linear interpolation
     between the c- and (c+1)-group models when u_{c+1} is fractional. Gates start open (log-alpha =
@@ -478,7 +382,7 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
     """
     from .train import Hooks, TrainConfig, ramp, train
 
-    relaxed = RelaxedCounts(model, tables, options.gate_init)
+    relaxed = RelaxedCounts(model, tables, calibration, options.gate_init)
     multipliers = nn.Parameter(torch.zeros(2))  # lambda1, lambda2
     final = total / relaxed.source_heads
     warm = round(options.warmup * options.steps)
@@ -520,12 +424,14 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
 
 # ---- entry point ---------------------------------------------------------------------------------
 
-def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, options: SearchOptions | None = None) -> Plan:
+def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, options: SearchOptions | None = None,
+           calibration: Calibration | None = None) -> Plan:
     """The DHA plan for `model` at `kv_budget`: groups and per-layer counts, exactly on budget.
 
-    calib_blocks: (n_blocks, T) calibration token ids (train split). The plan's notes hold the
-    settings, the cost table (relative cost per layer, kind and count) and, for the learned
-    search, the expected counts and a training log. Deterministic for a given seed.
+    calib_blocks: (n_blocks, T) calibration token ids (train split); `calibration`, when given, is
+    `dha.compress.calibrate` of them already made (with gradients when options.sensitivity). The
+    plan's notes hold the settings and the cost table (per layer, kind and count) and, for the
+    learned search, the expected counts and a training log. Deterministic for a given seed.
     """
     options = options or SearchOptions()
     if calib_blocks is None or calib_blocks.dim() != 2 or calib_blocks.numel() == 0:
@@ -534,22 +440,21 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
         raise UserError(f"the DHA search needs calibration blocks of at least 2 tokens, got {calib_blocks.shape[1]}")
     src_k, src_v = source_heads(model)
     total = total_heads_for_budget(src_k, src_v, kv_budget)
-    tables = head_tables(model, calib_blocks, options)
-    if not options.decoupled:
-        tables = coupled_tables(model, tables)
+    weighted = options.sensitivity and options.search == "cost"  # the learned search uses the LM loss itself
+    if calibration is None or calibration.metric != options.metric or (weighted and calibration.grads is None):
+        calibration = calibrate(model, calib_blocks, options.batch_size, options.metric, gradients=weighted)
+    tables = (head_tables if options.decoupled else coupled_tables)(model, calibration, weighted)
     notes = {"search": options.search, "total_heads": total, "calibration_tokens": int(calib_blocks.numel()),
              "options": {k: v for k, v in asdict(options).items() if k != "progress"}}
-    costs = [t.costs for t in tables]
-    if options.sensitivity and options.search == "cost":  # the learned search uses the LM loss itself
-        sens = sensitivities(model, calib_blocks, tables, options.batch_size)
-        costs = weighted_costs(tables, sens)
-        notes["sensitivity"] = _by_kind(tables, [round(s, 6) for s in sens])
+    costs = [t.fisher for t in tables] if weighted else [t.costs for t in tables]
     if options.search == "cost":
         counts = allocate_with(costs, total, options)
         notes["heads_kept"] = sum(counts)  # == total unless an ablation cannot meet it exactly
     else:
-        counts, notes["learned"] = learned_counts(model, calib_blocks, tables, total, options)
+        counts, notes["learned"] = learned_counts(model, calib_blocks, tables, calibration, total, options)
     notes["costs"] = _by_kind(tables, [[float(f"{c:.6g}") for c in t.costs] for t in tables])
+    if weighted:
+        notes["loss_increase"] = _by_kind(tables, [[float(f"{c:.6g}") for c in t.fisher] for t in tables])
     notes["chosen_cost"] = float(f"{sum(c[n - 1] for c, n in zip(costs, counts)):.6g}")
     layers = []
     for l in range(len(src_k)):

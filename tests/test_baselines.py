@@ -373,7 +373,7 @@ class _Stop(Exception):
 
 
 def test_cli_metric_default_is_each_consumers_own(workspace, monkeypatch):
-    """--metric unset: the baselines cluster by CKA, the dha search by its own default (cosine)."""
+    """--metric unset: the baselines cluster by CKA; the dha search uses its own merge metric (weighted)."""
     import dha.convert
     import dha.search
 
@@ -384,7 +384,7 @@ def test_cli_metric_default_is_each_consumers_own(workspace, monkeypatch):
         seen["gqa-similar"] = options.metric
         raise _Stop
 
-    def stop_search(model, budget, calib, options):
+    def stop_search(model, budget, calib, options, calibration=None):
         seen["dha"] = options.metric
         raise _Stop
 
@@ -394,7 +394,7 @@ def test_cli_metric_default_is_each_consumers_own(workspace, monkeypatch):
         with pytest.raises(_Stop):
             main(["convert", src, "--method", method, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "64",
                   "--block-size", "16", "--no-progress", "--out", str(tmp / method)])
-    assert seen == {"gqa-similar": "cka", "dha": "cosine"}
+    assert seen == {"gqa-similar": "cka", "dha": "weighted"}
 
 
 def test_cli_convert_training_gets_train_dtype_and_teacher(workspace, monkeypatch):

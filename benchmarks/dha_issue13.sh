@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 13's grid: DHA fusing toward the aligned merge, with distillation, against the baselines
+# and the old mean-target DHA, at equal KV bytes and equal training tokens (the same loop and
+# settings for every method: lr 3e-4, batches of 1,024 tokens in 256-token blocks, distillation
+# from the source on for every method). Held-out perplexity on the built-in pydoc text and on a
+# second text nothing trains or calibrates on (Linux man pages, section 1), both as ratios to the
+# source. 2 CPU cores, fp32; the whole grid is many hours: run the parts you need.
+#   bash benchmarks/dha_issue13.sh [notrain|train16k|seeds|long|all]
+set -euo pipefail
+part=${1:-notrain}
+cd "$(dirname "$0")/.."
+second=${DHA_SECOND_TEXT:-$HOME/.cache/dha/man1.txt}
+[[ -f $second ]] || python benchmarks/man_pages_text.py --out "$second"
+bench="python benchmarks/dha_vs_baselines.py --batch-tokens 1024 --second-text $second"
+res=benchmarks/results
+if [[ $part == notrain || $part == all ]]; then
+  # No training: the closed forms alone (TransMLA's training-free bar: 3.3x at 1/3, 2.2x at 1/2)
+  $bench --kv-budget 0.5 --methods dha,dha+plain,dha+mean,dha+nosensitivity,svd,gqa,prune --tokens 0 --out $res/b13_smollm2_half_0.json
+  $bench --kv-budget 0.3334 --methods dha,dha+plain,dha+mean,svd,gqa,prune --tokens 0 --out $res/b13_smollm2_third_0.json
+  $bench --setup mha-permuted --kv-budget 0.2223 --methods dha,dha+plain,svd,gqa-similar --tokens 0 --out $res/b13_mha_2of9_0.json
+  $bench --setup mha-permuted --kv-budget 0.4445 --methods dha,svd,gqa-similar --tokens 0 --out $res/b13_mha_4of9_0.json
+fi
+if [[ $part == train16k || $part == all ]]; then
+  $bench --kv-budget 0.5 --methods dha,dha+nofusion,dha+mean,svd,source --tokens 16384 --out $res/b13_smollm2_half_16k.json
+  $bench --kv-budget 0.3334 --methods dha,dha+mean,svd,gqa,source --tokens 16384 --out $res/b13_smollm2_third_16k.json
+fi
+if [[ $part == seeds || $part == all ]]; then
+  for seed in 1 2; do
+    $bench --kv-budget 0.5 --methods dha,svd --tokens 16384 --seed $seed --out $res/b13_smollm2_half_16k_seed$seed.json
+  done
+fi
+if [[ $part == long || $part == all ]]; then
+  $bench --kv-budget 0.3334 --methods dha,svd,gqa,prune,source --tokens 50000,200000 --out $res/b13_smollm2_third_50k_200k.json
+fi

@@ -1,0 +1,459 @@
+"""Aligned merges of key and value heads in closed form: what DHA fuses toward and the `svd` baseline applies.
+
+A group S of key (or value) heads becomes one shared head. Merging trained heads by their mean
+fails because they are not aligned: two key heads that attend alike can be rotations of each
+other. Alignment is free in the function, so each merge here is a shared head plus one reading
+map per source head, folded into the weights of the query heads that read it:
+
+- Values. For any d x d map B, (x W_V) (B W_O[h]) = ((x W_V) B) W_O[h], so source value head j is
+  replaced by v_j ~ v~ B_j and B_j is folded into W_O's columns of every query head that read j.
+  With a metric L_j (d x d, reconstruction error measured as ||(v_j - v~ B_j) L_j||^2), the best
+  shared head is the top-d principal subspace U of the stacked, whitened outputs [v_j L_j]_j
+  (Eckart-Young): v~ = sum_j v_j (L_j U_j), B_j = U_j^T L_j^-1, U_j the j-th (d, d) block of U.
+  metric="weighted" takes L_j^2 = sum_{h reads j} W_O[h] W_O[h]^T, so the error is the error of the
+  layer's output (what the heads write to the residual stream); metric="plain" takes L_j = I
+  (ordinary PCA of the values, Yu et al. 2024).
+- Keys. RoPE multiplies frequency pair i of every key (and query) by the same e^{i theta_i p}, so a
+  map commutes with RoPE exactly when it multiplies each pair, seen as a complex number z, by a
+  complex scalar. Per pair, with weights s_j > 0 per source head, the best rank-one approximation
+  of the weighted pair vector (s_j z_j)_j is u u^H (top eigenvector u of its Gram matrix): the
+  shared key is k~ = sum_j conj(u_j) s_j z_j and z_j ~ (u_j / s_j) k~, so a query that read j reads
+  the shared head with its pair multiplied by conj(u_j / s_j) (exact: Re(conj(q) c k) =
+  Re(conj(conj(c) q) k)). metric="weighted" takes s_j^2 = sum_{h reads j} E|q_h,i|^2, the energy of
+  the queries that read the key on that pair, so the error is the attention-logit error;
+  metric="plain" takes s = 1 (complex PCA per pair). Dimensions past the rotary ones are not
+  rotated: they merge like values, with a diagonal metric of query energies.
+
+`LayerStats` holds, per layer, the weighted second moments these need, from one pass over
+calibration tokens (`layer_stats`); `group_residual` is the error a group leaves (trace minus the
+kept eigenvalues: no merge is built), `group_merge` the merge itself, `aligned_merge` the merged
+model. The budget arithmetic every method shares is here too.
+
+Shape legend: N calibration tokens, H query heads, n source heads of one kind in a layer, g heads in
+a group, hd head dim, r rotary dims (r/2 frequency pairs), p = hd - r pass-through dims, D hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+from .model import Transformer
+from .plan import LayerPlan
+from .transforms import build, heads, regroup_map, state_dict_of, unheads, with_maps
+
+METRICS = ("weighted", "plain")
+
+
+# ---- budget ----------------------------------------------------------------------------------------
+
+def source_heads(model: Transformer) -> tuple[list[int], list[int]]:
+    cfg = model.config
+    return [cfg.key_heads(l) for l in range(cfg.num_layers)], [cfg.value_heads(l) for l in range(cfg.num_layers)]
+
+
+def min_budget(source_key_heads: list[int], source_value_heads: list[int]) -> float:
+    """The smallest budget that keeps one key and one value head per layer."""
+    return 2 * len(source_key_heads) / (sum(source_key_heads) + sum(source_value_heads))
+
+
+def heads_for_budget(source_key_heads: list[int], source_value_heads: list[int], kv_budget: float) -> tuple[list[int], list[int]]:
+    """Key and value heads per layer for a uniform baseline at `kv_budget`.
+
+    The budget is a ceiling on the fraction of the source's KV cache kept, counted in heads (head
+    dim is unchanged): sum_l (Hk'(l) + Hv'(l)) <= kv_budget * sum_l (Hk(l) + Hv(l)), except that no
+    layer keeps fewer than one K and one V head. Per layer and kind, n = floor(kv_budget * n_source)
+    (plus 1e-9 against float error), at least 1. So SmolLM2 (3 KV heads) keeps 1 at 0.34, 2 at 0.67,
+    3 at 1.0; a 6-head MHA keeps 3 at 0.5.
+
+    Raises UserError when kv_budget is outside (0, 1] or below `min_budget` (one K and one V head
+    per layer).
+    """
+    if not isinstance(kv_budget, (int, float)) or math.isnan(kv_budget) or not 0 < kv_budget <= 1:
+        raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {kv_budget}")
+    least = min_budget(source_key_heads, source_value_heads)
+    if kv_budget < least - 1e-9:
+        raise UserError(
+            f"--kv-budget {kv_budget} is too small: keeping one key and one value head in each of the "
+            f"{len(source_key_heads)} layers already keeps {least:.4f} of the KV cache"
+        )
+
+    def count(n: int) -> int:
+        return max(1, min(n, math.floor(kv_budget * n + 1e-9)))
+    return [count(n) for n in source_key_heads], [count(n) for n in source_value_heads]
+
+
+def total_heads_for_budget(source_key_heads: list[int], source_value_heads: list[int], kv_budget: float) -> int:
+    """Total K+V heads a searched plan at `kv_budget` keeps: floor(kv_budget * sum of source heads).
+
+    Same convention as `heads_for_budget` (which also validates the budget), so a search never
+    keeps fewer heads than the uniform baselines at the same budget."""
+    heads_for_budget(source_key_heads, source_value_heads, kv_budget)  # raises UserError when unmeetable
+    total = math.floor(kv_budget * (sum(source_key_heads) + sum(source_value_heads)) + 1e-9)
+    if total < 2 * len(source_key_heads):  # a budget a hair above min_budget can still floor below it
+        raise UserError(f"--kv-budget {kv_budget} keeps {total} heads, fewer than one key and one value head in each of {len(source_key_heads)} layers")
+    return total
+
+
+def largest_divisor_at_most(n: int, target: int) -> int:
+    return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, target))
+
+
+# ---- statistics ------------------------------------------------------------------------------------
+
+@dataclass
+class LayerStats:
+    """Second moments of one layer's heads on calibration tokens, in the merge metric (module doc).
+
+    key_pair_gram: (r/2, n, n) complex128, sum_t (s z_t)(s z_t)^H per frequency pair;
+    key_scale: (n, r/2) float64, the weights s of each source key head on each pair;
+    key_pass_gram: (n*p, n*p) float64, Gram of the whitened pass-through dims; key_pass_metric (n, p, p);
+    value_gram: (n*hd, n*hd) float64, Gram of the whitened value outputs [v_j L_j]; value_metric (n, hd, hd): L_j.
+    """
+
+    key_pair_gram: torch.Tensor
+    key_scale: torch.Tensor
+    key_pass_gram: torch.Tensor
+    key_pass_metric: torch.Tensor
+    value_gram: torch.Tensor
+    value_metric: torch.Tensor
+    tokens: int
+
+
+def _readers(index: list[int], n: int) -> list[list[int]]:
+    return [[h for h, j in enumerate(index) if j == m] for m in range(n)]
+
+
+def _sqrt_psd(m: torch.Tensor, rel_floor: float = 1e-6) -> torch.Tensor:
+    """Symmetric square root of a PSD matrix, eigenvalues floored at rel_floor * the largest (so it inverts)."""
+    values, vectors = torch.linalg.eigh(m)
+    values = values.clamp_min(max(float(values.max()), 1e-30) * rel_floor)
+    return (vectors * values.sqrt()) @ vectors.T
+
+
+def _pairs(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(..., hd) real -> (..., r/2) complex: pair i is (x_i, x_{i + r/2}) (the rotate-half layout)."""
+    return torch.complex(x[..., : r // 2], x[..., r // 2 : r])
+
+
+def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weighted") -> LayerStats:
+    """LayerStats of `layer` from its calibration heads `acts` (one entry of dha.analyze.collect_heads)."""
+    if metric not in METRICS:
+        raise UserError(f"unknown merge metric {metric!r}; choose from {', '.join(METRICS)}")
+    cfg, hd = model.config, model.config.head_dim
+    r = cfg.rotary_dim if cfg.position == "rope" else 0
+    p = hd - r
+    q, k, v = acts["queries"].double(), acts["keys"].double(), acts["values"].double()  # (N, H|n, hd)
+    N, nk, nv = k.shape[0], k.shape[1], v.shape[1]
+    key_readers, value_readers = _readers(cfg.key_index[layer], nk), _readers(cfg.value_index[layer], nv)
+
+    # keys: per-pair weights from the energy of the queries that read each key head
+    q_energy = q.pow(2).mean(0)  # (H, hd)
+    pair_energy = q_energy[:, : r // 2] + q_energy[:, r // 2 : r]  # (H, r/2): E|q_pair|^2
+    if metric == "weighted":
+        scale = torch.stack([pair_energy[rd].sum(0) for rd in key_readers]).sqrt()  # (n, r/2)
+        scale = scale.clamp_min(float(scale.max()) * 1e-6 if scale.numel() else 1e-30)
+        pass_metric = torch.stack([torch.diag(q_energy[rd, r:].sum(0).clamp_min(1e-30).sqrt()) for rd in key_readers]) \
+            if p else torch.zeros(nk, 0, 0, dtype=torch.float64)
+    else:
+        scale = torch.ones(nk, r // 2, dtype=torch.float64)
+        pass_metric = torch.eye(p, dtype=torch.float64).expand(nk, p, p).clone()
+    z = _pairs(k, r) * scale  # (N, n, r/2): whitened complex keys
+    pair_gram = torch.einsum("tai,tbi->iab", z, z.conj())  # (r/2, n, n)
+    kp = torch.einsum("tnd,nde->tne", k[..., r:], pass_metric).reshape(N, nk * p)  # (N, n*p)
+
+    # values: L_j^2 = sum over the readers of W_O[h] W_O[h]^T (output error), or I
+    if metric == "weighted":
+        o = model.layers[layer].attn.o_proj.weight.detach().double()  # (D, H*hd)
+        o_heads = o.T.reshape(cfg.num_heads, hd, -1)  # (H, hd, D): W_O[h]
+        value_metric = torch.stack([_sqrt_psd(sum(o_heads[h] @ o_heads[h].T for h in rd)) for rd in value_readers])
+    else:
+        value_metric = torch.eye(hd, dtype=torch.float64).expand(nv, hd, hd).clone()
+    y = torch.einsum("tnd,nde->tne", v, value_metric).reshape(N, nv * hd)  # (N, n*hd)
+    return LayerStats(pair_gram, scale, kp.T @ kp, pass_metric, y.T @ y, value_metric, N)
+
+
+# ---- one group ---------------------------------------------------------------------------------------
+
+def _block(gram: torch.Tensor, members: list[int], dim: int) -> torch.Tensor:
+    """The (g*dim, g*dim) sub-Gram of `members` from a stacked (n*dim, n*dim) Gram."""
+    idx = torch.cat([torch.arange(m * dim, (m + 1) * dim) for m in members])
+    return gram[idx][:, idx]
+
+
+def _kept_energy(gram: torch.Tensor, rank: int) -> float:
+    return float(torch.linalg.eigvalsh(gram)[-rank:].sum()) if rank else 0.0
+
+
+def group_residual(stats: LayerStats, kind: str, members: list[int]) -> float:
+    """Squared error (in the metric) that merging `members` into one head leaves: trace - kept eigenvalues."""
+    if kind == "key":
+        G = stats.key_pair_gram[:, members][:, :, members]  # (r/2, g, g)
+        rotary = float(torch.diagonal(G, dim1=1, dim2=2).real.sum() - torch.linalg.eigvalsh(G)[:, -1].sum()) if G.shape[0] else 0.0
+        p = stats.key_pass_metric.shape[1]
+        P = _block(stats.key_pass_gram, members, p)
+        return max(rotary + float(P.trace()) - _kept_energy(P, p), 0.0)
+    hd = stats.value_metric.shape[1]
+    V = _block(stats.value_gram, members, hd)
+    return max(float(V.trace()) - _kept_energy(V, hd), 0.0)
+
+
+def energy(stats: LayerStats, kind: str) -> float:
+    """Total squared norm (in the metric) of the layer's source heads of `kind`: the residual of dropping them all."""
+    if kind == "key":
+        return float(torch.diagonal(stats.key_pair_gram, dim1=1, dim2=2).real.sum() + stats.key_pass_gram.trace())
+    return float(stats.value_gram.trace())
+
+
+def _top(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    return torch.linalg.eigh(gram)[1][..., -rank:].flip(-1)
+
+
+@dataclass
+class KeyMerge:
+    """One key group's merge: per pair, shared z~ = sum_j down[:, j] z_j and z_j ~ up[:, j] z~;
+    pass dims: shared = sum_j k_j pass_down[j], k_j ~ shared pass_up[j]."""
+
+    down: torch.Tensor  # (r/2, g) complex128
+    up: torch.Tensor  # (r/2, g) complex128
+    pass_down: torch.Tensor  # (g, p, p)
+    pass_up: torch.Tensor  # (g, p, p)
+
+
+@dataclass
+class ValueMerge:
+    """One value group's merge: v~ = sum_j v_j down[j], v_j ~ v~ up[j]."""
+
+    down: torch.Tensor  # (g, hd, hd)
+    up: torch.Tensor  # (g, hd, hd)
+
+
+def _real_merge(gram: torch.Tensor, metric: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whitened PCA of a stacked group: (down (g, dim, dim) = L_j U_j, up (g, dim, dim) = U_j^T L_j^-1)."""
+    g = metric.shape[0]
+    if dim == 0:
+        return torch.zeros(g, 0, 0, dtype=torch.float64), torch.zeros(g, 0, 0, dtype=torch.float64)
+    U = _top(gram, dim).reshape(g, dim, dim)  # (g, dim, dim): U_j
+    down = metric @ U
+    up = U.transpose(1, 2) @ torch.linalg.inv(metric)
+    return down, up
+
+
+def group_merge(stats: LayerStats, kind: str, members: list[int]) -> KeyMerge | ValueMerge:
+    """The closed-form aligned merge of one group (module doc)."""
+    if kind == "value":
+        hd = stats.value_metric.shape[1]
+        return ValueMerge(*_real_merge(_block(stats.value_gram, members, hd), stats.value_metric[members], hd))
+    G = stats.key_pair_gram[:, members][:, :, members]  # (r/2, g, g)
+    u = _top(G, 1)[..., 0] if G.shape[0] else torch.zeros(0, len(members), dtype=torch.complex128)  # (r/2, g)
+    s = stats.key_scale[members].T  # (r/2, g)
+    p = stats.key_pass_metric.shape[1]
+    pass_down, pass_up = _real_merge(_block(stats.key_pass_gram, members, p), stats.key_pass_metric[members], p)
+    return KeyMerge(u.conj() * s, u / s, pass_down, pass_up)
+
+
+def mean_merge(kind: str, size: int, head_dim: int, rotary_dim: int) -> KeyMerge | ValueMerge:
+    """The mean of a group written as a merge (shared head = the mean, read unchanged): the old target."""
+    eye = torch.eye(head_dim if kind == "value" else head_dim - rotary_dim, dtype=torch.float64)
+    down, up = (eye / size).expand(size, *eye.shape).clone(), eye.expand(size, *eye.shape).clone()
+    if kind == "value":
+        return ValueMerge(down, up)
+    pairs = torch.ones(rotary_dim // 2, size, dtype=torch.complex128)
+    return KeyMerge(pairs / size, pairs, down, up)
+
+
+# ---- applying merges to weights ------------------------------------------------------------------------
+
+def pair_multiply(rows: torch.Tensor, c: torch.Tensor, r: int) -> torch.Tensor:
+    """Multiply the rotary pairs of head rows (hd, ...) by complex scalars c (r/2,); pass rows unchanged."""
+    shape = (-1,) + (1,) * (rows.dim() - 1)
+    a, b = c.real.reshape(shape).to(rows.dtype), c.imag.reshape(shape).to(rows.dtype)
+    x1, x2 = rows[: r // 2], rows[r // 2 : r]
+    return torch.cat([a * x1 - b * x2, b * x1 + a * x2, rows[r:]])
+
+
+def shared_key_rows(rows: torch.Tensor, merge: KeyMerge, r: int) -> torch.Tensor:
+    """Group members' k_proj rows (g, hd, ...) -> the shared head's rows (hd, ...)."""
+    out = sum(pair_multiply(rows[m], merge.down[:, m], r) for m in range(rows.shape[0]))
+    if rows.shape[1] > r:
+        flat = rows[:, r:].reshape(rows.shape[0], rows.shape[1] - r, -1)  # (g, p, ...)
+        out[r:] = torch.einsum("gpe,gpk->ek", merge.pass_down.to(rows.dtype), flat).reshape(out[r:].shape)
+    return out
+
+
+def key_reader_rows(rows: torch.Tensor, merge: KeyMerge, member: int, r: int) -> torch.Tensor:
+    """q_proj rows (hd, ...) of a query head that read `member`, rewritten to read the shared head."""
+    out = pair_multiply(rows, merge.up[:, member].conj(), r)
+    if rows.shape[0] > r:
+        flat = rows[r:].reshape(rows.shape[0] - r, -1)
+        out[r:] = (merge.pass_up[member].to(rows.dtype) @ flat).reshape(out[r:].shape)
+    return out
+
+
+def reconstructed_key_rows(rows: torch.Tensor, merge: KeyMerge, r: int) -> torch.Tensor:
+    """Each member's k_proj rows as read back from the shared head: (g, hd, ...) -> (g, hd, ...)."""
+    shared = shared_key_rows(rows, merge, r)
+    out = []
+    for m in range(rows.shape[0]):
+        rec = pair_multiply(shared, merge.up[:, m], r)
+        if rows.shape[1] > r:
+            flat = shared[r:].reshape(rows.shape[1] - r, -1)
+            rec[r:] = (merge.pass_up[m].T.to(rows.dtype) @ flat).reshape(rec[r:].shape)
+        out.append(rec)
+    return torch.stack(out)
+
+
+def shared_value_rows(rows: torch.Tensor, merge: ValueMerge) -> torch.Tensor:
+    """Group members' v_proj rows (g, hd, ...) -> the shared head's rows: sum_j down_j^T W_j."""
+    flat = rows.reshape(rows.shape[0], rows.shape[1], -1)
+    return torch.einsum("gde,gdk->ek", merge.down.to(rows.dtype), flat).reshape(rows.shape[1:])
+
+
+def reconstructed_value_rows(rows: torch.Tensor, merge: ValueMerge) -> torch.Tensor:
+    """Each member's v_proj rows as read back from the shared head: up_j^T W~."""
+    shared = shared_value_rows(rows, merge).reshape(rows.shape[1], -1)
+    return torch.einsum("gde,dk->gek", merge.up.to(rows.dtype), shared).reshape(rows.shape)
+
+
+def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict]) -> Transformer:
+    """The merged model: each group of `layers` becomes one head by its merge, the reading maps folded
+    into q_proj (keys) and o_proj (values). merges[l] = {"key": [KeyMerge per group], "value": [...]}.
+    q_proj, k_proj, v_proj and o_proj change; nothing else does."""
+    cfg, hd = model.config, model.config.head_dim
+    r = cfg.rotary_dim if cfg.position == "rope" else 0
+    sd = state_dict_of(model)
+    key_index, value_index = [], []
+    for l, (plan_layer, merge) in enumerate(zip(layers, merges)):
+        pre = f"layers.{l}.attn"
+        names = [s for s in ("weight", "bias") if f"{pre}.k_proj.{s}" in sd]
+        key_of = {j: (g, m) for g, members in enumerate(plan_layer.key_groups) for m, j in enumerate(members)}
+        value_of = {j: (g, m) for g, members in enumerate(plan_layer.value_groups) for m, j in enumerate(members)}
+        for s in names:  # keys: shared rows; every query head reads its key's shared head through up*
+            k = heads(sd[f"{pre}.k_proj.{s}"], hd).double()
+            q = heads(sd[f"{pre}.q_proj.{s}"], hd).double()
+            shared = [shared_key_rows(k[g], mg, r) for g, mg in zip(plan_layer.key_groups, merge["key"])]
+            readers = [key_reader_rows(q[h], merge["key"][key_of[j][0]], key_of[j][1], r) for h, j in enumerate(cfg.key_index[l])]
+            sd[f"{pre}.k_proj.{s}"] = unheads(torch.stack(shared)).to(sd[f"{pre}.k_proj.{s}"].dtype)
+            sd[f"{pre}.q_proj.{s}"] = unheads(torch.stack(readers)).to(sd[f"{pre}.q_proj.{s}"].dtype)
+        for s in names:
+            v = heads(sd[f"{pre}.v_proj.{s}"], hd).double()
+            shared = [shared_value_rows(v[g], mg) for g, mg in zip(plan_layer.value_groups, merge["value"])]
+            sd[f"{pre}.v_proj.{s}"] = unheads(torch.stack(shared)).to(sd[f"{pre}.v_proj.{s}"].dtype)
+        o = sd[f"{pre}.o_proj.weight"]
+        o_heads = heads(o.double().T, hd)  # (H, hd, D): W_O[h]
+        for h, j in enumerate(cfg.value_index[l]):  # y_h W_O[h] ~ y~ (up_j W_O[h])
+            g, m = value_of[j]
+            o_heads[h] = merge["value"][g].up[m] @ o_heads[h]
+        sd[f"{pre}.o_proj.weight"] = unheads(o_heads).T.contiguous().to(o.dtype)
+        key_index.append(regroup_map(cfg.key_index[l], plan_layer.key_groups))
+        value_index.append(regroup_map(cfg.value_index[l], plan_layer.value_groups))
+    return build(with_maps(cfg, key_index, value_index), sd)
+
+
+def closed_form_merges(stats: list[LayerStats], layers: list[LayerPlan]) -> list[dict]:
+    """The aligned merge of every group of `layers` (one LayerPlan per layer)."""
+    return [{"key": [group_merge(s, "key", g) for g in lp.key_groups],
+             "value": [group_merge(s, "value", g) for g in lp.value_groups]} for s, lp in zip(stats, layers)]
+
+
+# ---- calibration ---------------------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    """One pass over calibration tokens: per layer the heads' outputs (pre-RoPE), optionally the
+    gradients of the summed LM loss with respect to them, and the merge statistics."""
+
+    acts: list[dict]  # per layer {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)} float32
+    grads: list[dict] | None  # per layer {"keys": (N, Hk, hd), "values": (N, Hv, hd)}, or None
+    stats: list[LayerStats]
+    metric: str
+
+
+def collect_with_gradients(model: Transformer, blocks: torch.Tensor, batch_size: int = 4) -> tuple[list[dict], list[dict]]:
+    """Heads' outputs and d(sum of next-token losses)/d(outputs) for every layer, in one forward and
+    backward pass per batch. Only output gradients are taken (torch.autograd.grad): the model's
+    parameters and their .grad are untouched."""
+    import torch.nn.functional as F
+
+    L, hd = model.config.num_layers, model.config.head_dim
+    acts = [{"queries": [], "keys": [], "values": []} for _ in range(L)]
+    grads = [{"keys": [], "values": []} for _ in range(L)]
+    live: list[tuple[int, str, torch.Tensor]] = []
+
+    def hook_for(layer: int, name: str):
+        def hook(module, args, out):  # out (B, T, n*hd)
+            live.append((layer, name, out))
+        return hook
+
+    handles = [getattr(b.attn, proj).register_forward_hook(hook_for(l, name))
+               for l, b in enumerate(model.layers) for proj, name in (("q_proj", "queries"), ("k_proj", "keys"), ("v_proj", "values"))]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            x = blocks[start:start + batch_size].to(device)
+            live.clear()
+            with torch.enable_grad():
+                logits = model(x)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
+                wanted = [t for _, name, t in live if name != "queries"]
+                outs = torch.autograd.grad(loss, wanted)
+            it = iter(outs)
+            for layer, name, t in live:
+                flat = t.detach().reshape(-1, t.shape[-1] // hd, hd).float().cpu()  # (B*T, n, hd)
+                acts[layer][name].append(flat)
+                if name != "queries":
+                    grads[layer][name].append(next(it).reshape(flat.shape).float().cpu())
+    finally:
+        for h in handles:
+            h.remove()
+    cat = lambda parts: [{k: torch.cat(v) for k, v in d.items()} for d in parts]  # noqa: E731
+    return cat(acts), cat(grads)
+
+
+def calibrate(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, metric: str = "weighted",
+              gradients: bool = False) -> Calibration:
+    """The Calibration of `model` on (n_blocks, T) token ids: one pass (forward, plus backward with gradients)."""
+    from .analyze import collect_heads
+
+    was_training = model.training
+    model.eval()
+    try:
+        if gradients:
+            acts, grads = collect_with_gradients(model, blocks, batch_size)
+        else:
+            acts, grads = collect_heads(model, blocks, batch_size), None
+    finally:
+        model.train(was_training)
+    stats = [layer_stats(model, l, a, metric) for l, a in enumerate(acts)]
+    return Calibration(acts, grads, stats, metric)
+
+
+def reconstructed_outputs(outputs: torch.Tensor, kind: str, groups: list[list[int]], merges: list, rotary_dim: int) -> torch.Tensor:
+    """Heads' outputs (N, n, hd) as the merged heads give them back: each member through its group's
+    merge (the same maps as on weight rows, `reconstructed_key_rows` / `reconstructed_value_rows`,
+    applied to the N output vectors at once)."""
+    r = rotary_dim
+    out = torch.empty_like(outputs)
+    for members, merge in zip(groups, merges):
+        x = outputs[:, members]  # (N, g, hd)
+        if kind == "value":
+            out[:, members] = torch.einsum("ne,gef->ngf", torch.einsum("ngd,gde->ne", x, merge.down.to(x.dtype)), merge.up.to(x.dtype))
+            continue
+        z = _pairs(x, r)  # (N, g, r/2)
+        shared = torch.einsum("ngi,ig->ni", z, merge.down.to(z.dtype))  # (N, r/2)
+        rec = shared[:, None, :] * merge.up.T.to(z.dtype)[None]  # (N, g, r/2)
+        passed = torch.einsum("ne,gef->ngf", torch.einsum("ngd,gde->ne", x[..., r:], merge.pass_down.to(x.dtype)),
+                              merge.pass_up.to(x.dtype))
+        out[:, members] = torch.cat([rec.real, rec.imag, passed], -1)
+    return out
+
+
+def fisher_cost(outputs: torch.Tensor, grads: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """Second-order estimate of the summed LM-loss increase when `outputs` (N, n, hd) become
+    `reconstruction`: 1/2 sum_t (g_t . delta_t)^2, the empirical Fisher taken per token
+    (as in Fisher-weighted low-rank compression), g the loss gradient at the outputs."""
+    dot = ((outputs.double() - reconstruction.double()) * grads.double()).sum((1, 2))  # (N,)
+    return 0.5 * float(dot.pow(2).sum())
