@@ -18,12 +18,12 @@ def tiny_llama_hf(num_heads=6, num_kv_heads=6, bias=False, tie=False, layers=2, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=8,
-        max_position_embeddings=256, attention_bias=bias, tie_word_embeddings=tie,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **overrides,
-    )
+    config = LlamaConfig(**{
+        "vocab_size": 97, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": layers,
+        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": 8,
+        "max_position_embeddings": 256, "attention_bias": bias, "tie_word_embeddings": tie,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **overrides,
+    })
     model = LlamaForCausalLM(config).eval()
     # Random init leaves biases and norm weights at 0/1; perturb them so they are really tested.
     with torch.no_grad():
