@@ -52,10 +52,10 @@ TENSOR_NAMES = {
        for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down"))},
 }
 # Hugging Face pre-tokenizer (a canonical description) -> llama.cpp's `tokenizer.ggml.pre` with the
-# same splitting (llama.cpp src/llama-vocab.cpp: "gpt2" uses GPT-2's regex; "smollm" splits every
+# same splitting (llama.cpp src/llama-vocab.cpp: "gpt-2" uses GPT-2's regex; "smollm" splits every
 # digit first, then GPT-2's regex).
 PRE_TOKENIZERS = {
-    "ByteLevel": "gpt2",
+    "ByteLevel": "gpt-2",
     "Digits(individual) + ByteLevel": "smollm",
 }
 KV_CACHE_BYTES = 2  # llama.cpp's default KV cache type is f16
