@@ -19,13 +19,9 @@ Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import io
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -33,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from dha import llamacpp
 from dha.checkpoint import Loaded, load
 from dha.data import blocks, load_tokens
 from dha.evaluate import perplexity
@@ -57,68 +54,40 @@ def mixed_model(source, svd):
 
 # ---- llama.cpp -----------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def captured_llama_log():
-    """Collect llama.cpp's log lines (its KV cache size report) while a model loads."""
-    import llama_cpp
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def callback(level, text, user_data):
-        lines.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(llama_cpp.llama_log_callback(lambda *a: None), ctypes.c_void_p(0))
-
-
 def kv_cache_report(path: str, n_ctx: int, threads: int) -> dict:
-    """llama.cpp's own account of its KV cache at n_ctx: the log line, and the state growth per token."""
-    import llama_cpp
-
-    with captured_llama_log() as lines:
-        llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, verbose=True)
-    text = "".join(lines)
-    m = re.search(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells.*?K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB", text)
-    ids = list(range(100, 164))
-    llm.eval(ids[:8])
-    before = llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0)
-    llm.eval(ids[8:])
-    after = llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0)
-    report = {"state_bytes_per_token": (after - before) / (len(ids) - 8) - 12}  # 12: per-cell pos and seq id
-    if m:
-        report.update(log_mib=float(m.group(1)), cells=int(m.group(2)), cache_type=m.group(3),
-                      log_bytes=round(float(m.group(1)) * 2 ** 20))
-    del llm
+    """llama.cpp's own account of its KV cache at n_ctx, flash attention off and on: the allocation
+    it logs, and the bytes one sequence's state grows by per token."""
+    report = {}
+    for flash in (False, True):
+        llm, log = llamacpp.open_model(path, n_ctx, flash_attn=flash, threads=threads)
+        report["flash_attn" if flash else "no_flash_attn"] = {
+            **llamacpp.kv_cache_allocation(log), "state_bytes_per_token": llamacpp.kv_bytes_per_token(llm, list(range(100, 164)))}
+        llm.close()
     return report
 
 
 def llama_cpp_perplexity(path: str, windows: torch.Tensor, threads: int) -> dict:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=path, n_ctx=windows.shape[1], n_batch=windows.shape[1], logits_all=True,
-                          n_threads=threads, verbose=False)
+    llm, _ = llamacpp.open_model(path, windows.shape[1], threads=threads, n_batch=windows.shape[1], logits_all=True)
     total, count = 0.0, 0
     for row in windows.tolist():
-        llm.reset()
-        llm.eval(row)
-        logits = torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32))[:-1]  # (W-1, V)
+        logits = llamacpp.logits(llm, row)[:-1]  # (W-1, V): position t predicts token t+1
         total += torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:]), reduction="sum").item()
         count += len(row) - 1
-    del llm
+    llm.close()
     return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count}
 
 
-def decode_speed(path: str, batch: int, context: int, new_tokens: int, threads: int) -> float:
-    """Tokens/s of llama_decode for `batch` sequences, one token each per step, after `context` tokens."""
+def decode_speed(path: str, batch: int, context: int, new_tokens: int, threads: int, flash: bool) -> float:
+    """Tokens/s of llama_decode for `batch` sequences, one token each per step, after `context` tokens
+    (a context of its own with n_seq_max = batch, on the model loaded once by llama_cpp.Llama)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=batch * (context + new_tokens + 8), n_batch=batch * context,
-                          n_seq_max=batch, n_threads=threads, n_threads_batch=threads, verbose=False)
-    ctx = llm._ctx.ctx
+    llm, _ = llamacpp.open_model(path, 64, threads=threads)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = batch * (context + new_tokens + 8), batch * context, batch * context
+    params.n_seq_max, params.n_threads, params.n_threads_batch = batch, threads, threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
     b = llama_cpp.llama_batch_init(batch * context, 0, batch)
     rng = np.random.default_rng(0)
 
@@ -140,7 +109,8 @@ def decode_speed(path: str, batch: int, context: int, new_tokens: int, threads: 
         submit(1, context + step)
     seconds = time.perf_counter() - t0
     llama_cpp.llama_batch_free(b)
-    del llm
+    llama_cpp.llama_free(ctx)
+    llm.close()
     return batch * new_tokens / seconds
 
 
@@ -166,24 +136,26 @@ def evaluate_model(name: str, loaded, windows, outtypes, workdir: str, args) -> 
 
 def speed_rows(paths: dict[str, str], args) -> dict:
     """Decode tokens/s per model and batch size, models interleaved, best of args.repeats."""
-    best = {name: {b: 0.0 for b in args.batch_sizes} for name in paths}
+    configs = [(f"batch {b}" + (", flash attn" if flash else ""), b, flash) for flash in (False, True) for b in args.batch_sizes]
+    best = {name: {label: 0.0 for label, _, _ in configs} for name in paths}
     for _ in range(args.repeats):
-        for b in args.batch_sizes:
+        for label, b, flash in configs:
             for name, path in paths.items():
-                best[name][b] = max(best[name][b], decode_speed(path, b, args.context, args.new_tokens, args.threads))
+                speed = decode_speed(path, b, args.context, args.new_tokens, args.threads, flash)
+                best[name][label] = max(best[name][label], speed)
     return best
 
 
 def print_table(rows: list[dict], speed: dict) -> None:
-    print(f"{'model':<10} {'type':<5} {'arch':<6} {'ppl dha':>9} {'ppl llama.cpp':>13} {'ratio':>8} "
-          f"{'KV B/tok ours':>13} {'llama.cpp @ctx':>15} {'ours @ctx':>11}")
+    print(f"{'model':<8} {'type':<4} {'arch':<5} {'ppl dha':>8} {'llama.cpp':>9} {'ratio':>7} | KV @ctx: "
+          f"{'ours':>11} {'llama.cpp':>11} {'(no FA)':>11}")
     for r in rows:
         kv = r["llama_cpp_kv"]
-        print(f"{r['model']:<10} {r['outtype']:<5} {r['arch']:<6} {r['ppl_dha_fp32']:>9.4f} {r['ppl_llama_cpp']:>13.4f} "
-              f"{r['ppl_ratio']:>8.5f} {r['kv_bytes_per_token_analytic_f16']:>13,} {kv.get('log_bytes', 0):>15,} "
-              f"{r['kv_bytes_at_ctx_analytic']:>11,}")
-    for name, by_batch in speed.items():
-        print(f"decode tok/s {name}: " + ", ".join(f"batch {b}: {v:.1f}" for b, v in by_batch.items()))
+        print(f"{r['model']:<8} {r['outtype']:<4} {r['arch']:<5} {r['ppl_dha_fp32']:>8.4f} {r['ppl_llama_cpp']:>9.4f} "
+              f"{r['ppl_ratio']:>7.5f} |          {r['kv_bytes_at_ctx_analytic']:>11,} {kv['flash_attn']['bytes']:>11,} "
+              f"{kv['no_flash_attn']['bytes']:>11,}")
+    for name, by_config in speed.items():
+        print(f"decode tok/s {name}: " + "; ".join(f"{label}: {v:.1f}" for label, v in by_config.items()))
 
 
 def main() -> None:
@@ -203,14 +175,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     source, svd = load(args.source, torch.float32), load(args.svd, torch.float32, tokenizer=False)
-    models = {"source": source, "svd-1/3": Loaded(svd.model, source.tokenizer, args.svd, "native", source.hf_config),
+    models = {"source": source, "svd": Loaded(svd.model, source.tokenizer, args.svd, "native", source.hf_config),
               "mixed": mixed_model(source, svd)}
     windows = blocks(load_tokens("pydoc", source.tokenizer).heldout, args.window, max_blocks=args.windows)
     with tempfile.TemporaryDirectory() as workdir:
         rows = [r for name, m in models.items() for r in evaluate_model(name, m, windows, ("f32", "f16"), workdir, args)]
         speed = speed_rows({r["model"]: r["path"] for r in rows if r["outtype"] == "f16"}, args)
+    for r in rows:
+        r.pop("path")  # a temp file, gone now
     print_table(rows, speed)
     doc = {"benchmark": "serving_llama_cpp", "command": " ".join(["python", *sys.argv]),
+           "prerequisite": "python -m dha convert --method svd --kv-budget 0.34 --out /tmp/svd",
            "llama_cpp_python": __import__("llama_cpp").__version__, "data": "pydoc held-out",
            "threads": args.threads, "rows": rows, "decode_tokens_per_s_f16": speed,
            "decode": {"context": args.context, "new_tokens": args.new_tokens, "repeats": args.repeats}}

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 

@@ -10,7 +10,6 @@ import math
 import random
 
 import pytest
-import torch
 from torch.testing import assert_close
 
 from dha.model import is_grouped
