@@ -160,7 +160,8 @@ def add_export(sub) -> None:
                                    "when every layer is GQA with the same number of equal groups (query heads are reordered to "
                                    "make groups contiguous), otherwise a checkpoint carrying its modeling code "
                                    "(trust_remote_code=True). The export is reloaded with transformers and its logits compared "
-                                   "with ours before it is kept. Prints a summary, then one JSON line.")
+                                   "with ours before it is kept. --format gguf / nemotron-nas write layouts serving engines run with "
+                                   "each layer's own key/value head count (llama.cpp, vLLM). Prints a summary, then one JSON line.")
     _add_source(p)
     p.add_argument("--out", required=True, metavar="OUT", help="new (or empty) output directory; with --format gguf a new .gguf file")
     p.add_argument("--format", default="hf", choices=("hf", "gguf", "nemotron-nas"),

@@ -257,8 +257,11 @@ def write_file(path: str, model: Transformer, kv_heads: list[int], tokenizer: di
 
     arch = "llama" if len(set(kv_heads)) == 1 else "deci"
     parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write {os.path.abspath(path)}: {e.strerror or e}") from None
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         write_metadata(writer, model.config, kv_heads, outtype, name)
