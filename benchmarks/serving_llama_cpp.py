@@ -170,6 +170,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128, help="tokens per sequence before decode is timed")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--models", type=lambda s: s.split(","), default=["source", "svd", "mixed"])
+    p.add_argument("--outtypes", type=lambda s: s.split(","), default=["f32", "f16"])
     p.add_argument("--out", default=None, help="write the JSON document here too")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,9 +180,10 @@ def main() -> None:
     models = {"source": source, "svd": Loaded(svd.model, source.tokenizer, args.svd, "native", source.hf_config),
               "mixed": mixed_model(source, svd)}
     windows = blocks(load_tokens("pydoc", source.tokenizer).heldout, args.window, max_blocks=args.windows)
+    models = {name: m for name, m in models.items() if name in args.models}
     with tempfile.TemporaryDirectory() as workdir:
-        rows = [r for name, m in models.items() for r in evaluate_model(name, m, windows, ("f32", "f16"), workdir, args)]
-        speed = speed_rows({r["model"]: r["path"] for r in rows if r["outtype"] == "f16"}, args)
+        rows = [r for name, m in models.items() for r in evaluate_model(name, m, windows, args.outtypes, workdir, args)]
+        speed = speed_rows({r["model"]: r["path"] for r in rows if r["outtype"] == "f16"}, args) if args.repeats else {}
     for r in rows:
         r.pop("path")  # a temp file, gone now
     print_table(rows, speed)

@@ -26,6 +26,7 @@ converter keeps them). The file is written beside the target and renamed into pl
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -36,7 +37,7 @@ import torch
 
 from .errors import UserError
 from .model import ModelConfig, Transformer
-from .serving import serving_kv_bytes_per_token, to_serving
+from .serving import serving_kv_bytes_per_token, serving_layout_problem, to_serving
 
 OUTTYPES = ("f32", "f16", "q8_0")
 # Our state dict name (with {} for the layer) -> the GGUF tensor name.
@@ -72,7 +73,7 @@ class GgufResult:
     kv_heads: list[int]  # per layer, as written
     query_heads: int
     padded_layers: int  # layers given duplicated heads by --pad
-    kv_bytes_per_token: int  # f16 KV cache of the file, as llama.cpp allocates it
+    kv_bytes_per_token: int  # f16 KV cache of the file, as llama.cpp allocates it (deci: with flash attention on)
     source_kv_bytes_per_token: int  # f16 KV cache of the model before export (its own maps)
     max_abs_diff: float  # fp32 logits: the exported layout against the model, on random tokens
     tokenizer_pre: str
@@ -305,10 +306,6 @@ def check_same_function(served: Transformer, source: Transformer, seed: int = 0,
 
 def export_gguf(loaded, out: str, outtype: str = "f32", pad: bool = False) -> GgufResult:
     """Write `loaded` as a GGUF file llama.cpp runs; UserError (nothing written) when it cannot be held."""
-    import copy
-
-    from .serving import serving_layout_problem
-
     if outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
     cfg = loaded.model.config
@@ -340,6 +337,9 @@ def summary_lines(result: GgufResult) -> list[str]:
     lines = [f"GGUF ({result.arch}, {result.outtype}): {heads} key/value heads per layer for {result.query_heads} "
              f"query heads, tokenizer pre {result.tokenizer_pre!r}, {result.file_bytes:,} bytes",
              f"KV cache per token in llama.cpp (f16 cache): {result.kv_bytes_per_token:,} bytes"]
+    if result.arch == "deci":
+        lines.append("per-layer head counts: run llama.cpp with flash attention on (-fa on); with it off, llama.cpp pads "
+                     "every layer's value cache to the widest layer's")
     if result.padded_layers:
         extra = result.kv_bytes_per_token - result.source_kv_bytes_per_token
         lines.append(f"--pad duplicated heads in {result.padded_layers} layers: +{extra:,} bytes per token over the "
