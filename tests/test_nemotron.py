@@ -104,3 +104,13 @@ def test_decoupled_refused_unless_padded(tmp_path, capsys):
     with torch.no_grad():
         ours = model(ids)
     assert_close(reference_logits(out, ids), ours, atol=1e-4, rtol=0)
+
+
+def test_mlp_width_the_engines_cannot_derive_is_refused(tmp_path, capsys):
+    """DeciLM derives the MLP width from ffn_mult, rounded up to a multiple of 256: 64 has no ffn_mult."""
+    hf = tiny_llama_hf()  # intermediate_size 64
+    src = native_checkpoint(tmp_path, converted(hf, [[[0, 1, 2, 3, 4, 5]]] * 2, [[[0, 1, 2, 3, 4, 5]]] * 2), hf)
+    out = str(tmp_path / "nas")
+    assert main(["export", src, "--format", "nemotron-nas", "--out", out]) == 2
+    assert "MLP width 64 cannot be written as a DeciLM ffn_mult" in capsys.readouterr().err
+    assert not os.path.exists(out)
