@@ -10,7 +10,9 @@ For each model (the source and conversions) and weight type (f32, f16):
 
     python benchmarks/serving_llama_cpp.py --svd /tmp/svd --out benchmarks/results/serving_llama_cpp.json
 
-(/tmp/svd from `python -m dha convert --method svd --kv-budget 0.34 --out /tmp/svd`.) The
+(/tmp/svd from `python -m dha convert --method svd --kv-budget 0.34 --out /tmp/svd`; --dha, optional,
+a decoupled DHA conversion such as `python -m dha convert --method dha --kv-budget 0.5 --no-sensitivity
+--merge pca --fusion-fraction 0 --tokens 0 --out /tmp/dha_half`, exported with --pad.) The
 per-layer-count model (`deci`) is made here from the source and the svd model: even layers from
 the svd model (1 key/value head), odd layers from the source (3), an exact mix of two real models.
 Prints a table and one JSON line.
@@ -121,13 +123,14 @@ def evaluate_model(name: str, loaded, windows, outtypes, workdir: str, args) -> 
     rows = []
     for outtype in outtypes:
         path = os.path.join(workdir, f"{name}-{outtype}.gguf")
-        result = export_gguf(loaded, path, outtype)
+        result = export_gguf(loaded, path, outtype, pad=True)  # --pad changes only layouts that need it
         theirs = llama_cpp_perplexity(path, windows, args.threads)
         kv = kv_cache_report(path, args.n_ctx, args.threads)
         rows.append({"model": name, "outtype": outtype, "arch": result.arch, "kv_heads": result.kv_heads,
                      "file_bytes": result.file_bytes, "ppl_dha_fp32": ours["ppl"], "ppl_llama_cpp": theirs["ppl"],
                      "ppl_ratio": theirs["ppl"] / ours["ppl"], "tokens": theirs["tokens"],
-                     "kv_bytes_per_token_analytic_f16": result.kv_bytes_per_token,
+                     "kv_bytes_per_token_analytic_f16": result.kv_bytes_per_token, "padded_layers": result.padded_layers,
+                     "kv_bytes_per_token_unpadded_f16": result.source_kv_bytes_per_token,
                      "kv_bytes_at_ctx_analytic": result.kv_bytes_per_token * args.n_ctx, "llama_cpp_kv": kv,
                      "path": path})
         print(f"{name} {outtype}: ppl dha {ours['ppl']:.4f} llama.cpp {theirs['ppl']:.4f}; kv {kv}", file=sys.stderr)
@@ -162,6 +165,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default=None, help="source model (default: the built-in SmolLM2-135M)")
     p.add_argument("--svd", required=True, help="the svd conversion at 1/3 (dha convert --method svd --kv-budget 0.34)")
+    p.add_argument("--dha", default=None, help="optional: a decoupled DHA conversion, exported with --pad (model `dha-pad`)")
     p.add_argument("--windows", type=int, default=8, help="held-out windows of --window tokens")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--n-ctx", type=int, default=2048)
@@ -170,7 +174,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128, help="tokens per sequence before decode is timed")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--models", type=lambda s: s.split(","), default=["source", "svd", "mixed"])
+    p.add_argument("--models", type=lambda s: s.split(","), default=["source", "svd", "mixed", "dha-pad"])
     p.add_argument("--outtypes", type=lambda s: s.split(","), default=["f32", "f16"])
     p.add_argument("--out", default=None, help="write the JSON document here too")
     args = p.parse_args()
@@ -180,6 +184,9 @@ def main() -> None:
     models = {"source": source, "svd": Loaded(svd.model, source.tokenizer, args.svd, "native", source.hf_config),
               "mixed": mixed_model(source, svd)}
     windows = blocks(load_tokens("pydoc", source.tokenizer).heldout, args.window, max_blocks=args.windows)
+    if args.dha:
+        dha = load(args.dha, torch.float32, tokenizer=False)
+        models["dha-pad"] = Loaded(dha.model, source.tokenizer, args.dha, "native", source.hf_config)
     models = {name: m for name, m in models.items() if name in args.models}
     with tempfile.TemporaryDirectory() as workdir:
         rows = [r for name, m in models.items() for r in evaluate_model(name, m, windows, args.outtypes, workdir, args)]
