@@ -37,7 +37,7 @@ import torch
 
 from .errors import UserError
 from .model import ModelConfig, Transformer
-from .serving import serving_kv_bytes_per_token, serving_layout_problem, to_serving
+from .serving import check_same_function, serving_kv_bytes_per_token, serving_layout_problem, to_serving, unsupported_reason
 
 OUTTYPES = ("f32", "f16", "q8_0")
 # Our state dict name (with {} for the layer) -> the GGUF tensor name.
@@ -60,9 +60,6 @@ PRE_TOKENIZERS = {
     "Digits(individual) + ByteLevel": "smollm",
 }
 KV_CACHE_BYTES = 2  # llama.cpp's default KV cache type is f16
-# Permuting query heads changes the order of fp32 sums only: dha.export measured 1.9e-4 on
-# SmolLM2-135M (logits up to ~34) with every layer reordered; a wrong permutation moves logits by O(1).
-LAYOUT_ATOL, LAYOUT_RTOL = 1e-4, 1e-3
 
 
 @dataclass
@@ -84,24 +81,6 @@ class GgufResult:
 
 
 # ---- what can be exported ------------------------------------------------------------------------
-
-def unsupported_reason(cfg: ModelConfig) -> str | None:
-    """Why llama.cpp's `llama` / `deci` graph cannot run this model (architecture, not layout), or None."""
-    checks = [
-        (cfg.family == "llama", f"family {cfg.family!r}: GGUF export writes the llama / deci architectures only (model_type llama)"),
-        (cfg.norm == "rmsnorm" and cfg.final_norm, "llama.cpp's llama graph needs RMSNorm"),
-        (cfg.mlp == "gated" and cfg.activation == "silu", "llama.cpp's llama graph needs a SwiGLU MLP"),
-        (cfg.position == "rope" and cfg.rotary_dim == cfg.head_dim, "llama.cpp's llama graph rotates whole heads"),
-        (not cfg.parallel_residual and cfg.sliding_window is None, "parallel residual or sliding window attention"),
-        (not cfg.lm_head_bias, "an lm_head bias has no GGUF tensor"),
-        (cfg.rope_attention_scaling == 1.0, f"RoPE attention scaling {cfg.rope_attention_scaling} (yarn) is not written"),
-        (cfg.head_dim % 2 == 0, "odd head dim"),
-    ]
-    for ok, reason in checks:
-        if not ok:
-            return reason
-    return None
-
 
 def check_gguf_out(path: str) -> None:
     """Refuse an existing target, or one whose directory is missing or read-only, before any work."""
@@ -291,18 +270,6 @@ def _umask() -> int:
 
 
 # ---- the export ----------------------------------------------------------------------------------
-
-def check_same_function(served: Transformer, source: Transformer, seed: int = 0, batch: int = 2, length: int = 32) -> float:
-    """Largest |logit difference| of the two (float32) models on random tokens; raises if beyond tolerance."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, source.config.vocab_size, (batch, min(length, source.config.max_position_embeddings)), generator=g)
-    with torch.no_grad():
-        ours, theirs = source(ids), served(ids)
-    diff = (theirs - ours).abs().max().item()
-    if not diff <= LAYOUT_ATOL + LAYOUT_RTOL * ours.abs().max().item():  # also catches NaN
-        raise RuntimeError(f"the serving layout changed the model: max |logit difference| {diff:.3g} (fp32); nothing written")
-    return diff
-
 
 def export_gguf(loaded, out: str, outtype: str = "f32", pad: bool = False) -> GgufResult:
     """Write `loaded` as a GGUF file llama.cpp runs; UserError (nothing written) when it cannot be held."""

@@ -33,8 +33,7 @@ import torch
 from .checkpoint import atomic_dir
 from .errors import UserError
 from .families import weights_to_hf
-from .gguf import check_same_function, unsupported_reason
-from .serving import serving_kv_bytes_per_token, serving_layout_problem, to_serving
+from .serving import check_same_function, serving_kv_bytes_per_token, serving_layout_problem, to_serving, unsupported_reason
 from .transforms import state_dict_of
 
 ARCHITECTURE = "DeciLMForCausalLM"
