@@ -6,9 +6,9 @@ comes from block.ffn.ffn_mult. The weights keep the LLaMA names (model.layers.N.
 ...), each layer's k_proj / v_proj with its own number of heads. Field names as read by the
 engines' Nemotron-NAS code (vLLM model_executor/models/nemotron_nas.py, DeciLMDecoderLayer:
 attention.no_op, attention.n_heads_in_group, ffn.no_op, ffn.ffn_mult -> the intermediate size
-find_multiple(int(2 * ffn_mult * hidden / 3), 256); SGLang srt/models/nemotron_nas.py reads the
-same fields, but SGLang's model config refuses checkpoints whose layers differ in head count:
-"Variable GQA (VGQA) is not yet supported for nemotron-nas in sglang").
+find_multiple(int(2 * ffn_mult * hidden / 3), 256). SGLang also has a DeciLMForCausalLM
+(srt/models/nemotron_nas.py, not read here), but SGLang's model config refuses checkpoints whose
+layers differ in head count: "Variable GQA (VGQA) is not yet supported for nemotron-nas in sglang").
 
 The layout is the one dha.serving makes (query heads permuted, heads duplicated only with
 `pad`), so the same layouts export here as to GGUF. config.json's auto_map names the
