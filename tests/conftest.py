@@ -18,12 +18,12 @@ def tiny_llama_hf(num_heads=6, num_kv_heads=6, bias=False, tie=False, layers=2, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=8,
-        max_position_embeddings=256, attention_bias=bias, tie_word_embeddings=tie,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **overrides,
-    )
+    config = LlamaConfig(**{
+        "vocab_size": 97, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": layers,
+        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": 8,
+        "max_position_embeddings": 256, "attention_bias": bias, "tie_word_embeddings": tie,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **overrides,
+    })
     model = LlamaForCausalLM(config).eval()
     # Random init leaves biases and norm weights at 0/1; perturb them so they are really tested.
     with torch.no_grad():
@@ -77,3 +77,19 @@ def text_file(path: str, documents: int = 40, words: int = 60, seed: int = 0) ->
     with open(path, "w") as f:
         f.write("\n\n".join(docs) + "\n")
     return path
+
+
+def byte_bpe_tokenizer(digits: bool = False, vocab_size: int = 300):
+    """A GPT-2-style byte-level BPE tokenizer trained here on WORDS (no hub): the kind llama.cpp's
+    `gpt2` tokenizer reads. digits=True splits every digit first, as SmolLM2's does (llama.cpp `smollm`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if digits else byte_level
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([" ".join(WORDS)] * 5 + ["0123456789 12 345 Hello, World!"], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>")
