@@ -39,6 +39,9 @@ class BenchOptions:
     repeats: int = 2  # timed runs per model and point; the fastest is kept
     seed: int = 0  # random token ids
     progress: bool = True  # a tqdm bar on stderr
+    # Decode after a cache filled with random numbers instead of a timed prefill: decode costs the
+    # same whatever the cache holds (dense kernels), and large points skip minutes of prefill.
+    decode_only: bool = False
 
 
 # ---- runners: one interface over our model and a transformers model ------------------------------
@@ -69,6 +72,14 @@ class Runner:
         """token (B, 1) -> (cache, logits (B, V))."""
         return cache, self.model(token, cache)[:, -1]
 
+    def random_cache(self, batch_size: int, context: int, max_len: int):
+        """A cache holding `context` tokens of random numbers (decode_only)."""
+        cache = self.model.new_cache(batch_size, max_len)
+        for t in cache.keys + cache.values:
+            t.normal_()
+        cache.length = context
+        return cache
+
     def cache_bytes(self, cache) -> int:
         return cache.nbytes()
 
@@ -98,6 +109,16 @@ class TransformersRunner(Runner):
 
     def cache_bytes(self, cache) -> int:
         return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+    def random_cache(self, batch_size, context, max_len):
+        from transformers.cache_utils import DynamicCache
+
+        cfg, cache = self.config, DynamicCache()
+        for l in range(cfg.num_layers):
+            shape = (batch_size, cfg.key_heads(l), context, cfg.head_dim)  # stock classes: as many K as V heads
+            cache.update(torch.randn(shape, dtype=self.dtype, device=self.device),
+                         torch.randn(shape, dtype=self.dtype, device=self.device), l)
+        return cache
 
 
 def _past(out):
@@ -185,9 +206,11 @@ def _sync(device: torch.device) -> None:
 # ---- timing ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def time_point(runner: Runner, batch_size: int, context: int, new_tokens: int, seed: int = 0) -> dict:
-    """One timed run: prefill `context` random tokens for `batch_size` rows, then decode
-    `new_tokens` greedy tokens one at a time from the cache. Seconds, cache bytes, peak memory."""
+def time_point(runner: Runner, batch_size: int, context: int, new_tokens: int, seed: int = 0,
+               decode_only: bool = False) -> dict:
+    """One timed run: prefill `context` random tokens for `batch_size` rows (decode_only: fill the
+    cache with random numbers, untimed), then decode `new_tokens` greedy tokens one at a time from
+    the cache. Seconds (prefill_s None when decode_only), cache bytes, peak memory."""
     device = runner.device
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, runner.config.vocab_size, (batch_size, context), generator=g).to(device)  # (B, T)
@@ -195,7 +218,12 @@ def time_point(runner: Runner, batch_size: int, context: int, new_tokens: int, s
     start_bytes = _memory_now(device)[0]
     _sync(device)
     t0 = time.perf_counter()
-    cache, logits = runner.prefill(ids, context + new_tokens)  # logits (B, V)
+    if decode_only:
+        cache, logits = runner.random_cache(batch_size, context, context + new_tokens), ids[:, -1:].float()
+        _sync(device)
+        t0 = time.perf_counter()
+    else:
+        cache, logits = runner.prefill(ids, context + new_tokens)  # logits (B, V)
     _sync(device)
     t1 = time.perf_counter()
     for _ in range(new_tokens):
@@ -203,16 +231,18 @@ def time_point(runner: Runner, batch_size: int, context: int, new_tokens: int, s
     _sync(device)
     t2 = time.perf_counter()
     _, peak, what = _memory_now(device)
-    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "kv_cache_bytes": runner.cache_bytes(cache),
+    return {"prefill_s": None if decode_only else t1 - t0, "decode_s": t2 - t1, "kv_cache_bytes": runner.cache_bytes(cache),
             "peak_memory_bytes": peak, "run_memory_bytes": max(0, peak - start_bytes), "peak_memory_kind": what}
 
 
 def summarise(runs: list[dict], batch_size: int, context: int, new_tokens: int) -> dict:
-    """The fastest of a point's runs, as tokens/s; memory as the largest seen."""
-    prefill_s, decode_s = min(r["prefill_s"] for r in runs), min(r["decode_s"] for r in runs)
+    """The fastest of a point's runs, as tokens/s (prefill None when not timed); memory as the largest seen."""
+    timed = [r["prefill_s"] for r in runs if r["prefill_s"] is not None]
+    prefill_s, decode_s = min(timed) if timed else None, min(r["decode_s"] for r in runs)
     return {
         "batch_size": batch_size, "context": context, "new_tokens": new_tokens,
-        "prefill_tokens_per_s": batch_size * context / prefill_s, "decode_tokens_per_s": batch_size * new_tokens / decode_s,
+        "prefill_tokens_per_s": batch_size * context / prefill_s if timed else None,
+        "decode_tokens_per_s": batch_size * new_tokens / decode_s,
         "prefill_s": prefill_s, "decode_s": decode_s, "kv_cache_bytes": runs[0]["kv_cache_bytes"],
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
         "run_memory_bytes": max(r["run_memory_bytes"] for r in runs), "peak_memory_kind": runs[0]["peak_memory_kind"],
@@ -220,7 +250,7 @@ def summarise(runs: list[dict], batch_size: int, context: int, new_tokens: int) 
 
 
 def measure(runners: list[Runner], points: list[tuple[int, int]], new_tokens: int, repeats: int,
-            seed: int = 0, progress: bool = True) -> list[list[dict]]:
+            seed: int = 0, progress: bool = True, decode_only: bool = False) -> list[list[dict]]:
     """Time every runner at every (batch size, context) point, interleaved; returns [runner][point].
 
     Per point: a warm-up of every runner (16-token prompt, 2 steps: first calls allocate and pick
@@ -235,11 +265,11 @@ def measure(runners: list[Runner], points: list[tuple[int, int]], new_tokens: in
     for b, c in points:
         runs = [[] for _ in runners]
         for runner in runners:
-            time_point(runner, b, min(c, 16), min(new_tokens, 2), seed)
+            time_point(runner, b, min(c, 16), min(new_tokens, 2), seed, decode_only)
             bar.update()
         for r in range(repeats):
             for i, runner in enumerate(runners):
-                runs[i].append(time_point(runner, b, c, new_tokens, seed + r))
+                runs[i].append(time_point(runner, b, c, new_tokens, seed + r, decode_only))
                 bar.update()
         for i in range(len(runners)):
             out[i].append(summarise(runs[i], b, c, new_tokens))
@@ -304,15 +334,15 @@ def bench(models: list, options: BenchOptions, with_transformers: bool = False) 
         if [x["name"] for x in entries].count(e["name"]) > 1:
             e["name"] = f"{e['name']}#{i}"
     points = [(b, c) for b in options.batch_sizes for c in options.contexts]
-    speeds = measure(runners, points, options.new_tokens, options.repeats, options.seed, options.progress)
+    speeds = measure(runners, points, options.new_tokens, options.repeats, options.seed, options.progress, options.decode_only)
     results = []
     for entry, per_point in zip(entries, speeds):
         for s, base in zip(per_point, speeds[0]):
             results.append({"model": entry["name"], **s, "ratios": {
-                k: s[k] / base[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "kv_cache_bytes")}})
+                k: None if s[k] is None else s[k] / base[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "kv_cache_bytes")}})
     return {"models": entries, "results": results, "notes": notes,
             "options": {"batch_sizes": options.batch_sizes, "contexts": options.contexts, "new_tokens": options.new_tokens,
-                        "repeats": options.repeats, "seed": options.seed},
+                        "repeats": options.repeats, "seed": options.seed, "decode_only": options.decode_only},
             "device": str(runners[0].device), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
@@ -324,7 +354,8 @@ def print_bench(report: dict, file=None) -> None:
     """A table: one row per model and point, ratios to the first model at the same point."""
     file = file or sys.stdout
     o = report["options"]
-    print(f"random token ids; prefill, then {o['new_tokens']} greedy decode steps; best of {o['repeats']} interleaved runs; "
+    first = "a cache of random numbers (prefill not timed)" if o["decode_only"] else "prefill"
+    print(f"random token ids; {first}, then {o['new_tokens']} greedy decode steps; best of {o['repeats']} interleaved runs; "
           f"{report['device']}, {report['threads']} threads, torch {report['torch']}", file=file)
     for m in report["models"]:
         paths = ", ".join(f"{k} {v}" for k, v in m["attention_paths"].items())
@@ -337,8 +368,10 @@ def print_bench(report: dict, file=None) -> None:
           f"{'KV MiB':>8} {'x':>6} {'run MiB':>8} {'peak MiB':>9}", file=file)
     for r in sorted(report["results"], key=lambda r: (r["batch_size"], r["context"])):
         x = r["ratios"]
-        print(f"{r['model']:<{w}} {r['batch_size']:>5} {r['context']:>7} {r['prefill_tokens_per_s']:>13,.1f} "
-              f"{x['prefill_tokens_per_s']:>5.2f}x {r['decode_tokens_per_s']:>12,.1f} {x['decode_tokens_per_s']:>5.2f}x "
+        prefill = "-" if r["prefill_tokens_per_s"] is None else f"{r['prefill_tokens_per_s']:,.1f}"
+        prefill_x = "-" if x["prefill_tokens_per_s"] is None else f"{x['prefill_tokens_per_s']:.2f}x"
+        print(f"{r['model']:<{w}} {r['batch_size']:>5} {r['context']:>7} {prefill:>13} "
+              f"{prefill_x:>6} {r['decode_tokens_per_s']:>12,.1f} {x['decode_tokens_per_s']:>5.2f}x "
               f"{_mib(r['kv_cache_bytes']):>8} {x['kv_cache_bytes']:>5.2f}x {_mib(r['run_memory_bytes']):>8} "
               f"{_mib(r['peak_memory_bytes']):>9}", file=file)
     print(f"(x: ratio to {report['models'][0]['name']} at the same batch and context; run MiB: rise of "

@@ -530,6 +530,9 @@ def add_bench(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed after each prefill (default 16)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per model and point, the fastest kept (default 2)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own)")
+    p.add_argument("--decode-only", action="store_true",
+                   help="decode after a cache filled with random numbers instead of a (timed) prefill: decode costs "
+                        "the same whatever the cache holds, and large points skip minutes of prefill")
     p.add_argument("--transformers", action="store_true",
                    help="also time transformers' own stock class (e.g. LlamaForCausalLM) on the same weights, for each "
                         "MODEL that exports to one (dha export, reload-checked, in a temporary directory)")
@@ -560,7 +563,7 @@ def run_bench(args) -> int:
     dtype = parse_dtype(args.dtype)
     models = [load(source, dtype, tokenizer=False) for source in (args.models or [None])]
     options = BenchOptions(batch_sizes=args.batch_sizes, contexts=args.contexts, new_tokens=args.new_tokens,
-                           repeats=args.repeats, progress=sys.stderr.isatty())
+                           repeats=args.repeats, progress=sys.stderr.isatty(), decode_only=args.decode_only)
     report = bench(models, options, with_transformers=args.transformers)
     if args.plot is not None:
         write_plot(report, args.plot)

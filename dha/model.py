@@ -416,7 +416,9 @@ class Transformer(nn.Module):
         (as HF's rotary embedding does), not once per layer."""
         if self.config.position != "rope":
             return None
-        freqs = positions[:, None].float() * self.inv_freq[None, :].to(positions.device, torch.float32)  # (T, r/2)
+        if self.inv_freq.device != positions.device:  # once, not a host-to-device copy every step
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # (T, r/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, r)
         s = self.config.rope_attention_scaling
         return Rope((emb.cos() * s).to(dtype), (emb.sin() * s).to(dtype), self.config.rotary_dim)

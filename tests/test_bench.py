@@ -101,3 +101,14 @@ def test_cli_bench_point_too_big_exits_2_before_running(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "batch 1000000 x context 1000000" in err and "GiB" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_decode_only_times_decode_after_a_random_cache():
+    hf = tiny_llama_hf(num_kv_heads=2)
+    runners = [Runner(ours_from_hf(hf)), TransformersRunner(hf, ours_from_hf(hf).config)]
+    out = measure(runners, [(2, 6)], new_tokens=3, repeats=1, progress=False, decode_only=True)
+    for per_point in out:
+        s = per_point[0]
+        assert s["prefill_s"] is None and s["prefill_tokens_per_s"] is None
+        assert s["decode_tokens_per_s"] == pytest.approx(2 * 3 / s["decode_s"])
+        assert s["kv_cache_bytes"] == 2 * 2 * 2 * 8 * 4 * 2 * (6 + 3)  # layers, K+V, heads, hd, fp32, batch, tokens
