@@ -160,18 +160,17 @@ def head_order(index: list[int]) -> list[int]:
 
 
 def runs_of_equal_groups(index: list[int]) -> list[tuple[int, int, int, int]]:
-    """Consecutive kv heads read by equally many query heads, as (first head, last head + 1,
-    query heads per kv head, first row in head_order): one batched matmul each, no padding."""
-    sizes = [index.count(g) for g in range(max(index) + 1)]
-    runs, row = [], 0
-    for g, size in enumerate(sizes):
-        if runs and runs[-1][2] == size:
-            first, _, _, r0 = runs[-1]
-            runs[-1] = (first, g + 1, size, r0)
-        else:
-            runs.append((g, g + 1, size, row))
-        row += size
-    return runs
+    """How Attention batches a layer's groups: (first kv head, last kv head + 1, query heads per
+    kv head, first row in head_order) for each batched matmul.
+
+    All kv heads in one run when every group has the same size, else one run per kv head: a
+    slice of several, but not all, heads of the cache is not a batch of matrices torch can view
+    (its batch strides differ), so matmul would copy it."""
+    G = max(index) + 1
+    sizes = [index.count(g) for g in range(G)]
+    if len(set(sizes)) == 1:
+        return [(0, G, sizes[0], 0)]
+    return [(g, g + 1, sizes[g], sum(sizes[:g])) for g in range(G)]
 
 
 def attention_path(key_index: list[int], value_index: list[int]) -> str:
@@ -179,7 +178,7 @@ def attention_path(key_index: list[int], value_index: list[int]) -> str:
 
     "gqa": the same contiguous equal groups for K and V (MHA, GQA, MQA): SDPA shares the heads.
     "coupled": one map for K and V, groups uneven or scattered: query heads gathered into group
-        order, one SDPA call per run of equal groups on its slice of the cache, scattered back.
+        order, SDPA as GQA on the whole cache (equal groups) or per kv head (uneven), scattered back.
     "decoupled": K grouped apart from V: see Attention.attend_decoupled; the cache is not copied
         for a few new tokens (use_grouped_scores), and gathered to every query head beyond.
     """
@@ -202,7 +201,7 @@ def grouped_matmul(rows: torch.Tensor, heads: torch.Tensor, runs) -> torch.Tenso
     """rows (B, H, T, a), query heads in group order; heads (B, G, a, c), one per group.
 
     Every query head's T rows times its group's head: (B, H, T, c). One batched matmul per run
-    of equal groups, (B, g, n*T, a) @ (B, g, a, c), on views: neither operand is copied."""
+    (runs_of_equal_groups), (B, g, n*T, a) @ (B, g, a, c), on views: neither operand is copied."""
     B, H, T, _ = rows.shape
     outs = [(rows[:, r0:r0 + (g1 - g0) * n].reshape(B, g1 - g0, n * T, -1) @ heads[:, g0:g1]).view(B, (g1 - g0) * n, T, -1)
             for g0, g1, n, r0 in runs]
@@ -287,9 +286,9 @@ class Attention(nn.Module):
     def attend_decoupled(self, q, k, v, mask):
         """K grouped apart from V, a few new tokens: each compact head is read once, never copied.
 
-        Query heads are put in key-group order; for each run of key heads shared by equally many
-        query heads (n), their T rows stack into one batched matmul against the cache as it lies:
-        (B, g, n*T, hd) @ (B, g, hd, S). The probabilities go to value-group order and are
+        Query heads are put in key-group order; the n query heads of a key head stack their T rows
+        into one batched matmul against the cache as it lies, (B, g, n*T, hd) @ (B, g, hd, S), for
+        all g key heads at once when the groups are equal, else per key head (runs_of_equal_groups). The probabilities go to value-group order and are
         multiplied by the value heads the same way; the outputs return to query-head order.
         Softmax runs in float32, as HF's eager attention does, and nothing else is upcast.
         """

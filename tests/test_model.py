@@ -101,6 +101,15 @@ def one_layer_model(layout: str, dtype=torch.float32) -> Transformer:
     return Transformer(cfg).eval().to(dtype)
 
 
+def test_runs_and_orders_of_a_decoupled_layer():
+    from dha.model import head_order, runs_of_equal_groups
+
+    key_index = index_of([[0, 3], [1, 2, 5], [4]])  # [0, 1, 1, 0, 2, 1]
+    assert head_order(key_index) == [0, 3, 1, 2, 5, 4]
+    assert runs_of_equal_groups(key_index) == [(0, 1, 2, 0), (1, 2, 3, 2), (2, 3, 1, 5)]  # uneven: per kv head
+    assert runs_of_equal_groups(index_of([[0, 5], [1, 4], [2, 3]])) == [(0, 3, 2, 0)]  # equal: one run
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("prefix, T", [(0, 1), (0, 11), (7, 1), (7, 2), (7, 4), (6, 12)],
                          ids=["decode-1", "prefill-11", "cached-1", "cached-2", "cached-4", "cached-12"])
