@@ -26,7 +26,7 @@ convert svd 0.34 svd-third
 bench() {  # name, then dha bench arguments
   local name=$1; shift
   rm -rf "$run/$name"
-  python -m dha bench "$@" --threads "$threads" --out "$run/$name" | tail -n 3
+  python -m dha bench "$@" --threads "$threads" --out "$run/$name" | head -n -1  # the table, not the JSON line
   python - "$run/$name/bench.json" "$res/speed_$name.json" "python -m dha bench $* --threads $threads" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
