@@ -187,19 +187,27 @@ def attention_path(key_index: list[int], value_index: list[int]) -> str:
     return "gqa" if is_grouped(key_index, max(key_index) + 1) else "coupled"
 
 
-def use_grouped_scores(new_tokens: int, head_dim: int) -> bool:
-    """Few new tokens (decode) are scored per group with batched matmuls against the cache as it
-    lies (Attention.attend_grouped), every layout alike; many (prefill) take SDPA.
+# Layers whose SDPA call needs no copy of the cache (gqa, coupled) take the grouped path for at
+# most this many new tokens (decode, short chunks): prefills keep SDPA's kernel and its rounding,
+# which is transformers' own (SmolLM2's fp32 logits move by ~2e-3 when every layer's sums are
+# reordered).
+GROUPED_MAX_NEW_TOKENS = 4
 
-    The grouped path materialises the scores (B, H, T, S); for decoupled maps the alternative
-    copies K and V to every query head (B, H, S, 2 hd): the scores are smaller while T < 2 hd.
-    For decode it is also faster than SDPA here: 2 threads of an AVX-512 CPU, batch 8, 2,048
-    cached tokens, SmolLM2 shapes (9 query heads, hd 64), ms per layer, SDPA -> grouped: fp32 MQA
-    1.33 -> 1.02, 3 KV heads 1.89 -> 1.78; bf16 MQA 8.6 -> 0.95, 3 KV heads 9.2 -> 2.9 (torch
-    2.13's CPU SDPA is slow for one bf16 query row). The cut at T <= hd / 2 keeps prefills on
-    SDPA's fused kernel.
+
+def use_grouped_scores(path: str, new_tokens: int, head_dim: int) -> bool:
+    """Whether a call of `new_tokens` tokens is scored per group with batched matmuls against the
+    cache as it lies (Attention.attend_grouped) rather than by SDPA.
+
+    Decode, every layout: faster than SDPA here (2 threads of an AVX-512 CPU, batch 8, 2,048
+    cached tokens, SmolLM2 shapes: 9 query heads, hd 64; ms per layer, SDPA -> grouped: fp32 MQA
+    1.33 -> 1.02, 3 KV heads 1.89 -> 1.78; bf16 MQA 8.6 -> 0.95, 3 KV heads 9.2 -> 2.9: torch
+    2.13's CPU SDPA is slow for one bf16 query row). Decoupled layers up to T <= hd / 2: their
+    SDPA path copies K and V to every query head (B, H, S, 2 hd), which outweighs the scores
+    (B, H, T, S) the grouped path materialises while T < 2 hd.
     """
-    return 2 * new_tokens <= head_dim
+    if path == "decoupled":
+        return 2 * new_tokens <= head_dim
+    return new_tokens <= GROUPED_MAX_NEW_TOKENS
 
 
 def grouped_matmul(rows: torch.Tensor, heads: torch.Tensor, runs) -> torch.Tensor:
@@ -272,7 +280,7 @@ class Attention(nn.Module):
         """q (B, H, T, hd), k (B, Hk, S, hd), v (B, Hv, S, hd) -> (B, H, T, hd).
 
         mask: boolean (T, S), True where attention is allowed, or None for plain causal."""
-        if use_grouped_scores(q.shape[2], self.head_dim):
+        if use_grouped_scores(self.path, q.shape[2], self.head_dim):
             return self.attend_grouped(q, k, v, mask)
         causal = mask is None and q.shape[2] > 1
         if self.path == "gqa":
