@@ -407,6 +407,9 @@ def write_plot(report: dict, path: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the plot is an ordinary file
         os.replace(tmp, path)
     finally:
         plt.close(fig)
