@@ -6,7 +6,9 @@ only (as generation does); then `new_tokens` greedy decode steps, one token per 
 cache. Prefill and decode are timed apart, after a short warm-up per model and point. Models are
 interleaved (A, B, A, B, ... at each point) so that a slow spell of a shared machine hits them
 alike, and the fastest of `repeats` runs is kept. prefill tokens/s = batch x context / prefill
-seconds; decode tokens/s = batch x new_tokens / decode seconds.
+seconds; decode tokens/s = batch x new_tokens / decode seconds. With `decode_only`, the cache is
+filled with random numbers instead (untimed, prefill reported as None): decode costs the same
+whatever the cache holds, and large points skip minutes of prefill.
 
 Memory: `kv_cache_bytes` is what the cache holds after the run; `peak_memory_bytes` is, on CPU,
 the process's peak resident set during the run (every loaded model included) and

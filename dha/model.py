@@ -9,7 +9,9 @@ MHA:  key_index = value_index = [0, 1, ..., H-1]
 GQA:  key_index = value_index = [h // (H // G) for h in range(H)]
 DHA:  any two maps onto range(Hk) and range(Hv), chosen per layer; groups may be uneven.
 
-The KV cache keeps only the Hk key heads and Hv value heads of each layer.
+The KV cache keeps only the Hk key heads and Hv value heads of each layer. Each layer picks its
+exact attention once from its maps (`attention_path`; decode: `use_grouped_scores`), so no map
+ever makes it copy the cache for a decode step.
 
 Shape legend (used in the comments below):
     B  batch             T  new tokens in this call     S  tokens in the cache (past + new)
