@@ -35,7 +35,7 @@ from .errors import UserError
 
 @dataclass
 class BenchOptions:
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
     contexts: list[int] = field(default_factory=lambda: [128, 512])  # prompt tokens prefilled before decoding
     new_tokens: int = 16  # decode steps timed after each prefill
     repeats: int = 2  # timed runs per model and point; the fastest is kept

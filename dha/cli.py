@@ -525,7 +525,7 @@ def add_bench(sub) -> None:
                                    "threads, torch}. A point that cannot fit in memory is refused before anything runs.")
     p.add_argument("models", nargs="*", metavar="MODEL", help=SOURCE_HELP.replace("model:", "models:", 1))
     p.add_argument("--dtype", default="float32", help="float32 (default) | bfloat16 | float16 | auto (each checkpoint's own)")
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="batch sizes, comma-separated (default 1,8)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 4], help="batch sizes, comma-separated (default 1,4)")
     p.add_argument("--contexts", type=_int_list, default=[128, 512], help="prompt tokens prefilled before decoding, comma-separated (default 128,512)")
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed after each prefill (default 16)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per model and point, the fastest kept (default 2)")
