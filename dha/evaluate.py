@@ -5,8 +5,9 @@
   bytes per value), and measured from the tensors of a real KVCache after a prefill; they must
   agree (`kv_bytes`).
 - Decode speed: prefill and decode timed apart, on random token ids, after a warm-up; peak memory
-  (`decode_speed`). With several models, timing runs are interleaved (model A, model B, A, B, ...)
-  so that a slow spell of the machine hits all of them alike, and the best of the repeats is kept.
+  (`decode_speed`, timed by dha.bench, the code of the `bench` verb). With several models, timing
+  runs are interleaved (model A, model B, A, B, ...) so that a slow spell of the machine hits all
+  of them alike, and the best of the repeats is kept.
 
 `evaluate_models` runs all of it for one or more models on the same data and gives ratios to the
 first model; `print_report` prints the table. The `eval` verb prints the table, then one JSON line.
@@ -16,15 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import resource
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .bench import Runner, measure
 from .data import TokenSplits, blocks as make_blocks
 from .errors import UserError
 
@@ -95,106 +94,14 @@ def kv_bytes(model, prefill_tokens: int = 8, max_len: int = 16) -> dict:
     return {"analytic": analytic, "measured": measured, "dtype": str(dtype).removeprefix("torch.")}
 
 
-# ---- decode speed -----------------------------------------------------------------------------
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        # Linux: writing 5 to clear_refs resets the process's peak resident set size (VmHWM),
-        # so each run reports its own peak (proc(5), "/proc/[pid]/clear_refs", since Linux 4.0).
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-
-
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what): CUDA: peak tensor bytes allocated; CPU: peak resident set of the process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(r"VmHWM:\s+(\d+) kB", f.read())
-        if m:
-            return int(m.group(1)) * 1024, "peak_rss"
-    except OSError:
-        pass
-    # Elsewhere only the peak since the process started is available (kB on Linux, bytes on macOS).
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (rss if sys.platform == "darwin" else rss * 1024), "peak_rss_since_start"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def time_decode(model, batch_size: int, context: int, new_tokens: int, seed: int = 0) -> dict:
-    """One timed run: prefill `context` random tokens for `batch_size` rows, then decode
-    `new_tokens` greedy tokens one at a time from the KV cache. Returns seconds and peak memory."""
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, context), generator=g).to(device)  # (B, T)
-    _reset_peak_memory(device)
-    cache = model.new_cache(batch_size, context + new_tokens)
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = model(ids, cache)[:, -1]  # (B, V)
-    _sync(device)
-    t1 = time.perf_counter()
-    for _ in range(new_tokens):
-        token = logits.argmax(-1, keepdim=True)  # (B, 1)
-        logits = model(token, cache)[:, -1]
-    _sync(device)
-    t2 = time.perf_counter()
-    peak, what = _peak_memory(device)
-    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "peak_memory_bytes": peak, "peak_memory_kind": what,
-            "kv_cache_bytes": cache.nbytes()}
-
+# ---- decode speed ------------------------------------------------------------------------------
 
 def decode_speed(models: list, options: EvalOptions) -> list[list[dict]]:
-    """For each model, for each batch size: prefill and decode tokens/s, the best of `repeats`.
-
-    A short warm-up per model and batch size comes first (first calls allocate and pick kernels).
-    Runs are interleaved across models, so machine noise hits them alike. Returns [model][batch]."""
-    from tqdm.auto import tqdm
-
-    runs = {}  # (model i, batch size) -> list of timings
-    steps = len(options.batch_sizes) * len(models) * (options.repeats + 1)
-    bar = tqdm(total=steps, desc="decode speed", unit="run", disable=not options.progress, file=sys.stderr)
-    for b in options.batch_sizes:
-        for i, model in enumerate(models):  # warm-up: same batch, short prompt, few steps
-            time_decode(model, b, min(options.context, 16), min(options.new_tokens, 2), options.seed)
-            bar.update()
-        for r in range(options.repeats):
-            for i, model in enumerate(models):
-                runs.setdefault((i, b), []).append(time_decode(model, b, options.context, options.new_tokens, options.seed + r))
-                bar.update()
-    bar.close()
-    out = []
-    for i in range(len(models)):
-        per_batch = []
-        for b in options.batch_sizes:
-            rs = runs[(i, b)]
-            prefill_s, decode_s = min(r["prefill_s"] for r in rs), min(r["decode_s"] for r in rs)
-            per_batch.append({
-                "batch_size": b,
-                "context": options.context,
-                "new_tokens": options.new_tokens,
-                "prefill_tokens_per_s": b * options.context / prefill_s,
-                "decode_tokens_per_s": b * options.new_tokens / decode_s,
-                "prefill_s": prefill_s,
-                "decode_s": decode_s,
-                "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rs),
-                "peak_memory_kind": rs[0]["peak_memory_kind"],
-                "kv_cache_bytes": rs[0]["kv_cache_bytes"],
-            })
-        out.append(per_batch)
-    return out
+    """For each model, for each batch size at `options.context`: prefill and decode tokens/s (the
+    fastest of `repeats`), KV-cache bytes and peak memory, timed by dha.bench (the `bench` verb's
+    code: warm-up, runs interleaved across models). Returns [model][batch size]."""
+    points = [(b, options.context) for b in options.batch_sizes]
+    return measure([Runner(m) for m in models], points, options.new_tokens, options.repeats, options.seed, options.progress)
 
 
 # ---- everything, for one or several models ----------------------------------------------------

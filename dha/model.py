@@ -9,7 +9,9 @@ MHA:  key_index = value_index = [0, 1, ..., H-1]
 GQA:  key_index = value_index = [h // (H // G) for h in range(H)]
 DHA:  any two maps onto range(Hk) and range(Hv), chosen per layer; groups may be uneven.
 
-The KV cache keeps only the Hk key heads and Hv value heads of each layer.
+The KV cache keeps only the Hk key heads and Hv value heads of each layer. Each layer picks its
+exact attention once from its maps (`attention_path`; decode: `use_grouped_scores`), so no map
+ever makes it copy the cache for a decode step.
 
 Shape legend (used in the comments below):
     B  batch             T  new tokens in this call     S  tokens in the cache (past + new)
@@ -154,19 +156,71 @@ def is_grouped(index: list[int], groups: int) -> bool:
     return H % groups == 0 and list(index) == [h // (H // groups) for h in range(H)]
 
 
-# Calls with at most this many new tokens (decode) take Attention.attend_grouped.
-GROUPED_MAX_QUERY_TOKENS = 4
+def head_order(index: list[int]) -> list[int]:
+    """Query heads sorted by the kv head they read (stable): group after group, no padding."""
+    return sorted(range(len(index)), key=lambda h: (index[h], h))
 
 
-def group_tables(index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a map query head -> kv head: (groups (G, n) of query heads per kv head, padded by
-    repeating the group's first member; slot (H,) the flat position of each query head in it)."""
+def runs_of_equal_groups(index: list[int]) -> list[tuple[int, int, int, int]]:
+    """How Attention batches a layer's groups: (first kv head, last kv head + 1, query heads per
+    kv head, first row in head_order) for each batched matmul.
+
+    All kv heads in one run when every group has the same size, else one run per kv head: a
+    slice of several, but not all, heads of the cache is not a batch of matrices torch can view
+    (its batch strides differ), so matmul would copy it."""
     G = max(index) + 1
-    members = [[h for h, g in enumerate(index) if g == j] for j in range(G)]
-    n = max(len(m) for m in members)
-    groups = torch.tensor([m + [m[0]] * (n - len(m)) for m in members])
-    slot = torch.tensor([index[h] * n + members[index[h]].index(h) for h in range(len(index))])
-    return groups, slot
+    sizes = [index.count(g) for g in range(G)]
+    if len(set(sizes)) == 1:
+        return [(0, G, sizes[0], 0)]
+    return [(g, g + 1, sizes[g], sum(sizes[:g])) for g in range(G)]
+
+
+def attention_path(key_index: list[int], value_index: list[int]) -> str:
+    """How a layer attends for a prefill (many new tokens), chosen once from its maps (Attention.attend).
+
+    "gqa": the same contiguous equal groups for K and V (MHA, GQA, MQA): SDPA shares the heads.
+    "coupled": one map for K and V, groups uneven or scattered: query heads gathered into group
+        order, SDPA as GQA on the whole cache (equal groups) or per kv head (uneven), scattered back.
+    "decoupled": K grouped apart from V: K and V gathered to every query head, then SDPA.
+    A few new tokens (decode) take Attention.attend_grouped whatever the path (use_grouped_scores).
+    """
+    if list(key_index) != list(value_index):
+        return "decoupled"
+    return "gqa" if is_grouped(key_index, max(key_index) + 1) else "coupled"
+
+
+# Layers whose SDPA call needs no copy of the cache (gqa, coupled) take the grouped path for at
+# most this many new tokens (decode, short chunks): prefills keep SDPA's kernel and its rounding,
+# which is transformers' own (SmolLM2's fp32 logits move by ~2e-3 when every layer's sums are
+# reordered).
+GROUPED_MAX_NEW_TOKENS = 4
+
+
+def use_grouped_scores(path: str, new_tokens: int, head_dim: int) -> bool:
+    """Whether a call of `new_tokens` tokens is scored per group with batched matmuls against the
+    cache as it lies (Attention.attend_grouped) rather than by SDPA.
+
+    Decode, every layout: faster than SDPA here (2 threads of an AVX-512 CPU, batch 8, 2,048
+    cached tokens, SmolLM2 shapes: 9 query heads, hd 64; ms per layer, SDPA -> grouped: fp32 MQA
+    1.33 -> 1.02, 3 KV heads 1.89 -> 1.78; bf16 MQA 8.6 -> 0.95, 3 KV heads 9.2 -> 2.9: torch
+    2.13's CPU SDPA is slow for one bf16 query row). Decoupled layers up to T <= hd / 2: their
+    SDPA path copies K and V to every query head (B, H, S, 2 hd), which outweighs the scores
+    (B, H, T, S) the grouped path materialises while T < 2 hd.
+    """
+    if path == "decoupled":
+        return 2 * new_tokens <= head_dim
+    return new_tokens <= GROUPED_MAX_NEW_TOKENS
+
+
+def grouped_matmul(rows: torch.Tensor, heads: torch.Tensor, runs) -> torch.Tensor:
+    """rows (B, H, T, a), query heads in group order; heads (B, G, a, c), one per group.
+
+    Every query head's T rows times its group's head: (B, H, T, c). One batched matmul per run
+    (runs_of_equal_groups), (B, g, n*T, a) @ (B, g, a, c), on views: neither operand is copied."""
+    B, H, T, _ = rows.shape
+    outs = [(rows[:, r0:r0 + (g1 - g0) * n].reshape(B, g1 - g0, n * T, -1) @ heads[:, g0:g1]).view(B, (g1 - g0) * n, T, -1)
+            for g0, g1, n, r0 in runs]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
 class KVCache:
@@ -212,9 +266,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_key_heads * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_value_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * hd, cfg.hidden_size, bias=cfg.o_bias)
-        # Fast path: one contiguous GQA map for both K and V (MHA included) lets SDPA share heads
-        # itself instead of us gathering them. (The maps become buffers in Transformer.init_buffers.)
-        self.plain_gqa = cfg.key_index[layer] == cfg.value_index[layer] and is_grouped(cfg.key_index[layer], self.num_key_heads)
+        # Which exact attention this layer runs (attention_path); its index tables are buffers
+        # set in Transformer.init_buffers.
+        self.path = attention_path(cfg.key_index[layer], cfg.value_index[layer])
 
     def project(self, x: torch.Tensor):
         """Query, key and value heads before RoPE: (B, H, T, hd), (B, Hk, T, hd), (B, Hv, T, hd)."""
@@ -225,43 +279,48 @@ class Attention(nn.Module):
         return q, k, v
 
     def attend(self, q, k, v, mask):
-        """q (B, H, T, hd), k (B, Hk, S, hd), v (B, Hv, S, hd) -> (B, H, T, hd)."""
-        if self.plain_gqa:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
-                enable_gqa=self.num_key_heads != self.num_heads,
-            )
-        if q.shape[2] <= GROUPED_MAX_QUERY_TOKENS:
+        """q (B, H, T, hd), k (B, Hk, S, hd), v (B, Hv, S, hd) -> (B, H, T, hd).
+
+        mask: boolean (T, S), True where attention is allowed, or None for plain causal."""
+        if use_grouped_scores(self.path, q.shape[2], self.head_dim):
             return self.attend_grouped(q, k, v, mask)
+        causal = mask is None and q.shape[2] > 1
+        if self.path == "gqa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                  enable_gqa=self.num_key_heads != self.num_heads)
+        if self.path == "coupled":
+            qg = q.index_select(1, self.key_order)  # (B, H, T, hd), group after group
+            ys = [F.scaled_dot_product_attention(qg[:, r0:r0 + (g1 - g0) * n], k[:, g0:g1], v[:, g0:g1], attn_mask=mask,
+                                                 is_causal=causal, enable_gqa=n > 1)
+                  for g0, g1, n, r0 in self.key_runs]
+            return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)).index_select(1, self.key_slot)
         k = k.index_select(1, self.key_index)  # (B, H, S, hd)
         v = v.index_select(1, self.value_index)  # (B, H, S, hd)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
     def attend_grouped(self, q, k, v, mask):
-        """Decoupled maps without copying the cache: each compact K/V head is read once.
+        """A few new tokens, any maps: each compact K/V head of the cache is read once, never copied.
 
-        Query heads are gathered into padded per-key-head groups (Hk, n), scored against their one
-        key head, and scattered back; the probabilities are then gathered into per-value-head
-        groups (Hv, m) and multiplied by their one value head. Used for decode, where reading the
-        cache dominates; prefill uses the index_select + SDPA path.
+        Query heads are put in key-group order; the n query heads of a key head stack their T rows
+        into one batched matmul against the cache as it lies, (B, g, n*T, hd) @ (B, g, hd, S), for
+        all g key heads at once when the groups are equal, else per key head (runs_of_equal_groups).
+        The probabilities go to value-group order (when it differs) and are multiplied by the value
+        heads the same way; the outputs return to query-head order.
+        Softmax runs in float32, as HF's eager attention does, and nothing else is upcast.
         """
         B, H, T, hd = q.shape
-        Hk, n = self.key_groups.shape
-        Hv, m = self.value_groups.shape
-        qg = q.index_select(1, self.key_groups.flatten()).view(B, Hk, n, T, hd)
-        scores = qg @ k.unsqueeze(2).transpose(-1, -2)  # (B, Hk, n, T, S)
-        scores = scores.flatten(1, 2).index_select(1, self.key_slot)  # (B, H, T, S)
-        scores = scores.float() * (hd ** -0.5)
+        S = k.shape[2]
+        qg = q.index_select(1, self.key_order) * hd ** -0.5  # (B, H, T, hd) in key-group order
+        scores = grouped_matmul(qg, k.transpose(-1, -2), self.key_runs)  # (B, H, T, S)
+        if mask is None and T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        elif T > 1:
-            S = k.shape[2]
-            causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-            scores = scores.masked_fill(~causal, float("-inf"))
-        probs = scores.softmax(-1).to(q.dtype)
-        pg = probs.index_select(1, self.value_groups.flatten()).view(B, Hv, m, T, -1)
-        out = pg @ v.unsqueeze(2)  # (B, Hv, m, T, hd)
-        return out.flatten(1, 2).index_select(1, self.value_slot)  # (B, H, T, hd)
+        probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+        if self.key_to_value_order is not None:
+            probs = probs.index_select(1, self.key_to_value_order)  # (B, H, T, S) in value-group order
+        out = grouped_matmul(probs, v, self.value_runs)  # (B, H, T, hd)
+        return out.index_select(1, self.value_slot)
 
     def forward(self, x, rope, mask, cache: KVCache | None):
         B, T, _ = x.shape
@@ -360,17 +419,25 @@ class Transformer(nn.Module):
             attn.register_buffer("key_index", torch.tensor(cfg.key_index[l]), persistent=False)
             attn.register_buffer("value_index", torch.tensor(cfg.value_index[l]), persistent=False)
             for kind, index in (("key", cfg.key_index[l]), ("value", cfg.value_index[l])):
-                groups, slot = group_tables(index)
-                attn.register_buffer(f"{kind}_groups", groups, persistent=False)
-                attn.register_buffer(f"{kind}_slot", slot, persistent=False)
+                order = head_order(index)
+                attn.register_buffer(f"{kind}_order", torch.tensor(order), persistent=False)
+                attn.register_buffer(f"{kind}_slot", torch.tensor([order.index(h) for h in range(len(index))]), persistent=False)
+                setattr(attn, f"{kind}_runs", runs_of_equal_groups(index))  # plain tuples, not tensors
+            key_slot = [head_order(cfg.key_index[l]).index(h) for h in range(cfg.num_heads)]
+            order = [key_slot[h] for h in head_order(cfg.value_index[l])]  # None: the two orders coincide
+            attn.register_buffer("key_to_value_order", None if order == sorted(order) else torch.tensor(order), persistent=False)
 
-    def rope(self, positions: torch.Tensor) -> Rope | None:
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> Rope | None:
+        """cos/sin tables for `positions`, computed in float32 and cast to `dtype` once per call
+        (as HF's rotary embedding does), not once per layer."""
         if self.config.position != "rope":
             return None
-        freqs = positions[:, None].float() * self.inv_freq[None, :].to(positions.device, torch.float32)  # (T, r/2)
+        if self.inv_freq.device != positions.device:  # once, not a host-to-device copy every step
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # (T, r/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, r)
         s = self.config.rope_attention_scaling
-        return Rope(emb.cos() * s, emb.sin() * s, self.config.rotary_dim)
+        return Rope((emb.cos() * s).to(dtype), (emb.sin() * s).to(dtype), self.config.rotary_dim)
 
     def causal_mask(self, start: int, T: int, S: int, device) -> torch.Tensor | None:
         """Boolean (T, S) mask, True where attention is allowed; None when SDPA's is_causal suffices."""
@@ -388,20 +455,25 @@ class Transformer(nn.Module):
             allowed &= k_pos > q_pos - window
         return allowed
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). With a cache, the tokens continue what it holds."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V). With a cache, the tokens continue what it holds.
+
+        last_only: logits of the last position only, (B, 1, V), as generation needs; a prefill then
+        skips the (B, T, V) logits, often its largest tensor."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=input_ids.device)
         x = self.embed(input_ids)  # (B, T, D)
         if self.config.position == "learned":
             x = x + self.pos_embed(positions + self.config.position_offset)
-        rope = self.rope(positions)
+        rope = self.rope(positions, x.dtype)
         mask = self.causal_mask(start, T, start + T, input_ids.device)
         for block in self.layers:
             x = block(x, rope, mask, cache)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]
         if self.config.final_norm:
             x = self.norm(x)
         return self.lm_head(x)
@@ -425,7 +497,7 @@ def generate(
     """Prefill, then decode token by token from the cache. temperature 0 is greedy. (B, T) -> (B, T + new)."""
     B, T = input_ids.shape
     cache = model.new_cache(B, T + max_new_tokens)
-    logits = model(input_ids, cache)[:, -1]
+    logits = model(input_ids, cache, last_only=True)[:, -1]
     out = [input_ids]
     for i in range(max_new_tokens):
         if temperature > 0:

@@ -52,7 +52,8 @@ def test_logits_equal_hf_llama3_rope_scaling():
 
 
 def reference_attention(x, wq, wk, wv, wo, key_index, value_index, H, hd, rope_theta):
-    """Decoupled-head attention written directly from the DHA equation with einsum (no cache)."""
+    """Decoupled-head attention written directly from the DHA equation with einsum (no cache):
+    every position attends causally to all earlier ones, one query head at a time."""
     T = x.shape[1]
     q = torch.einsum("btd,hed->bhte", x, wq.view(H, hd, -1))
     k = torch.einsum("btd,ged->bgte", x, wk.view(-1, hd, wk.shape[1]))
@@ -76,25 +77,80 @@ def reference_attention(x, wq, wk, wv, wo, key_index, value_index, H, hd, rope_t
     return torch.einsum("bhte,dhe->btd", out, wo.view(wo.shape[0], H, hd))
 
 
-@pytest.mark.parametrize("T", [1, 3, 11], ids=["decode-1", "grouped-3", "prefill-11"])
-def test_decoupled_uneven_layer_equals_einsum_reference(T):
-    """Short calls take the grouped path (no cache copy), long ones gather + SDPA: both checked."""
-    key_groups = [[0, 3], [1, 2, 5], [4]]
-    value_groups = [[0, 1], [2, 3, 4, 5]]
-    key_index = [next(g for g, m in enumerate(key_groups) if h in m) for h in range(6)]
-    value_index = [next(g for g, m in enumerate(value_groups) if h in m) for h in range(6)]
+def index_of(groups: list[list[int]], H: int = 6) -> list[int]:
+    return [next(g for g, members in enumerate(groups) if h in members) for h in range(H)]
+
+
+# Maps of 6 query heads (head dim 8) for every attention path: (key groups, value groups, path).
+LAYOUTS = {
+    # uneven (sizes 2, 3, 1 / 2, 4), scattered, K apart from V: three runs of key groups
+    "decoupled-uneven": ([[0, 3], [1, 2, 5], [4]], [[0, 4], [1, 2, 3, 5]], "decoupled"),
+    # equal key groups, scattered (one run of three), value groups contiguous
+    "decoupled-equal": ([[0, 5], [1, 4], [2, 3]], [[0, 1, 2], [3, 4, 5]], "decoupled"),
+    "coupled-uneven": ([[0, 3], [1, 2, 5], [4]], [[0, 3], [1, 2, 5], [4]], "coupled"),
+    "coupled-scattered": ([[0, 5], [1, 4], [2, 3]], [[0, 5], [1, 4], [2, 3]], "coupled"),
+    "gqa": ([[0, 1, 2], [3, 4, 5]], [[0, 1, 2], [3, 4, 5]], "gqa"),
+}
+
+
+def one_layer_model(layout: str, dtype=torch.float32) -> Transformer:
+    key_groups, value_groups, _ = LAYOUTS[layout]
     cfg = ModelConfig(vocab_size=50, hidden_size=48, num_layers=1, num_heads=6, head_dim=8, intermediate_size=32,
-                      key_index=[key_index], value_index=[value_index], rope_theta=10000.0)
+                      key_index=[index_of(key_groups)], value_index=[index_of(value_groups)], rope_theta=10000.0)
     torch.manual_seed(0)
-    model = Transformer(cfg).eval()
+    return Transformer(cfg).eval().to(dtype)
+
+
+def test_runs_and_orders_of_a_decoupled_layer():
+    from dha.model import head_order, runs_of_equal_groups
+
+    key_index = index_of([[0, 3], [1, 2, 5], [4]])  # [0, 1, 1, 0, 2, 1]
+    assert head_order(key_index) == [0, 3, 1, 2, 5, 4]
+    assert runs_of_equal_groups(key_index) == [(0, 1, 2, 0), (1, 2, 3, 2), (2, 3, 1, 5)]  # uneven: per kv head
+    assert runs_of_equal_groups(index_of([[0, 5], [1, 4], [2, 3]])) == [(0, 3, 2, 0)]  # equal: one run
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("prefix, T", [(0, 1), (0, 11), (7, 1), (7, 2), (7, 4), (6, 12)],
+                         ids=["decode-1", "prefill-11", "cached-1", "cached-2", "cached-4", "cached-12"])
+def test_attention_paths_equal_einsum_reference(layout, prefix, T):
+    """Every path, for prefill, one token, 2-4 tokens and many tokens after a cached prefix:
+    the new tokens' attention outputs equal the einsum reference over the whole sequence
+    (fp32, atol 1e-5). With head dim 8, decoupled layers score up to 4 new tokens per group
+    against the cache and gather the cache for more (both run here)."""
+    model = one_layer_model(layout)
     attn = model.layers[0].attn
-    assert attn.k_proj.weight.shape == (3 * 8, 48) and attn.v_proj.weight.shape == (2 * 8, 48)
-    x = torch.randn(2, T, 48)
+    assert attn.path == LAYOUTS[layout][2]
+    assert attn.k_proj.weight.shape[0] == 8 * len(LAYOUTS[layout][0]) and attn.v_proj.weight.shape[0] == 8 * len(LAYOUTS[layout][1])
+    x = torch.randn(2, prefix + T, 48, generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(2, prefix + T)
     with torch.no_grad():
-        ours = attn(x, model.rope(torch.arange(T)), None, None)
+        if prefix:
+            attn(x[:, :prefix], model.rope(torch.arange(prefix)), model.causal_mask(0, prefix, prefix, "cpu"), cache)
+            cache.length = prefix
+        positions = torch.arange(prefix, prefix + T)
+        ours = attn(x[:, prefix:], model.rope(positions), model.causal_mask(prefix, T, prefix + T, "cpu"), cache)
         ref = reference_attention(x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
-                                  key_index, value_index, 6, 8, 10000.0)
-    assert_close(ours, ref, atol=1e-5, rtol=0)
+                                  model.config.key_index[0], model.config.value_index[0], 6, 8, 10000.0)
+    assert_close(ours, ref[:, prefix:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["decoupled-uneven", "coupled-uneven"])
+def test_bfloat16_decode_close_to_float32_reference(layout):
+    """bf16 weights and cache, one token after a cached prefix of 9: within 2e-2 of the fp32
+    einsum reference on the same (bf16-rounded) weights (bf16 has 8 significant bits)."""
+    model = one_layer_model(layout, torch.bfloat16)
+    attn = model.layers[0].attn
+    x = torch.randn(2, 10, 48, generator=torch.Generator().manual_seed(1)).bfloat16()
+    cache = model.new_cache(2, 10)
+    with torch.no_grad():
+        attn(x[:, :9], model.rope(torch.arange(9)), None, cache)
+        cache.length = 9
+        ours = attn(x[:, 9:], model.rope(torch.arange(9, 10)), None, cache)
+        w = [p.float() for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight)]
+        ref = reference_attention(x.float(), *w, model.config.key_index[0], model.config.value_index[0], 6, 8, 10000.0)
+    assert ours.dtype == torch.bfloat16
+    assert_close(ours.float(), ref[:, 9:], atol=2e-2, rtol=0)
 
 
 def decoded_logits(model, ids, prefill):
