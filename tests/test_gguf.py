@@ -71,7 +71,7 @@ def analytic_f16_bytes(kv_heads: list[int], head_dim: int = 8) -> int:
 
 
 def exported(tmp_path, capsys, model, hf, *flags, name="model.gguf", digits=False) -> tuple[str, dict, str]:
-    src = tiny_source(tmp_path, model, hf, digits=digits)
+    src = tiny_source(tmp_path, model, hf, name=f"src-{name}", digits=digits)  # a checkpoint per export: save never overwrites
     out = str(tmp_path / name)
     code, stdout, err = export([src, "--format", "gguf", "--out", out, *flags], capsys)
     assert code == 0, err
