@@ -458,6 +458,9 @@ def add_dha_options(p) -> None:
     g.add_argument("--allocation", default="adaptive", choices=["adaptive", "uniform"],
                    help="cost search: adaptive (per-layer counts, default) | uniform (the same K and V counts in every layer; an ablation)")
     g.add_argument("--coupled-kv", action="store_true", help="cost search: keys and values share one grouping and count per layer (an ablation)")
+    g.add_argument("--layout", default="free", choices=["free", "serving"],
+                   help="free (any groups and counts, default) | serving: per layer one grouping for keys and values in equal "
+                        "groups, so `dha export --format gguf` (llama.cpp deci) and nemotron-nas hold it without --pad")
     g.add_argument("--merge", default="aligned", choices=[*MERGES, "pca"],
                    help="what each group becomes, and what fusion moves toward: aligned (closed-form aligned merge, default) | "
                         "mean (the group mean; the old target) | pca (aligned with --merge-metric plain)")
@@ -518,7 +521,7 @@ def run_convert_dha(args) -> int:
         raise UserError("--merge pca is the aligned merge with --merge-metric plain: drop one of them")
     metric = "plain" if args.merge == "pca" else (args.merge_metric or SearchOptions.metric)
     search_options = SearchOptions(search=args.search, metric=metric, sensitivity=args.sensitivity, allocation=args.allocation,
-                                   decoupled=not args.coupled_kv, seed=args.seed,
+                                   decoupled=not args.coupled_kv, layout=args.layout, seed=args.seed,
                                    progress=not getattr(args, "no_progress", False))
     fusion = FusionOptions(schedule=args.fusion_schedule, weight=args.fusion_weight, ramp_end=args.fusion_ramp_end,
                            eps=args.fusion_eps, train_base=not args.freeze_base, learn_maps=not args.freeze_maps)

@@ -123,6 +123,35 @@ def heldout_blocks(heldout: torch.Tensor, max_tokens: int, block_size: int) -> t
     return blocks(heldout, block_size, max_blocks=max(1, max_tokens // block_size))
 
 
+def table_row(name: str, model, windows) -> dict:
+    """One row of the final table: KV heads and bytes per token, held-out perplexity on `windows`."""
+    from .evaluate import perplexity
+
+    cfg = model.config
+    was_training = model.training
+    model.eval()
+    ppl = perplexity(model, windows, batch_size=4, progress=False) if windows is not None else None
+    model.train(was_training)
+    return {"model": name, "kv_heads": sum(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers)),
+            "kv_bytes_per_token_bf16": cfg.kv_bytes_per_token(torch.bfloat16),
+            "kv_bytes_per_token_fp32": cfg.kv_bytes_per_token(torch.float32),
+            "heldout_ppl": ppl["ppl"] if ppl else None, "heldout_nll": ppl["nll"] if ppl else None,
+            "heldout_tokens": ppl["tokens"] if ppl else 0}
+
+
+def source_on_training_windows(source, heldout_train, train_template) -> float | None:
+    """The source on the windows the training evaluations use (the first rows of the held-out
+    blocks, dha.train), so the perplexity curve has a like-for-like reference line."""
+    from .data import blocks
+    from .evaluate import perplexity
+
+    if heldout_train is None:
+        return None
+    eval_rows = blocks(heldout_train, train_template.block_size)
+    eval_rows = eval_rows[: max(1, min(eval_rows.shape[0], train_template.eval_tokens // train_template.block_size))]
+    return perplexity(source.eval(), eval_rows, batch_size=4, progress=False)["ppl"]
+
+
 # ---- end to end --------------------------------------------------------------------------------
 
 @dataclass
@@ -142,7 +171,6 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     """
     from .checkpoint import Loaded
     from .compress import aligned_merge, calibrate, closed_form_merges, source_heads
-    from .evaluate import perplexity
     from .search import SearchOptions, search
     from .train import TrainConfig, train
     from .transforms import merge_groups
@@ -223,30 +251,12 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     if source.config.position == "learned":  # learned position tables (GPT-2, OPT) end somewhere
         window = min(window, source.config.max_position_embeddings)
     windows = heldout_blocks(splits.heldout, config.final_eval_tokens, window)
-    rows = []
     merged_name = f"plan, {config.merge}-merged (no training)"
     candidates = [("source", source), (merged_name, merge_without_fusion(source) if config.tokens else model)]
     if config.tokens:
         candidates.append(("dha (fused, merged, trained)", model))
-    for name, m in candidates:
-        was_training = m.training
-        m.eval()
-        ppl = perplexity(m, windows, batch_size=4, progress=False) if windows is not None else None
-        m.train(was_training)
-        rows.append({"model": name, "kv_heads": sum(m.config.key_heads(l) + m.config.value_heads(l) for l in range(m.config.num_layers)),
-                     "kv_bytes_per_token_bf16": m.config.kv_bytes_per_token(torch.bfloat16),
-                     "kv_bytes_per_token_fp32": m.config.kv_bytes_per_token(torch.float32),
-                     "heldout_ppl": ppl["ppl"] if ppl else None, "heldout_nll": ppl["nll"] if ppl else None,
-                     "heldout_tokens": ppl["tokens"] if ppl else 0})
-    # The source on the windows the training evaluations use (the first rows of the held-out
-    # blocks, dha.train), so the perplexity curve has a like-for-like reference line.
-    source_curve_ppl = None
-    if config.tokens and heldout_train is not None:
-        from .data import blocks
-
-        eval_rows = blocks(heldout_train, train_template.block_size)
-        eval_rows = eval_rows[: max(1, min(eval_rows.shape[0], train_template.eval_tokens // train_template.block_size))]
-        source_curve_ppl = perplexity(source.eval(), eval_rows, batch_size=4, progress=False)["ppl"]
+    rows = [table_row(name, m, windows) for name, m in candidates]
+    source_curve_ppl = source_on_training_windows(source, heldout_train, train_template) if config.tokens else None
     seconds["evaluation"] = time.perf_counter() - t0
 
     summary = {

@@ -55,6 +55,7 @@ from .transforms import heads, unheads
 
 SEARCHES = ("cost", "learned")
 ALLOCATIONS = ("adaptive", "uniform")
+LAYOUTS = ("free", "serving")
 KINDS = ("key", "value")
 
 # Hard-concrete distribution (Louizos et al. 2018, "Learning sparse neural networks through L0
@@ -70,6 +71,9 @@ class SearchOptions:
     # Ablations of DHA's two ideas (cost search only; docs/method.md, "Ablations"):
     allocation: str = "adaptive"  # "adaptive": counts per layer by the DP | "uniform": the same K count and V count in every layer
     decoupled: bool = True  # False: keys and values of a layer share one grouping and one count (GQA-like)
+    # "free": any groups and counts (DHA) | "serving": per layer one grouping for keys and values,
+    # groups of equal size, so llama.cpp (deci), vLLM and SGLang (Nemotron-NAS) hold it exactly
+    layout: str = "free"
     seed: int = 0  # hard-concrete noise of the learned search: same seed -> same plan
     batch_size: int = 4  # calibration blocks per forward pass
     # learned search (LLM-Shearing recipe: hard-concrete gates + augmented Lagrangian)
@@ -88,6 +92,10 @@ class SearchOptions:
             raise UserError(f"unknown merge metric {self.metric!r}; choose from {', '.join(METRICS)}")
         if self.allocation not in ALLOCATIONS:
             raise UserError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+        if self.layout not in LAYOUTS:
+            raise UserError(f"unknown layout {self.layout!r}; choose from {', '.join(LAYOUTS)}")
+        if self.layout == "serving" and (self.search != "cost" or self.allocation != "adaptive" or not self.decoupled):
+            raise UserError("--layout serving is a constraint of the cost search (no --search learned, --allocation uniform, --coupled-kv)")
         if self.search == "learned" and (self.allocation != "adaptive" or not self.decoupled):
             raise UserError("uniform allocation and coupled keys/values are ablations of the cost search (use --search cost)")
         if self.batch_size < 1 or self.steps < 1:
@@ -188,6 +196,57 @@ def coupled_tables(model: Transformer, calibration: Calibration, sensitivity: bo
             fisher = table_fisher(model, calibration, l, kind, groupings) if sensitivity else None
             out.append(HeadTable(l, kind, groupings, [relative_cost(stats, kind, g) for g in groupings], fisher))
     return out
+
+
+def equal_groups(residual, n: int, count: int) -> list[list[int]]:
+    """`count` groups of n / count heads each, grown greedily: the lowest unassigned head seeds a
+    group, which takes, one at a time, the head adding the least residual(members)."""
+    size, left, groups = n // count, list(range(n)), []
+    while left:
+        group = [left.pop(0)]
+        while len(group) < size:
+            best = min(left, key=lambda j: (residual(sorted(group + [j])), j))
+            group.append(best)
+            left.remove(best)
+        groups.append(sorted(group))
+    return groups
+
+
+def serving_tables(model: Transformer, calibration: Calibration, sensitivity: bool) -> list[HeadTable]:
+    """The serving layout: per layer one grouping for keys and values, in equal groups. Counts that
+    do not divide the layer's heads get an infinite cost, so the DP never picks them."""
+    cfg = model.config
+    out = []
+    for l, stats in enumerate(calibration.stats):
+        n = cfg.key_heads(l)
+        if cfg.key_index[l] != cfg.value_index[l] or len({cfg.key_index[l].count(j) for j in range(n)}) != 1:
+            raise UserError(f"--layout serving needs a source whose layer {l} reads key head i and value head i together, "
+                            "each by the same number of query heads (MHA or GQA)")
+        ek, ev = max(energy(stats, "key"), 1e-30), max(energy(stats, "value"), 1e-30)
+        both = lambda g: group_residual(stats, "key", g) / ek + group_residual(stats, "value", g) / ev  # noqa: E731
+        groupings = [equal_groups(both, n, c) if n % c == 0 else [list(range(n))] for c in range(1, n + 1)]
+        for kind in KINDS:
+            costs = [relative_cost(stats, kind, g) for g in groupings]
+            fisher = table_fisher(model, calibration, l, kind, groupings) if sensitivity else None
+            allowed = [n % c == 0 for c in range(1, n + 1)]
+            costs = [c if ok else math.inf for c, ok in zip(costs, allowed)]
+            fisher = [f if ok else math.inf for f, ok in zip(fisher, allowed)] if fisher else None
+            out.append(HeadTable(l, kind, groupings, costs, fisher))
+    return out
+
+
+def allocate_serving(costs: list[list[float]], total: int) -> list[int]:
+    """Per layer one count for keys and values, the most heads within `total` that the allowed
+    counts reach, least summed cost among those (the DP of `allocate` on per-layer K+V costs)."""
+    pairs = [[ck + cv for ck, cv in zip(costs[i], costs[i + 1])] for i in range(0, len(costs), 2)]
+    for heads_per_kind in range(total // 2, len(pairs) - 1, -1):
+        try:
+            counts = allocate(pairs, heads_per_kind)
+        except UserError:
+            continue
+        if math.isfinite(sum(p[c - 1] for p, c in zip(pairs, counts))):
+            return [c for c in counts for _ in range(2)]
+    raise UserError(f"no serving layout keeps at most {total} heads")
 
 
 # ---- allocation ----------------------------------------------------------------------------------
@@ -443,18 +502,22 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
     weighted = options.sensitivity and options.search == "cost"  # the learned search uses the LM loss itself
     if calibration is None or calibration.metric != options.metric or (weighted and calibration.grads is None):
         calibration = calibrate(model, calib_blocks, options.batch_size, options.metric, gradients=weighted)
-    tables = (head_tables if options.decoupled else coupled_tables)(model, calibration, weighted)
+    build_tables = serving_tables if options.layout == "serving" else head_tables if options.decoupled else coupled_tables
+    tables = build_tables(model, calibration, weighted)
     notes = {"search": options.search, "total_heads": total, "calibration_tokens": int(calib_blocks.numel()),
              "options": {k: v for k, v in asdict(options).items() if k != "progress"}}
     costs = [t.fisher for t in tables] if weighted else [t.costs for t in tables]
-    if options.search == "cost":
+    if options.layout == "serving":
+        counts = allocate_serving(costs, total)
+        notes["heads_kept"] = sum(counts)  # the most heads equal groups reach within the budget
+    elif options.search == "cost":
         counts = allocate_with(costs, total, options)
         notes["heads_kept"] = sum(counts)  # == total unless an ablation cannot meet it exactly
     else:
         counts, notes["learned"] = learned_counts(model, calib_blocks, tables, calibration, total, options)
-    notes["costs"] = _by_kind(tables, [[float(f"{c:.6g}") for c in t.costs] for t in tables])
+    notes["costs"] = _by_kind(tables, [_rounded(t.costs) for t in tables])
     if weighted:
-        notes["loss_increase"] = _by_kind(tables, [[float(f"{c:.6g}") for c in t.fisher] for t in tables])
+        notes["loss_increase"] = _by_kind(tables, [_rounded(t.fisher) for t in tables])
     notes["chosen_cost"] = float(f"{sum(c[n - 1] for c, n in zip(costs, counts)):.6g}")
     layers = []
     for l in range(len(src_k)):
@@ -463,6 +526,11 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
     plan = Plan(layers, src_k, src_v, method="dha", kv_budget=kv_budget, notes=notes)
     plan.validate(src_k, src_v)
     return plan
+
+
+def _rounded(values: list[float]) -> list[float | None]:
+    """6 significant digits; None for a count the layout forbids (infinite cost; JSON has no inf)."""
+    return [float(f"{v:.6g}") if math.isfinite(v) else None for v in values]
 
 
 def _by_kind(tables: list[HeadTable], values: list) -> dict:

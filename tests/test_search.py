@@ -271,3 +271,25 @@ def test_smollm2_scattered_heads_are_found_at_three_of_nine():
     # Merged back to 3 K/V heads per layer, it is the original model again (fp32, 30 layers: atol 1e-3).
     with torch.no_grad():
         torch.testing.assert_close(merge_groups(mha, plan)(ids[:1, :32]), model(ids[:1, :32]), rtol=0, atol=1e-3)
+
+
+def test_serving_layout_plans_are_held_by_serving_engines_and_meet_the_budget():
+    """--layout serving: every layer one grouping for K and V in equal groups (the merged model passes
+    dha.serving's check, written against llama.cpp's deci layout), never over the budget, and as many
+    heads as equal groups allow (6 heads: counts 1, 2, 3, 6)."""
+    from dha.compress import aligned_merge, calibrate, closed_form_merges
+    from dha.serving import serving_layout_problem
+
+    model = ours_from_hf(tiny_llama_hf())  # 2 layers x (6 K + 6 V)
+    blocks = random_ids(4, 16)
+    cal = calibrate(model, blocks, gradients=True)
+    for budget, kept in ((4 / 24, 4), (0.4, 8), (0.5, 12), (0.6, 14), (0.75, 18), (1.0, 24)):
+        plan = search(model, budget, blocks, SearchOptions(layout="serving"), calibration=cal)
+        assert sum(plan.key_heads()) + sum(plan.value_heads()) == kept, budget
+        assert plan.kv_fraction() <= budget + 1e-9
+        for layer in plan.layers:
+            assert layer.key_groups == layer.value_groups and len({len(g) for g in layer.key_groups}) == 1
+        merged = aligned_merge(model, plan.layers, closed_form_merges(cal.stats, plan.layers))
+        assert serving_layout_problem(merged.config) is None
+    with pytest.raises(UserError):
+        SearchOptions(layout="serving", search="learned")
