@@ -244,7 +244,8 @@ def allocate_serving(costs: list[list[float]], total: int) -> list[int]:
             counts = allocate(pairs, heads_per_kind)
         except UserError:
             continue
-        if math.isfinite(sum(p[c - 1] for p, c in zip(pairs, counts))):
+        # an unreachable total leaves the DP's backtrack on empty cells (count 0) or forbidden counts (inf)
+        if all(c >= 1 for c in counts) and math.isfinite(sum(p[c - 1] for p, c in zip(pairs, counts))):
             return [c for c in counts for _ in range(2)]
     raise UserError(f"no serving layout keeps at most {total} heads")
 
