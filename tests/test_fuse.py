@@ -438,3 +438,20 @@ def test_distillation_lowers_the_converted_models_kl_to_the_source():
     trained = train(student, stream, None, cfg, teacher=source, progress=False).model.eval()
     after = kl(trained)
     assert after < 0.7 * before, (before, after)
+
+
+def test_cli_convert_dha_serving_layout_exports_without_padding(convert_setup, capsys):
+    """--layout serving through the CLI: the written model is held by serving engines as it is."""
+    import os
+
+    from dha.checkpoint import load
+    from dha.cli import main
+    from dha.serving import serving_layout_problem
+
+    tmp_path, source, common = convert_setup
+    out = str(tmp_path / "serving")
+    assert main(["convert", source, *common, "--tokens", "0", "--layout", "serving", "--out", out]) == 0
+    assert serving_layout_problem(load(out).model.config) is None
+    assert main(["convert", source, *common, "--tokens", "0", "--layout", "serving", "--search", "learned",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert not os.path.exists(tmp_path / "bad")
