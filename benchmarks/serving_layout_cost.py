@@ -13,8 +13,6 @@ import argparse
 import json
 import sys
 
-import torch
-
 from dha.checkpoint import load
 from dha.compress import aligned_merge, calibrate, closed_form_merges
 from dha.data import blocks, load_tokens
