@@ -39,6 +39,7 @@ DEFAULT_SOURCE = "smollm2-135m"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NATIVE_CONFIG = "dha_config.json"
 NATIVE_FORMAT = "dha-checkpoint/1"
+REMOTE_MODEL_TYPE = "dha"  # config.json model_type of a remote-code export (`dha export`)
 
 
 @dataclass
@@ -158,8 +159,6 @@ def _from_hf(hf_config, hf_state_dict, source: str, kind: str, tokenizer) -> Loa
 def load_hf_dir(directory: str, want_tokenizer: bool = True) -> Loaded:
     from transformers import AutoConfig
 
-    from .export import REMOTE_MODEL_TYPE, load_remote_code_export
-
     if _json_field(os.path.join(directory, "config.json"), "model_type") == REMOTE_MODEL_TYPE:
         return load_remote_code_export(directory, want_tokenizer)  # written by `dha export`
     try:
@@ -170,6 +169,28 @@ def load_hf_dir(directory: str, want_tokenizer: bool = True) -> Loaded:
     sd = read_hf_state_dict(directory)
     tok = _tokenizer(directory) if want_tokenizer else None
     return _from_hf(hf_config, sd, directory, "hf", tok)
+
+
+def load_remote_code_export(directory: str, want_tokenizer: bool = True) -> Loaded:
+    """Read a remote-code export back as our Transformer (without running the code it carries)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            meta = json.load(f)
+        cfg = ModelConfig.from_dict(meta["dha"])
+        sd = load_file(os.path.join(directory, "model.safetensors"))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, SafetensorError) as e:
+        raise UserError(f"{directory} is not a readable dha remote-code export: {e}") from None
+    if any(not k.startswith("model.") for k in sd):
+        raise UserError(f"{directory}/model.safetensors has weights outside `model.`: not a dha export")
+    try:
+        model = build(cfg, {k.removeprefix("model."): v for k, v in sd.items()})
+    except RuntimeError as e:
+        raise UserError(f"weights in {directory} do not match its config: {str(e).splitlines()[0]}") from None
+    tok = _tokenizer(directory) if want_tokenizer else None
+    return Loaded(model, tok, directory, "hf", hf_config=meta.get("dha_source_hf_config"))
 
 
 def _json_field(path: str, name: str):
@@ -187,7 +208,7 @@ def load_gguf(directory: str, filename: str, want_tokenizer: bool = True) -> Loa
 
     path = os.path.join(directory, filename)
     try:
-        with _quiet():
+        with quiet():
             hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
     except Exception as e:
         raise UserError(f"cannot load GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -198,7 +219,7 @@ def load_gguf(directory: str, filename: str, want_tokenizer: bool = True) -> Loa
     del hf_model
     tok = None
     if want_tokenizer:
-        with _quiet():
+        with quiet():
             tok = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     return _from_hf(hf_config, sd, path, "gguf", tok)
 
@@ -263,7 +284,7 @@ def _tokenizer(directory: str):
     from transformers import AutoTokenizer
 
     try:
-        with _quiet():
+        with quiet():
             # Never run (or ask to run) code shipped in a checkpoint: a remote-code export's
             # config has an auto_map, but its tokenizer is a stock one.
             return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
@@ -272,7 +293,7 @@ def _tokenizer(directory: str):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """Silence transformers' own progress bars and warnings while it loads for us."""
     from transformers.utils import logging as hf_logging
 

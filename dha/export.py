@@ -21,7 +21,7 @@ compared with ours on random token sequences in float32 (within atol, default 1e
 REORDER_RTOL for exports whose query heads were reordered); only when they agree is the directory
 renamed to its final name. Otherwise nothing is left behind and the error gives the difference.
 
-`dha.checkpoint.load` reads a remote-code export back (load_remote_code_export) without running
+`dha.checkpoint.load` reads a remote-code export back (checkpoint.load_remote_code_export) without running
 its code, so converted, exported models can still be evaluated or exported again by dha.
 """
 
@@ -36,8 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .checkpoint import Loaded, _quiet, atomic_dir
-from .errors import UserError
+from .checkpoint import REMOTE_MODEL_TYPE, Loaded, atomic_dir, quiet
 from .families import Family, UnsupportedModel, family_of, weights_to_hf
 from .model import ModelConfig, Transformer, is_grouped
 from .transforms import permute_query_heads, state_dict_of
@@ -45,7 +44,6 @@ from .transforms import permute_query_heads, state_dict_of
 REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_code")
 MODEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")
 REMOTE_CLASS = "DhaForCausalLM"
-REMOTE_MODEL_TYPE = "dha"  # config.json model_type of a remote-code export
 # Keys of a saved HF config that describe where it came from, not the model: dropped on export.
 HF_CONFIG_DROP = ("_name_or_path", "_model_name_or_path", "transformers_version", "auto_map", "_commit_hash")
 
@@ -141,7 +139,7 @@ def write_stock(directory: str, model: Transformer, hf_config: dict, family: Fam
         raise ExportMismatch(f"weights do not fit {family.hf_class}: missing {sorted(set(missing) - tied)}, "
                              f"unexpected {sorted(unexpected)}")
     hf_model.tie_weights()
-    with _quiet():
+    with quiet():
         hf_model.save_pretrained(directory)
 
 
@@ -179,31 +177,6 @@ def write_remote_code(directory: str, model: Transformer, hf_config: dict | None
         f.write("\n")
 
 
-def load_remote_code_export(directory: str, want_tokenizer: bool = True) -> Loaded:
-    """Read a remote-code export back as our Transformer (without running the code it carries)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .checkpoint import _tokenizer
-    from .transforms import build
-
-    try:
-        with open(os.path.join(directory, "config.json")) as f:
-            meta = json.load(f)
-        cfg = ModelConfig.from_dict(meta["dha"])
-        sd = load_file(os.path.join(directory, "model.safetensors"))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, SafetensorError) as e:
-        raise UserError(f"{directory} is not a readable dha remote-code export: {e}") from None
-    if any(not k.startswith("model.") for k in sd):
-        raise UserError(f"{directory}/model.safetensors has weights outside `model.`: not a dha export")
-    try:
-        model = build(cfg, {k.removeprefix("model."): v for k, v in sd.items()})
-    except RuntimeError as e:
-        raise UserError(f"weights in {directory} do not match its config: {str(e).splitlines()[0]}") from None
-    tok = _tokenizer(directory) if want_tokenizer else None
-    return Loaded(model, tok, directory, "hf", hf_config=meta.get("dha_source_hf_config"))
-
-
 # ---- the check -------------------------------------------------------------------------------------
 
 def compare_with_transformers(
@@ -216,7 +189,7 @@ def compare_with_transformers(
     from transformers import AutoModelForCausalLM
 
     try:
-        with _quiet():
+        with quiet():
             hf_model = AutoModelForCausalLM.from_pretrained(
                 directory, trust_remote_code=trust_remote_code, dtype=torch.float32
             ).eval()
