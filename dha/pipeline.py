@@ -161,6 +161,25 @@ class DHAResult:
     log: list[dict]  # training and evaluation records of both stages, tokens counted from the start
 
 
+def plan_and_merges(source, calib: torch.Tensor, config: DHAConfig, search_options, plan, log_progress) -> tuple:
+    """Stage 1: one calibration pass, the search (unless a plan is given), and the closed-form
+    aligned merge of every group (None for config.merge "mean"). Returns (plan, merges)."""
+    from .compress import calibrate, closed_form_merges, source_heads
+    from .search import search
+
+    gradients = plan is None and search_options.sensitivity and search_options.search == "cost"
+    log_progress(f"calibration on {calib.numel()} tokens" + (" (with gradients)" if gradients else ""))
+    calibration = calibrate(source, calib, search_options.batch_size, search_options.metric, gradients=gradients)
+    if plan is None:
+        log_progress(f"search ({search_options.search})")
+        plan = search(source, config.kv_budget, calib, search_options, calibration=calibration)
+    else:
+        plan.validate(*source_heads(source))
+        plan = Plan.from_dict(plan.to_dict())  # a copy: run_dha writes its notes
+    merges = closed_form_merges(calibration.stats, plan.layers) if config.merge == "aligned" else None
+    return plan, merges
+
+
 def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progress: bool = True) -> DHAResult:
     """Search, fuse, merge, train, evaluate (module doc). `loaded.model` is not modified.
 
@@ -170,8 +189,8 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     plan: a plan from an earlier search of this model (dha.plan.Plan) to reuse instead of searching.
     """
     from .checkpoint import Loaded
-    from .compress import aligned_merge, calibrate, closed_form_merges, source_heads
-    from .search import SearchOptions, search
+    from .compress import aligned_merge
+    from .search import SearchOptions
     from .train import TrainConfig, train
     from .transforms import merge_groups
 
@@ -191,16 +210,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     # 1. calibration (one pass) and search
     t0 = time.perf_counter()
     calib = calibration_blocks(splits.train, config.calib_tokens, config.calib_block_size)
-    gradients = plan is None and search_options.sensitivity and search_options.search == "cost"
-    log_progress(f"calibration on {calib.numel()} tokens" + (" (with gradients)" if gradients else ""))
-    calibration = calibrate(source, calib, search_options.batch_size, search_options.metric, gradients=gradients)
-    if plan is None:
-        log_progress(f"search ({search_options.search})")
-        plan = search(source, config.kv_budget, calib, search_options, calibration=calibration)
-    else:
-        plan.validate(*source_heads(source))
-        plan = Plan.from_dict(plan.to_dict())  # a copy: run_dha writes its notes
-    merges = closed_form_merges(calibration.stats, plan.layers) if config.merge == "aligned" else None
+    plan, merges = plan_and_merges(source, calib, config, search_options, plan, log_progress)
     seconds["search"] = time.perf_counter() - t0
 
     def merge_without_fusion(model):
