@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .atomic import atomic_file
 from .errors import UserError
 
 
@@ -382,9 +383,6 @@ def print_bench(report: dict, file=None) -> None:
 
 def write_plot(report: dict, path: str) -> None:
     """Decode tokens/s against context, one line per model and batch size; written atomically."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,16 +402,8 @@ def write_plot(report: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the plot is an ordinary file
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -23,12 +23,11 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
+from .atomic import atomic_dir
 from .errors import UserError
 from .families import config_from_hf, family_of, weights_from_hf
 from .model import ModelConfig, Transformer
@@ -314,7 +313,7 @@ def check_out(path: str) -> None:
     path = os.path.abspath(path)
     if os.path.exists(path):
         try:
-            empty = os.path.isdir(path) and not os.listdir(path)
+            empty = os.path.isdir(path) and not [n for n in os.listdir(path) if n != ".lock"]  # a run directory keeps its lock file
         except OSError as e:
             raise UserError(f"output {path} cannot be read: {e.strerror or e}") from None
         if os.path.exists(os.path.join(path, "run.json")):
@@ -329,36 +328,6 @@ def check_out(path: str) -> None:
         raise UserError(f"output {path} cannot be created: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"output {path} cannot be created: no permission to write in {ancestor}")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str, overwrite: bool = False):
-    """Yield a temp directory beside `path`; on success rename it to `path`, else remove it."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        if not os.path.isdir(path) or os.listdir(path):
-            raise UserError(f"output {path} already exists and is not empty (use a new --out)")
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-    except OSError as e:
-        raise UserError(f"output {path} cannot be created: {e.strerror or e}") from e
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the output is an ordinary directory
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        old = tmp + ".old"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def write_native(directory: str, loaded: Loaded) -> None:

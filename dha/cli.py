@@ -6,6 +6,7 @@ Bad input (UserError) prints one line `dha: error: ...` and exits 2; `--debug` s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -281,7 +282,8 @@ def add_analyze(sub) -> None:
 
 def run_analyze(args) -> int:
     from .analyze import analyze, summary_table, write_report
-    from .checkpoint import atomic_dir, check_out, load, parse_dtype
+    from .atomic import atomic_dir
+    from .checkpoint import check_out, load, parse_dtype
 
     _check_calibration_args(args)
     check_out(args.out)
@@ -484,15 +486,54 @@ def add_dha_options(p) -> None:
 
 
 def run_convert_dha(args) -> int:
-    """`dha convert SOURCE --method dha ...`: run_dha on the CLI's options, write DIR, print a JSON line."""
-    import os
+    """`dha convert SOURCE --method dha ...`: run_dha on the CLI's options, write DIR, print a JSON line.
 
+    Without --tokens the result is written at once (temp dir, then rename). With --tokens, --out is
+    the run directory (dha.pipeline, "A run directory"): --resume OUT continues a killed run,
+    under torchrun the training stages run data-parallel, and one run at a time holds OUT (a lock).
+    """
     import torch
 
-    from .checkpoint import atomic_dir, check_out, load
-    from .data import DEFAULT_DATA, DataError, load_tokens
+    from .atomic import atomic_dir
+    from .checkpoint import load
+    from .data import load_tokens
+    from .pipeline import finish_run_dir, run_dha, write_outputs
+    from .plan import Plan
+    from .train import setup_distributed
+
+    config, data = dha_config_from_args(args)
+    tokens = config.tokens
+    plan = Plan.load(args.plan) if args.plan is not None else None
+    d = setup_distributed(config.train.device) if tokens else None
+    identity = convert_run_identity(args, config, data)
+    check_dha_out(args, identity)
+    if d is not None and d.world > 1:
+        torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
+    loaded = load(args.source, torch.float32)  # float32 master weights; --dtype of training is autocast only
+    teacher = load(args.teacher, torch.float32, tokenizer=False).model if getattr(args, "teacher", None) else None
+    splits = load_tokens(data, loaded.tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
+    progress = not getattr(args, "no_progress", False)
+    if not tokens:
+        result = run_dha(loaded, splits, config, teacher=teacher, plan=plan, progress=progress)
+        with atomic_dir(args.out) as tmp:
+            files = write_outputs(tmp, result)
+    else:
+        with dha_run_dir(args.out, identity, resuming=args.resume is not None, main=d.main):
+            result = run_dha(loaded, splits, config, teacher=teacher, plan=plan, progress=progress, run_dir=args.out,
+                             resume=args.resume is not None, run_info=identity["run"])
+            files = finish_run_dir(args.out, result) if d.main else None
+    if result is not None:
+        print_dha_result(args, result.summary, files)
+    return 0
+
+
+def dha_config_from_args(args):
+    """The DHAConfig of `convert --method dha` and its --data, checked before anything is loaded."""
+    import os
+
+    from .data import DEFAULT_DATA, DataError
     from .fuse import FusionOptions
-    from .pipeline import DHAConfig, format_number, run_dha, split_tokens, write_outputs
+    from .pipeline import DHAConfig, split_tokens
     from .plan import Plan
     from .search import SearchOptions
 
@@ -502,15 +543,19 @@ def run_convert_dha(args) -> int:
     if args.metric is not None:
         raise UserError("--metric (cka | cosine) is a baselines option: the DHA search groups heads by their merge "
                         "residual (see --merge-metric)")
-    for flag, value in (("--resume", getattr(args, "resume", None)), ("--save-every", getattr(args, "save_every", 0)),
-                        ("--fsdp", getattr(args, "fsdp", False))):
-        if value:
-            raise UserError(f"{flag} is not supported with --method dha yet (the pipeline runs in one process, start to end)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--method dha runs in one process: start it without torchrun")
+    if getattr(args, "fsdp", False):
+        raise UserError("--fsdp is not supported with --method dha: under torchrun its training stages run data-parallel (DDP)")
+    if not tokens:
+        for flag, value in (("--resume", args.resume), ("--save-every", getattr(args, "save_every", 0))):
+            if value:
+                raise UserError(f"{flag} is about training: give --tokens N as well")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--method dha without --tokens has nothing to run in parallel: start it without torchrun")
+    if args.resume is not None and os.path.abspath(args.resume) != os.path.abspath(args.out):
+        raise UserError(f"--resume {args.resume}: a conversion resumes its own run: give --resume {args.out} (its --out)")
     check_convert_training_flags(args)  # --method dha always works on float32 weights
-    plan = Plan.load(args.plan) if args.plan is not None else None
-    if plan is not None and args.kv_budget is None:
+    if args.kv_budget is None and args.plan is not None:
+        plan = Plan.load(args.plan)
         args.kv_budget = plan.kv_budget if plan.kv_budget is not None else plan.kv_fraction()
     if args.kv_budget is None or not 0 < args.kv_budget <= 1:
         raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
@@ -532,17 +577,97 @@ def run_convert_dha(args) -> int:
                        search=search_options, fusion=fusion, train=train_cfg)
     config.validate()
     split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
-    check_out(args.out)
+    return config, data
 
-    loaded = load(args.source, torch.float32)  # float32 master weights; --dtype of training is autocast only
-    teacher = None
-    if getattr(args, "teacher", None):
-        teacher = load(args.teacher, torch.float32, tokenizer=False).model
-    splits = load_tokens(data, loaded.tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
-    result = run_dha(loaded, splits, config, teacher=teacher, plan=plan, progress=not getattr(args, "no_progress", False))
-    with atomic_dir(args.out) as tmp:
-        files = write_outputs(tmp, result)
-    s = result.summary
+
+DHA_RUN_FORMAT = "dha-convert-run/1"
+# Settings a resumed run may change: how it reports and checkpoints, and where it runs.
+DHA_RESUMABLE = {"search.progress", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.device"}
+
+
+def convert_run_identity(args, config, data: str) -> dict:
+    """What a resumed `convert --method dha` run must share with the run it continues (its run.json)."""
+    from dataclasses import asdict
+
+    from .train import source_identity
+
+    flat = {}
+    for part, value in asdict(config).items():
+        for k, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            name = part if k is None else f"{part}.{k}"
+            if name not in DHA_RESUMABLE:
+                flat[name] = v
+    run = {"source": source_identity(args.source), "data": source_identity(data), "text_field": args.text_field,
+           "heldout_fraction": args.heldout_fraction, "plan": source_identity(args.plan) if args.plan else None,
+           "teacher": source_identity(args.teacher) if getattr(args, "teacher", None) else None}
+    return {"format": DHA_RUN_FORMAT, "run": run, "config": flat}
+
+
+def check_dha_out(args, identity: dict) -> None:
+    """--out is new (or empty); or, with --resume, holds an unfinished run of these same settings."""
+    import os
+
+    from .checkpoint import NATIVE_CONFIG, check_out
+
+    if args.resume is None:
+        check_out(args.out)
+        return
+    out = args.out
+    run_path = os.path.join(out, "run.json")
+    if not os.path.isfile(run_path):
+        raise UserError(f"--resume {out}: no dha run there (no run.json)")
+    try:
+        with open(run_path) as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{run_path} is unreadable ({e}): use a new --out") from None
+    if old.get("format") != DHA_RUN_FORMAT:
+        raise UserError(f"--resume {out}: it holds a run of another verb, not of `convert --method dha`")
+    diffs = sorted(k for part in ("run", "config") for k in set(old.get(part, {})) | set(identity[part])
+                   if old.get(part, {}).get(k) != identity[part].get(k))
+    if diffs:
+        raise UserError(f"--resume {out}: that run was made with other settings (differs in {', '.join(diffs)})")
+    if os.path.exists(os.path.join(out, NATIVE_CONFIG)):
+        raise UserError(f"--resume {out}: that run has finished (it holds the converted model)")
+
+
+@contextlib.contextmanager
+def dha_run_dir(out: str, identity: dict, resuming: bool, main: bool):
+    """Hold --out for the run (rank 0): lock it, write run.json, clear a killed writer's leftovers.
+    A new run that fails with a UserError leaves no directory behind."""
+    import os
+    import shutil
+
+    from .atomic import remove_leftovers, run_lock, write_json
+
+    if not main:
+        yield
+        return
+    created = not os.path.exists(out)
+    with run_lock(out):
+        try:
+            if not resuming:
+                write_json(os.path.join(out, "run.json"), identity)
+            remove_leftovers(out)
+            yield
+        except UserError:
+            if not resuming:
+                shutil.rmtree(out, ignore_errors=True) if created else _empty_dir(out)
+            raise
+
+
+def _empty_dir(path: str) -> None:
+    import os
+    import shutil
+
+    for name in os.listdir(path):
+        p = os.path.join(path, name)
+        shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+
+
+def print_dha_result(args, s: dict, files: list[str]) -> None:
+    from .pipeline import format_number
+
     if not getattr(args, "json", False):
         for r in s["results"]:
             print(f"{r['model']:<34} KV {r['kv_bytes_per_token_bf16']:>8,} B/token bf16   ppl {format_number(r['heldout_ppl'], '.3f')}")
@@ -553,7 +678,6 @@ def run_convert_dha(args) -> int:
                       "source_ppl": s["results"][0]["heldout_ppl"], "ppl": s["results"][-1]["heldout_ppl"],
                       "kv_bytes_per_token_bf16_before": s["results"][0]["kv_bytes_per_token_bf16"],
                       "kv_bytes_per_token_bf16_after": s["results"][-1]["kv_bytes_per_token_bf16"]}))
-    return 0
 
 
 def _train_config(args, tokens: int):
@@ -712,7 +836,8 @@ def run_bench(args) -> int:
     import torch
 
     from .bench import BenchOptions, bench, print_bench, write_plot
-    from .checkpoint import atomic_dir, check_out, load, parse_dtype
+    from .atomic import atomic_dir
+    from .checkpoint import check_out, load, parse_dtype
 
     if args.new_tokens < 1 or args.repeats < 1:
         raise UserError("--new-tokens and --repeats must be at least 1")

@@ -34,11 +34,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
 
+from .atomic import atomic_file
 from .errors import UserError
 
 DEFAULT_DATA = "pydoc"
@@ -294,15 +294,8 @@ def _write_cache(path: str, splits: TokenSplits) -> None:
     # int32 halves the file; every vocabulary we load is far below 2**31 ids.
     tensors = {"train": splits.train.to(torch.int32), "heldout": splits.heldout.to(torch.int32)}
     meta = {"train_documents": str(splits.train_documents), "heldout_documents": str(splits.heldout_documents)}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def blocks(stream: torch.Tensor, block_size: int, max_blocks: int | None = None) -> torch.Tensor:

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .checkpoint import REMOTE_MODEL_TYPE, Loaded, atomic_dir, quiet
+from .atomic import atomic_dir
+from .checkpoint import REMOTE_MODEL_TYPE, Loaded, quiet
 from .families import Family, UnsupportedModel, family_of, weights_to_hf
 from .model import ModelConfig, Transformer, is_grouped
 from .transforms import permute_query_heads, state_dict_of

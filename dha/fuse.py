@@ -77,7 +77,10 @@ class FusionOptions:
 
 
 class GroupMaps(nn.Module):
-    """The trainable maps of one group's merge (a KeyMerge or ValueMerge held as float32 parameters)."""
+    """The trainable maps of one group's merge (a KeyMerge or ValueMerge held as float32 parameters).
+
+    Empty tensors (keys without unrotated dimensions) are buffers: every parameter must get a
+    gradient, or DDP stops (dha.train under torchrun)."""
 
     def __init__(self, merge: KeyMerge | ValueMerge, learn: bool):
         super().__init__()
@@ -87,7 +90,7 @@ class GroupMaps(nn.Module):
                    else {"down": merge.down, "up": merge.up})
         for name, t in tensors.items():
             t = t.detach().float().clone()
-            if learn:
+            if learn and t.numel():
                 setattr(self, name, nn.Parameter(t))
             else:
                 self.register_buffer(name, t)
@@ -120,7 +123,9 @@ class FusedProjection(nn.Module):
         else:
             self.register_buffer("weight", weight)
             self.register_buffer("bias", bias)
-        self.maps = nn.ModuleList(GroupMaps(m, learn_maps) for m in merges)
+        # A head alone in its group is its own merge: its maps stay fixed (and DDP needs every
+        # parameter to get a gradient at every step, which a singleton's maps would not at anneal 0).
+        self.maps = nn.ModuleList(GroupMaps(m, learn_maps and len(g) > 1) for g, m in zip(self.groups, merges))
         self.anneal = 0.0  # a in [0, 1], set by FusionSchedule; 0: the source model
 
     def reconstructed(self, w: torch.Tensor) -> torch.Tensor:
@@ -344,5 +349,16 @@ class FusionSchedule:
             record["fusion/lambda1"] = float(self.multipliers[0].detach().mean())
             record["fusion/lambda2"] = float(self.multipliers[1].detach().mean())
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps besides the model: the multipliers (the anneal follows from the step)."""
+        return {"multipliers": None if self.multipliers is None else self.multipliers.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        self.set_anneal(step)
+        if self.multipliers is not None and state.get("multipliers") is not None:
+            with torch.no_grad():
+                self.multipliers.copy_(state["multipliers"])
+
     def hooks(self) -> Hooks:
-        return Hooks(extra_loss=self.extra_loss, param_groups=self.param_groups, on_step_end=self.on_step_end)
+        return Hooks(extra_loss=self.extra_loss, param_groups=self.param_groups, on_step_end=self.on_step_end,
+                     state_dict=self.state_dict, load_state_dict=self.load_state_dict)

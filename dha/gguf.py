@@ -29,12 +29,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from .atomic import atomic_file
 from .errors import UserError
 from .model import ModelConfig, Transformer
 from .serving import check_same_function, serving_kv_bytes_per_token, serving_layout_problem, to_serving, unsupported_reason
@@ -236,37 +236,20 @@ def write_file(path: str, model: Transformer, kv_heads: list[int], tokenizer: di
     import gguf
 
     arch = "llama" if len(set(kv_heads)) == 1 else "deci"
-    parent = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-        os.close(fd)
+        with atomic_file(path, replace=False) as tmp:
+            writer = gguf.GGUFWriter(tmp, arch)
+            write_metadata(writer, model.config, kv_heads, outtype, name)
+            write_tokenizer(writer, tokenizer)
+            for tensor_name, array, qtype in gguf_tensors(model, outtype):
+                writer.add_tensor(tensor_name, array, raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
     except OSError as e:
         raise UserError(f"cannot write {os.path.abspath(path)}: {e.strerror or e}") from None
-    try:
-        writer = gguf.GGUFWriter(tmp, arch)
-        write_metadata(writer, model.config, kv_heads, outtype, name)
-        write_tokenizer(writer, tokenizer)
-        for tensor_name, array, qtype in gguf_tensors(model, outtype):
-            writer.add_tensor(tensor_name, array, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.link(tmp, path)  # fails if the target appeared meanwhile: nothing is overwritten
-    except FileExistsError:
-        raise UserError(f"output {os.path.abspath(path)} already exists (use a new --out)") from None
-    except OSError as e:
-        raise UserError(f"cannot write {os.path.abspath(path)}: {e.strerror or e}") from None
-    finally:
-        os.unlink(tmp)
     return arch
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ---- the export ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .checkpoint import atomic_dir
+from .atomic import atomic_dir
 from .errors import UserError
 from .families import weights_to_hf
 from .serving import check_same_function, serving_kv_bytes_per_token, serving_layout_problem, to_serving, unsupported_reason

@@ -7,11 +7,10 @@ The three stages of the DHA paper (Chen et al. 2024, section 3), on the user's d
 2. Fusion (`dha.fuse`): for `fusion_fraction` of the training tokens, the model keeps all its
    heads; each group's heads become learned linear combinations (identity at step 0) pushed
    together by a progressive fusion loss, trained with the LM loss (+ distillation to the source).
-3. Merge each group to one head (the mean of its fused copies), then continued training for the
-   rest of the tokens (`dha.train`).
+3. Merge each group to one head (exact: at the end of fusion the copies are their merge), then
+   continued training for the rest of the tokens (`dha.train`).
 
-With tokens = 0 the plan's groups are mean-merged without training (exact when a group's heads are
-identical). `merge` says what the groups become: "aligned" (default) the closed-form aligned
+With tokens = 0 the plan is merged without training. `merge` says what the groups become: "aligned" (default) the closed-form aligned
 merge of `dha.compress` (shared head + reading maps folded into W_Q and W_O), which fusion moves
 toward and which is also the training-free result; "mean" the group mean (the old target, for
 comparison). The output directory is a native checkpoint (with plan.json) plus a report:
@@ -23,22 +22,39 @@ comparison). The output directory is a native checkpoint (with plan.json) plus a
     loss.png         training loss (and fusion distance) against tokens
     perplexity.png   held-out perplexity against tokens, the source as a line
 
+A run directory (`dha convert --tokens N`: the --out directory itself) also keeps the state that
+`--resume` continues, written as the run goes (see StageRun): stage1.pt (plan and merges), and
+fusion/ and continued/, each stage's training run with its live log.jsonl, TensorBoard events
+(`tensorboard --logdir OUT`) and, with --save-every, its checkpoints. The finished outputs are
+moved in last (dha_config.json last of all), then stage1.pt and the checkpoints are removed.
+
 `dha convert SOURCE --method dha --kv-budget B --data D --tokens N --out DIR` runs this.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 
+from .atomic import files_into
+from .checkpoint import NATIVE_CONFIG, Loaded, write_native
+from .compress import aligned_merge, calibrate, closed_form_merges, source_heads
+from .data import DataError, blocks
 from .errors import UserError
+from .evaluate import perplexity
 from .fuse import FusedModel, FusionOptions, FusionSchedule, merge
 from .plan import Plan
+from .search import SearchOptions, plot_allocation, search
+from .train import TrainConfig, atomic_torch_save, find_checkpoint, setup_distributed, train
+from .transforms import merge_groups
 
 DEFAULT_FUSION_FRACTION = 0.3
 MERGES = ("aligned", "mean")
@@ -105,8 +121,6 @@ def split_tokens(tokens: int, fusion_fraction: float, batch_tokens: int, block_s
 
 def calibration_blocks(train_stream: torch.Tensor, calib_tokens: int, block_size: int) -> torch.Tensor:
     """About `calib_tokens` tokens from the start of the TRAIN stream, as (n, block) blocks."""
-    from .data import DataError, blocks
-
     if train_stream.numel() == 0:
         raise DataError("the train split is empty: no calibration text")
     block_size = max(2, min(block_size, calib_tokens, train_stream.numel()))
@@ -115,8 +129,6 @@ def calibration_blocks(train_stream: torch.Tensor, calib_tokens: int, block_size
 
 def heldout_blocks(heldout: torch.Tensor, max_tokens: int, block_size: int) -> torch.Tensor | None:
     """Windows of the held-out stream for the final table (None when it holds under 2 tokens)."""
-    from .data import blocks
-
     if heldout.numel() < 2:
         return None
     block_size = max(2, min(block_size, heldout.numel()))
@@ -125,8 +137,6 @@ def heldout_blocks(heldout: torch.Tensor, max_tokens: int, block_size: int) -> t
 
 def table_row(name: str, model, windows) -> dict:
     """One row of the final table: KV heads and bytes per token, held-out perplexity on `windows`."""
-    from .evaluate import perplexity
-
     cfg = model.config
     was_training = model.training
     model.eval()
@@ -142,9 +152,6 @@ def table_row(name: str, model, windows) -> dict:
 def source_on_training_windows(source, heldout_train, train_template) -> float | None:
     """The source on the windows the training evaluations use (the first rows of the held-out
     blocks, dha.train), so the perplexity curve has a like-for-like reference line."""
-    from .data import blocks
-    from .evaluate import perplexity
-
     if heldout_train is None:
         return None
     eval_rows = blocks(heldout_train, train_template.block_size)
@@ -164,9 +171,6 @@ class DHAResult:
 def plan_and_merges(source, calib: torch.Tensor, config: DHAConfig, search_options, plan, log_progress) -> tuple:
     """Stage 1: one calibration pass, the search (unless a plan is given), and the closed-form
     aligned merge of every group (None for config.merge "mean"). Returns (plan, merges)."""
-    from .compress import calibrate, closed_form_merges, source_heads
-    from .search import search
-
     gradients = plan is None and search_options.sensitivity and search_options.search == "cost"
     log_progress(f"calibration on {calib.numel()} tokens" + (" (with gradients)" if gradients else ""))
     calibration = calibrate(source, calib, search_options.batch_size, search_options.metric, gradients=gradients)
@@ -180,123 +184,217 @@ def plan_and_merges(source, calib: torch.Tensor, config: DHAConfig, search_optio
     return plan, merges
 
 
-def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progress: bool = True) -> DHAResult:
+def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progress: bool = True,
+            run_dir: str | None = None, resume: bool = False, run_info: dict | None = None) -> DHAResult | None:
     """Search, fuse, merge, train, evaluate (module doc). `loaded.model` is not modified.
 
     loaded: dha.checkpoint.Loaded of the source (float32 weights for training);
     splits: dha.data.TokenSplits (calibration and training read the train split only);
     teacher: model to distil from when config.train.distill (default: the source);
-    plan: a plan from an earlier search of this model (dha.plan.Plan) to reuse instead of searching.
-    """
-    from .checkpoint import Loaded
-    from .compress import aligned_merge
-    from .search import SearchOptions
-    from .train import TrainConfig, train
-    from .transforms import merge_groups
+    plan: a plan from an earlier search of this model (dha.plan.Plan) to reuse instead of searching;
+    run_dir: where the run keeps its state (module doc, "A run directory"); None: nothing is written;
+    resume: continue what run_dir holds (stage 1, then each stage from its newest checkpoint);
+    run_info: what identifies the run besides the config (source, data), kept in each stage's run.json.
 
+    Under torchrun (WORLD_SIZE > 1) rank 0 runs stage 1 and sends its plan to the other ranks, every
+    rank trains (DDP), and rank 0 alone evaluates: the other ranks return None.
+    """
     config.validate()
-    source = loaded.model
     search_options = config.search or SearchOptions()
-    train_template = config.train or TrainConfig(tokens=1)
-    stages = split_tokens(config.tokens, config.fusion_fraction, train_template.batch_tokens, train_template.block_size)
-    if config.tokens and splits.train.numel() < train_template.block_size + 1:
+    template = config.train or TrainConfig(tokens=1)
+    config = replace(config, train=template)
+    stages = split_tokens(config.tokens, config.fusion_fraction, template.batch_tokens, template.block_size)
+    if config.tokens and splits.train.numel() < template.block_size + 1:
         raise UserError(f"the train split has {splits.train.numel()} tokens, less than one training block of "
-                        f"{train_template.block_size}: use more data or a smaller --block-size")
-    if train_template.distill and teacher is None:
-        teacher = source
-    log_progress = (lambda msg: print(f"dha: {msg}", file=sys.stderr)) if progress else (lambda msg: None)
+                        f"{template.block_size}: use more data or a smaller --block-size")
+    d = setup_distributed(template.device)
+    if template.distill and teacher is None:
+        teacher = loaded.model
+    log_progress = (lambda msg: print(f"dha: {msg}", file=sys.stderr)) if progress and d.main else (lambda msg: None)
+    run = StageRun(run_dir, resume, dict(run_info or {}), d, progress)
     seconds = {}
 
-    # 1. calibration (one pass) and search
     t0 = time.perf_counter()
     calib = calibration_blocks(splits.train, config.calib_tokens, config.calib_block_size)
-    plan, merges = plan_and_merges(source, calib, config, search_options, plan, log_progress)
+    plan, merges = run.stage1(lambda: plan_and_merges(loaded.model, calib, config, search_options, plan, log_progress))
     seconds["search"] = time.perf_counter() - t0
 
-    def merge_without_fusion(model):
-        return aligned_merge(model, plan.layers, merges) if merges is not None else merge_groups(model, plan)
-
-    heldout_train = splits.heldout if splits.heldout.numel() >= train_template.block_size else None
-    log: list[dict] = []
-
-    def record(history: list[dict], evals: list[dict], stage: str, offset: int) -> None:
-        for r in sorted(history + evals, key=lambda r: (r["step"], r["kind"] == "eval")):
-            log.append({**r, "stage": stage, "tokens": r["tokens"] + offset})
-
-    # 2. fusion, 3. merge
+    heldout_train = splits.heldout if splits.heldout.numel() >= template.block_size else None
     t0 = time.perf_counter()
-    fusion_distance = None
-    if stages.fusion:
-        fused = FusedModel(source, plan, merges, config.fusion)
-        cfg = replace(train_template, tokens=stages.fusion)
-        steps = stages.fusion // stages.step_tokens
-        log_progress(f"fusion: {steps} steps, {stages.fusion:,} tokens (toward the {config.merge} merge, {config.fusion.schedule})")
-        schedule = FusionSchedule(fused, steps, config.fusion)
-        result = train(fused, splits.train, heldout_train, cfg, teacher=teacher, hooks=schedule.hooks(), progress=progress)
-        record(result.history, result.evals, "fusion", 0)
-        fused = result.model
-        fusion_distance = float(fused.fusion_loss()[0].detach())
-        plan, model = merge(fused)
-        del fused
-    else:
-        model = merge_without_fusion(source)
+    model, fusion_distance, log = fusion_stage(loaded.model, plan, merges, config, stages, splits, heldout_train,
+                                               teacher, run, log_progress)
     seconds["fusion"] = time.perf_counter() - t0
-
-    # 4. continued training
     t0 = time.perf_counter()
-    if stages.continued:
-        # The continued stage reads on from where fusion stopped: the budget is N distinct tokens
-        # (up to the epochs the train split allows), the same as a baseline trained on N tokens.
-        cfg = replace(train_template, tokens=stages.continued, data_start=stages.fusion // train_template.block_size)
-        log_progress(f"continued training: {stages.continued // stages.step_tokens} steps, {stages.continued:,} tokens")
-        result = train(model, splits.train, heldout_train, cfg, teacher=teacher, progress=progress)
-        record(result.history, result.evals, "continued", stages.fusion)
-        model = result.model
+    model, continued_log = continued_stage(model, config, stages, splits, heldout_train, teacher, run, log_progress)
     seconds["continued"] = time.perf_counter() - t0
-    model = model.to(next(source.parameters()).device).eval()  # training may have moved it to the GPU
-
-    # 5. evaluation beside the source (and the plan mean-merged without training)
+    if not d.main:
+        return None
+    model = model.eval()
     t0 = time.perf_counter()
-    window = config.final_eval_block_size
-    if source.config.position == "learned":  # learned position tables (GPT-2, OPT) end somewhere
-        window = min(window, source.config.max_position_embeddings)
-    windows = heldout_blocks(splits.heldout, config.final_eval_tokens, window)
-    merged_name = f"plan, {config.merge}-merged (no training)"
-    candidates = [("source", source), (merged_name, merge_without_fusion(source) if config.tokens else model)]
-    if config.tokens:
-        candidates.append(("dha (fused, merged, trained)", model))
-    rows = [table_row(name, m, windows) for name, m in candidates]
-    source_curve_ppl = source_on_training_windows(source, heldout_train, train_template) if config.tokens else None
+    rows, source_curve_ppl = final_table(loaded.model, model, plan, merges, config, splits, heldout_train)
     seconds["evaluation"] = time.perf_counter() - t0
-
     summary = {
         "method": "dha", "source": loaded.source, "data": splits.source, "kv_budget": config.kv_budget,
         "kv_fraction": plan.kv_fraction(), "tokens": config.tokens, "fusion_tokens": stages.fusion,
         "continued_tokens": stages.continued, "fusion_distance_at_merge": fusion_distance,
         "key_heads": plan.key_heads(), "value_heads": plan.value_heads(),
         "search": {k: v for k, v in asdict(search_options).items() if k != "progress"},
-        "fusion": asdict(config.fusion), "train": asdict(train_template) if config.tokens else None,
+        "fusion": asdict(config.fusion), "train": asdict(template) if config.tokens else None,
         "fusion_fraction": config.fusion_fraction, "merge": config.merge, "calibration_tokens": int(calib.numel()),
-        "results": rows, "source_ppl_on_training_eval_windows": source_curve_ppl, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "processes": d.world, "results": rows, "source_ppl_on_training_eval_windows": source_curve_ppl,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
+    return DHAResult(result_loaded(loaded, model, plan, config, summary), summary, log + continued_log)
+
+
+def merge_without_fusion(model, plan: Plan, merges):
+    """The plan applied at once: the closed-form aligned merges, or the group means (merges None)."""
+    return aligned_merge(model, plan.layers, merges) if merges is not None else merge_groups(model, plan)
+
+
+def stage_log(history: list[dict], evals: list[dict], stage: str, offset: int) -> list[dict]:
+    """A stage's training and evaluation records, tokens counted from the start of the run."""
+    return [{**r, "stage": stage, "tokens": r["tokens"] + offset}
+            for r in sorted(history + evals, key=lambda r: (r["step"], r["kind"] == "eval"))]
+
+
+def fusion_stage(source, plan: Plan, merges, config: DHAConfig, stages: StageTokens, splits, heldout_train,
+                 teacher, run: "StageRun", log_progress) -> tuple:
+    """Stage 2 and 3: fusion training toward the merges, then the merge. (model, distance, log);
+    without fusion tokens the plan is merged at once."""
+    if not stages.fusion:
+        return merge_without_fusion(source, plan, merges), None, []
+    fused = FusedModel(source, plan, merges, config.fusion)
+    cfg = replace(config.train, tokens=stages.fusion)
+    steps = stages.fusion // stages.step_tokens
+    log_progress(f"fusion: {steps} steps, {stages.fusion:,} tokens (toward the {config.merge} merge, {config.fusion.schedule})")
+    schedule = FusionSchedule(fused, steps, config.fusion)
+    result = run.train("fusion", fused, splits.train, heldout_train, cfg, teacher, schedule.hooks())
+    fused = result.model
+    distance = float(fused.fusion_loss()[0].detach())
+    _, model = merge(fused)
+    return model, distance, stage_log(result.history, result.evals, "fusion", 0)
+
+
+def continued_stage(model, config: DHAConfig, stages: StageTokens, splits, heldout_train, teacher,
+                    run: "StageRun", log_progress) -> tuple:
+    """Stage 4: continued training of the merged model. (model, log)."""
+    if not stages.continued:
+        return model, []
+    # The continued stage reads on from where fusion stopped: the budget is N distinct tokens
+    # (up to the epochs the train split allows), the same as a baseline trained on N tokens.
+    cfg = replace(config.train, tokens=stages.continued, data_start=stages.fusion // config.train.block_size)
+    log_progress(f"continued training: {stages.continued // stages.step_tokens} steps, {stages.continued:,} tokens")
+    result = run.train("continued", model, splits.train, heldout_train, cfg, teacher, None)
+    return result.model, stage_log(result.history, result.evals, "continued", stages.fusion)
+
+
+def final_table(source, model, plan: Plan, merges, config: DHAConfig, splits, heldout_train) -> tuple:
+    """Stage 5: the source, the plan merged without training and (with tokens) the result, on the
+    same held-out windows; and the source on the training evaluations' windows."""
+    window = config.final_eval_block_size
+    if source.config.position == "learned":  # learned position tables (GPT-2, OPT) end somewhere
+        window = min(window, source.config.max_position_embeddings)
+    windows = heldout_blocks(splits.heldout, config.final_eval_tokens, window)
+    candidates = [("source", source),
+                  (f"plan, {config.merge}-merged (no training)", merge_without_fusion(source, plan, merges) if config.tokens else model)]
+    if config.tokens:
+        candidates.append(("dha (fused, merged, trained)", model))
+    rows = [table_row(name, m, windows) for name, m in candidates]
+    curve = source_on_training_windows(source, heldout_train, config.train) if config.tokens else None
+    return rows, curve
+
+
+def result_loaded(loaded, model, plan: Plan, config: DHAConfig, summary: dict):
+    """The converted model as a dha.checkpoint.Loaded, with the plan's notes and the provenance."""
     plan.method, plan.kv_budget = "dha", config.kv_budget
     plan.notes = {**plan.notes, "pipeline": {k: summary[k] for k in ("tokens", "fusion_tokens", "continued_tokens",
                                                                       "fusion_fraction", "fusion_distance_at_merge")}}
     provenance = {"converted_from": loaded.source, "source_provenance": loaded.provenance, "method": "dha",
-                  "kv_budget": config.kv_budget, "kv_fraction": plan.kv_fraction(), "data": splits.source,
-                  "tokens": config.tokens, "fusion_tokens": stages.fusion, "continued_tokens": stages.continued,
-                  "fusion": asdict(config.fusion)}
-    out = Loaded(model, loaded.tokenizer, loaded.source, "native", loaded.hf_config, plan, provenance)
-    return DHAResult(out, summary, log)
+                  "kv_budget": config.kv_budget, "kv_fraction": plan.kv_fraction(), "data": summary["data"],
+                  "tokens": config.tokens, "fusion_tokens": summary["fusion_tokens"],
+                  "continued_tokens": summary["continued_tokens"], "fusion": asdict(config.fusion)}
+    return Loaded(model, loaded.tokenizer, loaded.source, "native", loaded.hf_config, plan, provenance)
+
+
+# ---- a run directory: what --resume continues ---------------------------------------------------------
+
+STAGE1_FORMAT = "dha-stage1/1"
+
+
+class StageRun:
+    """Where the stages of one run keep their state, and how they share it between processes.
+
+    run_dir/stage1.pt      the plan and the closed-form merges (written once, atomically)
+    run_dir/fusion/        the fusion stage's training run (dha.train: run.json, log.jsonl,
+    run_dir/continued/     TensorBoard, checkpoints/ every save_every steps and at its end)
+    With resume, stage 1 is read back and each stage continues from its newest checkpoint (a stage
+    without one starts again). Rank 0 computes stage 1; the other ranks receive it.
+    """
+
+    def __init__(self, run_dir: str | None, resume: bool, run_info: dict, d, progress: bool):
+        self.dir, self.resume, self.info, self.d, self.progress = run_dir, resume, run_info, d, progress
+
+    def stage1(self, compute) -> tuple:
+        value = None
+        if self.d.main:
+            path = os.path.join(self.dir, "stage1.pt") if self.dir else None
+            if path and self.resume and os.path.exists(path):
+                value = load_stage1(path)
+            else:
+                value = compute()
+                if path:
+                    save_stage1(path, *value)
+        if self.d.world > 1:
+            box = [None if value is None else (value[0].to_dict(), value[1])]
+            dist.broadcast_object_list(box, src=0)
+            value = (Plan.from_dict(box[0][0]), box[0][1])
+        return value
+
+    def train(self, stage: str, model, train_stream, heldout, cfg, teacher, hooks):
+        out = os.path.join(self.dir, stage) if self.dir else None
+        resume = None
+        if out is not None:
+            if self.resume and glob.glob(os.path.join(out, "checkpoints", "step_*.pt")):
+                resume = find_checkpoint(out)
+            elif self.d.main:
+                shutil.rmtree(out, ignore_errors=True)  # a stage killed before its first checkpoint starts again
+            if self.d.world > 1:
+                dist.barrier()
+        return train(model, train_stream, heldout, cfg, teacher=teacher, hooks=hooks, out_dir=out, resume=resume,
+                     progress=self.progress, run_info={**self.info, "stage": stage}, save_final=False,
+                     checkpoint_at_end=out is not None and cfg.save_every > 0)
+
+
+def save_stage1(path: str, plan: Plan, merges) -> None:
+    atomic_torch_save({"format": STAGE1_FORMAT, "plan": plan.to_dict(), "merges": merges}, path)
+
+
+def load_stage1(path: str) -> tuple:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a torch file
+        raise UserError(f"{path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                        "delete it to redo the search, or use a new --out") from None
+    if not isinstance(state, dict) or state.get("format") != STAGE1_FORMAT:
+        raise UserError(f"{path} is not a dha stage-1 file: delete it to redo the search, or use a new --out")
+    return Plan.from_dict(state["plan"]), state["merges"]
+
+
+def finish_run_dir(run_dir: str, result: DHAResult) -> list[str]:
+    """Write the outputs into run_dir (each by rename, dha_config.json last: a directory holding it
+    holds a finished model), then drop what only a resume needed (stage1.pt, the checkpoints)."""
+    with files_into(run_dir, last=NATIVE_CONFIG) as tmp:
+        files = write_outputs(tmp, result)
+    for stale in [os.path.join(run_dir, "stage1.pt"), *glob.glob(os.path.join(run_dir, "*", "checkpoints"))]:
+        shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.unlink(stale)
+    return files
 
 
 # ---- output: checkpoint + report -------------------------------------------------------------------
 
 def write_outputs(directory: str, result: DHAResult) -> list[str]:
     """Native checkpoint, report.md, summary.json, log.jsonl and the plots, into `directory`."""
-    from .checkpoint import write_native
-    from .search import plot_allocation
-
     write_native(directory, result.loaded)
     files = []
     with open(os.path.join(directory, "log.jsonl"), "w") as f:

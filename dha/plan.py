@@ -15,10 +15,9 @@ new head of the group holding k. Stdlib only.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 
+from .atomic import write_json
 from .errors import UserError
 
 FORMAT = "dha-plan/1"
@@ -115,7 +114,7 @@ class Plan:
         return plan
 
     def save(self, path: str) -> None:
-        write_json_atomic(path, self.to_dict())
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "Plan":
@@ -151,15 +150,3 @@ def _summary(counts: list[int]) -> str:
     return str(counts[0]) if len(set(counts)) == 1 else str(counts)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temp file beside `path`, then rename: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_file
 from .compress import (METRICS, Calibration, calibrate, fisher_cost, group_merge, group_residual, energy,
                        reconstructed_outputs, reconstructed_key_rows, reconstructed_value_rows, source_heads,
                        total_heads_for_budget)
@@ -544,7 +545,6 @@ def _by_kind(tables: list[HeadTable], values: list) -> dict:
 def plot_allocation(plan: Plan, path: str) -> None:
     """Bar chart of key and value heads kept per layer (source counts as outlines), written atomically."""
     import os
-    import tempfile
 
     import matplotlib
 
@@ -565,16 +565,8 @@ def plot_allocation(plan: Plan, path: str) -> None:
     ax.set_title(f"{plan.method} plan: budget {budget}, kept {plan.kv_fraction():.3f} of the KV heads")
     ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1] or ".png"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png")
     finally:
         plt.close(fig)

@@ -72,7 +72,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
@@ -82,6 +81,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .atomic import atomic_file, files_into, write_json
 from .errors import UserError
 
 RUN_FORMAT = "dha-train-run/1"
@@ -181,12 +181,17 @@ class Hooks:
         gradients must be the same on every rank (as a function of the model's parameters is).
     on_step_end(model, step, record): after the optimizer step; may add scalars to `record`
         (the dict logged for this step), e.g. a multiplier's value.
+    state_dict() -> dict and load_state_dict(state, step): the hook's own state (what is not a
+        model parameter, e.g. multipliers), saved in every checkpoint and given back on resume,
+        after the optimizer is built, with the step the run resumes at.
     The model passed is the unwrapped module (under FSDP its parameters are sharded DTensors).
     """
 
     extra_loss: Callable[[nn.Module, int], tuple[Tensor, dict]] | None = None
     param_groups: Callable[[nn.Module], list[dict]] | None = None
     on_step_end: Callable[[nn.Module, int, dict], None] | None = None
+    state_dict: Callable[[], dict] | None = None
+    load_state_dict: Callable[[dict, int], None] | None = None
 
 
 @dataclass
@@ -394,24 +399,9 @@ def load_checkpoint(path: str, identity: dict, model: nn.Module) -> dict:
     return state
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
+def atomic_torch_save(obj, path: str) -> None:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:
@@ -530,6 +520,8 @@ def train(
     progress: bool = True,
     run_info: dict | None = None,
     loaded=None,
+    save_final: bool = True,
+    checkpoint_at_end: bool = False,
 ) -> TrainResult:
     """Train `model` in place on `train_stream_or_blocks` (1-D stream or (n, width) rows).
 
@@ -540,6 +532,10 @@ def train(
     run_info: what identifies the run besides config and model (source, data), kept in run.json.
     loaded: a dha.checkpoint.Loaded whose tokenizer, hf_config, plan and provenance the final model
         is saved with (None: the model alone).
+    save_final: write the final model into out_dir (False: a stage of a longer run, whose caller
+        writes the result).
+    checkpoint_at_end: also checkpoint after the last step, so that a resume of the finished run
+        returns its result at once (the stages of `dha convert --method dha`).
     """
     cfg.validate()
     hooks = hooks or Hooks()
@@ -583,6 +579,8 @@ def train(
         _load_full_state(module, optimizer, state["model"], state["optimizer"], cfg.fsdp and d.world > 1)
         step, history, evals = state["step"], state["history"], state["evals"]
         _set_rng_state(state["rng"])
+        if hooks.load_state_dict is not None:
+            hooks.load_state_dict(state.get("hooks") or {}, step)
         if d.main:
             print(f"dha: resuming from {state['path']} at step {step}", file=sys.stderr)
     if progress and d.main:
@@ -592,7 +590,7 @@ def train(
     writer = None
     if out_dir is not None and d.main:
         os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
-        _write_json_atomic(os.path.join(out_dir, "run.json"), identity)
+        write_json(os.path.join(out_dir, "run.json"), identity)
         # The log restarts from the checkpoint's history: steps after it (from a killed run) go.
         with open(os.path.join(out_dir, "log.jsonl"), "w") as f:
             for record in _merged_log(history, evals):
@@ -710,8 +708,10 @@ def train(
             if evals:
                 postfix["heldout"] = f"{evals[-1]['heldout_loss']:.3f}"
             bar.set_postfix(postfix)
-        if out_dir is not None and cfg.save_every and step % cfg.save_every == 0 and step < shape.steps:
-            save_checkpoint(out_dir, module, optimizer, step, step * shape.rows, history, evals, identity, cfg, d)
+        periodic = cfg.save_every and step % cfg.save_every == 0 and step < shape.steps
+        if out_dir is not None and (periodic or (checkpoint_at_end and step == shape.steps)):
+            save_checkpoint(out_dir, module, optimizer, step, step * shape.rows, history, evals, identity, cfg, d,
+                            hooks.state_dict() if hooks.state_dict is not None else None)
     if bar is not None:
         bar.close()
     if not cfg.eval_every and heldout is not None and (not evals or evals[-1]["step"] != step):
@@ -720,6 +720,7 @@ def train(
     final = unwrap_full_model(module, cfg.fsdp and d.world > 1)
     if out_dir is not None and d.main:
         writer.close()
+    if out_dir is not None and d.main and save_final:
         save_final_model(out_dir, final, loaded, {"trained": {"steps": step, "tokens": step * shape.tokens, "autocast": dtype, "config": asdict(cfg),
                                                               "run": dict(run_info or {})}})
     if d.world > 1:
@@ -733,16 +734,16 @@ def _merged_log(history: list[dict], evals: list[dict]) -> list[dict]:
 
 
 def save_checkpoint(out_dir: str, module, optimizer, step: int, data_position: int, history, evals, identity,
-                    cfg: TrainConfig, d: Dist) -> None:
+                    cfg: TrainConfig, d: Dist, hooks_state: dict | None = None) -> None:
     """Write checkpoints/step_XXXXXXXX.pt atomically (rank 0), then drop all but the newest few."""
     model_sd, optim_sd = _full_state(module, optimizer, cfg.fsdp and d.world > 1)
     if not d.main:
         return
     directory = os.path.join(out_dir, "checkpoints")
     path = os.path.join(directory, f"step_{step:08d}.pt")
-    _atomic_torch_save({"format": CHECKPOINT_FORMAT, "identity": identity, "model": model_sd, "optimizer": optim_sd,
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "identity": identity, "model": model_sd, "optimizer": optim_sd,
                         "step": step, "data_position": data_position,  # rows consumed, all ranks together
-                        "history": list(history), "evals": list(evals), "rng": _rng_state()}, path)
+                        "history": list(history), "evals": list(evals), "rng": _rng_state(), "hooks": hooks_state}, path)
     for old in sorted(glob.glob(os.path.join(directory, "step_*.pt")))[:-cfg.keep_checkpoints]:
         os.unlink(old)
 
@@ -772,16 +773,8 @@ def save_final_model(out_dir: str, model: nn.Module, loaded, provenance: dict) -
         out = Loaded(model, loaded.tokenizer, loaded.source, "native", loaded.hf_config, loaded.plan, prov)
     else:
         out = Loaded(model, None, "train", "native", None, None, provenance)
-    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".final-")
-    try:
+    with files_into(out_dir, last=NATIVE_CONFIG) as tmp:
         write_native(tmp, out)
-        names = sorted(os.listdir(tmp), key=lambda n: n == NATIVE_CONFIG)
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- from a SOURCE and DATA (the `train` verb, and `convert --tokens`) ----------------------------

@@ -375,7 +375,7 @@ class _Stop(Exception):
 def test_cli_metric_default_is_each_consumers_own(workspace, monkeypatch):
     """--metric unset: the baselines cluster by CKA; the dha search uses its own merge metric (weighted)."""
     import dha.convert
-    import dha.search
+    import dha.pipeline
 
     tmp, src, data = workspace
     seen = {}
@@ -389,7 +389,7 @@ def test_cli_metric_default_is_each_consumers_own(workspace, monkeypatch):
         raise _Stop
 
     monkeypatch.setattr(dha.convert, "convert", stop_convert)
-    monkeypatch.setattr(dha.search, "search", stop_search)
+    monkeypatch.setattr(dha.pipeline, "search", stop_search)
     for method in ("gqa-similar", "dha"):
         with pytest.raises(_Stop):
             main(["convert", src, "--method", method, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "64",
