@@ -506,7 +506,7 @@ def run_convert_dha(args) -> int:
     plan = Plan.load(args.plan) if args.plan is not None else None
     d = setup_distributed(config.train.device) if tokens else None
     identity = convert_run_identity(args, config, data)
-    check_dha_out(args, identity)
+    resuming = check_dha_out(args, identity)
     if d is not None and d.world > 1:
         torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
     loaded = load(args.source, torch.float32)  # float32 master weights; --dtype of training is autocast only
@@ -518,9 +518,9 @@ def run_convert_dha(args) -> int:
         with atomic_dir(args.out) as tmp:
             files = write_outputs(tmp, result)
     else:
-        with dha_run_dir(args.out, identity, resuming=args.resume is not None, main=d.main):
+        with dha_run_dir(args.out, identity, resuming=resuming, main=d.main, recheck=lambda: check_dha_out(args, identity)):
             result = run_dha(loaded, splits, config, teacher=teacher, plan=plan, progress=progress, run_dir=args.out,
-                             resume=args.resume is not None, run_info=identity["run"])
+                             resume=resuming, run_info=identity["run"])
             files = finish_run_dir(args.out, result) if d.main else None
     if result is not None:
         print_dha_result(args, result.summary, files)
@@ -582,7 +582,8 @@ def dha_config_from_args(args):
 
 DHA_RUN_FORMAT = "dha-convert-run/1"
 # Settings a resumed run may change: how it reports and checkpoints, and where it runs.
-DHA_RESUMABLE = {"search.progress", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.device"}
+DHA_RESUMABLE = {"search.progress", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.device",
+                 "train.micro_batch"}
 
 
 def convert_run_identity(args, config, data: str) -> dict:
@@ -603,17 +604,18 @@ def convert_run_identity(args, config, data: str) -> dict:
     return {"format": DHA_RUN_FORMAT, "run": run, "config": flat}
 
 
-def check_dha_out(args, identity: dict) -> None:
-    """--out is new (or empty); or, with --resume, holds an unfinished run of these same settings."""
+def check_dha_out(args, identity: dict) -> bool:
+    """--out is new (or empty); or, with --resume, holds an unfinished run of these same settings.
+    Returns whether there is a run to resume (a run killed before it wrote run.json starts anew)."""
     import os
 
     from .checkpoint import NATIVE_CONFIG, check_out
 
-    if args.resume is None:
-        check_out(args.out)
-        return
     out = args.out
     run_path = os.path.join(out, "run.json")
+    if args.resume is None or (os.path.isdir(out) and not [n for n in os.listdir(out) if n != ".lock"]):
+        check_out(out)
+        return False
     if not os.path.isfile(run_path):
         raise UserError(f"--resume {out}: no dha run there (no run.json)")
     try:
@@ -629,12 +631,14 @@ def check_dha_out(args, identity: dict) -> None:
         raise UserError(f"--resume {out}: that run was made with other settings (differs in {', '.join(diffs)})")
     if os.path.exists(os.path.join(out, NATIVE_CONFIG)):
         raise UserError(f"--resume {out}: that run has finished (it holds the converted model)")
+    return True
 
 
 @contextlib.contextmanager
-def dha_run_dir(out: str, identity: dict, resuming: bool, main: bool):
-    """Hold --out for the run (rank 0): lock it, write run.json, clear a killed writer's leftovers.
-    A new run that fails with a UserError leaves no directory behind."""
+def dha_run_dir(out: str, identity: dict, resuming: bool, main: bool, recheck):
+    """Hold --out for the run (rank 0): lock it, check it again (`recheck()`, which must find what
+    the first check found: another run may have started or finished meanwhile), write run.json,
+    clear a killed writer's leftovers. A new run that fails with a UserError leaves no directory."""
     import os
     import shutil
 
@@ -645,6 +649,8 @@ def dha_run_dir(out: str, identity: dict, resuming: bool, main: bool):
         return
     created = not os.path.exists(out)
     with run_lock(out):
+        if recheck() != resuming:
+            raise UserError(f"output {out} was changed by another dha run meanwhile: check it, or use a new --out")
         try:
             if not resuming:
                 write_json(os.path.join(out, "run.json"), identity)

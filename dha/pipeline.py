@@ -53,7 +53,7 @@ from .evaluate import perplexity
 from .fuse import FusedModel, FusionOptions, FusionSchedule, merge
 from .plan import Plan
 from .search import SearchOptions, plot_allocation, search
-from .train import TrainConfig, atomic_torch_save, find_checkpoint, setup_distributed, train
+from .train import TrainConfig, atomic_torch_save, checkpoints_in, find_checkpoint, setup_distributed, train
 from .transforms import merge_groups
 
 DEFAULT_FUSION_FRACTION = 0.3
@@ -355,7 +355,7 @@ class StageRun:
         out = os.path.join(self.dir, stage) if self.dir else None
         resume = None
         if out is not None:
-            if self.resume and glob.glob(os.path.join(out, "checkpoints", "step_*.pt")):
+            if self.resume and checkpoints_in(os.path.join(out, "checkpoints")):
                 resume = find_checkpoint(out)
             elif self.d.main:
                 shutil.rmtree(out, ignore_errors=True)  # a stage killed before its first checkpoint starts again

@@ -71,8 +71,10 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
@@ -86,9 +88,10 @@ from .errors import UserError
 
 RUN_FORMAT = "dha-train-run/1"
 CHECKPOINT_FORMAT = "dha-train-checkpoint/1"
+SHARDED_META = "meta.pt"  # beside the shards of a sharded checkpoint: step, history, RNG, identity
 # TrainConfig fields that may differ between a run and its resumption: they do not change the
 # trajectory of the weights.
-RESUMABLE_CHANGES = {"eval_every", "save_every", "keep_checkpoints", "device"}
+RESUMABLE_CHANGES = {"eval_every", "save_every", "keep_checkpoints", "device", "micro_batch"}  # micro_batch: only the order of sums
 
 
 @dataclass
@@ -366,36 +369,58 @@ def check_out_dir(out_dir: str, identity: dict, resuming: bool) -> None:
         raise UserError(f"output {out_dir} already holds this run: pass --resume {out_dir} to continue it, or use a new --out")
 
 
+def checkpoints_in(directory: str) -> list[str]:
+    """The checkpoints of a run's checkpoints/ directory, oldest first: step_XXXXXXXX.pt (full state)
+    or step_XXXXXXXX/ (sharded, under FSDP; see save_checkpoint)."""
+    return sorted(glob.glob(os.path.join(directory, "step_*")))
+
+
 def find_checkpoint(resume: str) -> str:
-    """`resume` is a run directory (its newest checkpoint), a checkpoints/ directory, or a file."""
-    if os.path.isfile(resume):
+    """`resume` is a run directory (its newest checkpoint), a checkpoints/ directory, or a checkpoint."""
+    if os.path.isfile(resume) or os.path.isfile(os.path.join(resume, SHARDED_META)):
         return resume
     for d in (os.path.join(resume, "checkpoints"), resume):
-        found = sorted(glob.glob(os.path.join(d, "step_*.pt")))
+        found = checkpoints_in(d)
         if found:
             return found[-1]
     if not os.path.exists(resume):
         raise UserError(f"resume directory not found: {resume}")
-    raise UserError(f"{resume} holds no training checkpoint (checkpoints/step_*.pt)")
+    raise UserError(f"{resume} holds no training checkpoint (checkpoints/step_*)")
+
+
+def _unreadable(path: str, e: Exception) -> UserError:
+    return UserError(f"checkpoint {path} is unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
 def load_checkpoint(path: str, identity: dict, model: nn.Module) -> dict:
+    """The checkpoint's state, checked against this run and model. A full checkpoint's weights and
+    optimizer state come with it; a sharded one's are read later, into the wrapped model (restore)."""
+    sharded = os.path.isdir(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(os.path.join(path, SHARDED_META) if sharded else path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or not a torch file
-        raise UserError(f"checkpoint {path} is unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise _unreadable(path, e) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a dha training checkpoint")
     if state["identity"].get("model") != identity.get("model"):
         raise UserError(f"checkpoint {path} is from another model (different architecture) than the one being trained")
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
+    if sharded:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        try:
+            meta = FileSystemReader(path).read_metadata().state_dict_metadata
+        except Exception as e:
+            raise _unreadable(path, e) from None
+        theirs = {k[len("model."):]: tuple(m.size) for k, m in meta.items() if k.startswith("model.") and hasattr(m, "size")}
+    else:
+        theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
     if ours != theirs:
         raise UserError(f"checkpoint {path} is from another model: its weights do not match this model's")
     diffs = _same_run(state["identity"], identity)
     if diffs:
         raise UserError(f"checkpoint {path} belongs to a different run (differs in {', '.join(diffs)})")
-    state["path"] = path
+    state["path"], state["sharded"] = path, sharded
     return state
 
 
@@ -423,25 +448,37 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _full_state(module: nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state on CPU (a collective under FSDP: every rank calls it)."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def _full_state(module: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state on CPU, of an unsharded module (one process or DDP)."""
     model_sd = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     return model_sd, copy.deepcopy(optimizer.state_dict())
 
 
-def _load_full_state(module: nn.Module, optimizer, model_sd: dict, optim_sd: dict, fsdp: bool) -> None:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def restore(module: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
+    """Load a checkpoint's weights and optimizer state into the (wrapped) model and optimizer.
 
-        set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+    A sharded checkpoint is read by torch.distributed.checkpoint, which reshards: each rank reads
+    what its own shards need, at any process count, with or without FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    if state["sharded"]:
+        import torch.distributed.checkpoint as dcp
+
+        model_sd, optim_sd = get_state_dict(module, optimizer)
+        target = {"model": model_sd, "optimizer": optim_sd}
+        try:
+            with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(target, checkpoint_id=state["path"])
+        except Exception as e:
+            raise _unreadable(state["path"], e) from None
+        set_state_dict(module, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
+    elif fsdp:
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
     else:
-        module.load_state_dict(model_sd, strict=True)
-        optimizer.load_state_dict(optim_sd)
+        module.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
 
 
 # ---- optimizer -----------------------------------------------------------------------------------
@@ -576,7 +613,7 @@ def train(
 
     step, history, evals = 0, [], []
     if state is not None:
-        _load_full_state(module, optimizer, state["model"], state["optimizer"], cfg.fsdp and d.world > 1)
+        restore(module, optimizer, state, cfg.fsdp and d.world > 1)
         step, history, evals = state["step"], state["history"], state["evals"]
         _set_rng_state(state["rng"])
         if hooks.load_state_dict is not None:
@@ -717,7 +754,7 @@ def train(
     if not cfg.eval_every and heldout is not None and (not evals or evals[-1]["step"] != step):
         run_eval()  # eval_every 0: one evaluation, at the end
 
-    final = unwrap_full_model(module, cfg.fsdp and d.world > 1)
+    final = unwrap_full_model(module, cfg.fsdp and d.world > 1, d)
     if out_dir is not None and d.main:
         writer.close()
     if out_dir is not None and d.main and save_final:
@@ -735,30 +772,53 @@ def _merged_log(history: list[dict], evals: list[dict]) -> list[dict]:
 
 def save_checkpoint(out_dir: str, module, optimizer, step: int, data_position: int, history, evals, identity,
                     cfg: TrainConfig, d: Dist, hooks_state: dict | None = None) -> None:
-    """Write checkpoints/step_XXXXXXXX.pt atomically (rank 0), then drop all but the newest few."""
-    model_sd, optim_sd = _full_state(module, optimizer, cfg.fsdp and d.world > 1)
-    if not d.main:
-        return
+    """Write checkpoints/step_XXXXXXXX.pt atomically (rank 0), or under FSDP the sharded
+    checkpoints/step_XXXXXXXX/ (every rank writes its shards; then renamed); keep the newest few."""
     directory = os.path.join(out_dir, "checkpoints")
-    path = os.path.join(directory, f"step_{step:08d}.pt")
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, "identity": identity, "model": model_sd, "optimizer": optim_sd,
-                        "step": step, "data_position": data_position,  # rows consumed, all ranks together
-                        "history": list(history), "evals": list(evals), "rng": _rng_state(), "hooks": hooks_state}, path)
-    for old in sorted(glob.glob(os.path.join(directory, "step_*.pt")))[:-cfg.keep_checkpoints]:
-        os.unlink(old)
+    meta = {"format": CHECKPOINT_FORMAT, "identity": identity, "step": step,
+            "data_position": data_position,  # rows consumed, all ranks together
+            "history": list(history), "evals": list(evals), "rng": _rng_state(), "hooks": hooks_state}
+    if cfg.fsdp and d.world > 1:
+        _save_sharded(os.path.join(directory, f"step_{step:08d}"), module, optimizer, meta, d)
+    elif d.main:
+        model_sd, optim_sd = _full_state(module, optimizer)
+        atomic_torch_save({**meta, "model": model_sd, "optimizer": optim_sd}, os.path.join(directory, f"step_{step:08d}.pt"))
+    if d.main:
+        for old in checkpoints_in(directory)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old) if os.path.isdir(old) else os.unlink(old)
 
 
-def unwrap_full_model(module: nn.Module, fsdp: bool) -> nn.Module:
-    """The trained model as a plain module: under FSDP, a fresh unsharded copy of the gathered weights."""
+def _save_sharded(path: str, module, optimizer, meta: dict, d: Dist) -> None:
+    """torch.distributed.checkpoint into a temp directory (a collective), meta.pt, then the rename.
+    Every rank writes its own shards of the weights and of the optimizer state, to a directory all
+    ranks can reach (one filesystem for a multi-node run)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
+    if d.main:
+        torch.save(meta, os.path.join(tmp, SHARDED_META))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def unwrap_full_model(module: nn.Module, fsdp: bool, d: Dist) -> nn.Module | None:
+    """The trained model as a plain module. Under FSDP the weights are gathered once, to CPU on
+    rank 0, which alone gets a model (the other ranks get None): no rank but rank 0 holds them all."""
     if not fsdp:
         return module
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from .transforms import build
 
-    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-    sd = {k: v.detach().clone() for k, v in sd.items()}
-    return build(module.config, sd)
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return build(module.config, sd) if d.main else None
 
 
 def save_final_model(out_dir: str, model: nn.Module, loaded, provenance: dict) -> None:

@@ -155,13 +155,14 @@ def test_corrupt_checkpoint_and_stage1_are_clear_errors(run_setup, capsys):
 def test_two_conversions_into_one_out(run_setup):
     tmp_path, source, data = run_setup
     out = str(tmp_path / "o")
-    first = child(convert_args(source, data, out), delay=0.3)
+    first = child(convert_args(source, data, out), delay=1.5)  # 15 s of steps: still running when the second comes
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(out, "run.json")) and time.time() < deadline:
         time.sleep(0.02)
     second = child(convert_args(source, data, out, "--resume", out))  # even as a resume: the run is in use
     _, err = second.communicate(timeout=120)
     assert second.returncode == 2 and b"in use by another dha run" in err, err.decode()
+    assert first.poll() is None  # refused while the first run held --out
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err.decode()
     assert load(out).plan.method == "dha"

@@ -150,6 +150,60 @@ def test_two_processes_match_one(tmp_path, fsdp, monkeypatch):
         assert_close(two["weights"][k], v, atol=1e-5, rtol=0)
 
 
+# ---- FSDP at both ends: sharded checkpoints, the final gather to rank 0 ---------------------------------
+
+def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, resume: str | None, result_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        result = train(tiny_model(), random_ids(batch=40, length=16, seed=3), None,
+                       fp32_config(micro_batch=4 // world, fsdp=True, save_every=3, keep_checkpoints=5),
+                       out_dir=out_dir, resume=resume, progress=False)
+        torch.save({"losses": [h["loss"] for h in result.history], "model_is_none": result.model is None,
+                    "weights": None if result.model is None else {k: v.detach().clone() for k, v in result.model.state_dict().items()}},
+                   f"{result_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_sharded_checkpoint_resumes_on_one_and_two_processes(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = str(tmp_path / "fsdp")
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), run, None, str(tmp_path / "full")), nprocs=2, join=True)
+    full, other = torch.load(str(tmp_path / "full.0")), torch.load(str(tmp_path / "full.1"))
+    assert not full["model_is_none"] and other["model_is_none"]  # the final gather: rank 0 only
+    checkpoint = os.path.join(run, "checkpoints", "step_00000003")
+    shards = sorted(n for n in os.listdir(checkpoint) if n.endswith(".distcp"))
+    assert len(shards) == 2 and os.path.exists(os.path.join(checkpoint, "meta.pt"))
+    sizes = [os.path.getsize(os.path.join(checkpoint, n)) for n in shards]
+    assert max(sizes) < 0.75 * sum(sizes)  # each rank wrote its own part of the weights and Adam state
+
+    # Resume at step 3 on two processes (FSDP) and on one: both equal the uninterrupted run.
+    for name in ("two", "one"):
+        resumed = str(tmp_path / name)
+        os.makedirs(resumed)
+        for f in ("run.json", "checkpoints"):
+            os.symlink(os.path.join(run, f), os.path.join(resumed, f))
+        if name == "two":
+            mp.spawn(_fsdp_worker, args=(2, _free_port(), resumed, checkpoint, str(tmp_path / name)), nprocs=2, join=True)
+            got = torch.load(str(tmp_path / "two.0"))
+            losses, weights = got["losses"], got["weights"]
+        else:
+            result = train(tiny_model(), random_ids(batch=40, length=16, seed=3), None,
+                           fp32_config(micro_batch=4, fsdp=True, save_every=3, keep_checkpoints=5),
+                           out_dir=resumed, resume=checkpoint, progress=False)
+            losses, weights = [h["loss"] for h in result.history], result.model.state_dict()
+        # fp32; the process count changes only the order of sums: 1e-5.
+        assert_close(torch.tensor(losses), torch.tensor(full["losses"]), atol=1e-5, rtol=0)
+        for k, v in full["weights"].items():
+            assert_close(weights[k], v, atol=1e-5, rtol=0)
+
+
 # ---- kill and resume ---------------------------------------------------------------------------------
 
 RUN_SCRIPT = """
