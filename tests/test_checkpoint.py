@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch.testing import assert_close
 
 from dha.checkpoint import load, save
 from dha.cli import main
+from dha.errors import UserError
 from dha.transforms import expand_to_mha
 from tests.conftest import random_ids, tiny_llama_hf
 
@@ -103,9 +105,12 @@ def test_corrupt_native_weights(hf_dir, tmp_path, capsys):
     assert code == 2 and "model.safetensors" in err
 
 
-def test_debug_shows_traceback(tmp_path):
-    with pytest.raises(Exception):
-        main(["--debug", "inspect", str(tmp_path / "nope")])
+def test_debug_shows_traceback(tmp_path, capsys):
+    """--debug re-raises the UserError itself (so Python prints its traceback) instead of the one line."""
+    missing = str(tmp_path / "nope")
+    with pytest.raises(UserError, match=f"^model path not found: {re.escape(missing)}$"):
+        main(["--debug", "inspect", missing])
+    assert capsys.readouterr().err == ""  # nothing printed in place of the traceback
 
 
 # ---- the real built-in default ------------------------------------------------------------------
