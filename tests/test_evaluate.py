@@ -79,6 +79,20 @@ def dha_uneven_model() -> Transformer:
     return build(cfg, sd).eval()
 
 
+def tensors_held(obj) -> list[torch.Tensor]:
+    """Every tensor an object holds in its attributes (inside lists, tuples and dicts too)."""
+    out, stack = [], list(vars(obj).values())
+    while stack:
+        x = stack.pop()
+        if torch.is_tensor(x):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+    return out
+
+
 @pytest.mark.parametrize("name, make, heads_per_layer", [
     ("mha", lambda: ours_from_hf(tiny_llama_hf()), [(6, 6), (6, 6)]),
     ("gqa", lambda: ours_from_hf(tiny_llama_hf(num_kv_heads=2)), [(2, 2), (2, 2)]),
@@ -86,11 +100,31 @@ def dha_uneven_model() -> Transformer:
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_measured_kv_bytes_equal_analytic(name, make, heads_per_layer, dtype):
+    """The expected bytes are counted here from the heads per layer (head dim 8), not from the
+    config; then measured apart from dha: what the K/V projections emit per token (forward hooks),
+    the bytes of the storages the cache object holds after a forward, and that what it holds is
+    those projections (values: v_proj's output, bit for bit)."""
     model = make().to(dtype)
-    expected = sum((hk + hv) * 8 for hk, hv in heads_per_layer) * (4 if dtype == torch.float32 else 2)  # head dim 8
+    expected = sum((hk + hv) * 8 for hk, hv in heads_per_layer) * (4 if dtype == torch.float32 else 2)
     got = kv_bytes(model)
     assert got["analytic"] == expected
     assert got["measured"] == expected
+
+    outputs, max_len, T = {}, 16, 8
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: outputs.__setitem__(n, out.detach()))
+             for n, m in model.named_modules() if n.endswith(("k_proj", "v_proj"))]
+    cache = model.new_cache(1, max_len)
+    with torch.no_grad():
+        model(random_ids(1, T, vocab=model.config.vocab_size), cache)
+    for h in hooks:
+        h.remove()
+    assert sum(o.shape[-1] * o.element_size() for o in outputs.values()) == expected  # per token
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_held(cache)}
+    assert sum(storages.values()) == expected * max_len
+    for l, (hk, hv) in enumerate(heads_per_layer):
+        held = [t for t in tensors_held(cache) if t.dim() == 4 and t.shape[1] == hv and torch.equal(
+            t[0, :, :T], outputs[f"layers.{l}.attn.v_proj"][0].view(T, hv, 8).transpose(0, 1))]
+        assert held, f"layer {l}: the cache does not hold v_proj's {hv} value heads"
 
 
 # ---- speed and the whole evaluation ------------------------------------------------------------
