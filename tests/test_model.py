@@ -286,3 +286,27 @@ def test_chunks_after_a_cached_prefix_with_a_sliding_window_equal_transformers()
         cache = ours.new_cache(2, 16)
         out = [ours(ids[:, :4], cache)] + [ours(ids[:, s:s + 4], cache) for s in (4, 8, 12)]
         assert_close(torch.cat(out, 1), hf(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_cli_generate_greedy_equals_transformers_generate(tmp_path, capsys, monkeypatch):
+    """`dha generate` on a saved HF directory (GQA, biases; character tokenizer): its greedy
+    completion is the text of transformers' own greedy generate of the same 12 new tokens."""
+    import json
+
+    from dha.cli import main
+    from tests.test_family_workflows import char_tokenizer
+
+    monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
+    hf, tok = tiny_llama_hf(num_kv_heads=3, bias=True), char_tokenizer()
+    hf.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    prompt = "def f(x): return"
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    hf.generation_config.eos_token_id = None  # dha generate decodes exactly --max-new-tokens tokens
+    with torch.no_grad():
+        theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    assert theirs.numel() == 12 and len(set(theirs.tolist())) > 1  # a completion that can differ
+    assert main(["generate", str(tmp_path / "src"), "--prompt", prompt, "--max-new-tokens", "12", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["prompt"] == prompt
+    assert out["completion"] == tok.decode(theirs, skip_special_tokens=True)
