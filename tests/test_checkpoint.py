@@ -81,6 +81,22 @@ def test_missing_path(capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_sharded_safetensors_load(tmp_path, capsys):
+    """A HF directory saved in shards (max_shard_size 40KB: an index and several files) loads with
+    HF's logits (fp32, atol 1e-5); a shard named by the index but missing is one clear error."""
+    hf = tiny_llama_hf(num_kv_heads=2, bias=True)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    with open(tmp_path / "hf" / "model.safetensors.index.json") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "hf" / "model.safetensors").exists()
+    ids = random_ids()
+    with torch.no_grad():
+        assert_close(load(str(tmp_path / "hf")).model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+    os.remove(tmp_path / "hf" / shards[1])
+    code, err = run_cli(["inspect", str(tmp_path / "hf")], capsys)
+    assert code == 2 and f"weights file missing: {tmp_path / 'hf' / shards[1]}" in err
+
+
 def test_unsupported_architecture_lists_supported(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     code, err = run_cli(["inspect", str(tmp_path)], capsys)
