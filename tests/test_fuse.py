@@ -212,6 +212,52 @@ def test_short_fusion_run_drives_distance_down(schedule):
     assert "fusion/key/0" in result.history[-1]
 
 
+def mean_target_distances(fused: FusedModel) -> torch.Tensor:
+    """(L, 2) [key, value]: mean over each layer-kind's multi-head groups of d(S) written out for
+    the mean target (members read back = the group mean), from the weights alone (float64)."""
+    out = torch.zeros(2, 2, dtype=torch.float64)
+    for l, kind, proj in fused.projections():
+        W = proj.weight.detach().double().view(6, HD, -1)
+        ds = [((W[g] - W[g].mean(0)) ** 2).sum() / (W[g] ** 2).sum() for g in proj.groups if len(g) > 1]
+        out[l, ["key", "value"].index(kind)] = torch.stack(ds).mean()
+    return out
+
+
+def test_lagrangian_penalty_in_parameter_space():
+    """The lagrangian schedule's penalty, against the formula written here on distances measured
+    from the weights: sum over (layer, kind) of l1 g + l2 g^2 with g = max(d - t, 0) and the target
+    t = (1 - f) d_initial + f eps. A group AHEAD of its schedule (d < t, layer 0's keys here, pulled
+    toward their group means) adds nothing and gets no gradient: the squared term of an inequality
+    constraint takes the violation's positive part only (g = d - t would push it back up)."""
+    from dha.fuse import FusionSchedule
+
+    options = FusionOptions(schedule="lagrangian", target="mean", ramp_end=0.5, eps=1e-3)
+    fused = FusedModel(ours_from_hf(tiny_llama_hf()), DECOUPLED, None, options)
+    initial = mean_target_distances(fused)
+    schedule = FusionSchedule(fused, steps=10, options=options)  # the ramp runs over steps 0..5
+    schedule.param_groups(fused)
+    l1 = torch.tensor([[0.5, 0.7], [1.1, 0.3]], dtype=torch.float64)
+    l2 = torch.tensor([[2.0, 3.0], [0.4, 1.5]], dtype=torch.float64)
+    with torch.no_grad():
+        schedule.multipliers.copy_(torch.stack([l1, l2]))
+        key0 = fused.model.layers[0].attn.k_proj
+        W = key0.weight.view(6, HD, -1)
+        for g in key0.groups:  # layer 0's keys fused ahead: 0.3x their deviation from the group mean
+            W[g] = W[g].mean(0) + 0.3 * (W[g] - W[g].mean(0))
+    d = mean_target_distances(fused)
+    frac = 3 / 5
+    target = (1 - frac) * initial + frac * 1e-3
+    gap = (d - target).clamp_min(0.0)
+    assert gap[0, 0] == 0 and (gap[1] > 0).all(), (d, target)  # one ahead, the others behind
+    reference = float((l1 * gap + l2 * gap ** 2).sum())
+    term, logs = schedule.extra_loss(fused, 3)
+    assert term.item() == pytest.approx(reference, rel=1e-4)  # fp32 distances, fp64 reference
+    assert logs["fusion/key/0"] == pytest.approx(float(d[0, 0]), rel=1e-4)
+    term.backward()
+    assert key0.weight.grad is None or key0.weight.grad.abs().max() == 0  # ahead: not pushed back
+    assert fused.model.layers[1].attn.v_proj.weight.grad.abs().max() > 0  # behind: pulled toward the merge
+
+
 # ---- the pipeline: `dha convert --method dha` ------------------------------------------------------
 
 @pytest.fixture
