@@ -14,7 +14,7 @@ from dha.checkpoint import load, save
 from dha.cli import main
 from dha.errors import UserError
 from dha.transforms import expand_to_mha
-from tests.conftest import random_ids, tiny_llama_hf
+from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
 
 
 @pytest.fixture
@@ -95,6 +95,38 @@ def test_sharded_safetensors_load(tmp_path, capsys):
     os.remove(tmp_path / "hf" / shards[1])
     code, err = run_cli(["inspect", str(tmp_path / "hf")], capsys)
     assert code == 2 and f"weights file missing: {tmp_path / 'hf' / shards[1]}" in err
+
+
+def test_save_refuses_an_existing_directory_unless_told(tmp_path):
+    """save() never replaces a non-empty directory by default (the README's promise): one clear
+    UserError, the directory as it was, no temp directory left; overwrite=True replaces it."""
+    from dha.checkpoint import Loaded
+
+    loaded = Loaded(ours_from_hf(tiny_llama_hf()), None, "tiny", "native")
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match=f"^output {re.escape(str(out))} already exists and is not empty"):
+        save(str(out), loaded)
+    assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["ckpt"]
+    save(str(out), loaded, overwrite=True)
+    assert "keep.txt" not in os.listdir(out) and load(str(out)).kind == "native"
+    (tmp_path / "empty").mkdir()
+    save(str(tmp_path / "empty"), loaded)  # an empty directory is not refused
+    assert (tmp_path / "empty" / "dha_config.json").exists()
+
+
+def test_atomic_dir_leaves_a_directory_made_meanwhile_alone(tmp_path):
+    """Another process (a torchrun rank) creating the output while this one writes: theirs stays."""
+    from dha.checkpoint import atomic_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="appeared while it was being written"):
+        with atomic_dir(str(out)) as tmp:
+            (tmp_path / "out").mkdir()
+            (out / "theirs.txt").write_text("theirs")
+            (tmp_path / os.path.basename(tmp) / "ours.txt").write_text("ours")
+    assert os.listdir(out) == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_unsupported_architecture_lists_supported(tmp_path, capsys):
