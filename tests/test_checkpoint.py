@@ -129,6 +129,51 @@ def test_atomic_dir_leaves_a_directory_made_meanwhile_alone(tmp_path):
     assert os.listdir(out) == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
+FIRST_USE_CHILD = """
+import os, sys, time
+import torch
+import dha.checkpoint as c
+from dha.model import ModelConfig, Transformer
+
+work, me = sys.argv[1], sys.argv[2]
+
+def slow_conversion(directory, filename, want_tokenizer=True):  # stands in for the GGUF conversion
+    with open(os.path.join(work, "conversions"), "a") as f:
+        f.write(me + "\\n")
+    time.sleep(1.0)  # long enough for the other process to arrive meanwhile
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2, head_dim=4, intermediate_size=8)
+    return c.Loaded(Transformer(cfg), None, "gguf", "gguf")
+
+c.default_gguf_path = lambda: os.path.join(work, "model.gguf")
+c.load_gguf = slow_conversion
+open(os.path.join(work, "ready-" + me), "w").close()
+while len([n for n in os.listdir(work) if n.startswith("ready-")]) < 2:  # start together
+    time.sleep(0.01)
+loaded = c.load(None, tokenizer=False)
+print(loaded.kind, float(loaded.model.embed.weight.sum()))
+"""
+
+
+def test_first_use_of_the_built_in_model_by_two_processes_at_once(tmp_path):
+    """Two processes (as two torchrun ranks) load the built-in default at the same moment with an
+    empty cache: the conversion runs once (the other waits on the lock file, then reads the cache),
+    both get the same model, and the cache is one complete checkpoint with no temp directory left."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DHA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE_CHILD, str(tmp_path), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert len((tmp_path / "conversions").read_text().split()) == 1
+    results = [out.strip().splitlines()[-1] for out, _ in outs]
+    assert results[0] == results[1] and results[0].startswith("default ")
+    assert sorted(os.listdir(tmp_path / "cache")) == ["smollm2-135m", "smollm2-135m.lock"]
+    assert (tmp_path / "cache" / "smollm2-135m" / "dha_config.json").exists()
+
+
 def test_unsupported_architecture_lists_supported(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     code, err = run_cli(["inspect", str(tmp_path)], capsys)
