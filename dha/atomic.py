@@ -60,7 +60,10 @@ def write_json(path: str, obj) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str, overwrite: bool = False):
-    """Yield a temp directory beside `path`; on success rename it to `path`, else remove it."""
+    """Yield a temp directory beside `path`; on success rename it to `path`, else remove it.
+
+    Without `overwrite`, an existing non-empty `path` is refused before and after the work: one
+    that another process made meanwhile is left alone (UserError), never swapped out from under it."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         if not os.path.isdir(path) or os.listdir(path):
@@ -77,6 +80,12 @@ def atomic_dir(path: str, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if os.path.exists(path) and not overwrite:
+        try:
+            os.rmdir(path)  # an empty directory (the user's, or made meanwhile) gives way; anything else stays
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"output {path} appeared while it was being written (another process?); it was left as it is") from None
     if os.path.exists(path):
         old = tmp + ".old"
         os.replace(path, old)

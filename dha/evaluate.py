@@ -10,7 +10,8 @@
   of them alike, and the best of the repeats is kept.
 
 `evaluate_models` runs all of it for one or more models on the same data and gives ratios to the
-first model; `print_report` prints the table. The `eval` verb prints the table, then one JSON line.
+first model, and lm-evaluation-harness tasks when asked (`dha.lm_eval_adapter`); `print_report`
+prints the table. The `eval` verb prints the table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -163,9 +164,11 @@ def evaluate_models(models: list, splits: TokenSplits, options: EvalOptions) -> 
             "kv_bytes_per_token_measured": kv["measured"],
         })
     if options.tasks:
+        from .lm_eval_adapter import run_tasks  # lm_eval is optional (and slow to import): only when asked for
+
         for loaded, r in zip(models, results):
-            r["tasks"] = run_lm_eval_tasks(loaded, options.tasks, options.include_path, options.limit,
-                                           batch_size=options.eval_batch_size, progress=options.progress)
+            r["tasks"] = run_tasks(loaded, options.tasks, options.include_path, options.limit,
+                                   batch_size=options.eval_batch_size, progress=options.progress)
     speeds = decode_speed([m.model.eval() for m in models], options)
     for r, speed in zip(results, speeds):
         r["speed"] = speed
@@ -266,132 +269,3 @@ def print_report(report: dict, file=None) -> None:
         mem = ", ".join(f"b{s['batch_size']} {_mb(s['peak_memory_bytes'])} (KV cache {_mb(s['kv_cache_bytes'])})" for s in m["speed"])
         kind = m["speed"][0]["peak_memory_kind"]
         print(f"peak memory ({kind}) {os.path.basename(m['source'].rstrip('/')) or m['source']}: {mem}", file=file)
-
-
-# ---- lm-evaluation-harness tasks --------------------------------------------------------------
-
-def lm_eval_model(loaded, batch_size: int = 8, max_length: int = 2048, progress: bool = True):
-    """An lm_eval LM (lm-evaluation-harness, EleutherAI) that scores text with our model.
-
-    loglikelihood: each context + continuation is cut to its last max_length + 1 tokens and run as
-    one causal sequence; the continuation's log-probabilities are summed (and "greedy" is whether
-    argmax reproduces it), the same rule as lm_eval's own HFLM. loglikelihood_rolling uses
-    lm_eval's rolling windows; generate_until decodes greedily from the KV cache."""
-    try:
-        from lm_eval.api.model import TemplateLM
-        from lm_eval import utils as lm_utils
-    except ImportError:
-        raise UserError("--tasks needs lm-evaluation-harness: pip install lm-eval") from None
-    from tqdm.auto import tqdm
-
-    from .model import generate
-
-    model, tokenizer = loaded.model.eval(), loaded.tokenizer
-    if tokenizer is None:
-        raise UserError(f"{loaded.source} has no tokenizer, so lm-eval tasks cannot run on it")
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    if eos is None:
-        raise UserError(f"the tokenizer of {loaded.source} has no EOS token, which lm-eval needs")
-
-    class DHALM(TemplateLM):
-        def __init__(self):
-            super().__init__()
-            self.tokenizer = tokenizer
-
-        @property
-        def eot_token_id(self) -> int:
-            return eos
-
-        @property
-        def prefix_token_id(self) -> int:
-            return prefix
-
-        @property
-        def tokenizer_name(self) -> str:
-            return str(getattr(tokenizer, "name_or_path", "dha")).replace("/", "__")
-
-        def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-            return tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
-
-        @torch.no_grad()
-        def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool) -> list[tuple[float, bool]]:
-            """(context ids, continuation ids) -> (sum log p(continuation | context), greedy?)."""
-            seqs = [(context + cont)[-(max_length + 1):] for context, cont in pairs]
-            order = sorted(range(len(pairs)), key=lambda i: -len(seqs[i]))  # similar lengths batch together
-            out: list[tuple[float, bool]] = [None] * len(pairs)
-            for start in tqdm(range(0, len(order), batch_size), desc="lm-eval", disable=disable_tqdm or not progress, file=sys.stderr):
-                idx = order[start:start + batch_size]
-                T = max(len(seqs[i]) - 1 for i in idx)
-                # Right padding never changes a causal model's earlier positions.
-                ids = torch.zeros(len(idx), T, dtype=torch.long)  # (B, T)
-                for row, i in enumerate(idx):
-                    ids[row, : len(seqs[i]) - 1] = torch.tensor(seqs[i][:-1])
-                logprobs = torch.log_softmax(model(ids.to(device)).float(), dim=-1).cpu()  # (B, T, V)
-                for row, i in enumerate(idx):
-                    n, L = len(pairs[i][1]), len(seqs[i]) - 1
-                    target = torch.tensor(seqs[i][-n:])
-                    lp = logprobs[row, L - n: L]  # (n, V): positions that predict the continuation
-                    out[i] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
-            return out
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-            return self._score([(context, cont) for _, context, cont in requests], disable_tqdm)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            totals = []
-            for (string,) in [r.args for r in requests]:
-                windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=prefix, max_seq_len=max_length, context_len=1))
-                totals.append(sum(lp for lp, _ in self._score(list(windows), True)))
-            return totals
-
-        @torch.no_grad()
-        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            results = []
-            for context, gen_kwargs in tqdm([r.args for r in requests], desc="lm-eval generate", disable=disable_tqdm or not progress, file=sys.stderr):
-                until = gen_kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                max_new = int(gen_kwargs.get("max_gen_toks", 256))
-                ids = self.tok_encode(context)[-(max_length - max_new):] or [prefix]
-                new = generate(model, torch.tensor([ids], device=device), max_new)[0, len(ids):].tolist()
-                if eos in new:
-                    new = new[: new.index(eos)]
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                for stop in until:
-                    if stop and stop in text:
-                        text = text[: text.index(stop)]
-                results.append(text)
-            return results
-
-    return DHALM()
-
-
-def run_lm_eval_tasks(loaded, tasks: list[str], include_path: str | None = None, limit: int | None = None,
-                      num_fewshot: int | None = None, batch_size: int = 8, max_length: int = 2048,
-                      progress: bool = True) -> dict:
-    """Run lm-evaluation-harness tasks on one model; returns {task: {metric: value}}.
-
-    Standard tasks download their datasets from a hub; offline, point `include_path` at a folder
-    of task YAML files whose `dataset_path: json` reads a local JSONL (`dataset_kwargs.data_files`)."""
-    lm = lm_eval_model(loaded, batch_size, max_length, progress)
-    import logging
-
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    if include_path is not None and not os.path.isdir(include_path):
-        raise UserError(f"--include-path {include_path} is not a directory")
-    manager = TaskManager(include_path=include_path)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise UserError(f"unknown lm-eval task(s) {unknown}; with local tasks, give --include-path DIR")
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    try:
-        out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                              log_samples=False, bootstrap_iters=0)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"lm-eval could not run {tasks}: {str(e).splitlines()[0]}") from None
-    return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
-            for task, metrics in out["results"].items()}

@@ -252,7 +252,9 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        """Memory the cache holds: the bytes of its tensors' distinct storages (not their shapes)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.keys + self.values}
+        return sum(storages.values())
 
 
 class Attention(nn.Module):

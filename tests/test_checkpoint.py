@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from torch.testing import assert_close
 
 from dha.checkpoint import load, save
 from dha.cli import main
+from dha.errors import UserError
 from dha.transforms import expand_to_mha
-from tests.conftest import random_ids, tiny_llama_hf
+from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
 
 
 @pytest.fixture
@@ -79,6 +81,99 @@ def test_missing_path(capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_sharded_safetensors_load(tmp_path, capsys):
+    """A HF directory saved in shards (max_shard_size 40KB: an index and several files) loads with
+    HF's logits (fp32, atol 1e-5); a shard named by the index but missing is one clear error."""
+    hf = tiny_llama_hf(num_kv_heads=2, bias=True)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    with open(tmp_path / "hf" / "model.safetensors.index.json") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "hf" / "model.safetensors").exists()
+    ids = random_ids()
+    with torch.no_grad():
+        assert_close(load(str(tmp_path / "hf")).model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+    os.remove(tmp_path / "hf" / shards[1])
+    code, err = run_cli(["inspect", str(tmp_path / "hf")], capsys)
+    assert code == 2 and f"weights file missing: {tmp_path / 'hf' / shards[1]}" in err
+
+
+def test_save_refuses_an_existing_directory_unless_told(tmp_path):
+    """save() never replaces a non-empty directory by default (the README's promise): one clear
+    UserError, the directory as it was, no temp directory left; overwrite=True replaces it."""
+    from dha.checkpoint import Loaded
+
+    loaded = Loaded(ours_from_hf(tiny_llama_hf()), None, "tiny", "native")
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match=f"^output {re.escape(str(out))} already exists and is not empty"):
+        save(str(out), loaded)
+    assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["ckpt"]
+    save(str(out), loaded, overwrite=True)
+    assert "keep.txt" not in os.listdir(out) and load(str(out)).kind == "native"
+    (tmp_path / "empty").mkdir()
+    save(str(tmp_path / "empty"), loaded)  # an empty directory is not refused
+    assert (tmp_path / "empty" / "dha_config.json").exists()
+
+
+def test_atomic_dir_leaves_a_directory_made_meanwhile_alone(tmp_path):
+    """Another process (a torchrun rank) creating the output while this one writes: theirs stays."""
+    from dha.atomic import atomic_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="appeared while it was being written"):
+        with atomic_dir(str(out)) as tmp:
+            (tmp_path / "out").mkdir()
+            (out / "theirs.txt").write_text("theirs")
+            (tmp_path / os.path.basename(tmp) / "ours.txt").write_text("ours")
+    assert os.listdir(out) == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+FIRST_USE_CHILD = """
+import os, sys, time
+import torch
+import dha.checkpoint as c
+from dha.model import ModelConfig, Transformer
+
+work, me = sys.argv[1], sys.argv[2]
+
+def slow_conversion(directory, filename, want_tokenizer=True):  # stands in for the GGUF conversion
+    with open(os.path.join(work, "conversions"), "a") as f:
+        f.write(me + "\\n")
+    time.sleep(1.0)  # long enough for the other process to arrive meanwhile
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2, head_dim=4, intermediate_size=8)
+    return c.Loaded(Transformer(cfg), None, "gguf", "gguf")
+
+c.default_gguf_path = lambda: os.path.join(work, "model.gguf")
+c.load_gguf = slow_conversion
+open(os.path.join(work, "ready-" + me), "w").close()
+while len([n for n in os.listdir(work) if n.startswith("ready-")]) < 2:  # start together
+    time.sleep(0.01)
+loaded = c.load(None, tokenizer=False)
+print(loaded.kind, float(loaded.model.embed.weight.sum()))
+"""
+
+
+def test_first_use_of_the_built_in_model_by_two_processes_at_once(tmp_path):
+    """Two processes (as two torchrun ranks) load the built-in default at the same moment with an
+    empty cache: the conversion runs once (the other waits on the lock file, then reads the cache),
+    both get the same model, and the cache is one complete checkpoint with no temp directory left."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DHA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE_CHILD, str(tmp_path), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert len((tmp_path / "conversions").read_text().split()) == 1
+    results = [out.strip().splitlines()[-1] for out, _ in outs]
+    assert results[0] == results[1] and results[0].startswith("default ")
+    assert sorted(os.listdir(tmp_path / "cache")) == ["smollm2-135m", "smollm2-135m.lock"]
+    assert (tmp_path / "cache" / "smollm2-135m" / "dha_config.json").exists()
+
+
 def test_unsupported_architecture_lists_supported(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     code, err = run_cli(["inspect", str(tmp_path)], capsys)
@@ -103,9 +198,12 @@ def test_corrupt_native_weights(hf_dir, tmp_path, capsys):
     assert code == 2 and "model.safetensors" in err
 
 
-def test_debug_shows_traceback(tmp_path):
-    with pytest.raises(Exception):
-        main(["--debug", "inspect", str(tmp_path / "nope")])
+def test_debug_shows_traceback(tmp_path, capsys):
+    """--debug re-raises the UserError itself (so Python prints its traceback) instead of the one line."""
+    missing = str(tmp_path / "nope")
+    with pytest.raises(UserError, match=f"^model path not found: {re.escape(missing)}$"):
+        main(["--debug", "inspect", missing])
+    assert capsys.readouterr().err == ""  # nothing printed in place of the traceback
 
 
 # ---- the real built-in default ------------------------------------------------------------------

@@ -79,6 +79,20 @@ def dha_uneven_model() -> Transformer:
     return build(cfg, sd).eval()
 
 
+def tensors_held(obj) -> list[torch.Tensor]:
+    """Every tensor an object holds in its attributes (inside lists, tuples and dicts too)."""
+    out, stack = [], list(vars(obj).values())
+    while stack:
+        x = stack.pop()
+        if torch.is_tensor(x):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+    return out
+
+
 @pytest.mark.parametrize("name, make, heads_per_layer", [
     ("mha", lambda: ours_from_hf(tiny_llama_hf()), [(6, 6), (6, 6)]),
     ("gqa", lambda: ours_from_hf(tiny_llama_hf(num_kv_heads=2)), [(2, 2), (2, 2)]),
@@ -86,11 +100,31 @@ def dha_uneven_model() -> Transformer:
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_measured_kv_bytes_equal_analytic(name, make, heads_per_layer, dtype):
+    """The expected bytes are counted here from the heads per layer (head dim 8), not from the
+    config; then measured apart from dha: what the K/V projections emit per token (forward hooks),
+    the bytes of the storages the cache object holds after a forward, and that what it holds is
+    those projections (values: v_proj's output, bit for bit)."""
     model = make().to(dtype)
-    expected = sum((hk + hv) * 8 for hk, hv in heads_per_layer) * (4 if dtype == torch.float32 else 2)  # head dim 8
+    expected = sum((hk + hv) * 8 for hk, hv in heads_per_layer) * (4 if dtype == torch.float32 else 2)
     got = kv_bytes(model)
     assert got["analytic"] == expected
     assert got["measured"] == expected
+
+    outputs, max_len, T = {}, 16, 8
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: outputs.__setitem__(n, out.detach()))
+             for n, m in model.named_modules() if n.endswith(("k_proj", "v_proj"))]
+    cache = model.new_cache(1, max_len)
+    with torch.no_grad():
+        model(random_ids(1, T, vocab=model.config.vocab_size), cache)
+    for h in hooks:
+        h.remove()
+    assert sum(o.shape[-1] * o.element_size() for o in outputs.values()) == expected  # per token
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_held(cache)}
+    assert sum(storages.values()) == expected * max_len
+    for l, (hk, hv) in enumerate(heads_per_layer):
+        held = [t for t in tensors_held(cache) if t.dim() == 4 and t.shape[1] == hv and torch.equal(
+            t[0, :, :T], outputs[f"layers.{l}.attn.v_proj"][0].view(T, hv, 8).transpose(0, 1))]
+        assert held, f"layer {l}: the cache does not hold v_proj's {hv} value heads"
 
 
 # ---- speed and the whole evaluation ------------------------------------------------------------
@@ -186,68 +220,11 @@ def test_cli_eval_bad_data_exits_2_and_writes_nothing(tmp_path, saved_tiny, caps
     assert sorted(os.listdir(tmp_path)) == sorted(before + ["bad.jsonl"])  # no cache, no outputs
 
 
-# ---- lm-evaluation-harness adapter (optional dependency) ---------------------------------------
+def test_cli_eval_tasks_without_lm_eval_is_one_clear_error(tmp_path, saved_tiny, capsys, monkeypatch):
+    import sys
 
-MC_ROWS = [
-    {"question": "The cat sat on the", "choices": [" mat", " dog", " world"], "label": 0},
-    {"question": "Hello", "choices": [" world", " cat"], "label": 1},
-    {"question": "Document number 3 talks", "choices": [" about", " the", " second line"], "label": 2},
-    {"question": "It has a second", "choices": [" line", " cat"], "label": 0},
-]
-
-
-def hand_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
-    """lm-eval's rule, written out: encode context+continuation, the continuation is the tokens after
-    the context's; sum log-softmax over those positions, one position at a time, fp64."""
-    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
-    n_context = len(tokenizer.encode(context, add_special_tokens=False))
-    with torch.no_grad():
-        logits = model(torch.tensor([whole[:-1]]))[0].double()  # (T-1, V)
-    return sum(torch.log_softmax(logits[t - 1], -1)[whole[t]].item() for t in range(n_context, len(whole)))
-
-
-def test_lm_eval_task_matches_hand_computation(tmp_path, capsys):
-    pytest.importorskip("lm_eval")
-    from dha.evaluate import lm_eval_model
-
-    loaded = loaded_tiny()
-    lm = lm_eval_model(loaded, batch_size=3, progress=False)
-    requests, expected = [], []
-    for row in MC_ROWS:
-        for choice in row["choices"]:
-            ctx, cont = lm._encode_pair(row["question"], choice)
-            requests.append(((row["question"], choice), ctx, cont))
-            expected.append(hand_loglikelihood(loaded.model, loaded.tokenizer, row["question"], choice))
-    got = [lp for lp, _ in lm._loglikelihood_tokens(requests)]  # batches of 3 mixed lengths, right-padded
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)  # fp32 model vs fp64 sum
-
-    # The same through a local task YAML and the CLI.
-    data = tmp_path / "mc.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in MC_ROWS) + "\n")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "tiny_mc.yaml").write_text(f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {tmp_path / 'hf'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_target: label
-doc_to_choice: "{{{{choices}}}}"
-metric_list:
-  - metric: acc
-metadata:
-  version: 1.0
-""")
-    it = iter(expected)
-    scores = [[next(it) for _ in row["choices"]] for row in MC_ROWS]
-    acc = sum(max(range(len(s)), key=s.__getitem__) == row["label"] for s, row in zip(scores, MC_ROWS)) / len(MC_ROWS)
-    path = str(tmp_path / "ckpt")
-    save(path, loaded)
-    text = write_text_data(tmp_path)
-    assert main(["eval", path, "--data", text, "--json", "--tasks", "tiny_mc", "--include-path", str(tasks), *CLI_FAST]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["tasks"]["tiny_mc"]["acc"] == pytest.approx(acc)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    monkeypatch.delitem(sys.modules, "dha.lm_eval_adapter", raising=False)
+    assert main(["eval", saved_tiny, "--data", write_text_data(tmp_path), "--tasks", "tiny_mc", *CLI_FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dha: error: --tasks needs lm-evaluation-harness: pip install lm-eval"]

@@ -310,10 +310,11 @@ def cli(capsys, *argv) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_cli_workflow(family_hf, tmp_path, capsys):
+def test_cli_workflow(family_hf, tmp_path, capsys, monkeypatch):
     """inspect, analyze, convert (gqa, svd), export and eval of a saved HF directory, by the CLI."""
     from dha.checkpoint import load
 
+    monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
     name, hf, _ = family_hf
     src, text = saved_hf_dir(hf, tmp_path)
     data = ["--data", text, "--calib-tokens", "64", "--block-size", "16"]
@@ -328,10 +329,29 @@ def test_cli_workflow(family_hf, tmp_path, capsys):
         assert result["kind"] == ("stock" if name in GQA_CLASSES else "remote-code"), result["reason"]
         converted = load(str(tmp_path / method), tokenizer=False).model  # the saved conversion, read back
         reload_and_compare(SimpleNamespace(out=result["out"]), converted)
-    evaluated = cli(capsys, "eval", tmp_path / "svd-hf", "--data", text, "--block-size", "16", "--max-eval-tokens", "64",
-                    "--batch-sizes", "1", "--context", "8", "--new-tokens", "2", "--repeats", "1", "--json")
-    assert evaluated["kv_bytes_per_token"] == converted.config.kv_bytes_per_token(torch.float32)
-    assert 1 < evaluated["ppl"] < 10 * VOCAB
+    evaluated = cli(capsys, "eval", src, "--compare", tmp_path / "svd-hf", "--data", text, "--block-size", "16",
+                    "--max-eval-tokens", "64", "--batch-sizes", "1", "--context", "8", "--new-tokens", "2", "--repeats", "1", "--json")
+    assert evaluated["models"][1]["kv_bytes_per_token"] == converted.config.kv_bytes_per_token(torch.float32)
+    # Perplexities against transformers' on the same 4 held-out windows of 16 tokens (fp32 models,
+    # fp64 sums here: rtol 1e-5; these random models are near uniform, ppl ~ 100): the source as transformers' own model, the svd export as
+    # transformers loads it (its own class when stock, the export's code when remote code).
+    from dha.data import blocks, load_tokens
+
+    windows = blocks(load_tokens(text, load(src).tokenizer, cache=False).heldout, 16, 4)
+    export_hf = AutoModelForCausalLM.from_pretrained(result["out"], trust_remote_code=True, dtype=torch.float32).eval()
+    for model, reference in zip(evaluated["models"], (hf, export_hf)):
+        assert model["eval_tokens"] == 4 * 15
+        assert model["ppl"] == pytest.approx(hf_perplexity(reference, windows), rel=1e-5)
+
+
+def hf_perplexity(model, windows: torch.Tensor) -> float:
+    """exp(mean NLL) of every token of each window but its first, from that window alone (fp64)."""
+    import math
+
+    with torch.no_grad():
+        logits = model(input_ids=windows, use_cache=False).logits[:, :-1].double()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    return math.exp(float(nll))
 
 
 @pytest.mark.parametrize("name", FAMILY_CASES)

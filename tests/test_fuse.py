@@ -212,6 +212,52 @@ def test_short_fusion_run_drives_distance_down(schedule):
     assert "fusion/key/0" in result.history[-1]
 
 
+def mean_target_distances(fused: FusedModel) -> torch.Tensor:
+    """(L, 2) [key, value]: mean over each layer-kind's multi-head groups of d(S) written out for
+    the mean target (members read back = the group mean), from the weights alone (float64)."""
+    out = torch.zeros(2, 2, dtype=torch.float64)
+    for l, kind, proj in fused.projections():
+        W = proj.weight.detach().double().view(6, HD, -1)
+        ds = [((W[g] - W[g].mean(0)) ** 2).sum() / (W[g] ** 2).sum() for g in proj.groups if len(g) > 1]
+        out[l, ["key", "value"].index(kind)] = torch.stack(ds).mean()
+    return out
+
+
+def test_lagrangian_penalty_in_parameter_space():
+    """The lagrangian schedule's penalty, against the formula written here on distances measured
+    from the weights: sum over (layer, kind) of l1 g + l2 g^2 with g = max(d - t, 0) and the target
+    t = (1 - f) d_initial + f eps. A group AHEAD of its schedule (d < t, layer 0's keys here, pulled
+    toward their group means) adds nothing and gets no gradient: the squared term of an inequality
+    constraint takes the violation's positive part only (g = d - t would push it back up)."""
+    from dha.fuse import FusionSchedule
+
+    options = FusionOptions(schedule="lagrangian", target="mean", ramp_end=0.5, eps=1e-3)
+    fused = FusedModel(ours_from_hf(tiny_llama_hf()), DECOUPLED, None, options)
+    initial = mean_target_distances(fused)
+    schedule = FusionSchedule(fused, steps=10, options=options)  # the ramp runs over steps 0..5
+    schedule.param_groups(fused)
+    l1 = torch.tensor([[0.5, 0.7], [1.1, 0.3]], dtype=torch.float64)
+    l2 = torch.tensor([[2.0, 3.0], [0.4, 1.5]], dtype=torch.float64)
+    with torch.no_grad():
+        schedule.multipliers.copy_(torch.stack([l1, l2]))
+        key0 = fused.model.layers[0].attn.k_proj
+        W = key0.weight.view(6, HD, -1)
+        for g in key0.groups:  # layer 0's keys fused ahead: 0.3x their deviation from the group mean
+            W[g] = W[g].mean(0) + 0.3 * (W[g] - W[g].mean(0))
+    d = mean_target_distances(fused)
+    frac = 3 / 5
+    target = (1 - frac) * initial + frac * 1e-3
+    gap = (d - target).clamp_min(0.0)
+    assert gap[0, 0] == 0 and (gap[1] > 0).all(), (d, target)  # one ahead, the others behind
+    reference = float((l1 * gap + l2 * gap ** 2).sum())
+    term, logs = schedule.extra_loss(fused, 3)
+    assert term.item() == pytest.approx(reference, rel=1e-4)  # fp32 distances, fp64 reference
+    assert logs["fusion/key/0"] == pytest.approx(float(d[0, 0]), rel=1e-4)
+    term.backward()
+    assert key0.weight.grad is None or key0.weight.grad.abs().max() == 0  # ahead: not pushed back
+    assert fused.model.layers[1].attn.v_proj.weight.grad.abs().max() > 0  # behind: pulled toward the merge
+
+
 # ---- the pipeline: `dha convert --method dha` ------------------------------------------------------
 
 @pytest.fixture
@@ -241,15 +287,17 @@ def test_split_tokens_in_whole_steps():
 
 def test_cli_convert_dha_end_to_end(convert_setup, capsys):
     import json
+    import math
     import os
 
     from dha.checkpoint import load
     from dha.cli import main
+    from dha.data import load_tokens
     from dha.plan import Plan
 
     tmp_path, source, common = convert_setup
     out = str(tmp_path / "dha")
-    assert main(["convert", source, *common, "--tokens", "640", "--eval-every", "3", "--out", out]) == 0
+    assert main(["convert", source, *common, "--tokens", "640", "--eval-every", "3", "--lr", "3e-3", "--out", out]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["fusion_tokens"] == 3 * 64 and summary["continued_tokens"] == 7 * 64
     for name in ("plan.json", "report.md", "summary.json", "log.jsonl", "allocation.png", "loss.png", "perplexity.png"):
@@ -267,6 +315,23 @@ def test_cli_convert_dha_end_to_end(convert_setup, capsys):
     with open(os.path.join(out, "report.md")) as f:
         report = f.read()
     assert "![allocation.png](allocation.png)" in report and "| source |" in report
+    # Fusion and training beat the untrained merge: the saved model's held-out loss, computed here
+    # (fp32 model, fp64 sum) on the whole held-out stream as one window, is below 0.98x that of the
+    # same plan merged without training (`--tokens 0`). Measured: 4.14 against 4.57 nats (0.91x).
+    untrained = str(tmp_path / "dha-untrained")
+    assert main(["convert", source, *common, "--tokens", "0", "--out", untrained]) == 0
+    assert Plan.load(os.path.join(untrained, "plan.json")).to_dict()["layers"] == plan.to_dict()["layers"]
+    heldout = load_tokens(common[common.index("--data") + 1], converted.tokenizer).heldout[None]  # (1, N)
+    trained_nll, untrained_nll = heldout_nll(converted.model, heldout), heldout_nll(load(untrained).model, heldout)
+    assert trained_nll < 0.98 * untrained_nll, (trained_nll, untrained_nll)
+    assert summary["ppl"] == pytest.approx(math.exp(trained_nll), rel=1e-4)
+
+
+def heldout_nll(model, window: torch.Tensor) -> float:
+    """Mean NLL of every token of `window` (1, N) but the first, written out (fp64)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(window)[0, :-1].double(), -1)
+    return float(-logp.gather(-1, window[0, 1:, None]).mean())
 
 
 def test_continued_training_reads_on_from_where_fusion_stopped(convert_setup, capsys, monkeypatch):
@@ -292,33 +357,67 @@ def test_continued_training_reads_on_from_where_fusion_stopped(convert_setup, ca
     assert len(set(first_epoch)) == len(first_epoch), "a row was read twice before the train split was used up"
 
 
+PAIRS = [[0, 3], [1, 4], [2, 5]]  # the scattered pairs of rotated_pairs_source, in every layer
+
+
+def rotated_pairs_source(path: str) -> str:
+    """A native tiny source (hidden 48, 6 heads, head dim 8, 2 layers, RoPE on all dims) in which,
+    in every layer, key head j of each pair (i, j) of PAIRS is key head i turned by a per-frequency-pair
+    rotation (query head j's W_Q turned the same way) and value head j is an orthogonal map of value
+    head i (its W_O columns mapped alike): the aligned merge of the pairs is exact, the mean is not."""
+    from dha.model import ModelConfig, Transformer, scaled_init_
+    from dha.transforms import build, heads, state_dict_of, unheads
+    from tests.conftest import save_tiny_source
+    from tests.test_compress import pair_rotation
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=48, num_layers=2, num_heads=6, head_dim=HD, intermediate_size=64,
+                      tie_word_embeddings=False)
+    model = scaled_init_(Transformer(cfg), std=0.2, seed=0)
+    sd, g = state_dict_of(model), torch.Generator().manual_seed(3)
+    for l in range(2):
+        pre = f"layers.{l}.attn"
+        k, q = heads(sd[f"{pre}.k_proj.weight"], HD).double(), heads(sd[f"{pre}.q_proj.weight"], HD).double()
+        v, o = heads(sd[f"{pre}.v_proj.weight"], HD).double(), heads(sd[f"{pre}.o_proj.weight"].double().T, HD)
+        for i, j in PAIRS:
+            rot = pair_rotation(torch.rand(HD // 2, generator=g, dtype=torch.float64) * 2 * torch.pi)
+            k[j], q[j] = rot @ k[i], rot @ q[j]
+            orth, _ = torch.linalg.qr(torch.randn(HD, HD, generator=g, dtype=torch.float64))
+            v[j], o[j] = orth @ v[i], orth @ o[j]
+        sd[f"{pre}.k_proj.weight"], sd[f"{pre}.q_proj.weight"] = unheads(k).float(), unheads(q).float()
+        sd[f"{pre}.v_proj.weight"] = unheads(v).float()
+        sd[f"{pre}.o_proj.weight"] = unheads(o).T.contiguous().float()
+    return save_tiny_source(path, build(cfg, sd).eval())
+
+
 def test_cli_convert_dha_tokens_zero_aligned_merges(convert_setup, capsys):
+    """--tokens 0 on a source whose pairs of heads merge exactly only by the aligned merge: the
+    search must find the pairs, and the saved model (3 K + 3 V heads per layer) must give the
+    source's logits back (fp32, atol 1e-4); the mean merge of the same plan does not (> 1e-2)."""
     import json
     import os
 
     from dha.checkpoint import load
     from dha.cli import main
-    from dha.compress import aligned_merge
-    from dha.data import load_tokens
-    from dha.pipeline import calibration_blocks
     from dha.plan import Plan
+    from dha.transforms import merge_groups
 
-    tmp_path, source, common = convert_setup
+    tmp_path, _, common = convert_setup
+    source = rotated_pairs_source(str(tmp_path / "pairs"))
     out = str(tmp_path / "dha0")
     assert main(["convert", source, *common, "--tokens", "0", "--out", out]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["fusion_tokens"] == 0 and summary["continued_tokens"] == 0
     assert os.path.exists(os.path.join(out, "allocation.png")) and os.path.exists(os.path.join(out, "report.md"))
-    # Plumbing: the saved model is the plan aligned-merged on the same calibration blocks of the
-    # train split (the merge itself is checked against einsum references in test_compress.py).
     plan = Plan.load(os.path.join(out, "plan.json"))
-    loaded = load(source)
-    splits = load_tokens(common[common.index("--data") + 1], loaded.tokenizer)
-    calib = calibration_blocks(splits.train, 256, 16)
-    expected = aligned_merge(loaded.model, plan.layers, closed_form_merges(calibrate(loaded.model, calib).stats, plan.layers))
-    ids = random_ids(length=8, vocab=30)
+    truth = {frozenset(p) for p in PAIRS}
+    for layer in plan.layers:
+        assert {frozenset(g) for g in layer.key_groups} == truth and {frozenset(g) for g in layer.value_groups} == truth
+    src = load(source).model
+    ids = random_ids(length=12, vocab=30)
     with torch.no_grad():
-        assert_close(load(out).model(ids), expected(ids), atol=1e-6, rtol=0)
+        reference = src(ids)
+        assert_close(load(out).model(ids), reference, atol=1e-4, rtol=0)
+        assert (merge_groups(src, plan)(ids) - reference).abs().max() > 1e-2
     # The search's costs are estimated loss increases unless told not to.
     assert plan.notes["options"]["sensitivity"] and len(plan.notes["loss_increase"]["key"]) == 2
     plain = str(tmp_path / "dha0-plain")

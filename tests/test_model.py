@@ -222,3 +222,91 @@ def test_sliding_window_mask():
     mask = Transformer(cfg).causal_mask(start=2, T=2, S=4, device="cpu")
     # Query at position 2 sees keys 0..2; at position 3 sees 1..3 (window of 3, HF/Mistral convention).
     assert mask.tolist() == [[True, True, True, False], [False, True, True, True]]
+
+
+def duplicated_heads_pair(key_index, value_index, bias=True):
+    """(HF MHA LlamaForCausalLM whose key head h is a copy of source head key_index[h] and value head
+    h of value_index[h], our model holding only the distinct heads with those maps): the same function."""
+    hf = tiny_llama_hf(bias=bias)
+    compact = state_dict_of(ours_from_hf(hf))
+    with torch.no_grad():
+        for l, layer in enumerate(hf.model.layers):
+            for proj, index, name in ((layer.self_attn.k_proj, key_index, "k_proj"), (layer.self_attn.v_proj, value_index, "v_proj")):
+                n = max(index) + 1
+                for suffix in ("weight", "bias"):
+                    w = getattr(proj, suffix)
+                    rows = w.detach().clone().view(6, 8, *w.shape[1:])
+                    w.copy_(rows[index].reshape(w.shape))
+                    compact[f"layers.{l}.attn.{name}.{suffix}"] = rows[:n].reshape(n * 8, *w.shape[1:]).clone()
+    ours = build(with_maps(ours_from_hf(hf).config, [key_index] * 2, [value_index] * 2), compact).eval()
+    return hf, ours
+
+
+CHUNKED = {  # name -> (HF reference, our model)
+    "gqa": lambda: (lambda hf: (hf, ours_from_hf(hf)))(tiny_llama_hf(num_kv_heads=2, bias=True)),
+    "coupled-uneven": lambda: duplicated_heads_pair([0, 1, 1, 0, 2, 1], [0, 1, 1, 0, 2, 1]),
+    "decoupled-uneven": lambda: duplicated_heads_pair([0, 1, 1, 0, 2, 1], [0, 0, 1, 1, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("name", list(CHUNKED))
+def test_chunks_of_2_to_4_tokens_after_a_cached_prefix_equal_transformers(name, monkeypatch):
+    """Prefill 7 tokens, then feed chunks of 2, 3 and 4 tokens from the cache: every chunk takes the
+    grouped path (batched matmuls on the cache, a causal mask inside the chunk), and the logits of
+    all 16 positions equal transformers' full forward of an MHA model holding each head's copy
+    (fp32, atol 1e-5). Decoupled layers take it up to hd / 2 = 4 new tokens."""
+    from dha.model import Attention
+
+    hf, ours = CHUNKED[name]()
+    calls = []
+    grouped = Attention.attend_grouped
+    monkeypatch.setattr(Attention, "attend_grouped", lambda self, q, *a: calls.append(q.shape[2]) or grouped(self, q, *a))
+    ids = random_ids(batch=2, length=16, seed=4)
+    with torch.no_grad():
+        reference = hf(ids).logits
+        cache = ours.new_cache(2, 16)
+        out, start = [ours(ids[:, :7], cache)], 7
+        for T in (2, 3, 4):
+            out.append(ours(ids[:, start:start + T], cache))
+            start += T
+    assert calls == [2, 2, 3, 3, 4, 4]  # two layers per chunk; the prefill took SDPA
+    assert_close(torch.cat(out, 1), reference, atol=ATOL, rtol=0)
+
+
+def test_chunks_after_a_cached_prefix_with_a_sliding_window_equal_transformers():
+    """Mistral, window 5: chunks of 4 tokens after 4 cached ones mask keys both before the window
+    and after each query (grouped path); logits equal transformers' full forward (fp32, atol 1e-5)."""
+    from tests.test_families import CASES
+
+    hf = CASES["mistral"]()
+    ours = ours_from_hf(hf)
+    assert ours.config.sliding_window == 5
+    ids = random_ids(batch=2, length=16, seed=5)
+    with torch.no_grad():
+        cache = ours.new_cache(2, 16)
+        out = [ours(ids[:, :4], cache)] + [ours(ids[:, s:s + 4], cache) for s in (4, 8, 12)]
+        assert_close(torch.cat(out, 1), hf(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_cli_generate_greedy_equals_transformers_generate(tmp_path, capsys, monkeypatch):
+    """`dha generate` on a saved HF directory (GQA, biases; character tokenizer): its greedy
+    completion is the text of transformers' own greedy generate of the same 12 new tokens."""
+    import json
+
+    from dha.cli import main
+    from tests.test_family_workflows import char_tokenizer
+
+    monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
+    hf, tok = tiny_llama_hf(num_kv_heads=3, bias=True), char_tokenizer()
+    hf.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    prompt = "def f(x): return"
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    hf.generation_config.eos_token_id = None  # dha generate decodes exactly --max-new-tokens tokens
+    with torch.no_grad():
+        theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    assert theirs.numel() == 12 and len(set(theirs.tolist())) > 1  # a completion that can differ
+    assert main(["generate", str(tmp_path / "src"), "--prompt", prompt, "--max-new-tokens", "12", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["prompt"] == prompt
+    assert out["completion"] == tok.decode(theirs, skip_special_tokens=True)

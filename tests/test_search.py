@@ -233,6 +233,37 @@ def test_recovers_scattered_gqa_groups_exactly():
     assert merged.config.key_heads(0) == 2 and merged.config.value_heads(1) == 2
 
 
+def uneven_copies_model():
+    """Our MHA tiny model whose layer 0 has ONE distinct key head and one value head (all six are
+    copies), and layer 1 three of each (head j copies head j % 3): lossless at counts [1, 3]."""
+    model = ours_from_hf(tiny_llama_hf())
+    sd, hd = state_dict_of(model), model.config.head_dim
+    for layer, source_of in ((0, lambda j: 0), (1, lambda j: j % 3)):
+        for name in ("k_proj", "v_proj"):
+            w = sd[f"layers.{layer}.attn.{name}.weight"]
+            for j in range(6):
+                w[j * hd:(j + 1) * hd] = w[source_of(j) * hd:(source_of(j) + 1) * hd].clone()
+    return build(model.config, sd)
+
+
+def test_learned_search_follows_uneven_redundancy():
+    """The learned counts must come from the gates: at 8 of 24 heads, the only lossless allocation
+    is 1 K + 1 V head in layer 0 and 3 + 3 in layer 1. Gates that never moved leave every expected
+    count equal, and the final rounding then spreads the budget evenly ([2, 2], [2, 2])."""
+    model = uneven_copies_model()
+    options = SearchOptions(search="learned", steps=40, gate_lr=0.3, progress=False)
+    plan = search(model, 8 / 24, random_ids(8, 32), options)
+    assert plan.key_heads() == [1, 3] and plan.value_heads() == [1, 3]
+    expected = plan.notes["learned"]["expected_counts"]  # key 0, value 0, key 1, value 1
+    assert max(expected[0], expected[1]) < 1.5 and min(expected[2], expected[3]) > 2.5, expected
+    truth = {frozenset({0, 3}), frozenset({1, 4}), frozenset({2, 5})}
+    assert as_sets(plan.layers[1].key_groups) == truth and as_sets(plan.layers[1].value_groups) == truth
+    # ... and the merged model is the source again (fp32, atol 1e-4): the copies merge exactly.
+    ids = random_ids(2, 24, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(merge_groups(model, plan)(ids), model(ids), rtol=0, atol=1e-4)
+
+
 def test_learned_search_recovers_scattered_gqa_counts_and_groups():
     hf, mha, truth = scattered_gqa()
     options = SearchOptions(search="learned", steps=40, gate_lr=0.3, progress=False)
@@ -242,6 +273,51 @@ def test_learned_search_recovers_scattered_gqa_counts_and_groups():
         assert as_sets(layer.key_groups) == groups and as_sets(layer.value_groups) == groups
     history = plan.notes["learned"]["history"]
     assert history[-1]["expected_fraction"] < 0.4  # the relaxed counts really moved to the target (8/24)
+
+
+# Hard-concrete constants (Louizos et al. 2018, as LLM-Shearing sets them), written here again.
+BETA, LOW, HIGH = 2 / 3, -0.1, 1.1
+
+
+def test_hard_concrete_gates_against_their_distribution():
+    """Samples z = clamp(sigmoid((logit u + log alpha) / beta) (high - low) + low, 0, 1), u ~ U(0, 1):
+    P(z <= x) = sigmoid(beta logit((x - low) / (high - low)) - log alpha) for x in [0, 1), which gives
+    P(z = 0) at x = 0 and P(z != 0) = sigmoid(log alpha - beta log(-low / high)) (eq. 12). Monte
+    Carlo, 200,000 draws per log alpha: standard error <= 0.0012, tolerance 0.006."""
+    from dha.search import hard_concrete_mean, hard_concrete_open, hard_concrete_sample
+
+    torch.manual_seed(0)
+    for la in (-2.0, 0.0, 1.5):
+        z = hard_concrete_sample(torch.full((200_000,), la))
+        assert z.min() >= 0 and z.max() <= 1
+        for x in (0.0, 0.3, 0.8):
+            t = (x - LOW) / (HIGH - LOW)
+            cdf = 1 / (1 + math.exp(-(BETA * math.log(t / (1 - t)) - la)))
+            assert abs(float((z <= x).double().mean()) - cdf) < 0.006, (la, x)
+        assert abs(float((z == 1).double().mean()) - (1 - 1 / (1 + math.exp(-(BETA * math.log((1 - LOW) / (HIGH - 1)) - la))))) < 0.006
+        p_open = 1 / (1 + math.exp(-(la - BETA * math.log(-LOW / HIGH))))
+        assert math.isclose(float(hard_concrete_open(torch.tensor(la))), p_open, rel_tol=1e-6)
+        assert abs(float((z != 0).double().mean()) - p_open) < 0.006
+        mean = min(1.0, max(0.0, 1 / (1 + math.exp(-la)) * (HIGH - LOW) + LOW))  # the test-time gate
+        assert math.isclose(float(hard_concrete_mean(torch.tensor(la))), mean, rel_tol=1e-6, abs_tol=1e-7)
+    assert float(hard_concrete_mean(torch.tensor(5.0))) == 1.0 and float(hard_concrete_mean(torch.tensor(-5.0))) == 0.0
+
+
+def test_count_coefficients_interpolate_the_c_group_models():
+    """c_c = u_c - u_{c+1} with u_1 = 1, u_{n+1} = 0, so sum_c c_c W_c = W_1 + sum_{c>=2} u_c (W_c - W_{c-1})
+    (written here as that sum, float64); u = (1, 1, 0, 0) picks W_2 exactly."""
+    from dha.search import count_coefficients
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)  # W_1..W_4
+    kept = torch.tensor([0.9, 0.4, 0.25], dtype=torch.float64)  # u_2, u_3, u_4
+    coeff = count_coefficients(kept)
+    assert coeff.shape == (4,)
+    reference = W[0] + sum(kept[c - 2] * (W[c - 1] - W[c - 2]) for c in range(2, 5))
+    torch.testing.assert_close(torch.einsum("c,c...->...", coeff, W), reference, rtol=0, atol=1e-12)
+    torch.testing.assert_close(coeff, torch.tensor([0.1, 0.5, 0.15, 0.25], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert count_coefficients(torch.tensor([1.0, 0.0, 0.0])).tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert count_coefficients(torch.tensor([1.0, 1.0, 1.0])).tolist() == [0.0, 0.0, 0.0, 1.0]
 
 
 def test_plot_allocation_writes_a_png(tmp_path):
