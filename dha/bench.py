@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .atomic import atomic_file
 from .errors import UserError
+from .plots import pyplot, save
 
 
 @dataclass
@@ -383,12 +383,7 @@ def print_bench(report: dict, file=None) -> None:
 
 def write_plot(report: dict, path: str) -> None:
     """Decode tokens/s against context, one line per model and batch size; written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     styles = ["-", "--", ":", "-."]
     for i, m in enumerate(report["models"]):
         for j, b in enumerate(report["options"]["batch_sizes"]):
@@ -402,8 +397,4 @@ def write_plot(report: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    save(fig, path, dpi=120)

@@ -45,7 +45,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_file
 from .compress import (METRICS, Calibration, calibrate, fisher_cost, group_merge, group_residual, energy,
                        reconstructed_outputs, reconstructed_key_rows, reconstructed_value_rows, source_heads,
                        total_heads_for_budget)
@@ -538,35 +537,3 @@ def _rounded(values: list[float]) -> list[float | None]:
 def _by_kind(tables: list[HeadTable], values: list) -> dict:
     """[per table] -> {"key": [per layer], "value": [per layer]}."""
     return {kind: [v for t, v in zip(tables, values) if t.kind == kind] for kind in KINDS}
-
-
-# ---- report --------------------------------------------------------------------------------------
-
-def plot_allocation(plan: Plan, path: str) -> None:
-    """Bar chart of key and value heads kept per layer (source counts as outlines), written atomically."""
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    L = len(plan.layers)
-    x = np.arange(L)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * L + 2), 3.5))
-    ax.bar(x - 0.2, plan.source_key_heads, 0.4, fill=False, edgecolor="tab:blue", linewidth=0.8)
-    ax.bar(x + 0.2, plan.source_value_heads, 0.4, fill=False, edgecolor="tab:orange", linewidth=0.8)
-    ax.bar(x - 0.2, plan.key_heads(), 0.4, color="tab:blue", label="key heads")
-    ax.bar(x + 0.2, plan.value_heads(), 0.4, color="tab:orange", label="value heads")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("heads kept (outline: source)")
-    ax.set_xticks(x if L <= 32 else x[::2])
-    budget = f"{plan.kv_budget:g}" if plan.kv_budget is not None else "?"
-    ax.set_title(f"{plan.method} plan: budget {budget}, kept {plan.kv_fraction():.3f} of the KV heads")
-    ax.legend(loc="upper right", fontsize="small")
-    fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png")
-    finally:
-        plt.close(fig)

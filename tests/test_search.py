@@ -18,7 +18,7 @@ from dha.compress import calibrate, collect_with_gradients, group_merge
 from dha.errors import UserError
 from dha.plan import LayerPlan, Plan, contiguous_groups
 from dha.search import (
-    SearchOptions, agglomerate, allocate, allocate_with, head_tables, plot_allocation, search, total_heads_for_budget,
+    SearchOptions, agglomerate, allocate, allocate_with, head_tables, search, total_heads_for_budget,
 )
 from dha.transforms import build, expand_to_mha, merge_groups, permute_query_heads, state_dict_of
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
@@ -242,14 +242,6 @@ def test_learned_search_recovers_scattered_gqa_counts_and_groups():
         assert as_sets(layer.key_groups) == groups and as_sets(layer.value_groups) == groups
     history = plan.notes["learned"]["history"]
     assert history[-1]["expected_fraction"] < 0.4  # the relaxed counts really moved to the target (8/24)
-
-
-def test_plot_allocation_writes_a_png(tmp_path):
-    plan = Plan([LayerPlan([[0, 1], [2]], [[0, 1, 2]]), LayerPlan([[0], [1], [2]], [[0], [1, 2]])], [3, 3], [3, 3], "dha", 0.5)
-    path = tmp_path / "allocation.png"
-    plot_allocation(plan, str(path))
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["allocation.png"]  # no temp file left behind
 
 
 @pytest.mark.slow
