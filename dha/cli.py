@@ -403,7 +403,7 @@ def run_convert(args) -> int:
         # itself the converted checkpoint (plus log.jsonl, TensorBoard, run.json) and, with
         # --save-every, holds the checkpoints that --resume continues from (the conversion is
         # deterministic, so it is redone and the checkpoint's weights replace it).
-        from .train import continue_training, source_identity
+        from .continued import continue_training, source_identity
 
         if args.teacher is not None:
             teacher = load(args.teacher, torch.float32, tokenizer=False).model
@@ -589,7 +589,7 @@ def convert_run_identity(args, config, data: str) -> dict:
     """What a resumed `convert --method dha` run must share with the run it continues (its run.json)."""
     from dataclasses import asdict
 
-    from .train import source_identity
+    from .continued import source_identity
 
     flat = {}
     for part, value in asdict(config).items():
@@ -768,7 +768,7 @@ def run_train(args) -> int:
     import torch
 
     from .checkpoint import load
-    from .train import continue_training, source_identity
+    from .continued import continue_training, source_identity
 
     if args.out is None:
         if args.resume is None:

@@ -1,7 +1,8 @@
 """One training loop: continued pre-training, alone or under torchrun (DDP / FSDP), resumable.
 
-Used for continued pre-training (`dha train`), for the training that follows a conversion
-(`dha convert ... --tokens N`), and, through `Hooks`, by the fusion stage.
+Used for continued pre-training (`dha train`, through `dha.continued`, which reads the data), for
+the training that follows a conversion (`dha convert ... --tokens N`), and, through `Hooks`, by
+the fusion stage and the learned search. The loop takes token tensors; it knows no SOURCE or DATA.
 
 What one optimizer step does
 ----------------------------
@@ -58,8 +59,8 @@ Output directory
                         `keep_checkpoints` are kept; each holds model, optimizer, step, data
                         position, RNG states and the history so far
     model.safetensors, dha_config.json, tokenizer files
-                        the final model as a native checkpoint (dha.checkpoint), so DIR is itself
-                        a SOURCE for the other verbs
+                        the final model as a native checkpoint (dha.checkpoint.save_final_model),
+                        so DIR is itself a SOURCE for the other verbs
 """
 
 from __future__ import annotations
@@ -81,8 +82,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .atomic import atomic_file, files_into, write_json
+from .atomic import atomic_file, write_json
+from .checkpoint import save_final_model
+from .data import DataError, blocks
 from .errors import UserError
+from .transforms import build
 
 RUN_FORMAT = "dha-train-run/1"
 CHECKPOINT_FORMAT = "dha-train-checkpoint/1"
@@ -268,8 +272,6 @@ def _all_sum(t: Tensor, d: Dist) -> Tensor:
 
 def as_blocks(data, block_size: int, what: str) -> Tensor:
     """A 1-D token stream cut into (n, block_size) rows, or 2-D rows as given."""
-    from .data import DataError, blocks
-
     if not isinstance(data, Tensor):
         data = torch.as_tensor(data)
     if data.dim() == 1:
@@ -754,70 +756,6 @@ def unwrap_full_model(module: nn.Module, fsdp: bool) -> nn.Module:
         return module
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from .transforms import build
-
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
     sd = {k: v.detach().clone() for k, v in sd.items()}
     return build(module.config, sd)
-
-
-def save_final_model(out_dir: str, model: nn.Module, loaded, provenance: dict) -> None:
-    """Write the native checkpoint files into `out_dir` (beside the logs), each by rename.
-
-    dha_config.json goes last: a directory holding it holds a complete model."""
-    from .checkpoint import Loaded, NATIVE_CONFIG, write_native
-
-    if loaded is not None:
-        prov = dict(loaded.provenance or {})
-        prov.update(provenance)
-        out = Loaded(model, loaded.tokenizer, loaded.source, "native", loaded.hf_config, loaded.plan, prov)
-    else:
-        out = Loaded(model, None, "train", "native", None, None, provenance)
-    with files_into(out_dir, last=NATIVE_CONFIG) as tmp:
-        write_native(tmp, out)
-
-
-# ---- from a SOURCE and DATA (the `train` verb, and `convert --tokens`) ----------------------------
-
-def continue_training(
-    loaded,
-    data: str | None,
-    cfg: TrainConfig,
-    *,
-    out_dir: str | None = None,
-    teacher: nn.Module | None = None,
-    hooks: Hooks | None = None,
-    resume: str | None = None,
-    progress: bool = True,
-    text_field: str = "text",
-    heldout_fraction: float = 0.1,
-    run_info: dict | None = None,
-) -> TrainResult:
-    """Train `loaded.model` on DATA (tokenised with `loaded.tokenizer`, see dha.data.load_tokens).
-
-    The model is trained in place (loaded.model is set to the trained model), in its own dtype
-    (load it in float32 for training; cfg.dtype is only the autocast dtype). With out_dir, the
-    final model is saved there with loaded's tokenizer, hf_config, plan and provenance.
-    run_info identifies the run in run.json (default: source and data as named)."""
-    from .data import load_tokens
-
-    splits = load_tokens(data, loaded.tokenizer, text_field=text_field, heldout_fraction=heldout_fraction)
-    if run_info is None:
-        run_info = {"source": loaded.source, "data": splits.source, "text_field": text_field}
-    heldout = splits.heldout if splits.heldout.numel() >= cfg.block_size else None
-    if heldout is None and progress:
-        print(f"dha: warning: {splits.source} has {splits.heldout.numel()} held-out tokens, less than one block: "
-              "no held-out evaluation", file=sys.stderr)
-    result = train(loaded.model, splits.train, heldout, cfg, teacher=teacher, hooks=hooks, out_dir=out_dir,
-                   resume=resume, progress=progress, run_info=run_info, loaded=loaded)
-    loaded.model = result.model
-    return result
-
-
-def source_identity(source: str | None) -> str:
-    """The SOURCE as a stable name for run.json: an absolute path when it is a path."""
-    from .checkpoint import DEFAULT_SOURCE
-
-    if source is None:
-        return DEFAULT_SOURCE
-    return os.path.abspath(source) if os.path.exists(source) else source

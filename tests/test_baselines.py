@@ -291,7 +291,7 @@ def _state(path):
 def test_cli_convert_training_resumes_after_a_crash_like_an_uninterrupted_run(workspace, monkeypatch):
     """A baseline conversion with --tokens and --save-every, stopped at step 4, continues from its
     step-2 checkpoint with --resume and ends where the uninterrupted run ends (fp32, atol 1e-6)."""
-    import dha.train
+    import dha.continued
 
     tmp, src, data = workspace
     common = ["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--tokens", "384",
@@ -335,6 +335,7 @@ def test_cli_convert_training_options_refused_before_loading(workspace, extra, m
 
 def test_cli_convert_training_holds_out_what_calibration_held_out(workspace, monkeypatch):
     """--heldout-fraction splits the text for training as it did for calibration."""
+    import dha.continued
     import dha.data
 
     tmp, src, data = workspace
@@ -344,7 +345,8 @@ def test_cli_convert_training_holds_out_what_calibration_held_out(workspace, mon
         seen.append(kwargs.get("heldout_fraction", 0.1))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dha.data, "load_tokens", spy)
+    monkeypatch.setattr(dha.data, "load_tokens", spy)  # calibration (the CLI)
+    monkeypatch.setattr(dha.continued, "load_tokens", spy)  # training
     assert main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--heldout-fraction", "0.3",
                  "--tokens", "64", "--block-size", "16", "--batch-tokens", "64", "--eval-every", "0", "--no-progress",
                  "--out", str(tmp / "o")]) == 0
@@ -398,7 +400,7 @@ def test_cli_metric_default_is_each_consumers_own(workspace, monkeypatch):
 
 
 def test_cli_convert_training_gets_train_dtype_and_teacher(workspace, monkeypatch):
-    import dha.train
+    import dha.continued
 
     tmp, src, data = workspace
     seen = {}
@@ -407,7 +409,7 @@ def test_cli_convert_training_gets_train_dtype_and_teacher(workspace, monkeypatc
         seen.update(dtype=cfg.dtype, teacher=kwargs["teacher"], weights=next(loaded.model.parameters()).dtype)
         raise _Stop
 
-    monkeypatch.setattr(dha.train, "continue_training", stop)
+    monkeypatch.setattr(dha.continued, "continue_training", stop)
     other = tiny_source(str(tmp / "teacher"), tiny_llama_hf(seed=7, layers=3))  # a teacher unlike the source
     with pytest.raises(_Stop):
         main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--tokens", "64",
