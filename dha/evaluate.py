@@ -142,26 +142,7 @@ def evaluate_models(models: list, splits: TokenSplits, options: EvalOptions) -> 
         _check_options(loaded.model, options)
     max_blocks = None if options.max_eval_tokens is None else options.max_eval_tokens // options.block_size
     windows = make_blocks(splits.heldout, options.block_size, max_blocks)  # (n, W)
-    results = []
-    for loaded in models:
-        model = loaded.model.eval()
-        ppl = perplexity(model, windows, options.eval_batch_size, options.progress)
-        kv = kv_bytes(model)
-        if kv["measured"] != kv["analytic"]:
-            raise RuntimeError(f"{loaded.source}: KV cache holds {kv['measured']} bytes/token, the config says {kv['analytic']}")
-        cfg = model.config
-        results.append({
-            "source": loaded.source,
-            "parameters": model.num_parameters(),
-            "dtype": kv["dtype"],
-            "key_heads_total": sum(cfg.key_heads(l) for l in range(cfg.num_layers)),
-            "value_heads_total": sum(cfg.value_heads(l) for l in range(cfg.num_layers)),
-            "ppl": ppl["ppl"],
-            "nll": ppl["nll"],
-            "eval_tokens": ppl["tokens"],
-            "kv_bytes_per_token": kv["analytic"],
-            "kv_bytes_per_token_measured": kv["measured"],
-        })
+    results = [model_result(loaded, windows, options) for loaded in models]
     if options.tasks:
         for loaded, r in zip(models, results):
             r["tasks"] = run_lm_eval_tasks(loaded, options.tasks, options.include_path, options.limit,
@@ -172,19 +153,8 @@ def evaluate_models(models: list, splits: TokenSplits, options: EvalOptions) -> 
         r["decode_tokens_per_s"] = speed[-1]["decode_tokens_per_s"]  # at the last (largest) batch size
         r["prefill_tokens_per_s"] = speed[-1]["prefill_tokens_per_s"]
         r["decode_batch_size"] = speed[-1]["batch_size"]
-    base = results[0]
     for r in results:
-        r["ratios"] = {
-            "ppl": r["ppl"] / base["ppl"],
-            "kv_bytes_per_token": r["kv_bytes_per_token"] / base["kv_bytes_per_token"],
-            "decode_tokens_per_s": {str(s["batch_size"]): s["decode_tokens_per_s"] / b["decode_tokens_per_s"]
-                                    for s, b in zip(r["speed"], base["speed"])},
-            "prefill_tokens_per_s": {str(s["batch_size"]): s["prefill_tokens_per_s"] / b["prefill_tokens_per_s"]
-                                     for s, b in zip(r["speed"], base["speed"])},
-        }
-        if "tasks" in r:
-            r["ratios"]["tasks"] = {t: {k: v / base["tasks"][t][k] for k, v in ms.items() if base["tasks"][t].get(k)}
-                                    for t, ms in r["tasks"].items()}
+        r["ratios"] = ratios(r, results[0])
     return {
         "data": splits.source,
         "heldout_tokens_available": int(splits.heldout.numel()),
@@ -201,6 +171,44 @@ def evaluate_models(models: list, splits: TokenSplits, options: EvalOptions) -> 
         "threads": torch.get_num_threads(),
         "models": results,
     }
+
+
+def model_result(loaded, windows: torch.Tensor, options: EvalOptions) -> dict:
+    """One model's size, heads, perplexity on `windows` and KV-cache bytes (measured == analytic, checked)."""
+    model = loaded.model.eval()
+    ppl = perplexity(model, windows, options.eval_batch_size, options.progress)
+    kv = kv_bytes(model)
+    if kv["measured"] != kv["analytic"]:
+        raise RuntimeError(f"{loaded.source}: KV cache holds {kv['measured']} bytes/token, the config says {kv['analytic']}")
+    cfg = model.config
+    return {
+        "source": loaded.source,
+        "parameters": model.num_parameters(),
+        "dtype": kv["dtype"],
+        "key_heads_total": sum(cfg.key_heads(l) for l in range(cfg.num_layers)),
+        "value_heads_total": sum(cfg.value_heads(l) for l in range(cfg.num_layers)),
+        "ppl": ppl["ppl"],
+        "nll": ppl["nll"],
+        "eval_tokens": ppl["tokens"],
+        "kv_bytes_per_token": kv["analytic"],
+        "kv_bytes_per_token_measured": kv["measured"],
+    }
+
+
+def ratios(r: dict, base: dict) -> dict:
+    """A model's numbers over the first model's: perplexity, KV bytes, speeds per batch size, task metrics."""
+    out = {
+        "ppl": r["ppl"] / base["ppl"],
+        "kv_bytes_per_token": r["kv_bytes_per_token"] / base["kv_bytes_per_token"],
+        "decode_tokens_per_s": {str(s["batch_size"]): s["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                                for s, b in zip(r["speed"], base["speed"])},
+        "prefill_tokens_per_s": {str(s["batch_size"]): s["prefill_tokens_per_s"] / b["prefill_tokens_per_s"]
+                                 for s, b in zip(r["speed"], base["speed"])},
+    }
+    if "tasks" in r:
+        out["tasks"] = {t: {k: v / base["tasks"][t][k] for k, v in ms.items() if base["tasks"][t].get(k)}
+                        for t, ms in r["tasks"].items()}
+    return out
 
 
 def evaluate(loaded, splits: TokenSplits, options: EvalOptions | None = None) -> dict:

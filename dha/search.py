@@ -51,6 +51,7 @@ from .compress import (METRICS, Calibration, calibrate, fisher_cost, group_merge
 from .errors import UserError
 from .model import Transformer
 from .plan import LayerPlan, Plan
+from .train import Hooks, TrainConfig, ramp, train
 from .transforms import heads, unheads
 
 SEARCHES = ("cost", "learned")
@@ -440,11 +441,30 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
     Counts. The final expected counts E[n_l] are rounded to integers meeting `total` exactly by the
     same dynamic programming as the cost search, minimising sum_l (n_l - E[n_l])^2.
     """
-    from .train import Hooks, TrainConfig, ramp, train
-
     relaxed = RelaxedCounts(model, tables, calibration, options.gate_init)
     multipliers = nn.Parameter(torch.zeros(2))  # lambda1, lambda2
-    final = total / relaxed.source_heads
+    hooks = _lagrangian_hooks(multipliers, total / relaxed.source_heads, options)
+    rows = min(options.batch_size, calib_blocks.shape[0])
+    width = calib_blocks.shape[1]
+    cfg = TrainConfig(tokens=options.steps * rows * width, block_size=width, batch_tokens=rows * width, micro_batch=rows,
+                      lr=options.gate_lr, min_lr_ratio=1.0, warmup_steps=0, grad_clip=0.0, dtype="float32",
+                      eval_every=0, seed=options.seed, device=str(next(model.parameters()).device))
+    was_training = model.training
+    try:
+        result = train(relaxed, calib_blocks, None, cfg, hooks=hooks, progress=options.progress)
+    finally:
+        model.train(was_training)
+    with torch.no_grad():
+        expected_counts = [float(e) for e in relaxed.expected_counts()]
+    rounding = [[(c - e) ** 2 for c in range(1, len(t.costs) + 1)] for t, e in zip(tables, expected_counts)]
+    counts = allocate(rounding, total)
+    return counts, {"expected_counts": [round(e, 4) for e in expected_counts], "history": _learned_history(result, options)}
+
+
+def _lagrangian_hooks(multipliers: nn.Parameter, final: float, options: SearchOptions) -> Hooks:
+    """The training loop's hooks for `learned_counts`: the fusion loss plus the augmented-Lagrangian
+    budget term (target fraction ramped from 1 to `final`), the gates descending and the
+    multipliers ascending (a negative-lr group)."""
     warm = round(options.warmup * options.steps)
 
     def extra_loss(module: RelaxedCounts, step: int):
@@ -461,25 +481,15 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
         return [{"params": list(module.gates), "lr": options.gate_lr, "weight_decay": 0.0},
                 {"params": [multipliers], "lr": -options.multiplier_lr}]  # negative: gradient ascent
 
-    rows = min(options.batch_size, calib_blocks.shape[0])
-    width = calib_blocks.shape[1]
-    cfg = TrainConfig(tokens=options.steps * rows * width, block_size=width, batch_tokens=rows * width, micro_batch=rows,
-                      lr=options.gate_lr, min_lr_ratio=1.0, warmup_steps=0, grad_clip=0.0, dtype="float32",
-                      eval_every=0, seed=options.seed, device=str(next(model.parameters()).device))
-    was_training = model.training
-    try:
-        result = train(relaxed, calib_blocks, None, cfg, hooks=Hooks(extra_loss, param_groups), progress=options.progress)
-    finally:
-        model.train(was_training)
-    with torch.no_grad():
-        expected_counts = [float(e) for e in relaxed.expected_counts()]
-    rounding = [[(c - e) ** 2 for c in range(1, len(t.costs) + 1)] for t, e in zip(tables, expected_counts)]
-    counts = allocate(rounding, total)
+    return Hooks(extra_loss, param_groups)
+
+
+def _learned_history(result, options: SearchOptions) -> list[dict]:
+    """About ten records of the gates' training (and its first and last step), rounded, for the plan's notes."""
     every = max(1, options.steps // 10)
     keep = ("step", "loss", "fusion", "expected_fraction", "target", "lambda1", "lambda2")
-    history = [{k: (round(r[k], 5) if isinstance(r[k], float) else r[k]) for k in keep}
-               for r in result.history if r["step"] % every == 0 or r["step"] in (1, result.steps)]
-    return counts, {"expected_counts": [round(e, 4) for e in expected_counts], "history": history}
+    return [{k: (round(r[k], 5) if isinstance(r[k], float) else r[k]) for k in keep}
+            for r in result.history if r["step"] % every == 0 or r["step"] in (1, result.steps)]
 
 
 # ---- entry point ---------------------------------------------------------------------------------
