@@ -52,10 +52,10 @@ import torch
 from dha.baselines import ConvertOptions, source_heads
 from dha.checkpoint import load
 from dha.convert import METHODS, convert
-from dha.data import blocks, load_tokens
+from dha.data import blocks, calibration_blocks, load_tokens
 from dha.evaluate import perplexity
 from dha.fuse import FusionOptions
-from dha.pipeline import DHAConfig, calibration_blocks, run_dha
+from dha.pipeline import DHAConfig, run_dha
 from dha.plan import identity_plan
 from dha.search import SearchOptions
 from dha.train import TrainConfig, train

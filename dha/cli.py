@@ -254,15 +254,12 @@ def _check_calibration_args(args) -> None:
 
 def _calibration_blocks(args, tokenizer):
     """(n, block_size) token blocks from the TRAIN split, about --calib-tokens tokens in all."""
-    from .data import DataError, blocks, load_tokens
+    from .data import calibration_blocks, load_tokens
 
     if tokenizer is None:
         raise UserError("this model has no tokenizer, so calibration text cannot be tokenised")
     splits = load_tokens(args.data, tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
-    if splits.train.numel() == 0:
-        raise DataError(f"{args.data}: the train split is empty")
-    block_size = min(args.block_size, max(1, args.calib_tokens))
-    return blocks(splits.train, block_size, max_blocks=-(-args.calib_tokens // block_size))
+    return calibration_blocks(splits.train, args.calib_tokens, args.block_size)
 
 
 # ---- analyze -------------------------------------------------------------------------------------

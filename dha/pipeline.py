@@ -47,7 +47,7 @@ import torch.distributed as dist
 from .atomic import files_into
 from .checkpoint import NATIVE_CONFIG, Loaded, write_native
 from .compress import aligned_merge, calibrate, closed_form_merges, source_heads
-from .data import DataError, blocks
+from .data import blocks, calibration_blocks
 from .errors import UserError
 from .evaluate import perplexity
 from .fuse import FusedModel, FusionOptions, FusionSchedule, merge
@@ -118,14 +118,6 @@ def split_tokens(tokens: int, fusion_fraction: float, batch_tokens: int, block_s
                 "or change --fusion-fraction"
             )
     return StageTokens(fusion_steps * step, continued_steps * step, step)
-
-
-def calibration_blocks(train_stream: torch.Tensor, calib_tokens: int, block_size: int) -> torch.Tensor:
-    """About `calib_tokens` tokens from the start of the TRAIN stream, as (n, block) blocks."""
-    if train_stream.numel() == 0:
-        raise DataError("the train split is empty: no calibration text")
-    block_size = max(2, min(block_size, calib_tokens, train_stream.numel()))
-    return blocks(train_stream, block_size, max_blocks=-(-calib_tokens // block_size))
 
 
 def heldout_blocks(heldout: torch.Tensor, max_tokens: int, block_size: int) -> torch.Tensor | None:

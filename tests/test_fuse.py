@@ -300,7 +300,7 @@ def test_cli_convert_dha_tokens_zero_aligned_merges(convert_setup, capsys):
     from dha.cli import main
     from dha.compress import aligned_merge
     from dha.data import load_tokens
-    from dha.pipeline import calibration_blocks
+    from dha.data import calibration_blocks
     from dha.plan import Plan
 
     tmp_path, source, common = convert_setup
