@@ -21,11 +21,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .bench import Runner, measure
 from .data import TokenSplits, blocks as make_blocks
 from .errors import UserError
+from .model import next_token_nll
 
 
 @dataclass
@@ -61,15 +61,11 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool 
     if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise UserError(f"perplexity needs windows of at least 2 tokens, got shape {tuple(blocks.shape)}")
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    total_nll = 0.0
     starts = range(0, blocks.shape[0], batch_size)
     for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress, file=sys.stderr):
-        ids = blocks[start:start + batch_size].to(device)  # (B, W)
-        logits = model(ids)[:, :-1]  # (B, W-1, V): position t predicts token t+1
-        targets = ids[:, 1:]  # (B, W-1)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += targets.numel()
+        total_nll += next_token_nll(model, blocks[start:start + batch_size].to(device)).double().sum().item()
+    total_tokens = blocks.shape[0] * (blocks.shape[1] - 1)
     mean = total_nll / total_tokens
     return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
 

@@ -486,6 +486,18 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
 
+def next_token_nll(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """(b,): for each row of `rows` (b, W) the summed negative log-likelihood, in nats, of its tokens
+    1..W-1, each predicted from the row's earlier tokens only (the model reads row[:-1] and predicts
+    row[1:]). The logits are upcast to float32 first, whatever the model's dtype.
+
+    The one next-token loss of held-out text: dha.evaluate's perplexity and dha.train's held-out
+    evaluation both sum it."""
+    logits = model(rows[:, :-1])  # (b, W-1, V)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
+    return nll.view(rows.shape[0], -1).sum(1)
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,

@@ -54,7 +54,7 @@ from .fuse import FusedModel, FusionOptions, FusionSchedule, merge
 from .plan import Plan
 from .plots import plot_allocation, plot_loss, plot_perplexity
 from .search import SearchOptions, search
-from .train import TrainConfig, atomic_torch_save, find_checkpoint, setup_distributed, train
+from .train import TrainConfig, atomic_torch_save, eval_rows, find_checkpoint, setup_distributed, train
 from .transforms import merge_groups
 
 DEFAULT_FUSION_FRACTION = 0.3
@@ -147,9 +147,8 @@ def source_on_training_windows(source, heldout_train, train_template) -> float |
     blocks, dha.train), so the perplexity curve has a like-for-like reference line."""
     if heldout_train is None:
         return None
-    eval_rows = blocks(heldout_train, train_template.block_size)
-    eval_rows = eval_rows[: max(1, min(eval_rows.shape[0], train_template.eval_tokens // train_template.block_size))]
-    return perplexity(source.eval(), eval_rows, batch_size=4, progress=False)["ppl"]
+    rows = eval_rows(blocks(heldout_train, train_template.block_size), train_template.eval_tokens)
+    return perplexity(source.eval(), rows, batch_size=4, progress=False)["ppl"]
 
 
 # ---- end to end --------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ from .atomic import atomic_file, write_json
 from .checkpoint import save_final_model
 from .data import DataError, blocks
 from .errors import UserError
+from .model import next_token_nll
 from .transforms import build
 
 RUN_FORMAT = "dha-train-run/1"
@@ -480,6 +481,11 @@ def _autocast(device: torch.device, dtype_name: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def eval_rows(heldout_rows: Tensor, eval_tokens: int) -> Tensor:
+    """The held-out rows every evaluation of a run scores: the first eval_tokens // width (at least one)."""
+    return heldout_rows[:max(1, min(heldout_rows.shape[0], eval_tokens // heldout_rows.shape[1]))]
+
+
 @torch.no_grad()
 def evaluate_heldout(model: nn.Module, rows: Tensor, micro_batch: int, d: Dist, dtype_name: str) -> tuple[float, int]:
     """Mean next-token loss over `rows` (m, width), sharded over ranks: (loss, predicted tokens).
@@ -497,11 +503,8 @@ def evaluate_heldout(model: nn.Module, rows: Tensor, micro_batch: int, d: Dist, 
     for start in range(0, per_rank, micro_batch):
         idx = torch.tensor(mine[start:start + micro_batch])
         w = torch.tensor(weights[start:start + micro_batch], device=d.device)
-        batch = rows[idx].to(d.device)
         with _autocast(d.device, dtype_name):
-            logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
-        loss = loss.view(batch.shape[0], -1).sum(1)  # (b,)
+            loss = next_token_nll(model, rows[idx].to(d.device))  # (b,)
         total[0] += (loss * w).sum().double()
         total[1] += w.sum().double() * (rows.shape[1] - 1)
     _all_sum(total, d)
@@ -648,9 +651,8 @@ class _Run:
         """Held-out loss on the first eval_tokens of the held-out rows (no-op without them)."""
         if self.heldout is None:
             return
-        cfg, heldout = self.cfg, self.heldout
-        n = max(1, min(heldout.shape[0], cfg.eval_tokens // heldout.shape[1]))
-        loss, count = evaluate_heldout(self.wrapped, heldout[:n], cfg.micro_batch, self.d, self.dtype)
+        rows = eval_rows(self.heldout, self.cfg.eval_tokens)
+        loss, count = evaluate_heldout(self.wrapped, rows, self.cfg.micro_batch, self.d, self.dtype)
         record = {"kind": "eval", "step": self.step, "tokens": self.step * self.shape.tokens, "heldout_loss": loss,
                   "ppl": math.exp(min(loss, 700.0)), "heldout_tokens": count}
         self.evals.append(record)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dha.model import ModelConfig, Transformer
+from dha.model import ModelConfig, Transformer, next_token_nll
 from dha.transforms import build, expand_to_mha, permute_query_heads, state_dict_of, with_maps
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
 
@@ -222,3 +222,16 @@ def test_sliding_window_mask():
     mask = Transformer(cfg).causal_mask(start=2, T=2, S=4, device="cpu")
     # Query at position 2 sees keys 0..2; at position 3 sees 1..3 (window of 3, HF/Mistral convention).
     assert mask.tolist() == [[True, True, True, False], [False, True, True, True]]
+
+
+def test_next_token_nll_per_row_equals_transformers_loss():
+    """Each row's summed NLL equals transformers' own shifted LM loss on that row times its W - 1
+    predictions (fp32 models, rtol 1e-5): the loss perplexity and the held-out evaluation share."""
+    hf = tiny_llama_hf(num_kv_heads=2)
+    ours = ours_from_hf(hf)
+    rows = random_ids(batch=3, length=12, vocab=hf.config.vocab_size, seed=4)
+    with torch.no_grad():
+        got = next_token_nll(ours, rows)
+        want = torch.stack([hf(row[None], labels=row[None]).loss * (rows.shape[1] - 1) for row in rows])
+    assert got.shape == (3,) and got.dtype == torch.float32
+    assert_close(got, want, rtol=1e-5, atol=0)
