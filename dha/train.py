@@ -672,7 +672,8 @@ class _Run:
         sums, extra_value, extra_scalars = self._accumulate(my_rows)
         grad_norm = self._update()
         _all_sum(sums, d)
-        record = self._record(sums, grad_norm, extra_value, extra_scalars, time.perf_counter() - t0)
+        lm = (sums[0] / self.predicted).item()  # waits for the step's queued work (CUDA is asynchronous): it is timed
+        record = self._record(lm, sums, grad_norm, extra_value, extra_scalars, time.perf_counter() - t0)
         if self.hooks.on_step_end is not None:
             self.hooks.on_step_end(self.module, self.step, record)
         self.history.append(record)
@@ -734,10 +735,9 @@ class _Run:
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _record(self, sums: Tensor, grad_norm, extra_value: float, extra_scalars: dict, seconds: float) -> dict:
+    def _record(self, lm: float, sums: Tensor, grad_norm, extra_value: float, extra_scalars: dict, seconds: float) -> dict:
         """The step's log record: mean LM (and KD) loss over the global batch, the objective, lr, ..."""
         cfg, shape = self.cfg, self.shape
-        lm = (sums[0] / self.predicted).item()
         record = {"kind": "train", "step": self.step, "tokens": self.step * shape.tokens, "loss": lm,
                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                   "tokens_per_s": shape.tokens / seconds, "seconds": seconds}
