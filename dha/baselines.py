@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .analyze import METRICS, cluster, collect_heads, similarity
 from .compress import aligned_merge, closed_form_merges, heads_for_budget, largest_divisor_at_most, layer_stats, source_heads
@@ -209,18 +208,12 @@ def attention_inputs(model: Transformer, calib_blocks: torch.Tensor, batch_size:
 @torch.no_grad()
 def attention_output(model: Transformer, layer: int, x: torch.Tensor, key_index: list[int], value_index: list[int]) -> torch.Tensor:
     """Layer `layer`'s attention output on its input x (B, T, D) when query h reads key head
-    key_index[h] and value head value_index[h] of the layer's own (unchanged) projections."""
-    attn = model.layers[layer].attn
-    B, T, _ = x.shape
-    q, k, v = attn.project(x)  # (B, H, T, hd), (B, Hk, T, hd), (B, Hv, T, hd)
-    rope = model.rope(torch.arange(T, device=x.device))
-    if rope is not None:
-        q, k = rope.apply(q), rope.apply(k)
-    k = k[:, key_index]  # (B, H, T, hd)
-    v = v[:, value_index]
-    mask = model.causal_mask(0, T, T, x.device)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+    key_index[h] and value head value_index[h] of the layer's own (unchanged) projections: the
+    layer's own attention module, read through those maps."""
+    T = x.shape[1]
+    positions = torch.arange(T, device=x.device)
+    rope, mask = model.rope(positions, x.dtype), model.causal_mask(0, T, T, x.device)
+    return model.layers[layer].attn(x, rope, mask, None, maps=(key_index, value_index))
 
 
 def head_importance(model: Transformer, layer: int, x: torch.Tensor, y: torch.Tensor, kind: str, sim: torch.Tensor) -> list[float]:

@@ -155,6 +155,35 @@ def test_prune_keeps_budget_and_drops_unused_heads():
     assert plan.key_heads() == [2, 2] and plan.value_heads() == [2, 2] and plan.kv_fraction() <= 1 / 3 + 1e-9
 
 
+def test_attention_output_through_other_maps_equals_transformers():
+    """prune's what-if attention (query h reads key head ki[h], value head vi[h] of the layer's own
+    projections; head 2 read by none) against transformers' attention of an MHA model whose K/V
+    rows of head h are those of ki[h] / vi[h] (fp32, atol 1e-5)."""
+    import copy
+
+    from dha.baselines import attention_inputs, attention_output
+
+    hf = tiny_llama_hf(bias=True)
+    ours = ours_from_hf(hf)
+    ki, vi = [0, 1, 0, 3, 4, 5], [1, 1, 5, 3, 4, 5]
+    ids = random_ids(2, 12, seed=3)
+    ref_model = copy.deepcopy(hf)
+    attn = ref_model.model.layers[1].self_attn
+    with torch.no_grad():
+        for proj, index in ((attn.k_proj, ki), (attn.v_proj, vi)):
+            rows = torch.cat([torch.arange(j * HD, (j + 1) * HD) for j in index])
+            proj.weight.copy_(proj.weight[rows].clone())
+            proj.bias.copy_(proj.bias[rows].clone())
+    seen = []
+    handle = attn.register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    with torch.no_grad():
+        ref_model(ids)
+    handle.remove()
+    x = attention_inputs(ours, ids)[1]  # layer 1's normed input (layer 0 is unchanged in the reference)
+    assert_close(attention_output(ours, 1, x, ki, vi), seen[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(attention_output(ours, 1, x, list(range(6)), list(range(6))), seen[0], atol=1e-3)
+
+
 def test_methods_registry_and_convert_carry_everything():
     assert {"gqa", "gqa-similar", "svd", "prune"} <= set(METHODS)
     from dha.checkpoint import Loaded
