@@ -214,8 +214,9 @@ def test_same_seed_gives_the_same_plan():
 
 
 def test_recovers_scattered_gqa_groups_exactly():
-    """METHOD.md part D: at budget = 2 KV heads of 6, the cost search finds the scattered copies and
-    the mean merge gives back the original GQA model's logits (fp32, atol 1e-4 against HF)."""
+    """The exact test (docs/method.md, "The exact test"): a GQA model expanded to MHA with its query
+    heads permuted holds scattered copies of each KV head. At budget = 2 KV heads of 6 the cost
+    search finds them and the mean merge gives back the GQA model's logits (fp32, atol 1e-4 vs HF)."""
     hf, mha, truth = scattered_gqa()
     plan = search(mha, 2 / 6, random_ids(8, 32), SearchOptions())
     for layer, groups in zip(plan.layers, truth):
