@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import UserError
+from .export import export
 from .plots import pyplot, save
 
 
@@ -288,8 +289,6 @@ def transformers_runner(loaded) -> tuple[TransformersRunner | None, str]:
     import tempfile
 
     from transformers import AutoModelForCausalLM
-
-    from .export import export
 
     with tempfile.TemporaryDirectory(prefix="dha-bench-") as tmp:
         result = export(loaded, tmp + "/hf")

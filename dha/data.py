@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .atomic import atomic_file
+from .checkpoint import cache_dir
 from .errors import UserError
 
 DEFAULT_DATA = "pydoc"
@@ -268,8 +269,6 @@ def load_tokens(
 
 
 def _token_cache_dir() -> str:
-    from .checkpoint import cache_dir
-
     return os.path.join(cache_dir(), "tokens")
 
 
