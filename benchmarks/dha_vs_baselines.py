@@ -5,7 +5,7 @@ Issue 5's benchmarks 1 and 2 on SmolLM2-135M and the built-in pydoc text:
   --setup smollm2      SmolLM2 itself (3 KV heads per layer) at --kv-budget (default 0.34: one
                        K and one V head per layer, plus what the budget's rounding leaves over)
   --setup mha-permuted SmolLM2 expanded to MHA (9 KV heads, exact) with every layer's query heads
-                       randomly permuted: identical heads scattered (METHOD.md part D). At 3/9 the
+                       randomly permuted: identical heads scattered (docs/method.md, "The exact test"). At 3/9 the
                        search must recover the original groups and reproduce the source with 0 tokens.
 
   --setup PATH         any checkpoint `dha.checkpoint.load` reads (benchmark 3: the small MHA
@@ -52,10 +52,10 @@ import torch
 from dha.baselines import ConvertOptions, source_heads
 from dha.checkpoint import load
 from dha.convert import METHODS, convert
-from dha.data import blocks, load_tokens
+from dha.data import blocks, calibration_blocks, load_tokens
 from dha.evaluate import perplexity
 from dha.fuse import FusionOptions
-from dha.pipeline import DHAConfig, calibration_blocks, run_dha
+from dha.pipeline import DHAConfig, run_dha
 from dha.plan import identity_plan
 from dha.search import SearchOptions
 from dha.train import TrainConfig, train

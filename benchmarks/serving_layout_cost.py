@@ -15,9 +15,8 @@ import sys
 
 from dha.checkpoint import load
 from dha.compress import aligned_merge, calibrate, closed_form_merges
-from dha.data import blocks, load_tokens
+from dha.data import blocks, calibration_blocks, load_tokens
 from dha.evaluate import perplexity
-from dha.pipeline import calibration_blocks
 from dha.search import SearchOptions, search
 from dha.serving import serving_layout_problem
 

@@ -1,6 +1,6 @@
 """Train the small MHA model of issue 5's benchmark 3, once, and cache it (not committed).
 
-No package ships a pretrained decoder with plain multi-head attention (shared/DATA.md), and
+No package we install ships a pretrained decoder with plain multi-head attention, and
 SmolLM2's exact MHA expansion has heads that are copies by construction. This trains a 6-layer
 LLaMA-style MHA model (hidden 384, 6 heads of 64, SwiGLU 1024, RoPE, tied embeddings; the
 SmolLM2 tokenizer) from scratch on the built-in text (the train split of CPython's pydoc topics),

@@ -73,7 +73,7 @@ def build_models(name: str):
         ours = load(None, torch.float32, tokenizer=False).model
         hf_config = LlamaConfig.from_dict(load(None, torch.float32, tokenizer=False).hf_config)
     elif name == "tiny":
-        # The 14M-parameter LLaMA-style MHA model of /work/shared/DATA.md: 6 layers, hidden 384, 6 heads.
+        # A 14M-parameter LLaMA-style MHA model (8k vocabulary): 6 layers, hidden 384, 6 heads of 64.
         hf_config = LlamaConfig(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
                                 num_attention_heads=6, num_key_value_heads=6, head_dim=64, max_position_embeddings=1024,
                                 tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})

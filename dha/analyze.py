@@ -25,6 +25,7 @@ import os
 import torch
 
 from .model import Transformer
+from .plots import pyplot, save
 
 METRICS = ("cosine", "cka")
 
@@ -224,11 +225,7 @@ def analyze(model: Transformer, blocks: torch.Tensor, metric: str = "cka", thres
 def write_report(result: dict, directory: str) -> list[str]:
     """Write analysis.json, heatmaps/layer_XX.png (cosine and CKA; K and V side by side) and
     redundancy.png into `directory` (an existing, typically temporary, directory). Returns the files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     files = ["analysis.json"]
     with open(os.path.join(directory, "analysis.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -257,8 +254,7 @@ def write_report(result: dict, directory: str) -> list[str]:
         fig.suptitle(f"layer {l}: head similarity on {result['calibration_tokens']} calibration tokens")
         fig.tight_layout()
         name = os.path.join("heatmaps", f"layer_{l:02d}.png")
-        fig.savefig(os.path.join(directory, name), dpi=80)
-        plt.close(fig)
+        save(fig, os.path.join(directory, name), dpi=80)
         files.append(name)
 
     metric, layers = result["metric"], [e["layer"] for e in result["layers"]]
@@ -275,8 +271,7 @@ def write_report(result: dict, directory: str) -> list[str]:
     bottom.set_xlabel("layer")
     bottom.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(directory, "redundancy.png"), dpi=80)
-    plt.close(fig)
+    save(fig, os.path.join(directory, "redundancy.png"), dpi=80)
     files.append("redundancy.png")
     return files
 

@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .analyze import METRICS, cluster, collect_heads, similarity
 from .compress import aligned_merge, closed_form_merges, heads_for_budget, largest_divisor_at_most, layer_stats, source_heads
@@ -209,18 +208,49 @@ def attention_inputs(model: Transformer, calib_blocks: torch.Tensor, batch_size:
 @torch.no_grad()
 def attention_output(model: Transformer, layer: int, x: torch.Tensor, key_index: list[int], value_index: list[int]) -> torch.Tensor:
     """Layer `layer`'s attention output on its input x (B, T, D) when query h reads key head
-    key_index[h] and value head value_index[h] of the layer's own (unchanged) projections."""
-    attn = model.layers[layer].attn
-    B, T, _ = x.shape
-    q, k, v = attn.project(x)  # (B, H, T, hd), (B, Hk, T, hd), (B, Hv, T, hd)
-    rope = model.rope(torch.arange(T, device=x.device))
-    if rope is not None:
-        q, k = rope.apply(q), rope.apply(k)
-    k = k[:, key_index]  # (B, H, T, hd)
-    v = v[:, value_index]
-    mask = model.causal_mask(0, T, T, x.device)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+    key_index[h] and value head value_index[h] of the layer's own (unchanged) projections: the
+    layer's own attention module, read through those maps."""
+    T = x.shape[1]
+    positions = torch.arange(T, device=x.device)
+    rope, mask = model.rope(positions, x.dtype), model.causal_mask(0, T, T, x.device)
+    return model.layers[layer].attn(x, rope, mask, None, maps=(key_index, value_index))
+
+
+def head_importance(model: Transformer, layer: int, x: torch.Tensor, y: torch.Tensor, kind: str, sim: torch.Tensor) -> list[float]:
+    """Per head of `kind` ("keys" | "values") of `layer`: ||y' - y||^2 / ||y||^2, y the layer's
+    attention output on x (float64) and y' the same when the query heads that read the head read
+    instead its most similar other head (by `sim`, (n, n)). inf for a layer-kind of one head."""
+    cfg = model.config
+    index = cfg.key_index[layer] if kind == "keys" else cfg.value_index[layer]
+    norm = y.pow(2).sum()
+    n = sim.shape[0]
+    if n == 1:
+        return [float("inf")]
+    scores = []
+    for j in range(n):
+        others = sim[j].clone()
+        others[j] = -float("inf")
+        nearest = int(others.argmax())
+        moved = [nearest if i == j else i for i in index]
+        ki, vi = (moved, cfg.value_index[layer]) if kind == "keys" else (cfg.key_index[layer], moved)
+        y2 = attention_output(model, layer, x, ki, vi).double()
+        scores.append(float((y2 - y).pow(2).sum() / norm.clamp_min(1e-30)))
+    return scores
+
+
+def keep_most_important(scores: list[float], sim: torch.Tensor, want: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Keep the `want` highest-scoring heads (ties by head number); every other head joins the kept
+    head it is most similar to. Returns the groups (one per kept head, in head order) and their
+    merge weights (1 on the kept head, 0 on the dropped ones)."""
+    n = len(scores)
+    kept = sorted(sorted(range(n), key=lambda j: (-scores[j], j))[:want])
+    groups = {k: [k] for k in kept}
+    for j in range(n):
+        if j not in groups:
+            target = max(kept, key=lambda k: (float(sim[j, k]), -k))
+            groups[target].append(j)
+    group_list = [sorted(groups[k]) for k in kept]
+    return group_list, [torch.tensor([1.0 if m == k else 0.0 for m in g]) for k, g in zip(kept, group_list)]
 
 
 def convert_prune(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
@@ -246,34 +276,10 @@ def convert_prune(model: Transformer, kv_budget: float, calib_blocks, options: C
     for l in range(cfg.num_layers):
         x = inputs[l]  # (n_blocks, T, D)
         y = attention_output(model, l, x, cfg.key_index[l], cfg.value_index[l]).double()
-        norm = y.pow(2).sum()
         chosen, layer_importance = {}, {}
-        for kind, index, sim, want in (
-            ("keys", cfg.key_index[l], sims[l]["keys"], want_k[l]),
-            ("values", cfg.value_index[l], sims[l]["values"], want_v[l]),
-        ):
-            n = sim.shape[0]
-            scores = []
-            for j in range(n):
-                if n == 1:
-                    scores.append(float("inf"))
-                    continue
-                others = sim[j].clone()
-                others[j] = -float("inf")
-                nearest = int(others.argmax())
-                moved = [nearest if i == j else i for i in index]
-                ki, vi = (moved, cfg.value_index[l]) if kind == "keys" else (cfg.key_index[l], moved)
-                y2 = attention_output(model, l, x, ki, vi).double()
-                scores.append(float((y2 - y).pow(2).sum() / norm.clamp_min(1e-30)))
-            # most important first; ties by head number (deterministic)
-            kept = sorted(sorted(range(n), key=lambda j: (-scores[j], j))[:want])
-            groups = {k: [k] for k in kept}
-            for j in range(n):
-                if j not in groups:
-                    target = max(kept, key=lambda k: (float(sim[j, k]), -k))
-                    groups[target].append(j)
-            group_list = [sorted(groups[k]) for k in kept]
-            chosen[kind] = (group_list, [torch.tensor([1.0 if m == k else 0.0 for m in g]) for k, g in zip(kept, group_list)])
+        for kind, want in (("keys", want_k[l]), ("values", want_v[l])):
+            scores = head_importance(model, l, x, y, kind, sims[l][kind])
+            chosen[kind] = keep_most_important(scores, sims[l][kind], want)
             layer_importance[kind] = [s if math.isfinite(s) else None for s in scores]
         layers.append(LayerPlan(chosen["keys"][0], chosen["values"][0]))
         key_weights.append(chosen["keys"][1])

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .atomic import atomic_file
 from .errors import UserError
+from .export import export
+from .plots import pyplot, save
 
 
 @dataclass
@@ -289,8 +290,6 @@ def transformers_runner(loaded) -> tuple[TransformersRunner | None, str]:
 
     from transformers import AutoModelForCausalLM
 
-    from .export import export
-
     with tempfile.TemporaryDirectory(prefix="dha-bench-") as tmp:
         result = export(loaded, tmp + "/hf")
         if result.kind != "stock":
@@ -383,12 +382,7 @@ def print_bench(report: dict, file=None) -> None:
 
 def write_plot(report: dict, path: str) -> None:
     """Decode tokens/s against context, one line per model and batch size; written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     styles = ["-", "--", ":", "-."]
     for i, m in enumerate(report["models"]):
         for j, b in enumerate(report["options"]["batch_sizes"]):
@@ -402,8 +396,4 @@ def write_plot(report: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    save(fig, path, dpi=120)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, files_into
 from .errors import UserError
 from .families import config_from_hf, family_of, weights_from_hf
 from .model import ModelConfig, Transformer
@@ -369,3 +369,19 @@ def save(path: str, loaded: Loaded, overwrite: bool = False) -> None:
     is refused (UserError) unless overwrite=True, which replaces it."""
     with atomic_dir(path, overwrite=overwrite) as tmp:
         write_native(tmp, loaded)
+
+
+def save_final_model(out_dir: str, model: Transformer, loaded: Loaded | None, provenance: dict) -> None:
+    """Write a trained model as native checkpoint files into `out_dir` (a training run's directory,
+    beside its logs), each by rename, with `loaded`'s tokenizer, hf_config, plan and provenance
+    (updated by `provenance`; loaded None: the model alone).
+
+    dha_config.json goes last: a directory holding it holds a complete model."""
+    if loaded is not None:
+        prov = dict(loaded.provenance or {})
+        prov.update(provenance)
+        out = Loaded(model, loaded.tokenizer, loaded.source, "native", loaded.hf_config, loaded.plan, prov)
+    else:
+        out = Loaded(model, None, "train", "native", None, None, provenance)
+    with files_into(out_dir, last=NATIVE_CONFIG) as tmp:
+        write_native(tmp, out)

@@ -254,15 +254,12 @@ def _check_calibration_args(args) -> None:
 
 def _calibration_blocks(args, tokenizer):
     """(n, block_size) token blocks from the TRAIN split, about --calib-tokens tokens in all."""
-    from .data import DataError, blocks, load_tokens
+    from .data import calibration_blocks, load_tokens
 
     if tokenizer is None:
         raise UserError("this model has no tokenizer, so calibration text cannot be tokenised")
     splits = load_tokens(args.data, tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
-    if splits.train.numel() == 0:
-        raise DataError(f"{args.data}: the train split is empty")
-    block_size = min(args.block_size, max(1, args.calib_tokens))
-    return blocks(splits.train, block_size, max_blocks=-(-args.calib_tokens // block_size))
+    return calibration_blocks(splits.train, args.calib_tokens, args.block_size)
 
 
 # ---- analyze -------------------------------------------------------------------------------------
@@ -403,7 +400,7 @@ def run_convert(args) -> int:
         # itself the converted checkpoint (plus log.jsonl, TensorBoard, run.json) and, with
         # --save-every, holds the checkpoints that --resume continues from (the conversion is
         # deterministic, so it is redone and the checkpoint's weights replace it).
-        from .train import continue_training, source_identity
+        from .continued import continue_training, source_identity
 
         if args.teacher is not None:
             teacher = load(args.teacher, torch.float32, tokenizer=False).model
@@ -590,7 +587,7 @@ def convert_run_identity(args, config, data: str) -> dict:
     """What a resumed `convert --method dha` run must share with the run it continues (its run.json)."""
     from dataclasses import asdict
 
-    from .train import source_identity
+    from .continued import source_identity
 
     flat = {}
     for part, value in asdict(config).items():
@@ -774,7 +771,7 @@ def run_train(args) -> int:
     import torch
 
     from .checkpoint import load
-    from .train import continue_training, source_identity
+    from .continued import continue_training, source_identity
 
     if args.out is None:
         if args.resume is None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .analyze import collect_heads
 from .errors import UserError
 from .model import Transformer
 from .plan import LayerPlan
@@ -416,8 +417,6 @@ def collect_with_gradients(model: Transformer, blocks: torch.Tensor, batch_size:
 def calibrate(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, metric: str = "weighted",
               gradients: bool = False) -> Calibration:
     """The Calibration of `model` on (n_blocks, T) token ids: one pass (forward, plus backward with gradients)."""
-    from .analyze import collect_heads
-
     was_training = model.training
     model.eval()
     try:

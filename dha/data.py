@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .atomic import atomic_file
+from .checkpoint import cache_dir
 from .errors import UserError
 
 DEFAULT_DATA = "pydoc"
@@ -268,8 +269,6 @@ def load_tokens(
 
 
 def _token_cache_dir() -> str:
-    from .checkpoint import cache_dir
-
     return os.path.join(cache_dir(), "tokens")
 
 
@@ -311,3 +310,16 @@ def blocks(stream: torch.Tensor, block_size: int, max_blocks: int | None = None)
             raise DataError(f"max_blocks must be at least 1, got {max_blocks}")
         n = min(n, max_blocks)
     return stream[: n * block_size].view(n, block_size)
+
+
+def calibration_blocks(train_stream: torch.Tensor, calib_tokens: int, block_size: int) -> torch.Tensor:
+    """About `calib_tokens` tokens from the start of the TRAIN stream as (n, block) blocks: the
+    calibration of the DHA search and of every baseline (and `dha analyze`).
+
+    n = ceil(calib_tokens / block) blocks, fewer when the stream ends first. The block is
+    `block_size`, cut to `calib_tokens` or to the whole stream when either is shorter, and at least
+    2 tokens (a block must hold a prediction). DataError when the stream is empty or under 2 tokens."""
+    if train_stream.numel() == 0:
+        raise DataError("the train split is empty: no calibration text")
+    block_size = max(2, min(block_size, calib_tokens, train_stream.numel()))
+    return blocks(train_stream, block_size, max_blocks=-(-calib_tokens // block_size))

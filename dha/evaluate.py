@@ -22,11 +22,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .bench import Runner, measure
 from .data import TokenSplits, blocks as make_blocks
 from .errors import UserError
+from .model import next_token_nll
 
 
 @dataclass
@@ -62,15 +62,11 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool 
     if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise UserError(f"perplexity needs windows of at least 2 tokens, got shape {tuple(blocks.shape)}")
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    total_nll = 0.0
     starts = range(0, blocks.shape[0], batch_size)
     for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress, file=sys.stderr):
-        ids = blocks[start:start + batch_size].to(device)  # (B, W)
-        logits = model(ids)[:, :-1]  # (B, W-1, V): position t predicts token t+1
-        targets = ids[:, 1:]  # (B, W-1)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += targets.numel()
+        total_nll += next_token_nll(model, blocks[start:start + batch_size].to(device)).double().sum().item()
+    total_tokens = blocks.shape[0] * (blocks.shape[1] - 1)
     mean = total_nll / total_tokens
     return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
 
@@ -143,26 +139,7 @@ def evaluate_models(models: list, splits: TokenSplits, options: EvalOptions) -> 
         _check_options(loaded.model, options)
     max_blocks = None if options.max_eval_tokens is None else options.max_eval_tokens // options.block_size
     windows = make_blocks(splits.heldout, options.block_size, max_blocks)  # (n, W)
-    results = []
-    for loaded in models:
-        model = loaded.model.eval()
-        ppl = perplexity(model, windows, options.eval_batch_size, options.progress)
-        kv = kv_bytes(model)
-        if kv["measured"] != kv["analytic"]:
-            raise RuntimeError(f"{loaded.source}: KV cache holds {kv['measured']} bytes/token, the config says {kv['analytic']}")
-        cfg = model.config
-        results.append({
-            "source": loaded.source,
-            "parameters": model.num_parameters(),
-            "dtype": kv["dtype"],
-            "key_heads_total": sum(cfg.key_heads(l) for l in range(cfg.num_layers)),
-            "value_heads_total": sum(cfg.value_heads(l) for l in range(cfg.num_layers)),
-            "ppl": ppl["ppl"],
-            "nll": ppl["nll"],
-            "eval_tokens": ppl["tokens"],
-            "kv_bytes_per_token": kv["analytic"],
-            "kv_bytes_per_token_measured": kv["measured"],
-        })
+    results = [model_result(loaded, windows, options) for loaded in models]
     if options.tasks:
         from .lm_eval_adapter import run_tasks  # lm_eval is optional (and slow to import): only when asked for
 
@@ -175,19 +152,8 @@ def evaluate_models(models: list, splits: TokenSplits, options: EvalOptions) -> 
         r["decode_tokens_per_s"] = speed[-1]["decode_tokens_per_s"]  # at the last (largest) batch size
         r["prefill_tokens_per_s"] = speed[-1]["prefill_tokens_per_s"]
         r["decode_batch_size"] = speed[-1]["batch_size"]
-    base = results[0]
     for r in results:
-        r["ratios"] = {
-            "ppl": r["ppl"] / base["ppl"],
-            "kv_bytes_per_token": r["kv_bytes_per_token"] / base["kv_bytes_per_token"],
-            "decode_tokens_per_s": {str(s["batch_size"]): s["decode_tokens_per_s"] / b["decode_tokens_per_s"]
-                                    for s, b in zip(r["speed"], base["speed"])},
-            "prefill_tokens_per_s": {str(s["batch_size"]): s["prefill_tokens_per_s"] / b["prefill_tokens_per_s"]
-                                     for s, b in zip(r["speed"], base["speed"])},
-        }
-        if "tasks" in r:
-            r["ratios"]["tasks"] = {t: {k: v / base["tasks"][t][k] for k, v in ms.items() if base["tasks"][t].get(k)}
-                                    for t, ms in r["tasks"].items()}
+        r["ratios"] = ratios(r, results[0])
     return {
         "data": splits.source,
         "heldout_tokens_available": int(splits.heldout.numel()),
@@ -204,6 +170,44 @@ def evaluate_models(models: list, splits: TokenSplits, options: EvalOptions) -> 
         "threads": torch.get_num_threads(),
         "models": results,
     }
+
+
+def model_result(loaded, windows: torch.Tensor, options: EvalOptions) -> dict:
+    """One model's size, heads, perplexity on `windows` and KV-cache bytes (measured == analytic, checked)."""
+    model = loaded.model.eval()
+    ppl = perplexity(model, windows, options.eval_batch_size, options.progress)
+    kv = kv_bytes(model)
+    if kv["measured"] != kv["analytic"]:
+        raise RuntimeError(f"{loaded.source}: KV cache holds {kv['measured']} bytes/token, the config says {kv['analytic']}")
+    cfg = model.config
+    return {
+        "source": loaded.source,
+        "parameters": model.num_parameters(),
+        "dtype": kv["dtype"],
+        "key_heads_total": sum(cfg.key_heads(l) for l in range(cfg.num_layers)),
+        "value_heads_total": sum(cfg.value_heads(l) for l in range(cfg.num_layers)),
+        "ppl": ppl["ppl"],
+        "nll": ppl["nll"],
+        "eval_tokens": ppl["tokens"],
+        "kv_bytes_per_token": kv["analytic"],
+        "kv_bytes_per_token_measured": kv["measured"],
+    }
+
+
+def ratios(r: dict, base: dict) -> dict:
+    """A model's numbers over the first model's: perplexity, KV bytes, speeds per batch size, task metrics."""
+    out = {
+        "ppl": r["ppl"] / base["ppl"],
+        "kv_bytes_per_token": r["kv_bytes_per_token"] / base["kv_bytes_per_token"],
+        "decode_tokens_per_s": {str(s["batch_size"]): s["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                                for s, b in zip(r["speed"], base["speed"])},
+        "prefill_tokens_per_s": {str(s["batch_size"]): s["prefill_tokens_per_s"] / b["prefill_tokens_per_s"]
+                                 for s, b in zip(r["speed"], base["speed"])},
+    }
+    if "tasks" in r:
+        out["tasks"] = {t: {k: v / base["tasks"][t][k] for k, v in ms.items() if base["tasks"][t].get(k)}
+                        for t, ms in r["tasks"].items()}
+    return out
 
 
 def evaluate(loaded, splits: TokenSplits, options: EvalOptions | None = None) -> dict:

@@ -223,6 +223,17 @@ def grouped_matmul(rows: torch.Tensor, heads: torch.Tensor, runs) -> torch.Tenso
     return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
+def attend_through(q, k, v, mask, key_index: torch.Tensor, value_index: torch.Tensor) -> torch.Tensor:
+    """Attention with any maps: K and V gathered to every query head (B, H, S, hd), then SDPA.
+
+    q (B, H, T, hd), k (B, Hk, S, hd), v (B, Hv, S, hd), key_index / value_index (H,) -> (B, H, T, hd).
+    mask: boolean (T, S), True where attention is allowed, or None for plain causal."""
+    causal = mask is None and q.shape[2] > 1
+    k = k.index_select(1, key_index)  # (B, H, S, hd)
+    v = v.index_select(1, value_index)  # (B, H, S, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
 class KVCache:
     """Preallocated per-layer key and value tensors holding only each layer's own heads.
 
@@ -296,9 +307,7 @@ class Attention(nn.Module):
                                                  is_causal=causal, enable_gqa=n > 1)
                   for g0, g1, n, r0 in self.key_runs]
             return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)).index_select(1, self.key_slot)
-        k = k.index_select(1, self.key_index)  # (B, H, S, hd)
-        v = v.index_select(1, self.value_index)  # (B, H, S, hd)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return attend_through(q, k, v, mask, self.key_index, self.value_index)
 
     def attend_grouped(self, q, k, v, mask):
         """A few new tokens, any maps: each compact K/V head of the cache is read once, never copied.
@@ -324,14 +333,20 @@ class Attention(nn.Module):
         out = grouped_matmul(probs, v, self.value_runs)  # (B, H, T, hd)
         return out.index_select(1, self.value_slot)
 
-    def forward(self, x, rope, mask, cache: KVCache | None):
+    def forward(self, x, rope, mask, cache: KVCache | None, maps: tuple | None = None):
+        """x (B, T, D) -> (B, T, D). maps: (key_index, value_index) to read the layer's own heads
+        through instead of its maps, for what-if questions (dha.baselines' head importance): any
+        maps onto its heads, which need not use every head; no cache."""
         B, T, _ = x.shape
         q, k, v = self.project(x)
         if rope is not None:
             q, k = rope.apply(q), rope.apply(k)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hk, S, hd), (B, Hv, S, hd)
-        y = self.attend(q, k, v, mask)  # (B, H, T, hd)
+        if maps is None:
+            y = self.attend(q, k, v, mask)  # (B, H, T, hd)
+        else:
+            y = attend_through(q, k, v, mask, torch.as_tensor(maps[0], device=x.device), torch.as_tensor(maps[1], device=x.device))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -486,6 +501,18 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+
+def next_token_nll(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """(b,): for each row of `rows` (b, W) the summed negative log-likelihood, in nats, of its tokens
+    1..W-1, each predicted from the row's earlier tokens only (the model reads row[:-1] and predicts
+    row[1:]). The logits are upcast to float32 first, whatever the model's dtype.
+
+    The one next-token loss of held-out text: dha.evaluate's perplexity and dha.train's held-out
+    evaluation both sum it."""
+    logits = model(rows[:, :-1])  # (b, W-1, V)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
+    return nll.view(rows.shape[0], -1).sum(1)
 
 
 @torch.no_grad()

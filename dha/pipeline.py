@@ -18,7 +18,7 @@ comparison). The output directory is a native checkpoint (with plan.json) plus a
     report.md        what was done, a table against the source, the plots below
     summary.json     the same numbers as one JSON document
     log.jsonl        every training step and evaluation of both stages ({"stage": "fusion" | "continued"})
-    allocation.png   key and value heads kept per layer (dha.search.plot_allocation)
+    allocation.png   key and value heads kept per layer (dha.plots)
     loss.png         training loss (and fusion distance) against tokens
     perplexity.png   held-out perplexity against tokens, the source as a line
 
@@ -47,13 +47,14 @@ import torch.distributed as dist
 from .atomic import files_into
 from .checkpoint import NATIVE_CONFIG, Loaded, write_native
 from .compress import aligned_merge, calibrate, closed_form_merges, source_heads
-from .data import DataError, blocks
+from .data import blocks, calibration_blocks
 from .errors import UserError
 from .evaluate import perplexity
 from .fuse import FusedModel, FusionOptions, FusionSchedule, merge
 from .plan import Plan
-from .search import SearchOptions, plot_allocation, search
-from .train import TrainConfig, atomic_torch_save, checkpoints_in, find_checkpoint, setup_distributed, train
+from .plots import plot_allocation, plot_loss, plot_perplexity
+from .search import SearchOptions, search
+from .train import TrainConfig, atomic_torch_save, checkpoints_in, eval_rows, find_checkpoint, setup_distributed, train
 from .transforms import merge_groups
 
 DEFAULT_FUSION_FRACTION = 0.3
@@ -119,14 +120,6 @@ def split_tokens(tokens: int, fusion_fraction: float, batch_tokens: int, block_s
     return StageTokens(fusion_steps * step, continued_steps * step, step)
 
 
-def calibration_blocks(train_stream: torch.Tensor, calib_tokens: int, block_size: int) -> torch.Tensor:
-    """About `calib_tokens` tokens from the start of the TRAIN stream, as (n, block) blocks."""
-    if train_stream.numel() == 0:
-        raise DataError("the train split is empty: no calibration text")
-    block_size = max(2, min(block_size, calib_tokens, train_stream.numel()))
-    return blocks(train_stream, block_size, max_blocks=-(-calib_tokens // block_size))
-
-
 def heldout_blocks(heldout: torch.Tensor, max_tokens: int, block_size: int) -> torch.Tensor | None:
     """Windows of the held-out stream for the final table (None when it holds under 2 tokens)."""
     if heldout.numel() < 2:
@@ -154,9 +147,8 @@ def source_on_training_windows(source, heldout_train, train_template) -> float |
     blocks, dha.train), so the perplexity curve has a like-for-like reference line."""
     if heldout_train is None:
         return None
-    eval_rows = blocks(heldout_train, train_template.block_size)
-    eval_rows = eval_rows[: max(1, min(eval_rows.shape[0], train_template.eval_tokens // train_template.block_size))]
-    return perplexity(source.eval(), eval_rows, batch_size=4, progress=False)["ppl"]
+    rows = eval_rows(blocks(heldout_train, train_template.block_size), train_template.eval_tokens)
+    return perplexity(source.eval(), rows, batch_size=4, progress=False)["ppl"]
 
 
 # ---- end to end --------------------------------------------------------------------------------
@@ -415,71 +407,6 @@ def write_outputs(directory: str, result: DHAResult) -> list[str]:
     with open(os.path.join(directory, "report.md"), "w") as f:
         f.write(report_markdown(result.summary, files))
     return ["report.md", "summary.json", "log.jsonl", "plan.json", *files]
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _merge_line(ax, log: list[dict]) -> None:
-    fusion_end = max((r["tokens"] for r in log if r["stage"] == "fusion"), default=None)
-    if fusion_end is not None and any(r["stage"] == "continued" for r in log):
-        ax.axvline(fusion_end, color="grey", linestyle=":", linewidth=1)
-        ax.text(fusion_end, ax.get_ylim()[1], " merge", va="top", fontsize="small", color="grey")
-
-
-def plot_loss(log: list[dict], path: str) -> None:
-    """Training LM loss against tokens (both stages); the fusion distance on a second axis."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for stage, color in (("fusion", "tab:purple"), ("continued", "tab:blue")):
-        rs = [r for r in log if r["kind"] == "train" and r["stage"] == stage]
-        if rs:
-            ax.plot([r["tokens"] for r in rs], [r["loss"] for r in rs], color=color, linewidth=1, label=f"LM loss ({stage})")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("LM loss (nats/token)")
-    dist = [r for r in log if r["kind"] == "train" and "fusion/distance" in r]
-    handles, labels = ax.get_legend_handles_labels()
-    if dist:
-        ax2 = ax.twinx()
-        line = ax2.plot([r["tokens"] for r in dist], [max(r["fusion/distance"], 1e-12) for r in dist],
-                        color="tab:green", linewidth=1, label="fusion distance (mean over groups)")
-        ax2.set_yscale("log")
-        ax2.set_ylabel("fusion distance (relative)")
-        handles += line
-        labels += [line[0].get_label()]
-    _merge_line(ax, log)
-    ax.legend(handles, labels, loc="upper right", fontsize="small")
-    ax.set_title("DHA training: fusion stage, then continued training after the merge")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_perplexity(log: list[dict], source_ppl: float | None, path: str) -> None:
-    """Held-out perplexity against tokens (the evaluations of both stages), the source as a line."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for stage, color in (("fusion", "tab:purple"), ("continued", "tab:blue")):
-        rs = [r for r in log if r["kind"] == "eval" and r["stage"] == stage]
-        if rs:
-            ax.plot([r["tokens"] for r in rs], [r["ppl"] for r in rs], "o-", color=color, markersize=3, linewidth=1, label=stage)
-    if source_ppl is not None:
-        ax.axhline(source_ppl, color="black", linestyle="--", linewidth=1, label="source")
-    ax.set_yscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out perplexity")
-    _merge_line(ax, log)
-    ax.legend(loc="upper right", fontsize="small")
-    ax.set_title("Held-out perplexity during DHA training")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def format_number(x, spec: str) -> str:

@@ -45,13 +45,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_file
 from .compress import (METRICS, Calibration, calibrate, fisher_cost, group_merge, group_residual, energy,
                        reconstructed_outputs, reconstructed_key_rows, reconstructed_value_rows, source_heads,
                        total_heads_for_budget)
 from .errors import UserError
 from .model import Transformer
 from .plan import LayerPlan, Plan
+from .train import Hooks, TrainConfig, ramp, train
 from .transforms import heads, unheads
 
 SEARCHES = ("cost", "learned")
@@ -441,11 +441,30 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
     Counts. The final expected counts E[n_l] are rounded to integers meeting `total` exactly by the
     same dynamic programming as the cost search, minimising sum_l (n_l - E[n_l])^2.
     """
-    from .train import Hooks, TrainConfig, ramp, train
-
     relaxed = RelaxedCounts(model, tables, calibration, options.gate_init)
     multipliers = nn.Parameter(torch.zeros(2))  # lambda1, lambda2
-    final = total / relaxed.source_heads
+    hooks = _lagrangian_hooks(multipliers, total / relaxed.source_heads, options)
+    rows = min(options.batch_size, calib_blocks.shape[0])
+    width = calib_blocks.shape[1]
+    cfg = TrainConfig(tokens=options.steps * rows * width, block_size=width, batch_tokens=rows * width, micro_batch=rows,
+                      lr=options.gate_lr, min_lr_ratio=1.0, warmup_steps=0, grad_clip=0.0, dtype="float32",
+                      eval_every=0, seed=options.seed, device=str(next(model.parameters()).device))
+    was_training = model.training
+    try:
+        result = train(relaxed, calib_blocks, None, cfg, hooks=hooks, progress=options.progress)
+    finally:
+        model.train(was_training)
+    with torch.no_grad():
+        expected_counts = [float(e) for e in relaxed.expected_counts()]
+    rounding = [[(c - e) ** 2 for c in range(1, len(t.costs) + 1)] for t, e in zip(tables, expected_counts)]
+    counts = allocate(rounding, total)
+    return counts, {"expected_counts": [round(e, 4) for e in expected_counts], "history": _learned_history(result, options)}
+
+
+def _lagrangian_hooks(multipliers: nn.Parameter, final: float, options: SearchOptions) -> Hooks:
+    """The training loop's hooks for `learned_counts`: the fusion loss plus the augmented-Lagrangian
+    budget term (target fraction ramped from 1 to `final`), the gates descending and the
+    multipliers ascending (a negative-lr group)."""
     warm = round(options.warmup * options.steps)
 
     def extra_loss(module: RelaxedCounts, step: int):
@@ -462,25 +481,15 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
         return [{"params": list(module.gates), "lr": options.gate_lr, "weight_decay": 0.0},
                 {"params": [multipliers], "lr": -options.multiplier_lr}]  # negative: gradient ascent
 
-    rows = min(options.batch_size, calib_blocks.shape[0])
-    width = calib_blocks.shape[1]
-    cfg = TrainConfig(tokens=options.steps * rows * width, block_size=width, batch_tokens=rows * width, micro_batch=rows,
-                      lr=options.gate_lr, min_lr_ratio=1.0, warmup_steps=0, grad_clip=0.0, dtype="float32",
-                      eval_every=0, seed=options.seed, device=str(next(model.parameters()).device))
-    was_training = model.training
-    try:
-        result = train(relaxed, calib_blocks, None, cfg, hooks=Hooks(extra_loss, param_groups), progress=options.progress)
-    finally:
-        model.train(was_training)
-    with torch.no_grad():
-        expected_counts = [float(e) for e in relaxed.expected_counts()]
-    rounding = [[(c - e) ** 2 for c in range(1, len(t.costs) + 1)] for t, e in zip(tables, expected_counts)]
-    counts = allocate(rounding, total)
+    return Hooks(extra_loss, param_groups)
+
+
+def _learned_history(result, options: SearchOptions) -> list[dict]:
+    """About ten records of the gates' training (and its first and last step), rounded, for the plan's notes."""
     every = max(1, options.steps // 10)
     keep = ("step", "loss", "fusion", "expected_fraction", "target", "lambda1", "lambda2")
-    history = [{k: (round(r[k], 5) if isinstance(r[k], float) else r[k]) for k in keep}
-               for r in result.history if r["step"] % every == 0 or r["step"] in (1, result.steps)]
-    return counts, {"expected_counts": [round(e, 4) for e in expected_counts], "history": history}
+    return [{k: (round(r[k], 5) if isinstance(r[k], float) else r[k]) for k in keep}
+            for r in result.history if r["step"] % every == 0 or r["step"] in (1, result.steps)]
 
 
 # ---- entry point ---------------------------------------------------------------------------------
@@ -538,35 +547,3 @@ def _rounded(values: list[float]) -> list[float | None]:
 def _by_kind(tables: list[HeadTable], values: list) -> dict:
     """[per table] -> {"key": [per layer], "value": [per layer]}."""
     return {kind: [v for t, v in zip(tables, values) if t.kind == kind] for kind in KINDS}
-
-
-# ---- report --------------------------------------------------------------------------------------
-
-def plot_allocation(plan: Plan, path: str) -> None:
-    """Bar chart of key and value heads kept per layer (source counts as outlines), written atomically."""
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    L = len(plan.layers)
-    x = np.arange(L)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * L + 2), 3.5))
-    ax.bar(x - 0.2, plan.source_key_heads, 0.4, fill=False, edgecolor="tab:blue", linewidth=0.8)
-    ax.bar(x + 0.2, plan.source_value_heads, 0.4, fill=False, edgecolor="tab:orange", linewidth=0.8)
-    ax.bar(x - 0.2, plan.key_heads(), 0.4, color="tab:blue", label="key heads")
-    ax.bar(x + 0.2, plan.value_heads(), 0.4, color="tab:orange", label="value heads")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("heads kept (outline: source)")
-    ax.set_xticks(x if L <= 32 else x[::2])
-    budget = f"{plan.kv_budget:g}" if plan.kv_budget is not None else "?"
-    ax.set_title(f"{plan.method} plan: budget {budget}, kept {plan.kv_fraction():.3f} of the KV heads")
-    ax.legend(loc="upper right", fontsize="small")
-    fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png")
-    finally:
-        plt.close(fig)

@@ -1,7 +1,8 @@
 """One training loop: continued pre-training, alone or under torchrun (DDP / FSDP), resumable.
 
-Used for continued pre-training (`dha train`), for the training that follows a conversion
-(`dha convert ... --tokens N`), and, through `Hooks`, by the fusion stage.
+Used for continued pre-training (`dha train`, through `dha.continued`, which reads the data), for
+the training that follows a conversion (`dha convert ... --tokens N`), and, through `Hooks`, by
+the fusion stage and the learned search. The loop takes token tensors; it knows no SOURCE or DATA.
 
 What one optimizer step does
 ----------------------------
@@ -58,8 +59,8 @@ Output directory
                         `keep_checkpoints` are kept; each holds model, optimizer, step, data
                         position, RNG states and the history so far
     model.safetensors, dha_config.json, tokenizer files
-                        the final model as a native checkpoint (dha.checkpoint), so DIR is itself
-                        a SOURCE for the other verbs
+                        the final model as a native checkpoint (dha.checkpoint.save_final_model),
+                        so DIR is itself a SOURCE for the other verbs
 """
 
 from __future__ import annotations
@@ -83,8 +84,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .atomic import atomic_file, files_into, write_json
+from .atomic import atomic_file, write_json
+from .checkpoint import save_final_model
+from .data import DataError, blocks
 from .errors import UserError
+from .model import next_token_nll
+from .transforms import build
 
 RUN_FORMAT = "dha-train-run/1"
 CHECKPOINT_FORMAT = "dha-train-checkpoint/1"
@@ -271,8 +276,6 @@ def _all_sum(t: Tensor, d: Dist) -> Tensor:
 
 def as_blocks(data, block_size: int, what: str) -> Tensor:
     """A 1-D token stream cut into (n, block_size) rows, or 2-D rows as given."""
-    from .data import DataError, blocks
-
     if not isinstance(data, Tensor):
         data = torch.as_tensor(data)
     if data.dim() == 1:
@@ -515,6 +518,11 @@ def _autocast(device: torch.device, dtype_name: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def eval_rows(heldout_rows: Tensor, eval_tokens: int) -> Tensor:
+    """The held-out rows every evaluation of a run scores: the first eval_tokens // width (at least one)."""
+    return heldout_rows[:max(1, min(heldout_rows.shape[0], eval_tokens // heldout_rows.shape[1]))]
+
+
 @torch.no_grad()
 def evaluate_heldout(model: nn.Module, rows: Tensor, micro_batch: int, d: Dist, dtype_name: str) -> tuple[float, int]:
     """Mean next-token loss over `rows` (m, width), sharded over ranks: (loss, predicted tokens).
@@ -532,11 +540,8 @@ def evaluate_heldout(model: nn.Module, rows: Tensor, micro_batch: int, d: Dist, 
     for start in range(0, per_rank, micro_batch):
         idx = torch.tensor(mine[start:start + micro_batch])
         w = torch.tensor(weights[start:start + micro_batch], device=d.device)
-        batch = rows[idx].to(d.device)
         with _autocast(d.device, dtype_name):
-            logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
-        loss = loss.view(batch.shape[0], -1).sum(1)  # (b,)
+            loss = next_token_nll(model, rows[idx].to(d.device))  # (b,)
         total[0] += (loss * w).sum().double()
         total[1] += w.sum().double() * (rows.shape[1] - 1)
     _all_sum(total, d)
@@ -575,31 +580,239 @@ def train(
         returns its result at once (the stages of `dha convert --method dha`).
     """
     cfg.validate()
-    hooks = hooks or Hooks()
-    d = setup_distributed(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, d.device)
-    rows = as_blocks(train_stream_or_blocks, cfg.block_size, "training")
-    heldout = as_blocks(heldout_blocks, cfg.block_size, "held-out") if heldout_blocks is not None else None
-    shape = step_shape(cfg, rows.shape[1], d.world)
-    identity = run_identity(cfg, model, run_info)
-    if out_dir is not None:
-        check_out_dir(out_dir, identity, resuming=resume is not None)
-    state = load_checkpoint(find_checkpoint(resume), identity, model) if resume is not None else None
-    if d.world > 1:
-        dist.barrier()  # every rank has checked the output directory before rank 0 writes to it
-    if cfg.distill and teacher is None:
-        teacher = copy.deepcopy(model)  # the model as given, before any step
-    if teacher is not None:
-        # Only moved and put in eval mode: its forward runs under no_grad. (Not requires_grad_(False):
-        # a teacher may share tensors with the student, as a fused model shares its source's.)
-        teacher = teacher.to(d.device).eval()
+    run = _Run(model, train_stream_or_blocks, heldout_blocks, cfg, teacher, hooks or Hooks(), out_dir, resume, run_info,
+               progress)
+    if not run.resumed and cfg.eval_every:
+        run.evaluate()  # the starting point
+    bar = _progress_bar(run.shape.steps, run.step) if progress and run.d.main else None
+    steps = run.shape.steps
+    while run.step < steps:
+        record = run.optimizer_step()
+        if cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == steps):
+            run.evaluate()
+        if bar is not None:
+            _show_progress(bar, record, run.evals)
+        periodic = cfg.save_every and run.step % cfg.save_every == 0 and run.step < steps
+        if out_dir is not None and (periodic or (checkpoint_at_end and run.step == steps)):
+            run.checkpoint()
+    if bar is not None:
+        bar.close()
+    if not cfg.eval_every and run.heldout is not None and (not run.evals or run.evals[-1]["step"] != run.step):
+        run.evaluate()  # eval_every 0: one evaluation, at the end
+    return run.finish(loaded, save_final, run_info)
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    module = model.to(d.device)
-    module.train()
-    wrapped = module
-    if d.world > 1 and cfg.fsdp:
+
+class _Run:
+    """One call of `train`: what it set up (data, distributed wrapping, optimizer, outputs) and
+    where it stands (step, history, evals). Its methods are the loop's steps."""
+
+    def __init__(self, model, data, heldout, cfg: TrainConfig, teacher, hooks: Hooks, out_dir, resume, run_info, progress):
+        self.cfg, self.hooks, self.out_dir = cfg, hooks, out_dir
+        self.d = d = setup_distributed(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, d.device)
+        self.rows = as_blocks(data, cfg.block_size, "training")
+        self.heldout = as_blocks(heldout, cfg.block_size, "held-out") if heldout is not None else None
+        self.shape = step_shape(cfg, self.rows.shape[1], d.world)
+        self.identity = run_identity(cfg, model, run_info)
+        if out_dir is not None:
+            check_out_dir(out_dir, self.identity, resuming=resume is not None)
+        state = load_checkpoint(find_checkpoint(resume), self.identity, model) if resume is not None else None
+        if d.world > 1:
+            dist.barrier()  # every rank has checked the output directory before rank 0 writes to it
+        if cfg.distill and teacher is None:
+            teacher = copy.deepcopy(model)  # the model as given, before any step
+        if teacher is not None:
+            # Only moved and put in eval mode: its forward runs under no_grad. (Not requires_grad_(False):
+            # a teacher may share tensors with the student, as a fused model shares its source's.)
+            teacher = teacher.to(d.device).eval()
+        self.teacher = teacher
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.module = model.to(d.device)
+        self.module.train()
+        self.fsdp = cfg.fsdp and d.world > 1
+        self.wrapped = wrap_distributed(self.module, self.fsdp, d)
+        self.optimizer = build_optimizer(self.module, cfg, hooks, d.device)
+        self.step, self.history, self.evals = 0, [], []
+        self.resumed = state is not None
+        if state is not None:
+            self._restore(state)
+        if progress and d.main:
+            print(f"dha: {self.shape.steps} steps of {self.shape.tokens} tokens on {d.world} process(es), {d.device}, "
+                  f"autocast {self.dtype}", file=sys.stderr)
+        self.writer = self._open_outputs()
+
+        self.per_rank = self.shape.rows // d.world
+        self.micro = min(cfg.micro_batch, self.per_rank)
+        self.predicted = self.shape.rows * (self.shape.width - 1)  # global number of target tokens per step
+        self.loss_scale = d.world / self.predicted  # DDP/FSDP average over ranks; we want the global mean
+
+    def _restore(self, state: dict) -> None:
+        """Weights, optimizer, position, history and RNGs (and the hooks' state) of a checkpoint."""
+        restore(self.module, self.optimizer, state, self.fsdp)
+        self.step, self.history, self.evals = state["step"], state["history"], state["evals"]
+        _set_rng_state(state["rng"])
+        if self.hooks.load_state_dict is not None:
+            self.hooks.load_state_dict(state.get("hooks") or {}, self.step)
+        if self.d.main:
+            print(f"dha: resuming from {state['path']} at step {self.step}", file=sys.stderr)
+
+    def _open_outputs(self):
+        """Rank 0 with an out_dir: checkpoints/, run.json, log.jsonl (the history so far) and the
+        TensorBoard writer (None elsewhere)."""
+        if self.out_dir is None or not self.d.main:
+            return None
+        os.makedirs(os.path.join(self.out_dir, "checkpoints"), exist_ok=True)
+        write_json(os.path.join(self.out_dir, "run.json"), self.identity)
+        # The log restarts from the checkpoint's history: steps after it (from a killed run) go.
+        with open(os.path.join(self.out_dir, "log.jsonl"), "w") as f:
+            for record in _merged_log(self.history, self.evals):
+                f.write(json.dumps(record) + "\n")
+        from torch.utils.tensorboard import SummaryWriter  # slow to import: only for a run that writes
+
+        return SummaryWriter(os.path.join(self.out_dir, "tensorboard"), purge_step=self.step + 1 if self.step else None)
+
+    def log(self, record: dict) -> None:
+        """Append a train or eval record to log.jsonl and TensorBoard (rank 0 with an out_dir)."""
+        if self.writer is None:
+            return
+        with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        prefix = "eval" if record["kind"] == "eval" else "train"
+        for k, v in record.items():
+            if k not in ("kind", "step") and isinstance(v, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def evaluate(self) -> None:
+        """Held-out loss on the first eval_tokens of the held-out rows (no-op without them)."""
+        if self.heldout is None:
+            return
+        rows = eval_rows(self.heldout, self.cfg.eval_tokens)
+        loss, count = evaluate_heldout(self.wrapped, rows, self.cfg.micro_batch, self.d, self.dtype)
+        record = {"kind": "eval", "step": self.step, "tokens": self.step * self.shape.tokens, "heldout_loss": loss,
+                  "ppl": math.exp(min(loss, 700.0)), "heldout_tokens": count}
+        self.evals.append(record)
+        self.log(record)
+
+    def optimizer_step(self) -> dict:
+        """Step self.step + 1 (module doc): schedule, this rank's rows, micro batches, update; the
+        record it logs."""
+        cfg, shape, d = self.cfg, self.shape, self.d
+        self.step += 1
+        t0 = time.perf_counter()
+        factor = lr_factor(self.step, shape.steps, shape.warmup, cfg.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = abs(g["peak_lr"]) * factor
+        start = cfg.data_start + (self.step - 1) * shape.rows + d.rank * self.per_rank
+        my_rows = self.rows[rows_at(self.rows.shape[0], cfg.seed, start, self.per_rank)]  # (per_rank, width)
+        sums, extra_value, extra_scalars = self._accumulate(my_rows)
+        grad_norm = self._update()
+        _all_sum(sums, d)
+        lm = (sums[0] / self.predicted).item()  # waits for the step's queued work (CUDA is asynchronous): it is timed
+        record = self._record(lm, sums, grad_norm, extra_value, extra_scalars, time.perf_counter() - t0)
+        if self.hooks.on_step_end is not None:
+            self.hooks.on_step_end(self.module, self.step, record)
+        self.history.append(record)
+        self.log(record)
+        return record
+
+    def _accumulate(self, my_rows: Tensor) -> tuple[Tensor, float, dict]:
+        """Forward and backward of every micro batch, gradients accumulated (reduced across ranks on
+        the last only). Returns the (LM, KD) loss sums and the hook's extra term and scalars."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.d.device)  # LM and KD loss sums
+        extra_value, extra_scalars = 0.0, {}
+        starts = list(range(0, self.per_rank, self.micro))
+        for i, s in enumerate(starts):
+            last = i == len(starts) - 1
+            batch = my_rows[s:s + self.micro].to(self.d.device, non_blocking=True)
+            sync = last or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
+            ctx = self.wrapped.no_sync() if not sync else contextlib.nullcontext()
+            if self.fsdp:
+                self.module.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last micro batch only
+            with ctx:
+                loss = self._micro_batch_loss(batch, sums)
+                if last and self.hooks.extra_loss is not None:
+                    term, extra_scalars = self.hooks.extra_loss(self.module, self.step)
+                    loss = loss + term
+                    extra_value = float(term.detach())
+                loss.backward()
+        return sums, extra_value, extra_scalars
+
+    def _micro_batch_loss(self, batch: Tensor, sums: Tensor) -> Tensor:
+        """The micro batch's objective sum, scaled to its share of the global mean; adds its LM
+        (and KD) sums to `sums`."""
+        cfg, device = self.cfg, self.d.device
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with _autocast(device, self.dtype):
+            logits = self.wrapped(inputs)
+        lm_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        objective_sum = lm_sum
+        if cfg.distill:
+            with torch.no_grad(), _autocast(device, self.dtype):
+                teacher_logits = self.teacher(inputs)
+            kd_sum = distill_loss_sum(logits, teacher_logits, cfg.distill_temperature)
+            objective_sum = (1 - cfg.distill_weight) * lm_sum + cfg.distill_weight * kd_sum
+            sums[1] += kd_sum.detach().double()
+        sums[0] += lm_sum.detach().double()
+        return objective_sum * self.loss_scale
+
+    def _update(self):
+        """Ascent groups' gradients negated, descent gradients clipped, AdamW step; the gradient norm."""
+        optimizer = self.optimizer
+        for g in optimizer.param_groups:
+            if g["ascent"]:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.grad.neg_()
+        descent = [p for g in optimizer.param_groups if not g["ascent"] for p in g["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(descent, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _record(self, lm: float, sums: Tensor, grad_norm, extra_value: float, extra_scalars: dict, seconds: float) -> dict:
+        """The step's log record: mean LM (and KD) loss over the global batch, the objective, lr, ..."""
+        cfg, shape = self.cfg, self.shape
+        record = {"kind": "train", "step": self.step, "tokens": self.step * shape.tokens, "loss": lm,
+                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                  "tokens_per_s": shape.tokens / seconds, "seconds": seconds}
+        objective = lm
+        if cfg.distill:
+            record["distill_loss"] = (sums[1] / self.predicted).item()
+            objective = (1 - cfg.distill_weight) * lm + cfg.distill_weight * record["distill_loss"]
+        if self.hooks.extra_loss is not None:
+            record["extra_loss"] = extra_value
+            objective += extra_value
+            record.update({k: float(v) for k, v in extra_scalars.items()})
+        record["objective"] = objective
+        return record
+
+    def checkpoint(self) -> None:
+        hooks_state = self.hooks.state_dict() if self.hooks.state_dict is not None else None
+        save_checkpoint(self.out_dir, self.module, self.optimizer, self.step, self.step * self.shape.rows, self.history,
+                        self.evals, self.identity, self.cfg, self.d, hooks_state)
+
+    def finish(self, loaded, save_final: bool, run_info: dict | None) -> TrainResult:
+        """The trained model, unsharded; with an out_dir (rank 0) the writer closed and, when
+        save_final, the final model saved there."""
+        final = unwrap_full_model(self.module, self.fsdp, self.d)
+        if self.writer is not None:
+            self.writer.close()
+        if self.writer is not None and save_final:
+            trained = {"steps": self.step, "tokens": self.step * self.shape.tokens, "autocast": self.dtype,
+                       "config": asdict(self.cfg), "run": dict(run_info or {})}
+            save_final_model(self.out_dir, final, loaded, {"trained": trained})
+        if self.d.world > 1:
+            dist.barrier()
+        return TrainResult(self.history, self.evals, final, self.step, self.out_dir)
+
+
+def wrap_distributed(module: nn.Module, fsdp: bool, d: Dist) -> nn.Module:
+    """Under torchrun: FSDP2 shards the module in place (one unit per transformer block; the module
+    itself is returned), or DDP wraps it. One process: the module."""
+    if d.world > 1 and fsdp:
         from torch.distributed.fsdp import fully_shard
 
         for block in getattr(module, "layers", []):
@@ -608,161 +821,22 @@ def train(
     elif d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        wrapped = DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    optimizer = build_optimizer(module, cfg, hooks, d.device)
+        return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return module
 
-    step, history, evals = 0, [], []
-    if state is not None:
-        restore(module, optimizer, state, cfg.fsdp and d.world > 1)
-        step, history, evals = state["step"], state["history"], state["evals"]
-        _set_rng_state(state["rng"])
-        if hooks.load_state_dict is not None:
-            hooks.load_state_dict(state.get("hooks") or {}, step)
-        if d.main:
-            print(f"dha: resuming from {state['path']} at step {step}", file=sys.stderr)
-    if progress and d.main:
-        print(f"dha: {shape.steps} steps of {shape.tokens} tokens on {d.world} process(es), {d.device}, "
-              f"autocast {dtype}", file=sys.stderr)
 
-    writer = None
-    if out_dir is not None and d.main:
-        os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
-        write_json(os.path.join(out_dir, "run.json"), identity)
-        # The log restarts from the checkpoint's history: steps after it (from a killed run) go.
-        with open(os.path.join(out_dir, "log.jsonl"), "w") as f:
-            for record in _merged_log(history, evals):
-                f.write(json.dumps(record) + "\n")
-        from torch.utils.tensorboard import SummaryWriter
+def _progress_bar(total: int, initial: int):
+    from tqdm.auto import tqdm
 
-        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=step + 1 if step else None)
+    return tqdm(total=total, initial=initial, unit="step", desc="training", file=sys.stderr, dynamic_ncols=True)
 
-    def log(record: dict) -> None:
-        if out_dir is None or not d.main:
-            return
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        prefix = "eval" if record["kind"] == "eval" else "train"
-        for k, v in record.items():
-            if k not in ("kind", "step") and isinstance(v, (int, float)):
-                writer.add_scalar(f"{prefix}/{k}", v, record["step"])
 
-    def run_eval() -> None:
-        if heldout is None:
-            return
-        n = max(1, min(heldout.shape[0], cfg.eval_tokens // heldout.shape[1]))
-        loss, count = evaluate_heldout(wrapped, heldout[:n], cfg.micro_batch, d, dtype)
-        record = {"kind": "eval", "step": step, "tokens": step * shape.tokens, "heldout_loss": loss,
-                  "ppl": math.exp(min(loss, 700.0)), "heldout_tokens": count}
-        evals.append(record)
-        log(record)
-
-    if state is None and cfg.eval_every:
-        run_eval()  # the starting point
-
-    per_rank = shape.rows // d.world
-    micro = min(cfg.micro_batch, per_rank)
-    predicted = shape.rows * (shape.width - 1)  # global number of target tokens per step
-    loss_scale = d.world / predicted  # DDP/FSDP average over ranks; we want the global mean
-    bar = None
-    if progress and d.main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=shape.steps, initial=step, unit="step", desc="training", file=sys.stderr, dynamic_ncols=True)
-    tokens_per_s = 0.0
-    while step < shape.steps:
-        step += 1
-        t0 = time.perf_counter()
-        factor = lr_factor(step, shape.steps, shape.warmup, cfg.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = abs(g["peak_lr"]) * factor
-        start = cfg.data_start + (step - 1) * shape.rows + d.rank * per_rank
-        my_rows = rows[rows_at(rows.shape[0], cfg.seed, start, per_rank)]  # (per_rank, width)
-        sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # LM and KD loss sums
-        extra_scalars: dict = {}
-        extra_value = 0.0
-        starts = list(range(0, per_rank, micro))
-        for i, s in enumerate(starts):
-            last = i == len(starts) - 1
-            batch = my_rows[s:s + micro].to(d.device, non_blocking=True)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            sync = last or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
-            ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
-            if cfg.fsdp and d.world > 1:
-                module.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last micro batch only
-            with ctx:
-                with _autocast(d.device, dtype):
-                    logits = wrapped(inputs)
-                lm_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-                objective_sum = lm_sum
-                if cfg.distill:
-                    with torch.no_grad(), _autocast(d.device, dtype):
-                        teacher_logits = teacher(inputs)
-                    kd_sum = distill_loss_sum(logits, teacher_logits, cfg.distill_temperature)
-                    objective_sum = (1 - cfg.distill_weight) * lm_sum + cfg.distill_weight * kd_sum
-                    sums[1] += kd_sum.detach().double()
-                sums[0] += lm_sum.detach().double()
-                loss = objective_sum * loss_scale
-                if last and hooks.extra_loss is not None:
-                    term, extra_scalars = hooks.extra_loss(module, step)
-                    loss = loss + term
-                    extra_value = float(term.detach())
-                loss.backward()
-        for g in optimizer.param_groups:
-            if g["ascent"]:
-                for p in g["params"]:
-                    if p.grad is not None:
-                        p.grad.neg_()
-        descent = [p for g in optimizer.param_groups if not g["ascent"] for p in g["params"] if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(descent, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _all_sum(sums, d)
-        seconds = time.perf_counter() - t0
-        tokens_per_s = shape.tokens / seconds
-        lm = (sums[0] / predicted).item()
-        record = {"kind": "train", "step": step, "tokens": step * shape.tokens, "loss": lm,
-                  "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                  "tokens_per_s": tokens_per_s, "seconds": seconds}
-        objective = lm
-        if cfg.distill:
-            record["distill_loss"] = (sums[1] / predicted).item()
-            objective = (1 - cfg.distill_weight) * lm + cfg.distill_weight * record["distill_loss"]
-        if hooks.extra_loss is not None:
-            record["extra_loss"] = extra_value
-            objective += extra_value
-            record.update({k: float(v) for k, v in extra_scalars.items()})
-        record["objective"] = objective
-        if hooks.on_step_end is not None:
-            hooks.on_step_end(module, step, record)
-        history.append(record)
-        log(record)
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == shape.steps):
-            run_eval()
-        if bar is not None:
-            bar.update(1)
-            postfix = {"loss": f"{lm:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
-            if evals:
-                postfix["heldout"] = f"{evals[-1]['heldout_loss']:.3f}"
-            bar.set_postfix(postfix)
-        periodic = cfg.save_every and step % cfg.save_every == 0 and step < shape.steps
-        if out_dir is not None and (periodic or (checkpoint_at_end and step == shape.steps)):
-            save_checkpoint(out_dir, module, optimizer, step, step * shape.rows, history, evals, identity, cfg, d,
-                            hooks.state_dict() if hooks.state_dict is not None else None)
-    if bar is not None:
-        bar.close()
-    if not cfg.eval_every and heldout is not None and (not evals or evals[-1]["step"] != step):
-        run_eval()  # eval_every 0: one evaluation, at the end
-
-    final = unwrap_full_model(module, cfg.fsdp and d.world > 1, d)
-    if out_dir is not None and d.main:
-        writer.close()
-    if out_dir is not None and d.main and save_final:
-        save_final_model(out_dir, final, loaded, {"trained": {"steps": step, "tokens": step * shape.tokens, "autocast": dtype, "config": asdict(cfg),
-                                                              "run": dict(run_info or {})}})
-    if d.world > 1:
-        dist.barrier()
-    return TrainResult(history, evals, final, step, out_dir)
+def _show_progress(bar, record: dict, evals: list[dict]) -> None:
+    bar.update(1)
+    postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+    if evals:
+        postfix["heldout"] = f"{evals[-1]['heldout_loss']:.3f}"
+    bar.set_postfix(postfix)
 
 
 def _merged_log(history: list[dict], evals: list[dict]) -> list[dict]:
@@ -815,69 +889,7 @@ def unwrap_full_model(module: nn.Module, fsdp: bool, d: Dist) -> nn.Module | Non
         return module
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from .transforms import build
-
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return build(module.config, sd) if d.main else None
 
 
-def save_final_model(out_dir: str, model: nn.Module, loaded, provenance: dict) -> None:
-    """Write the native checkpoint files into `out_dir` (beside the logs), each by rename.
-
-    dha_config.json goes last: a directory holding it holds a complete model."""
-    from .checkpoint import Loaded, NATIVE_CONFIG, write_native
-
-    if loaded is not None:
-        prov = dict(loaded.provenance or {})
-        prov.update(provenance)
-        out = Loaded(model, loaded.tokenizer, loaded.source, "native", loaded.hf_config, loaded.plan, prov)
-    else:
-        out = Loaded(model, None, "train", "native", None, None, provenance)
-    with files_into(out_dir, last=NATIVE_CONFIG) as tmp:
-        write_native(tmp, out)
-
-
-# ---- from a SOURCE and DATA (the `train` verb, and `convert --tokens`) ----------------------------
-
-def continue_training(
-    loaded,
-    data: str | None,
-    cfg: TrainConfig,
-    *,
-    out_dir: str | None = None,
-    teacher: nn.Module | None = None,
-    hooks: Hooks | None = None,
-    resume: str | None = None,
-    progress: bool = True,
-    text_field: str = "text",
-    heldout_fraction: float = 0.1,
-    run_info: dict | None = None,
-) -> TrainResult:
-    """Train `loaded.model` on DATA (tokenised with `loaded.tokenizer`, see dha.data.load_tokens).
-
-    The model is trained in place (loaded.model is set to the trained model), in its own dtype
-    (load it in float32 for training; cfg.dtype is only the autocast dtype). With out_dir, the
-    final model is saved there with loaded's tokenizer, hf_config, plan and provenance.
-    run_info identifies the run in run.json (default: source and data as named)."""
-    from .data import load_tokens
-
-    splits = load_tokens(data, loaded.tokenizer, text_field=text_field, heldout_fraction=heldout_fraction)
-    if run_info is None:
-        run_info = {"source": loaded.source, "data": splits.source, "text_field": text_field}
-    heldout = splits.heldout if splits.heldout.numel() >= cfg.block_size else None
-    if heldout is None and progress:
-        print(f"dha: warning: {splits.source} has {splits.heldout.numel()} held-out tokens, less than one block: "
-              "no held-out evaluation", file=sys.stderr)
-    result = train(loaded.model, splits.train, heldout, cfg, teacher=teacher, hooks=hooks, out_dir=out_dir,
-                   resume=resume, progress=progress, run_info=run_info, loaded=loaded)
-    loaded.model = result.model
-    return result
-
-
-def source_identity(source: str | None) -> str:
-    """The SOURCE as a stable name for run.json: an absolute path when it is a path."""
-    from .checkpoint import DEFAULT_SOURCE
-
-    if source is None:
-        return DEFAULT_SOURCE
-    return os.path.abspath(source) if os.path.exists(source) else source

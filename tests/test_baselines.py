@@ -155,6 +155,35 @@ def test_prune_keeps_budget_and_drops_unused_heads():
     assert plan.key_heads() == [2, 2] and plan.value_heads() == [2, 2] and plan.kv_fraction() <= 1 / 3 + 1e-9
 
 
+def test_attention_output_through_other_maps_equals_transformers():
+    """prune's what-if attention (query h reads key head ki[h], value head vi[h] of the layer's own
+    projections; head 2 read by none) against transformers' attention of an MHA model whose K/V
+    rows of head h are those of ki[h] / vi[h] (fp32, atol 1e-5)."""
+    import copy
+
+    from dha.baselines import attention_inputs, attention_output
+
+    hf = tiny_llama_hf(bias=True)
+    ours = ours_from_hf(hf)
+    ki, vi = [0, 1, 0, 3, 4, 5], [1, 1, 5, 3, 4, 5]
+    ids = random_ids(2, 12, seed=3)
+    ref_model = copy.deepcopy(hf)
+    attn = ref_model.model.layers[1].self_attn
+    with torch.no_grad():
+        for proj, index in ((attn.k_proj, ki), (attn.v_proj, vi)):
+            rows = torch.cat([torch.arange(j * HD, (j + 1) * HD) for j in index])
+            proj.weight.copy_(proj.weight[rows].clone())
+            proj.bias.copy_(proj.bias[rows].clone())
+    seen = []
+    handle = attn.register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    with torch.no_grad():
+        ref_model(ids)
+    handle.remove()
+    x = attention_inputs(ours, ids)[1]  # layer 1's normed input (layer 0 is unchanged in the reference)
+    assert_close(attention_output(ours, 1, x, ki, vi), seen[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(attention_output(ours, 1, x, list(range(6)), list(range(6))), seen[0], atol=1e-3)
+
+
 def test_methods_registry_and_convert_carry_everything():
     assert {"gqa", "gqa-similar", "svd", "prune"} <= set(METHODS)
     from dha.checkpoint import Loaded
@@ -291,7 +320,7 @@ def _state(path):
 def test_cli_convert_training_resumes_after_a_crash_like_an_uninterrupted_run(workspace, monkeypatch):
     """A baseline conversion with --tokens and --save-every, stopped at step 4, continues from its
     step-2 checkpoint with --resume and ends where the uninterrupted run ends (fp32, atol 1e-6)."""
-    import dha.train
+    import dha.continued
 
     tmp, src, data = workspace
     common = ["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--tokens", "384",
@@ -335,6 +364,7 @@ def test_cli_convert_training_options_refused_before_loading(workspace, extra, m
 
 def test_cli_convert_training_holds_out_what_calibration_held_out(workspace, monkeypatch):
     """--heldout-fraction splits the text for training as it did for calibration."""
+    import dha.continued
     import dha.data
 
     tmp, src, data = workspace
@@ -344,7 +374,8 @@ def test_cli_convert_training_holds_out_what_calibration_held_out(workspace, mon
         seen.append(kwargs.get("heldout_fraction", 0.1))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dha.data, "load_tokens", spy)
+    monkeypatch.setattr(dha.data, "load_tokens", spy)  # calibration (the CLI)
+    monkeypatch.setattr(dha.continued, "load_tokens", spy)  # training
     assert main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--heldout-fraction", "0.3",
                  "--tokens", "64", "--block-size", "16", "--batch-tokens", "64", "--eval-every", "0", "--no-progress",
                  "--out", str(tmp / "o")]) == 0
@@ -398,7 +429,7 @@ def test_cli_metric_default_is_each_consumers_own(workspace, monkeypatch):
 
 
 def test_cli_convert_training_gets_train_dtype_and_teacher(workspace, monkeypatch):
-    import dha.train
+    import dha.continued
 
     tmp, src, data = workspace
     seen = {}
@@ -407,7 +438,7 @@ def test_cli_convert_training_gets_train_dtype_and_teacher(workspace, monkeypatc
         seen.update(dtype=cfg.dtype, teacher=kwargs["teacher"], weights=next(loaded.model.parameters()).dtype)
         raise _Stop
 
-    monkeypatch.setattr(dha.train, "continue_training", stop)
+    monkeypatch.setattr(dha.continued, "continue_training", stop)
     other = tiny_source(str(tmp / "teacher"), tiny_llama_hf(seed=7, layers=3))  # a teacher unlike the source
     with pytest.raises(_Stop):
         main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--tokens", "64",

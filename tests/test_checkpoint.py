@@ -222,7 +222,8 @@ def test_smollm2_matches_hf_and_inspect(capsys):
     with torch.no_grad():
         reference = hf(ids).logits
         assert_close(ours(ids), reference, atol=1e-5, rtol=0)
-        # The 9-KV-head MHA expansion is exactly the same function (METHOD.md part D's starting point).
+        # The 9-KV-head MHA expansion is exactly the same function: the starting point of the exact
+        # test in docs/method.md (copies of each KV head, then scattered by a query-head permutation).
         assert_close(expand_to_mha(ours)(ids), reference, atol=1e-5, rtol=0)
     assert main(["inspect", "--json"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

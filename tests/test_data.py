@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from dha.data import DataError, TokenSplits, blocks, load_tokens, read_documents
+from dha.data import DataError, TokenSplits, blocks, calibration_blocks, load_tokens, read_documents
 
 DOCS = [f"Document number {i} talks about the cat {i * 7} times.\nIt has a second line {i}." for i in range(40)]
 
@@ -231,3 +231,17 @@ def test_blocks():
     assert s.train is train and s.heldout is heldout and s.source == "x"
     assert (s.train_documents, s.heldout_documents) == (0, 0)
     assert TokenSplits(train, heldout, "x", 3, 4).heldout_documents == 4
+
+
+def test_calibration_blocks_one_rule_for_every_method():
+    """The DHA search and the baselines cut calibration text by the same rule (dha.data.calibration_blocks)."""
+    stream = torch.arange(100)
+    assert calibration_blocks(stream, 40, 16).tolist() == [list(range(0, 16)), list(range(16, 32)), list(range(32, 48))]  # ceil(40/16)
+    assert calibration_blocks(stream, 10, 16).tolist() == [list(range(10))]  # the block cut to calib_tokens
+    assert calibration_blocks(stream, 1000, 16).shape == (6, 16)  # the stream ends first: 6 whole blocks
+    assert calibration_blocks(torch.arange(7), 64, 16).tolist() == [list(range(7))]  # a short stream: one block of all of it
+    assert calibration_blocks(stream, 1, 16).tolist() == [[0, 1]]  # at least 2 tokens: one prediction
+    with pytest.raises(DataError, match="train split is empty"):
+        calibration_blocks(torch.arange(0), 64, 16)
+    with pytest.raises(DataError, match="shorter than one block"):
+        calibration_blocks(torch.arange(1), 64, 16)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dha.model import ModelConfig, Transformer
+from dha.model import ModelConfig, Transformer, next_token_nll
 from dha.transforms import build, expand_to_mha, permute_query_heads, state_dict_of, with_maps
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
 
@@ -310,3 +310,16 @@ def test_cli_generate_greedy_equals_transformers_generate(tmp_path, capsys, monk
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["prompt"] == prompt
     assert out["completion"] == tok.decode(theirs, skip_special_tokens=True)
+
+
+def test_next_token_nll_per_row_equals_transformers_loss():
+    """Each row's summed NLL equals transformers' own shifted LM loss on that row times its W - 1
+    predictions (fp32 models, rtol 1e-5): the loss perplexity and the held-out evaluation share."""
+    hf = tiny_llama_hf(num_kv_heads=2)
+    ours = ours_from_hf(hf)
+    rows = random_ids(batch=3, length=12, vocab=hf.config.vocab_size, seed=4)
+    with torch.no_grad():
+        got = next_token_nll(ours, rows)
+        want = torch.stack([hf(row[None], labels=row[None]).loss * (rows.shape[1] - 1) for row in rows])
+    assert got.shape == (3,) and got.dtype == torch.float32
+    assert_close(got, want, rtol=1e-5, atol=0)
