@@ -328,10 +328,10 @@ def lm_eval_model(loaded, batch_size: int = 8, max_length: int = 2048, progress:
                 ids = torch.zeros(len(idx), T, dtype=torch.long)  # (B, T)
                 for row, i in enumerate(idx):
                     ids[row, : len(seqs[i]) - 1] = torch.tensor(seqs[i][:-1])
-                logprobs = torch.log_softmax(model(ids.to(device)).float(), dim=-1).cpu()  # (B, T, V)
+                logprobs = torch.log_softmax(model(ids.to(device)).float(), dim=-1)  # (B, T, V)
                 for row, i in enumerate(idx):
                     n, L = len(pairs[i][1]), len(seqs[i]) - 1
-                    target = torch.tensor(seqs[i][-n:])
+                    target = torch.tensor(seqs[i][-n:], device=device)
                     lp = logprobs[row, L - n: L]  # (n, V): positions that predict the continuation
                     out[i] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
             return out

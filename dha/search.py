@@ -443,7 +443,8 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
     from .train import Hooks, TrainConfig, ramp, train
 
     relaxed = RelaxedCounts(model, tables, calibration, options.gate_init)
-    multipliers = nn.Parameter(torch.zeros(2))  # lambda1, lambda2
+    device = next(model.parameters()).device  # where dha.train.train runs it (cfg.device below)
+    multipliers = nn.Parameter(torch.zeros(2, device=device))  # lambda1, lambda2
     final = total / relaxed.source_heads
     warm = round(options.warmup * options.steps)
 
@@ -452,7 +453,7 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
         expected = sum(module.expected_counts()) / module.source_heads
         fusion = module.fusion_loss()
         gap = expected - target
-        lam = multipliers.to(gap.device)
+        lam = multipliers
         term = options.fusion_weight * fusion + lam[0] * gap + lam[1] * gap ** 2
         return term, {"fusion": float(fusion.detach()), "expected_fraction": float(expected.detach()), "target": target,
                       "lambda1": float(lam[0].detach()), "lambda2": float(lam[1].detach())}
@@ -465,7 +466,7 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
     width = calib_blocks.shape[1]
     cfg = TrainConfig(tokens=options.steps * rows * width, block_size=width, batch_tokens=rows * width, micro_batch=rows,
                       lr=options.gate_lr, min_lr_ratio=1.0, warmup_steps=0, grad_clip=0.0, dtype="float32",
-                      eval_every=0, seed=options.seed, device=str(next(model.parameters()).device))
+                      eval_every=0, seed=options.seed, device=str(device))
     was_training = model.training
     try:
         result = train(relaxed, calib_blocks, None, cfg, hooks=Hooks(extra_loss, param_groups), progress=options.progress)
