@@ -683,9 +683,9 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _all_sum(sums, d)
+        lm = (sums[0] / predicted).item()  # waits for the step's queued work (CUDA is asynchronous): it is timed
         seconds = time.perf_counter() - t0
         tokens_per_s = shape.tokens / seconds
-        lm = (sums[0] / predicted).item()
         record = {"kind": "train", "step": step, "tokens": step * shape.tokens, "loss": lm,
                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens_per_s, "seconds": seconds}
