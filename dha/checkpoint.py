@@ -102,13 +102,14 @@ def load(source: str | None = None, dtype: torch.dtype | None = None, tokenizer:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where and in what dtype loaded weights go (dtype None: each tensor keeps its own)."""
+    """Where and in what dtype loaded weights go (dtype None: each tensor keeps its own; integer
+    and boolean tensors, such as old checkpoints' mask buffers, always do)."""
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype | None = None
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(device=self.device, dtype=self.dtype)
+        return tensor.to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else None)
 
 
 CPU = Placement()
