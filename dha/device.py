@@ -56,11 +56,6 @@ def inference_dtype(requested: torch.dtype | None, device: torch.device) -> torc
     return torch.bfloat16 if device.type == "cuda" else None
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device a model's parameters live on."""
-    return next(model.parameters()).device
-
-
 def synchronize(device: torch.device) -> None:
     """Wait until the work queued on `device` is done (CUDA kernels run asynchronously)."""
     if device.type == "cuda":
