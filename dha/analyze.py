@@ -35,7 +35,8 @@ METRICS = ("cosine", "cka")
 @torch.no_grad()
 def collect_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, max_tokens: int | None = None,
                   seed: int = 0) -> list[dict]:
-    """Per layer {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)}, float32, pre-RoPE.
+    """Per layer {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)}, float32, pre-RoPE,
+    on the model's device.
 
     blocks: (n_blocks, T) token ids, run through the model `batch_size` blocks at a time. Each
     layer's heads come from calling that layer's `attn.project` on the normed input the layer
@@ -46,10 +47,11 @@ def collect_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4,
     if blocks.dim() != 2 or blocks.numel() == 0:
         raise ValueError(f"blocks must be a non-empty (n_blocks, T) tensor, got shape {tuple(blocks.shape)}")
     n_total = blocks.numel()
+    device = next(model.parameters()).device
     keep = None
     if max_tokens is not None and max_tokens < n_total:
-        g = torch.Generator().manual_seed(seed)
-        keep = torch.randperm(n_total, generator=g)[:max_tokens].sort().values  # flat token positions
+        g = torch.Generator().manual_seed(seed)  # on the CPU: the same positions whatever the device
+        keep = torch.randperm(n_total, generator=g)[:max_tokens].sort().values.to(device)  # flat token positions
 
     L = model.config.num_layers
     parts: list[dict[str, list[torch.Tensor]]] = [{"queries": [], "keys": [], "values": []} for _ in range(L)]
@@ -69,7 +71,6 @@ def collect_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4,
         return hook
 
     handles = [block.attn.register_forward_pre_hook(hook_for(l)) for l, block in enumerate(model.layers)]
-    device = next(model.parameters()).device
     try:
         for start in range(0, blocks.shape[0], batch_size):
             batch = blocks[start:start + batch_size].to(device)
@@ -78,7 +79,7 @@ def collect_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4,
     finally:
         for h in handles:
             h.remove()
-    return [{name: torch.cat(ts).cpu() for name, ts in layer.items()} for layer in parts]
+    return [{name: torch.cat(ts) for name, ts in layer.items()} for layer in parts]
 
 
 # ---- similarity ----------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def groups_needed(similarity: torch.Tensor, threshold: float, clusterings: dict[
 
 
 def _matrix(t: torch.Tensor) -> list[list[float]]:
-    return [[round(float(v), 6) for v in row] for row in t]
+    return [[round(v, 6) for v in row] for row in t.tolist()]  # one copy to the host, not one per entry
 
 
 def analyze(model: Transformer, blocks: torch.Tensor, metric: str = "cka", threshold: float = 0.5,

@@ -190,7 +190,8 @@ def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: Con
 
 @torch.no_grad()
 def attention_inputs(model: Transformer, calib_blocks: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
-    """Per layer, the normed input its attention receives: (n_blocks, T, D)."""
+    """Per layer, the normed input its attention receives: (n_blocks, T, D), on the model's device."""
+    device = next(model.parameters()).device
     inputs: list[list[torch.Tensor]] = [[] for _ in model.layers]
     handles = [
         block.attn.register_forward_pre_hook(lambda attn, args, l=l: inputs[l].append(args[0].detach()))
@@ -198,7 +199,7 @@ def attention_inputs(model: Transformer, calib_blocks: torch.Tensor, batch_size:
     ]
     try:
         for start in range(0, calib_blocks.shape[0], batch_size):
-            model(calib_blocks[start:start + batch_size])
+            model(calib_blocks[start:start + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .device import synchronize
 from .errors import UserError
 from .export import export
 from .plots import pyplot, save
@@ -202,11 +203,6 @@ def _memory_now(device: torch.device) -> tuple[int, int, str]:
     return peak, peak, "peak_rss_since_start"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---- timing ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -220,19 +216,19 @@ def time_point(runner: Runner, batch_size: int, context: int, new_tokens: int, s
     ids = torch.randint(0, runner.config.vocab_size, (batch_size, context), generator=g).to(device)  # (B, T)
     _reset_peak_memory(device)
     start_bytes = _memory_now(device)[0]
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     if decode_only:
         cache, logits = runner.random_cache(batch_size, context, context + new_tokens), ids[:, -1:].float()
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
     else:
         cache, logits = runner.prefill(ids, context + new_tokens)  # logits (B, V)
-    _sync(device)
+    synchronize(device)
     t1 = time.perf_counter()
     for _ in range(new_tokens):
         cache, logits = runner.step(cache, logits.argmax(-1, keepdim=True))  # token (B, 1)
-    _sync(device)
+    synchronize(device)
     t2 = time.perf_counter()
     _, peak, what = _memory_now(device)
     return {"prefill_s": None if decode_only else t1 - t0, "decode_s": t2 - t1, "kv_cache_bytes": runner.cache_bytes(cache),

@@ -71,30 +71,57 @@ def cache_dir() -> str:
 
 # ---- loading ---------------------------------------------------------------------------------
 
-def load(source: str | None = None, dtype: torch.dtype | None = None, tokenizer: bool = True) -> Loaded:
-    """Load SOURCE (see module doc) as our Transformer, in eval mode, in `dtype` if given."""
+def load(source: str | None = None, dtype: torch.dtype | None = None, tokenizer: bool = True,
+         device: torch.device | str | None = None) -> Loaded:
+    """Load SOURCE (see module doc) as our Transformer, in eval mode, in `dtype` if given (else the
+    checkpoint's own), on `device` (default: the CPU). Weights are read straight onto the device,
+    one tensor at a time in the target dtype, so a GPU model never exists as a float32 CPU copy
+    (GGUF files excepted: transformers dequantises them on the CPU)."""
     source = source or DEFAULT_SOURCE
+    place = Placement(torch.device(device) if device is not None else torch.device("cpu"), dtype)
     if source == DEFAULT_SOURCE:
-        loaded = load_default(tokenizer)
+        loaded = load_default(tokenizer, place)
     elif os.path.isdir(source) and os.path.exists(os.path.join(source, NATIVE_CONFIG)):
-        loaded = load_native(source, tokenizer)
+        loaded = load_native(source, tokenizer, place)
     elif os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
-        loaded = load_hf_dir(source, tokenizer)
+        loaded = load_hf_dir(source, tokenizer, place)
     elif source.endswith(".gguf"):
         if not os.path.isfile(source):
             raise UserError(f"GGUF file not found: {source}")
-        loaded = load_gguf(os.path.dirname(os.path.abspath(source)), os.path.basename(source), tokenizer)
+        loaded = load_gguf(os.path.dirname(os.path.abspath(source)), os.path.basename(source), tokenizer, place)
     elif os.path.exists(source):
         raise UserError(f"{source} is neither a dha checkpoint, a Hugging Face model directory (config.json) nor a .gguf file")
     elif _looks_like_hub_id(source):
-        loaded = load_hf_dir(_download(source), tokenizer)
+        loaded = load_hf_dir(_download(source), tokenizer, place)
         loaded.source = source
     else:
         raise UserError(f"model path not found: {source}")
-    if dtype is not None:
-        loaded.model = loaded.model.to(dtype)
-    loaded.model.eval()
+    loaded.model = loaded.model.to(device=place.device, dtype=dtype).eval()  # a no-op where the weights are already placed
     return loaded
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in what dtype loaded weights go (dtype None: each tensor keeps its own; integer
+    and boolean tensors, such as old checkpoints' mask buffers, always do)."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype | None = None
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else None)
+
+
+CPU = Placement()
+
+
+def read_safetensors(path: str, place: Placement = CPU) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each read onto place.device and cast on arrival."""
+    from safetensors import safe_open
+
+    device = "cpu" if place.device.type == "cpu" else str(place.device)
+    with safe_open(path, framework="pt", device=device) as f:
+        return {name: place(f.get_tensor(name)) for name in f.keys()}
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -111,10 +138,9 @@ def _download(repo_id: str) -> str:  # pragma: no cover - needs a hub
         raise UserError(f"{repo_id!r} is not a local path, and downloading it from the hub failed: {e}") from None
 
 
-def read_hf_state_dict(directory: str) -> dict[str, torch.Tensor]:
-    """All weights of a HF model directory: model.safetensors, sharded safetensors, or .bin."""
+def read_hf_state_dict(directory: str, place: Placement = CPU) -> dict[str, torch.Tensor]:
+    """All weights of a HF model directory (model.safetensors, sharded safetensors, or .bin), placed by `place`."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     files = []
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -137,50 +163,50 @@ def read_hf_state_dict(directory: str) -> dict[str, torch.Tensor]:
             raise UserError(f"weights file missing: {path} (listed in the shard index)")
         try:
             if name.endswith(".safetensors"):
-                sd.update(load_file(path))
+                sd.update(read_safetensors(path, place))
             else:
-                sd.update(torch.load(path, map_location="cpu", weights_only=True))
+                sd.update({k: place(v) for k, v in torch.load(path, map_location=place.device, weights_only=True).items()})
         except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
             raise UserError(f"weights file {path} is truncated or corrupt: {str(e).splitlines()[0]}") from None
     return sd
 
 
-def _from_hf(hf_config, hf_state_dict, source: str, kind: str, tokenizer) -> Loaded:
+def _from_hf(hf_config, hf_state_dict, source: str, kind: str, tokenizer, place: Placement = CPU) -> Loaded:
+    """Our model from a HF state dict; one dtype for all weights (place.dtype, else the first tensor's)."""
     cfg = config_from_hf(hf_config)
-    dtype = next(iter(hf_state_dict.values())).dtype
+    dtype = place.dtype or next(iter(hf_state_dict.values())).dtype
     try:
         sd = weights_from_hf(hf_state_dict, cfg)
-        model = build(cfg, {k: v.to(dtype) for k, v in sd.items()})
+        model = build(cfg, {k: v.to(device=place.device, dtype=dtype) for k, v in sd.items()})
     except RuntimeError as e:  # shape mismatch in the strict load
         raise UserError(f"weights of {source} do not match its config: {str(e).splitlines()[0]}") from None
     return Loaded(model, tokenizer, source, kind, hf_config=hf_config.to_dict())
 
 
-def load_hf_dir(directory: str, want_tokenizer: bool = True) -> Loaded:
+def load_hf_dir(directory: str, want_tokenizer: bool = True, place: Placement = CPU) -> Loaded:
     from transformers import AutoConfig
 
     if _json_field(os.path.join(directory, "config.json"), "model_type") == REMOTE_MODEL_TYPE:
-        return load_remote_code_export(directory, want_tokenizer)  # written by `dha export`
+        return load_remote_code_export(directory, want_tokenizer, place)  # written by `dha export`
     try:
         hf_config = AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError, OSError) as e:
         raise UserError(f"cannot read {directory}/config.json: {str(e).splitlines()[0]}") from None
     family_of(hf_config.model_type)  # refuse unsupported architectures before reading weights
-    sd = read_hf_state_dict(directory)
+    sd = read_hf_state_dict(directory, place)
     tok = _tokenizer(directory) if want_tokenizer else None
-    return _from_hf(hf_config, sd, directory, "hf", tok)
+    return _from_hf(hf_config, sd, directory, "hf", tok, place)
 
 
-def load_remote_code_export(directory: str, want_tokenizer: bool = True) -> Loaded:
+def load_remote_code_export(directory: str, want_tokenizer: bool = True, place: Placement = CPU) -> Loaded:
     """Read a remote-code export back as our Transformer (without running the code it carries)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     try:
         with open(os.path.join(directory, "config.json")) as f:
             meta = json.load(f)
         cfg = ModelConfig.from_dict(meta["dha"])
-        sd = load_file(os.path.join(directory, "model.safetensors"))
+        sd = read_safetensors(os.path.join(directory, "model.safetensors"), place)
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, SafetensorError) as e:
         raise UserError(f"{directory} is not a readable dha remote-code export: {e}") from None
     if any(not k.startswith("model.") for k in sd):
@@ -202,8 +228,9 @@ def _json_field(path: str, name: str):
     return d.get(name) if isinstance(d, dict) else None
 
 
-def load_gguf(directory: str, filename: str, want_tokenizer: bool = True) -> Loaded:
-    """Dequantise a GGUF file with transformers (rebuilding a plain state dict from its model)."""
+def load_gguf(directory: str, filename: str, want_tokenizer: bool = True, place: Placement = CPU) -> Loaded:
+    """Dequantise a GGUF file with transformers on the CPU (rebuilding a plain state dict from its
+    model), then place the weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = os.path.join(directory, filename)
@@ -221,7 +248,7 @@ def load_gguf(directory: str, filename: str, want_tokenizer: bool = True) -> Loa
     if want_tokenizer:
         with quiet():
             tok = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    return _from_hf(hf_config, sd, path, "gguf", tok)
+    return _from_hf(hf_config, sd, path, "gguf", tok, place)
 
 
 def default_gguf_path() -> str:
@@ -242,11 +269,12 @@ def file_lock(path: str):
         yield
 
 
-def load_default(want_tokenizer: bool = True) -> Loaded:
+def load_default(want_tokenizer: bool = True, place: Placement = CPU) -> Loaded:
     """SmolLM2-135M-Instruct: converted from the package's GGUF once, then cached natively.
 
     The first use converts under a lock file beside the cache: when several processes start at once
-    (torchrun ranks), one converts and writes the cache while the others wait, then read it."""
+    (torchrun ranks), one converts and writes the cache while the others wait, then read it. The
+    model is then placed (device, dtype)."""
     cached = os.path.join(cache_dir(), DEFAULT_SOURCE)
     loaded = None
     if not os.path.exists(os.path.join(cached, NATIVE_CONFIG)):
@@ -258,15 +286,15 @@ def load_default(want_tokenizer: bool = True) -> Loaded:
                 save(cached, loaded)
                 if not want_tokenizer:
                     loaded.tokenizer = None
+                loaded.model = loaded.model.to(device=place.device, dtype=place.dtype)
     if loaded is None:
-        loaded = load_native(cached, want_tokenizer)
+        loaded = load_native(cached, want_tokenizer, place)
     loaded.source, loaded.kind = DEFAULT_SOURCE, "default"
     return loaded
 
 
-def load_native(directory: str, want_tokenizer: bool = True) -> Loaded:
+def load_native(directory: str, want_tokenizer: bool = True, place: Placement = CPU) -> Loaded:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     try:
         with open(os.path.join(directory, NATIVE_CONFIG)) as f:
@@ -278,7 +306,7 @@ def load_native(directory: str, want_tokenizer: bool = True) -> Loaded:
         raise UserError(f"{directory}/{NATIVE_CONFIG} is malformed: {e}") from None
     path = os.path.join(directory, "model.safetensors")
     try:
-        sd = load_file(path)
+        sd = read_safetensors(path, place)
     except FileNotFoundError:
         raise UserError(f"weights file missing: {path}") from None
     except (SafetensorError, OSError) as e:

@@ -13,11 +13,29 @@ import sys
 from .errors import UserError
 
 SOURCE_HELP = "model: a dha checkpoint dir, a Hugging Face model dir, a .gguf file, or a hub id (default: smollm2-135m, built in)"
+DEVICE_HELP = "where the work runs: auto (CUDA when a GPU is present, else the CPU; default) | cpu | cuda | cuda:N"
+DTYPE_HELP = ("float32 | bfloat16 | float16 | auto (default): the checkpoint's own, except bfloat16 on a GPU "
+              "for inference and calibration (generate, eval, analyze, convert without --tokens)")
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """--device, on every verb (build_parser); main() resolves it (dha.device) before the verb runs."""
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", default=None, metavar="SOURCE", help=SOURCE_HELP)
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (the checkpoint's own)")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+
+
+def _inference_dtype(args):
+    """The load dtype of a verb that runs the model for inference or calibration (--dtype, dha.device)."""
+    import torch
+
+    from .checkpoint import parse_dtype
+    from .device import inference_dtype
+
+    return inference_dtype(parse_dtype(args.dtype), torch.device(args.device))
 
 
 # ---- inspect -------------------------------------------------------------------------------------
@@ -34,7 +52,7 @@ def run_inspect(args) -> int:
     from .checkpoint import load, parse_dtype
     from .report import inspect_model, print_inspect
 
-    loaded = load(args.source, parse_dtype(args.dtype), tokenizer=False)
+    loaded = load(args.source, parse_dtype(args.dtype), tokenizer=False, device=args.device)
     info = inspect_model(loaded)
     if args.json:
         print(json.dumps(info))
@@ -62,17 +80,21 @@ def run_generate(args) -> int:
 
     import torch
 
-    from .checkpoint import load, parse_dtype
+    from .checkpoint import load
+    from .device import synchronize
     from .model import generate
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    loaded = load(args.source, parse_dtype(args.dtype))
+    device = torch.device(args.device)
+    loaded = load(args.source, _inference_dtype(args), device=device)
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.source} has no tokenizer")
-    ids = torch.tensor([loaded.tokenizer(args.prompt)["input_ids"]])
+    ids = torch.tensor([loaded.tokenizer(args.prompt)["input_ids"]], device=device)
+    synchronize(device)
     t0 = time.perf_counter()
-    out = generate(loaded.model, ids, args.max_new_tokens, args.temperature, torch.Generator().manual_seed(args.seed))
+    out = generate(loaded.model, ids, args.max_new_tokens, args.temperature, torch.Generator(device).manual_seed(args.seed))
+    synchronize(device)
     seconds = time.perf_counter() - t0
     text = loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     if args.json:
@@ -123,7 +145,7 @@ def add_eval(sub) -> None:
 def run_eval(args) -> int:
     import os
 
-    from .checkpoint import load, parse_dtype
+    from .checkpoint import load
     from .data import DEFAULT_DATA, DataError, load_tokens
     from .evaluate import EvalOptions, evaluate_models, flatten, print_report
 
@@ -143,8 +165,8 @@ def run_eval(args) -> int:
         progress=sys.stderr.isatty(), tasks=[t for t in args.tasks.split(",") if t.strip()],
         include_path=args.include_path, limit=args.limit,
     )
-    dtype = parse_dtype(args.dtype)
-    models = [load(source, dtype) for source in [args.source, *args.compare]]
+    dtype = _inference_dtype(args)
+    models = [load(source, dtype, device=args.device) for source in [args.source, *args.compare]]
     splits = load_tokens(args.data, models[0].tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
     report = flatten(evaluate_models(models, splits, options))
     if not args.json:
@@ -187,7 +209,7 @@ def run_export(args) -> int:
     if args.pad or args.outtype != "f32":
         raise UserError("--pad and --outtype are for --format gguf / nemotron-nas")
     check_out(args.out)  # before loading: a large model takes a while
-    loaded = load(args.source, parse_dtype(args.dtype))
+    loaded = load(args.source, parse_dtype(args.dtype), device=args.device)
     try:
         result = export(loaded, args.out, force_remote_code=args.force_remote_code, atol=args.atol)
     except ExportMismatch as e:  # our failure, not the user's input: exit 1
@@ -209,14 +231,14 @@ def run_export_serving(args) -> int:
         from .gguf import check_gguf_out, export_gguf, summary_lines
 
         check_gguf_out(args.out)
-        result = export_gguf(load(args.source, parse_dtype(args.dtype)), args.out, args.outtype, pad=args.pad)
+        result = export_gguf(load(args.source, parse_dtype(args.dtype), device=args.device), args.out, args.outtype, pad=args.pad)
     else:
         from .nemotron import export_nemotron, summary_lines
 
         if args.outtype != "f32":
             raise UserError("--outtype is for --format gguf (nemotron-nas keeps the model's dtype; use --dtype)")
         check_out(args.out)
-        result = export_nemotron(load(args.source, parse_dtype(args.dtype)), args.out, pad=args.pad)
+        result = export_nemotron(load(args.source, parse_dtype(args.dtype), device=args.device), args.out, pad=args.pad)
     for line in summary_lines(result):
         print(line)
     print(json.dumps({"format": args.format, **result.to_dict()}))
@@ -280,11 +302,11 @@ def add_analyze(sub) -> None:
 def run_analyze(args) -> int:
     from .analyze import analyze, summary_table, write_report
     from .atomic import atomic_dir
-    from .checkpoint import check_out, load, parse_dtype
+    from .checkpoint import check_out, load
 
     _check_calibration_args(args)
     check_out(args.out)
-    loaded = load(args.source, parse_dtype(args.dtype))
+    loaded = load(args.source, _inference_dtype(args), device=args.device)
     calib = _calibration_blocks(args, loaded.tokenizer)
     args.metric = args.metric or "cka"  # analyze's own default, named here for the JSON line
     result = analyze(loaded.model, calib, metric=args.metric, threshold=args.threshold,
@@ -360,7 +382,7 @@ def run_convert(args) -> int:
 
     from .baselines import ConvertOptions
     from .compress import heads_for_budget, source_heads
-    from .checkpoint import check_out, load, parse_dtype, save
+    from .checkpoint import check_out, load, save
     from .convert import NO_CALIBRATION, apply_plan, check_method, convert, kv_summary
     from .plan import Plan
 
@@ -386,7 +408,7 @@ def run_convert(args) -> int:
         check_out(args.out)
 
     # Training keeps float32 master weights (its autocast dtype is --train-dtype), as `dha train` does.
-    loaded = load(args.source, torch.float32 if tokens > 0 else parse_dtype(args.dtype))
+    loaded = load(args.source, torch.float32 if tokens > 0 else _inference_dtype(args), device=args.device)
     before = kv_summary(loaded.model)
     if plan is not None:
         result = apply_plan(loaded, plan)
@@ -403,7 +425,7 @@ def run_convert(args) -> int:
         from .continued import continue_training, source_identity
 
         if args.teacher is not None:
-            teacher = load(args.teacher, torch.float32, tokenizer=False).model
+            teacher = load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
         else:
             teacher = loaded.model if args.distill else None
         result.provenance = {**result.provenance, "method": result.plan.method, "train_tokens": tokens}
@@ -506,8 +528,10 @@ def run_convert_dha(args) -> int:
     resuming = check_dha_out(args, identity)
     if d is not None and d.world > 1:
         torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
-    loaded = load(args.source, torch.float32)  # float32 master weights; --dtype of training is autocast only
-    teacher = load(args.teacher, torch.float32, tokenizer=False).model if getattr(args, "teacher", None) else None
+    # float32 master weights (--dtype of training is autocast only), straight onto --device
+    loaded = load(args.source, torch.float32, device=args.device)
+    teacher = (load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
+               if getattr(args, "teacher", None) else None)
     splits = load_tokens(data, loaded.tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
     progress = not getattr(args, "no_progress", False)
     if not tokens:
@@ -748,7 +772,7 @@ def train_config_from_args(args):
         lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, dtype=getattr(args, "train_dtype", "auto"), eval_every=args.eval_every, eval_tokens=args.eval_tokens,
         save_every=args.save_every, seed=args.seed, distill=bool(args.distill), distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature, fsdp=args.fsdp,
+        distill_temperature=args.distill_temperature, fsdp=args.fsdp, device=args.device,
     )
 
 
@@ -781,8 +805,8 @@ def run_train(args) -> int:
         raise UserError("--teacher is only used with --distill")
     cfg = train_config_from_args(args)
     cfg.validate()
-    loaded = load(args.source, torch.float32)  # master weights in float32; --dtype is the autocast dtype
-    teacher = load(args.teacher, torch.float32, tokenizer=False).model if args.teacher is not None else None
+    loaded = load(args.source, torch.float32, device=args.device)  # master weights in float32; --dtype is the autocast dtype
+    teacher = load(args.teacher, torch.float32, tokenizer=False, device=args.device).model if args.teacher is not None else None
     run_info = {"source": source_identity(args.source), "data": source_identity(args.data or "pydoc"),
                 "text_field": args.text_field, "teacher": source_identity(args.teacher) if args.teacher else None}
     try:
@@ -815,7 +839,7 @@ def add_bench(sub) -> None:
                                    "{prefill_tokens_per_s, decode_tokens_per_s, kv_cache_bytes}}], notes, options, device, "
                                    "threads, torch}. A point that cannot fit in memory is refused before anything runs.")
     p.add_argument("models", nargs="*", metavar="MODEL", help=SOURCE_HELP.replace("model:", "models:", 1))
-    p.add_argument("--dtype", default="float32", help="float32 (default) | bfloat16 | float16 | auto (each checkpoint's own)")
+    p.add_argument("--dtype", default=None, help="float32 (default on the CPU) | bfloat16 (default on a GPU) | float16 | auto (each checkpoint's own)")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 4], help="batch sizes, comma-separated (default 1,4)")
     p.add_argument("--contexts", type=_int_list, default=[128, 512], help="prompt tokens prefilled before decoding, comma-separated (default 128,512)")
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed after each prefill (default 16)")
@@ -852,8 +876,8 @@ def run_bench(args) -> int:
         if args.threads < 1:
             raise UserError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    dtype = parse_dtype(args.dtype)
-    models = [load(source, dtype, tokenizer=False) for source in (args.models or [None])]
+    dtype = parse_dtype(args.dtype) if args.dtype is not None else _inference_dtype(args) or torch.float32
+    models = [load(source, dtype, tokenizer=False, device=args.device) for source in (args.models or [None])]
     options = BenchOptions(batch_sizes=args.batch_sizes, contexts=args.contexts, new_tokens=args.new_tokens,
                            repeats=args.repeats, progress=sys.stderr.isatty(), decode_only=args.decode_only)
     report = bench(models, options, with_transformers=args.transformers)
@@ -882,6 +906,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in VERBS:
         add(sub)
+    for verb_parser in sub.choices.values():
+        add_device_option(verb_parser)
     return parser
 
 
@@ -889,6 +915,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from .device import resolve_device
+
+        args.device = str(resolve_device(args.device))  # an unknown or absent device fails here, before any work
         return args.func(args)
     except UserError as e:
         if args.debug:

@@ -149,6 +149,7 @@ def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weigh
     p = hd - r
     q, k, v = acts["queries"].double(), acts["keys"].double(), acts["values"].double()  # (N, H|n, hd)
     N, nk, nv = k.shape[0], k.shape[1], v.shape[1]
+    f64 = dict(dtype=torch.float64, device=k.device)  # the statistics live where the heads were collected
     key_readers, value_readers = _readers(cfg.key_index[layer], nk), _readers(cfg.value_index[layer], nv)
 
     # keys: per-pair weights from the energy of the queries that read each key head
@@ -158,21 +159,21 @@ def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weigh
         scale = torch.stack([pair_energy[rd].sum(0) for rd in key_readers]).sqrt()  # (n, r/2)
         scale = scale.clamp_min(float(scale.max()) * 1e-6 if scale.numel() else 1e-30)
         pass_metric = torch.stack([torch.diag(q_energy[rd, r:].sum(0).clamp_min(1e-30).sqrt()) for rd in key_readers]) \
-            if p else torch.zeros(nk, 0, 0, dtype=torch.float64)
+            if p else torch.zeros(nk, 0, 0, **f64)
     else:
-        scale = torch.ones(nk, r // 2, dtype=torch.float64)
-        pass_metric = torch.eye(p, dtype=torch.float64).expand(nk, p, p).clone()
+        scale = torch.ones(nk, r // 2, **f64)
+        pass_metric = torch.eye(p, **f64).expand(nk, p, p).clone()
     z = _pairs(k, r) * scale  # (N, n, r/2): whitened complex keys
     pair_gram = torch.einsum("tai,tbi->iab", z, z.conj())  # (r/2, n, n)
     kp = torch.einsum("tnd,nde->tne", k[..., r:], pass_metric).reshape(N, nk * p)  # (N, n*p)
 
     # values: L_j^2 = sum over the readers of W_O[h] W_O[h]^T (output error), or I
     if metric == "weighted":
-        o = model.layers[layer].attn.o_proj.weight.detach().double()  # (D, H*hd)
+        o = model.layers[layer].attn.o_proj.weight.detach().to(**f64)  # (D, H*hd)
         o_heads = o.T.reshape(cfg.num_heads, hd, -1)  # (H, hd, D): W_O[h]
         value_metric = torch.stack([_sqrt_psd(sum(o_heads[h] @ o_heads[h].T for h in rd)) for rd in value_readers])
     else:
-        value_metric = torch.eye(hd, dtype=torch.float64).expand(nv, hd, hd).clone()
+        value_metric = torch.eye(hd, **f64).expand(nv, hd, hd).clone()
     y = torch.einsum("tnd,nde->tne", v, value_metric).reshape(N, nv * hd)  # (N, n*hd)
     return LayerStats(pair_gram, scale, kp.T @ kp, pass_metric, y.T @ y, value_metric, N)
 
@@ -181,7 +182,7 @@ def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weigh
 
 def _block(gram: torch.Tensor, members: list[int], dim: int) -> torch.Tensor:
     """The (g*dim, g*dim) sub-Gram of `members` from a stacked (n*dim, n*dim) Gram."""
-    idx = torch.cat([torch.arange(m * dim, (m + 1) * dim) for m in members])
+    idx = torch.cat([torch.arange(m * dim, (m + 1) * dim, device=gram.device) for m in members])
     return gram[idx][:, idx]
 
 
@@ -236,7 +237,7 @@ def _real_merge(gram: torch.Tensor, metric: torch.Tensor, dim: int) -> tuple[tor
     """Whitened PCA of a stacked group: (down (g, dim, dim) = L_j U_j, up (g, dim, dim) = U_j^T L_j^-1)."""
     g = metric.shape[0]
     if dim == 0:
-        return torch.zeros(g, 0, 0, dtype=torch.float64), torch.zeros(g, 0, 0, dtype=torch.float64)
+        return metric.new_zeros(g, 0, 0), metric.new_zeros(g, 0, 0)
     U = _top(gram, dim).reshape(g, dim, dim)  # (g, dim, dim): U_j
     down = metric @ U
     up = U.transpose(1, 2) @ torch.linalg.inv(metric)
@@ -249,20 +250,20 @@ def group_merge(stats: LayerStats, kind: str, members: list[int]) -> KeyMerge | 
         hd = stats.value_metric.shape[1]
         return ValueMerge(*_real_merge(_block(stats.value_gram, members, hd), stats.value_metric[members], hd))
     G = stats.key_pair_gram[:, members][:, :, members]  # (r/2, g, g)
-    u = _top(G, 1)[..., 0] if G.shape[0] else torch.zeros(0, len(members), dtype=torch.complex128)  # (r/2, g)
+    u = _top(G, 1)[..., 0] if G.shape[0] else G.new_zeros(0, len(members))  # (r/2, g)
     s = stats.key_scale[members].T  # (r/2, g)
     p = stats.key_pass_metric.shape[1]
     pass_down, pass_up = _real_merge(_block(stats.key_pass_gram, members, p), stats.key_pass_metric[members], p)
     return KeyMerge(u.conj() * s, u / s, pass_down, pass_up)
 
 
-def mean_merge(kind: str, size: int, head_dim: int, rotary_dim: int) -> KeyMerge | ValueMerge:
+def mean_merge(kind: str, size: int, head_dim: int, rotary_dim: int, device: torch.device | None = None) -> KeyMerge | ValueMerge:
     """The mean of a group written as a merge (shared head = the mean, read unchanged): the old target."""
-    eye = torch.eye(head_dim if kind == "value" else head_dim - rotary_dim, dtype=torch.float64)
+    eye = torch.eye(head_dim if kind == "value" else head_dim - rotary_dim, dtype=torch.float64, device=device)
     down, up = (eye / size).expand(size, *eye.shape).clone(), eye.expand(size, *eye.shape).clone()
     if kind == "value":
         return ValueMerge(down, up)
-    pairs = torch.ones(rotary_dim // 2, size, dtype=torch.complex128)
+    pairs = torch.ones(rotary_dim // 2, size, dtype=torch.complex128, device=device)
     return KeyMerge(pairs / size, pairs, down, up)
 
 
@@ -365,7 +366,8 @@ def closed_form_merges(stats: list[LayerStats], layers: list[LayerPlan]) -> list
 @dataclass
 class Calibration:
     """One pass over calibration tokens: per layer the heads' outputs (pre-RoPE), optionally the
-    gradients of the summed LM loss with respect to them, and the merge statistics."""
+    gradients of the summed LM loss with respect to them, and the merge statistics, all on the
+    model's device."""
 
     acts: list[dict]  # per layer {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)} float32
     grads: list[dict] | None  # per layer {"keys": (N, Hk, hd), "values": (N, Hv, hd)}, or None
@@ -403,10 +405,10 @@ def collect_with_gradients(model: Transformer, blocks: torch.Tensor, batch_size:
                 outs = torch.autograd.grad(loss, wanted)
             it = iter(outs)
             for layer, name, t in live:
-                flat = t.detach().reshape(-1, t.shape[-1] // hd, hd).float().cpu()  # (B*T, n, hd)
+                flat = t.detach().reshape(-1, t.shape[-1] // hd, hd).float()  # (B*T, n, hd)
                 acts[layer][name].append(flat)
                 if name != "queries":
-                    grads[layer][name].append(next(it).reshape(flat.shape).float().cpu())
+                    grads[layer][name].append(next(it).reshape(flat.shape).float())
     finally:
         for h in handles:
             h.remove()

@@ -183,22 +183,24 @@ def write_remote_code(directory: str, model: Transformer, hf_config: dict | None
 def compare_with_transformers(
     directory: str, models: list[Transformer], trust_remote_code: bool, batch: int = 2, length: int = 32, seed: int = 0,
 ) -> tuple[list[float], float, str, dict]:
-    """Reload `directory` with AutoModelForCausalLM and run it and each of `models` in float32.
+    """Reload `directory` with AutoModelForCausalLM and run it and each of `models` in float32, on
+    the device of the first model.
 
     Returns (max |logit difference| to each model, max |logit| of the first model, the reloaded
     class name, a description of the inputs)."""
     from transformers import AutoModelForCausalLM
 
+    device = next(models[0].parameters()).device
     try:
         with quiet():
             hf_model = AutoModelForCausalLM.from_pretrained(
                 directory, trust_remote_code=trust_remote_code, dtype=torch.float32
-            ).eval()
+            ).to(device).eval()
     except Exception as e:
         raise ExportMismatch(f"transformers cannot reload the export: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     cfg = models[0].config
     length = min(length, cfg.max_position_embeddings)
-    ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
     diffs, scale = [], None
     with torch.no_grad():
         theirs = hf_model(input_ids=ids, use_cache=False).logits.float()  # (B, T, V)
@@ -209,7 +211,7 @@ def compare_with_transformers(
             mine = ours.eval()(ids).float()  # (B, T, V)
             diffs.append((theirs - mine).abs().max().item() if theirs.shape == mine.shape else float("inf"))
             scale = mine.abs().max().item() if scale is None else scale
-    return diffs, scale, hf_class, {"batch": batch, "length": length, "seed": seed, "dtype": "float32"}
+    return diffs, scale, hf_class, {"batch": batch, "length": length, "seed": seed, "dtype": "float32", "device": str(device)}
 
 
 # ---- the export ------------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ def summary_lines(result: ExportResult) -> list[str]:
                  f"not stock because: {result.reason}"]
     c = result.check
     lines.append(f"reloaded with transformers: max |logit difference| {result.max_abs_diff:.3g} on "
-                 f"{c['batch']}x{c['length']} random tokens ({c['dtype']})")
+                 f"{c['batch']}x{c['length']} random tokens ({c['dtype']}, on {c['device']})")
     if result.permuted_layers:
         lines.append(f"against the source before reordering: {result.max_abs_diff_source:.3g} (fp32 summation order)")
     return lines

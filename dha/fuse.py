@@ -178,10 +178,10 @@ def _as_float64(merge):
 
 def mean_merges(model: Transformer, plan: Plan) -> list[dict]:
     """The group mean of every group of `plan`, as merges (fusion target="mean")."""
-    cfg = model.config
+    cfg, device = model.config, next(model.parameters()).device
     r = cfg.rotary_dim if cfg.position == "rope" else 0
-    return [{"key": [mean_merge("key", len(g), cfg.head_dim, r) for g in layer.key_groups],
-             "value": [mean_merge("value", len(g), cfg.head_dim, r) for g in layer.value_groups]} for layer in plan.layers]
+    return [{"key": [mean_merge("key", len(g), cfg.head_dim, r, device) for g in layer.key_groups],
+             "value": [mean_merge("value", len(g), cfg.head_dim, r, device) for g in layer.value_groups]} for layer in plan.layers]
 
 
 class FusedModel(nn.Module):

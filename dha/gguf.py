@@ -194,7 +194,7 @@ def gguf_tensors(model: Transformer, outtype: str):
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight")  # llama.cpp reuses token_embd when `output` is absent
     for name, tensor in sd.items():
-        t = tensor.detach().float()
+        t = tensor.detach().float().cpu()  # the file is written from host memory
         if name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             t = interleave_rope_rows(t, cfg.head_dim)
         array = t.numpy()

@@ -442,13 +442,14 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
     same dynamic programming as the cost search, minimising sum_l (n_l - E[n_l])^2.
     """
     relaxed = RelaxedCounts(model, tables, calibration, options.gate_init)
-    multipliers = nn.Parameter(torch.zeros(2))  # lambda1, lambda2
+    device = next(model.parameters()).device  # where dha.train.train runs it (cfg.device below)
+    multipliers = nn.Parameter(torch.zeros(2, device=device))  # lambda1, lambda2
     hooks = _lagrangian_hooks(multipliers, total / relaxed.source_heads, options)
     rows = min(options.batch_size, calib_blocks.shape[0])
     width = calib_blocks.shape[1]
     cfg = TrainConfig(tokens=options.steps * rows * width, block_size=width, batch_tokens=rows * width, micro_batch=rows,
                       lr=options.gate_lr, min_lr_ratio=1.0, warmup_steps=0, grad_clip=0.0, dtype="float32",
-                      eval_every=0, seed=options.seed, device=str(next(model.parameters()).device))
+                      eval_every=0, seed=options.seed, device=str(device))
     was_training = model.training
     try:
         result = train(relaxed, calib_blocks, None, cfg, hooks=hooks, progress=options.progress)
@@ -472,7 +473,7 @@ def _lagrangian_hooks(multipliers: nn.Parameter, final: float, options: SearchOp
         expected = sum(module.expected_counts()) / module.source_heads
         fusion = module.fusion_loss()
         gap = expected - target
-        lam = multipliers.to(gap.device)
+        lam = multipliers
         term = options.fusion_weight * fusion + lam[0] * gap + lam[1] * gap ** 2
         return term, {"fusion": float(fusion.detach()), "expected_fraction": float(expected.detach()), "target": target,
                       "lambda1": float(lam[0].detach()), "lambda2": float(lam[1].detach())}

@@ -23,7 +23,8 @@ from .plan import Plan
 
 
 def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Transformer:
-    """A model of `cfg` holding exactly `state_dict` (strict load), in the state dict's dtype."""
+    """A model of `cfg` holding exactly `state_dict` (strict load), in the state dict's dtype, on its
+    device (the head-map buffers follow the weights there)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     sd = dict(state_dict)
@@ -33,7 +34,7 @@ def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Transformer:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     model.init_buffers()
-    return model
+    return model.to(model.embed.weight.device)
 
 
 def heads(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -125,7 +126,7 @@ def merge_groups(
                 merged = []
                 for g, members in enumerate(groups):
                     w = weights[g] if weights is not None else torch.full((len(members),), 1.0 / len(members))
-                    w = w.float().reshape(-1, *([1] * (per_head.dim() - 1)))
+                    w = w.to(per_head).reshape(-1, *([1] * (per_head.dim() - 1)))
                     merged.append((per_head[members] * w).sum(0))
                 sd[key] = unheads(torch.stack(merged)).to(sd[key].dtype)
         key_index.append(regroup_map(cfg.key_index[l], layer.key_groups))

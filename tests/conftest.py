@@ -13,6 +13,16 @@ from dha.transforms import build
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, saying why, where torch sees no GPU (scripts/gpu_check.sh runs them on one)."""
+    if torch.cuda.is_available():
+        return
+    why = "needs a CUDA GPU: torch.cuda.is_available() is False here (run scripts/gpu_check.sh on a machine with one)"
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=why))
+
+
 def tiny_llama_hf(num_heads=6, num_kv_heads=6, bias=False, tie=False, layers=2, seed=0, **overrides):
     """A random Hugging Face LlamaForCausalLM small enough for tests (hidden 48, head dim 8)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -1,0 +1,161 @@
+"""On a GPU: every verb with --device cuda, and conversions, evaluation and generation on CUDA
+against the same on the CPU. Marked `cuda`: skipped, saying why, where torch sees no GPU;
+scripts/gpu_check.sh runs them (with one small end-to-end conversion of the built-in model).
+
+Tolerances: float32 on both devices differs only by summation order (kernels), so converted
+models agree within 1e-3 in logits (logits of the tiny models are O(1)); bfloat16 on the GPU
+against float32 on the CPU keeps 8 bits of mantissa, so perplexity agrees within 2% and logits
+within 3% of their largest magnitude."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import dha.checkpoint
+from dha.cli import main
+from dha.device import resolve_device
+from dha.errors import UserError
+from dha.plan import Plan
+from tests.conftest import ours_from_hf, random_ids, save_tiny_source, text_file, tiny_llama_hf
+from tests.test_device import VERBS, argv, reported_devices, spy_on_devices
+
+pytestmark = pytest.mark.cuda
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """(tiny 6-head LLaMA source with a tokenizer, a text file, the test's directory)."""
+    monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    src = save_tiny_source(str(tmp_path / "tiny"), ours_from_hf(tiny_llama_hf()))
+    return src, text_file(str(tmp_path / "data.txt")), tmp_path
+
+
+def on_cuda(model) -> bool:
+    return all(t.device == CUDA for t in [*model.parameters(), *model.buffers()])
+
+
+def max_logit_diff(a, b, ids) -> tuple[float, float]:
+    """(max |logits a - logits b|, max |logits b|) on `ids`, each model on its own device."""
+    with torch.no_grad():
+        la = a(ids.to(next(a.parameters()).device)).float().cpu()
+        lb = b(ids.to(next(b.parameters()).device)).float().cpu()
+    return (la - lb).abs().max().item(), lb.abs().max().item()
+
+
+def run_json(capsys, args: list[str]) -> dict:
+    capsys.readouterr()
+    assert main(args) == 0, args
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_resolve_device_on_this_machine():
+    count = torch.cuda.device_count()
+    assert resolve_device("auto") == resolve_device("cuda") == resolve_device("cuda:0") == CUDA
+    with pytest.raises(UserError, match=f"there is no GPU cuda:{count}"):
+        resolve_device(f"cuda:{count}")
+
+
+def test_load_onto_cuda_in_bfloat16(setup):
+    """Weights and head maps land on the GPU (and stay there through a transform); bf16 logits on
+    the GPU agree with float32 on the CPU within bf16 rounding."""
+    from dha.baselines import ConvertOptions, convert_gqa
+
+    src = setup[0]
+    cpu = dha.checkpoint.load(src, tokenizer=False).model
+    gpu = dha.checkpoint.load(src, torch.bfloat16, tokenizer=False, device="cuda").model
+    assert on_cuda(gpu) and all(p.dtype == torch.bfloat16 for p in gpu.parameters())
+    diff, scale = max_logit_diff(gpu, cpu, random_ids())
+    assert diff <= 3e-2 * scale, (diff, scale)
+    _, merged = convert_gqa(gpu, 0.5, None, ConvertOptions())
+    assert on_cuda(merged)
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_verb_runs_on_cuda(verb, setup, monkeypatch, capsys):
+    src, data, tmp = setup
+    seen = spy_on_devices(monkeypatch)
+    assert main([*argv(verb, src, data, str(tmp / "out")), "--device", "cuda"]) == 0
+    assert seen["load"] and all(torch.device(d) == CUDA for d in seen["load"]), seen["load"]
+    assert all(i == CUDA and p == CUDA for i, p in seen["forward"]), seen["forward"][:3]
+    if verb not in ("inspect", "convert-gqa"):
+        assert seen["forward"]
+    assert reported_devices(capsys.readouterr().out) == ({"cuda:0"} if verb in ("eval", "bench", "export") else set())
+
+
+@pytest.mark.parametrize("method", ["svd", "prune", "gqa-similar", "dha", "dha-trained"])
+def test_conversion_on_cuda_matches_the_cpu(method, setup, capsys):
+    """The same conversion (float32 weights) on both devices: the same plan, logits within 1e-3."""
+    src, data, tmp = setup
+    extra = {"dha-trained": ["--method", "dha", "--tokens", "128", "--batch-tokens", "64", "--train-dtype", "float32",
+                             "--no-progress"],
+             "dha": ["--method", "dha", "--tokens", "0"]}.get(method, ["--method", method])
+    common = ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "128", "--block-size", "16",
+              "--dtype", "float32", "--json"]
+    for device in ("cpu", "cuda"):
+        run_json(capsys, [*common, "--out", str(tmp / device), "--device", device])
+    plans = [Plan.load(os.path.join(tmp, d, "plan.json")) for d in ("cpu", "cuda")]
+    assert [(l.key_groups, l.value_groups) for l in plans[0].layers] == [(l.key_groups, l.value_groups) for l in plans[1].layers]
+    on_cpu, from_gpu = (dha.checkpoint.load(str(tmp / d), torch.float32, tokenizer=False).model for d in ("cpu", "cuda"))
+    diff, scale = max_logit_diff(from_gpu, on_cpu, random_ids(length=16))
+    assert diff <= 1e-3, (diff, scale)
+
+
+def test_eval_on_cuda_in_bfloat16_matches_the_cpu(setup, capsys):
+    src, data, _ = setup
+    common = ["eval", src, "--data", data, "--block-size", "16", "--max-eval-tokens", "128", "--context", "8",
+              "--new-tokens", "4", "--batch-sizes", "1,2", "--repeats", "1", "--heldout-fraction", "0.3", "--json"]
+    cpu = run_json(capsys, [*common, "--device", "cpu"])
+    gpu = run_json(capsys, [*common, "--device", "cuda"])
+    assert (cpu["device"], cpu["dtype"], gpu["device"], gpu["dtype"]) == ("cpu", "float32", "cuda:0", "bfloat16")
+    assert abs(gpu["ppl"] / cpu["ppl"] - 1) <= 0.02, (gpu["ppl"], cpu["ppl"])
+    assert gpu["kv_bytes_per_token"] * 2 == cpu["kv_bytes_per_token"]  # the bf16 cache is half the fp32 one
+    assert gpu["decode_tokens_per_s"] > 0 and gpu["prefill_tokens_per_s"] > 0
+
+
+def test_greedy_generation_on_cuda_matches_the_cpu(setup):
+    from dha.model import generate
+
+    src = setup[0]
+    cpu = dha.checkpoint.load(src, torch.float32, tokenizer=False).model
+    gpu = dha.checkpoint.load(src, torch.float32, tokenizer=False, device="cuda").model
+    ids = random_ids(batch=2, length=8)
+    assert torch.equal(generate(gpu, ids.to(CUDA), 8).cpu(), generate(cpu, ids, 8))
+
+
+def test_stock_export_checks_on_cuda(tmp_path, capsys):
+    """An HF LLaMA source exports as LlamaForCausalLM; transformers reloads it on the GPU and its
+    float32 logits match ours there within the export's 1e-4."""
+    hf = tiny_llama_hf(num_kv_heads=3)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    report = run_json(capsys, ["export", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--device", "cuda"])
+    assert report["kind"] == "stock" and report["check"]["device"] == "cuda:0" and report["max_abs_diff"] <= 1e-4
+
+
+def test_learned_search_and_lagrangian_fusion_on_cuda(setup):
+    """The two searches' and schedules' own parameters (gates, multipliers) live on the GPU with the model."""
+    from dha.compress import source_heads
+    from dha.fuse import FusedModel, FusionOptions, FusionSchedule, merge
+    from dha.search import SearchOptions, search
+    from dha.train import TrainConfig, train
+
+    src = setup[0]
+    model = dha.checkpoint.load(src, torch.float32, tokenizer=False, device="cuda").model
+    calib = random_ids(batch=4, length=16, vocab=model.config.vocab_size)
+    plan = search(model, 0.5, calib, SearchOptions(search="learned", steps=4, progress=False))
+    plan.validate(*source_heads(model))
+    assert plan.kv_fraction() <= 0.5 + 1e-9 and len(plan.notes["learned"]["history"]) >= 1
+
+    fused = FusedModel(model, plan, None, FusionOptions(schedule="lagrangian"))
+    schedule = FusionSchedule(fused, 2)
+    cfg = TrainConfig(tokens=64, block_size=16, batch_tokens=32, micro_batch=2, dtype="float32", eval_every=0, device="cuda:0")
+    stream = random_ids(batch=1, length=200, vocab=model.config.vocab_size)[0]
+    result = train(fused, stream, None, cfg, hooks=schedule.hooks(), progress=False)
+    assert schedule.multipliers.device == CUDA and result.steps == 2
+    _, merged = merge(result.model)
+    assert on_cuda(merged)
