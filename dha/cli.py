@@ -18,6 +18,30 @@ DTYPE_HELP = ("float32 | bfloat16 | float16 | auto (default): the checkpoint's o
               "for inference and calibration (generate, eval, analyze, convert without --tokens)")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class _OldSpelling(argparse.Action):
+    """A flag's earlier name, kept for users' scripts: it sets the new flag's value and says so once
+    on stderr. Hidden from --help."""
+
+    def __init__(self, option_strings, dest, new: str, **kw):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"dha: note: {option_string} is spelled {self.new} now (the old spelling still works)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def old_spelling(p: argparse.ArgumentParser, old: str, new: str, dest: str, type=None) -> None:
+    p.add_argument(old, dest=dest, action=_OldSpelling, new=new, type=type)
+
+
+def add_json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print only the JSON line (the last line of the output)")
+
+
 def add_device_option(p: argparse.ArgumentParser) -> None:
     """--device, on every verb (build_parser); main() resolves it (dha.device) before the verb runs."""
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -25,7 +49,7 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 
 def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", default=None, metavar="SOURCE", help=SOURCE_HELP)
-    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
 
 
 def _inference_dtype(args):
@@ -71,7 +95,7 @@ def add_generate(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    add_json_option(p)
     p.set_defaults(func=run_generate)
 
 
@@ -127,7 +151,8 @@ def add_eval(sub) -> None:
     p.add_argument("--text-field", default="text", help="JSONL field / parquet or dataset column holding the text")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of documents held out (by a stable hash of each document)")
     p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="more models to evaluate in the same run; ratios are to SOURCE")
-    p.add_argument("--block-size", type=int, default=512, help="perplexity window length in tokens")
+    p.add_argument("--eval-block-size", type=int, default=512, help="perplexity window length in tokens (default 512)")
+    old_spelling(p, "--block-size", "--eval-block-size", "eval_block_size", int)
     p.add_argument("--max-eval-tokens", type=int, default=16384, help="score at most this many held-out tokens (0: all)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward pass for perplexity")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="decode-speed batch sizes, comma-separated")
@@ -138,7 +163,7 @@ def add_eval(sub) -> None:
     p.add_argument("--tasks", default="", help="also run these lm-evaluation-harness tasks, comma-separated (needs `pip install lm-eval`)")
     p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs (e.g. dataset_path: json over a local JSONL)")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")
-    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    add_json_option(p)
     p.set_defaults(func=run_eval)
 
 
@@ -160,7 +185,7 @@ def run_eval(args) -> int:
 
         torch.set_num_threads(args.threads)
     options = EvalOptions(
-        block_size=args.block_size, max_eval_tokens=args.max_eval_tokens or None, eval_batch_size=args.eval_batch_size,
+        block_size=args.eval_block_size, max_eval_tokens=args.max_eval_tokens or None, eval_batch_size=args.eval_batch_size,
         batch_sizes=args.batch_sizes, context=args.context, new_tokens=args.new_tokens, repeats=args.repeats,
         progress=sys.stderr.isatty(), tasks=[t for t in args.tasks.split(",") if t.strip()],
         include_path=args.include_path, limit=args.limit,
@@ -195,6 +220,7 @@ def add_export(sub) -> None:
                                                       "uneven layout exactly (a larger KV cache; the summary says how much)")
     p.add_argument("--force-remote-code", action="store_true", help="write the remote-code kind even when a stock class fits")
     p.add_argument("--atol", type=float, default=1e-4, help="largest |logit difference| (fp32) accepted in the reload check")
+    add_json_option(p)
     p.set_defaults(func=run_export)
 
 
@@ -215,8 +241,9 @@ def run_export(args) -> int:
     except ExportMismatch as e:  # our failure, not the user's input: exit 1
         print(f"dha: error: {e}", file=sys.stderr)
         return 1
-    for line in summary_lines(result):
-        print(line)
+    if not args.json:
+        for line in summary_lines(result):
+            print(line)
     print(json.dumps({"out": result.out, "kind": result.kind, "max_abs_diff": result.max_abs_diff, **result.to_dict()}))
     return 0
 
@@ -239,8 +266,9 @@ def run_export_serving(args) -> int:
             raise UserError("--outtype is for --format gguf (nemotron-nas keeps the model's dtype; use --dtype)")
         check_out(args.out)
         result = export_nemotron(load(args.source, parse_dtype(args.dtype), device=args.device), args.out, pad=args.pad)
-    for line in summary_lines(result):
-        print(line)
+    if not args.json:
+        for line in summary_lines(result):
+            print(line)
     print(json.dumps({"format": args.format, **result.to_dict()}))
     return 0
 
@@ -252,10 +280,10 @@ def _add_calibration(p: argparse.ArgumentParser, default_tokens: int) -> None:
     p.add_argument("--text-field", default="text", help="JSONL field / parquet or dataset column holding the text")
     p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of documents held out (never used for calibration)")
     p.add_argument("--calib-tokens", type=int, default=default_tokens, help="calibration tokens, from the train split")
-    p.add_argument("--block-size", type=int, default=256, help="tokens per calibration block (convert --tokens: also per training row)")
+    p.add_argument("--calib-block-size", type=int, default=256, help="tokens per calibration block (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed for token subsampling (convert: also the search and the training data order)")
-    p.add_argument("--metric", default=None, help="head similarity: cka (linear CKA) | cosine "
-                                                  "(default: cka; the dha search: cosine, as benchmarked)")
+    p.add_argument("--metric", default=None, choices=("cka", "cosine"),
+                   help="head similarity of analyze, gqa-similar and svd --grouping similar: cka (linear CKA, default) | cosine")
 
 
 def _check_calibration_args(args) -> None:
@@ -268,10 +296,8 @@ def _check_calibration_args(args) -> None:
         raise DataError(f"data not found: {args.data}")
     if args.calib_tokens < 1:
         raise UserError("--calib-tokens must be at least 1")
-    if args.block_size < 1:
-        raise UserError("--block-size must be at least 1")
-    if args.metric not in (None, "cka", "cosine"):
-        raise UserError(f"unknown --metric {args.metric!r}; choose from cka, cosine")
+    if args.calib_block_size < 1:
+        raise UserError("--calib-block-size must be at least 1")
 
 
 def _calibration_blocks(args, tokenizer):
@@ -281,7 +307,7 @@ def _calibration_blocks(args, tokenizer):
     if tokenizer is None:
         raise UserError("this model has no tokenizer, so calibration text cannot be tokenised")
     splits = load_tokens(args.data, tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
-    return calibration_blocks(splits.train, args.calib_tokens, args.block_size)
+    return calibration_blocks(splits.train, args.calib_tokens, args.calib_block_size)
 
 
 # ---- analyze -------------------------------------------------------------------------------------
@@ -293,6 +319,8 @@ def add_analyze(sub) -> None:
                                    "count, and write analysis.json, per-layer heatmaps and a redundancy chart to --out.")
     _add_source(p)
     _add_calibration(p, default_tokens=4096)
+    old_spelling(p, "--block-size", "--calib-block-size", "calib_block_size", int)
+    add_json_option(p)
     p.add_argument("--threshold", type=float, default=0.5,
                    help="redundancy: the fewest groups keeping every within-group similarity >= this (default 0.5)")
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
@@ -315,7 +343,8 @@ def run_analyze(args) -> int:
     result["data"] = args.data
     with atomic_dir(args.out) as tmp:
         files = write_report(result, tmp)
-    print(summary_table(result))
+    if not args.json:
+        print(summary_table(result))
     print(json.dumps({"out": args.out, "files": len(files), "calibration_tokens": result["calibration_tokens"],
                       "metric": args.metric, "threshold": args.threshold,
                       "key_groups_needed": [e["keys"]["groups_needed"] for e in result["layers"]],
@@ -334,17 +363,54 @@ def add_convert(sub) -> None:
                                    "prune (keep the most important heads); or --plan PLAN.json to replay a plan with mean "
                                    "pooling. With --tokens N the converted model is trained on N tokens of --data.")
     _add_source(p)
-    p.add_argument("--method", help="conversion method: dha | gqa | gqa-similar | svd | prune")
+    p.add_argument("--method", choices=("dha", "gqa", "gqa-similar", "svd", "prune"),
+                   help="conversion method: dha | gqa | gqa-similar | svd | prune")
     p.add_argument("--kv-budget", type=float, help="fraction of the source's KV cache to keep, in (0, 1]")
     p.add_argument("--plan", help="apply this plan.json (mean pooling) instead of a method; with --method dha, "
                                   "use its groups instead of searching (aligned merge, fusion, training)")
-    p.add_argument("--grouping", default="contiguous", help="svd only: contiguous (Yu et al.) | similar")
+    p.add_argument("--grouping", default="contiguous", choices=("contiguous", "similar"),
+                   help="svd only: contiguous (Yu et al., default) | similar")
     _add_calibration(p, default_tokens=4096)
     p.add_argument("--out", required=True, help="checkpoint directory to write (must not exist or be empty; "
                                                 "with --tokens, a training run directory that --resume continues)")
-    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    add_json_option(p)
     add_dha_options(p)  # --method dha: search, fusion, training options (dha.pipeline)
     p.set_defaults(func=run_convert)
+
+
+DHA_OPTIONS = ("search", "sensitivity", "allocation", "coupled_kv", "layout", "merge", "merge_metric", "fusion_fraction",
+               "fusion_schedule", "fusion_weight", "fusion_ramp_end", "fusion_eps", "freeze_base", "freeze_maps")
+CALIBRATION_OPTIONS = ("data", "text_field", "heldout_fraction", "calib_tokens", "calib_block_size")
+
+
+def check_convert_options_used(args, tokens: int) -> None:
+    """Refuse an option the conversion asked for would not use (it would be silently ignored)."""
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    method = args.method or "plan"
+    given = getattr(args, "given", set())
+    if "block_size" in given and "calib_block_size" not in given:
+        # Before --calib-block-size, convert's --block-size was the calibration block too: it still is.
+        args.calib_block_size = args.block_size
+        given = given - {"block_size"} if not tokens else given
+    unused = {}  # dest -> why, in the order they are reported
+    if not tokens:
+        training = {f.name for f in fields(TrainConfig)} | {"train_dtype", "teacher", "resume"}
+        unused.update({d: "is about training: give --tokens N as well" for d in sorted(training - {"tokens", "seed", "dtype", "device"})})
+        if method in ("gqa", "plan"):
+            unused.update({d: f"is about calibration text, which {'gqa' if method == 'gqa' else 'a plan replay'} does not read"
+                           for d in CALIBRATION_OPTIONS})
+    if method != "dha":
+        unused.update({d: "is a --method dha option" for d in DHA_OPTIONS})
+    if method != "svd":
+        unused["grouping"] = "is an svd option"
+    if method not in ("gqa-similar", "svd", "dha") or (method == "svd" and args.grouping != "similar"):
+        unused["metric"] = "is used by gqa-similar and svd --grouping similar only"
+    for dest, why in unused.items():
+        if dest in given:
+            raise UserError(f"--{dest.replace('_', '-')} {why}")
 
 
 def check_convert_training_flags(args) -> None:
@@ -388,6 +454,7 @@ def run_convert(args) -> int:
 
     if (args.method is None) == (args.plan is None) and args.method != "dha":
         raise UserError("give either --method (with --kv-budget) or --plan (--method dha takes both: its search is replaced by the plan)")
+    check_convert_options_used(args, getattr(args, "tokens", None) or 0)
     if args.method == "dha":  # the full DHA pipeline: search, fusion, merge, training, report
         return run_convert_dha(args)
     if args.method is not None:
@@ -396,7 +463,7 @@ def run_convert(args) -> int:
             raise UserError("--method needs --kv-budget (the fraction of the KV cache to keep, in (0, 1])")
         if not 0 < args.kv_budget <= 1:
             raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
-        options = ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens, block_size=args.block_size,
+        options = ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens, block_size=args.calib_block_size,
                                  metric=args.metric or ConvertOptions.metric, grouping=args.grouping)
         needs_data = args.method not in NO_CALIBRATION
         if needs_data:
@@ -501,7 +568,7 @@ def add_dha_options(p) -> None:
     # dtype, so the autocast dtype of training is --train-dtype.
     present = {a.dest for a in p._actions}
     if "tokens" not in present:
-        add_training_options(p, tokens_required=False, skip=tuple(present), dtype_flag="--train-dtype")
+        add_training_options(p, tokens_required=False, skip=tuple(present))
 
 
 def run_convert_dha(args) -> int:
@@ -591,10 +658,10 @@ def dha_config_from_args(args):
                                    progress=not getattr(args, "no_progress", False))
     fusion = FusionOptions(schedule=args.fusion_schedule, weight=args.fusion_weight, ramp_end=args.fusion_ramp_end,
                            eps=args.fusion_eps, train_base=not args.freeze_base, learn_maps=not args.freeze_maps)
-    train_cfg = _train_config(args, tokens)
+    train_cfg = train_config_from_args(args, tokens)
     config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction,
                        merge="aligned" if args.merge == "pca" else args.merge,
-                       calib_tokens=args.calib_tokens, calib_block_size=args.block_size,
+                       calib_tokens=args.calib_tokens, calib_block_size=args.calib_block_size,
                        search=search_options, fusion=fusion, train=train_cfg)
     config.validate()
     split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
@@ -707,29 +774,12 @@ def print_dha_result(args, s: dict, files: list[str]) -> None:
                       "kv_bytes_per_token_bf16_after": s["results"][-1]["kv_bytes_per_token_bf16"]}))
 
 
-def _train_config(args, tokens: int):
-    """TrainConfig from the training options the verb has (dha.cli.add_training_options); defaults otherwise."""
-    from dataclasses import fields
-
-    from .train import TrainConfig
-
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-              if f.name not in ("tokens", "dtype") and getattr(args, f.name, None) is not None}
-    if getattr(args, "train_dtype", None) is not None:
-        values["dtype"] = args.train_dtype
-    cfg = TrainConfig(tokens=max(1, tokens), **values)
-    cfg.validate()
-    return cfg
-
-
 # ---- train ---------------------------------------------------------------------------------------
 
-def add_training_options(p: argparse.ArgumentParser, tokens_required: bool = True, skip: tuple[str, ...] = (),
-                         dtype_flag: str = "--dtype") -> None:
+def add_training_options(p: argparse.ArgumentParser, tokens_required: bool = True, skip: tuple[str, ...] = ()) -> None:
     """The TrainConfig options (dha.train), for `train` and for verbs that train afterwards (convert
-    --tokens). `skip` names options (dest names) the verb already defines with the same meaning;
-    `dtype_flag` renames the autocast option where --dtype already means the load dtype
-    (e.g. "--train-dtype"). Read them back with train_config_from_args(args)."""
+    --tokens). `skip` names options (dest names) the verb already defines with the same meaning.
+    Read them back with train_config_from_args(args)."""
     from .train import TrainConfig
 
     d = TrainConfig(tokens=1)
@@ -743,7 +793,7 @@ def add_training_options(p: argparse.ArgumentParser, tokens_required: bool = Tru
         ("warmup_steps", dict(type=int, default=None, help="linear warm-up steps (default: 5%% of the steps)")),
         ("weight_decay", dict(type=float, default=d.weight_decay, help=f"AdamW weight decay on matrices (default {d.weight_decay})")),
         ("grad_clip", dict(type=float, default=d.grad_clip, help=f"max gradient norm, 0 = off (default {d.grad_clip})")),
-        ("train_dtype", dict(default=d.dtype, metavar="DTYPE", help="autocast dtype: auto (bfloat16 where the hardware has it natively, else float32) | bfloat16 | "
+        ("train_dtype", dict(default=d.dtype, choices=DTYPES, help="autocast dtype: auto (bfloat16 where the hardware has it natively, else float32) | bfloat16 | "
                                                     "float16 | float32 = off; weights stay float32 (default auto)")),
         ("eval_every", dict(type=int, default=d.eval_every, help=f"held-out evaluation every N steps, 0 = only at the end (default {d.eval_every})")),
         ("eval_tokens", dict(type=int, default=d.eval_tokens, help=f"held-out tokens per evaluation (default {d.eval_tokens})")),
@@ -760,20 +810,24 @@ def add_training_options(p: argparse.ArgumentParser, tokens_required: bool = Tru
     ]
     for dest, kw in options:
         if dest not in skip:
-            flag = dtype_flag if dest == "train_dtype" else "--" + dest.replace("_", "-")
-            p.add_argument(flag, dest=dest, **kw)
+            p.add_argument("--" + dest.replace("_", "-"), dest=dest, **kw)
 
 
-def train_config_from_args(args):
+def train_config_from_args(args, tokens: int | None = None):
+    """The TrainConfig of the training options a verb has (add_training_options), checked; `tokens`
+    replaces --tokens (a conversion without training still gets a valid template)."""
+    from dataclasses import fields
+
     from .train import TrainConfig
 
-    return TrainConfig(
-        tokens=args.tokens, block_size=args.block_size, batch_tokens=args.batch_tokens, micro_batch=args.micro_batch,
-        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, dtype=getattr(args, "train_dtype", "auto"), eval_every=args.eval_every, eval_tokens=args.eval_tokens,
-        save_every=args.save_every, seed=args.seed, distill=bool(args.distill), distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature, fsdp=args.fsdp, device=args.device,
-    )
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+              if f.name not in ("tokens", "dtype") and getattr(args, f.name, None) is not None}
+    values["distill"] = bool(getattr(args, "distill", False))
+    if getattr(args, "train_dtype", None) is not None:
+        values["dtype"] = args.train_dtype
+    cfg = TrainConfig(tokens=args.tokens if tokens is None else max(1, tokens), **values)
+    cfg.validate()
+    return cfg
 
 
 def add_train(sub) -> None:
@@ -784,8 +838,12 @@ def add_train(sub) -> None:
     p.add_argument("source", nargs="?", default=None, metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("--data", default=None, help="training text: .txt, .jsonl, .parquet, a saved dataset dir, or pydoc (default)")
     p.add_argument("--text-field", default="text", help="the text field/column of .jsonl, .parquet and datasets")
+    p.add_argument("--heldout-fraction", type=float, default=0.1,
+                   help="share of documents held out for the evaluations (by a stable hash of each document; default 0.1)")
     p.add_argument("--out", default=None, help="run directory to write (default: the --resume directory)")
+    add_json_option(p)
     add_training_options(p)
+    old_spelling(p, "--dtype", "--train-dtype", "train_dtype")  # --dtype meant the autocast dtype here
     p.set_defaults(func=run_train)
 
 
@@ -803,15 +861,18 @@ def run_train(args) -> int:
         args.out = args.resume
     if args.teacher is not None and not args.distill:
         raise UserError("--teacher is only used with --distill")
+    if not 0 <= args.heldout_fraction < 1:
+        raise UserError(f"--heldout-fraction must be in [0, 1), got {args.heldout_fraction}")
     cfg = train_config_from_args(args)
-    cfg.validate()
-    loaded = load(args.source, torch.float32, device=args.device)  # master weights in float32; --dtype is the autocast dtype
+    loaded = load(args.source, torch.float32, device=args.device)  # master weights in float32; --train-dtype is the autocast dtype
     teacher = load(args.teacher, torch.float32, tokenizer=False, device=args.device).model if args.teacher is not None else None
     run_info = {"source": source_identity(args.source), "data": source_identity(args.data or "pydoc"),
-                "text_field": args.text_field, "teacher": source_identity(args.teacher) if args.teacher else None}
+                "text_field": args.text_field, "heldout_fraction": args.heldout_fraction,
+                "teacher": source_identity(args.teacher) if args.teacher else None}
     try:
         result = continue_training(loaded, args.data, cfg, out_dir=args.out, teacher=teacher, resume=args.resume,
-                                   progress=not args.no_progress, text_field=args.text_field, run_info=run_info)
+                                   progress=not args.no_progress, text_field=args.text_field,
+                                   heldout_fraction=args.heldout_fraction, run_info=run_info)
     finally:
         import torch.distributed as dist
 
@@ -820,8 +881,12 @@ def run_train(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 reports
         last = result.history[-1] if result.history else {}
         final_eval = result.evals[-1] if result.evals else {}
-        print(json.dumps({"out": args.out, "steps": result.steps, "tokens": last.get("tokens"), "loss": last.get("loss"),
-                          "heldout_loss": final_eval.get("heldout_loss"), "ppl": final_eval.get("ppl")}))
+        summary = {"out": args.out, "steps": result.steps, "tokens": last.get("tokens"), "loss": last.get("loss"),
+                   "heldout_loss": final_eval.get("heldout_loss"), "ppl": final_eval.get("ppl")}
+        if not args.json:
+            ppl = f", held-out ppl {summary['ppl']:.3f}" if summary["ppl"] is not None else ""
+            print(f"trained {summary['steps']} steps ({summary['tokens']:,} tokens), last loss {summary['loss']:.4f}{ppl}; wrote {args.out}")
+        print(json.dumps(summary))
     return 0
 
 
@@ -839,7 +904,7 @@ def add_bench(sub) -> None:
                                    "{prefill_tokens_per_s, decode_tokens_per_s, kv_cache_bytes}}], notes, options, device, "
                                    "threads, torch}. A point that cannot fit in memory is refused before anything runs.")
     p.add_argument("models", nargs="*", metavar="MODEL", help=SOURCE_HELP.replace("model:", "models:", 1))
-    p.add_argument("--dtype", default=None, help="float32 (default on the CPU) | bfloat16 (default on a GPU) | float16 | auto (each checkpoint's own)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="float32 (default on the CPU) | bfloat16 (default on a GPU) | float16 | auto (each checkpoint's own)")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 4], help="batch sizes, comma-separated (default 1,4)")
     p.add_argument("--contexts", type=_int_list, default=[128, 512], help="prompt tokens prefilled before decoding, comma-separated (default 128,512)")
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed after each prefill (default 16)")
@@ -853,7 +918,7 @@ def add_bench(sub) -> None:
                         "MODEL that exports to one (dha export, reload-checked, in a temporary directory)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a plot of decode tokens/s against context here")
     p.add_argument("--out", default=None, metavar="DIR", help="write bench.json and decode_vs_context.png into this new directory")
-    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    add_json_option(p)
     p.set_defaults(func=run_bench)
 
 
@@ -897,6 +962,12 @@ def run_bench(args) -> int:
 VERBS = [add_inspect, add_generate, add_eval, add_export, add_analyze, add_convert, add_train, add_bench]
 
 
+def given_options(p: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dest names of the options written on the command line `argv` (not defaults)."""
+    flags = {o: a.dest for a in p._actions for o in a.option_strings}
+    return {flags[tok.split("=", 1)[0]] for tok in argv if tok.split("=", 1)[0] in flags}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dha",
@@ -908,12 +979,15 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     for verb_parser in sub.choices.values():
         add_device_option(verb_parser)
+        verb_parser.set_defaults(parser=verb_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.given = given_options(args.parser, argv)
     try:
         from .device import resolve_device
 

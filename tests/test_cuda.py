@@ -108,7 +108,7 @@ def test_conversion_on_cuda_matches_the_cpu(method, setup, capsys):
 
 def test_eval_on_cuda_in_bfloat16_matches_the_cpu(setup, capsys):
     src, data, _ = setup
-    common = ["eval", src, "--data", data, "--block-size", "16", "--max-eval-tokens", "128", "--context", "8",
+    common = ["eval", src, "--data", data, "--eval-block-size", "16", "--max-eval-tokens", "128", "--context", "8",
               "--new-tokens", "4", "--batch-sizes", "1,2", "--repeats", "1", "--heldout-fraction", "0.3", "--json"]
     cpu = run_json(capsys, [*common, "--device", "cpu"])
     gpu = run_json(capsys, [*common, "--device", "cuda"])

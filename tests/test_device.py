@@ -20,11 +20,11 @@ from tests.conftest import ours_from_hf, save_tiny_source, text_file, tiny_llama
 
 # Each verb (convert once per method) with the smallest options that still do its work: {src},
 # {data} and {out} are filled in by `argv`.
-CALIB = ["--data", "{data}", "--calib-tokens", "64", "--block-size", "16"]
+CALIB = ["--data", "{data}", "--calib-tokens", "64", "--calib-block-size", "16"]
 VERBS = {
     "inspect": ["inspect", "{src}", "--json"],
     "generate": ["generate", "{src}", "--prompt", "the quick brown fox", "--max-new-tokens", "3", "--json"],
-    "eval": ["eval", "{src}", "--data", "{data}", "--block-size", "16", "--max-eval-tokens", "64", "--context", "8",
+    "eval": ["eval", "{src}", "--data", "{data}", "--eval-block-size", "16", "--max-eval-tokens", "64", "--context", "8",
              "--new-tokens", "2", "--batch-sizes", "1", "--repeats", "1", "--heldout-fraction", "0.3", "--json"],
     "export": ["export", "{src}", "--out", "{out}"],
     "analyze": ["analyze", "{src}", *CALIB, "--out", "{out}"],
@@ -35,7 +35,7 @@ VERBS = {
     "convert-gqa-trained": ["convert", "{src}", "--method", "gqa", "--kv-budget", "0.5", "--data", "{data}", "--tokens", "64",
                             "--block-size", "16", "--batch-tokens", "32", "--no-progress", "--out", "{out}", "--json"],
     "convert-dha": ["convert", "{src}", "--method", "dha", "--kv-budget", "0.5", *CALIB, "--tokens", "128",
-                    "--batch-tokens", "64", "--no-progress", "--out", "{out}", "--json"],
+                    "--block-size", "16", "--batch-tokens", "64", "--no-progress", "--out", "{out}", "--json"],
     "train": ["train", "{src}", "--data", "{data}", "--tokens", "64", "--block-size", "16", "--batch-tokens", "32",
               "--no-progress", "--out", "{out}"],
     "bench": ["bench", "{src}", "--batch-sizes", "1", "--contexts", "4", "--new-tokens", "2", "--repeats", "1", "--json"],

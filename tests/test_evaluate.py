@@ -177,7 +177,7 @@ def write_text_data(tmp_path):
     return str(p)
 
 
-CLI_FAST = ["--block-size", "16", "--max-eval-tokens", "64", "--context", "8", "--new-tokens", "3",
+CLI_FAST = ["--eval-block-size", "16", "--max-eval-tokens", "64", "--context", "8", "--new-tokens", "3",
             "--batch-sizes", "1,2", "--repeats", "1", "--heldout-fraction", "0.3"]
 
 

@@ -317,19 +317,20 @@ def test_cli_workflow(family_hf, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
     name, hf, _ = family_hf
     src, text = saved_hf_dir(hf, tmp_path)
-    data = ["--data", text, "--calib-tokens", "64", "--block-size", "16"]
+    data = ["--data", text, "--calib-tokens", "64", "--calib-block-size", "16"]
     assert cli(capsys, "inspect", src, "--json")["family"] == name
     analysis = cli(capsys, "analyze", src, *data, "--out", tmp_path / "analysis")
     assert analysis["calibration_tokens"] == 64 and len(analysis["key_groups_needed"]) == 2
     for method in ("gqa", "svd"):
-        summary = cli(capsys, "convert", src, "--method", method, "--kv-budget", "0.5", *data, "--out", tmp_path / method, "--json")
+        calibration = data if method != "gqa" else []  # gqa reads no text (and refuses calibration options)
+        summary = cli(capsys, "convert", src, "--method", method, "--kv-budget", "0.5", *calibration, "--out", tmp_path / method, "--json")
         assert summary["kv_fraction"] <= 0.5 + 1e-9
         result = cli(capsys, "export", tmp_path / method, "--out", tmp_path / f"{method}-hf")
         # svd keeps contiguous groups shared by K and V at 0.5 too, so both fit a GQA class
         assert result["kind"] == ("stock" if name in GQA_CLASSES else "remote-code"), result["reason"]
         converted = load(str(tmp_path / method), tokenizer=False).model  # the saved conversion, read back
         reload_and_compare(SimpleNamespace(out=result["out"]), converted)
-    evaluated = cli(capsys, "eval", src, "--compare", tmp_path / "svd-hf", "--data", text, "--block-size", "16",
+    evaluated = cli(capsys, "eval", src, "--compare", tmp_path / "svd-hf", "--data", text, "--eval-block-size", "16",
                     "--max-eval-tokens", "64", "--batch-sizes", "1", "--context", "8", "--new-tokens", "2", "--repeats", "1", "--json")
     assert evaluated["models"][1]["kv_bytes_per_token"] == converted.config.kv_bytes_per_token(torch.float32)
     # Perplexities against transformers' on the same 4 held-out windows of 16 tokens (fp32 models,
@@ -361,7 +362,7 @@ def test_cli_dha_without_training(name, tmp_path, capsys):
 
     src, text = saved_hf_dir(CASES[name](), tmp_path)
     summary = cli(capsys, "convert", src, "--method", "dha", "--kv-budget", "0.5", "--tokens", "0", "--data", text,
-                  "--calib-tokens", "64", "--block-size", "16", "--out", tmp_path / "dha", "--no-progress")
+                  "--calib-tokens", "64", "--calib-block-size", "16", "--out", tmp_path / "dha", "--no-progress")
     assert summary["kv_fraction"] <= 0.5 + 1e-9 and summary["tokens"] == 0
     result = cli(capsys, "export", tmp_path / "dha", "--out", tmp_path / "dha-hf")
     converted = load(str(tmp_path / "dha"), tokenizer=False).model

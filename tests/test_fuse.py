@@ -260,6 +260,9 @@ def test_lagrangian_penalty_in_parameter_space():
 
 # ---- the pipeline: `dha convert --method dha` ------------------------------------------------------
 
+TRAIN = ["--block-size", "16", "--batch-tokens", "64"]  # training rows and steps of the runs with --tokens
+
+
 @pytest.fixture
 def convert_setup(tmp_path, monkeypatch):
     from tests.test_train import text_file, tiny_source
@@ -267,7 +270,7 @@ def convert_setup(tmp_path, monkeypatch):
     monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
     source = tiny_source(str(tmp_path / "tiny"))
     data = text_file(str(tmp_path / "data.txt"))
-    common = ["--method", "dha", "--kv-budget", "0.5", "--data", data, "--block-size", "16", "--batch-tokens", "64",
+    common = ["--method", "dha", "--kv-budget", "0.5", "--data", data, "--calib-block-size", "16",
               "--calib-tokens", "256", "--dtype", "float32", "--no-progress", "--json"]
     return tmp_path, source, common
 
@@ -297,7 +300,7 @@ def test_cli_convert_dha_end_to_end(convert_setup, capsys):
 
     tmp_path, source, common = convert_setup
     out = str(tmp_path / "dha")
-    assert main(["convert", source, *common, "--tokens", "640", "--eval-every", "3", "--lr", "3e-3", "--out", out]) == 0
+    assert main(["convert", source, *common, *TRAIN, "--tokens", "640", "--eval-every", "3", "--lr", "3e-3", "--out", out]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["fusion_tokens"] == 3 * 64 and summary["continued_tokens"] == 7 * 64
     for name in ("plan.json", "report.md", "summary.json", "log.jsonl", "allocation.png", "loss.png", "perplexity.png"):
@@ -348,7 +351,7 @@ def test_continued_training_reads_on_from_where_fusion_stopped(convert_setup, ca
 
     monkeypatch.setattr(dha.train, "rows_at", spy)
     tmp_path, source, common = convert_setup
-    assert main(["convert", source, *common, "--tokens", "640", "--eval-every", "0", "--out", str(tmp_path / "o")]) == 0
+    assert main(["convert", source, *common, *TRAIN, "--tokens", "640", "--eval-every", "0", "--out", str(tmp_path / "o")]) == 0
     assert len(reads) == 10  # 3 fusion + 7 continued steps of 4 rows
     num_rows = reads[0][0]
     rows = [i for _, idx in reads for i in idx]
@@ -433,11 +436,11 @@ def test_cli_convert_dha_too_few_tokens_exits_2_and_writes_nothing(convert_setup
 
     tmp_path, source, common = convert_setup
     out = str(tmp_path / "small")
-    assert main(["convert", source, *common, "--tokens", "100", "--out", out]) == 2
+    assert main(["convert", source, *common, *TRAIN, "--tokens", "100", "--out", out]) == 2
     assert "no step" in capsys.readouterr().err
     assert not os.path.exists(out)
     with pytest.raises(SystemExit) as exit_info:  # argparse's choices: usage line, exit 2
-        main(["convert", source, *common, "--tokens", "640", "--fusion-schedule", "weights", "--out", out])
+        main(["convert", source, *common, *TRAIN, "--tokens", "640", "--fusion-schedule", "weights", "--out", out])
     assert exit_info.value.code == 2 and not os.path.exists(out)
 
 
