@@ -444,79 +444,100 @@ def _convert_training(args, tokens: int):
 
 
 def run_convert(args) -> int:
+    """`dha convert`: --method dha (dha.pipeline), a baseline or a plan replay, trained with --tokens."""
     import torch
 
-    from .baselines import ConvertOptions
-    from .compress import heads_for_budget, source_heads
     from .checkpoint import check_out, load, save
-    from .convert import NO_CALIBRATION, apply_plan, check_method, convert, kv_summary
-    from .plan import Plan
+    from .convert import kv_summary
 
     if (args.method is None) == (args.plan is None) and args.method != "dha":
         raise UserError("give either --method (with --kv-budget) or --plan (--method dha takes both: its search is replaced by the plan)")
-    check_convert_options_used(args, getattr(args, "tokens", None) or 0)
+    tokens = getattr(args, "tokens", None) or 0
+    check_convert_options_used(args, tokens)
     if args.method == "dha":  # the full DHA pipeline: search, fusion, merge, training, report
         return run_convert_dha(args)
-    if args.method is not None:
-        check_method(args.method)
-        if args.kv_budget is None:
-            raise UserError("--method needs --kv-budget (the fraction of the KV cache to keep, in (0, 1])")
-        if not 0 < args.kv_budget <= 1:
-            raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
-        options = ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens, block_size=args.calib_block_size,
-                                 metric=args.metric or ConvertOptions.metric, grouping=args.grouping)
-        needs_data = args.method not in NO_CALIBRATION
-        if needs_data:
-            _check_calibration_args(args)
-    plan = Plan.load(args.plan) if args.plan is not None else None
-    tokens = getattr(args, "tokens", None) or 0
+    options = baseline_options(args)
     train_cfg, resume = _convert_training(args, tokens)
     if resume is None:
         check_out(args.out)
-
     # Training keeps float32 master weights (its autocast dtype is --train-dtype), as `dha train` does.
     loaded = load(args.source, torch.float32 if tokens > 0 else _inference_dtype(args), device=args.device)
     before = kv_summary(loaded.model)
-    if plan is not None:
-        result = apply_plan(loaded, plan)
-    else:
-        heads_for_budget(*source_heads(loaded.model), args.kv_budget)  # budget errors before reading data
-        calib = _calibration_blocks(args, loaded.tokenizer) if needs_data else None
-        result = convert(loaded, args.method, args.kv_budget, calib, options)
+    result = convert_baseline(args, loaded, options)
     if tokens > 0:
-        # Continued training of the converted model with the same loop as `dha train` (and as the
-        # dha method's stages), so methods compare at equal token budgets. The run directory is
-        # itself the converted checkpoint (plus log.jsonl, TensorBoard, run.json) and, with
-        # --save-every, holds the checkpoints that --resume continues from (the conversion is
-        # deterministic, so it is redone and the checkpoint's weights replace it).
-        from .continued import continue_training, source_identity
-
-        if args.teacher is not None:
-            teacher = load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
-        else:
-            teacher = loaded.model if args.distill else None
-        result.provenance = {**result.provenance, "method": result.plan.method, "train_tokens": tokens}
-        continue_training(result, args.data, train_cfg, out_dir=args.out, teacher=teacher,
-                          resume=resume, progress=not args.no_progress, text_field=args.text_field,
-                          heldout_fraction=args.heldout_fraction,
-                          run_info={"source": source_identity(args.source), "method": result.plan.method,
-                                    "kv_budget": args.kv_budget, "plan": source_identity(args.plan) if args.plan else None,
-                                    "data": source_identity(args.data or "pydoc"), "text_field": args.text_field,
-                                    "heldout_fraction": args.heldout_fraction, "calib_tokens": args.calib_tokens,
-                                    "metric": args.metric or ConvertOptions.metric, "grouping": args.grouping,
-                                    "teacher": source_identity(args.teacher) if args.teacher else None})
+        train_converted(args, loaded, result, train_cfg, resume, tokens)
     else:
         save(args.out, result, overwrite=False)
+    print_convert_result(args, result, before, kv_summary(result.model))
+    return 0
 
-    after = kv_summary(result.model)
+
+def baseline_options(args):
+    """A baseline's ConvertOptions, its flags checked before loading (None for a plan replay)."""
+    from .baselines import ConvertOptions
+    from .convert import NO_CALIBRATION, check_method
+
+    if args.method is None:
+        return None
+    check_method(args.method)
+    if args.kv_budget is None:
+        raise UserError("--method needs --kv-budget (the fraction of the KV cache to keep, in (0, 1])")
+    if not 0 < args.kv_budget <= 1:
+        raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
+    if args.method not in NO_CALIBRATION:
+        _check_calibration_args(args)
+    return ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens, block_size=args.calib_block_size,
+                          metric=args.metric or ConvertOptions.metric, grouping=args.grouping)
+
+
+def convert_baseline(args, loaded, options):
+    """The converted Loaded: --plan replayed, or --method run on calibration blocks of --data."""
+    from .compress import heads_for_budget, source_heads
+    from .convert import NO_CALIBRATION, apply_plan, convert
+    from .plan import Plan
+
+    if options is None:
+        return apply_plan(loaded, Plan.load(args.plan))
+    heads_for_budget(*source_heads(loaded.model), args.kv_budget)  # budget errors before reading data
+    calib = _calibration_blocks(args, loaded.tokenizer) if args.method not in NO_CALIBRATION else None
+    return convert(loaded, args.method, args.kv_budget, calib, options)
+
+
+def train_converted(args, loaded, result, train_cfg, resume, tokens: int) -> None:
+    """Continued training of the converted model with the same loop as `dha train` (and as the dha
+    method's stages), so methods compare at equal token budgets. The run directory is itself the
+    converted checkpoint (plus log.jsonl, TensorBoard, run.json) and, with --save-every, holds the
+    checkpoints that --resume continues from (the conversion is deterministic, so it is redone and
+    the checkpoint's weights replace it)."""
+    import torch
+
+    from .baselines import ConvertOptions
+    from .checkpoint import load
+    from .continued import continue_training, source_identity
+
+    if args.teacher is not None:
+        teacher = load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
+    else:
+        teacher = loaded.model if args.distill else None
+    result.provenance = {**result.provenance, "method": result.plan.method, "train_tokens": tokens}
+    run_info = {"source": source_identity(args.source), "method": result.plan.method,
+                "kv_budget": args.kv_budget, "plan": source_identity(args.plan) if args.plan else None,
+                "data": source_identity(args.data or "pydoc"), "text_field": args.text_field,
+                "heldout_fraction": args.heldout_fraction, "calib_tokens": args.calib_tokens,
+                "metric": args.metric or ConvertOptions.metric, "grouping": args.grouping,
+                "teacher": source_identity(args.teacher) if args.teacher else None}
+    continue_training(result, args.data, train_cfg, out_dir=args.out, teacher=teacher, resume=resume,
+                      progress=not args.no_progress, text_field=args.text_field,
+                      heldout_fraction=args.heldout_fraction, run_info=run_info)
+
+
+def print_convert_result(args, result, before: dict, after: dict) -> None:
     summary = {
         "out": args.out, "method": result.plan.method, "kv_budget": result.plan.kv_budget,
         "kv_fraction": round(result.plan.kv_fraction(), 6),
         "key_heads": after["key_heads"], "value_heads": after["value_heads"],
-        "kv_bytes_per_token_fp32_before": before["kv_bytes_per_token_fp32"],
-        "kv_bytes_per_token_fp32_after": after["kv_bytes_per_token_fp32"],
-        "kv_bytes_per_token_bf16_before": before["kv_bytes_per_token_bf16"],
-        "kv_bytes_per_token_bf16_after": after["kv_bytes_per_token_bf16"],
+        **{f"kv_bytes_per_token_{t}_{when}": kv[f"kv_bytes_per_token_{t}"]
+           for t in ("fp32", "bf16") for when, kv in (("before", before), ("after", after))},
     }
     if not args.json:
         print(f"{'layer':>5}  {'K heads':>9}  {'V heads':>9}")
@@ -526,7 +547,6 @@ def run_convert(args) -> int:
               f"({before['kv_bytes_per_token_bf16']:,} -> {after['kv_bytes_per_token_bf16']:,} bf16), "
               f"{result.plan.kv_fraction():.1%} kept ({result.plan.method}); wrote {args.out}")
     print(json.dumps(summary))
-    return 0
 
 
 # ---- convert --method dha: the DHA pipeline (dha.pipeline) ------------------------------------------
