@@ -718,6 +718,7 @@ def check_dha_out(args, identity: dict) -> bool:
     import os
 
     from .checkpoint import NATIVE_CONFIG, check_out
+    from .train import read_run_json
 
     out = args.out
     run_path = os.path.join(out, "run.json")
@@ -726,11 +727,7 @@ def check_dha_out(args, identity: dict) -> bool:
         return False
     if not os.path.isfile(run_path):
         raise UserError(f"--resume {out}: no dha run there (no run.json)")
-    try:
-        with open(run_path) as f:
-            old = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{run_path} is unreadable ({e}): use a new --out") from None
+    old = read_run_json(run_path)
     if old.get("format") != DHA_RUN_FORMAT:
         raise UserError(f"--resume {out}: it holds a run of another verb, not of `convert --method dha`")
     diffs = sorted(k for part in ("run", "config") for k in set(old.get(part, {})) | set(identity[part])

@@ -348,6 +348,15 @@ def _same_run(a: dict, b: dict) -> list[str]:
     return diffs
 
 
+def read_run_json(path: str) -> dict:
+    """A run directory's run.json; UserError if it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is unreadable ({e}): use a new --out") from None
+
+
 def check_out_dir(out_dir: str, identity: dict, resuming: bool) -> None:
     """Refuse an output directory that holds something else or a different run (read-only check)."""
     if not os.path.exists(out_dir):
@@ -360,12 +369,7 @@ def check_out_dir(out_dir: str, identity: dict, resuming: bool) -> None:
     run_path = os.path.join(out_dir, "run.json")
     if not os.path.exists(run_path):
         raise UserError(f"output {out_dir} is not empty and holds no training run (run.json): use a new --out")
-    try:
-        with open(run_path) as f:
-            old = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{run_path} is unreadable ({e}): use a new --out") from None
-    diffs = _same_run(old, identity)
+    diffs = _same_run(read_run_json(run_path), identity)
     if diffs:
         raise UserError(f"output {out_dir} holds a different run (differs in {', '.join(diffs)}): use a new --out")
     if not resuming:

@@ -103,3 +103,18 @@ def byte_bpe_tokenizer(digits: bool = False, vocab_size: int = 300):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator([" ".join(WORDS)] * 5 + ["0123456789 12 345 Hello, World!"], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>")
+
+
+def kill_when(p, path: str) -> None:
+    """SIGKILL the child process `p` as soon as `path` exists (it must appear within 180 s)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + 180
+    while not os.path.exists(path) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert os.path.exists(path), p.stderr.read().decode() if p.poll() is not None else "timeout"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL

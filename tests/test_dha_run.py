@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from torch.testing import assert_close
 
 from dha.checkpoint import load
 from dha.cli import main
+from tests.conftest import kill_when
 from tests.test_train import REPO, _free_port, text_file, tiny_source
 
 TOKENS = 640  # 10 steps of 64 tokens: 3 fusion, 7 continued
@@ -66,16 +66,6 @@ sys.exit(main(sys.argv[2:]))
 def child(args: list[str], delay: float = 0.0) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=REPO), str(delay), *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def kill_when(p: subprocess.Popen, path: str) -> None:
-    deadline = time.time() + 180
-    while not os.path.exists(path) and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert os.path.exists(path), p.stderr.read().decode() if p.poll() is not None else "timeout"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert p.returncode == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("stage,step", [("fusion", 2), ("continued", 3)])

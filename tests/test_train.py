@@ -9,11 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -25,7 +23,7 @@ from dha.checkpoint import load
 from dha.cli import main
 from dha.model import ModelConfig, Transformer, scaled_init_
 from dha.train import Hooks, TrainConfig, distill_loss_sum, lr_factor, ramp, train
-from tests.conftest import ours_from_hf, random_ids, save_tiny_source, text_file, tiny_llama_hf  # noqa: F401
+from tests.conftest import kill_when, ours_from_hf, random_ids, save_tiny_source, text_file, tiny_llama_hf  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -239,14 +237,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     reference = _run_script(full)
     victim = _run_script(killed, delay=0.3)
-    checkpoint = os.path.join(killed, "checkpoints", "step_00000006.pt")
-    deadline = time.time() + 120
-    while not os.path.exists(checkpoint) and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert os.path.exists(checkpoint), victim.stderr.read().decode() if victim.poll() is not None else "timeout"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    kill_when(victim, os.path.join(killed, "checkpoints", "step_00000006.pt"))
     assert not os.path.exists(os.path.join(killed, "dha_config.json"))  # it really stopped mid-run
     resumed = _run_script(killed, resume=killed)
     for p in (reference, resumed):
