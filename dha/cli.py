@@ -489,7 +489,7 @@ def run_convert_dha(args) -> int:
 
     import torch
 
-    from .checkpoint import atomic_dir, check_out, load
+    from .checkpoint import atomic_dir, check_out, load, parse_dtype
     from .data import DEFAULT_DATA, DataError, load_tokens
     from .fuse import FusionOptions
     from .pipeline import DHAConfig, format_number, run_dha, split_tokens, write_outputs
@@ -534,7 +534,9 @@ def run_convert_dha(args) -> int:
     split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
     check_out(args.out)
 
-    loaded = load(args.source, torch.float32)  # float32 master weights; --dtype of training is autocast only
+    # float32 master weights for training (--train-dtype is autocast only); without training the
+    # checkpoint's own dtype: calibration computes each layer in float32 (dha.layerwise)
+    loaded = load(args.source, torch.float32 if tokens else parse_dtype(args.dtype))
     teacher = None
     if getattr(args, "teacher", None):
         teacher = load(args.teacher, torch.float32, tokenizer=False).model

@@ -151,3 +151,23 @@ def test_aligned_merge_shares_all_but_attention_and_training_leaves_the_source_a
     for k, v in source.state_dict().items():
         assert torch.equal(v, frozen[k]), k
     assert not torch.equal(result.model.layers[0].mlp.up_proj.weight, frozen["layers.0.mlp.up_proj.weight"])
+
+
+def test_convert_without_training_keeps_a_bf16_source_in_bf16(tmp_path, capsys):
+    """`dha convert --method dha --tokens 0` and `--method svd` load a bf16 checkpoint as bf16 (no
+    float32 copy of the model) and write a bf16 checkpoint at the budget."""
+    from dha.checkpoint import load
+    from dha.cli import main
+    from tests.conftest import save_tiny_source, text_file, tiny_llama_hf
+
+    src = save_tiny_source(str(tmp_path / "src"), ours_from_hf(tiny_llama_hf(vocab_size=40)).to(torch.bfloat16))
+    data = text_file(str(tmp_path / "d.txt"))
+    for method in ("dha", "svd"):
+        out = tmp_path / method
+        assert main(["convert", src, "--method", method, "--kv-budget", "0.5", "--data", data, "--tokens", "0",
+                     "--calib-tokens", "256", "--block-size", "32", "--out", str(out), "--json"]) == 0
+        model = load(str(out), tokenizer=False).model
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        cfg = model.config
+        assert sum(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers)) == 12
+    capsys.readouterr()
