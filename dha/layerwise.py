@@ -39,7 +39,7 @@ from torch.func import functional_call
 
 from .model import Transformer
 
-LM_HEAD_CHUNK_BYTES = 2 ** 28  # the output matrix goes to the device this many bytes (of compute dtype) at a time
+LM_HEAD_CHUNK_BYTES = 2 ** 25  # bound on one chunk of the output matrix, and on its logits, in the compute dtype
 PROJECTIONS = (("q_proj", "queries"), ("k_proj", "keys"), ("v_proj", "values"))
 
 
@@ -135,8 +135,8 @@ def forward_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4,
 def loss_gradient(sweep: Sweep, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """d(sum over positions of the next-token loss)/dx at the last hidden states x (B, T, D).
 
-    The final norm runs with autograd; the output matrix comes to the device in row chunks of
-    LM_HEAD_CHUNK_BYTES, twice: once for each position's logsumexp over the vocabulary, once for
+    The final norm runs with autograd; the output matrix comes to the device in chunks of rows
+    (LM_HEAD_CHUNK_BYTES bounds a chunk and its logits), twice: once for each position's logsumexp over the vocabulary, once for
     dL/dz = sum_chunks (softmax - onehot) @ W_chunk. Positions whose next token is past the block
     (the last) have no loss."""
     model = sweep.model
@@ -146,7 +146,7 @@ def loss_gradient(sweep: Sweep, x: torch.Tensor, ids: torch.Tensor) -> torch.Ten
     flat = z.detach()[:, :-1].reshape(-1, z.shape[-1])  # (B*(T-1), D)
     targets = ids[:, 1:].reshape(-1).to(sweep.device)
     weight, bias = model.lm_head.weight, model.lm_head.bias
-    rows = max(1, LM_HEAD_CHUNK_BYTES // (weight.shape[1] * torch.finfo(sweep.dtype).bits // 8))
+    rows = max(1, LM_HEAD_CHUNK_BYTES // (max(weight.shape[1], flat.shape[0]) * torch.finfo(sweep.dtype).bits // 8))
     chunks = range(0, weight.shape[0], rows)
 
     def logits(start: int) -> torch.Tensor:
@@ -161,7 +161,7 @@ def loss_gradient(sweep: Sweep, x: torch.Tensor, ids: torch.Tensor) -> torch.Ten
         grad_flat = torch.zeros_like(flat)
         for start in chunks:
             chunk, w = logits(start)
-            p = (chunk - lse[:, None]).exp()  # softmax over the whole vocabulary, this chunk's columns
+            p = chunk.sub_(lse[:, None]).exp_()  # softmax over the whole vocabulary, this chunk's columns
             hit = (targets >= start) & (targets < start + w.shape[0])
             p[hit.nonzero()[:, 0], targets[hit] - start] -= 1.0
             grad_flat += p @ w

@@ -57,7 +57,8 @@ def whole_model_reference(model, blocks: torch.Tensor, batch_size: int) -> tuple
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(dha.layerwise, "LM_HEAD_CHUNK_BYTES", 10 * 48 * 4)  # 10 vocabulary rows (hidden 48, fp32)
+    # 10 vocabulary rows a chunk (fp32; hidden 48 > the <= 30 predicted tokens of a batch of 2 x 16)
+    monkeypatch.setattr(dha.layerwise, "LM_HEAD_CHUNK_BYTES", 10 * 48 * 4)
 
 
 def assert_scaled_close(got: torch.Tensor, want: torch.Tensor) -> None:
