@@ -56,11 +56,16 @@ def compute_dtype(model: Transformer) -> torch.dtype:
 
 
 def tensors_on(module: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """`module`'s parameters and buffers on `device`, floating ones in `dtype` (the same tensors when already so)."""
-    out = {}
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t is not None:
-            out[name] = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    """`module`'s parameters and buffers on `device`, floating ones in `dtype`: the same tensors when
+    already so, else views into one new buffer (a single allocation, returned whole when dropped)."""
+    named = [(name, t.detach()) for name, t in [*module.named_parameters(), *module.named_buffers()] if t is not None]
+    moving = [(name, t) for name, t in named if t.is_floating_point() and (t.device != device or t.dtype != dtype)]
+    out = {name: t.to(device) for name, t in named if not any(name == m for m, _ in moving)}  # already there, or integer
+    buffer = torch.empty(sum(t.numel() for _, t in moving), device=device, dtype=dtype)
+    start = 0
+    for name, t in moving:
+        out[name] = buffer[start:start + t.numel()].view(t.shape).copy_(t)
+        start += t.numel()
     return out
 
 
