@@ -13,9 +13,10 @@ Every conversion is its own process, `python -m dha convert SRC --method M --kv-
 --tokens 0 --data D --calib-tokens C --block-size 256 --out OUT --json`; its peak resident memory
 is the kernel's high-water mark of that process (ru_maxrss of the waited child, os.wait4: VmHWM,
 which counts the memory-mapped weights' resident pages too) and its wall time is from start to
-exit. The data is a text file of the pydoc topics' paragraphs with a held-out fraction of 0.02,
-so the final perplexity table of `--method dha` scores only a few hundred tokens: the conversion is
-what is measured. Cases run smallest first; one whose time, extrapolated from the cases before it
+exit; the anonymous part of the resident memory (everything but file-backed pages such as the
+memory-mapped weights) is sampled every 20 ms. The data is a text file of 400 pydoc-topic
+paragraphs with a held-out fraction of 0.003 (one paragraph), so the final perplexity table of
+`--method dha` scores about 200 tokens: the conversion is what is measured. Cases run smallest first; one whose time, extrapolated from the largest case before it
 (linear in parameters), would take the conversions' wall time past --budget-s is skipped and listed.
 
     python benchmarks/scaling.py --out benchmarks/results/scaling_cpu.json [--budget-s 1200] [--cases a,b]
@@ -126,19 +127,35 @@ def make_data(path: str) -> None:
 
 # ---- measuring -----------------------------------------------------------------------------------
 
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def measure(argv: list[str], env: dict) -> dict:
-    """Run argv; its wall time, peak RSS (bytes), CPU time and exit status."""
+    """Run argv: wall time, peak RSS (bytes; the kernel's high-water mark, file-backed pages such as
+    memory-mapped weights included), peak anonymous RSS (sampled every 20 ms), CPU time, exit status."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: ru_maxrss is its VmHWM
+        anon = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # this child's own rusage: ru_maxrss is its VmHWM
+            if pid:
+                break
+            anon = max(anon, _rss_anon(proc.pid))
+            time.sleep(0.02)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         tails = out.read().decode()[-400:], err.read().decode()[-600:]
-    return {"wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "rc": proc.returncode,
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "stdout_tail": tails[0], "stderr_tail": tails[1]}
+    return {"wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_anon_bytes_sampled": anon,
+            "rc": proc.returncode, "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "stdout_tail": tails[0],
+            "stderr_tail": tails[1]}
 
 
 def weight_bytes(directory: str) -> int:
@@ -156,7 +173,7 @@ def fit_line(x, y) -> dict:
 def run_case(name: str, method: str, src: str, data: str, work: str, calib_tokens: int, env: dict) -> dict:
     out = os.path.join(work, f"out-{name}-{method}")
     argv = [sys.executable, "-m", "dha", "convert", src, "--method", method, "--kv-budget", "0.5", "--tokens", "0",
-            "--data", data, "--heldout-fraction", "0.02", "--calib-tokens", str(calib_tokens), "--block-size", "256",
+            "--data", data, "--heldout-fraction", "0.003", "--calib-tokens", str(calib_tokens), "--block-size", "256",
             "--out", out, "--json"]
     if method == "dha":
         argv.append("--no-progress")
@@ -206,7 +223,8 @@ def main() -> int:
                 n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
         for method in METHODS:
             done = [r for r in rows if r["method"] == method and r["rc"] == 0]
-            predicted = max(r["wall_s"] * n_params / r["params"] for r in done) if done else 0.0
+            largest = max(done, key=lambda r: r["params"]) if done else None
+            predicted = largest["wall_s"] * n_params / largest["params"] if largest else 0.0
             elapsed = sum(r["wall_s"] for r in rows)  # conversions only (not making the checkpoints)
             if elapsed + predicted > args.budget_s:
                 skipped.append({"case": name, "method": method, "predicted_wall_s": round(predicted, 1),
@@ -228,6 +246,8 @@ def main() -> int:
         ok = [r for r in rows if r["method"] == method and r["rc"] == 0]
         if len(ok) >= 2:
             fits[f"{method}_peak_rss_vs_weight_bytes"] = fit_line([r["weight_bytes"] for r in ok], [r["peak_rss_bytes"] for r in ok])
+            fits[f"{method}_peak_anon_vs_weight_bytes"] = fit_line([r["weight_bytes"] for r in ok],
+                                                                   [r["peak_anon_bytes_sampled"] for r in ok])
         sweep = [r for r in ok if r["case"].startswith("llama-3.2-1b")]
         if len(sweep) >= 2:
             fits[f"{method}_wall_s_vs_layers_llama-3.2-1b_width"] = fit_line([r["layers"] for r in sweep], [r["wall_s"] for r in sweep])

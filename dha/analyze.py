@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Iterator
 
 import torch
 
@@ -32,9 +33,11 @@ METRICS = ("cosine", "cka")
 
 # ---- collection ----------------------------------------------------------------------------------
 
-def collect_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, max_tokens: int | None = None,
-                  seed: int = 0, device=None) -> list[dict]:
-    """Per layer {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)}, float32, pre-RoPE.
+def heads_by_layer(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, max_tokens: int | None = None,
+                   seed: int = 0, device=None) -> Iterator[tuple[int, dict]]:
+    """For each layer in order, (l, {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)}),
+    float32, pre-RoPE: one layer's heads at a time, so a caller that keeps only what it derives
+    from them never holds every layer's.
 
     blocks: (n_blocks, T) token ids, run `batch_size` blocks at a time, one layer at a time
     (`dha.layerwise.forward_heads`: each layer's own projections on the hidden states the model's
@@ -48,8 +51,14 @@ def collect_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4,
     if max_tokens is not None and max_tokens < blocks.numel():
         g = torch.Generator().manual_seed(seed)
         keep = torch.randperm(blocks.numel(), generator=g)[:max_tokens].sort().values  # flat token positions
-    return [{name: t[keep] if keep is not None else t for name, t in heads.items()}
-            for _, heads in forward_heads(model, blocks, batch_size, device)]
+    for l, heads in forward_heads(model, blocks, batch_size, device):
+        yield l, {name: t[keep] if keep is not None else t for name, t in heads.items()}
+
+
+def collect_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, max_tokens: int | None = None,
+                  seed: int = 0, device=None) -> list[dict]:
+    """Every layer's heads at once: [heads of layer l] as `heads_by_layer` gives them."""
+    return [heads for _, heads in heads_by_layer(model, blocks, batch_size, max_tokens, seed, device)]
 
 
 # ---- similarity ----------------------------------------------------------------------------------
