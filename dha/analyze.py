@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Iterator
 
 import torch
 
+from .layerwise import forward_heads
 from .model import Transformer
 from .plots import pyplot, save
 
@@ -32,54 +34,32 @@ METRICS = ("cosine", "cka")
 
 # ---- collection ----------------------------------------------------------------------------------
 
-@torch.no_grad()
-def collect_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, max_tokens: int | None = None,
-                  seed: int = 0) -> list[dict]:
-    """Per layer {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)}, float32, pre-RoPE,
-    on the model's device.
+def heads_by_layer(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, max_tokens: int | None = None,
+                   seed: int = 0, device=None) -> Iterator[tuple[int, dict]]:
+    """For each layer in order, (l, {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)}),
+    float32, pre-RoPE: one layer's heads at a time, so a caller that keeps only what it derives
+    from them never holds every layer's.
 
-    blocks: (n_blocks, T) token ids, run through the model `batch_size` blocks at a time. Each
-    layer's heads come from calling that layer's `attn.project` on the normed input the layer
-    actually receives (a forward pre-hook), so they are exactly what the model computes.
-    With max_tokens, a fixed random subset of that many token positions (the same for every layer,
+    blocks: (n_blocks, T) token ids, run `batch_size` blocks at a time, one layer at a time
+    (`dha.layerwise.forward_heads`: each layer's own projections on the hidden states the model's
+    previous layers give, in float32, on `device`: default CUDA when there is one). With
+    max_tokens, a fixed random subset of that many token positions (the same for every layer,
     drawn with `seed`) is kept, so memory stays bounded on long calibration sets.
     """
     if blocks.dim() != 2 or blocks.numel() == 0:
         raise ValueError(f"blocks must be a non-empty (n_blocks, T) tensor, got shape {tuple(blocks.shape)}")
-    n_total = blocks.numel()
-    device = next(model.parameters()).device
     keep = None
-    if max_tokens is not None and max_tokens < n_total:
-        g = torch.Generator().manual_seed(seed)  # on the CPU: the same positions whatever the device
-        keep = torch.randperm(n_total, generator=g)[:max_tokens].sort().values.to(device)  # flat token positions
+    if max_tokens is not None and max_tokens < blocks.numel():
+        g = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(blocks.numel(), generator=g)[:max_tokens].sort().values  # flat token positions
+    for l, heads in forward_heads(model, blocks, batch_size, device):
+        yield l, {name: t[keep] if keep is not None else t for name, t in heads.items()}
 
-    L = model.config.num_layers
-    parts: list[dict[str, list[torch.Tensor]]] = [{"queries": [], "keys": [], "values": []} for _ in range(L)]
-    offset = [0]  # flat position of the current batch's first token
 
-    def hook_for(layer: int):
-        def hook(attn, args):
-            x = args[0]  # (B, T, D): the normed input of this attention layer
-            q, k, v = attn.project(x)  # (B, H, T, hd), (B, Hk, T, hd), (B, Hv, T, hd)
-            for name, t in (("queries", q), ("keys", k), ("values", v)):
-                flat = t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).float()  # (B*T, n, hd)
-                if keep is not None:
-                    lo, hi = offset[0], offset[0] + flat.shape[0]
-                    sel = keep[(keep >= lo) & (keep < hi)] - lo
-                    flat = flat[sel]
-                parts[layer][name].append(flat)
-        return hook
-
-    handles = [block.attn.register_forward_pre_hook(hook_for(l)) for l, block in enumerate(model.layers)]
-    try:
-        for start in range(0, blocks.shape[0], batch_size):
-            batch = blocks[start:start + batch_size].to(device)
-            model(batch)
-            offset[0] += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return [{name: torch.cat(ts) for name, ts in layer.items()} for layer in parts]
+def collect_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, max_tokens: int | None = None,
+                  seed: int = 0, device=None) -> list[dict]:
+    """Every layer's heads at once: [heads of layer l] as `heads_by_layer` gives them."""
+    return [heads for _, heads in heads_by_layer(model, blocks, batch_size, max_tokens, seed, device)]
 
 
 # ---- similarity ----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .analyze import METRICS, cluster, collect_heads, similarity
+from .analyze import METRICS, cluster, collect_heads, heads_by_layer, similarity
 from .compress import aligned_merge, closed_form_merges, heads_for_budget, largest_divisor_at_most, layer_stats, source_heads
 from .errors import UserError
 from .model import Transformer
@@ -170,20 +170,19 @@ def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: Con
     _need_calibration("svd", calib_blocks)
     src_k, src_v = source_heads(model)
     want_k, want_v = heads_for_budget(src_k, src_v, kv_budget)
-    collected = collect_heads(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed)
-    stats = [layer_stats(model, l, acts, "plain") for l, acts in enumerate(collected)]
-    layers = []
-    for l, acts in enumerate(collected):
+    layers, merges = [], []
+    for l, acts in heads_by_layer(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed):
         if options.grouping == "similar":
             key_groups = cluster(similarity(acts["keys"], options.metric), want_k[l])
             value_groups = cluster(similarity(acts["values"], options.metric), want_v[l])
         else:
             key_groups, value_groups = even_groups(src_k[l], want_k[l]), even_groups(src_v[l], want_v[l])
         layers.append(LayerPlan(key_groups, value_groups))
+        merges += closed_form_merges([layer_stats(model, l, acts, "plain")], layers[-1:])  # per layer: nothing kept but the merge
     notes = {"grouping": options.grouping, "keys": "complex per-frequency-pair PCA (RoPE-commuting), folded into W_Q",
              "values": "PCA of the group's outputs, folded into W_O", **_options_notes(options, calib_blocks)}
     plan = _plan(model, layers, "svd", kv_budget, notes)
-    return plan, aligned_merge(model, layers, closed_form_merges(stats, layers))
+    return plan, aligned_merge(model, layers, merges)
 
 
 # ---- prune -----------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from .errors import UserError
 from .families import config_from_hf, family_of, weights_from_hf
 from .model import ModelConfig, Transformer
 from .plan import Plan
-from .transforms import build, state_dict_of
+from .transforms import build, tensors_of
 
 DEFAULT_SOURCE = "smollm2-135m"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -376,7 +376,7 @@ def write_native(directory: str, loaded: Loaded) -> None:
     """Write a native checkpoint into an existing (temp) directory."""
     from safetensors.torch import save_file
 
-    sd = {k: v.contiguous() for k, v in state_dict_of(loaded.model).items()}
+    sd = {k: v.contiguous() for k, v in tensors_of(loaded.model).items()}  # written from the model's own memory
     save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     meta = {
         "format": NATIVE_FORMAT,

@@ -615,8 +615,10 @@ def run_convert_dha(args) -> int:
     resuming = check_dha_out(args, identity)
     if d is not None and d.world > 1:
         torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
-    # float32 master weights (--dtype of training is autocast only), straight onto --device
-    loaded = load(args.source, torch.float32, device=args.device)
+    # float32 master weights for training (--train-dtype is autocast only); without training the
+    # inference dtype (the checkpoint's own, bf16 on a GPU): calibration computes each layer in
+    # float32 (dha.layerwise). Straight onto --device.
+    loaded = load(args.source, torch.float32 if tokens else _inference_dtype(args), device=args.device)
     teacher = (load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
                if getattr(args, "teacher", None) else None)
     splits = load_tokens(data, loaded.tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .analyze import collect_heads
 from .errors import UserError
+from .layerwise import backward_heads, forward_heads
 from .model import Transformer
 from .plan import LayerPlan
-from .transforms import build, heads, regroup_map, state_dict_of, unheads, with_maps
+from .transforms import build, heads, regroup_map, tensors_of, unheads, with_maps
 
 METRICS = ("weighted", "plain")
 
@@ -323,10 +323,12 @@ def reconstructed_value_rows(rows: torch.Tensor, merge: ValueMerge) -> torch.Ten
 def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict]) -> Transformer:
     """The merged model: each group of `layers` becomes one head by its merge, the reading maps folded
     into q_proj (keys) and o_proj (values). merges[l] = {"key": [KeyMerge per group], "value": [...]}.
-    q_proj, k_proj, v_proj and o_proj change; nothing else does."""
+    q_proj, k_proj, v_proj and o_proj are new tensors, computed one layer at a time; every other
+    tensor is `model`'s own, shared (no second copy of the model; `dha.train.train` gives a model
+    its own copies of the weights it trains)."""
     cfg, hd = model.config, model.config.head_dim
     r = cfg.rotary_dim if cfg.position == "rope" else 0
-    sd = state_dict_of(model)
+    sd = tensors_of(model)
     key_index, value_index = [], []
     for l, (plan_layer, merge) in enumerate(zip(layers, merges)):
         pre = f"layers.{l}.attn"
@@ -345,7 +347,7 @@ def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict
             shared = [shared_value_rows(v[g], mg) for g, mg in zip(plan_layer.value_groups, merge["value"])]
             sd[f"{pre}.v_proj.{s}"] = unheads(torch.stack(shared)).to(sd[f"{pre}.v_proj.{s}"].dtype)
         o = sd[f"{pre}.o_proj.weight"]
-        o_heads = heads(o.double().T, hd)  # (H, hd, D): W_O[h]
+        o_heads = heads(o.T.to(torch.float64, copy=True), hd)  # (H, hd, D): W_O[h], a copy (written below)
         for h, j in enumerate(cfg.value_index[l]):  # y_h W_O[h] ~ y~ (up_j W_O[h])
             g, m = value_of[j]
             o_heads[h] = merge["value"][g].up[m] @ o_heads[h]
@@ -365,70 +367,33 @@ def closed_form_merges(stats: list[LayerStats], layers: list[LayerPlan]) -> list
 
 @dataclass
 class Calibration:
-    """One pass over calibration tokens: per layer the heads' outputs (pre-RoPE), optionally the
-    gradients of the summed LM loss with respect to them, and the merge statistics, all on the
-    model's device."""
+    """One pass over calibration tokens, layer by layer: per layer the merge statistics, the key and
+    value heads' outputs (pre-RoPE) and, optionally, the gradients of the summed LM loss with
+    respect to them (what the search's loss estimate needs; the query outputs go into the
+    statistics and are not kept)."""
 
-    acts: list[dict]  # per layer {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)} float32
+    acts: list[dict]  # per layer {"keys": (N, Hk, hd), "values": (N, Hv, hd)} float32
     grads: list[dict] | None  # per layer {"keys": (N, Hk, hd), "values": (N, Hv, hd)}, or None
     stats: list[LayerStats]
     metric: str
 
 
-def collect_with_gradients(model: Transformer, blocks: torch.Tensor, batch_size: int = 4) -> tuple[list[dict], list[dict]]:
-    """Heads' outputs and d(sum of next-token losses)/d(outputs) for every layer, in one forward and
-    backward pass per batch. Only output gradients are taken (torch.autograd.grad): the model's
-    parameters and their .grad are untouched."""
-    import torch.nn.functional as F
-
-    L, hd = model.config.num_layers, model.config.head_dim
-    acts = [{"queries": [], "keys": [], "values": []} for _ in range(L)]
-    grads = [{"keys": [], "values": []} for _ in range(L)]
-    live: list[tuple[int, str, torch.Tensor]] = []
-
-    def hook_for(layer: int, name: str):
-        def hook(module, args, out):  # out (B, T, n*hd)
-            live.append((layer, name, out))
-        return hook
-
-    handles = [getattr(b.attn, proj).register_forward_hook(hook_for(l, name))
-               for l, b in enumerate(model.layers) for proj, name in (("q_proj", "queries"), ("k_proj", "keys"), ("v_proj", "values"))]
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, blocks.shape[0], batch_size):
-            x = blocks[start:start + batch_size].to(device)
-            live.clear()
-            with torch.enable_grad():
-                logits = model(x)
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
-                wanted = [t for _, name, t in live if name != "queries"]
-                outs = torch.autograd.grad(loss, wanted)
-            it = iter(outs)
-            for layer, name, t in live:
-                flat = t.detach().reshape(-1, t.shape[-1] // hd, hd).float()  # (B*T, n, hd)
-                acts[layer][name].append(flat)
-                if name != "queries":
-                    grads[layer][name].append(next(it).reshape(flat.shape).float())
-    finally:
-        for h in handles:
-            h.remove()
-    cat = lambda parts: [{k: torch.cat(v) for k, v in d.items()} for d in parts]  # noqa: E731
-    return cat(acts), cat(grads)
-
-
 def calibrate(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, metric: str = "weighted",
-              gradients: bool = False) -> Calibration:
-    """The Calibration of `model` on (n_blocks, T) token ids: one pass (forward, plus backward with gradients)."""
-    was_training = model.training
-    model.eval()
-    try:
+              gradients: bool = False, device=None) -> Calibration:
+    """The Calibration of `model` on (n_blocks, T) token ids, one decoder layer at a time on `device`
+    (`dha.layerwise`; default the model's own device): a forward sweep, plus with gradients a
+    backward sweep from the last layer. The model is neither copied nor changed."""
+    if metric not in METRICS:
+        raise UserError(f"unknown merge metric {metric!r}; choose from {', '.join(METRICS)}")
+    L = model.config.num_layers
+    acts, grads, stats = [None] * L, [None] * L if gradients else None, [None] * L
+    sweep = backward_heads(model, blocks, batch_size, device) if gradients else \
+        ((l, heads, None) for l, heads in forward_heads(model, blocks, batch_size, device))
+    for l, heads, layer_grads in sweep:
+        stats[l] = layer_stats(model, l, heads, metric)
+        acts[l] = {"keys": heads["keys"], "values": heads["values"]}
         if gradients:
-            acts, grads = collect_with_gradients(model, blocks, batch_size)
-        else:
-            acts, grads = collect_heads(model, blocks, batch_size), None
-    finally:
-        model.train(was_training)
-    stats = [layer_stats(model, l, a, metric) for l, a in enumerate(acts)]
+            grads[l] = layer_grads
     return Calibration(acts, grads, stats, metric)
 
 

@@ -149,34 +149,63 @@ def agglomerate(residual, n: int) -> list[list[list[int]]]:
     return [out[c] for c in range(1, n + 1)]
 
 
-def relative_cost(stats, kind: str, groups: list[list[int]]) -> float:
-    total = energy(stats, kind)
-    return sum(group_residual(stats, kind, g) for g in groups) / total if total > 0 else 0.0
+class GroupCache:
+    """One layer's group residuals and reconstructed outputs, each computed once: the nested
+    groupings of every count share most of their groups (2n - 1 distinct ones of n heads)."""
+
+    def __init__(self, stats, rotary_dim: int):
+        self.stats, self.r = stats, rotary_dim
+        self.residuals: dict[tuple, float] = {}
+        self.reconstructions: dict[tuple, torch.Tensor] = {}
+
+    def residual(self, kind: str, members: list[int]) -> float:
+        key = (kind, tuple(members))
+        if key not in self.residuals:
+            self.residuals[key] = group_residual(self.stats, kind, members)
+        return self.residuals[key]
+
+    def reconstruction(self, kind: str, members: list[int], outputs: torch.Tensor) -> torch.Tensor:
+        """The members' outputs (N, g, hd) as their group's aligned merge gives them back (float64)."""
+        key = (kind, tuple(members))
+        if key not in self.reconstructions:
+            merge = group_merge(self.stats, kind, members)
+            self.reconstructions[key] = reconstructed_outputs(outputs[:, members].double(), kind, [list(range(len(members)))],
+                                                              [merge], self.r)
+        return self.reconstructions[key]
 
 
-def table_fisher(model: Transformer, calibration: Calibration, layer: int, kind: str, groupings) -> list[float]:
+def relative_cost(cache: GroupCache, kind: str, groups: list[list[int]]) -> float:
+    total = energy(cache.stats, kind)
+    return sum(cache.residual(kind, g) for g in groups) / total if total > 0 else 0.0
+
+
+def table_fisher(calibration: Calibration, layer: int, kind: str, groupings, cache: GroupCache) -> list[float]:
     """Estimated LM-loss increase (`dha.compress.fisher_cost`) of each grouping's aligned merge."""
-    cfg = model.config
-    r = cfg.rotary_dim if cfg.position == "rope" else 0
     name = kind + "s"
     outputs, grads = calibration.acts[layer][name], calibration.grads[layer][name]
-    stats = calibration.stats[layer]
     out = []
     for groups in groupings:
-        merges = [group_merge(stats, kind, g) for g in groups]
-        out.append(fisher_cost(outputs, grads, reconstructed_outputs(outputs.double(), kind, groups, merges, r)))
+        rec = torch.empty(outputs.shape, dtype=torch.float64)
+        for g in groups:
+            rec[:, g] = cache.reconstruction(kind, g, outputs)
+        out.append(fisher_cost(outputs, grads, rec))
     return out
+
+
+def _rotary(model: Transformer) -> int:
+    return model.config.rotary_dim if model.config.position == "rope" else 0
 
 
 def head_tables(model: Transformer, calibration: Calibration, sensitivity: bool) -> list[HeadTable]:
     """For every layer, key then value: nested groupings for every count and their costs."""
     tables = []
     for l, stats in enumerate(calibration.stats):
+        cache = GroupCache(stats, _rotary(model))
         for kind in KINDS:
             n = model.config.key_heads(l) if kind == "key" else model.config.value_heads(l)
-            groupings = agglomerate(lambda g, s=stats, k=kind: group_residual(s, k, g), n)
-            fisher = table_fisher(model, calibration, l, kind, groupings) if sensitivity else None
-            tables.append(HeadTable(l, kind, groupings, [relative_cost(stats, kind, g) for g in groupings], fisher))
+            groupings = agglomerate(lambda g, k=kind: cache.residual(k, g), n)
+            fisher = table_fisher(calibration, l, kind, groupings, cache) if sensitivity else None
+            tables.append(HeadTable(l, kind, groupings, [relative_cost(cache, kind, g) for g in groupings], fisher))
     return tables
 
 
@@ -190,12 +219,12 @@ def coupled_tables(model: Transformer, calibration: Calibration, sensitivity: bo
     for l, stats in enumerate(calibration.stats):
         if cfg.key_index[l] != cfg.value_index[l]:
             raise UserError(f"layer {l} already has decoupled key and value heads: keys and values cannot share groups")
+        cache = GroupCache(stats, _rotary(model))
         ek, ev = max(energy(stats, "key"), 1e-30), max(energy(stats, "value"), 1e-30)
-        groupings = agglomerate(lambda g: group_residual(stats, "key", g) / ek + group_residual(stats, "value", g) / ev,
-                                cfg.key_heads(l))
+        groupings = agglomerate(lambda g: cache.residual("key", g) / ek + cache.residual("value", g) / ev, cfg.key_heads(l))
         for kind in KINDS:
-            fisher = table_fisher(model, calibration, l, kind, groupings) if sensitivity else None
-            out.append(HeadTable(l, kind, groupings, [relative_cost(stats, kind, g) for g in groupings], fisher))
+            fisher = table_fisher(calibration, l, kind, groupings, cache) if sensitivity else None
+            out.append(HeadTable(l, kind, groupings, [relative_cost(cache, kind, g) for g in groupings], fisher))
     return out
 
 
@@ -223,12 +252,13 @@ def serving_tables(model: Transformer, calibration: Calibration, sensitivity: bo
         if cfg.key_index[l] != cfg.value_index[l] or len({cfg.key_index[l].count(j) for j in range(n)}) != 1:
             raise UserError(f"--layout serving needs a source whose layer {l} reads key head i and value head i together, "
                             "each by the same number of query heads (MHA or GQA)")
+        cache = GroupCache(stats, _rotary(model))
         ek, ev = max(energy(stats, "key"), 1e-30), max(energy(stats, "value"), 1e-30)
-        both = lambda g: group_residual(stats, "key", g) / ek + group_residual(stats, "value", g) / ev  # noqa: E731
+        both = lambda g: cache.residual("key", g) / ek + cache.residual("value", g) / ev  # noqa: E731
         groupings = [equal_groups(both, n, c) if n % c == 0 else [list(range(n))] for c in range(1, n + 1)]
         for kind in KINDS:
-            costs = [relative_cost(stats, kind, g) for g in groupings]
-            fisher = table_fisher(model, calibration, l, kind, groupings) if sensitivity else None
+            costs = [relative_cost(cache, kind, g) for g in groupings]
+            fisher = table_fisher(calibration, l, kind, groupings, cache) if sensitivity else None
             allowed = [n % c == 0 for c in range(1, n + 1)]
             costs = [c if ok else math.inf for c, ok in zip(costs, allowed)]
             fisher = [f if ok else math.inf for f, ok in zip(fisher, allowed)] if fisher else None

@@ -513,6 +513,17 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig, hooks: Hooks, device: t
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
+def own_storage(module: nn.Module, storages: set[int]) -> None:
+    """Give every parameter of `module` that still lies in one of `storages` (the model's before
+    it was moved to the training device) a copy of its own: training, and loading a checkpoint
+    to resume, write into no tensor the caller may share with another model
+    (`dha.compress.aligned_merge` shares all but the attention weights with its source, which is
+    often the teacher)."""
+    for p in module.parameters():
+        if p.data_ptr() in storages:
+            p.data = p.data.clone()
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 def _autocast(device: torch.device, dtype_name: str):
@@ -633,7 +644,9 @@ class _Run:
 
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        storages = {p.data_ptr() for p in model.parameters()}
         self.module = model.to(d.device)
+        own_storage(self.module, storages)
         self.module.train()
         self.fsdp = cfg.fsdp and d.world > 1
         self.wrapped = wrap_distributed(self.module, self.fsdp, d)

@@ -48,7 +48,14 @@ def unheads(per_head: torch.Tensor) -> torch.Tensor:
 
 
 def state_dict_of(model: Transformer) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """A copy of the model's weights (a tied lm_head left out): entries may be written into."""
+    return {k: v.clone() for k, v in tensors_of(model).items()}
+
+
+def tensors_of(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's own weight tensors, not copies (a tied lm_head left out): replace entries, never
+    write into them. A model built from it shares every tensor it does not replace."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     return sd

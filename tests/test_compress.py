@@ -12,6 +12,7 @@ import math
 import torch
 from torch.testing import assert_close
 
+from dha.analyze import collect_heads
 from dha.compress import (aligned_merge, calibrate, closed_form_merges, group_merge, layer_stats, mean_merge,
                           reconstructed_outputs)
 from dha.plan import LayerPlan
@@ -130,8 +131,7 @@ def test_query_weighted_keys_have_lower_logit_error_than_plain_pca():
     """Queries that read head 0 carry 100x the energy of the others on the first pairs: weighting by
     query energy must spend the shared key on them, plain PCA does not know."""
     model = ours_from_hf(tiny_llama_hf())
-    calib = calibrate(model, random_ids(8, 32, seed=5))
-    acts = dict(calib.acts[0])
+    acts = dict(collect_heads(model, random_ids(8, 32, seed=5))[0])
     q = acts["queries"].clone()
     q[:, 0, :2] *= 10.0
     q[:, 0, HD // 2: HD // 2 + 2] *= 10.0
@@ -153,8 +153,7 @@ def test_w_o_metric_values_have_lower_output_error_than_plain_pca():
     model = ours_from_hf(tiny_llama_hf())
     with torch.no_grad():
         model.layers[0].attn.o_proj.weight[:, :HD] *= 10.0
-    calib = calibrate(model, random_ids(8, 32, seed=6))
-    acts = calib.acts[0]
+    acts = collect_heads(model, random_ids(8, 32, seed=6))[0]
     o = heads(model.layers[0].attn.o_proj.weight.detach().double().T, HD)  # (H, hd, D)
     v = acts["values"].double()
     errors = {}

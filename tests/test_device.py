@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dha.checkpoint
+import dha.layerwise
 from dha.cli import build_parser, main
 from dha.device import inference_dtype, resolve_device
 from dha.errors import UserError
@@ -56,7 +57,8 @@ def setup(tmp_path, monkeypatch):
 
 
 def spy_on_devices(monkeypatch) -> dict:
-    """Record the device every load() was asked for and where every forward pass of our model ran."""
+    """Record the device every load() was asked for and where every forward pass of our model ran
+    (whole-model forwards, and the layer-by-layer sweeps of dha.layerwise)."""
     seen = {"load": [], "forward": []}
     real_load, real_forward = dha.checkpoint.load, Transformer.forward
 
@@ -68,8 +70,16 @@ def spy_on_devices(monkeypatch) -> dict:
         seen["forward"].append((input_ids.device, next(self.parameters()).device))
         return real_forward(self, input_ids, *args, **kwargs)
 
+    real_compute_device = dha.layerwise.compute_device
+
+    def compute_device(model, device=None):  # the layer-by-layer sweeps (calibration, analyze)
+        where = real_compute_device(model, device)
+        seen["forward"].append((where, next(model.parameters()).device))
+        return where
+
     monkeypatch.setattr(dha.checkpoint, "load", load)
     monkeypatch.setattr(Transformer, "forward", forward)
+    monkeypatch.setattr(dha.layerwise, "compute_device", compute_device)
     return seen
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dha.compress import calibrate, collect_with_gradients, group_merge
+from dha.compress import calibrate, group_merge
 from dha.errors import UserError
 from dha.plan import LayerPlan, Plan, contiguous_groups
 from dha.search import (
@@ -83,12 +83,13 @@ def test_agglomerate_merges_the_cheapest_union_first_against_brute_force():
 
 
 def test_output_gradients_match_finite_differences():
-    """collect_with_gradients: d(sum of token losses)/d(k_proj output of layer 1), as a directional
-    derivative along a random direction, equals a central difference of the loss with that output
-    nudged by a hook (float64 model; our RMSNorm computes in float32, hence eps 0.1 and rtol 1e-3)."""
+    """calibrate's gradients (the layer-by-layer backward sweep): d(sum of token losses)/d(k_proj
+    output of layer 1), as a directional derivative along a random direction, equals a central
+    difference of the loss with that output nudged by a hook (float64 model; our RMSNorm computes
+    in float32, hence eps 0.1 and rtol 1e-3)."""
     model = ours_from_hf(tiny_llama_hf()).double()
     ids = random_ids(2, 12)
-    _, grads = collect_with_gradients(model, ids, batch_size=2)
+    grads = calibrate(model, ids, batch_size=2, gradients=True, device="cpu").grads
     direction = torch.randn(2, 12, 48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
     def loss_with(delta):
