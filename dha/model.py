@@ -477,6 +477,10 @@ class Transformer(nn.Module):
 
         last_only: logits of the last position only, (B, 1, V), as generation needs; a prefill then
         skips the (B, T, V) logits, often its largest tensor."""
+        return self.lm_head(self.features(input_ids, cache, last_only))
+
+    def features(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """The final hidden states (B, T, D) that lm_head reads (`forward` without the lm_head)."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=input_ids.device)
@@ -493,7 +497,7 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         if self.config.final_norm:
             x = self.norm(x)
-        return self.lm_head(x)
+        return x
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
@@ -503,15 +507,28 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
 
+NLL_CHUNK_BYTES = 2 ** 26  # float32 logits made at once by next_token_nll (64 MiB)
+
+
 def next_token_nll(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     """(b,): for each row of `rows` (b, W) the summed negative log-likelihood, in nats, of its tokens
     1..W-1, each predicted from the row's earlier tokens only (the model reads row[:-1] and predicts
     row[1:]). The logits are upcast to float32 first, whatever the model's dtype.
 
     The one next-token loss of held-out text: dha.evaluate's perplexity and dha.train's held-out
-    evaluation both sum it."""
-    logits = model(rows[:, :-1])  # (b, W-1, V)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
+    evaluation both sum it. On our own (unwrapped) model the logits are made a chunk of positions
+    at a time (about NLL_CHUNK_BYTES of float32 logits), never (b, W-1, V) at once: with a large
+    vocabulary those are the largest tensor of an evaluation. A wrapped model (DDP, FSDP, fusion)
+    is called whole."""
+    targets = rows[:, 1:].flatten()
+    if type(model) is not Transformer:
+        logits = model(rows[:, :-1])  # (b, W-1, V)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets, reduction="none")
+        return nll.view(rows.shape[0], -1).sum(1)
+    hidden = model.features(rows[:, :-1]).flatten(0, 1)  # (b * (W-1), D)
+    step = max(1, NLL_CHUNK_BYTES // (4 * model.config.vocab_size))
+    nll = torch.cat([F.cross_entropy(model.lm_head(hidden[i:i + step]).float(), targets[i:i + step], reduction="none")
+                     for i in range(0, hidden.shape[0], step)])
     return nll.view(rows.shape[0], -1).sum(1)
 
 

@@ -323,3 +323,25 @@ def test_next_token_nll_per_row_equals_transformers_loss():
         want = torch.stack([hf(row[None], labels=row[None]).loss * (rows.shape[1] - 1) for row in rows])
     assert got.shape == (3,) and got.dtype == torch.float32
     assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_next_token_nll_in_chunks_equals_the_full_logits(monkeypatch):
+    """Our model's logits are made a few positions at a time (dha.model.NLL_CHUNK_BYTES): the per-row
+    NLL equals cross-entropy over the full (b, W-1, V) logits, computed here (fp32, rtol 1e-6)."""
+    import torch.nn.functional as F
+
+    import dha.model
+
+    hf = tiny_llama_hf(num_kv_heads=2)
+    ours = ours_from_hf(hf)
+    rows = random_ids(batch=3, length=12, vocab=hf.config.vocab_size, seed=5)
+    monkeypatch.setattr(dha.model, "NLL_CHUNK_BYTES", 4 * hf.config.vocab_size * 5)  # 5 positions a chunk
+    calls = []
+    real_head = ours.lm_head.forward
+    monkeypatch.setattr(ours.lm_head, "forward", lambda x: calls.append(x.shape[0]) or real_head(x))
+    with torch.no_grad():
+        got = next_token_nll(ours, rows)
+        logits = ours.lm_head.weight.new_tensor(real_head(ours.features(rows[:, :-1])))
+        want = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="none").view(3, -1).sum(1)
+    assert max(calls) == 5 and sum(calls) == 3 * 11  # chunks of 5 positions, every position once
+    assert_close(got, want, rtol=1e-6, atol=0)
