@@ -19,7 +19,7 @@ paragraphs with a held-out fraction of 0.003 (one paragraph), so the final perpl
 `--method dha` scores about 200 tokens: the conversion is what is measured. Cases run smallest first; one whose time, extrapolated from the largest case before it
 (linear in parameters), would take the conversions' wall time past --budget-s is skipped and listed.
 
-    python benchmarks/scaling.py --out benchmarks/results/scaling_cpu.json [--budget-s 1200] [--cases a,b]
+    python benchmarks/scaling.py --out benchmarks/results/scaling_cpu.json [--budget-s 1200] [--cases a,b] [--add]
 
 Writes the JSON (command, machine, one row per case and method, the fits) and prints a table.
 """
@@ -51,8 +51,8 @@ SHAPES = {
 }
 # Shapes extrapolated to (not run): Mistral-7B-v0.1 and Llama-3-70B (both 8 key/value heads of dim 128, as Llama-3.2-3B).
 EXTRAPOLATE = {
-    "mistral-7b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32000),
-    "llama-3-70b": dict(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, head_dim=128, vocab=128256),
+    "mistral-7b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32000, tie=False),
+    "llama-3-70b": dict(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, head_dim=128, vocab=128256, tie=False),
 }
 CASES = ["tiny", "smollm2-135m", "smollm2-135m-mha", "qwen2.5-0.5b", "llama-3.2-1b-4l", "llama-3.2-1b", "llama-3.2-3b",
          "llama-3.2-1b-8l"]
@@ -65,8 +65,9 @@ def layer_params(s: dict) -> int:
 
 
 def params(s: dict) -> int:
-    """Parameters of a tied LLaMA of shape s."""
-    return s["vocab"] * s["hidden"] + s["layers"] * layer_params(s) + s["hidden"]
+    """Parameters of a LLaMA of shape s (tied output matrix unless s["tie"] is False)."""
+    head = 0 if s.get("tie", True) else s["vocab"] * s["hidden"]
+    return s["vocab"] * s["hidden"] + head + s["layers"] * layer_params(s) + s["hidden"]
 
 
 # ---- checkpoints (each made in its own process, so its memory is returned before the measurements)
@@ -196,6 +197,8 @@ def main() -> int:
     ap.add_argument("--calib-tokens", type=int, default=512)
     ap.add_argument("--budget-s", type=float, default=1200.0, help="skip cases predicted to overrun this much wall time in all")
     ap.add_argument("--work", default=None, help="directory for the checkpoints (default: a new temporary directory)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the conversions (default: torch's own, all cores)")
+    ap.add_argument("--add", action="store_true", help="keep the rows already in --out; run only the (case, method) pairs it lacks")
     ap.add_argument("--make", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)  # internal: write one checkpoint
     args = ap.parse_args()
     if args.make:
@@ -204,11 +207,20 @@ def main() -> int:
         return 0
 
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     work = args.work or tempfile.mkdtemp(prefix="dha-scaling-")
     data = os.path.join(work, "pydoc_paragraphs.txt")
     make_data(data)
     startup = measure([sys.executable, "-c", "import dha.cli, dha.pipeline, dha.search, dha.baselines, transformers"], env)
-    rows, skipped = [], []
+    rows, skipped, commands, kept = [], [], [], 0
+    if args.add:
+        with open(args.out) as f:
+            before = json.load(f)
+        rows, kept = before["cases"], len(before["cases"])
+        commands = before.get("commands") or ["python " + before["command"]]
+        skipped = [s for s in before["skipped"] if s["case"] not in args.cases.split(",")]
+    commands.append(" ".join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]))
     for name in args.cases.split(","):
         src = os.path.join(work, name)
         if not os.path.exists(src):
@@ -222,16 +234,18 @@ def main() -> int:
             with safe_open(os.path.join(src, "model.safetensors"), "pt") as f:
                 n_params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
         for method in METHODS:
+            if any(r["case"] == name and r["method"] == method for r in rows):
+                continue
             done = [r for r in rows if r["method"] == method and r["rc"] == 0]
             largest = max(done, key=lambda r: r["params"]) if done else None
             predicted = largest["wall_s"] * n_params / largest["params"] if largest else 0.0
-            elapsed = sum(r["wall_s"] for r in rows)  # conversions only (not making the checkpoints)
+            elapsed = sum(r["wall_s"] for r in rows[kept:])  # this run's conversions only (not making the checkpoints)
             if elapsed + predicted > args.budget_s:
                 skipped.append({"case": name, "method": method, "predicted_wall_s": round(predicted, 1),
                                 "elapsed_s": round(elapsed, 1)})
                 print(f"skip {name} {method}: predicted {predicted:.0f} s after {elapsed:.0f} s", file=sys.stderr)
                 continue
-            row = {"case": name, "method": method, "params": n_params, "layers": SHAPES.get(name, {}).get("layers", 30),
+            row = {"case": name, "method": method, "threads": args.threads or os.cpu_count(), "params": n_params, "layers": SHAPES.get(name, {}).get("layers", 30),
                    "weight_bytes": weight_bytes(src),
                    **run_case(name, method, src, data, work, args.calib_tokens, env)}
             rows.append(row)
@@ -250,8 +264,9 @@ def main() -> int:
                                                                    [r["peak_anon_bytes_sampled"] for r in ok])
         sweep = [r for r in ok if r["case"].startswith("llama-3.2-1b")]
         if len(sweep) >= 2:
-            fits[f"{method}_wall_s_vs_layers_llama-3.2-1b_width"] = fit_line([r["layers"] for r in sweep], [r["wall_s"] for r in sweep])
-    result = {"command": " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]), "calib_tokens": args.calib_tokens,
+            for what in ("wall_s", "cpu_s"):
+                fits[f"{method}_{what}_vs_layers_llama-3.2-1b_width"] = fit_line([r["layers"] for r in sweep], [r[what] for r in sweep])
+    result = {"commands": commands, "calib_tokens": args.calib_tokens,
               "kv_budget": 0.5, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
               "startup": {k: startup[k] for k in ("wall_s", "peak_rss_bytes")},
               "cases": [{k: v for k, v in r.items() if k not in ("stdout_tail",)} for r in rows], "skipped": skipped, "fits": fits,
