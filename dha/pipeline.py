@@ -54,7 +54,7 @@ from .fuse import FusedModel, FusionOptions, FusionSchedule, merge
 from .plan import Plan
 from .plots import plot_allocation, plot_loss, plot_perplexity
 from .search import SearchOptions, search
-from .train import TrainConfig, atomic_torch_save, checkpoints_in, eval_rows, find_checkpoint, setup_distributed, train
+from .train import TrainConfig, atomic_torch_save, checkpoints_in, eval_rows, setup_distributed, train
 from .transforms import merge_groups
 
 DEFAULT_FUSION_FRACTION = 0.3
@@ -347,8 +347,9 @@ class StageRun:
         out = os.path.join(self.dir, stage) if self.dir else None
         resume = None
         if out is not None:
-            if self.resume and checkpoints_in(os.path.join(out, "checkpoints")):
-                resume = find_checkpoint(out)
+            found = checkpoints_in(os.path.join(out, "checkpoints")) if self.resume else []
+            if found:
+                resume = found[-1]  # the newest
             elif self.d.main:
                 shutil.rmtree(out, ignore_errors=True)  # a stage killed before its first checkpoint starts again
             if self.d.world > 1:
