@@ -42,7 +42,7 @@ def heads_by_layer(model: Transformer, blocks: torch.Tensor, batch_size: int = 4
 
     blocks: (n_blocks, T) token ids, run `batch_size` blocks at a time, one layer at a time
     (`dha.layerwise.forward_heads`: each layer's own projections on the hidden states the model's
-    previous layers give, in float32, on `device`: default CUDA when there is one). With
+    previous layers give, in float32, on `device`: default the model's own). With
     max_tokens, a fixed random subset of that many token positions (the same for every layer,
     drawn with `seed`) is kept, so memory stays bounded on long calibration sets.
     """
@@ -166,17 +166,19 @@ def _matrix(t: torch.Tensor) -> list[list[float]]:
 
 
 def analyze(model: Transformer, blocks: torch.Tensor, metric: str = "cka", threshold: float = 0.5,
-            batch_size: int = 4, max_tokens: int | None = None, seed: int = 0) -> dict:
+            batch_size: int = 4, max_tokens: int | None = None, seed: int = 0, device=None) -> dict:
     """Similarity of key heads and of value heads in every layer, their clusterings, redundancy.
 
     Returns a JSON-ready dict: per layer and kind ("keys", "values") both similarity matrices,
     the mean off-diagonal similarity under both metrics, the clustering (in `metric`) for every
     group count 1..n with its lowest within-group similarity, and `groups_needed`: the fewest
-    groups keeping every within-group pair at or above `threshold`.
+    groups keeping every within-group pair at or above `threshold`. The heads are collected one
+    layer at a time on `device` (default: the model's own; `dha analyze --offload`: the GPU, the
+    model in CPU memory).
     """
     if metric not in METRICS:
         raise ValueError(f"unknown similarity metric {metric!r}; choose from {', '.join(METRICS)}")
-    collected = collect_heads(model, blocks, batch_size, max_tokens=max_tokens, seed=seed)
+    collected = collect_heads(model, blocks, batch_size, max_tokens=max_tokens, seed=seed, device=device)
     layers = []
     for l, acts in enumerate(collected):
         entry = {"layer": l}

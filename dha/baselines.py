@@ -47,6 +47,7 @@ class ConvertOptions:
     batch_size: int = 4  # calibration blocks per forward pass
     metric: str = "cka"  # head similarity for grouping and reassignment: "cosine" | "cka"
     grouping: str = "contiguous"  # svd only: "contiguous" (Yu et al.) | "similar" (clustered, K and V apart)
+    device: str | None = None  # where calibration and merges run, one layer at a time (None: the model's own device)
     extra: dict = field(default_factory=dict)  # settings of methods registered elsewhere (e.g. dha)
 
     def __post_init__(self):
@@ -70,7 +71,8 @@ def _need_calibration(name: str, calib_blocks) -> None:
 
 def head_similarities(model: Transformer, calib_blocks: torch.Tensor, options: ConvertOptions) -> list[dict]:
     """Per layer {"keys": (Hk, Hk), "values": (Hv, Hv)} similarity in options.metric."""
-    collected = collect_heads(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed)
+    collected = collect_heads(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed,
+                              device=options.device)
     return [{kind: similarity(layer[kind], options.metric) for kind in ("keys", "values")} for layer in collected]
 
 
@@ -171,7 +173,8 @@ def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: Con
     src_k, src_v = source_heads(model)
     want_k, want_v = heads_for_budget(src_k, src_v, kv_budget)
     layers, merges = [], []
-    for l, acts in heads_by_layer(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed):
+    for l, acts in heads_by_layer(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed,
+                                  device=options.device):
         if options.grouping == "similar":
             key_groups = cluster(similarity(acts["keys"], options.metric), want_k[l])
             value_groups = cluster(similarity(acts["values"], options.metric), want_v[l])
@@ -182,7 +185,7 @@ def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: Con
     notes = {"grouping": options.grouping, "keys": "complex per-frequency-pair PCA (RoPE-commuting), folded into W_Q",
              "values": "PCA of the group's outputs, folded into W_O", **_options_notes(options, calib_blocks)}
     plan = _plan(model, layers, "svd", kv_budget, notes)
-    return plan, aligned_merge(model, layers, merges)
+    return plan, aligned_merge(model, layers, merges, device=options.device)
 
 
 # ---- prune -----------------------------------------------------------------------------------------
@@ -265,6 +268,8 @@ def convert_prune(model: Transformer, kv_budget: float, calib_blocks, options: C
     to it form a group, merged with weight 1 on the kept head and 0 on the others.
     """
     _need_calibration("prune", calib_blocks)
+    if options.device is not None and torch.device(options.device) != next(model.parameters()).device:
+        raise UserError("prune runs whole-model forward passes: it needs the model on its compute device (no --offload)")
     cfg = model.config
     src_k, src_v = source_heads(model)
     want_k, want_v = heads_for_budget(src_k, src_v, kv_budget)

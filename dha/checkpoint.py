@@ -79,25 +79,101 @@ def load(source: str | None = None, dtype: torch.dtype | None = None, tokenizer:
     (GGUF files excepted: transformers dequantises them on the CPU)."""
     source = source or DEFAULT_SOURCE
     place = Placement(torch.device(device) if device is not None else torch.device("cpu"), dtype)
-    if source == DEFAULT_SOURCE:
+    kind, path = source_kind(source)
+    if kind == "default":
         loaded = load_default(tokenizer, place)
-    elif os.path.isdir(source) and os.path.exists(os.path.join(source, NATIVE_CONFIG)):
-        loaded = load_native(source, tokenizer, place)
-    elif os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
-        loaded = load_hf_dir(source, tokenizer, place)
-    elif source.endswith(".gguf"):
-        if not os.path.isfile(source):
-            raise UserError(f"GGUF file not found: {source}")
-        loaded = load_gguf(os.path.dirname(os.path.abspath(source)), os.path.basename(source), tokenizer, place)
-    elif os.path.exists(source):
-        raise UserError(f"{source} is neither a dha checkpoint, a Hugging Face model directory (config.json) nor a .gguf file")
-    elif _looks_like_hub_id(source):
-        loaded = load_hf_dir(_download(source), tokenizer, place)
+    elif kind == "native":
+        loaded = load_native(path, tokenizer, place)
+    elif kind == "gguf":
+        loaded = load_gguf(os.path.dirname(os.path.abspath(path)), os.path.basename(path), tokenizer, place)
+    else:  # a HF directory, or a hub id downloaded to one
+        loaded = load_hf_dir(path, tokenizer, place)
         loaded.source = source
-    else:
-        raise UserError(f"model path not found: {source}")
     loaded.model = loaded.model.to(device=place.device, dtype=dtype).eval()  # a no-op where the weights are already placed
     return loaded
+
+
+def source_kind(source: str | None) -> tuple[str, str]:
+    """(kind, path) of SOURCE, as `load` reads it: "default" | "native" | "hf" (a directory, or a
+    hub id downloaded to one) | "gguf"; UserError when it is none of them."""
+    source = source or DEFAULT_SOURCE
+    if source == DEFAULT_SOURCE:
+        return "default", source
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, NATIVE_CONFIG)):
+        return "native", source
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
+        return "hf", source
+    if source.endswith(".gguf"):
+        if not os.path.isfile(source):
+            raise UserError(f"GGUF file not found: {source}")
+        return "gguf", source
+    if os.path.exists(source):
+        raise UserError(f"{source} is neither a dha checkpoint, a Hugging Face model directory (config.json) nor a .gguf file")
+    if _looks_like_hub_id(source):
+        return "hf", _download(source)
+    raise UserError(f"model path not found: {source}")
+
+
+# ---- the shape of a source, before loading it --------------------------------------------------
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def source_shape(source: str | None = None) -> tuple[ModelConfig, torch.dtype]:
+    """(our ModelConfig, the dtype `load` gives without --dtype) of SOURCE, from its config files
+    and the headers of its weights files: no weight is read. UserError as `load` raises it."""
+    kind, path = source_kind(source)
+    if kind == "default":
+        cached = os.path.join(cache_dir(), DEFAULT_SOURCE)
+        kind, path = ("native", cached) if os.path.exists(os.path.join(cached, NATIVE_CONFIG)) else ("gguf", default_gguf_path())
+    if kind == "gguf":  # transformers reads the GGUF metadata alone; the tensors are dequantised to float32
+        from transformers import AutoConfig
+
+        try:
+            with quiet():
+                hf_config = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+        except Exception as e:
+            raise UserError(f"cannot load GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        family_of(hf_config.model_type)
+        return config_from_hf(hf_config), torch.float32
+    if kind == "native":
+        cfg = native_config(path)[0]
+        return cfg, safetensors_dtype([os.path.join(path, "model.safetensors")]) or torch.float32
+    if _json_field(os.path.join(path, "config.json"), "model_type") == REMOTE_MODEL_TYPE:
+        try:
+            cfg = ModelConfig.from_dict(_json_field(os.path.join(path, "config.json"), "dha"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path} is not a readable dha remote-code export: {e}") from None
+        return cfg, safetensors_dtype([os.path.join(path, "model.safetensors")]) or torch.float32
+    hf_config = hf_dir_config(path)
+    files = [os.path.join(path, f) for f in weights_files(path) if f.endswith(".safetensors")]
+    return config_from_hf(hf_config), safetensors_dtype(files) or _hf_dtype(hf_config)
+
+
+def _hf_dtype(hf_config) -> torch.dtype:
+    """The dtype a HF config names for its weights (.bin checkpoints: their headers are pickles)."""
+    named = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(named, str):
+        named = DTYPES.get(named.removeprefix("torch."))
+    return named if isinstance(named, torch.dtype) else torch.float32
+
+
+def safetensors_dtype(paths: list[str]) -> torch.dtype | None:
+    """The floating dtype holding most bytes in these safetensors files, read from their headers
+    (8 bytes of length, then JSON); None when no file can be read or none holds a float tensor."""
+    counts: dict[torch.dtype, int] = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        except (OSError, ValueError):
+            continue  # `load` says what is wrong with it
+        for name, entry in header.items():
+            dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if name != "__metadata__" and isinstance(entry, dict) else None
+            if dtype is not None:
+                start, end = entry.get("data_offsets", (0, 0))
+                counts[dtype] = counts.get(dtype, 0) + end - start
+    return max(counts, key=counts.get) if counts else None
 
 
 @dataclass(frozen=True)
@@ -142,22 +218,8 @@ def read_hf_state_dict(directory: str, place: Placement = CPU) -> dict[str, torc
     """All weights of a HF model directory (model.safetensors, sharded safetensors, or .bin), placed by `place`."""
     from safetensors import SafetensorError
 
-    files = []
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = os.path.join(directory, index_name)
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            break
-    else:
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.exists(os.path.join(directory, name)):
-                files = [name]
-                break
-    if not files:
-        raise UserError(f"no weights in {directory} (expected model.safetensors or pytorch_model.bin)")
     sd = {}
-    for name in files:
+    for name in weights_files(directory):
         path = os.path.join(directory, name)
         if not os.path.exists(path):
             raise UserError(f"weights file missing: {path} (listed in the shard index)")
@@ -169,6 +231,22 @@ def read_hf_state_dict(directory: str, place: Placement = CPU) -> dict[str, torc
         except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
             raise UserError(f"weights file {path} is truncated or corrupt: {str(e).splitlines()[0]}") from None
     return sd
+
+
+def weights_files(directory: str) -> list[str]:
+    """The weights files of a HF model directory (names): the shard index's, or the one file."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = os.path.join(directory, index_name)
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    return sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"shard index {index} is unreadable: {e}") from None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(directory, name)):
+            return [name]
+    raise UserError(f"no weights in {directory} (expected model.safetensors or pytorch_model.bin)")
 
 
 def _from_hf(hf_config, hf_state_dict, source: str, kind: str, tokenizer, place: Placement = CPU) -> Loaded:
@@ -184,18 +262,24 @@ def _from_hf(hf_config, hf_state_dict, source: str, kind: str, tokenizer, place:
 
 
 def load_hf_dir(directory: str, want_tokenizer: bool = True, place: Placement = CPU) -> Loaded:
-    from transformers import AutoConfig
-
     if _json_field(os.path.join(directory, "config.json"), "model_type") == REMOTE_MODEL_TYPE:
         return load_remote_code_export(directory, want_tokenizer, place)  # written by `dha export`
+    hf_config = hf_dir_config(directory)
+    sd = read_hf_state_dict(directory, place)
+    tok = _tokenizer(directory) if want_tokenizer else None
+    return _from_hf(hf_config, sd, directory, "hf", tok, place)
+
+
+def hf_dir_config(directory: str):
+    """The transformers config of a HF model directory, its architecture checked (before any weight is read)."""
+    from transformers import AutoConfig
+
     try:
         hf_config = AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError, OSError) as e:
         raise UserError(f"cannot read {directory}/config.json: {str(e).splitlines()[0]}") from None
     family_of(hf_config.model_type)  # refuse unsupported architectures before reading weights
-    sd = read_hf_state_dict(directory, place)
-    tok = _tokenizer(directory) if want_tokenizer else None
-    return _from_hf(hf_config, sd, directory, "hf", tok, place)
+    return hf_config
 
 
 def load_remote_code_export(directory: str, want_tokenizer: bool = True, place: Placement = CPU) -> Loaded:
@@ -293,17 +377,22 @@ def load_default(want_tokenizer: bool = True, place: Placement = CPU) -> Loaded:
     return loaded
 
 
-def load_native(directory: str, want_tokenizer: bool = True, place: Placement = CPU) -> Loaded:
-    from safetensors import SafetensorError
-
+def native_config(directory: str) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, the whole dha_config.json) of a native checkpoint directory."""
     try:
         with open(os.path.join(directory, NATIVE_CONFIG)) as f:
             meta = json.load(f)
         if meta.get("format") != NATIVE_FORMAT:
             raise UserError(f"{directory}: unknown checkpoint format {meta.get('format')!r}")
-        cfg = ModelConfig.from_dict(meta["model"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        return ModelConfig.from_dict(meta["model"]), meta
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{directory}/{NATIVE_CONFIG} is malformed: {e}") from None
+
+
+def load_native(directory: str, want_tokenizer: bool = True, place: Placement = CPU) -> Loaded:
+    from safetensors import SafetensorError
+
+    cfg, meta = native_config(directory)
     path = os.path.join(directory, "model.safetensors")
     try:
         sd = read_safetensors(path, place)

@@ -15,7 +15,13 @@ from .errors import UserError
 SOURCE_HELP = "model: a dha checkpoint dir, a Hugging Face model dir, a .gguf file, or a hub id (default: smollm2-135m, built in)"
 DEVICE_HELP = "where the work runs: auto (CUDA when a GPU is present, else the CPU; default) | cpu | cuda | cuda:N"
 DTYPE_HELP = ("float32 | bfloat16 | float16 | auto (default): the checkpoint's own, except bfloat16 on a GPU "
-              "for inference and calibration (generate, eval, analyze, convert without --tokens)")
+              "for inference and calibration (generate, eval, analyze, convert without --tokens; not with --offload)")
+FIT_CHECK = ("Before any work, the device memory it needs is estimated from SOURCE's config and compared with what "
+             "--device has free: too little, or on a GPU room only for one layer at a time without --offload, is "
+             "refused with the numbers (docs/scaling.md, the fit check).")
+OFFLOAD_HELP = ("keep the model in CPU memory (memory-mapped, in the checkpoint's own dtype unless --dtype) and bring one "
+                "decoder layer at a time to --device, in float32, for the calibration sweeps{merges}; the result is written "
+                "from the CPU. For a model larger than the GPU's memory: the GPU then holds one layer and its activations")
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -53,13 +59,38 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 
 def _inference_dtype(args):
-    """The load dtype of a verb that runs the model for inference or calibration (--dtype, dha.device)."""
+    """The load dtype of a verb that runs the model for inference or calibration (--dtype, dha.device),
+    on the device it is loaded onto (`_load_device`)."""
     import torch
 
     from .checkpoint import parse_dtype
     from .device import inference_dtype
 
-    return inference_dtype(parse_dtype(args.dtype), torch.device(args.device))
+    return inference_dtype(parse_dtype(args.dtype), torch.device(_load_device(args)))
+
+
+def _load_device(args) -> str:
+    """Where a verb loads its model: --device, or the CPU with --offload (its work still runs on
+    --device, one decoder layer at a time)."""
+    return "cpu" if getattr(args, "offload", False) else args.device
+
+
+def _compute_device(args) -> str | None:
+    """The device the layer-by-layer work is sent to with --offload; None: the model's own (--device)."""
+    return args.device if getattr(args, "offload", False) else None
+
+
+def check_fits(args, work, dtype) -> None:
+    """The fit check (dha.memory) of `work` on --device for SOURCE loaded in `dtype` (None: its own),
+    from SOURCE's config and weights headers: before the model is loaded."""
+    import torch
+
+    from .checkpoint import DEFAULT_SOURCE, source_shape
+    from .memory import check_fit, estimate
+
+    cfg, own = source_shape(args.source)
+    check_fit(torch.device(args.device), estimate(cfg, dtype or own, work), getattr(args, "offload", False),
+              args.source or DEFAULT_SOURCE)
 
 
 # ---- inspect -------------------------------------------------------------------------------------
@@ -316,7 +347,7 @@ def add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="similarity of key heads and of value heads per layer: heatmaps, clusters, redundancy",
                        description="Measure how similar the key heads and the value heads of every layer are on calibration "
                                    "tokens (cosine and linear CKA of pre-RoPE head outputs), cluster them for every group "
-                                   "count, and write analysis.json, per-layer heatmaps and a redundancy chart to --out.")
+                                   "count, and write analysis.json, per-layer heatmaps and a redundancy chart to --out. " + FIT_CHECK)
     _add_source(p)
     _add_calibration(p, default_tokens=4096)
     old_spelling(p, "--block-size", "--calib-block-size", "calib_block_size", int)
@@ -324,6 +355,7 @@ def add_analyze(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.5,
                    help="redundancy: the fewest groups keeping every within-group similarity >= this (default 0.5)")
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    p.add_argument("--offload", action="store_true", help=OFFLOAD_HELP.format(merges=""))
     p.set_defaults(func=run_analyze)
 
 
@@ -331,14 +363,16 @@ def run_analyze(args) -> int:
     from .analyze import analyze, summary_table, write_report
     from .atomic import atomic_dir
     from .checkpoint import check_out, load
+    from .memory import Work
 
     _check_calibration_args(args)
     check_out(args.out)
-    loaded = load(args.source, _inference_dtype(args), device=args.device)
+    check_fits(args, Work(calib_tokens=args.calib_tokens, calib_block=args.calib_block_size), _inference_dtype(args))
+    loaded = load(args.source, _inference_dtype(args), device=_load_device(args))
     calib = _calibration_blocks(args, loaded.tokenizer)
     args.metric = args.metric or "cka"  # analyze's own default, named here for the JSON line
     result = analyze(loaded.model, calib, metric=args.metric, threshold=args.threshold,
-                     max_tokens=args.calib_tokens, seed=args.seed)
+                     max_tokens=args.calib_tokens, seed=args.seed, device=_compute_device(args))
     result["source"] = loaded.source
     result["data"] = args.data
     with atomic_dir(args.out) as tmp:
@@ -361,7 +395,7 @@ def add_convert(sub) -> None:
                                    "training, report; docs/method.md), and the baselines gqa (contiguous mean-pooling), "
                                    "gqa-similar (similar heads mean-pooled), svd (low-rank from calibration activations), "
                                    "prune (keep the most important heads); or --plan PLAN.json to replay a plan with mean "
-                                   "pooling. With --tokens N the converted model is trained on N tokens of --data.")
+                                   "pooling. With --tokens N the converted model is trained on N tokens of --data. " + FIT_CHECK)
     _add_source(p)
     p.add_argument("--method", choices=("dha", "gqa", "gqa-similar", "svd", "prune"),
                    help="conversion method: dha | gqa | gqa-similar | svd | prune")
@@ -373,6 +407,11 @@ def add_convert(sub) -> None:
     _add_calibration(p, default_tokens=4096)
     p.add_argument("--out", required=True, help="checkpoint directory to write (must not exist or be empty; "
                                                 "with --tokens, a training run directory that --resume continues)")
+    p.add_argument("--offload", action="store_true",
+                   help=OFFLOAD_HELP.format(merges=" and the closed-form merges (dha and svd: aligned merges; gqa-similar: "
+                                                   "head similarity; dha: the report's perplexity too)")
+                   + ". Without training only (no --tokens N), and not with --method prune or --search learned, which "
+                     "run the whole model")
     add_json_option(p)
     add_dha_options(p)  # --method dha: search, fusion, training options (dha.pipeline)
     p.set_defaults(func=run_convert)
@@ -454,6 +493,7 @@ def run_convert(args) -> int:
         raise UserError("give either --method (with --kv-budget) or --plan (--method dha takes both: its search is replaced by the plan)")
     tokens = getattr(args, "tokens", None) or 0
     check_convert_options_used(args, tokens)
+    check_offload(args, tokens)
     if args.method == "dha":  # the full DHA pipeline: search, fusion, merge, training, report
         return run_convert_dha(args)
     options = baseline_options(args)
@@ -461,7 +501,9 @@ def run_convert(args) -> int:
     if resume is None:
         check_out(args.out)
     # Training keeps float32 master weights (its autocast dtype is --train-dtype), as `dha train` does.
-    loaded = load(args.source, torch.float32 if tokens > 0 else _inference_dtype(args), device=args.device)
+    dtype = torch.float32 if tokens > 0 else _inference_dtype(args)
+    check_fits(args, baseline_work(args, train_cfg), dtype)
+    loaded = load(args.source, dtype, device=_load_device(args))
     before = kv_summary(loaded.model)
     result = convert_baseline(args, loaded, options)
     if tokens > 0:
@@ -487,7 +529,44 @@ def baseline_options(args):
     if args.method not in NO_CALIBRATION:
         _check_calibration_args(args)
     return ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens, block_size=args.calib_block_size,
-                          metric=args.metric or ConvertOptions.metric, grouping=args.grouping)
+                          metric=args.metric or ConvertOptions.metric, grouping=args.grouping, device=_compute_device(args))
+
+
+def check_offload(args, tokens: int) -> None:
+    """--offload runs the work one decoder layer at a time; refuse what needs the whole model on the device."""
+    if not getattr(args, "offload", False):
+        return
+    conflicts = [(tokens > 0, "--tokens N trains the whole model on the device"),
+                 (args.method == "prune", "--method prune runs whole-model forward passes on the device"),
+                 (args.method == "dha" and args.search == "learned", "--search learned trains its gates on the whole model on the device")]
+    for hit, why in conflicts:
+        if hit:
+            raise UserError(f"--offload keeps the model in CPU memory, one layer at a time on the device, but {why}: drop one of them")
+
+
+def training_work(args, cfg):
+    """dha.memory.Training of a conversion that trains (`cfg` its TrainConfig), or None (no training)."""
+    import os
+
+    from .checkpoint import source_shape
+    from .memory import Sizes, Training
+
+    if cfg is None:
+        return None
+    teacher = Sizes.of(source_shape(args.teacher)[0]).total if getattr(args, "teacher", None) else 0
+    shards = int(os.environ.get("WORLD_SIZE", "1")) if getattr(args, "fsdp", False) else 1
+    return Training(micro_batch=cfg.micro_batch, block_size=cfg.block_size, shards=shards, teacher_parameters=teacher)
+
+
+def baseline_work(args, train_cfg):
+    """What a baseline conversion (or a plan replay) runs on the device, for the fit check."""
+    from .convert import NO_CALIBRATION
+    from .memory import Work
+
+    calibrated = args.method is not None and args.method not in NO_CALIBRATION
+    return Work(calib_tokens=args.calib_tokens if calibrated else 0, calib_block=args.calib_block_size,
+                merge="aligned" if args.method == "svd" else "mean", all_layer_inputs=args.method == "prune",
+                training=training_work(args, train_cfg))
 
 
 def convert_baseline(args, loaded, options):
@@ -617,8 +696,10 @@ def run_convert_dha(args) -> int:
         torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
     # float32 master weights for training (--train-dtype is autocast only); without training the
     # inference dtype (the checkpoint's own, bf16 on a GPU): calibration computes each layer in
-    # float32 (dha.layerwise). Straight onto --device.
-    loaded = load(args.source, torch.float32 if tokens else _inference_dtype(args), device=args.device)
+    # float32 (dha.layerwise). Straight onto --device, or with --offload into CPU memory.
+    dtype = torch.float32 if tokens else _inference_dtype(args)
+    check_fits(args, dha_work(args, config, plan), dtype)
+    loaded = load(args.source, dtype, device=_load_device(args))
     teacher = (load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
                if getattr(args, "teacher", None) else None)
     splits = load_tokens(data, loaded.tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
@@ -635,6 +716,18 @@ def run_convert_dha(args) -> int:
     if result is not None:
         print_dha_result(args, result.summary, files)
     return 0
+
+
+def dha_work(args, config, plan):
+    """What `convert --method dha` runs on the device, for the fit check: stage 1's calibration
+    (with the loss gradients of the cost search), the aligned merges, the final table; or training."""
+    from .memory import Work
+
+    search = config.search
+    return Work(calib_tokens=config.calib_tokens, calib_block=config.calib_block_size, batch=search.batch_size,
+                gradients=plan is None and search.sensitivity and search.search == "cost", merge=config.merge,
+                eval_tokens=config.final_eval_tokens, eval_block=config.final_eval_block_size,
+                training=training_work(args, config.train) if config.tokens else None)
 
 
 def dha_config_from_args(args):
@@ -684,7 +777,7 @@ def dha_config_from_args(args):
     config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction,
                        merge="aligned" if args.merge == "pca" else args.merge,
                        calib_tokens=args.calib_tokens, calib_block_size=args.calib_block_size,
-                       search=search_options, fusion=fusion, train=train_cfg)
+                       search=search_options, fusion=fusion, train=train_cfg, device=_compute_device(args))
     config.validate()
     split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
     return config, data
@@ -693,7 +786,7 @@ def dha_config_from_args(args):
 DHA_RUN_FORMAT = "dha-convert-run/1"
 # Settings a resumed run may change: how it reports and checkpoints, and where it runs.
 DHA_RESUMABLE = {"search.progress", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.device",
-                 "train.micro_batch"}
+                 "train.micro_batch", "device"}
 
 
 def convert_run_identity(args, config, data: str) -> dict:

@@ -36,7 +36,7 @@ a group, hd head dim, r rotary dims (r/2 frequency pairs), p = hd - r pass-throu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -320,38 +320,46 @@ def reconstructed_value_rows(rows: torch.Tensor, merge: ValueMerge) -> torch.Ten
     return torch.einsum("gde,dk->gek", merge.up.to(rows.dtype), shared).reshape(rows.shape)
 
 
-def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict]) -> Transformer:
+def _merge_on(merge: KeyMerge | ValueMerge, device: torch.device) -> KeyMerge | ValueMerge:
+    return type(merge)(*(getattr(merge, f.name).to(device) for f in fields(merge)))
+
+
+def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict], device=None) -> Transformer:
     """The merged model: each group of `layers` becomes one head by its merge, the reading maps folded
     into q_proj (keys) and o_proj (values). merges[l] = {"key": [KeyMerge per group], "value": [...]}.
-    q_proj, k_proj, v_proj and o_proj are new tensors, computed one layer at a time; every other
-    tensor is `model`'s own, shared (no second copy of the model; `dha.train.train` gives a model
-    its own copies of the weights it trains)."""
+    q_proj, k_proj, v_proj and o_proj are new tensors, computed one layer at a time in float64 on
+    `device` (default: where the model's weights are; for a model kept in CPU memory, each layer's
+    four projections go there and the results come back) and placed beside the old ones; every
+    other tensor is `model`'s own, shared (no second copy of the model; `dha.train.train` gives a
+    model its own copies of the weights it trains)."""
     cfg, hd = model.config, model.config.head_dim
     r = cfg.rotary_dim if cfg.position == "rope" else 0
     sd = tensors_of(model)
     key_index, value_index = [], []
     for l, (plan_layer, merge) in enumerate(zip(layers, merges)):
         pre = f"layers.{l}.attn"
+        home = sd[f"{pre}.o_proj.weight"].device
+        where = torch.device(device) if device is not None else home
+        merge = {kind: [_merge_on(m, where) for m in ms] for kind, ms in merge.items()}
+        here = lambda name: heads(sd[name].to(where, torch.float64), hd)  # noqa: E731  (n, hd, ...) float64 on `where`
+        put = lambda name, new: sd.__setitem__(name, new.to(home, sd[name].dtype))  # noqa: E731
         names = [s for s in ("weight", "bias") if f"{pre}.k_proj.{s}" in sd]
         key_of = {j: (g, m) for g, members in enumerate(plan_layer.key_groups) for m, j in enumerate(members)}
         value_of = {j: (g, m) for g, members in enumerate(plan_layer.value_groups) for m, j in enumerate(members)}
         for s in names:  # keys: shared rows; every query head reads its key's shared head through up*
-            k = heads(sd[f"{pre}.k_proj.{s}"], hd).double()
-            q = heads(sd[f"{pre}.q_proj.{s}"], hd).double()
+            k, q = here(f"{pre}.k_proj.{s}"), here(f"{pre}.q_proj.{s}")
             shared = [shared_key_rows(k[g], mg, r) for g, mg in zip(plan_layer.key_groups, merge["key"])]
             readers = [key_reader_rows(q[h], merge["key"][key_of[j][0]], key_of[j][1], r) for h, j in enumerate(cfg.key_index[l])]
-            sd[f"{pre}.k_proj.{s}"] = unheads(torch.stack(shared)).to(sd[f"{pre}.k_proj.{s}"].dtype)
-            sd[f"{pre}.q_proj.{s}"] = unheads(torch.stack(readers)).to(sd[f"{pre}.q_proj.{s}"].dtype)
+            put(f"{pre}.k_proj.{s}", unheads(torch.stack(shared)))
+            put(f"{pre}.q_proj.{s}", unheads(torch.stack(readers)))
         for s in names:
-            v = heads(sd[f"{pre}.v_proj.{s}"], hd).double()
-            shared = [shared_value_rows(v[g], mg) for g, mg in zip(plan_layer.value_groups, merge["value"])]
-            sd[f"{pre}.v_proj.{s}"] = unheads(torch.stack(shared)).to(sd[f"{pre}.v_proj.{s}"].dtype)
-        o = sd[f"{pre}.o_proj.weight"]
-        o_heads = heads(o.T.to(torch.float64, copy=True), hd)  # (H, hd, D): W_O[h], a copy (written below)
+            v = here(f"{pre}.v_proj.{s}")
+            put(f"{pre}.v_proj.{s}", unheads(torch.stack([shared_value_rows(v[g], mg) for g, mg in zip(plan_layer.value_groups, merge["value"])])))
+        o_heads = heads(sd[f"{pre}.o_proj.weight"].T.to(where, torch.float64, copy=True), hd)  # (H, hd, D): W_O[h], a copy (written below)
         for h, j in enumerate(cfg.value_index[l]):  # y_h W_O[h] ~ y~ (up_j W_O[h])
             g, m = value_of[j]
             o_heads[h] = merge["value"][g].up[m] @ o_heads[h]
-        sd[f"{pre}.o_proj.weight"] = unheads(o_heads).T.contiguous().to(o.dtype)
+        put(f"{pre}.o_proj.weight", unheads(o_heads).T.contiguous())
         key_index.append(regroup_map(cfg.key_index[l], plan_layer.key_groups))
         value_index.append(regroup_map(cfg.value_index[l], plan_layer.value_groups))
     return build(with_maps(cfg, key_index, value_index), sd)

@@ -43,9 +43,9 @@ def convert_dha(model: Transformer, kv_budget: float, calib_blocks, options: Con
     fields = {"seed": options.seed, "batch_size": options.batch_size, **dict(options.extra or {}).get("search", {})}
     search_options = SearchOptions(**fields)
     calibration = calibrate(model, calib_blocks, search_options.batch_size, search_options.metric,
-                            gradients=search_options.sensitivity and search_options.search == "cost")
+                            gradients=search_options.sensitivity and search_options.search == "cost", device=options.device)
     plan = search(model, kv_budget, calib_blocks, search_options, calibration=calibration)
-    return plan, aligned_merge(model, plan.layers, closed_form_merges(calibration.stats, plan.layers))
+    return plan, aligned_merge(model, plan.layers, closed_form_merges(calibration.stats, plan.layers), device=options.device)
 
 Method = Callable[[Transformer, float, "torch.Tensor | None", ConvertOptions], "tuple[Plan, Transformer]"]
 
@@ -90,7 +90,8 @@ def convert(loaded: Loaded, method: str, kv_budget: float, calib_blocks: torch.T
     options = options or ConvertOptions()
     plan, model = fn(loaded.model, kv_budget, calib_blocks, options)
     plan.method, plan.kv_budget = method, kv_budget
-    return _result(loaded, model, plan, {"options": {k: v for k, v in vars(options).items() if k != "extra"} | options.extra})
+    settings = {k: v for k, v in vars(options).items() if k not in ("extra", "device")}  # where it ran is not a setting of the result
+    return _result(loaded, model, plan, {"options": settings | options.extra})
 
 
 def apply_plan(loaded: Loaded, plan: Plan) -> Loaded:

@@ -1,8 +1,9 @@
 """Where models run: the `--device` option of every verb, and what it implies.
 
 `resolve_device` reads `--device`: `auto` (CUDA when torch sees a GPU, else the CPU), `cpu`, `cuda`
-or `cuda:N`. Under torchrun, `auto` and `cuda` mean this process's GPU, cuda:LOCAL_RANK. A device
-this machine does not have is a UserError, raised before any model is loaded.
+or `cuda:N`. Under torchrun, `auto` and `cuda` mean this process's GPU, cuda:LOCAL_RANK, and an
+explicit `cuda:N` is refused (every process would take that one GPU). A device this machine does
+not have is a UserError, raised before any model is loaded.
 
 `inference_dtype` is what `--dtype auto` means for inference and calibration: bfloat16 on a GPU,
 the checkpoint's own dtype on the CPU. Training keeps float32 master weights wherever it runs
@@ -40,6 +41,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if not torch.cuda.is_available():
         build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA GPU is visible"
         raise UserError(f"--device {spec}: this machine has no usable GPU ({build}); use --device cpu or auto")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.index is not None and world > 1:
+        raise UserError(f"--device {spec} under torchrun (WORLD_SIZE={world}) would put every process on that one GPU: "
+                        "give --device cuda or auto, and each process takes its own, cuda:LOCAL_RANK")
     index = local_rank if device.index is None else device.index
     count = torch.cuda.device_count()
     if index >= count:

@@ -26,6 +26,7 @@ import torch
 from .bench import Runner, measure
 from .data import TokenSplits, blocks as make_blocks
 from .errors import UserError
+from .layerwise import nll_sum
 from .model import next_token_nll
 
 
@@ -48,7 +49,7 @@ class EvalOptions:
 # ---- perplexity -------------------------------------------------------------------------------
 
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool = True) -> dict:
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool = True, device=None) -> dict:
     """Perplexity over non-overlapping windows: `blocks` (n, W), each row one window.
 
     Inside a window, token t (t = 1..W-1) is predicted from tokens 0..t-1 of the same window only;
@@ -56,17 +57,23 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool 
     scored; no context crosses window borders, which gives a somewhat higher perplexity than a
     sliding window would. nll is the mean negative log-likelihood per scored token (nats), computed
     in float32 whatever the model's dtype; ppl = exp(nll).
+
+    With `device` other than the model's own (a model kept in CPU memory, `--offload`), the windows
+    go through the model one decoder layer at a time on `device`, in float32 (`dha.layerwise.nll_sum`).
     """
     from tqdm.auto import tqdm
 
     if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise UserError(f"perplexity needs windows of at least 2 tokens, got shape {tuple(blocks.shape)}")
-    device = next(model.parameters()).device
+    here = next(model.parameters()).device
+    total_tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+    if device is not None and torch.device(device) != here:
+        mean = nll_sum(model, blocks, batch_size, device) / total_tokens
+        return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
     total_nll = 0.0
     starts = range(0, blocks.shape[0], batch_size)
     for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress, file=sys.stderr):
-        total_nll += next_token_nll(model, blocks[start:start + batch_size].to(device)).double().sum().item()
-    total_tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+        total_nll += next_token_nll(model, blocks[start:start + batch_size].to(here)).double().sum().item()
     mean = total_nll / total_tokens
     return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
 

@@ -137,42 +137,85 @@ def forward_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4,
             yield l, {name: _heads([t for n, t in capture if n == name], hd) for _, name in PROJECTIONS}
 
 
+def _final_hidden(sweep: Sweep, x: torch.Tensor) -> torch.Tensor:
+    """The final norm on the last hidden states x (B, T, D) (x itself without one)."""
+    model = sweep.model
+    if not model.config.final_norm:
+        return x
+    return functional_call(model.norm, tensors_on(model.norm, sweep.device, sweep.dtype), (x,))
+
+
+def _output_chunks(sweep: Sweep, flat: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(start, logits (M, rows), W_chunk (rows, D)) for each chunk of rows of the output matrix, on
+    the device: LM_HEAD_CHUNK_BYTES bounds a chunk and its logits of the M positions of `flat`."""
+    weight, bias = sweep.model.lm_head.weight, sweep.model.lm_head.bias
+    rows = max(1, LM_HEAD_CHUNK_BYTES // (max(weight.shape[1], flat.shape[0]) * torch.finfo(sweep.dtype).bits // 8))
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start:start + rows].detach().to(sweep.device, sweep.dtype)
+        b = bias[start:start + rows].detach().to(sweep.device, sweep.dtype) if bias is not None else None
+        yield start, F.linear(flat, w, b), w
+
+
+def _hit(targets: torch.Tensor, start: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, columns) whose next token falls in the chunk of vocabulary rows [start, start + rows)."""
+    hit = (targets >= start) & (targets < start + rows)
+    return hit.nonzero()[:, 0], targets[hit] - start
+
+
+def _logsumexp(sweep: Sweep, flat: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp over the vocabulary, the target's logit) of every position of `flat` (M, D)."""
+    lse = torch.full((flat.shape[0],), float("-inf"), device=sweep.device, dtype=sweep.dtype)
+    picked = torch.zeros_like(lse)
+    for start, chunk, w in _output_chunks(sweep, flat):
+        lse = torch.logaddexp(lse, chunk.logsumexp(-1))
+        rows, cols = _hit(targets, start, w.shape[0])
+        picked[rows] = chunk[rows, cols]
+    return lse, picked
+
+
 def loss_gradient(sweep: Sweep, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """d(sum over positions of the next-token loss)/dx at the last hidden states x (B, T, D).
 
     The final norm runs with autograd; the output matrix comes to the device in chunks of rows
-    (LM_HEAD_CHUNK_BYTES bounds a chunk and its logits), twice: once for each position's logsumexp over the vocabulary, once for
+    (`_output_chunks`), twice: once for each position's logsumexp over the vocabulary, once for
     dL/dz = sum_chunks (softmax - onehot) @ W_chunk. Positions whose next token is past the block
     (the last) have no loss."""
-    model = sweep.model
     x = x.detach().requires_grad_()
     with torch.enable_grad():
-        z = functional_call(model.norm, tensors_on(model.norm, sweep.device, sweep.dtype), (x,)) if model.config.final_norm else x
+        z = _final_hidden(sweep, x)
     flat = z.detach()[:, :-1].reshape(-1, z.shape[-1])  # (B*(T-1), D)
     targets = ids[:, 1:].reshape(-1).to(sweep.device)
-    weight, bias = model.lm_head.weight, model.lm_head.bias
-    rows = max(1, LM_HEAD_CHUNK_BYTES // (max(weight.shape[1], flat.shape[0]) * torch.finfo(sweep.dtype).bits // 8))
-    chunks = range(0, weight.shape[0], rows)
-
-    def logits(start: int) -> torch.Tensor:
-        w = weight[start:start + rows].detach().to(sweep.device, sweep.dtype)
-        b = bias[start:start + rows].detach().to(sweep.device, sweep.dtype) if bias is not None else None
-        return F.linear(flat, w, b), w
-
     with torch.no_grad():
-        lse = torch.full((flat.shape[0],), float("-inf"), device=sweep.device, dtype=sweep.dtype)
-        for start in chunks:
-            lse = torch.logaddexp(lse, logits(start)[0].logsumexp(-1))
+        lse, _ = _logsumexp(sweep, flat, targets)
         grad_flat = torch.zeros_like(flat)
-        for start in chunks:
-            chunk, w = logits(start)
+        for start, chunk, w in _output_chunks(sweep, flat):
             p = chunk.sub_(lse[:, None]).exp_()  # softmax over the whole vocabulary, this chunk's columns
-            hit = (targets >= start) & (targets < start + w.shape[0])
-            p[hit.nonzero()[:, 0], targets[hit] - start] -= 1.0
+            rows, cols = _hit(targets, start, w.shape[0])
+            p[rows, cols] -= 1.0
             grad_flat += p @ w
     grad_z = torch.zeros_like(z)
     grad_z[:, :-1] = grad_flat.reshape(z.shape[0], z.shape[1] - 1, -1)
-    return torch.autograd.grad(z, x, grad_z)[0] if model.config.final_norm else grad_z
+    return torch.autograd.grad(z, x, grad_z)[0] if z is not x else grad_z
+
+
+def nll_sum(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, device=None) -> float:
+    """The summed next-token negative log-likelihood (nats) of tokens 1..T-1 of every row of
+    `blocks` (n, T), each predicted from its row's earlier tokens, computed one decoder layer at a
+    time on `device` (a forward sweep, then the final norm and the output matrix in chunks): what
+    `dha.model.next_token_nll` sums over the rows, for a model kept off the device."""
+    sweep = Sweep(model, blocks, batch_size, device)
+    xs = sweep.embed()
+    total = 0.0
+    with torch.no_grad():
+        for l in range(model.config.num_layers):
+            weights = sweep.layer(l)
+            xs = [sweep.run(l, weights, x) for x in xs]
+            del weights
+        for x, ids in zip(xs, sweep.batches):
+            z = _final_hidden(sweep, x)
+            lse, picked = _logsumexp(sweep, z[:, :-1].reshape(-1, z.shape[-1]), ids[:, 1:].reshape(-1).to(sweep.device))
+            total += float((lse - picked).double().sum())
+    return total
 
 
 def backward_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4,

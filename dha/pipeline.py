@@ -76,6 +76,10 @@ class DHAConfig:
     fusion: FusionOptions = field(default_factory=FusionOptions)
     merge: str = "aligned"  # what each group becomes (fusion's target): "aligned" (closed form, dha.compress) | "mean"
     train: object = None  # dha.train.TrainConfig template (its `tokens` is set per stage; None: defaults)
+    # Where stage 1 (calibration, merges) and the final table run, one decoder layer at a time, the
+    # model left where it is (None: the model's own device). `dha convert --offload`: --device, the
+    # model in CPU memory. Training runs the whole model on its device, so only with tokens 0.
+    device: str | None = None
 
     def validate(self) -> None:
         if not 0.0 <= self.fusion_fraction <= 1.0:
@@ -86,6 +90,8 @@ class DHAConfig:
             raise UserError(f"--merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
         if self.calib_tokens < 1 or self.calib_block_size < 1:
             raise UserError("calibration tokens and block size must be positive")
+        if self.device is not None and self.tokens:
+            raise UserError("a DHA run with training runs the whole model on its device: a separate compute device is for tokens 0")
 
 
 @dataclass
@@ -128,12 +134,12 @@ def heldout_blocks(heldout: torch.Tensor, max_tokens: int, block_size: int) -> t
     return blocks(heldout, block_size, max_blocks=max(1, max_tokens // block_size))
 
 
-def table_row(name: str, model, windows) -> dict:
+def table_row(name: str, model, windows, device=None) -> dict:
     """One row of the final table: KV heads and bytes per token, held-out perplexity on `windows`."""
     cfg = model.config
     was_training = model.training
     model.eval()
-    ppl = perplexity(model, windows, batch_size=4, progress=False) if windows is not None else None
+    ppl = perplexity(model, windows, batch_size=4, progress=False, device=device) if windows is not None else None
     model.train(was_training)
     return {"model": name, "kv_heads": sum(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers)),
             "kv_bytes_per_token_bf16": cfg.kv_bytes_per_token(torch.bfloat16),
@@ -165,7 +171,8 @@ def plan_and_merges(source, calib: torch.Tensor, config: DHAConfig, search_optio
     aligned merge of every group (None for config.merge "mean"). Returns (plan, merges)."""
     gradients = plan is None and search_options.sensitivity and search_options.search == "cost"
     log_progress(f"calibration on {calib.numel()} tokens" + (" (with gradients)" if gradients else ""))
-    calibration = calibrate(source, calib, search_options.batch_size, search_options.metric, gradients=gradients)
+    calibration = calibrate(source, calib, search_options.batch_size, search_options.metric, gradients=gradients,
+                            device=config.device)
     if plan is None:
         log_progress(f"search ({search_options.search})")
         plan = search(source, config.kv_budget, calib, search_options, calibration=calibration)
@@ -239,9 +246,9 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     return DHAResult(result_loaded(loaded, model, plan, config, summary), summary, log + continued_log)
 
 
-def merge_without_fusion(model, plan: Plan, merges):
-    """The plan applied at once: the closed-form aligned merges, or the group means (merges None)."""
-    return aligned_merge(model, plan.layers, merges) if merges is not None else merge_groups(model, plan)
+def merge_without_fusion(model, plan: Plan, merges, device=None):
+    """The plan applied at once: the closed-form aligned merges (each layer's on `device`), or the group means (merges None)."""
+    return aligned_merge(model, plan.layers, merges, device) if merges is not None else merge_groups(model, plan)
 
 
 def stage_log(history: list[dict], evals: list[dict], stage: str, offset: int) -> list[dict]:
@@ -255,7 +262,7 @@ def fusion_stage(source, plan: Plan, merges, config: DHAConfig, stages: StageTok
     """Stage 2 and 3: fusion training toward the merges, then the merge. (model, distance, log);
     without fusion tokens the plan is merged at once."""
     if not stages.fusion:
-        return merge_without_fusion(source, plan, merges), None, []
+        return merge_without_fusion(source, plan, merges, config.device), None, []
     fused = FusedModel(source, plan, merges, config.fusion)
     cfg = replace(config.train, tokens=stages.fusion)
     steps = stages.fusion // stages.step_tokens
@@ -292,7 +299,7 @@ def final_table(source, model, plan: Plan, merges, config: DHAConfig, splits, he
                   (f"plan, {config.merge}-merged (no training)", merge_without_fusion(source, plan, merges) if config.tokens else model)]
     if config.tokens:
         candidates.append(("dha (fused, merged, trained)", model))
-    rows = [table_row(name, m, windows) for name, m in candidates]
+    rows = [table_row(name, m, windows, config.device) for name, m in candidates]
     curve = source_on_training_windows(source, heldout_train, config.train) if config.tokens else None
     return rows, curve
 

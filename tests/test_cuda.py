@@ -159,3 +159,75 @@ def test_learned_search_and_lagrangian_fusion_on_cuda(setup):
     assert schedule.multipliers.device == CUDA and result.steps == 2
     _, merged = merge(result.model)
     assert on_cuda(merged)
+
+
+# ---- --offload: the model in CPU memory, one layer at a time on the GPU ------------------------------
+
+@pytest.mark.parametrize("method", ["dha", "svd", "gqa-similar"])
+def test_offload_conversion_on_cuda_matches_the_cpu(method, setup, monkeypatch, capsys):
+    """`convert --offload --device cuda` (the model loaded onto the CPU in its own float32, every
+    sweep on the GPU) against the same conversion on the CPU without it: the same plan, logits
+    within 1e-3, the report's perplexities within 1e-4 (float32 summation order on both)."""
+    import dha.layerwise
+
+    src, data, tmp = setup
+    extra = ["--method", "dha", "--tokens", "0"] if method == "dha" else ["--method", method]
+    common = ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "128", "--block-size", "16", "--json"]
+    reference = run_json(capsys, [*common, "--out", str(tmp / "cpu"), "--device", "cpu"])
+    seen = spy_on_devices(monkeypatch)
+    sweeps = []
+    real = dha.layerwise.compute_device
+    monkeypatch.setattr(dha.layerwise, "compute_device", lambda model, device=None: sweeps.append(
+        (real(model, device), next(model.parameters()).device)) or real(model, device))
+    offloaded = run_json(capsys, [*common, "--out", str(tmp / "cuda"), "--device", "cuda", "--offload"])
+    assert seen["load"] == ["cpu"] and sweeps and all(where == CUDA and home.type == "cpu" for where, home in sweeps), sweeps
+    plans = [Plan.load(os.path.join(tmp, d, "plan.json")) for d in ("cpu", "cuda")]
+    assert plans[0].layers == plans[1].layers
+    on_cpu, offload = (dha.checkpoint.load(str(tmp / d), tokenizer=False).model for d in ("cpu", "cuda"))
+    assert {p.dtype for p in offload.parameters()} == {torch.float32}
+    diff, scale = max_logit_diff(offload, on_cpu, random_ids(length=16))
+    assert diff <= 1e-3, (diff, scale)
+    if method == "dha":
+        for key in ("source_ppl", "ppl"):
+            assert abs(offloaded[key] / reference[key] - 1) <= 1e-4, (key, offloaded[key], reference[key])
+
+
+def test_offload_analysis_on_cuda_matches_the_cpu(setup, capsys):
+    src, data, tmp = setup
+    common = ["analyze", src, "--data", data, "--calib-tokens", "128", "--calib-block-size", "16", "--json"]
+    run_json(capsys, [*common, "--out", str(tmp / "cpu"), "--device", "cpu"])
+    run_json(capsys, [*common, "--out", str(tmp / "cuda"), "--device", "cuda", "--offload"])
+    a, b = (json.load(open(tmp / d / "analysis.json")) for d in ("cpu", "cuda"))
+    for ea, eb in zip(a["layers"], b["layers"]):
+        for kind in ("keys", "values"):
+            for metric in ("cka", "cosine"):
+                torch.testing.assert_close(torch.tensor(eb[kind][metric]), torch.tensor(ea[kind][metric]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["dha", "svd"])
+def test_offload_peak_gpu_memory_is_within_the_estimate(method, tmp_path, monkeypatch, capsys):
+    """The fit check's layer-by-layer estimate (dha.memory) against the peak the CUDA allocator
+    reports for the conversion (max_memory_allocated above what was allocated before): a wider
+    model (hidden 256, 4 layers, MLP 1,024) so that the layer and its activations are measurable.
+    The estimate must not be below the peak (the check would let through work that fails), give or
+    take cuBLAS's workspace (32 MiB on recent GPUs, not estimated), and is printed beside it."""
+    from dha.checkpoint import source_shape
+    from dha.memory import Work, estimate
+
+    monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    hf = tiny_llama_hf(num_heads=8, num_kv_heads=4, layers=4, hidden_size=256, intermediate_size=1024, head_dim=32)
+    src = save_tiny_source(str(tmp_path / "wide"), ours_from_hf(hf))
+    data = text_file(str(tmp_path / "data.txt"), documents=200)
+    extra = ["--method", "dha", "--tokens", "0"] if method == "dha" else ["--method", method]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(CUDA)
+    torch.cuda.reset_peak_memory_stats(CUDA)
+    run_json(capsys, ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "1024",
+                      "--calib-block-size", "128", "--device", "cuda", "--offload", "--out", str(tmp_path / "out"), "--json"])
+    peak = torch.cuda.max_memory_allocated(CUDA) - before
+    work = Work(calib_tokens=1024, calib_block=128, gradients=method == "dha", merge="aligned",
+                eval_tokens=16384 if method == "dha" else 0)
+    layer = sum(b for _, b in estimate(source_shape(src)[0], torch.float32, work).layer)
+    print(f"{method}: peak {peak / 2**20:.1f} MiB, estimate {layer / 2**20:.1f} MiB ({layer / peak:.2f}x)")
+    assert 0 < peak <= layer + 2 ** 25, (peak, layer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -108,6 +109,7 @@ def test_resolve_device_gpu_indices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 0)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(UserError, match=r"there is no GPU cuda:7; this machine has 2 \(cuda:0, cuda:1\)"):
@@ -116,6 +118,27 @@ def test_resolve_device_gpu_indices(monkeypatch):
     assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index wins
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_an_explicit_gpu_under_torchrun_is_refused(setup, monkeypatch, capsys):
+    """Under torchrun (WORLD_SIZE > 1) `cuda:N` would put every process on GPU N: refused, in one
+    line before any work; `auto` and `cuda` give each process cuda:LOCAL_RANK, `cpu` stays the CPU."""
+    src, data, out = setup
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    message = "--device cuda:0 under torchrun (WORLD_SIZE=2) would put every process on that one GPU: give --device cuda or auto"
+    with pytest.raises(UserError, match=re.escape(message)):
+        resolve_device("cuda:0")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(dha.checkpoint, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model was loaded")))
+    capsys.readouterr()
+    assert main([*argv("train", src, data, out), "--device", "cuda:1"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dha: error: --device cuda:1 under torchrun (WORLD_SIZE=2)"), lines
+    assert not os.path.exists(out)
 
 
 def test_inference_dtype():

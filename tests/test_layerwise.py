@@ -172,3 +172,30 @@ def test_convert_without_training_keeps_a_bf16_source_in_bf16(tmp_path, capsys):
         cfg = model.config
         assert sum(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers)) == 12
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("name", FAMILY_CASES)
+def test_layerwise_perplexity_equals_the_whole_model_pass(name):
+    """`nll_sum` (a forward sweep, then the output matrix in chunks of 10 rows) against the summed
+    next-token loss of a whole-model pass written here: F.cross_entropy on the model's logits (fp32,
+    relative 1e-6). (`dha.evaluate.perplexity` takes this path for a device other than the model's
+    own: on a GPU, tests/test_cuda.py.)"""
+    model = ours_from_hf(CASES[name]())
+    windows = random_ids(5, 16, seed=4)
+    with torch.no_grad():
+        logits = model(windows)
+        want = float(F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten(), reduction="sum"))
+    assert dha.layerwise.nll_sum(model, windows, batch_size=2, device="cpu") == pytest.approx(want, rel=1e-6)
+
+
+def test_aligned_merge_on_a_named_device_equals_the_default():
+    """aligned_merge(..., device=) runs each layer's arithmetic there and puts the results beside the
+    old tensors (on the CPU here: the same numbers, the same dtypes and devices)."""
+    source = ours_from_hf(CASES["llama"]()).to(torch.bfloat16)
+    blocks = random_ids(4, 16)
+    cal = calibrate(source, blocks, device="cpu")
+    plan = search(source, 0.5, blocks, SearchOptions(sensitivity=False), calibration=cal)
+    merges = closed_form_merges(cal.stats, plan.layers)
+    a, b = (aligned_merge(source, plan.layers, merges, **kw).state_dict() for kw in ({}, {"device": "cpu"}))
+    for k in a:
+        assert b[k].dtype == a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]), k

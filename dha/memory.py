@@ -1,0 +1,225 @@
+"""Does a verb's work fit on its device? The fit check, made from the model's config before any weight is read.
+
+`estimate(cfg, dtype, work)` says how many bytes the device holds at the peak of `work`, two ways:
+
+- whole: the model on the device in its load dtype, plus the working memory (the calibration
+  sweeps of `dha.layerwise`, the merged model's new attention tensors, training's gradients and
+  AdamW moments, ...);
+- layer by layer (`--offload`): the model stays in CPU memory (memory-mapped) and the device holds
+  its largest decoder layer in the compute dtype (float32), the hidden states of every calibration
+  token, one batch's activations, or the closed-form merge of one layer in float64. None when the
+  work cannot go layer by layer (training, `prune`).
+
+The terms follow what the code allocates (docs/scaling.md, "The fit check" and "GPU memory");
+they are estimates, not measurements: the allocator's own slack, the CUDA context and the
+libraries' workspaces (cuBLAS: tens of MiB) are not counted. `free_memory(device)` is what the
+device has: torch.cuda.mem_get_info on CUDA, MemAvailable of /proc/meminfo on the CPU.
+`check_fit` compares the two and raises a UserError with the numbers when the work cannot fit,
+or fits on a GPU only with --offload. On the CPU the weights are not counted: they stay in the
+memory-mapped checkpoint (training's float32 copies excepted).
+
+Shape legend: P parameters, D hidden size, F MLP size, H query heads, n key + value heads of a
+layer, hd head dim, V vocabulary, N calibration tokens, B blocks of T tokens in a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UserError
+from .layerwise import LM_HEAD_CHUNK_BYTES
+from .model import NLL_CHUNK_BYTES, ModelConfig, Transformer
+
+GiB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class Training:
+    """The training part of a verb's work: rows of `block_size` tokens, `micro_batch` at a time."""
+
+    micro_batch: int = 4
+    block_size: int = 256
+    shards: int = 1  # FSDP: weights, gradients and optimizer state are split over this many processes
+    teacher_parameters: int = 0  # a --teacher model beside the source (float32 on the device)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a verb runs on the device (the defaults: nothing but holding the model)."""
+
+    calib_tokens: int = 0  # calibration tokens swept layer by layer
+    calib_block: int = 256  # tokens per calibration block (T)
+    batch: int = 4  # calibration blocks per batch (B)
+    gradients: bool = False  # a backward sweep too (the DHA cost search's loss gradients)
+    merge: str | None = None  # "aligned": the closed-form merge, float64 on the device | "mean" | None: no new model
+    eval_tokens: int = 0  # held-out tokens scored at the end (DHA's report table), windows of eval_block
+    eval_block: int = 512
+    all_layer_inputs: bool = False  # prune: every layer's attention input at once, from whole-model passes
+    training: Training | None = None
+
+
+@dataclass
+class Estimate:
+    """Bytes on the device at the peak, as (label, bytes) parts: with the whole model there, and
+    with one layer at a time there (None: this work needs the whole model on its device)."""
+
+    whole: list[tuple[str, int]]
+    layer: list[tuple[str, int]] | None
+    mapped: bool = True  # whole[0] is the weights as loaded, which on the CPU stay in the memory-mapped file
+
+    @staticmethod
+    def total(parts: list[tuple[str, int]]) -> int:
+        return sum(b for _, b in parts)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Parameter counts of a model of a config (a model built on the meta device: no memory)."""
+
+    total: int
+    layers: list[int] = field(default_factory=list)  # per decoder layer
+    attention: list[int] = field(default_factory=list)  # per layer: q, k, v and o projections
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "Sizes":
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        return cls(model.num_parameters(), [count(b) for b in model.layers], [count(b.attn) for b in model.layers])
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def output_chunk_bytes(cfg: ModelConfig, positions: int, c: int) -> int:
+    """A chunk of rows of the output matrix and its logits at `positions` positions, as
+    `dha.layerwise._output_chunks` cuts them (LM_HEAD_CHUNK_BYTES bounds each)."""
+    rows = min(cfg.vocab_size, max(1, LM_HEAD_CHUNK_BYTES // (max(cfg.hidden_size, positions) * c)))
+    return rows * (cfg.hidden_size + positions) * c
+
+
+def calibration_bytes(cfg: ModelConfig, work: Work, c: int) -> int:
+    """One layer's calibration on the device, besides its weights (`dha.layerwise`, `c` bytes a number):
+    the hidden states of every token in and out (and their gradients), the q/k/v outputs kept until
+    they go to the CPU (and the k/v gradients), one batch's intermediates with attention scores
+    (three times that under autograd), and the output matrix's chunks of the loss gradient."""
+    if not work.calib_tokens:
+        return 0
+    T = max(2, min(work.calib_block, work.calib_tokens))  # as dha.data.calibration_blocks cuts them
+    N = math.ceil(work.calib_tokens / T) * T
+    D, F, H, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
+    n = max(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers))
+    blocks = min(work.batch, N // T)
+    hidden = (3 if work.gradients else 2) * N * D
+    heads = N * (H + n) * hd + (N * n * hd if work.gradients else 0)
+    one_batch = blocks * T * (4 * D + 2 * (H + n) * hd + 3 * F) + 2 * blocks * H * T * T
+    chunks = output_chunk_bytes(cfg, blocks * (T - 1), c) if work.gradients else 0
+    return c * (hidden + heads + (3 if work.gradients else 1) * one_batch) + chunks
+
+
+def eval_bytes(cfg: ModelConfig, work: Work, c: int, layerwise: bool) -> int:
+    """The final table's perplexity (windows of eval_block, 4 a batch, as dha.pipeline scores them):
+    one batch's intermediates and a chunk of logits; layer by layer (`dha.layerwise.nll_sum`) also
+    the hidden states of every window, in and out."""
+    if not work.eval_tokens:
+        return 0
+    tokens, T = work.eval_tokens, work.eval_block
+    D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
+    blocks = min(4, math.ceil(tokens / T))
+    one_batch = blocks * T * (4 * D + 3 * F) + 2 * blocks * H * T * T
+    if layerwise:
+        return c * (2 * tokens * D + one_batch) + output_chunk_bytes(cfg, blocks * (T - 1), c)
+    return c * one_batch + min(NLL_CHUNK_BYTES, blocks * (T - 1) * cfg.vocab_size * 4)  # dha.model.next_token_nll's chunk
+
+
+def training_bytes(cfg: ModelConfig, sizes: Sizes, training: Training) -> list[tuple[str, int]]:
+    """Training in float32 (dha.train): weights, gradients, AdamW's two moments (split over FSDP
+    shards), the source kept beside them (teacher, and what the result is compared with), and one
+    micro-batch's activations kept for the backward pass with its logits."""
+    tokens = training.micro_batch * training.block_size
+    D, F, H, hd, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.vocab_size
+    n = max(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers))
+    per_layer = tokens * (8 * D + 2 * (H + n) * hd + 4 * F) + 2 * training.micro_batch * H * training.block_size ** 2
+    return [("weights, gradients and AdamW state in float32", 16 * sizes.total // training.shards),
+            ("the source and teacher in float32", 4 * (sizes.total + training.teacher_parameters)),
+            ("activations of a micro-batch", 4 * (cfg.num_layers * per_layer + 3 * tokens * V))]
+
+
+def estimate(cfg: ModelConfig, dtype: torch.dtype, work: Work) -> Estimate:
+    """The device bytes of `work` on a model of `cfg` loaded in `dtype` (module doc)."""
+    sizes = Sizes.of(cfg)
+    if work.training is not None:
+        return Estimate(training_bytes(cfg, sizes, work.training), None, mapped=False)  # float32 copies: not mapped
+    s = itemsize(dtype)
+    c = 8 if dtype == torch.float64 else 4  # dha.layerwise.compute_dtype
+    layer = max(sizes.layers) * c
+    merge = 24 * max(sizes.attention) if work.merge == "aligned" else 0  # a layer's q/k/v/o in, out and o copied, float64
+    sweep = calibration_bytes(cfg, work, c)
+    copy = 0 if s == c else layer  # a layer held in another dtype than the compute dtype is copied to it
+    inputs = cfg.num_layers * work.calib_tokens * cfg.hidden_size * s if work.all_layer_inputs else 0
+    merged = sum(sizes.attention) * s if work.merge else 0  # the merged model's new q/k/v/o, beside the source
+    working = max(copy + sweep + inputs, merge, eval_bytes(cfg, work, c, layerwise=False)) + merged
+    whole = [(f"the weights in {str(dtype).removeprefix('torch.')}", sizes.total * s), ("working memory", working)]
+    if work.all_layer_inputs:
+        return Estimate(whole, None)
+    rest = max(sweep, eval_bytes(cfg, work, c, layerwise=True), merge - layer)
+    return Estimate(whole, [(f"its largest layer in {'float64' if c == 8 else 'float32'}", layer),
+                            ("one layer's activations and merge", rest)])
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes `device` has free: torch.cuda.mem_get_info on CUDA, MemAvailable on the CPU (None where
+    /proc/meminfo cannot be read: not Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _described(parts: list[tuple[str, int]]) -> str:
+    return f"about {gib(Estimate.total(parts))} ({' + '.join(f'{label} {gib(b)}' for label, b in parts if b)})"
+
+
+def check_fit(device: torch.device, est: Estimate, offload: bool, subject: str) -> None:
+    """UserError, with the numbers, when `est` cannot fit on `device`.
+
+    On a GPU: with `offload` one layer at a time must fit; without it the whole model must, and
+    when only one layer at a time would, the error says to give --offload. On the CPU the model is
+    in CPU memory either way, its weights memory-mapped from the checkpoint (pages the kernel reads
+    in and drops again), so what must fit in the memory available is the rest: the work's own memory."""
+    free = free_memory(device)
+    if free is None:
+        return
+    if device.type == "cpu":
+        parts = est.whole[1:] if est.mapped else est.whole
+        if Estimate.total(parts) > free:
+            besides = " besides its memory-mapped weights" if est.mapped else ""
+            raise UserError(f"{subject} does not fit in the CPU's memory: it needs {_described(parts)}{besides}; "
+                            f"the CPU has {gib(free)} available (MemAvailable)")
+        return
+    have = f"{device} has {gib(free)} free"
+    layer_fits = est.layer is not None and Estimate.total(est.layer) <= free
+    if offload and est.layer is not None:  # (work that needs the whole model refuses --offload before this)
+        if not layer_fits:
+            raise UserError(f"{subject} does not fit on {device} even one layer at a time: it needs {_described(est.layer)}; {have}")
+    elif Estimate.total(est.whole) > free:
+        if layer_fits:
+            raise UserError(f"{subject} does not fit on {device} as a whole model: it needs {_described(est.whole)}; {have}. "
+                            f"Give --offload to keep it in CPU memory and bring one layer at a time to {device} "
+                            f"(about {gib(Estimate.total(est.layer))})")
+        layer = f", and one layer at a time {_described(est.layer)}" if est.layer is not None else ""
+        raise UserError(f"{subject} does not fit on {device}: the whole model needs {_described(est.whole)}{layer}; {have}")
