@@ -12,8 +12,9 @@ Issue 5's benchmarks 1 and 2 on SmolLM2-135M and the built-in pydoc text:
                        model of benchmarks/train_small_mha.py)
 
 Methods: the names of `dha convert --method`, and DHA ablations written dha+CHANGE[+CHANGE], each
-switching one default of `--method dha` off: nofusion (mean-merge the searched groups, all tokens
-after the merge), pca (PCA-merge the searched groups, all tokens after the merge), uniform (same K
+switching one default of `--method dha` off: nofusion (no fusion stage: the merge at once, all
+tokens after it; the default since the recipe sweep), mean (fuse toward the group mean for 30% of
+the tokens: the old DHA), pca (PCA-merge the searched groups, all tokens after the merge), uniform (same K
 and V counts in every layer), coupled (keys and values share groups and counts), learned (the
 paper-faithful learned search instead of the cost DP), nosensitivity (the cost DP on the relative
 costs alone), fusionF (fusion fraction F, e.g. fusion0.6). `source` is the control: the unconverted
@@ -49,6 +50,7 @@ from dataclasses import replace
 
 import torch
 
+from dha.atomic import write_json
 from dha.baselines import ConvertOptions, source_heads
 from dha.checkpoint import load
 from dha.convert import METHODS, convert
@@ -72,7 +74,8 @@ def dha_config(method: str, kv_budget: float, tokens: int, calib_tokens: int, tr
                learned_steps: int = 240) -> DHAConfig:
     """DHAConfig of "dha" or an ablation "dha+change+...", see the module doc."""
     changes = method.split("+")[1:]
-    fraction = DHAConfig(kv_budget).fusion_fraction
+    # the old mean-target DHA is its old recipe: 30% of the tokens in fusion (a mean merge without fusion is ruin)
+    fraction = 0.3 if "mean" in changes else DHAConfig(kv_budget).fusion_fraction
     for c in [c for c in changes if c.startswith("fusion")]:
         fraction = float(c[len("fusion"):])
         changes.remove(c)
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored (windows of 512)")
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=TrainConfig(tokens=1).lr, help="peak learning rate (default: dha train's)")
     p.add_argument("--learned-steps", type=int, default=240, help="optimisation steps of the learned search (dha+learned)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
@@ -151,6 +154,14 @@ def main(argv=None) -> int:
     train_cfg = TrainConfig(tokens=1, block_size=256, batch_tokens=args.batch_tokens, micro_batch=4, lr=args.lr,
                             eval_every=0, eval_tokens=2048, seed=args.seed, distill=args.distill)
     rows = []
+
+    def summary() -> dict:
+        return {"setup": args.setup, "kv_budget": args.kv_budget, "source_ppl": source_ppl, "learned_steps": args.learned_steps,
+                "second_text": args.second_text, "second_source_ppl": second_source, "distill": args.distill, "seed": args.seed,
+                "eval_tokens": int(windows.numel()), "train": {"batch_tokens": args.batch_tokens, "lr": args.lr},
+                "rows": rows, "seconds": round(time.perf_counter() - t_start, 1),
+                "command": "python benchmarks/dha_vs_baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+
     dha_plans = {}  # the search is deterministic: run it once per search setting, reuse it for every token budget
     done = {}  # (fingerprint of the converted model, tokens) -> row
     for method in args.methods.split(","):
@@ -193,6 +204,8 @@ def main(argv=None) -> int:
             elif not method.startswith("dha"):
                 done[key] = row
             rows.append(row)
+            if args.out:  # after every row: a long grid killed part way keeps what it measured
+                write_json(args.out, summary())
             print(f"{method:>12} {tokens:>8} tokens  ppl {ppl:10.3f}  x{ppl / source_ppl:8.3f}  "
                   f"KV {row['kv_fraction']:.1%}  ({row['seconds']} s)"
                   + (f"  second text x{row['second_ppl_ratio']:.3f}" if ppl2 else ""), file=sys.stderr, flush=True)
@@ -201,14 +214,9 @@ def main(argv=None) -> int:
     print(f"{'source':>12} {'':>8} {source_ppl:10.3f} {1:9.3f} {1:8.1%}")
     for r in rows:
         print(f"{r['method']:>12} {r['tokens']:>8} {r['ppl']:10.3f} {r['ppl_ratio']:9.3f} {r['kv_fraction']:8.1%}")
-    report = {"setup": args.setup, "kv_budget": args.kv_budget, "source_ppl": source_ppl, "learned_steps": args.learned_steps,
-              "second_text": args.second_text, "second_source_ppl": second_source, "distill": args.distill, "seed": args.seed,
-              "eval_tokens": int(windows.numel()), "train": {"batch_tokens": args.batch_tokens, "lr": args.lr},
-              "rows": rows, "seconds": round(time.perf_counter() - t_start, 1),
-              "command": "python benchmarks/dha_vs_baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    report = summary()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.out, report)
     print(json.dumps(report))
     return 0
 

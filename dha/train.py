@@ -107,7 +107,7 @@ class TrainConfig:
     block_size: int = 256  # tokens per row when the training data is a 1-D stream (2-D input keeps its width)
     batch_tokens: int = 4096  # global batch in tokens (all ranks, all accumulation micro batches)
     micro_batch: int = 4  # rows per forward/backward on one rank; gradient accumulation makes up the rest
-    lr: float = 3e-4  # peak learning rate of the default parameter group
+    lr: float = 1.5e-4  # peak learning rate of the default parameter group (chosen on the demo setting: docs/method.md)
     min_lr_ratio: float = 0.1  # the cosine schedule ends at min_lr_ratio * lr
     warmup_steps: int | None = None  # linear warm-up steps; None: 5% of the steps (at least 1)
     weight_decay: float = 0.0  # AdamW decoupled weight decay, on matrices only (not norms, biases)

@@ -92,7 +92,7 @@ def test_every_verb_runs_on_cuda(verb, setup, monkeypatch, capsys):
 def test_conversion_on_cuda_matches_the_cpu(method, setup, capsys):
     """The same conversion (float32 weights) on both devices: the same plan, logits within 1e-3."""
     src, data, tmp = setup
-    extra = {"dha-trained": ["--method", "dha", "--tokens", "128", "--batch-tokens", "64", "--train-dtype", "float32",
+    extra = {"dha-trained": ["--method", "dha", "--tokens", "128", "--batch-tokens", "64", "--fusion-fraction", "0.3", "--train-dtype", "float32",
                              "--no-progress"],
              "dha": ["--method", "dha", "--tokens", "0"]}.get(method, ["--method", method])
     common = ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "128", "--block-size", "16",

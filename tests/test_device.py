@@ -37,7 +37,7 @@ VERBS = {
     "convert-gqa-trained": ["convert", "{src}", "--method", "gqa", "--kv-budget", "0.5", "--data", "{data}", "--tokens", "64",
                             "--block-size", "16", "--batch-tokens", "32", "--no-progress", "--out", "{out}", "--json"],
     "convert-dha": ["convert", "{src}", "--method", "dha", "--kv-budget", "0.5", *CALIB, "--tokens", "128",
-                    "--block-size", "16", "--batch-tokens", "64", "--no-progress", "--out", "{out}", "--json"],
+                    "--block-size", "16", "--batch-tokens", "64", "--fusion-fraction", "0.5", "--no-progress", "--out", "{out}", "--json"],
     "train": ["train", "{src}", "--data", "{data}", "--tokens", "64", "--block-size", "16", "--batch-tokens", "32",
               "--no-progress", "--out", "{out}"],
     "bench": ["bench", "{src}", "--batch-sizes", "1", "--contexts", "4", "--new-tokens", "2", "--repeats", "1", "--json"],

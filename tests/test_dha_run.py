@@ -34,7 +34,7 @@ def run_setup(tmp_path, monkeypatch):
 
 def convert_args(source: str, data: str, out: str, *extra: str) -> list[str]:
     return ["convert", source, "--method", "dha", "--kv-budget", "0.5", "--data", data, "--block-size", "16",
-            "--batch-tokens", "64", "--calib-tokens", "256", "--tokens", str(TOKENS), "--eval-every", "4", "--train-dtype", "float32",
+            "--batch-tokens", "64", "--fusion-fraction", "0.3", "--calib-tokens", "256", "--tokens", str(TOKENS), "--eval-every", "4", "--train-dtype", "float32",
             "--no-progress", "--json", "--out", out, *extra]
 
 

@@ -260,7 +260,7 @@ def test_lagrangian_penalty_in_parameter_space():
 
 # ---- the pipeline: `dha convert --method dha` ------------------------------------------------------
 
-TRAIN = ["--block-size", "16", "--batch-tokens", "64"]  # training rows and steps of the runs with --tokens
+TRAIN = ["--block-size", "16", "--batch-tokens", "64", "--fusion-fraction", "0.3"]  # training rows and steps of the runs with --tokens
 
 
 @pytest.fixture
