@@ -654,7 +654,8 @@ def add_dha_options(p) -> None:
     g.add_argument("--merge-metric", default=None, choices=["weighted", "plain"],
                    help="aligned merge: weighted (keys by the energy of their queries, values by W_O: default) | plain (PCA)")
     g.add_argument("--fusion-fraction", type=float, default=DEFAULT_FUSION_FRACTION,
-                   help=f"share of --tokens spent in the fusion stage, the rest after the merge (default {DEFAULT_FUSION_FRACTION})")
+                   help=f"share of --tokens spent fusing toward the merge, the rest after it (default {DEFAULT_FUSION_FRACTION:g}: "
+                        "the aligned merge at once, every step trains the merged model; docs/method.md, \"The recipe\")")
     g.add_argument("--fusion-schedule", default=d.schedule, choices=["anneal", "ramp", "lagrangian"],
                    help=f"anneal (heads interpolated to their merge, plus the ramp) | ramp (progressive loss weight) | lagrangian (default {d.schedule})")
     g.add_argument("--fusion-weight", type=float, default=d.weight, help=f"ramp: final fusion-loss weight (default {d.weight:g})")
@@ -773,6 +774,12 @@ def dha_config_from_args(args):
                                    progress=not getattr(args, "no_progress", False))
     fusion = FusionOptions(schedule=args.fusion_schedule, weight=args.fusion_weight, ramp_end=args.fusion_ramp_end,
                            eps=args.fusion_eps, train_base=not args.freeze_base, learn_maps=not args.freeze_maps)
+    if tokens and not args.fusion_fraction and fusion != FusionOptions():
+        flags = {"schedule": "--fusion-schedule", "weight": "--fusion-weight", "ramp_end": "--fusion-ramp-end",
+                 "eps": "--fusion-eps", "train_base": "--freeze-base", "learn_maps": "--freeze-maps"}
+        changed = [flag for name, flag in flags.items() if getattr(fusion, name) != getattr(FusionOptions(), name)]
+        raise UserError(f"{', '.join(changed)} only shape(s) the fusion stage, which --fusion-fraction 0 (the default) "
+                        "skips: add --fusion-fraction F (e.g. 0.3)")
     train_cfg = train_config_from_args(args, tokens)
     config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction,
                        merge="aligned" if args.merge == "pca" else args.merge,

@@ -442,6 +442,12 @@ def test_cli_convert_dha_too_few_tokens_exits_2_and_writes_nothing(convert_setup
     with pytest.raises(SystemExit) as exit_info:  # argparse's choices: usage line, exit 2
         main(["convert", source, *common, *TRAIN, "--tokens", "640", "--fusion-schedule", "weights", "--out", out])
     assert exit_info.value.code == 2 and not os.path.exists(out)
+    no_fusion = [a for a in TRAIN if a not in ("--fusion-fraction", "0.3")]  # the default: no fusion stage
+    assert main(["convert", source, *common, *no_fusion, "--tokens", "640", "--fusion-schedule", "ramp", "--freeze-maps",
+                 "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "--fusion-schedule, --freeze-maps only shape(s) the fusion stage" in err and "--fusion-fraction" in err
+    assert not os.path.exists(out)
 
 
 def test_anneal_reaches_the_merged_model_exactly():
