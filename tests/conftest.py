@@ -118,3 +118,14 @@ def kill_when(p, path: str) -> None:
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL
+
+
+@pytest.fixture
+def cli_setup(tmp_path, monkeypatch):
+    """(tiny 6-head LLaMA source with a tokenizer, a text file, the test's directory), for the CLI:
+    a private token cache, and no torchrun variables from the environment."""
+    monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    src = save_tiny_source(str(tmp_path / "tiny"), ours_from_hf(tiny_llama_hf()))
+    return src, text_file(str(tmp_path / "data.txt")), tmp_path

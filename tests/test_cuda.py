@@ -28,12 +28,8 @@ CUDA = torch.device("cuda", 0)
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
-    """(tiny 6-head LLaMA source with a tokenizer, a text file, the test's directory)."""
-    monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    src = save_tiny_source(str(tmp_path / "tiny"), ours_from_hf(tiny_llama_hf()))
-    return src, text_file(str(tmp_path / "data.txt")), tmp_path
+def setup(cli_setup):
+    return cli_setup
 
 
 def on_cuda(model) -> bool:

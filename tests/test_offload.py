@@ -42,12 +42,8 @@ METHODS = {
 
 
 @pytest.fixture
-def setup(tmp_path, monkeypatch):
-    """(tiny 6-head LLaMA source with a tokenizer, a text file, the test's directory)."""
-    monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    src = save_tiny_source(str(tmp_path / "tiny"), ours_from_hf(tiny_llama_hf()))
-    return src, text_file(str(tmp_path / "data.txt")), tmp_path
+def setup(cli_setup):
+    return cli_setup
 
 
 def run(capsys, argv: list[str]) -> dict:
