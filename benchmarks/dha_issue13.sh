@@ -18,17 +18,19 @@ if [[ $part == notrain || $part == all ]]; then
   # No training: the closed forms alone (TransMLA's training-free bar: 3.3x at 1/3, 2.2x at 1/2)
   $bench --kv-budget 0.5 --methods dha,dha+plain,dha+mean,dha+nosensitivity,svd,gqa,prune --tokens 0 --out $res/b13_smollm2_half_0.json
   $bench --kv-budget 0.3334 --methods dha,dha+plain,dha+mean,svd,gqa,prune --tokens 0 --out $res/b13_smollm2_third_0.json
-  $bench --setup mha-permuted --kv-budget 0.2223 --methods dha,dha+plain,svd,gqa-similar --tokens 0 --out $res/b13_mha_2of9_0.json
+  $bench --setup mha-permuted --kv-budget 0.2223 --methods dha,svd --tokens 0 --out $res/b13_mha_2of9_0.json
   $bench --setup mha-permuted --kv-budget 0.4445 --methods dha,svd,gqa-similar --tokens 0 --out $res/b13_mha_4of9_0.json
 fi
 if [[ $part == train16k || $part == all ]]; then
   $bench --kv-budget 0.5 --methods dha,dha+nofusion,dha+mean,svd,source --tokens 16384 --out $res/b13_smollm2_half_16k.json
-  $bench --kv-budget 0.3334 --methods dha,dha+mean,svd,gqa,source --tokens 16384 --out $res/b13_smollm2_third_16k.json
+  $bench --kv-budget 0.3334 --methods dha,svd,gqa,source,prune,dha+mean --tokens 16384 --out $res/b13_smollm2_third_16k.json
 fi
 if [[ $part == seeds || $part == all ]]; then
   for seed in 1 2; do
-    $bench --kv-budget 0.5 --methods dha,svd --tokens 16384 --seed $seed --out $res/b13_smollm2_half_16k_seed$seed.json
+    $bench --kv-budget 0.3334 --methods dha,svd --tokens 16384 --seed $seed --out $res/b13_smollm2_third_16k_seed$seed.json
   done
+  # the learning rate before the recipe sweep, for the two closest methods
+  $bench --kv-budget 0.3334 --methods dha,svd --tokens 16384 --lr 3e-4 --out $res/b13_smollm2_third_16k_lr3e-4.json
 fi
 if [[ $part == long || $part == all ]]; then
   $bench --kv-budget 0.3334 --methods dha,svd,gqa,prune,source --tokens 50000,200000 --out $res/b13_smollm2_third_50k_200k.json
