@@ -31,6 +31,9 @@ if [[ $part == seeds || $part == all ]]; then
   done
   # the learning rate before the recipe sweep, for the two closest methods
   $bench --kv-budget 0.3334 --methods dha,svd --tokens 16384 --lr 3e-4 --out $res/b13_smollm2_third_16k_lr3e-4.json
+  for m in dha svd; do  # and without distillation (the issue-5 runs had none)
+    $bench --kv-budget 0.3334 --methods $m --tokens 16384 --no-distill --out $res/b13_smollm2_third_16k_nodistill_$m.json
+  done
 fi
 if [[ $part == long || $part == all ]]; then
   $bench --kv-budget 0.3334 --methods dha,svd,gqa,prune,source --tokens 50000,200000 --out $res/b13_smollm2_third_50k_200k.json
