@@ -19,7 +19,7 @@ if [[ $part == notrain || $part == all ]]; then
   $bench --kv-budget 0.5 --methods dha,dha+plain,dha+mean,dha+nosensitivity,svd,gqa,prune --tokens 0 --out $res/b13_smollm2_half_0.json
   $bench --kv-budget 0.3334 --methods dha,dha+plain,dha+mean,svd,gqa,prune --tokens 0 --out $res/b13_smollm2_third_0.json
   $bench --setup mha-permuted --kv-budget 0.2223 --methods dha,svd --tokens 0 --out $res/b13_mha_2of9_0.json
-  $bench --setup mha-permuted --kv-budget 0.4445 --methods dha,svd,gqa-similar --tokens 0 --out $res/b13_mha_4of9_0.json
+  $bench --setup mha-permuted --kv-budget 0.4445 --methods dha,svd --tokens 0 --out $res/b13_mha_4of9_0.json
 fi
 if [[ $part == train16k || $part == all ]]; then
   $bench --kv-budget 0.5 --methods dha,dha+nofusion,dha+mean,svd,source --tokens 16384 --out $res/b13_smollm2_half_16k.json
