@@ -72,13 +72,28 @@ def configure(base: DHAConfig, variant: dict, seed: int) -> DHAConfig:
     return replace(base, train=train, fusion=fusion, fusion_fraction=fraction)
 
 
+def demo_stage1(loaded, splits, config: DHAConfig, path: str | None = None) -> tuple:
+    """(plan, merges) of dha.pipeline's stage 1 for `config` on the built-in text, kept in `path`
+    (default: one file per KV budget in the cache) and read back from there when it exists."""
+    path = path or os.path.join(os.path.expanduser("~/.cache/dha"), f"demo_stage1_{config.kv_budget:g}.pt")
+    if os.path.exists(path):
+        return load_stage1(path)
+    calib = calibration_blocks(splits.train, config.calib_tokens, config.calib_block_size)
+    t0 = time.perf_counter()
+    plan, merges = plan_and_merges(loaded.model, calib, config, SearchOptions(progress=False), None, lambda m: None)
+    print(f"stage 1: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_stage1(path, plan, merges)
+    return plan, merges
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["default"])
     p.add_argument("--seeds", default="0")
     p.add_argument("--tokens", type=int, default=24576)
     p.add_argument("--kv-budget", type=float, default=0.5)
-    p.add_argument("--stage1", default=os.path.expanduser("~/.cache/dha/demo_stage1.pt"))
+    p.add_argument("--stage1", default=None, help="stage 1 file to read or write (default: one per --kv-budget in ~/.cache/dha)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -86,15 +101,7 @@ def main(argv=None) -> int:
     splits = load_tokens(None, loaded.tokenizer)
     template = TrainConfig(tokens=1, batch_tokens=1024, distill=True, eval_every=0)
     base = DHAConfig(kv_budget=args.kv_budget, tokens=args.tokens, train=template)
-    if os.path.exists(args.stage1):
-        plan, merges = load_stage1(args.stage1)
-    else:
-        calib = calibration_blocks(splits.train, base.calib_tokens, base.calib_block_size)
-        t0 = time.perf_counter()
-        plan, merges = plan_and_merges(loaded.model, calib, base, SearchOptions(progress=False), None, lambda m: None)
-        print(f"stage 1: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        os.makedirs(os.path.dirname(args.stage1), exist_ok=True)
-        save_stage1(args.stage1, plan, merges)
+    plan, merges = demo_stage1(loaded, splits, base, args.stage1)
     windows = heldout_blocks(splits.heldout, base.final_eval_tokens, base.final_eval_block_size)
     source_ppl = perplexity(loaded.model, windows, batch_size=4, progress=False)["ppl"]
     print(f"source ppl {source_ppl:.3f} on {windows.numel()} tokens", file=sys.stderr)

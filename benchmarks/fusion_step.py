@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -24,22 +23,11 @@ import torch
 
 from dha.atomic import write_json
 from dha.checkpoint import load
-from dha.data import calibration_blocks, load_tokens
+from dha.data import load_tokens
 from dha.fuse import FusedModel, FusionSchedule
-from dha.pipeline import DHAConfig, load_stage1, plan_and_merges, save_stage1
-from dha.search import SearchOptions
+from dha.pipeline import DHAConfig
 from dha.train import TrainConfig, train
-
-
-def stage1(loaded, splits, path: str):
-    if os.path.exists(path):
-        return load_stage1(path)
-    config = DHAConfig(kv_budget=0.5)
-    calib = calibration_blocks(splits.train, config.calib_tokens, config.calib_block_size)
-    plan, merges = plan_and_merges(loaded.model, calib, config, SearchOptions(progress=False), None, lambda m: None)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_stage1(path, plan, merges)
-    return plan, merges
+from demo_sweep import demo_stage1  # benchmarks/demo_sweep.py: the script's directory is on sys.path
 
 
 def step_seconds(kind: str, loaded, plan, merges, stream, cfg) -> list[float]:
@@ -60,13 +48,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-tokens", type=int, default=1024)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--stage1", default=os.path.expanduser("~/.cache/dha/demo_stage1.pt"))
+    p.add_argument("--stage1", default=None, help="stage 1 file (default: demo_sweep.py's for KV budget 0.5)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     loaded = load(None)
     splits = load_tokens(None, loaded.tokenizer)
-    plan, merges = stage1(loaded, splits, args.stage1)
+    plan, merges = demo_stage1(loaded, splits, DHAConfig(kv_budget=0.5), args.stage1)
     cfg = TrainConfig(tokens=args.steps * args.batch_tokens, batch_tokens=args.batch_tokens, eval_every=0,
                       dtype=args.dtype, distill=args.distill)
     times = {"plain": [], "fusion": []}

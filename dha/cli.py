@@ -774,10 +774,10 @@ def dha_config_from_args(args):
                                    progress=not getattr(args, "no_progress", False))
     fusion = FusionOptions(schedule=args.fusion_schedule, weight=args.fusion_weight, ramp_end=args.fusion_ramp_end,
                            eps=args.fusion_eps, train_base=not args.freeze_base, learn_maps=not args.freeze_maps)
-    if tokens and not args.fusion_fraction and fusion != FusionOptions():
-        flags = {"schedule": "--fusion-schedule", "weight": "--fusion-weight", "ramp_end": "--fusion-ramp-end",
-                 "eps": "--fusion-eps", "train_base": "--freeze-base", "learn_maps": "--freeze-maps"}
-        changed = [flag for name, flag in flags.items() if getattr(fusion, name) != getattr(FusionOptions(), name)]
+    flags = {"schedule": "--fusion-schedule", "weight": "--fusion-weight", "ramp_end": "--fusion-ramp-end",
+             "eps": "--fusion-eps", "train_base": "--freeze-base", "learn_maps": "--freeze-maps"}
+    changed = [flag for name, flag in flags.items() if getattr(fusion, name) != getattr(FusionOptions(), name)]
+    if tokens and not args.fusion_fraction and changed:
         raise UserError(f"{', '.join(changed)} only shape(s) the fusion stage, which --fusion-fraction 0 (the default) "
                         "skips: add --fusion-fraction F (e.g. 0.3)")
     train_cfg = train_config_from_args(args, tokens)

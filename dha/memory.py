@@ -91,10 +91,6 @@ class Sizes:
         return cls(model.num_parameters(), [count(b) for b in model.layers], [count(b.attn) for b in model.layers])
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 def output_chunk_bytes(cfg: ModelConfig, positions: int, c: int) -> int:
     """A chunk of rows of the output matrix and its logits at `positions` positions, as
     `dha.layerwise._output_chunks` cuts them (LM_HEAD_CHUNK_BYTES bounds each)."""
@@ -154,7 +150,7 @@ def estimate(cfg: ModelConfig, dtype: torch.dtype, work: Work) -> Estimate:
     sizes = Sizes.of(cfg)
     if work.training is not None:
         return Estimate(training_bytes(cfg, sizes, work.training), None, mapped=False)  # float32 copies: not mapped
-    s = itemsize(dtype)
+    s = dtype.itemsize
     c = 8 if dtype == torch.float64 else 4  # dha.layerwise.compute_dtype
     layer = max(sizes.layers) * c
     merge = 24 * max(sizes.attention) if work.merge == "aligned" else 0  # a layer's q/k/v/o in, out and o copied, float64
