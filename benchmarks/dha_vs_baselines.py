@@ -17,7 +17,8 @@ tokens after it; the default since the recipe sweep), mean (fuse toward the grou
 the tokens: the old DHA), pca (PCA-merge the searched groups, all tokens after the merge), uniform (same K
 and V counts in every layer), coupled (keys and values share groups and counts), learned (the
 paper-faithful learned search instead of the cost DP), nosensitivity (the cost DP on the relative
-costs alone), fusionF (fusion fraction F, e.g. fusion0.6). `source` is the control: the unconverted
+costs alone), exactpairs (every RoPE pair merged exactly: no position-free pairs), fusionF (fusion
+fraction F, e.g. fusion0.6). `source` is the control: the unconverted
 model trained by the same loop on the same tokens (how much of a gain is just fine-tuning on the text).
 
 Result files made before the search's sensitivity weighting became the default (session 3) say so
@@ -67,7 +68,8 @@ from dha.transforms import expand_to_mha, permute_query_heads
 # nofusion: the aligned merge at once, all tokens after it | mean: fuse toward the group mean (the old
 # target) | plain: the aligned merge in the plain (PCA) metric | pca: plain + nofusion (the old
 # --merge pca recipe) | nodistill: no distillation | frozenmaps: the merge maps are not trained
-DHA_CHANGES = ("nofusion", "mean", "plain", "pca", "nodistill", "frozenmaps", "uniform", "coupled", "learned", "nosensitivity")
+DHA_CHANGES = ("nofusion", "mean", "plain", "pca", "nodistill", "frozenmaps", "uniform", "coupled", "learned", "nosensitivity",
+               "exactpairs")
 
 
 def dha_config(method: str, kv_budget: float, tokens: int, calib_tokens: int, train_cfg: TrainConfig,
@@ -86,7 +88,7 @@ def dha_config(method: str, kv_budget: float, tokens: int, calib_tokens: int, tr
                            metric="plain" if {"plain", "pca"} & set(changes) else "weighted",
                            allocation="uniform" if "uniform" in changes else "adaptive",
                            decoupled="coupled" not in changes, sensitivity="nosensitivity" not in changes,
-                           steps=learned_steps, progress=False)
+                           free_pairs=0 if "exactpairs" in changes else None, steps=learned_steps, progress=False)
     fusion = FusionOptions(learn_maps="frozenmaps" not in changes)
     train = replace(train_cfg, tokens=max(tokens, 1), distill=train_cfg.distill and "nodistill" not in changes)
     return DHAConfig(kv_budget=kv_budget, tokens=tokens, calib_tokens=calib_tokens, final_eval_tokens=512,

@@ -417,7 +417,7 @@ def add_convert(sub) -> None:
     p.set_defaults(func=run_convert)
 
 
-DHA_OPTIONS = ("search", "sensitivity", "allocation", "coupled_kv", "layout", "merge", "merge_metric", "fusion_fraction",
+DHA_OPTIONS = ("search", "sensitivity", "allocation", "coupled_kv", "layout", "merge", "merge_metric", "free_pairs", "fusion_fraction",
                "fusion_schedule", "fusion_weight", "fusion_ramp_end", "fusion_eps", "freeze_base", "freeze_maps")
 CALIBRATION_OPTIONS = ("data", "text_field", "heldout_fraction", "calib_tokens", "calib_block_size")
 
@@ -633,6 +633,7 @@ def print_convert_result(args, result, before: dict, after: dict) -> None:
 def add_dha_options(p) -> None:
     """The DHA-specific options of `dha convert --method dha`."""
     from .fuse import FusionOptions
+    from .compress import FREE_ANGLE, FREE_CONTEXT
     from .pipeline import DEFAULT_FUSION_FRACTION, MERGES
 
     g = p.add_argument_group("DHA (--method dha)")
@@ -653,6 +654,11 @@ def add_dha_options(p) -> None:
                         "mean (the group mean; the old target) | pca (aligned with --merge-metric plain)")
     g.add_argument("--merge-metric", default=None, choices=["weighted", "plain"],
                    help="aligned merge: weighted (keys by the energy of their queries, values by W_O: default) | plain (PCA)")
+    g.add_argument("--free-pairs", type=int, default=None, metavar="N",
+                   help="aligned merge: merge the N lowest-frequency RoPE pairs of the keys as one position-free block "
+                        "(full maps, a far better merge, exact only at angle 0; default: the pairs that turn by at most "
+                        f"{FREE_ANGLE:g} rad over {FREE_CONTEXT} tokens; 0: every pair exact under RoPE). "
+                        "Not with a fusion stage (docs/method.md, \"Position-free pairs\")")
     g.add_argument("--fusion-fraction", type=float, default=DEFAULT_FUSION_FRACTION,
                    help=f"share of --tokens spent fusing toward the merge, the rest after it (default {DEFAULT_FUSION_FRACTION:g}: "
                         "the aligned merge at once, every step trains the merged model; docs/method.md, \"The recipe\")")
@@ -770,7 +776,7 @@ def dha_config_from_args(args):
         raise UserError("--merge pca is the aligned merge with --merge-metric plain: drop one of them")
     metric = "plain" if args.merge == "pca" else (args.merge_metric or SearchOptions.metric)
     search_options = SearchOptions(search=args.search, metric=metric, sensitivity=args.sensitivity, allocation=args.allocation,
-                                   decoupled=not args.coupled_kv, layout=args.layout, seed=args.seed,
+                                   decoupled=not args.coupled_kv, layout=args.layout, seed=args.seed, free_pairs=args.free_pairs,
                                    progress=not getattr(args, "no_progress", False))
     fusion = FusionOptions(schedule=args.fusion_schedule, weight=args.fusion_weight, ramp_end=args.fusion_ramp_end,
                            eps=args.fusion_eps, train_base=not args.freeze_base, learn_maps=not args.freeze_maps)

@@ -22,7 +22,14 @@ map per source head, folded into the weights of the query heads that read it:
   Re(conj(conj(c) q) k)). metric="weighted" takes s_j^2 = sum_{h reads j} E|q_h,i|^2, the energy of
   the queries that read the key on that pair, so the error is the attention-logit error;
   metric="plain" takes s = 1 (complex PCA per pair). Dimensions past the rotary ones are not
-  rotated: they merge like values, with a diagonal metric of query energies.
+  rotated: they merge like values, with the metric L_j^2 = sum_{h reads j} E[q_h q_h^T] on them
+  (the logit error again).
+- Position-free pairs. The lowest-frequency pairs barely turn over a context (SmolLM2's last
+  pair by 0.01 rad over 512 tokens), so a merge may treat the `free_pairs` lowest of them as
+  pass-through dims: one block merged by PCA with full maps, mixing pairs, instead of a complex
+  scalar per pair. That is exact only at angle 0 (the maps no longer commute with RoPE), so it
+  trades the error of the turning for a far better merge of the block: measured in
+  docs/method.md. `key_layout` is the head dims in that order; a KeyMerge keeps it.
 
 `LayerStats` holds, per layer, the weighted second moments these need, from one pass over
 calibration tokens (`layer_stats`); `group_residual` is the error a group leaves (trace minus the
@@ -47,6 +54,10 @@ from .plan import LayerPlan
 from .transforms import build, heads, regroup_map, tensors_of, unheads, with_maps
 
 METRICS = ("weighted", "plain")
+# The default position-free pairs (module doc): those that turn by at most FREE_ANGLE radians over
+# FREE_CONTEXT tokens. Chosen by measurement on SmolLM2 (docs/method.md, "Position-free pairs").
+FREE_ANGLE = 0.5
+FREE_CONTEXT = 2048
 
 
 # ---- budget ----------------------------------------------------------------------------------------
@@ -113,6 +124,7 @@ class LayerStats:
     key_scale: (n, r/2) float64, the weights s of each source key head on each pair;
     key_pass_gram: (n*p, n*p) float64, Gram of the whitened pass-through dims; key_pass_metric (n, p, p);
     value_gram: (n*hd, n*hd) float64, Gram of the whitened value outputs [v_j L_j]; value_metric (n, hd, hd): L_j.
+    The key statistics are in the order of key_layout (hd,) long.
     """
 
     key_pair_gram: torch.Tensor
@@ -122,6 +134,7 @@ class LayerStats:
     value_gram: torch.Tensor
     value_metric: torch.Tensor
     tokens: int
+    key_layout: torch.Tensor
 
 
 def _readers(index: list[int], n: int) -> list[list[int]]:
@@ -135,19 +148,41 @@ def _sqrt_psd(m: torch.Tensor, rel_floor: float = 1e-6) -> torch.Tensor:
     return (vectors * values.sqrt()) @ vectors.T
 
 
+def key_layout(head_dim: int, rotary_dim: int, free_pairs: int) -> torch.Tensor:
+    """Head dims in the key merge's order: the rotary pairs merged exactly (rotate-half: pair i is
+    dims i and i + r/2), then the `free_pairs` lowest-frequency pairs and the pass-through dims."""
+    half = rotary_dim // 2
+    kept = half - free_pairs  # free_pairs_for checks the count
+    return torch.tensor([*range(kept), *range(half, half + kept), *range(kept, half), *range(half + kept, head_dim)])
+
+
+def free_pairs_for(model: Transformer, requested: int | None) -> int:
+    """The key merges' position-free pair count: `requested`, or for None the FREE_ANGLE rule on the
+    model's RoPE frequencies (0 without RoPE)."""
+    pairs = model.config.rotary_dim // 2 if model.config.position == "rope" else 0
+    if requested is None:
+        return int((model.inv_freq.double() * FREE_CONTEXT <= FREE_ANGLE).sum()) if pairs else 0
+    if not 0 <= requested <= pairs:
+        raise UserError(f"position-free pairs must be between 0 and {pairs} (the head's rotary pairs), got {requested}")
+    return requested
+
+
 def _pairs(x: torch.Tensor, r: int) -> torch.Tensor:
     """(..., hd) real -> (..., r/2) complex: pair i is (x_i, x_{i + r/2}) (the rotate-half layout)."""
     return torch.complex(x[..., : r // 2], x[..., r // 2 : r])
 
 
-def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weighted") -> LayerStats:
-    """LayerStats of `layer` from its calibration heads `acts` (one entry of dha.analyze.collect_heads)."""
+def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weighted", free_pairs: int = 0) -> LayerStats:
+    """LayerStats of `layer` from its calibration heads `acts` (one entry of dha.analyze.collect_heads),
+    the keys in `key_layout` order with `free_pairs` position-free pairs."""
     if metric not in METRICS:
         raise UserError(f"unknown merge metric {metric!r}; choose from {', '.join(METRICS)}")
     cfg, hd = model.config, model.config.head_dim
-    r = cfg.rotary_dim if cfg.position == "rope" else 0
+    layout = key_layout(hd, cfg.rotary_dim if cfg.position == "rope" else 0, free_pairs)
+    r = (cfg.rotary_dim if cfg.position == "rope" else 0) - 2 * free_pairs  # the pairs merged exactly
     p = hd - r
     q, k, v = acts["queries"].double(), acts["keys"].double(), acts["values"].double()  # (N, H|n, hd)
+    q, k = q[..., layout.to(q.device)], k[..., layout.to(k.device)]
     N, nk, nv = k.shape[0], k.shape[1], v.shape[1]
     f64 = dict(dtype=torch.float64, device=k.device)  # the statistics live where the heads were collected
     key_readers, value_readers = _readers(cfg.key_index[layer], nk), _readers(cfg.value_index[layer], nv)
@@ -158,7 +193,8 @@ def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weigh
     if metric == "weighted":
         scale = torch.stack([pair_energy[rd].sum(0) for rd in key_readers]).sqrt()  # (n, r/2)
         scale = scale.clamp_min(float(scale.max()) * 1e-6 if scale.numel() else 1e-30)
-        pass_metric = torch.stack([torch.diag(q_energy[rd, r:].sum(0).clamp_min(1e-30).sqrt()) for rd in key_readers]) \
+        q_pass = q[..., r:]  # (N, H, p)
+        pass_metric = torch.stack([_sqrt_psd(torch.einsum("thd,the->de", q_pass[:, rd], q_pass[:, rd]) / N) for rd in key_readers]) \
             if p else torch.zeros(nk, 0, 0, **f64)
     else:
         scale = torch.ones(nk, r // 2, **f64)
@@ -175,7 +211,7 @@ def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weigh
     else:
         value_metric = torch.eye(hd, **f64).expand(nv, hd, hd).clone()
     y = torch.einsum("tnd,nde->tne", v, value_metric).reshape(N, nv * hd)  # (N, n*hd)
-    return LayerStats(pair_gram, scale, kp.T @ kp, pass_metric, y.T @ y, value_metric, N)
+    return LayerStats(pair_gram, scale, kp.T @ kp, pass_metric, y.T @ y, value_metric, N, layout)
 
 
 # ---- one group ---------------------------------------------------------------------------------------
@@ -216,13 +252,19 @@ def _top(gram: torch.Tensor, rank: int) -> torch.Tensor:
 
 @dataclass
 class KeyMerge:
-    """One key group's merge: per pair, shared z~ = sum_j down[:, j] z_j and z_j ~ up[:, j] z~;
-    pass dims: shared = sum_j k_j pass_down[j], k_j ~ shared pass_up[j]."""
+    """One key group's merge, on head dims in `layout` order: per exact pair, shared z~ = sum_j
+    down[:, j] z_j and z_j ~ up[:, j] z~; the rest (p dims): shared = sum_j k_j pass_down[j],
+    k_j ~ shared pass_up[j]."""
 
-    down: torch.Tensor  # (r/2, g) complex128
+    down: torch.Tensor  # (r/2, g) complex128, r the dims merged pair by pair
     up: torch.Tensor  # (r/2, g) complex128
     pass_down: torch.Tensor  # (g, p, p)
     pass_up: torch.Tensor  # (g, p, p)
+    layout: torch.Tensor  # (hd,) long: key_layout
+
+    @property
+    def rotary(self) -> int:
+        return 2 * self.down.shape[0]
 
 
 @dataclass
@@ -254,7 +296,7 @@ def group_merge(stats: LayerStats, kind: str, members: list[int]) -> KeyMerge | 
     s = stats.key_scale[members].T  # (r/2, g)
     p = stats.key_pass_metric.shape[1]
     pass_down, pass_up = _real_merge(_block(stats.key_pass_gram, members, p), stats.key_pass_metric[members], p)
-    return KeyMerge(u.conj() * s, u / s, pass_down, pass_up)
+    return KeyMerge(u.conj() * s, u / s, pass_down, pass_up, stats.key_layout)
 
 
 def mean_merge(kind: str, size: int, head_dim: int, rotary_dim: int, device: torch.device | None = None) -> KeyMerge | ValueMerge:
@@ -264,7 +306,7 @@ def mean_merge(kind: str, size: int, head_dim: int, rotary_dim: int, device: tor
     if kind == "value":
         return ValueMerge(down, up)
     pairs = torch.ones(rotary_dim // 2, size, dtype=torch.complex128, device=device)
-    return KeyMerge(pairs / size, pairs, down, up)
+    return KeyMerge(pairs / size, pairs, down, up, torch.arange(head_dim, device=device))
 
 
 # ---- applying merges to weights ------------------------------------------------------------------------
@@ -277,34 +319,41 @@ def pair_multiply(rows: torch.Tensor, c: torch.Tensor, r: int) -> torch.Tensor:
     return torch.cat([a * x1 - b * x2, b * x1 + a * x2, rows[r:]])
 
 
-def shared_key_rows(rows: torch.Tensor, merge: KeyMerge, r: int) -> torch.Tensor:
+def _unordered(merge: KeyMerge) -> torch.Tensor:
+    """Indices that put head dims in `merge.layout` order back in the model's order."""
+    return torch.argsort(merge.layout)
+
+
+def shared_key_rows(rows: torch.Tensor, merge: KeyMerge) -> torch.Tensor:
     """Group members' k_proj rows (g, hd, ...) -> the shared head's rows (hd, ...)."""
+    r, rows = merge.rotary, rows[:, merge.layout]
     out = sum(pair_multiply(rows[m], merge.down[:, m], r) for m in range(rows.shape[0]))
     if rows.shape[1] > r:
         flat = rows[:, r:].reshape(rows.shape[0], rows.shape[1] - r, -1)  # (g, p, ...)
         out[r:] = torch.einsum("gpe,gpk->ek", merge.pass_down.to(rows.dtype), flat).reshape(out[r:].shape)
-    return out
+    return out[_unordered(merge)]
 
 
-def key_reader_rows(rows: torch.Tensor, merge: KeyMerge, member: int, r: int) -> torch.Tensor:
+def key_reader_rows(rows: torch.Tensor, merge: KeyMerge, member: int) -> torch.Tensor:
     """q_proj rows (hd, ...) of a query head that read `member`, rewritten to read the shared head."""
+    r, rows = merge.rotary, rows[merge.layout]
     out = pair_multiply(rows, merge.up[:, member].conj(), r)
     if rows.shape[0] > r:
         flat = rows[r:].reshape(rows.shape[0] - r, -1)
         out[r:] = (merge.pass_up[member].to(rows.dtype) @ flat).reshape(out[r:].shape)
-    return out
+    return out[_unordered(merge)]
 
 
-def reconstructed_key_rows(rows: torch.Tensor, merge: KeyMerge, r: int) -> torch.Tensor:
+def reconstructed_key_rows(rows: torch.Tensor, merge: KeyMerge) -> torch.Tensor:
     """Each member's k_proj rows as read back from the shared head: (g, hd, ...) -> (g, hd, ...)."""
-    shared = shared_key_rows(rows, merge, r)
+    r, shared = merge.rotary, shared_key_rows(rows, merge)[merge.layout]
     out = []
     for m in range(rows.shape[0]):
         rec = pair_multiply(shared, merge.up[:, m], r)
         if rows.shape[1] > r:
             flat = shared[r:].reshape(rows.shape[1] - r, -1)
             rec[r:] = (merge.pass_up[m].T.to(rows.dtype) @ flat).reshape(rec[r:].shape)
-        out.append(rec)
+        out.append(rec[_unordered(merge)])
     return torch.stack(out)
 
 
@@ -333,7 +382,6 @@ def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict
     other tensor is `model`'s own, shared (no second copy of the model; `dha.train.train` gives a
     model its own copies of the weights it trains)."""
     cfg, hd = model.config, model.config.head_dim
-    r = cfg.rotary_dim if cfg.position == "rope" else 0
     sd = tensors_of(model)
     key_index, value_index = [], []
     for l, (plan_layer, merge) in enumerate(zip(layers, merges)):
@@ -348,8 +396,8 @@ def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict
         value_of = {j: (g, m) for g, members in enumerate(plan_layer.value_groups) for m, j in enumerate(members)}
         for s in names:  # keys: shared rows; every query head reads its key's shared head through up*
             k, q = here(f"{pre}.k_proj.{s}"), here(f"{pre}.q_proj.{s}")
-            shared = [shared_key_rows(k[g], mg, r) for g, mg in zip(plan_layer.key_groups, merge["key"])]
-            readers = [key_reader_rows(q[h], merge["key"][key_of[j][0]], key_of[j][1], r) for h, j in enumerate(cfg.key_index[l])]
+            shared = [shared_key_rows(k[g], mg) for g, mg in zip(plan_layer.key_groups, merge["key"])]
+            readers = [key_reader_rows(q[h], merge["key"][key_of[j][0]], key_of[j][1]) for h, j in enumerate(cfg.key_index[l])]
             put(f"{pre}.k_proj.{s}", unheads(torch.stack(shared)))
             put(f"{pre}.q_proj.{s}", unheads(torch.stack(readers)))
         for s in names:
@@ -384,44 +432,46 @@ class Calibration:
     grads: list[dict] | None  # per layer {"keys": (N, Hk, hd), "values": (N, Hv, hd)}, or None
     stats: list[LayerStats]
     metric: str
+    free_pairs: int  # the key merges' position-free pairs
 
 
 def calibrate(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, metric: str = "weighted",
-              gradients: bool = False, device=None) -> Calibration:
+              gradients: bool = False, device=None, free_pairs: int | None = 0) -> Calibration:
     """The Calibration of `model` on (n_blocks, T) token ids, one decoder layer at a time on `device`
     (`dha.layerwise`; default the model's own device): a forward sweep, plus with gradients a
-    backward sweep from the last layer. The model is neither copied nor changed."""
+    backward sweep from the last layer. The model is neither copied nor changed. `free_pairs`:
+    the key merges' position-free pairs (module doc; None: the FREE_ANGLE rule)."""
     if metric not in METRICS:
         raise UserError(f"unknown merge metric {metric!r}; choose from {', '.join(METRICS)}")
-    L = model.config.num_layers
+    L, free_pairs = model.config.num_layers, free_pairs_for(model, free_pairs)
     acts, grads, stats = [None] * L, [None] * L if gradients else None, [None] * L
     sweep = backward_heads(model, blocks, batch_size, device) if gradients else \
         ((l, heads, None) for l, heads in forward_heads(model, blocks, batch_size, device))
     for l, heads, layer_grads in sweep:
-        stats[l] = layer_stats(model, l, heads, metric)
+        stats[l] = layer_stats(model, l, heads, metric, free_pairs)
         acts[l] = {"keys": heads["keys"], "values": heads["values"]}
         if gradients:
             grads[l] = layer_grads
-    return Calibration(acts, grads, stats, metric)
+    return Calibration(acts, grads, stats, metric, free_pairs)
 
 
-def reconstructed_outputs(outputs: torch.Tensor, kind: str, groups: list[list[int]], merges: list, rotary_dim: int) -> torch.Tensor:
+def reconstructed_outputs(outputs: torch.Tensor, kind: str, groups: list[list[int]], merges: list) -> torch.Tensor:
     """Heads' outputs (N, n, hd) as the merged heads give them back: each member through its group's
     merge (the same maps as on weight rows, `reconstructed_key_rows` / `reconstructed_value_rows`,
     applied to the N output vectors at once)."""
-    r = rotary_dim
     out = torch.empty_like(outputs)
     for members, merge in zip(groups, merges):
         x = outputs[:, members]  # (N, g, hd)
         if kind == "value":
             out[:, members] = torch.einsum("ne,gef->ngf", torch.einsum("ngd,gde->ne", x, merge.down.to(x.dtype)), merge.up.to(x.dtype))
             continue
+        r, x = merge.rotary, x[..., merge.layout.to(x.device)]
         z = _pairs(x, r)  # (N, g, r/2)
         shared = torch.einsum("ngi,ig->ni", z, merge.down.to(z.dtype))  # (N, r/2)
         rec = shared[:, None, :] * merge.up.T.to(z.dtype)[None]  # (N, g, r/2)
         passed = torch.einsum("ne,gef->ngf", torch.einsum("ngd,gde->ne", x[..., r:], merge.pass_down.to(x.dtype)),
                               merge.pass_up.to(x.dtype))
-        out[:, members] = torch.cat([rec.real, rec.imag, passed], -1)
+        out[:, members] = torch.cat([rec.real, rec.imag, passed], -1)[..., _unordered(merge).to(x.device)]
     return out
 
 

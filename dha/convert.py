@@ -43,7 +43,8 @@ def convert_dha(model: Transformer, kv_budget: float, calib_blocks, options: Con
     fields = {"seed": options.seed, "batch_size": options.batch_size, **dict(options.extra or {}).get("search", {})}
     search_options = SearchOptions(**fields)
     calibration = calibrate(model, calib_blocks, search_options.batch_size, search_options.metric,
-                            gradients=search_options.sensitivity and search_options.search == "cost", device=options.device)
+                            gradients=search_options.sensitivity and search_options.search == "cost", device=options.device,
+                            free_pairs=search_options.free_pairs)
     plan = search(model, kv_budget, calib_blocks, search_options, calibration=calibration)
     return plan, aligned_merge(model, plan.layers, closed_form_merges(calibration.stats, plan.layers), device=options.device)
 

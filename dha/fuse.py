@@ -88,6 +88,8 @@ class GroupMaps(nn.Module):
         tensors = ({"down_re": merge.down.real, "down_im": merge.down.imag, "up_re": merge.up.real, "up_im": merge.up.imag,
                     "pass_down": merge.pass_down, "pass_up": merge.pass_up} if self.kind == "key"
                    else {"down": merge.down, "up": merge.up})
+        if self.kind == "key":  # the order of the merge's head dims: no parameter, moves with the module
+            self.register_buffer("layout", merge.layout.clone(), persistent=False)
         for name, t in tensors.items():
             t = t.detach().float().clone()
             if learn and t.numel():
@@ -98,7 +100,7 @@ class GroupMaps(nn.Module):
     def merge(self) -> KeyMerge | ValueMerge:
         if self.kind == "key":
             return KeyMerge(torch.complex(self.down_re, self.down_im), torch.complex(self.up_re, self.up_im),
-                            self.pass_down, self.pass_up)
+                            self.pass_down, self.pass_up, self.layout)
         return ValueMerge(self.down, self.up)
 
 
@@ -109,10 +111,10 @@ class FusedProjection(nn.Module):
     buffers otherwise); `maps.G.*` the merge maps of group G. Dropping the maps gives back the
     plain model."""
 
-    def __init__(self, linear: nn.Linear, groups: list[list[int]], merges: list, head_dim: int, rotary_dim: int,
+    def __init__(self, linear: nn.Linear, groups: list[list[int]], merges: list, head_dim: int,
                  train_base: bool, learn_maps: bool):
         super().__init__()
-        self.head_dim, self.rotary_dim = head_dim, rotary_dim
+        self.head_dim = head_dim
         self.num_heads = linear.out_features // head_dim
         self.groups = [list(g) for g in groups]
         weight = linear.weight.detach().clone()
@@ -136,7 +138,7 @@ class FusedProjection(nn.Module):
             for members, maps in zip(self.groups, self.maps):
                 merge = maps.merge()
                 if maps.kind == "key":
-                    out[members] = reconstructed_key_rows(rows[members], merge, self.rotary_dim)
+                    out[members] = reconstructed_key_rows(rows[members], merge)
                 else:
                     out[members] = reconstructed_value_rows(rows[members], merge)
         return unheads(out)
@@ -172,7 +174,8 @@ class FusedProjection(nn.Module):
 
 def _as_float64(merge):
     if isinstance(merge, KeyMerge):
-        return KeyMerge(merge.down.to(torch.complex128), merge.up.to(torch.complex128), merge.pass_down.double(), merge.pass_up.double())
+        return KeyMerge(merge.down.to(torch.complex128), merge.up.to(torch.complex128), merge.pass_down.double(), merge.pass_up.double(),
+                        merge.layout)
     return ValueMerge(merge.down.double(), merge.up.double())
 
 
@@ -202,12 +205,11 @@ class FusedModel(nn.Module):
         self.model = copy.deepcopy(model)
         if cfg.tie_word_embeddings:
             self.model.lm_head.weight = self.model.embed.weight  # deepcopy keeps the tie, but be explicit
-        r = cfg.rotary_dim if cfg.position == "rope" else 0
         for l, layer in enumerate(plan.layers):
             attn = self.model.layers[l].attn
-            attn.k_proj = FusedProjection(attn.k_proj, layer.key_groups, merges[l]["key"], cfg.head_dim, r,
+            attn.k_proj = FusedProjection(attn.k_proj, layer.key_groups, merges[l]["key"], cfg.head_dim,
                                           options.train_base, options.learn_maps)
-            attn.v_proj = FusedProjection(attn.v_proj, layer.value_groups, merges[l]["value"], cfg.head_dim, r,
+            attn.v_proj = FusedProjection(attn.v_proj, layer.value_groups, merges[l]["value"], cfg.head_dim,
                                           options.train_base, options.learn_maps)
 
     @property

@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from .atomic import files_into
 from .checkpoint import NATIVE_CONFIG, Loaded, write_native
-from .compress import aligned_merge, calibrate, closed_form_merges, source_heads
+from .compress import aligned_merge, calibrate, closed_form_merges, free_pairs_for, source_heads
 from .data import blocks, calibration_blocks
 from .errors import UserError
 from .evaluate import perplexity
@@ -95,6 +95,9 @@ class DHAConfig:
             raise UserError("calibration tokens and block size must be positive")
         if self.device is not None and self.tokens:
             raise UserError("a DHA run with training runs the whole model on its device: a separate compute device is for tokens 0")
+        if self.tokens and self.fusion_fraction and getattr(self.search, "free_pairs", None):
+            raise UserError("--free-pairs needs the merge at once (--fusion-fraction 0): a fused model applies the position-free "
+                            "maps before RoPE and the merged one after, so the fusion stage would not end at the merge")
 
 
 @dataclass
@@ -175,7 +178,7 @@ def plan_and_merges(source, calib: torch.Tensor, config: DHAConfig, search_optio
     gradients = plan is None and search_options.sensitivity and search_options.search == "cost"
     log_progress(f"calibration on {calib.numel()} tokens" + (" (with gradients)" if gradients else ""))
     calibration = calibrate(source, calib, search_options.batch_size, search_options.metric, gradients=gradients,
-                            device=config.device)
+                            device=config.device, free_pairs=search_options.free_pairs)
     if plan is None:
         log_progress(f"search ({search_options.search})")
         plan = search(source, config.kv_budget, calib, search_options, calibration=calibration)
@@ -206,6 +209,9 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     template = config.train or TrainConfig(tokens=1)
     config = replace(config, train=template)
     stages = split_tokens(config.tokens, config.fusion_fraction, template.batch_tokens, template.block_size)
+    if stages.fusion and search_options.free_pairs is None:  # fusion ends exactly at the merge only with exact maps
+        search_options = replace(search_options, free_pairs=0)
+    free_pairs_for(loaded.model, search_options.free_pairs)  # a count the model cannot hold fails before any work
     if config.tokens and splits.train.numel() < template.block_size + 1:
         raise UserError(f"the train split has {splits.train.numel()} tokens, less than one training block of "
                         f"{template.block_size}: use more data or a smaller --block-size")

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compress import (METRICS, Calibration, calibrate, fisher_cost, group_merge, group_residual, energy,
+from .compress import (METRICS, Calibration, calibrate, fisher_cost, free_pairs_for, group_merge, group_residual, energy,
                        reconstructed_outputs, reconstructed_key_rows, reconstructed_value_rows, source_heads,
                        total_heads_for_budget)
 from .errors import UserError
@@ -68,6 +68,9 @@ HC_TEMPERATURE, HC_LOW, HC_HIGH = 2.0 / 3.0, -0.1, 1.1
 class SearchOptions:
     search: str = "cost"  # "cost": exact DP on the cost table | "learned": relaxed counts, trained
     metric: str = "weighted"  # merge metric: "weighted" (query energy for keys, W_O for values) | "plain" (PCA)
+    # key merge: the lowest-frequency RoPE pairs merged as one position-free block (dha.compress);
+    # None: the pairs that turn by at most compress.FREE_ANGLE over compress.FREE_CONTEXT tokens
+    free_pairs: int | None = None
     sensitivity: bool = True  # cost search: costs as estimated LM-loss increases (one backward pass)
     # Ablations of DHA's two ideas (cost search only; docs/method.md, "Ablations"):
     allocation: str = "adaptive"  # "adaptive": counts per layer by the DP | "uniform": the same K count and V count in every layer
@@ -91,6 +94,8 @@ class SearchOptions:
             raise UserError(f"unknown search {self.search!r}; choose from {', '.join(SEARCHES)}")
         if self.metric not in METRICS:
             raise UserError(f"unknown merge metric {self.metric!r}; choose from {', '.join(METRICS)}")
+        if self.free_pairs is not None and self.free_pairs < 0:
+            raise UserError(f"--free-pairs must be >= 0, got {self.free_pairs}")
         if self.allocation not in ALLOCATIONS:
             raise UserError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
         if self.layout not in LAYOUTS:
@@ -153,8 +158,8 @@ class GroupCache:
     """One layer's group residuals and reconstructed outputs, each computed once: the nested
     groupings of every count share most of their groups (2n - 1 distinct ones of n heads)."""
 
-    def __init__(self, stats, rotary_dim: int):
-        self.stats, self.r = stats, rotary_dim
+    def __init__(self, stats):
+        self.stats = stats
         self.residuals: dict[tuple, float] = {}
         self.reconstructions: dict[tuple, torch.Tensor] = {}
 
@@ -170,7 +175,7 @@ class GroupCache:
         if key not in self.reconstructions:
             merge = group_merge(self.stats, kind, members)
             self.reconstructions[key] = reconstructed_outputs(outputs[:, members].double(), kind, [list(range(len(members)))],
-                                                              [merge], self.r)
+                                                              [merge])
         return self.reconstructions[key]
 
 
@@ -192,15 +197,11 @@ def table_fisher(calibration: Calibration, layer: int, kind: str, groupings, cac
     return out
 
 
-def _rotary(model: Transformer) -> int:
-    return model.config.rotary_dim if model.config.position == "rope" else 0
-
-
 def head_tables(model: Transformer, calibration: Calibration, sensitivity: bool) -> list[HeadTable]:
     """For every layer, key then value: nested groupings for every count and their costs."""
     tables = []
     for l, stats in enumerate(calibration.stats):
-        cache = GroupCache(stats, _rotary(model))
+        cache = GroupCache(stats)
         for kind in KINDS:
             n = model.config.key_heads(l) if kind == "key" else model.config.value_heads(l)
             groupings = agglomerate(lambda g, k=kind: cache.residual(k, g), n)
@@ -219,7 +220,7 @@ def coupled_tables(model: Transformer, calibration: Calibration, sensitivity: bo
     for l, stats in enumerate(calibration.stats):
         if cfg.key_index[l] != cfg.value_index[l]:
             raise UserError(f"layer {l} already has decoupled key and value heads: keys and values cannot share groups")
-        cache = GroupCache(stats, _rotary(model))
+        cache = GroupCache(stats)
         ek, ev = max(energy(stats, "key"), 1e-30), max(energy(stats, "value"), 1e-30)
         groupings = agglomerate(lambda g: cache.residual("key", g) / ek + cache.residual("value", g) / ev, cfg.key_heads(l))
         for kind in KINDS:
@@ -252,7 +253,7 @@ def serving_tables(model: Transformer, calibration: Calibration, sensitivity: bo
         if cfg.key_index[l] != cfg.value_index[l] or len({cfg.key_index[l].count(j) for j in range(n)}) != 1:
             raise UserError(f"--layout serving needs a source whose layer {l} reads key head i and value head i together, "
                             "each by the same number of query heads (MHA or GQA)")
-        cache = GroupCache(stats, _rotary(model))
+        cache = GroupCache(stats)
         ek, ev = max(energy(stats, "key"), 1e-30), max(energy(stats, "value"), 1e-30)
         both = lambda g: cache.residual("key", g) / ek + cache.residual("value", g) / ev  # noqa: E731
         groupings = [equal_groups(both, n, c) if n % c == 0 else [list(range(n))] for c in range(1, n + 1)]
@@ -344,8 +345,7 @@ def allocate_with(costs: list[list[float]], total: int, options: SearchOptions) 
 def reconstructed_weights(model: Transformer, stats, table: HeadTable) -> dict[str, torch.Tensor]:
     """{"weight": (n, n*hd, D), "bias": (n, n*hd)?}: the table's k_proj (or v_proj) weights as the
     c-group aligned merge gives them back to each source head, for every count c (c = n: unchanged)."""
-    cfg, hd = model.config, model.config.head_dim
-    r = cfg.rotary_dim if cfg.position == "rope" else 0
+    hd = model.config.head_dim
     proj = getattr(model.layers[table.layer].attn, "k_proj" if table.kind == "key" else "v_proj")
     out = {}
     for suffix in ("weight", "bias"):
@@ -358,7 +358,7 @@ def reconstructed_weights(model: Transformer, stats, table: HeadTable) -> dict[s
             rec = rows.clone()
             for g in groups:
                 merge = group_merge(stats, table.kind, g)
-                rec[g] = reconstructed_key_rows(rows[g], merge, r) if table.kind == "key" else reconstructed_value_rows(rows[g], merge)
+                rec[g] = reconstructed_key_rows(rows[g], merge) if table.kind == "key" else reconstructed_value_rows(rows[g], merge)
             per_count.append(unheads(rec).to(w.dtype))
         out[suffix] = torch.stack(per_count)
     return out
@@ -542,12 +542,14 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
     src_k, src_v = source_heads(model)
     total = total_heads_for_budget(src_k, src_v, kv_budget)
     weighted = options.sensitivity and options.search == "cost"  # the learned search uses the LM loss itself
-    if calibration is None or calibration.metric != options.metric or (weighted and calibration.grads is None):
-        calibration = calibrate(model, calib_blocks, options.batch_size, options.metric, gradients=weighted)
+    fresh = calibration is None or (calibration.metric, calibration.free_pairs) != (options.metric, free_pairs_for(model, options.free_pairs))
+    if fresh or (weighted and calibration.grads is None):
+        calibration = calibrate(model, calib_blocks, options.batch_size, options.metric, gradients=weighted,
+                                free_pairs=options.free_pairs)
     build_tables = serving_tables if options.layout == "serving" else head_tables if options.decoupled else coupled_tables
     tables = build_tables(model, calibration, weighted)
     notes = {"search": options.search, "total_heads": total, "calibration_tokens": int(calib_blocks.numel()),
-             "options": {k: v for k, v in asdict(options).items() if k != "progress"}}
+             "options": {**{k: v for k, v in asdict(options).items() if k != "progress"}, "free_pairs": calibration.free_pairs}}
     costs = [t.fisher for t in tables] if weighted else [t.costs for t in tables]
     if options.layout == "serving":
         counts = allocate_serving(costs, total)

@@ -64,6 +64,11 @@ def test_enum_flags_have_choices(argv, capsys):
     (["--method", "svd", "--metric", "cosine"], "--metric is used by gqa-similar and svd --grouping similar only"),
     (["--method", "prune", "--lr", "1e-3"], "--lr is about training: give --tokens N as well"),
     (["--method", "dha", "--batch-tokens", "64", "--tokens", "0"], "--batch-tokens is about training"),
+    (["--method", "svd", "--free-pairs", "2"], "--free-pairs is a --method dha option"),
+    (["--method", "dha", "--free-pairs", "2", "--tokens", "64", "--fusion-fraction", "0.5", "--batch-tokens", "16",
+      "--block-size", "8"], "--free-pairs needs the merge at once (--fusion-fraction 0)"),
+    (["--method", "dha", "--free-pairs", "-1"], "--free-pairs must be >= 0"),
+    (["--method", "dha", "--free-pairs", "99"], "position-free pairs must be between 0 and"),
 ])
 def test_options_a_conversion_would_ignore_are_refused(workspace, capsys, extra, message):
     tmp_path, src, data = workspace

@@ -8,13 +8,16 @@ query energies or W_O columns that make the weighted and the plain forms differ.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+import pytest
 import torch
 from torch.testing import assert_close
 
 from dha.analyze import collect_heads
-from dha.compress import (aligned_merge, calibrate, closed_form_merges, group_merge, layer_stats, mean_merge,
+from dha.compress import (aligned_merge, calibrate, closed_form_merges, free_pairs_for, group_merge, key_layout, layer_stats, mean_merge,
                           reconstructed_outputs)
+from dha.errors import UserError
 from dha.plan import LayerPlan
 from dha.transforms import build, heads, merge_groups, state_dict_of, unheads
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
@@ -110,7 +113,7 @@ def test_mean_merge_written_as_maps_is_the_mean():
     rows = torch.randn(3, HD, 5, dtype=torch.float64)
     for kind in ("key", "value"):
         merge = mean_merge(kind, 3, HD, R)
-        rec = reconstructed_outputs(rows.permute(2, 0, 1), kind, [[0, 1, 2]], [merge], R)  # (N=5, 3, hd)
+        rec = reconstructed_outputs(rows.permute(2, 0, 1), kind, [[0, 1, 2]], [merge])  # (N=5, 3, hd)
         assert_close(rec, rows.mean(0).T[:, None].expand(5, 3, HD), atol=1e-12, rtol=0)
 
 
@@ -143,7 +146,7 @@ def test_query_weighted_keys_have_lower_logit_error_than_plain_pca():
         merge = group_merge(stats, "key", group)
         k = acts["keys"].double()
         rec = k.clone()
-        rec[:, group] = reconstructed_outputs(k[:, group], "key", [[0, 1, 2]], [merge], R)
+        rec[:, group] = reconstructed_outputs(k[:, group], "key", [[0, 1, 2]], [merge])
         errors[metric] = logit_error(q.double(), k, rec, model.config.key_index[0])
     assert errors["weighted"] < 0.8 * errors["plain"], errors
 
@@ -159,6 +162,66 @@ def test_w_o_metric_values_have_lower_output_error_than_plain_pca():
     errors = {}
     for metric in ("plain", "weighted"):
         merge = group_merge(layer_stats(model, 0, acts, metric), "value", [0, 1, 2])
-        rec = reconstructed_outputs(v[:, :3], "value", [[0, 1, 2]], [merge], R)
+        rec = reconstructed_outputs(v[:, :3], "value", [[0, 1, 2]], [merge])
         errors[metric] = sum(float(torch.einsum("td,de->te", v[:, j] - rec[:, j], o[j]).pow(2).sum()) for j in range(3))
     assert errors["weighted"] < 0.8 * errors["plain"], errors
+
+
+def free_block_copies_model(free: int):
+    """Layer 0 of a tiny MHA model whose last `free` RoPE pairs do not turn (frequency 0), and where
+    key heads 1, 2 are key head 0 through per-pair rotations on the turning pairs and through any
+    invertible map mixing the still pairs (their readers' W_Q mapped back by its inverse transpose):
+    one shared key serves the three heads, but only a merge that mixes pairs can find it."""
+    base = ours_from_hf(tiny_llama_hf())
+    inv = [10000.0 ** (-i / (HD // 2)) for i in range(HD // 2 - free)] + [0.0] * free
+    model = build(replace(base.config, rope_inv_freq=inv), state_dict_of(base))
+    sd = state_dict_of(model)
+    g = torch.Generator().manual_seed(5)
+    pre = "layers.0.attn"
+    k, q = heads(sd[f"{pre}.k_proj.weight"], HD).double(), heads(sd[f"{pre}.q_proj.weight"], HD).double()
+    still = key_layout(HD, R, free)[R - 2 * free:]  # the dims of the still pairs
+    for j in (1, 2):
+        m = pair_rotation(torch.rand(HD // 2, generator=g, dtype=torch.float64) * 2 * math.pi)
+        m[still[:, None], still] = torch.randn(2 * free, 2 * free, generator=g, dtype=torch.float64) + 2 * torch.eye(2 * free)
+        k[j], q[j] = m @ k[0], torch.linalg.inv(m).T @ q[j]  # (m^-T q) . (m k) = q . k, and m commutes with this RoPE
+    q = q * 8  # sharp attention, so a wrong key shows in the output (random tiny weights attend near uniformly)
+    sd[f"{pre}.k_proj.weight"], sd[f"{pre}.q_proj.weight"] = unheads(k).float(), unheads(q).float()
+    return build(model.config, sd)
+
+
+def attention_output(model, ids: torch.Tensor) -> torch.Tensor:
+    """Layer 0's attention output on `ids`, through the model's own forward (its RoPE frequencies)."""
+    seen = {}
+    h = model.layers[0].attn.register_forward_hook(lambda m, args, out: seen.__setitem__("y", out.detach()))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    return seen["y"]
+
+
+def test_position_free_pairs_merge_a_mixed_block_exactly_and_exact_pairs_cannot():
+    free = 2
+    model = free_block_copies_model(free)
+    keys_only = [LayerPlan([[0, 1, 2], [3], [4], [5]], [[j] for j in range(6)]), LayerPlan([[j] for j in range(6)], [[j] for j in range(6)])]
+    ids, calib_ids = random_ids(2, 12, seed=6), random_ids(4, 16, seed=1)
+    reference = attention_output(model, ids)
+    errors = {}
+    for n in (free, 0):
+        calib = calibrate(model, calib_ids, free_pairs=n)
+        merged = aligned_merge(model, keys_only, closed_form_merges(calib.stats, keys_only))
+        assert merged.config.key_heads(0) == 4
+        errors[n] = ((attention_output(merged, ids) - reference).norm() / reference.norm()).item()  # relative, fp32 model
+    assert errors[free] < 1e-5, errors  # exact up to fp32
+    assert errors[0] > 1e-2, errors
+
+
+def test_key_layout_orders_the_exact_pairs_first_and_the_count_is_checked():
+    assert key_layout(8, 8, 0).tolist() == list(range(8))
+    assert key_layout(8, 8, 1).tolist() == [0, 1, 2, 4, 5, 6, 3, 7]  # pair 3 is dims 3 and 7
+    assert key_layout(10, 8, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7, 8, 9]  # then the pass-through dims 8, 9
+    model = ours_from_hf(tiny_llama_hf())  # 4 pairs, frequencies 1, 0.1, 0.01, 0.001
+    assert free_pairs_for(model, None) == 0 and free_pairs_for(model, 3) == 3  # none turns <= 0.5 rad over 2,048 tokens
+    slow = build(replace(model.config, rope_inv_freq=[1.0, 0.1, 2e-4, 1e-5]), state_dict_of(model))
+    assert free_pairs_for(slow, None) == 2
+    with pytest.raises(UserError, match="between 0 and 4"):
+        free_pairs_for(model, 5)

@@ -92,7 +92,7 @@ def test_layerwise_calibration_search_and_merge_equal_the_whole_model_pass(name)
     assert_calibration_matches(cal, model, acts, grads)
 
     stats = [layer_stats(model, l, a, "weighted") for l, a in enumerate(acts)]
-    reference = Calibration([{k: a[k] for k in ("keys", "values")} for a in acts], grads, stats, "weighted")
+    reference = Calibration([{k: a[k] for k in ("keys", "values")} for a in acts], grads, stats, "weighted", 0)
     plan = search(model, 0.5, blocks, SearchOptions(), calibration=cal)
     want_plan = search(model, 0.5, blocks, SearchOptions(), calibration=reference)
     assert plan.layers == want_plan.layers
