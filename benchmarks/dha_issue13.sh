@@ -6,7 +6,9 @@
 # from the source on for every method). Held-out perplexity on the built-in pydoc text and on a
 # second text nothing trains or calibrates on (Linux man pages, section 1), both as ratios to the
 # source. 2 CPU cores, fp32; the whole grid is many hours: run the parts you need.
-#   bash benchmarks/dha_issue13.sh [notrain|train16k|seeds|long|all]
+#   bash benchmarks/dha_issue13.sh [notrain|train16k|seeds|long|free|all]
+# "free": the dha rows again since position-free key pairs became the default (the dha rows of the
+# other parts' result files made before then are what dha+exactpairs is now: their "note" says so).
 set -euo pipefail
 part=${1:-notrain}
 cd "$(dirname "$0")/.."
@@ -22,7 +24,7 @@ if [[ $part == notrain || $part == all ]]; then
   $bench --setup mha-permuted --kv-budget 0.4445 --methods dha,svd --tokens 0 --out $res/b13_mha_4of9_0.json
 fi
 if [[ $part == train16k || $part == all ]]; then
-  $bench --kv-budget 0.5 --methods dha,dha+nofusion,dha+mean,svd,source --tokens 16384 --out $res/b13_smollm2_half_16k.json
+  $bench --kv-budget 0.5 --methods dha,svd,source,dha+fusion0.3,dha+mean,gqa,prune --tokens 16384 --out $res/b13_smollm2_half_16k.json
   $bench --kv-budget 0.3334 --methods dha,svd,gqa,source,prune,dha+mean --tokens 16384 --out $res/b13_smollm2_third_16k.json
 fi
 if [[ $part == seeds || $part == all ]]; then
@@ -36,5 +38,17 @@ if [[ $part == seeds || $part == all ]]; then
   done
 fi
 if [[ $part == long || $part == all ]]; then
-  $bench --kv-budget 0.3334 --methods dha,svd,gqa,prune,source --tokens 50000,200000 --out $res/b13_smollm2_third_50k_200k.json
+  # the target cell first (dha's excess over the trained control against svd's), then 50k
+  $bench --kv-budget 0.3334 --methods dha,svd,source --tokens 200000 --out $res/b13_smollm2_third_200k.json
+  $bench --kv-budget 0.3334 --methods dha,svd,source,gqa,prune --tokens 50000 --out $res/b13_smollm2_third_50k.json
+fi
+if [[ $part == free || $part == all ]]; then
+  $bench --kv-budget 0.3334 --methods dha --tokens 0 --out $res/b13_smollm2_third_0_free.json
+  $bench --kv-budget 0.5 --methods dha,dha+exactpairs --tokens 0 --out $res/b13_smollm2_half_0_free.json
+  $bench --setup mha-permuted --kv-budget 0.2223 --methods dha --tokens 0 --out $res/b13_mha_2of9_0_free.json
+  $bench --setup mha-permuted --kv-budget 0.4445 --methods dha --tokens 0 --out $res/b13_mha_4of9_0_free.json
+  $bench --kv-budget 0.3334 --methods dha --tokens 200000 --out $res/b13_smollm2_third_200k_free.json
+  for seed in 0 1 2; do
+    $bench --kv-budget 0.3334 --methods dha --tokens 16384 --seed $seed --out $res/b13_smollm2_third_16k_free_seed$seed.json
+  done
 fi

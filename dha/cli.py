@@ -105,7 +105,7 @@ def add_inspect(sub) -> None:
 
 def run_inspect(args) -> int:
     from .checkpoint import load, parse_dtype
-    from .report import inspect_model, print_inspect
+    from .summary import inspect_model, print_inspect
 
     loaded = load(args.source, parse_dtype(args.dtype), tokenizer=False, device=args.device)
     info = inspect_model(loaded)

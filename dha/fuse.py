@@ -7,8 +7,9 @@ them progressively until each group is one head and the KV cache shrinks.
 Our operator fuses toward the closed-form aligned merge of `dha.compress` (not toward the mean: the
 mean of trained heads is far from every one of them). A group S's merge is a shared head plus a
 reading map per member, A (down: members -> shared) and B_j (up: shared -> member j); for keys both
-act on each RoPE frequency pair as a complex scalar, so they commute with RoPE. Member j's k_proj
-(or v_proj) rows during fusion are
+act on each RoPE frequency pair as a complex scalar, so they commute with RoPE (a run with a
+fusion stage merges no pair position-free, `dha.compress`: it would not end exactly at the
+merge). Member j's k_proj (or v_proj) rows during fusion are
 
     W_j(a) = (1 - a) W_j + a B_j A W_S          (a = 0: the source; a = 1: the merge, exactly)
 
