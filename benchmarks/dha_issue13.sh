@@ -24,7 +24,7 @@ if [[ $part == notrain || $part == all ]]; then
   $bench --setup mha-permuted --kv-budget 0.4445 --methods dha,svd --tokens 0 --out $res/b13_mha_4of9_0.json
 fi
 if [[ $part == train16k || $part == all ]]; then
-  $bench --kv-budget 0.5 --methods dha,svd,source,dha+fusion0.3,dha+mean,gqa,prune --tokens 16384 --out $res/b13_smollm2_half_16k.json
+  $bench --kv-budget 0.5 --methods dha,svd,source,gqa,prune,dha+mean --tokens 16384 --out $res/b13_smollm2_half_16k.json
   $bench --kv-budget 0.3334 --methods dha,svd,gqa,source,prune,dha+mean --tokens 16384 --out $res/b13_smollm2_third_16k.json
 fi
 if [[ $part == seeds || $part == all ]]; then

@@ -28,6 +28,27 @@ _SIZE_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells.*
                         r"V \((\w+)\): +([\d.]+) MiB")
 
 
+@contextlib.contextmanager
+def _plain_weight_buffers():
+    """Load weights without llama.cpp's extra (repacked) buffer types, as `llama-cli --no-repack`
+    does: on CPUs with AMX the repacked matmul crashes (SIGSEGV in ggml_backend_amx_mul_mat, seen
+    with llama-cpp-python 0.3.36 on hidden size 96). llama-cpp-python does not expose the field."""
+    import llama_cpp.llama_cpp as bindings
+
+    default = bindings.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    bindings.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = default
+
+
 def open_model(path: str, n_ctx: int, f32_cache: bool = False, flash_attn: bool = False, threads: int = 1, **kwargs):
     """(llama_cpp.Llama, its load log). f32_cache keeps keys and values in float32 (default f16)."""
     import llama_cpp
@@ -38,7 +59,7 @@ def open_model(path: str, n_ctx: int, f32_cache: bool = False, flash_attn: bool 
 
     log = io.StringIO()
     try:
-        with contextlib.redirect_stderr(log):  # verbose: llama-cpp-python prints llama.cpp's log to sys.stderr
+        with contextlib.redirect_stderr(log), _plain_weight_buffers():  # verbose: llama.cpp's log goes to sys.stderr
             llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                   flash_attn=flash_attn, verbose=True, **kwargs)
     finally:
