@@ -178,8 +178,9 @@ def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weigh
     if metric not in METRICS:
         raise UserError(f"unknown merge metric {metric!r}; choose from {', '.join(METRICS)}")
     cfg, hd = model.config, model.config.head_dim
-    layout = key_layout(hd, cfg.rotary_dim if cfg.position == "rope" else 0, free_pairs)
-    r = (cfg.rotary_dim if cfg.position == "rope" else 0) - 2 * free_pairs  # the pairs merged exactly
+    rotary = cfg.rotary_dim if cfg.position == "rope" else 0
+    layout = key_layout(hd, rotary, free_pairs)
+    r = rotary - 2 * free_pairs  # the dims merged pair by pair
     p = hd - r
     q, k, v = acts["queries"].double(), acts["keys"].double(), acts["values"].double()  # (N, H|n, hd)
     q, k = q[..., layout.to(q.device)], k[..., layout.to(k.device)]
@@ -324,14 +325,19 @@ def _unordered(merge: KeyMerge) -> torch.Tensor:
     return torch.argsort(merge.layout)
 
 
-def shared_key_rows(rows: torch.Tensor, merge: KeyMerge) -> torch.Tensor:
-    """Group members' k_proj rows (g, hd, ...) -> the shared head's rows (hd, ...)."""
-    r, rows = merge.rotary, rows[:, merge.layout]
+def _shared_in_layout(rows: torch.Tensor, merge: KeyMerge) -> torch.Tensor:
+    """Members' rows (g, hd, ...) in the merge's layout -> the shared head's rows, in that layout."""
+    r = merge.rotary
     out = sum(pair_multiply(rows[m], merge.down[:, m], r) for m in range(rows.shape[0]))
     if rows.shape[1] > r:
         flat = rows[:, r:].reshape(rows.shape[0], rows.shape[1] - r, -1)  # (g, p, ...)
         out[r:] = torch.einsum("gpe,gpk->ek", merge.pass_down.to(rows.dtype), flat).reshape(out[r:].shape)
-    return out[_unordered(merge)]
+    return out
+
+
+def shared_key_rows(rows: torch.Tensor, merge: KeyMerge) -> torch.Tensor:
+    """Group members' k_proj rows (g, hd, ...) -> the shared head's rows (hd, ...)."""
+    return _shared_in_layout(rows[:, merge.layout], merge)[_unordered(merge)]
 
 
 def key_reader_rows(rows: torch.Tensor, merge: KeyMerge, member: int) -> torch.Tensor:
@@ -346,7 +352,7 @@ def key_reader_rows(rows: torch.Tensor, merge: KeyMerge, member: int) -> torch.T
 
 def reconstructed_key_rows(rows: torch.Tensor, merge: KeyMerge) -> torch.Tensor:
     """Each member's k_proj rows as read back from the shared head: (g, hd, ...) -> (g, hd, ...)."""
-    r, shared = merge.rotary, shared_key_rows(rows, merge)[merge.layout]
+    r, shared = merge.rotary, _shared_in_layout(rows[:, merge.layout], merge)
     out = []
     for m in range(rows.shape[0]):
         rec = pair_multiply(shared, merge.up[:, m], r)

@@ -209,9 +209,10 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     template = config.train or TrainConfig(tokens=1)
     config = replace(config, train=template)
     stages = split_tokens(config.tokens, config.fusion_fraction, template.batch_tokens, template.block_size)
-    if stages.fusion and search_options.free_pairs is None:  # fusion ends exactly at the merge only with exact maps
-        search_options = replace(search_options, free_pairs=0)
-    free_pairs_for(loaded.model, search_options.free_pairs)  # a count the model cannot hold fails before any work
+    # Resolved once, before any work (a count the model cannot hold fails here); a fusion stage ends
+    # exactly at the merge only with exact maps, so by default it has no position-free pairs.
+    requested = 0 if stages.fusion and search_options.free_pairs is None else search_options.free_pairs
+    search_options = replace(search_options, free_pairs=free_pairs_for(loaded.model, requested))
     if config.tokens and splits.train.numel() < template.block_size + 1:
         raise UserError(f"the train split has {splits.train.numel()} tokens, less than one training block of "
                         f"{template.block_size}: use more data or a smaller --block-size")
