@@ -26,7 +26,7 @@ from dha.checkpoint import load
 from dha.data import load_tokens
 from dha.fuse import FusedModel, FusionSchedule
 from dha.pipeline import DHAConfig
-from dha.train import TrainConfig, train
+from dha.train import TrainConfig, resolve_dtype, train
 from demo_sweep import demo_stage1  # benchmarks/demo_sweep.py: the script's directory is on sys.path
 
 
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"command": "python benchmarks/fusion_step.py " + " ".join(argv or sys.argv[1:]),
               "threads": torch.get_num_threads(), "batch_tokens": args.batch_tokens, "dtype": args.dtype,
+              "autocast": resolve_dtype(args.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
               "distill": args.distill, "step_seconds": times, "median": med, "ratio": med["fusion"] / med["plain"],
               "when": time.strftime("%Y-%m-%d %H:%M")}
     print(f"plain {med['plain']:.2f} s, fusion {med['fusion']:.2f} s per step: ratio {result['ratio']:.3f}")
