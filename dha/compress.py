@@ -29,7 +29,9 @@ map per source head, folded into the weights of the query heads that read it:
   pass-through dims: one block merged by PCA with full maps, mixing pairs, instead of a complex
   scalar per pair. That is exact only at angle 0 (the maps no longer commute with RoPE), so it
   trades the error of the turning for a far better merge of the block: measured in
-  docs/method.md. `key_layout` is the head dims in that order; a KeyMerge keeps it.
+  docs/method.md. `key_layout` is the head dims in that order; a KeyMerge keeps it. A key group
+  that exact maps fit as well (a tie: copies, or heads that differ by per-pair rotations) keeps
+  exact maps, so such merges stay exact at every position.
 
 `LayerStats` holds, per layer, the weighted second moments these need, from one pass over
 calibration tokens (`layer_stats`); `group_residual` is the error a group leaves (trace minus the
@@ -58,6 +60,8 @@ METRICS = ("weighted", "plain")
 # FREE_CONTEXT tokens. Chosen by measurement on SmolLM2 (docs/method.md, "Position-free pairs").
 FREE_ANGLE = 0.5
 FREE_CONTEXT = 2048
+# A key group's exact-pair residual within TIE x its layer's key energy of the position-free one is a tie.
+TIE = 1e-6
 
 
 # ---- budget ----------------------------------------------------------------------------------------
@@ -124,7 +128,8 @@ class LayerStats:
     key_scale: (n, r/2) float64, the weights s of each source key head on each pair;
     key_pass_gram: (n*p, n*p) float64, Gram of the whitened pass-through dims; key_pass_metric (n, p, p);
     value_gram: (n*hd, n*hd) float64, Gram of the whitened value outputs [v_j L_j]; value_metric (n, hd, hd): L_j.
-    The key statistics are in the order of key_layout (hd,) long.
+    The key statistics are in the order of key_layout (hd,) long. With position-free pairs, `exact`
+    holds the statistics with every pair exact, for the groups they fit as well (module doc).
     """
 
     key_pair_gram: torch.Tensor
@@ -135,6 +140,7 @@ class LayerStats:
     value_metric: torch.Tensor
     tokens: int
     key_layout: torch.Tensor
+    exact: LayerStats | None = None
 
 
 def _readers(index: list[int], n: int) -> list[list[int]]:
@@ -174,7 +180,8 @@ def _pairs(x: torch.Tensor, r: int) -> torch.Tensor:
 
 def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weighted", free_pairs: int = 0) -> LayerStats:
     """LayerStats of `layer` from its calibration heads `acts` (one entry of dha.analyze.collect_heads),
-    the keys in `key_layout` order with `free_pairs` position-free pairs."""
+    the keys in `key_layout` order with `free_pairs` position-free pairs (and, when there are any,
+    the exact-pair statistics beside them)."""
     if metric not in METRICS:
         raise UserError(f"unknown merge metric {metric!r}; choose from {', '.join(METRICS)}")
     cfg, hd = model.config, model.config.head_dim
@@ -212,7 +219,8 @@ def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weigh
     else:
         value_metric = torch.eye(hd, **f64).expand(nv, hd, hd).clone()
     y = torch.einsum("tnd,nde->tne", v, value_metric).reshape(N, nv * hd)  # (N, n*hd)
-    return LayerStats(pair_gram, scale, kp.T @ kp, pass_metric, y.T @ y, value_metric, N, layout)
+    exact = layer_stats(model, layer, acts, metric) if free_pairs else None
+    return LayerStats(pair_gram, scale, kp.T @ kp, pass_metric, y.T @ y, value_metric, N, layout, exact)
 
 
 # ---- one group ---------------------------------------------------------------------------------------
@@ -227,14 +235,27 @@ def _kept_energy(gram: torch.Tensor, rank: int) -> float:
     return float(torch.linalg.eigvalsh(gram)[-rank:].sum()) if rank else 0.0
 
 
+def _key_residual(stats: LayerStats, members: list[int]) -> float:
+    G = stats.key_pair_gram[:, members][:, :, members]  # (r/2, g, g)
+    rotary = float(torch.diagonal(G, dim1=1, dim2=2).real.sum() - torch.linalg.eigvalsh(G)[:, -1].sum()) if G.shape[0] else 0.0
+    p = stats.key_pass_metric.shape[1]
+    P = _block(stats.key_pass_gram, members, p)
+    return max(rotary + float(P.trace()) - _kept_energy(P, p), 0.0)
+
+
+def _key_choice(stats: LayerStats, members: list[int]) -> tuple[LayerStats, float]:
+    """The statistics a key group merges by and the residual it leaves: the exact-pair ones on a tie."""
+    free = _key_residual(stats, members)
+    if stats.exact is None:
+        return stats, free
+    exact = _key_residual(stats.exact, members)
+    return (stats.exact, exact) if exact <= free + TIE * energy(stats.exact, "key") else (stats, free)
+
+
 def group_residual(stats: LayerStats, kind: str, members: list[int]) -> float:
     """Squared error (in the metric) that merging `members` into one head leaves: trace - kept eigenvalues."""
     if kind == "key":
-        G = stats.key_pair_gram[:, members][:, :, members]  # (r/2, g, g)
-        rotary = float(torch.diagonal(G, dim1=1, dim2=2).real.sum() - torch.linalg.eigvalsh(G)[:, -1].sum()) if G.shape[0] else 0.0
-        p = stats.key_pass_metric.shape[1]
-        P = _block(stats.key_pass_gram, members, p)
-        return max(rotary + float(P.trace()) - _kept_energy(P, p), 0.0)
+        return _key_choice(stats, members)[1]
     hd = stats.value_metric.shape[1]
     V = _block(stats.value_gram, members, hd)
     return max(float(V.trace()) - _kept_energy(V, hd), 0.0)
@@ -292,6 +313,7 @@ def group_merge(stats: LayerStats, kind: str, members: list[int]) -> KeyMerge | 
     if kind == "value":
         hd = stats.value_metric.shape[1]
         return ValueMerge(*_real_merge(_block(stats.value_gram, members, hd), stats.value_metric[members], hd))
+    stats = _key_choice(stats, members)[0]
     G = stats.key_pair_gram[:, members][:, :, members]  # (r/2, g, g)
     u = _top(G, 1)[..., 0] if G.shape[0] else G.new_zeros(0, len(members))  # (r/2, g)
     s = stats.key_scale[members].T  # (r/2, g)

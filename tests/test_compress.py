@@ -215,6 +215,33 @@ def test_position_free_pairs_merge_a_mixed_block_exactly_and_exact_pairs_cannot(
     assert errors[0] > 1e-2, errors
 
 
+def test_key_groups_that_exact_maps_fit_keep_them_under_position_free_pairs():
+    """Key heads 1, 2 of layer 0 are head 0 through per-pair rotations on every pair, and every pair
+    turns fast: exact maps merge them with no error, so they win the tie with the position-free block
+    (which fits them too, but by a map that does not commute with RoPE) and the merge stays exact."""
+    base = ours_from_hf(tiny_llama_hf())
+    model = build(replace(base.config, rope_inv_freq=[1.0, 0.5, 0.3, 0.2]), state_dict_of(base))
+    sd, g = state_dict_of(model), torch.Generator().manual_seed(7)
+    k, q = heads(sd["layers.0.attn.k_proj.weight"], HD).double(), heads(sd["layers.0.attn.q_proj.weight"], HD).double()
+    for j in (1, 2):
+        m = pair_rotation(torch.rand(HD // 2, generator=g, dtype=torch.float64) * 2 * math.pi)
+        k[j], q[j] = m @ k[0], m @ q[j]  # an orthogonal m that commutes with RoPE: (m q) . (m k) = q . k
+    sd["layers.0.attn.k_proj.weight"], sd["layers.0.attn.q_proj.weight"] = unheads(k).float(), unheads(q * 8).float()
+    model = build(model.config, sd)
+    keys_only = [LayerPlan([[0, 1, 2], [3], [4], [5]], [[j] for j in range(6)]), LayerPlan([[j] for j in range(6)], [[j] for j in range(6)])]
+    ids = random_ids(2, 24, seed=6)
+    reference = attention_output(model, ids)
+    stats = calibrate(model, random_ids(4, 16, seed=1), free_pairs=2).stats
+    errors = {}
+    for name, chosen in (("tie rule", stats), ("position-free forced", [replace(s, exact=None) for s in stats])):
+        merges = closed_form_merges(chosen, keys_only)
+        errors[name] = ((attention_output(aligned_merge(model, keys_only, merges), ids) - reference).norm() / reference.norm()).item()
+    assert merges[0]["key"][0].rotary == 4  # forced: two pairs merged exactly, two position-free
+    assert closed_form_merges(stats, keys_only)[0]["key"][0].rotary == R  # the tie: every pair exact
+    assert errors["tie rule"] < 1e-5, errors  # fp32 model, relative
+    assert errors["position-free forced"] > 1e-2, errors
+
+
 def test_key_layout_orders_the_exact_pairs_first_and_the_count_is_checked():
     assert key_layout(8, 8, 0).tolist() == list(range(8))
     assert key_layout(8, 8, 1).tolist() == [0, 1, 2, 4, 5, 6, 3, 7]  # pair 3 is dims 3 and 7
