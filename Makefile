@@ -19,9 +19,9 @@ setup-test: setup
 
 # The main job on the built-in default (real model, real text): DHA at half the KV cache of
 # SmolLM2-135M on Python's reference docs (search, aligned merge, continued training with
-# distillation), the before/after table, then an export that transformers reloads: 1.005x the
-# source's perplexity; 6 min 48 s of wall time on 2 quiet cores (fp32 master weights, bf16 autocast
-# where native), measured before position-free key pairs, which do not change the work.
+# distillation), the before/after table, then an export that transformers reloads: 1.000x the
+# source's perplexity; 4 min 30 s of wall time on 2 idle cores (fp32 master weights, bf16 autocast
+# where native; benchmarks/results/b13_demo.json).
 DEMO := runs/demo
 demo: setup
 	$(PYTHON) -m dha inspect

@@ -26,7 +26,9 @@ in their "note": their `dha` rows are what `dha+nosensitivity` is now.
 
 For each method and each token count: convert (dha: search + fusion + merge + continued training
 by dha.pipeline.run_dha; baselines: dha.convert.convert then dha.train.train with the same
-TrainConfig), then held-out perplexity on the same windows, as a ratio to the source's.
+TrainConfig), then held-out perplexity on the same windows, as a ratio to the source's. Each row
+also has its wall time and the process's peak resident memory during it ("peak_rss_gib": the
+source, the teacher and the row's own models together).
 
     python benchmarks/dha_vs_baselines.py --setup smollm2 --tokens 0,16384 --methods gqa,svd,dha
     python benchmarks/dha_vs_baselines.py --setup mha-permuted --kv-budget 0.3334 --tokens 0 --methods gqa-similar,svd,dha
@@ -53,6 +55,7 @@ import torch
 
 from dha.atomic import write_json
 from dha.baselines import ConvertOptions, source_heads
+from dha.bench import memory_now, reset_peak_memory
 from dha.checkpoint import load
 from dha.convert import METHODS, convert
 from dha.data import blocks, calibration_blocks, load_tokens
@@ -171,6 +174,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown method {method}")
         for tokens in [int(t) for t in args.tokens.split(",")]:
             t0 = time.perf_counter()
+            reset_peak_memory(torch.device("cpu"))
             same_as = None
             if method.startswith("dha"):
                 cfg = dha_config(method, args.kv_budget, tokens, args.calib_tokens, train_cfg, args.learned_steps)
@@ -200,7 +204,8 @@ def main(argv=None) -> int:
             row = {"method": method, "tokens": tokens, "ppl": ppl, "ppl_ratio": ppl / source_ppl,
                    "second_ppl": ppl2, "second_ppl_ratio": ppl2 / second_source if ppl2 else None,
                    "kv_fraction": plan.kv_fraction(), "key_heads": sum(plan.key_heads()),
-                   "value_heads": sum(plan.value_heads()), "seconds": round(time.perf_counter() - t0, 1)}
+                   "value_heads": sum(plan.value_heads()), "seconds": round(time.perf_counter() - t0, 1),
+                   "peak_rss_gib": round(memory_now(torch.device("cpu"))[1] / 2**30, 2)}
             if same_as is not None:
                 row["same_as"] = same_as["method"]
             elif not method.startswith("dha"):

@@ -1,4 +1,4 @@
-"""Plots of issue 5's benchmark results (benchmarks/results/*.json) for the README and docs/method.md.
+"""Plots of the benchmark results (benchmarks/results/*.json) for the README and docs/method.md.
 
     python benchmarks/plot_results.py            # -> docs/images/*.png
 
@@ -8,6 +8,10 @@
 - small_mha.png: the small MHA model at 50% and 25%, each method (no training);
 - ablations_smollm2.png: the DHA ablations on SmolLM2 at 1/2 (ablations_smollm2_half_*.json), each
   variant with no training and after 16,384 tokens.
+- b13_smollm2_third.png (issue 13): SmolLM2 at 1/3, every method of dha_issue13.sh against
+  training tokens (seed 0), on held-out pydoc and on the man pages, as ratios to the source. The
+  dha rows of files made before position-free key pairs (their "note" says so) are drawn as
+  dha+exactpairs; gqa and prune with no training come from the 1/2 file (their floor is 1/3).
 Only what the result files hold is drawn; a missing file is skipped. Files made while the dha
 method's continued training re-read its fusion stage's rows say so ("reread_fusion_rows"); their
 trained dha rows are labelled "(re-read)" (dashed in the SmolLM2 plot). Also prints the README's
@@ -141,6 +145,51 @@ def plot_ablations() -> str | None:
     return save(fig, "ablations_smollm2.png")
 
 
+def issue13_rows() -> list[dict]:
+    data = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "b13_smollm2_*.json"))):
+        name = os.path.basename(path)
+        if not (name.startswith("b13_smollm2_third_") or name == "b13_smollm2_half_0.json"):
+            continue
+        if any(tag in name for tag in ("seed1", "seed2", "lr3e-4", "nodistill")):
+            continue  # seed and setting controls of one cell, in the README's tables
+        with open(path) as f:
+            report = json.load(f)
+        exact_pairs = "before position-free" in report.get("note", "")
+        for r in report["rows"]:
+            if name.startswith("b13_smollm2_half") and (r["kv_fraction"] > 0.34 or r["method"] not in ("gqa", "prune")):
+                continue
+            method = "dha+exactpairs" if exact_pairs and r["method"] == "dha" else r["method"]
+            data.append({**r, "method": method})
+    if data:
+        data.append({"method": "source", "tokens": 0, "ppl_ratio": 1.0, "second_ppl_ratio": 1.0})
+    return data
+
+
+def plot_issue13() -> str | None:
+    data = issue13_rows()
+    if not data:
+        return None
+    tokens = sorted({r["tokens"] for r in data})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colors = {**COLORS, "dha+exactpairs": "tab:orange", "dha+mean": "tab:pink"}
+    for ax, key, title in ((axes[0], "ppl_ratio", "held-out pydoc"), (axes[1], "second_ppl_ratio", "man pages (never trained on)")):
+        for method in dict.fromkeys(r["method"] for r in data):
+            pts = sorted((tokens.index(r["tokens"]), r[key]) for r in data if r["method"] == method and r.get(key))
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=method, color=colors.get(method),
+                    linewidth=2.5 if method == "dha" else 1.2)
+        ax.set_xticks(range(len(tokens)), [f"{t:,}" for t in tokens])
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("training tokens")
+        ax.set_title(f"SmolLM2-135M at 1/3 of its KV cache: {title}", fontsize="medium")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("perplexity / source")
+    axes[1].legend(fontsize="small")
+    fig.tight_layout()
+    return save(fig, "b13_smollm2_third.png")
+
+
 def save(fig, name: str) -> str:
     os.makedirs(IMAGES, exist_ok=True)
     path = os.path.join(IMAGES, name)
@@ -166,6 +215,6 @@ def smollm2_table() -> str:
 
 if __name__ == "__main__":
     print(smollm2_table())
-    for made in (plot_smollm2(), plot_small_mha(), plot_ablations()):
+    for made in (plot_smollm2(), plot_small_mha(), plot_ablations(), plot_issue13()):
         if made:
             print(made)

@@ -172,7 +172,7 @@ def check_memory(runners: list[Runner], points: list[tuple[int, int]], new_token
                     f"and {free / 2**30:,.1f} GiB is available on {runner.device}: use a smaller batch or context")
 
 
-def _reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -186,7 +186,7 @@ def _reset_peak_memory(device: torch.device) -> None:
             pass
 
 
-def _memory_now(device: torch.device) -> tuple[int, int, str]:
+def memory_now(device: torch.device) -> tuple[int, int, str]:
     """(current bytes, peak bytes, what): CUDA: tensor bytes allocated; CPU: resident set."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
@@ -214,8 +214,8 @@ def time_point(runner: Runner, batch_size: int, context: int, new_tokens: int, s
     device = runner.device
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, runner.config.vocab_size, (batch_size, context), generator=g).to(device)  # (B, T)
-    _reset_peak_memory(device)
-    start_bytes = _memory_now(device)[0]
+    reset_peak_memory(device)
+    start_bytes = memory_now(device)[0]
     synchronize(device)
     t0 = time.perf_counter()
     if decode_only:
@@ -230,7 +230,7 @@ def time_point(runner: Runner, batch_size: int, context: int, new_tokens: int, s
         cache, logits = runner.step(cache, logits.argmax(-1, keepdim=True))  # token (B, 1)
     synchronize(device)
     t2 = time.perf_counter()
-    _, peak, what = _memory_now(device)
+    _, peak, what = memory_now(device)
     return {"prefill_s": None if decode_only else t1 - t0, "decode_s": t2 - t1, "kv_cache_bytes": runner.cache_bytes(cache),
             "peak_memory_bytes": peak, "run_memory_bytes": max(0, peak - start_bytes), "peak_memory_kind": what}
 
