@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 
 from .errors import UserError
@@ -194,8 +195,55 @@ def add_eval(sub) -> None:
     p.add_argument("--tasks", default="", help="also run these lm-evaluation-harness tasks, comma-separated (needs `pip install lm-eval`)")
     p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs (e.g. dataset_path: json over a local JSONL)")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")
+    p.add_argument("--task-metadata", default=None, metavar="JSON",
+                   help='lm-eval task metadata, e.g. \'{"max_seq_lengths": [4096]}\' for the RULER tasks (docs/longcontext.md)')
+    add_long_context_options(p)
     add_json_option(p)
     p.set_defaults(func=run_eval)
+
+
+def add_long_context_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("long context (off unless asked for)")
+    g.add_argument("--long-context", type=int, default=0, metavar="N",
+                   help="perplexity by position over windows of N held-out tokens (buckets 0-256, 256-1k, 1k-2k, 2k-4k, 4k-8k, ...)")
+    g.add_argument("--long-windows", type=int, default=4, help="windows of --long-context tokens scored (default 4)")
+    g.add_argument("--retrieval-heads", type=int, default=0, metavar="N",
+                   help="keep the N key heads that attend most to a passkey needle (the source on 5 synthetic passkey "
+                        "prompts) out of every merge: long-context retrieval runs through them (docs/longcontext.md)")
+    g.add_argument("--protect-values", action="store_true", help="--retrieval-heads: keep their value heads unmerged too")
+    g.add_argument("--retrieval", type=_int_list, default=None, metavar="LENGTHS",
+                   help="passkey retrieval through the KV cache at these prompt lengths, e.g. 2048,4096,8192")
+    g.add_argument("--retrieval-depths", type=int, default=5, help="needle depths per length, evenly from 8%% to 92%% (default 5)")
+    g.add_argument("--retrieval-per-depth", type=int, default=4, help="prompts (keys) per depth and length (default 4: 20 per length)")
+    g.add_argument("--haystack", choices=["synthetic", "text"], default="synthetic",
+                   help="what the needle hides in: repeated filler sentences, or slices of the held-out text")
+    g.add_argument("--plot-dir", default=None, help="write by_position.png and retrieval.png here")
+
+
+def long_context_options(args) -> tuple[int, int, object]:
+    """(window, windows, RetrievalOptions or None) from add_long_context_options' flags."""
+    from .longctx import RetrievalOptions
+
+    retrieval = None
+    if args.retrieval:
+        retrieval = RetrievalOptions(lengths=args.retrieval, depths=args.retrieval_depths, per_depth=args.retrieval_per_depth,
+                                     haystack=args.haystack)
+        retrieval.validate()
+    return args.long_context, args.long_windows, retrieval
+
+
+def write_long_context_plots(report: dict, directory: str) -> list[str]:
+    from .plots import plot_position_ratio, plot_retrieval
+
+    models, written = report["models"], []
+    names = [os.path.basename(m["source"].rstrip("/")) or m["source"] for m in models]
+    if "by_position" in models[0]:
+        written.append(os.path.join(directory, "by_position.png"))
+        plot_position_ratio(names, [m["by_position"] for m in models], written[-1])
+    if "retrieval" in models[0]:
+        written.append(os.path.join(directory, "retrieval.png"))
+        plot_retrieval(names, [m["retrieval"] for m in models], written[-1])
+    return written
 
 
 def run_eval(args) -> int:
@@ -219,12 +267,16 @@ def run_eval(args) -> int:
         block_size=args.eval_block_size, max_eval_tokens=args.max_eval_tokens or None, eval_batch_size=args.eval_batch_size,
         batch_sizes=args.batch_sizes, context=args.context, new_tokens=args.new_tokens, repeats=args.repeats,
         progress=sys.stderr.isatty(), tasks=[t for t in args.tasks.split(",") if t.strip()],
-        include_path=args.include_path, limit=args.limit,
+        include_path=args.include_path, limit=args.limit, task_metadata=args.task_metadata,
     )
+    options.long_context, options.long_windows, options.retrieval = long_context_options(args)
     dtype = _inference_dtype(args)
     models = [load(source, dtype, device=args.device) for source in [args.source, *args.compare]]
     splits = load_tokens(args.data, models[0].tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
     report = flatten(evaluate_models(models, splits, options))
+    if args.plot_dir:
+        os.makedirs(args.plot_dir, exist_ok=True)
+        report["plots"] = write_long_context_plots(report, args.plot_dir)
     if not args.json:
         print_report(report)
     print(json.dumps(report))
@@ -412,12 +464,58 @@ def add_convert(sub) -> None:
                                                    "head similarity; dha: the report's perplexity too)")
                    + ". Without training only (no --tokens N), and not with --method prune or --search learned, which "
                      "run the whole model")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="the context the conversion keeps: calibration blocks and training (and distillation) rows of N "
+                        "tokens; dha: position-free key pairs chosen for N tokens (--free-pairs), and the report's "
+                        "perplexity by position over N-token windows (default: 256-token blocks and rows, pairs for "
+                        "2,048 tokens; docs/longcontext.md)")
     add_json_option(p)
     add_dha_options(p)  # --method dha: search, fusion, training options (dha.pipeline)
     p.set_defaults(func=run_convert)
 
 
-DHA_OPTIONS = ("search", "sensitivity", "allocation", "coupled_kv", "layout", "merge", "merge_metric", "free_pairs", "fusion_fraction",
+def apply_context(args, tokens: int) -> None:
+    """--context N: refused past the source's positions or when an N-token training row cannot fit
+    even with activation checkpointing (before any work); else it sets the calibration block,
+    the training row and the batch (at least one row) to N tokens."""
+    n = args.context
+    if n is None:
+        return
+    from .checkpoint import source_shape
+
+    cfg, _ = source_shape(args.source)
+    if n < 2:
+        raise UserError(f"--context must be at least 2 tokens, got {n}")
+    if n > cfg.max_position_embeddings:
+        raise UserError(f"--context {n} is beyond the source's {cfg.max_position_embeddings} positions")
+    for dest in ("calib_block_size", "block_size"):
+        if dest in args.given:
+            raise UserError(f"--context sets --{dest.replace('_', '-')} to {n}: give one of them")
+    args.calib_block_size = n
+    args.calib_tokens = max(args.calib_tokens, n)
+    if tokens:
+        args.block_size, args.batch_tokens = n, max(args.batch_tokens, n)
+        if "micro_batch" not in args.given:
+            args.micro_batch = 1  # long rows: one at a time, gradients accumulated
+        check_context_fits(args, cfg, n)
+
+
+def check_context_fits(args, cfg, n: int) -> None:
+    """Refuse --context N when one micro batch of N-token rows cannot train on --device even with
+    activation checkpointing (dha.memory.training_fit: float32 weights, gradients, AdamW, activations)."""
+    import torch
+
+    from .memory import GiB, training_fit
+
+    distill = args.distill if args.distill is not None else args.method == "dha"
+    fit = training_fit(cfg, torch.float32, n, args.micro_batch, torch.device(args.device), distill=distill)
+    if not fit.fits_with:
+        raise UserError(f"--context {n}: training rows of {n} tokens ({args.micro_batch} per micro batch) need about "
+                        f"{fit.with_checkpointing / GiB:.1f} GiB even with activation checkpointing; "
+                        f"{args.device} has {fit.free / GiB:.1f} GiB free: lower --context or --micro-batch")
+
+
+DHA_OPTIONS = ("retrieval", "retrieval_heads", "protect_values", "search", "sensitivity", "allocation", "coupled_kv", "layout", "merge", "merge_metric", "free_pairs", "fusion_fraction",
                "fusion_schedule", "fusion_weight", "fusion_ramp_end", "fusion_eps", "freeze_base", "freeze_maps")
 CALIBRATION_OPTIONS = ("data", "text_field", "heldout_fraction", "calib_tokens", "calib_block_size")
 
@@ -494,6 +592,7 @@ def run_convert(args) -> int:
     tokens = getattr(args, "tokens", None) or 0
     check_convert_options_used(args, tokens)
     check_offload(args, tokens)
+    apply_context(args, tokens)
     if args.method == "dha":  # the full DHA pipeline: search, fusion, merge, training, report
         return run_convert_dha(args)
     options = baseline_options(args)
@@ -555,7 +654,8 @@ def training_work(args, cfg):
         return None
     teacher = Sizes.of(source_shape(args.teacher)[0]).total if getattr(args, "teacher", None) else 0
     shards = int(os.environ.get("WORLD_SIZE", "1")) if getattr(args, "fsdp", False) else 1
-    return Training(micro_batch=cfg.micro_batch, block_size=cfg.block_size, shards=shards, teacher_parameters=teacher)
+    return Training(micro_batch=cfg.micro_batch, block_size=cfg.block_size, shards=shards, teacher_parameters=teacher,
+                    checkpointing=cfg.activation_checkpointing, distill=cfg.distill)
 
 
 def baseline_work(args, train_cfg):
@@ -669,6 +769,13 @@ def add_dha_options(p) -> None:
     g.add_argument("--fusion-eps", type=float, default=d.eps, help=f"lagrangian: target fusion distance (default {d.eps:g})")
     g.add_argument("--freeze-base", action="store_true", help="fusion: keep the source K/V projection weights fixed")
     g.add_argument("--freeze-maps", action="store_true", help="fusion: keep the merge maps at their closed form (not trained)")
+    g.add_argument("--retrieval-heads", type=int, default=0, metavar="N",
+                   help="keep the N key heads that attend most to a passkey needle (the source on 5 synthetic passkey "
+                        "prompts) out of every merge: long-context retrieval runs through them (docs/longcontext.md)")
+    g.add_argument("--protect-values", action="store_true", help="--retrieval-heads: keep their value heads unmerged too")
+    g.add_argument("--retrieval", type=_int_list, default=None, metavar="LENGTHS",
+                   help="the report adds passkey retrieval at these prompt lengths (10 prompts each: 5 depths x 2 keys, "
+                        "synthetic haystack) for the source, the merge and the result, e.g. 2048,8192")
     # Training options (--tokens, --lr, --distill, ...) from dha.cli, unless the verb has them already.
     # The verb's --block-size (calibration) and --seed also serve training; its --dtype is the load
     # dtype, so the autocast dtype of training is --train-dtype.
@@ -743,6 +850,7 @@ def dha_config_from_args(args):
 
     from .data import DEFAULT_DATA, DataError
     from .fuse import FusionOptions
+    from .compress import FREE_CONTEXT
     from .pipeline import DHAConfig, split_tokens
     from .plan import Plan
     from .search import SearchOptions
@@ -777,6 +885,7 @@ def dha_config_from_args(args):
     metric = "plain" if args.merge == "pca" else (args.merge_metric or SearchOptions.metric)
     search_options = SearchOptions(search=args.search, metric=metric, sensitivity=args.sensitivity, allocation=args.allocation,
                                    decoupled=not args.coupled_kv, layout=args.layout, seed=args.seed, free_pairs=args.free_pairs,
+                                   free_context=args.context or FREE_CONTEXT,
                                    progress=not getattr(args, "no_progress", False))
     fusion = FusionOptions(schedule=args.fusion_schedule, weight=args.fusion_weight, ramp_end=args.fusion_ramp_end,
                            eps=args.fusion_eps, train_base=not args.freeze_base, learn_maps=not args.freeze_maps)
@@ -790,10 +899,23 @@ def dha_config_from_args(args):
     config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction,
                        merge="aligned" if args.merge == "pca" else args.merge,
                        calib_tokens=args.calib_tokens, calib_block_size=args.calib_block_size,
-                       search=search_options, fusion=fusion, train=train_cfg, device=_compute_device(args))
+                       search=search_options, fusion=fusion, train=train_cfg, device=_compute_device(args),
+                       long_context=args.context or 0, retrieval=report_retrieval(args),
+                       retrieval_heads=args.retrieval_heads, protect_values=args.protect_values)
     config.validate()
     split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
     return config, data
+
+
+def report_retrieval(args):
+    """The passkey grid of a DHA report (--retrieval LENGTHS): 5 depths, 2 keys each, synthetic haystack."""
+    from .longctx import RetrievalOptions
+
+    if not args.retrieval:
+        return None
+    options = RetrievalOptions(lengths=args.retrieval, per_depth=2)
+    options.validate()
+    return options
 
 
 DHA_RUN_FORMAT = "dha-convert-run/1"
@@ -905,7 +1027,7 @@ def add_training_options(p: argparse.ArgumentParser, tokens_required: bool = Tru
     """The TrainConfig options (dha.train), for `train` and for verbs that train afterwards (convert
     --tokens). `skip` names options (dest names) the verb already defines with the same meaning.
     Read them back with train_config_from_args(args)."""
-    from .train import TrainConfig
+    from .train import CHECKPOINTING, TrainConfig
 
     d = TrainConfig(tokens=1)
     options = [
@@ -930,6 +1052,10 @@ def add_training_options(p: argparse.ArgumentParser, tokens_required: bool = Tru
         ("distill_weight", dict(type=float, default=d.distill_weight, help=f"objective = (1-w) LM + w KD (default {d.distill_weight})")),
         ("distill_temperature", dict(type=float, default=d.distill_temperature, help=f"KD temperature (default {d.distill_temperature})")),
         ("fsdp", dict(action="store_true", help="under torchrun: shard with FSDP instead of DDP")),
+        ("activation_checkpointing", dict(default=d.activation_checkpointing, choices=CHECKPOINTING,
+                                          help="keep only each decoder block's input for the backward pass and recompute the rest "
+                                               "there: far less activation memory for long rows, for about one more forward pass. "
+                                               "auto: on when a micro batch fits the device's free memory only with it (default auto)")),
         ("resume", dict(default=None, help="continue the run in this directory (its newest checkpoint)")),
         ("no_progress", dict(action="store_true", help="no progress bar")),
     ]

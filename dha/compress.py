@@ -162,12 +162,12 @@ def key_layout(head_dim: int, rotary_dim: int, free_pairs: int) -> torch.Tensor:
     return torch.tensor([*range(kept), *range(half, half + kept), *range(kept, half), *range(half + kept, head_dim)])
 
 
-def free_pairs_for(model: Transformer, requested: int | None) -> int:
+def free_pairs_for(model: Transformer, requested: int | None, context: int = FREE_CONTEXT) -> int:
     """The key merges' position-free pair count: `requested`, or for None the FREE_ANGLE rule on the
-    model's RoPE frequencies (0 without RoPE)."""
+    model's RoPE frequencies over `context` tokens (0 without RoPE)."""
     pairs = model.config.rotary_dim // 2 if model.config.position == "rope" else 0
     if requested is None:
-        return int((model.inv_freq.double() * FREE_CONTEXT <= FREE_ANGLE).sum()) if pairs else 0
+        return int((model.inv_freq.double() * context <= FREE_ANGLE).sum()) if pairs else 0
     if not 0 <= requested <= pairs:
         raise UserError(f"position-free pairs must be between 0 and {pairs} (the head's rotary pairs), got {requested}")
     return requested

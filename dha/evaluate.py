@@ -27,6 +27,7 @@ from .bench import Runner, measure
 from .data import TokenSplits, blocks as make_blocks
 from .errors import UserError
 from .layerwise import nll_sum
+from .longctx import RetrievalOptions, position_ratios, position_report, retrieval
 from .model import next_token_nll
 
 
@@ -44,6 +45,10 @@ class EvalOptions:
     tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness task names (optional)
     include_path: str | None = None  # folder of local lm-eval task YAML files
     limit: int | None = None  # lm-eval: at most this many examples per task
+    task_metadata: str | None = None  # lm-eval task metadata (JSON text), e.g. RULER's max_seq_lengths
+    long_context: int = 0  # window of the perplexity by position (dha.longctx; 0: none)
+    long_windows: int = 4  # windows of `long_context` tokens scored
+    retrieval: RetrievalOptions | None = None  # the passkey grid (None: none)
 
 
 # ---- perplexity -------------------------------------------------------------------------------
@@ -122,6 +127,13 @@ def _check_options(model, options: EvalOptions) -> None:
         raise UserError("--repeats must be at least 1")
     if options.max_eval_tokens is not None and options.max_eval_tokens < options.block_size:
         raise UserError(f"--max-eval-tokens {options.max_eval_tokens} is less than one block of {options.block_size}")
+    if options.long_context < 0 or options.long_context == 1 or options.long_windows < 1:
+        raise UserError("--long-context must be at least 2 tokens and --long-windows at least 1")
+    if options.retrieval is not None:
+        options.retrieval.validate()
+    longest_read = max(options.long_context, max(options.retrieval.lengths) if options.retrieval else 0)
+    if longest_read > cfg.max_position_embeddings:
+        raise UserError(f"the model has {cfg.max_position_embeddings} positions; --long-context / retrieval prompts read {longest_read}")
     if cfg.position == "learned":  # absolute position tables end at max_position_embeddings
         longest = max(options.block_size, options.context + options.new_tokens)
         if longest > cfg.max_position_embeddings:
@@ -147,12 +159,15 @@ def evaluate_models(models: list, splits: TokenSplits, options: EvalOptions) -> 
     max_blocks = None if options.max_eval_tokens is None else options.max_eval_tokens // options.block_size
     windows = make_blocks(splits.heldout, options.block_size, max_blocks)  # (n, W)
     results = [model_result(loaded, windows, options) for loaded in models]
+    for loaded, r in zip(models, results):
+        r.update(long_context_result(loaded, splits.heldout, options))
     if options.tasks:
         from .lm_eval_adapter import run_tasks  # lm_eval is optional (and slow to import): only when asked for
 
         for loaded, r in zip(models, results):
             r["tasks"] = run_tasks(loaded, options.tasks, options.include_path, options.limit,
-                                   batch_size=options.eval_batch_size, progress=options.progress)
+                                   batch_size=options.eval_batch_size, progress=options.progress,
+                                   task_metadata=options.task_metadata)
     speeds = decode_speed([m.model.eval() for m in models], options)
     for r, speed in zip(results, speeds):
         r["speed"] = speed
@@ -201,6 +216,16 @@ def model_result(loaded, windows: torch.Tensor, options: EvalOptions) -> dict:
     }
 
 
+def long_context_result(loaded, heldout: torch.Tensor, options: EvalOptions) -> dict:
+    """Perplexity by position and the passkey grid (dha.longctx), each when asked for."""
+    out = {}
+    if options.long_context:
+        out["by_position"] = position_report(loaded.model.eval(), heldout, options.long_context, options.long_windows, options.progress)
+    if options.retrieval is not None:
+        out["retrieval"] = retrieval(loaded.model.eval(), loaded.tokenizer, options.retrieval, heldout, options.progress)
+    return out
+
+
 def ratios(r: dict, base: dict) -> dict:
     """A model's numbers over the first model's: perplexity, KV bytes, speeds per batch size, task metrics."""
     out = {
@@ -211,6 +236,8 @@ def ratios(r: dict, base: dict) -> dict:
         "prefill_tokens_per_s": {str(s["batch_size"]): s["prefill_tokens_per_s"] / b["prefill_tokens_per_s"]
                                  for s, b in zip(r["speed"], base["speed"])},
     }
+    if "by_position" in r:
+        out["by_position"] = position_ratios(r["by_position"], base["by_position"])
     if "tasks" in r:
         out["tasks"] = {t: {k: v / base["tasks"][t][k] for k, v in ms.items() if base["tasks"][t].get(k)}
                         for t, ms in r["tasks"].items()}
@@ -234,6 +261,30 @@ def flatten(report: dict) -> dict:
 
 def _mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
+
+
+def _name(m: dict) -> str:
+    return os.path.basename(m["source"].rstrip("/")) or m["source"]
+
+
+def print_long_context(models: list[dict], file) -> None:
+    """Perplexity by position (and its ratio to the first model) and passkey found per length."""
+    if "by_position" in models[0]:
+        first = models[0]["by_position"]
+        print(f"\nperplexity by position ({first['windows']} windows of {first['window']} tokens; "
+              "in brackets the ratio to the first model):", file=file)
+        print(f"  {'model':<24}" + "".join(f"{str(b['start']) + '-' + str(b['end']):>18}" for b in first["buckets"]), file=file)
+        for m in models:
+            ratios = m.get("ratios", {}).get("by_position") or [1.0] * len(first["buckets"])
+            cells = "".join(f"{b['ppl']:>9.2f} ({x:.3f}x)" for b, x in zip(m["by_position"]["buckets"], ratios))
+            print(f"  {_name(m):<24}{cells}", file=file)
+    if "retrieval" in models[0]:
+        grid = models[0]["retrieval"]
+        print(f"\npasskey retrieval ({grid['haystack']} haystack; found of {grid['prompts_per_length']} prompts per length, "
+              f"{len(grid['depths'])} depths from {grid['depths'][0]:.0%} to {grid['depths'][-1]:.0%}):", file=file)
+        print(f"  {'model':<24}" + "".join(f"{n:>8}" for n in grid["lengths"]), file=file)
+        for m in models:
+            print(f"  {_name(m):<24}" + "".join(f"{v:>8}" for v in m["retrieval"]["found_per_length"].values()), file=file)
 
 
 def print_report(report: dict, file=None) -> None:
@@ -268,6 +319,7 @@ def print_report(report: dict, file=None) -> None:
             dec = ", ".join(f"b{b} {v:.2f}x" for b, v in r["decode_tokens_per_s"].items())
             print(f"  {os.path.basename(m['source'].rstrip('/')) or m['source']}: ppl {r['ppl']:.3f}x, "
                   f"KV bytes {r['kv_bytes_per_token']:.3f}x, decode speed {dec}", file=file)
+    print_long_context(models, file)
     if "tasks" in models[0]:
         print(file=file)
         for m in models:

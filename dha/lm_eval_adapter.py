@@ -15,13 +15,23 @@
 
 lm_eval is an optional dependency (`pip install lm-eval`): importing this module without it raises
 a UserError saying so, which `dha eval --tasks` reports as its one line.
+
+RULER (lm-eval's tasks/ruler) builds its own prompts, sized in tokens to each of the task metadata's
+`max_seq_lengths` by a Hugging Face tokenizer that lm-eval loads by name: `run_tasks` saves the
+model's own tokenizer to a temporary folder and names that folder, so nothing comes from a hub. It
+runs only the RULER tasks that need no download (RULER_OFFLINE), with the hubs set offline, and
+checks up front what they need (`lm-eval[ruler]`: nltk and wonderwords), each missing piece one
+UserError; NLTK's punkt_tab data, which lm-eval would download, is not needed (punkt_tab_stand_in).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -29,6 +39,7 @@ from .errors import UserError
 
 try:
     from lm_eval import simple_evaluate
+    from lm_eval import tasks as lm_eval_tasks
     from lm_eval import utils as lm_utils
     from lm_eval.api.model import TemplateLM
     from lm_eval.tasks import TaskManager
@@ -159,24 +170,165 @@ class DHALM(TemplateLM):
         return results
 
 
+# ---- RULER ------------------------------------------------------------------------------------
+
+# The RULER tasks whose haystack and needles are made here: a repeated sentence (niah_single_1),
+# needle-shaped noise (niah_multikey_2/3), variable chains (vt), random words (cwe, fwe).
+RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+ESSAYS = "the Paul Graham essays haystack, Hugging Face dataset baber/paul_graham_essays"
+RULER_DOWNLOADS = {name: ESSAYS for name in ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery", "niah_multivalue")}
+RULER_DOWNLOADS |= {"ruler_qa_squad": "SQuAD 2.0 from rajpurkar.github.io", "ruler_qa_hotpot": "HotpotQA from huggingface.co"}
+RULER_GROUPS = ("ruler", "longcxt")  # lm-eval's group of all 13 and its long-context tag
+RULER_DEFAULT_LENGTHS = [4096]  # lm-eval's own default max_seq_lengths
+# A RULER sample is at most max_seq_length tokens counting the answer's 128; lm-eval then appends an
+# answer prefix ("The special magic number for ... is", about 20 tokens): the model gets this many
+# tokens above the longest length, so no prompt is cut.
+RULER_SLACK = 64
+
+
+def ruler_tasks(tasks: list[str]) -> list[str]:
+    """The RULER tasks among `tasks` (its group and tag expanded)."""
+    known = (*RULER_OFFLINE, *RULER_DOWNLOADS)
+    return [n for t in tasks for n in (known if t in RULER_GROUPS else (t,)) if n in known]
+
+
+def check_ruler(names: list[str]) -> None:
+    """UserError (one line, what to do) when a RULER task needs a download or a missing dependency."""
+    online = [n for n in names if n in RULER_DOWNLOADS]
+    if online:
+        raise UserError(f"RULER task {online[0]} needs a download ({RULER_DOWNLOADS[online[0]]}) and does not run offline; "
+                        f"the offline ones: {', '.join(RULER_OFFLINE)}")
+    try:
+        import nltk
+        import wonderwords  # noqa: F401
+    except ImportError as e:
+        raise UserError(f'RULER tasks need {e.name or "nltk and wonderwords"}: pip install "lm-eval[ruler]"') from None
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if Version(version("nltk")) < Version("3.9.1"):  # lm-eval asserts it on import
+        raise UserError(f'RULER tasks need nltk >= 3.9.1, not {version("nltk")}: pip install -U "lm-eval[ruler]"')
+
+
+def ruler_metadata(loaded, metadata: dict, folder: str) -> dict:
+    """The task metadata for RULER: max_seq_lengths checked (lm-eval's default when absent) and the
+    model's own tokenizer, saved to `folder`, as the tokenizer lm-eval builds the prompts with."""
+    given = [k for k in ("tokenizer", "pretrained", "model") if k in metadata]
+    if given:
+        raise UserError(f"task metadata {given[0]!r}: RULER prompts are sized with the model's own tokenizer; leave it out")
+    lengths = metadata.get("max_seq_lengths", RULER_DEFAULT_LENGTHS)
+    if not (isinstance(lengths, list) and lengths and all(type(n) is int and n > 0 for n in lengths)):
+        raise UserError(f"task metadata max_seq_lengths must be a list of positive token counts, not {lengths!r}")
+    if loaded.tokenizer is None:
+        raise UserError(f"{loaded.source} has no tokenizer, so lm-eval tasks cannot run on it")
+    loaded.tokenizer.save_pretrained(folder)
+    return {**metadata, "max_seq_lengths": lengths, "tokenizer": folder}
+
+
+@contextlib.contextmanager
+def punkt_tab_stand_in(folder: str):
+    """lm-eval's RULER module downloads NLTK's punkt_tab data when it is imported and finds none, yet
+    only the essay haystack (never offline: check_ruler refuses it) splits sentences with it: without the real
+    data, an empty stand-in folder is on nltk's path for the duration, so nothing is downloaded (a
+    sentence split would fail loudly on it, never quietly)."""
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+        present = True
+    except LookupError:
+        present = False
+        os.makedirs(os.path.join(folder, "tokenizers", "punkt_tab"))
+        nltk.data.path.append(folder)
+    try:
+        yield
+    finally:
+        if not present:
+            nltk.data.path.remove(folder)
+
+
+@contextlib.contextmanager
+def hubs_offline():
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set for the duration (what reads them late stays off the network)."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update(dict.fromkeys(saved, "1"))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+def parse_task_metadata(task_metadata: dict | str | None) -> dict:
+    """--task-metadata: a JSON object (string) or a dict; {} when absent."""
+    if isinstance(task_metadata, str):
+        try:
+            task_metadata = json.loads(task_metadata)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--task-metadata is not JSON: {e}") from None
+    if not isinstance(task_metadata, (dict, type(None))):
+        raise UserError(f'--task-metadata must be a JSON object such as {{"max_seq_lengths": [4096]}}, not {task_metadata!r}')
+    return dict(task_metadata or {})
+
+
+def ruler_setup(stack: contextlib.ExitStack, loaded, names: list[str], metadata: dict) -> dict:
+    """Everything RULER needs offline, checked and entered on `stack`: the task metadata to use."""
+    check_ruler(names)
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="dha-ruler-"))
+    stack.enter_context(hubs_offline())
+    stack.enter_context(punkt_tab_stand_in(os.path.join(folder, "nltk_data")))
+    return ruler_metadata(loaded, metadata, os.path.join(folder, "tokenizer"))
+
+
+def task_manager(include_path: str | None, metadata: dict, ruler_only: bool) -> TaskManager:
+    """lm-eval's task index: of every built-in task (seconds of YAML parsing), or, when only RULER
+    tasks are asked for, of lm-eval's RULER folder alone (plus `include_path`)."""
+    ruler_dir = os.path.join(os.path.dirname(lm_eval_tasks.__file__), "ruler")
+    if ruler_only and os.path.isdir(ruler_dir):
+        paths = [ruler_dir] + ([include_path] if include_path else [])
+        return TaskManager(include_path=paths, include_defaults=False, metadata=metadata or None)
+    return TaskManager(include_path=include_path, metadata=metadata or None)
+
+
+# ---- running tasks --------------------------------------------------------------------------------
+
 def run_tasks(loaded, tasks: list[str], include_path: str | None = None, limit: int | None = None,
-              num_fewshot: int | None = None, batch_size: int = 8, max_length: int = 2048, progress: bool = True) -> dict:
+              num_fewshot: int | None = None, batch_size: int = 8, max_length: int = 2048, progress: bool = True,
+              task_metadata: dict | str | None = None) -> dict:
     """Run lm-evaluation-harness tasks on one model; returns {task: {metric: value}}.
 
     Standard tasks download their datasets from a hub; offline, point `include_path` at a folder
-    of task YAML files whose `dataset_path: json` reads a local JSONL (`dataset_kwargs.data_files`)."""
-    lm = DHALM(loaded, batch_size, max_length, progress)
+    of task YAML files whose `dataset_path: json` reads a local JSONL (`dataset_kwargs.data_files`).
+    `task_metadata` (a JSON object, or its text) goes to every task, as lm-eval's `--metadata`; RULER
+    tasks read `max_seq_lengths` from it, and run offline with the model's tokenizer (module doc):
+    max_length is raised to the longest of them plus RULER_SLACK, and a RULER score is reported per
+    length (key "2048": the mean of string_match_all over the samples of that length)."""
+    metadata, ruler = parse_task_metadata(task_metadata), ruler_tasks(tasks)
     if include_path is not None and not os.path.isdir(include_path):
         raise UserError(f"--include-path {include_path} is not a directory")
-    manager = TaskManager(include_path=include_path)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise UserError(f"unknown lm-eval task(s) {unknown}; with local tasks, give --include-path DIR")
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    try:
-        out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                              log_samples=False, bootstrap_iters=0)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"lm-eval could not run {tasks}: {str(e).splitlines()[0]}") from None
-    return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+    with contextlib.ExitStack() as stack:
+        if ruler:
+            metadata = ruler_setup(stack, loaded, ruler, metadata)
+            max_length = max(max_length, max(metadata["max_seq_lengths"]) + RULER_SLACK)
+        lm = DHALM(loaded, batch_size, max_length, progress)
+        if ruler and lm.max_length < max_length:
+            raise UserError(f"RULER at {max(metadata['max_seq_lengths'])} tokens needs a {max_length}-token context; "
+                            f"{loaded.source} has {lm.max_length} positions")
+        manager = task_manager(include_path, metadata, ruler_only=bool(ruler) and all(t in ruler or t in RULER_GROUPS for t in tasks))
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise UserError(f"unknown lm-eval task(s) {unknown}; with local tasks, give --include-path DIR")
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        try:
+            out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                  log_samples=False, bootstrap_iters=0)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"lm-eval could not run {tasks}: {str(e).splitlines()[0]}") from None
+    # RULER reports -1 at the lengths it has no samples of (the ones not in max_seq_lengths): left out
+    return {task: {k.split(",")[0]: v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and k != "alias" and not (k.split(",")[0].isdigit() and v == -1)}
             for task, metrics in out["results"].items()}

@@ -16,7 +16,10 @@ libraries' workspaces (cuBLAS: tens of MiB) are not counted. `free_memory(device
 device has: torch.cuda.mem_get_info on CUDA, MemAvailable of /proc/meminfo on the CPU.
 `check_fit` compares the two and raises a UserError with the numbers when the work cannot fit,
 or fits on a GPU only with --offload. On the CPU the weights are not counted: they stay in the
-memory-mapped checkpoint (training's float32 copies excepted).
+memory-mapped checkpoint (training's float32 copies excepted). Training counts one micro-batch's
+activations with activation checkpointing unless it is off (`activation_bytes`); `training_fit`
+says whether a training run fits with and without it; `step_bytes` is what dha.train's "auto"
+rule weighs.
 
 Shape legend: P parameters, D hidden size, F MLP size, H query heads, n key + value heads of a
 layer, hd head dim, V vocabulary, N calibration tokens, B blocks of T tokens in a batch.
@@ -44,6 +47,10 @@ class Training:
     block_size: int = 256
     shards: int = 1  # FSDP: weights, gradients and optimizer state are split over this many processes
     teacher_parameters: int = 0  # a --teacher model beside the source (float32 on the device)
+    # Activation checkpointing (dha.train.TrainConfig.activation_checkpointing): "on" and "auto"
+    # count a checkpointed micro-batch's activations ("auto" turns it on where only that fits).
+    checkpointing: str = "auto"
+    distill: bool = False  # the KL to a teacher's logits (TrainConfig.distill)
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,14 @@ def output_chunk_bytes(cfg: ModelConfig, positions: int, c: int) -> int:
     return rows * (cfg.hidden_size + positions) * c
 
 
+def score_numbers(cfg: ModelConfig, blocks: int, T: int) -> int:
+    """Attention scores and probabilities a prefill of `blocks` rows of T tokens materialises: none
+    under plain causal attention (SDPA's fused kernel, no mask), (B, H, T, T) twice when a sliding
+    window needs a mask (SDPA's math kernel)."""
+    window = cfg.sliding_window
+    return 2 * blocks * cfg.num_heads * T * T if window is not None and window < T else 0
+
+
 def calibration_bytes(cfg: ModelConfig, work: Work, c: int) -> int:
     """One layer's calibration on the device, besides its weights (`dha.layerwise`, `c` bytes a number):
     the hidden states of every token in and out (and their gradients), the q/k/v outputs kept until
@@ -112,7 +127,7 @@ def calibration_bytes(cfg: ModelConfig, work: Work, c: int) -> int:
     blocks = min(work.batch, N // T)
     hidden = (3 if work.gradients else 2) * N * D
     heads = N * (H + n) * hd + (N * n * hd if work.gradients else 0)
-    one_batch = blocks * T * (4 * D + 2 * (H + n) * hd + 3 * F) + 2 * blocks * H * T * T
+    one_batch = blocks * T * (4 * D + 2 * (H + n) * hd + 3 * F) + score_numbers(cfg, blocks, T)
     chunks = output_chunk_bytes(cfg, blocks * (T - 1), c) if work.gradients else 0
     return c * (hidden + heads + (3 if work.gradients else 1) * one_batch) + chunks
 
@@ -124,25 +139,79 @@ def eval_bytes(cfg: ModelConfig, work: Work, c: int, layerwise: bool) -> int:
     if not work.eval_tokens:
         return 0
     tokens, T = work.eval_tokens, work.eval_block
-    D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads
+    D, F = cfg.hidden_size, cfg.intermediate_size
     blocks = min(4, math.ceil(tokens / T))
-    one_batch = blocks * T * (4 * D + 3 * F) + 2 * blocks * H * T * T
+    one_batch = blocks * T * (4 * D + 3 * F) + score_numbers(cfg, blocks, T)
     if layerwise:
         return c * (2 * tokens * D + one_batch) + output_chunk_bytes(cfg, blocks * (T - 1), c)
     return c * one_batch + min(NLL_CHUNK_BYTES, blocks * (T - 1) * cfg.vocab_size * 4)  # dha.model.next_token_nll's chunk
 
 
-def training_bytes(cfg: ModelConfig, sizes: Sizes, training: Training) -> list[tuple[str, int]]:
-    """Training in float32 (dha.train): weights, gradients, AdamW's two moments (split over FSDP
-    shards), the source kept beside them (teacher, and what the result is compared with), and one
-    micro-batch's activations kept for the backward pass with its logits."""
+def activation_bytes(cfg: ModelConfig, training: Training, checkpointing: bool) -> int:
+    """One micro-batch's activations kept for the backward pass, with its logits, in float32
+    (dha.train). Without checkpointing every layer's intermediates; with it
+    (Transformer.checkpoint_blocks) every layer's input and one layer's intermediates, which each
+    block's backward recomputes in turn. No (T, T) attention scores: training's attention is SDPA's
+    fused kernel (flash on the CPU, flash or memory-efficient on CUDA), which keeps none. Measured
+    on the CPU (torch 2.13), one forward and backward of SmolLM2-135M on a 2,048-token row above
+    the weights: 4.88 GB without, 2.26 GB with (estimated with the gradients: 4.86 and 1.99 GB).
+    Distillation adds four more rows x vocabulary float32 tensors (the teacher's logits, the two
+    log-softmaxes and the teacher's probabilities: measured 4.0 of them, 2,048 tokens, vocabulary 4,096)."""
     tokens = training.micro_batch * training.block_size
     D, F, H, hd, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.vocab_size
     n = max(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers))
-    per_layer = tokens * (8 * D + 2 * (H + n) * hd + 4 * F) + 2 * training.micro_batch * H * training.block_size ** 2
+    per_layer = tokens * (8 * D + 2 * (H + n) * hd + 4 * F)
+    kept = cfg.num_layers * tokens * D + per_layer if checkpointing else cfg.num_layers * per_layer
+    return 4 * (kept + (7 if training.distill else 3) * tokens * V)
+
+
+def training_bytes(cfg: ModelConfig, sizes: Sizes, training: Training) -> list[tuple[str, int]]:
+    """Training in float32 (dha.train): weights, gradients, AdamW's two moments (split over FSDP
+    shards), the source kept beside them (teacher, and what the result is compared with), and one
+    micro-batch's activations kept for the backward pass with its logits (checkpointed unless
+    `training.checkpointing` is "off")."""
+    checkpointed = training.checkpointing != "off"
+    label = "activations of a micro-batch" + (" (blocks checkpointed)" if checkpointed else "")
     return [("weights, gradients and AdamW state in float32", 16 * sizes.total // training.shards),
             ("the source and teacher in float32", 4 * (sizes.total + training.teacher_parameters)),
-            ("activations of a micro-batch", 4 * (cfg.num_layers * per_layer + 3 * tokens * V))]
+            (label, activation_bytes(cfg, training, checkpointed))]
+
+
+def step_bytes(cfg: ModelConfig, training: Training, trainable: int, checkpointing: bool) -> int:
+    """What a training step adds on the device to the float32 weights (and teacher) already there:
+    gradients and AdamW's two moments of the `trainable` parameters (12 bytes each, split over FSDP
+    shards) and one micro-batch's activations. dha.train's "auto" rule compares it with the free memory."""
+    return 12 * trainable // training.shards + activation_bytes(cfg, training, checkpointing)
+
+
+@dataclass(frozen=True)
+class TrainingFit:
+    """A training step's peak device bytes without and with activation checkpointing (`estimate`'s
+    parts summed) and what the device has free (None: unknown, and then both fit)."""
+
+    without_checkpointing: int
+    with_checkpointing: int
+    free: int | None
+
+    @property
+    def fits_without(self) -> bool:
+        return self.free is None or self.without_checkpointing <= self.free
+
+    @property
+    def fits_with(self) -> bool:
+        return self.free is None or self.with_checkpointing <= self.free
+
+
+def training_fit(cfg: ModelConfig, dtype: torch.dtype, block_size: int, micro_batch: int, device: torch.device,
+                 shards: int = 1, teacher_parameters: int = 0, distill: bool = False) -> TrainingFit:
+    """Whether training a model of `cfg` (loaded in `dtype`, as `estimate` takes it: training keeps
+    float32 copies) on rows of `block_size` tokens, `micro_batch` at a time, fits on `device` with
+    and without activation checkpointing, from the config alone (before anything is loaded)."""
+    def peak(checkpointing: str) -> int:
+        training = Training(micro_batch, block_size, shards, teacher_parameters, checkpointing, distill)
+        return Estimate.total(estimate(cfg, dtype, Work(training=training)).whole)  # nothing mapped: all of it counts
+
+    return TrainingFit(peak("off"), peak("on"), free_memory(torch.device(device)))
 
 
 def estimate(cfg: ModelConfig, dtype: torch.dtype, work: Work) -> Estimate:

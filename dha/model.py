@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -415,6 +416,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Activation checkpointing (set by dha.train): under autograd and without a cache, each
+        # block keeps only its input for the backward pass and runs its forward again there.
+        self.checkpoint_blocks = False
         self.init_buffers()
 
     def init_buffers(self) -> None:
@@ -489,8 +493,12 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions + self.config.position_offset)
         rope = self.rope(positions, x.dtype)
         mask = self.causal_mask(start, T, start + T, input_ids.device)
+        checkpoint = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, rope, mask, cache)
+            if checkpoint:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, None, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
         if cache is not None:
             cache.length += T
         if last_only:
@@ -510,26 +518,29 @@ class Transformer(nn.Module):
 NLL_CHUNK_BYTES = 2 ** 26  # float32 logits made at once by next_token_nll (64 MiB)
 
 
-def next_token_nll(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """(b,): for each row of `rows` (b, W) the summed negative log-likelihood, in nats, of its tokens
+def token_nll(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """(b, W-1): for each row of `rows` (b, W) the negative log-likelihood, in nats, of its tokens
     1..W-1, each predicted from the row's earlier tokens only (the model reads row[:-1] and predicts
     row[1:]). The logits are upcast to float32 first, whatever the model's dtype.
 
-    The one next-token loss of held-out text: dha.evaluate's perplexity and dha.train's held-out
-    evaluation both sum it. On our own (unwrapped) model the logits are made a chunk of positions
-    at a time (about NLL_CHUNK_BYTES of float32 logits), never (b, W-1, V) at once: with a large
-    vocabulary those are the largest tensor of an evaluation. A wrapped model (DDP, FSDP, fusion)
-    is called whole."""
+    On our own (unwrapped) model the logits are made a chunk of positions at a time (about
+    NLL_CHUNK_BYTES of float32 logits), never (b, W-1, V) at once: with a large vocabulary those are
+    the largest tensor of an evaluation. A wrapped model (DDP, FSDP, fusion) is called whole."""
     targets = rows[:, 1:].flatten()
     if type(model) is not Transformer:
         logits = model(rows[:, :-1])  # (b, W-1, V)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets, reduction="none")
-        return nll.view(rows.shape[0], -1).sum(1)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets, reduction="none").view(rows.shape[0], -1)
     hidden = model.features(rows[:, :-1]).flatten(0, 1)  # (b * (W-1), D)
     step = max(1, NLL_CHUNK_BYTES // (4 * model.config.vocab_size))
     nll = torch.cat([F.cross_entropy(model.lm_head(hidden[i:i + step]).float(), targets[i:i + step], reduction="none")
                      for i in range(0, hidden.shape[0], step)])
-    return nll.view(rows.shape[0], -1).sum(1)
+    return nll.view(rows.shape[0], -1)
+
+
+def next_token_nll(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """(b,): each row's summed `token_nll`. The one next-token loss of held-out text: dha.evaluate's
+    perplexity and dha.train's held-out evaluation both sum it."""
+    return token_nll(model, rows).sum(1)
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ from .compress import aligned_merge, calibrate, closed_form_merges, free_pairs_f
 from .data import blocks, calibration_blocks
 from .errors import UserError
 from .evaluate import perplexity
+from .longctx import needle_attention, position_report, retrieval, retrieval_key_heads
 from .fuse import FusedModel, FusionOptions, FusionSchedule, merge
 from .plan import Plan
 from .plots import plot_allocation, plot_loss, plot_perplexity
@@ -83,6 +84,10 @@ class DHAConfig:
     # model left where it is (None: the model's own device). `dha convert --offload`: --device, the
     # model in CPU memory. Training runs the whole model on its device, so only with tokens 0.
     device: str | None = None
+    long_context: int = 0  # the report's perplexity by position over windows of this many tokens (0: none)
+    retrieval: object = None  # dha.longctx.RetrievalOptions: the report's passkey grid (None: none)
+    retrieval_heads: int = 0  # key heads that attend most to a passkey needle, kept unmerged (dha.longctx)
+    protect_values: bool = False  # ... and the value heads of the same index
 
     def validate(self) -> None:
         if not 0.0 <= self.fusion_fraction <= 1.0:
@@ -91,6 +96,8 @@ class DHAConfig:
             raise UserError(f"--tokens must be >= 0, got {self.tokens}")
         if self.merge not in MERGES:
             raise UserError(f"--merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
+        if self.retrieval_heads < 0:
+            raise UserError(f"--retrieval-heads must be >= 0, got {self.retrieval_heads}")
         if self.calib_tokens < 1 or self.calib_block_size < 1:
             raise UserError("calibration tokens and block size must be positive")
         if self.device is not None and self.tokens:
@@ -172,9 +179,27 @@ class DHAResult:
     log: list[dict]  # training and evaluation records of both stages, tokens counted from the start
 
 
-def plan_and_merges(source, calib: torch.Tensor, config: DHAConfig, search_options, plan, log_progress) -> tuple:
-    """Stage 1: one calibration pass, the search (unless a plan is given), and the closed-form
-    aligned merge of every group (None for config.merge "mean"). Returns (plan, merges)."""
+def protected_heads(source, tokenizer, config: DHAConfig, log_progress) -> list:
+    """(layer, kind, head) of the `config.retrieval_heads` strongest retrieval key heads (and their
+    value heads with `protect_values`), from the source's attention on passkey prompts of
+    min(2,048, its positions) tokens."""
+    if not config.retrieval_heads:
+        return []
+    if tokenizer is None:
+        raise UserError("--retrieval-heads needs the source's tokenizer (it builds passkey prompts)")
+    length = min(2048, source.config.max_position_embeddings)
+    log_progress(f"retrieval heads: attention on the needle of 5 passkey prompts of {length} tokens")
+    heads = retrieval_key_heads(source, needle_attention(source, tokenizer, length, progress=False), config.retrieval_heads)
+    kinds = ("key", "value") if config.protect_values else ("key",)
+    return [(l, kind, j) for l, j in heads for kind in kinds]
+
+
+def plan_and_merges(source, calib: torch.Tensor, config: DHAConfig, search_options, plan, log_progress, tokenizer=None) -> tuple:
+    """Stage 1: one calibration pass, the search (unless a plan is given; protecting the retrieval
+    heads the config asks for), and the closed-form aligned merge of every group (None for
+    config.merge "mean"). Returns (plan, merges)."""
+    if plan is None and config.retrieval_heads:
+        search_options = replace(search_options, protect=protected_heads(source, tokenizer, config, log_progress))
     gradients = plan is None and search_options.sensitivity and search_options.search == "cost"
     log_progress(f"calibration on {calib.numel()} tokens" + (" (with gradients)" if gradients else ""))
     calibration = calibrate(source, calib, search_options.batch_size, search_options.metric, gradients=gradients,
@@ -212,7 +237,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     # Resolved once, before any work (a count the model cannot hold fails here); a fusion stage ends
     # exactly at the merge only with exact maps, so by default it has no position-free pairs.
     requested = 0 if stages.fusion and search_options.free_pairs is None else search_options.free_pairs
-    search_options = replace(search_options, free_pairs=free_pairs_for(loaded.model, requested))
+    search_options = replace(search_options, free_pairs=free_pairs_for(loaded.model, requested, search_options.free_context))
     if config.tokens and splits.train.numel() < template.block_size + 1:
         raise UserError(f"the train split has {splits.train.numel()} tokens, less than one training block of "
                         f"{template.block_size}: use more data or a smaller --block-size")
@@ -225,7 +250,8 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
 
     t0 = time.perf_counter()
     calib = calibration_blocks(splits.train, config.calib_tokens, config.calib_block_size)
-    plan, merges = run.stage1(lambda: plan_and_merges(loaded.model, calib, config, search_options, plan, log_progress))
+    plan, merges = run.stage1(lambda: plan_and_merges(loaded.model, calib, config, search_options, plan, log_progress,
+                                                      loaded.tokenizer))
     seconds["search"] = time.perf_counter() - t0
 
     heldout_train = splits.heldout if splits.heldout.numel() >= template.block_size else None
@@ -240,7 +266,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
         return None
     model = model.eval()
     t0 = time.perf_counter()
-    rows, source_curve_ppl = final_table(loaded.model, model, plan, merges, config, splits, heldout_train)
+    rows, source_curve_ppl = final_table(loaded.model, model, plan, merges, config, splits, heldout_train, loaded.tokenizer)
     seconds["evaluation"] = time.perf_counter() - t0
     summary = {
         "method": "dha", "source": loaded.source, "data": splits.source, "kv_budget": config.kv_budget,
@@ -249,7 +275,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
         "key_heads": plan.key_heads(), "value_heads": plan.value_heads(),
         "search": {k: v for k, v in asdict(search_options).items() if k != "progress"},
         "fusion": asdict(config.fusion), "train": asdict(template) if config.tokens else None,
-        "fusion_fraction": config.fusion_fraction, "merge": config.merge, "calibration_tokens": int(calib.numel()),
+        "fusion_fraction": config.fusion_fraction, "merge": config.merge, "retrieval_heads": config.retrieval_heads, "calibration_tokens": int(calib.numel()),
         "processes": d.world, "results": rows, "source_ppl_on_training_eval_windows": source_curve_ppl,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
@@ -298,7 +324,20 @@ def continued_stage(model, config: DHAConfig, stages: StageTokens, splits, heldo
     return result.model, stage_log(result.history, result.evals, "continued", stages.fusion)
 
 
-def final_table(source, model, plan: Plan, merges, config: DHAConfig, splits, heldout_train) -> tuple:
+def long_context_row(model, heldout: torch.Tensor, config: DHAConfig, tokenizer) -> dict:
+    """Perplexity by position over one window of config.long_context held-out tokens (when the
+    held-out text holds one) and the passkey grid, each when the config asks for it."""
+    out = {}
+    model = model.eval()
+    if config.long_context and heldout.numel() >= config.long_context:
+        out["by_position"] = position_report(model, heldout, config.long_context, 1, progress=False)
+    if config.retrieval is not None and tokenizer is not None:
+        grid = retrieval(model, tokenizer, config.retrieval, progress=False)
+        out["retrieval"] = {k: v for k, v in grid.items() if k != "examples"}
+    return out
+
+
+def final_table(source, model, plan: Plan, merges, config: DHAConfig, splits, heldout_train, tokenizer=None) -> tuple:
     """Stage 5: the source, the plan merged without training and (with tokens) the result, on the
     same held-out windows; and the source on the training evaluations' windows."""
     window = config.final_eval_block_size
@@ -310,6 +349,8 @@ def final_table(source, model, plan: Plan, merges, config: DHAConfig, splits, he
     if config.tokens:
         candidates.append(("dha (fused, merged, trained)" if config.fusion_fraction else "dha (merged, trained)", model))
     rows = [table_row(name, m, windows, config.device) for name, m in candidates]
+    for row, (_, m) in zip(rows, candidates):
+        row.update(long_context_row(m, splits.heldout, config, tokenizer))
     curve = source_on_training_windows(source, heldout_train, config.train) if config.tokens else None
     return rows, curve
 
@@ -431,6 +472,30 @@ def format_number(x, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def long_context_markdown(rows: list[dict]) -> list[str]:
+    """The report's long-context tables: perplexity by position (ratio to the source) and passkeys found."""
+    lines = []
+    source = rows[0]
+    if "by_position" in source:
+        buckets = source["by_position"]["buckets"]
+        lines += [f"## Long context: perplexity by position ({source['by_position']['window']:,}-token window of held-out text)", "",
+                  "| model | " + " | ".join(f"{b['start']}-{b['end']}" for b in buckets) + " |",
+                  "|---|" + "---:|" * len(buckets)]
+        for r in rows:
+            cells = [f"{b['ppl']:.2f} ({b['ppl'] / s['ppl']:.3f}x)" for b, s in zip(r["by_position"]["buckets"], buckets)]
+            lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+        lines += ["", "Each cell: perplexity of the tokens at those positions, and in brackets its ratio to the source's.", ""]
+    if "retrieval" in source:
+        grid = source["retrieval"]
+        lines += [f"## Long context: passkey retrieval ({grid['prompts_per_length']} prompts per length, {grid['haystack']} haystack)", "",
+                  "| model | " + " | ".join(f"{n} tokens" for n in grid["lengths"]) + " |", "|---|" + "---:|" * len(grid["lengths"])]
+        for r in rows:
+            lines.append(f"| {r['model']} | " + " | ".join(f"{v}/{grid['prompts_per_length']}"
+                                                         for v in r["retrieval"]["found_per_length"].values()) + " |")
+        lines.append("")
+    return lines
+
+
 def report_markdown(summary: dict, plots: list[str]) -> str:
     rows = summary["results"]
     source = rows[0]
@@ -467,6 +532,7 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
         lines.append(f"| {r['model']} | {r['kv_heads']} | {r['kv_bytes_per_token_bf16']:,} | {ratio:.1%} | "
                      f"{format_number(r['heldout_ppl'], '.3f')} | {'n/a' if rel is None else format(rel, '.3f') + 'x'} |")
     lines += ["", f"Perplexity on {source['heldout_tokens']:,} held-out tokens (non-overlapping windows).", ""]
+    lines += long_context_markdown(rows)
     lines += ["## Heads per layer", "", "| layer | key heads | value heads |", "|---:|---:|---:|"]
     for l, (k, v) in enumerate(zip(summary["key_heads"], summary["value_heads"])):
         lines.append(f"| {l} | {k} | {v} |")

@@ -108,3 +108,45 @@ def plot_perplexity(log: list[dict], source_ppl: float | None, path: str) -> Non
     ax.set_title("Held-out perplexity during DHA training")
     fig.tight_layout()
     save(fig, path)
+
+
+def plot_position_ratio(names: list[str], positions: list[dict], path: str) -> None:
+    """Perplexity ratio to the first model against position in the window, one line per other model.
+
+    positions: each model's `dha.longctx.position_report` (same window and buckets); a bucket is
+    drawn at its geometric middle, on a log axis of token positions."""
+    plt = pyplot()
+    base = positions[0]["buckets"]
+    mids = [np.sqrt(max(b["start"], 1) * b["end"]) for b in base]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, result in zip(names[1:], positions[1:]):
+        ax.plot(mids, [r["ppl"] / b["ppl"] for r, b in zip(result["buckets"], base)], marker="o", label=name)
+    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--", label=names[0])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(mids, [f"{b['start']}-{b['end']}" for b in base], rotation=30, fontsize=8)
+    ax.set_xlabel(f"position in the window (tokens; {positions[0]['windows']} windows of {positions[0]['window']})")
+    ax.set_ylabel(f"perplexity / {names[0]}'s")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path, dpi=120)
+
+
+def plot_retrieval(names: list[str], grids: list[dict], path: str) -> None:
+    """Passkey retrieval heatmaps, one per model: share found per needle depth (rows) and prompt length (columns)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(grids), figsize=(2.2 + 2.2 * len(grids), 3.2), squeeze=False)
+    for ax, name, grid in zip(axes[0], names, grids):
+        lengths, depths = [str(n) for n in grid["lengths"]], grid["depths"]
+        share = np.array([[grid["found"][n][d] / grid["per_cell"] for n in lengths] for d in range(len(depths))])
+        ax.imshow(share, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), lengths, fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        for i in range(len(depths)):
+            for j, n in enumerate(lengths):
+                ax.text(j, i, f"{grid['found'][n][i]}/{grid['per_cell']}", ha="center", va="center", fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("prompt tokens")
+    axes[0][0].set_ylabel("needle depth")
+    fig.suptitle(f"passkey found ({grids[0]['haystack']} haystack)", fontsize=10)
+    fig.tight_layout()
+    save(fig, path, dpi=120)

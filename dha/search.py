@@ -39,13 +39,13 @@ layer, hd head dim, L layers.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from .compress import (METRICS, Calibration, calibrate, fisher_cost, free_pairs_for, group_merge, group_residual, energy,
+from .compress import (FREE_CONTEXT, METRICS, Calibration, calibrate, fisher_cost, free_pairs_for, group_merge, group_residual, energy,
                        reconstructed_outputs, reconstructed_key_rows, reconstructed_value_rows, source_heads,
                        total_heads_for_budget)
 from .errors import UserError
@@ -58,6 +58,7 @@ SEARCHES = ("cost", "learned")
 ALLOCATIONS = ("adaptive", "uniform")
 LAYOUTS = ("free", "serving")
 KINDS = ("key", "value")
+PROTECTED = 1e30  # added to the residual of a group that merges a protected head (SearchOptions.protect)
 
 # Hard-concrete distribution (Louizos et al. 2018, "Learning sparse neural networks through L0
 # regularization", section 4), with the constants LLM-Shearing uses (Xia et al. 2024).
@@ -71,6 +72,10 @@ class SearchOptions:
     # key merge: the lowest-frequency RoPE pairs merged as one position-free block (dha.compress);
     # None: the pairs that turn by at most compress.FREE_ANGLE over compress.FREE_CONTEXT tokens
     free_pairs: int | None = None
+    free_context: int = FREE_CONTEXT  # the context the FREE_ANGLE rule is taken over (`dha convert --context`)
+    # (layer, "key" | "value", head) kept out of every merge: each stays a head of its own (e.g.
+    # the retrieval heads of dha.longctx.retrieval_key_heads, `dha convert --retrieval-heads`)
+    protect: list = field(default_factory=list)
     sensitivity: bool = True  # cost search: costs as estimated LM-loss increases (one backward pass)
     # Ablations of DHA's two ideas (cost search only; docs/method.md, "Ablations"):
     allocation: str = "adaptive"  # "adaptive": counts per layer by the DP | "uniform": the same K count and V count in every layer
@@ -197,17 +202,30 @@ def table_fisher(calibration: Calibration, layer: int, kind: str, groupings, cac
     return out
 
 
-def head_tables(model: Transformer, calibration: Calibration, sensitivity: bool) -> list[HeadTable]:
-    """For every layer, key then value: nested groupings for every count and their costs."""
+def head_tables(model: Transformer, calibration: Calibration, sensitivity: bool, protect=()) -> list[HeadTable]:
+    """For every layer, key then value: nested groupings for every count and their costs. A
+    protected head (`SearchOptions.protect`) joins a group only after every other merge."""
     tables = []
     for l, stats in enumerate(calibration.stats):
         cache = GroupCache(stats)
         for kind in KINDS:
             n = model.config.key_heads(l) if kind == "key" else model.config.value_heads(l)
-            groupings = agglomerate(lambda g, k=kind: cache.residual(k, g), n)
+            mine = {h for pl, pk, h in protect if (pl, pk) == (l, kind)}
+            groupings = agglomerate(lambda g, k=kind, p=mine: cache.residual(k, g) + (PROTECTED if len(g) > 1 and p & set(g) else 0), n)
             fisher = table_fisher(calibration, l, kind, groupings, cache) if sensitivity else None
             tables.append(HeadTable(l, kind, groupings, [relative_cost(cache, kind, g) for g in groupings], fisher))
     return tables
+
+
+def forbid_protected_merges(tables: list[HeadTable], protect) -> None:
+    """Counts whose grouping merges a protected head with another get an infinite cost (the DP never picks them)."""
+    for t in tables:
+        mine = {h for pl, pk, h in protect if (pl, pk) == (t.layer, t.kind)}
+        for i, groups in enumerate(t.groupings):
+            if any(len(g) > 1 and mine & set(g) for g in groups):
+                t.costs[i] = math.inf
+                if t.fisher is not None:
+                    t.fisher[i] = math.inf
 
 
 def coupled_tables(model: Transformer, calibration: Calibration, sensitivity: bool) -> list[HeadTable]:
@@ -479,7 +497,8 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
     width = calib_blocks.shape[1]
     cfg = TrainConfig(tokens=options.steps * rows * width, block_size=width, batch_tokens=rows * width, micro_batch=rows,
                       lr=options.gate_lr, min_lr_ratio=1.0, warmup_steps=0, grad_clip=0.0, dtype="float32",
-                      eval_every=0, seed=options.seed, device=str(device))
+                      eval_every=0, seed=options.seed, device=str(device),
+                      activation_checkpointing="off")  # functional_call's weights are gone when a block would recompute
     was_training = model.training
     try:
         result = train(relaxed, calib_blocks, None, cfg, hooks=hooks, progress=options.progress)
@@ -542,12 +561,16 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
     src_k, src_v = source_heads(model)
     total = total_heads_for_budget(src_k, src_v, kv_budget)
     weighted = options.sensitivity and options.search == "cost"  # the learned search uses the LM loss itself
-    fresh = calibration is None or (calibration.metric, calibration.free_pairs) != (options.metric, free_pairs_for(model, options.free_pairs))
+    free_pairs = free_pairs_for(model, options.free_pairs, options.free_context)
+    fresh = calibration is None or (calibration.metric, calibration.free_pairs) != (options.metric, free_pairs)
     if fresh or (weighted and calibration.grads is None):
         calibration = calibrate(model, calib_blocks, options.batch_size, options.metric, gradients=weighted,
-                                free_pairs=options.free_pairs)
-    build_tables = serving_tables if options.layout == "serving" else head_tables if options.decoupled else coupled_tables
-    tables = build_tables(model, calibration, weighted)
+                                free_pairs=free_pairs)
+    if options.layout == "free" and options.decoupled:
+        tables = head_tables(model, calibration, weighted, options.protect)
+    else:
+        tables = (serving_tables if options.layout == "serving" else coupled_tables)(model, calibration, weighted)
+    forbid_protected_merges(tables, options.protect)
     notes = {"search": options.search, "total_heads": total, "calibration_tokens": int(calib_blocks.numel()),
              "options": {**{k: v for k, v in asdict(options).items() if k != "progress"}, "free_pairs": calibration.free_pairs}}
     costs = [t.fisher for t in tables] if weighted else [t.costs for t in tables]
@@ -559,6 +582,9 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
         notes["heads_kept"] = sum(counts)  # == total unless an ablation cannot meet it exactly
     else:
         counts, notes["learned"] = learned_counts(model, calib_blocks, tables, calibration, total, options)
+    if 0 in counts or not math.isfinite(sum(c[n - 1] for c, n in zip(costs, counts))):
+        raise UserError(f"the budget keeps {total} heads, too few to keep the {len(options.protect)} protected heads "
+                        "unmerged in this layout: protect fewer (--retrieval-heads) or raise --kv-budget")
     notes["costs"] = _by_kind(tables, [_rounded(t.costs) for t in tables])
     if weighted:
         notes["loss_increase"] = _by_kind(tables, [_rounded(t.fisher) for t in tables])

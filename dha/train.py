@@ -88,7 +88,8 @@ from .atomic import atomic_file, write_json
 from .checkpoint import save_final_model
 from .data import DataError, blocks
 from .errors import UserError
-from .model import next_token_nll
+from .memory import Training, free_memory, gib, step_bytes
+from .model import Transformer, next_token_nll
 from .transforms import build
 
 RUN_FORMAT = "dha-train-run/1"
@@ -96,7 +97,9 @@ CHECKPOINT_FORMAT = "dha-train-checkpoint/1"
 SHARDED_META = "meta.pt"  # beside the shards of a sharded checkpoint: step, history, RNG, identity
 # TrainConfig fields that may differ between a run and its resumption: they do not change the
 # trajectory of the weights.
-RESUMABLE_CHANGES = {"eval_every", "save_every", "keep_checkpoints", "device", "micro_batch"}  # micro_batch: only the order of sums
+RESUMABLE_CHANGES = {"eval_every", "save_every", "keep_checkpoints", "device", "micro_batch",  # micro_batch: only the order of sums
+                     "activation_checkpointing"}  # recomputes the same forward: the same gradients
+CHECKPOINTING = ("auto", "on", "off")
 
 
 @dataclass
@@ -128,6 +131,10 @@ class TrainConfig:
     distill_temperature: float = 1.0  # T in the KD term
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
+    # Activation checkpointing of the decoder blocks (Transformer.checkpoint_blocks): "on" | "off" |
+    # "auto": on when a micro batch's activations fit the device's free memory only with it
+    # (choose_checkpointing). It trades one more forward pass of the blocks for their activations.
+    activation_checkpointing: str = "auto"
 
     def validate(self) -> None:
         checks = [
@@ -146,6 +153,8 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, f"keep checkpoints must be at least 1, got {self.keep_checkpoints}"),
             (0.0 <= self.distill_weight <= 1.0, f"distill weight must be in [0, 1], got {self.distill_weight}"),
             (self.distill_temperature > 0, f"distill temperature must be > 0, got {self.distill_temperature}"),
+            (self.activation_checkpointing in CHECKPOINTING,
+             f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, got {self.activation_checkpointing!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -209,6 +218,7 @@ class TrainResult:
     model: nn.Module  # the trained model (unwrapped; on the training device)
     steps: int = 0
     out_dir: str | None = None
+    activation_checkpointing: bool = False  # whether the blocks ran under activation checkpointing
 
 
 def ramp(step: int, start: int, end: int, lo: float = 0.0, hi: float = 1.0) -> float:
@@ -524,6 +534,52 @@ def own_storage(module: nn.Module, storages: set[int]) -> None:
             p.data = p.data.clone()
 
 
+# ---- activation checkpointing --------------------------------------------------------------------
+
+def set_checkpointing(module: nn.Module, on: bool) -> int:
+    """Run the decoder blocks of every Transformer inside `module` (itself, the source model of a
+    dha.fuse.FusedModel) under activation checkpointing, or not; how many Transformers it found."""
+    models = [m for m in module.modules() if isinstance(m, Transformer)]
+    for m in models:
+        m.checkpoint_blocks = on
+    return len(models)
+
+
+def choose_checkpointing(cfg: TrainConfig, module: nn.Module, micro: int, width: int, d: Dist) -> bool:
+    """Whether the blocks run under activation checkpointing (TrainConfig.activation_checkpointing).
+
+    "off": no; "on": yes; "auto": yes when a step's working memory (dha.memory.step_bytes: the
+    gradients and AdamW moments of the trainable parameters, one micro batch's activations) fits
+    the device's free memory only with it, said in one line on stderr. With "auto" or "on" a step
+    that does not fit even with it is refused (UserError) before any work. Called with the model
+    (and teacher) already on the device; every rank takes the decision of the rank that needs most."""
+    mode = cfg.activation_checkpointing
+    models = [m for m in module.modules() if isinstance(m, Transformer)]
+    if mode == "off" or not models:
+        if mode == "on":
+            raise UserError("--activation-checkpointing on: the model trained has no Transformer blocks to checkpoint")
+        return False
+    training = Training(micro_batch=micro, block_size=width, shards=d.world if cfg.fsdp and d.world > 1 else 1,
+                        distill=cfg.distill)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1  # they share its memory
+    without, with_it = (processes * step_bytes(models[0].config, training, trainable, c) for c in (False, True))
+    free = free_memory(d.device)
+    code = 2 if free is not None and with_it > free else int(mode == "on" or (free is not None and without > free))
+    if d.world > 1:
+        t = torch.tensor([code], device=d.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        code = int(t.item())
+    what = f"a micro batch of {micro} x {width} tokens needs about {gib(without)} beyond the weights without it"
+    where = f"{d.device} has {gib(free)} free" if free is not None else f"{d.device}'s free memory is unknown"
+    if code == 2:
+        raise UserError(f"training does not fit on {d.device} even with activation checkpointing: {what}, "
+                        f"{gib(with_it)} with it; {where}. Lower --micro-batch or --block-size")
+    if code == 1 and mode == "auto" and d.main:
+        print(f"dha: activation checkpointing on: {what}, {gib(with_it)} with it; {where}", file=sys.stderr)
+    return code == 1
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 def _autocast(device: torch.device, dtype_name: str):
@@ -648,6 +704,10 @@ class _Run:
         self.module = model.to(d.device)
         own_storage(self.module, storages)
         self.module.train()
+        self.per_rank = self.shape.rows // d.world
+        self.micro = min(cfg.micro_batch, self.per_rank)
+        self.checkpointing = choose_checkpointing(cfg, self.module, self.micro, self.shape.width, d)
+        set_checkpointing(self.module, self.checkpointing)
         self.fsdp = cfg.fsdp and d.world > 1
         self.wrapped = wrap_distributed(self.module, self.fsdp, d)
         self.optimizer = build_optimizer(self.module, cfg, hooks, d.device)
@@ -657,11 +717,9 @@ class _Run:
             self._restore(state)
         if progress and d.main:
             print(f"dha: {self.shape.steps} steps of {self.shape.tokens} tokens on {d.world} process(es), {d.device}, "
-                  f"autocast {self.dtype}", file=sys.stderr)
+                  f"autocast {self.dtype}, activation checkpointing {'on' if self.checkpointing else 'off'}", file=sys.stderr)
         self.writer = self._open_outputs()
 
-        self.per_rank = self.shape.rows // d.world
-        self.micro = min(cfg.micro_batch, self.per_rank)
         self.predicted = self.shape.rows * (self.shape.width - 1)  # global number of target tokens per step
         self.loss_scale = d.world / self.predicted  # DDP/FSDP average over ranks; we want the global mean
 
@@ -814,16 +872,17 @@ class _Run:
     def finish(self, loaded, save_final: bool, run_info: dict | None) -> TrainResult:
         """The trained model, unsharded; with an out_dir (rank 0) the writer closed and, when
         save_final, the final model saved there."""
+        set_checkpointing(self.module, False)  # the model given back runs its blocks plainly again
         final = unwrap_full_model(self.module, self.fsdp, self.d)
         if self.writer is not None:
             self.writer.close()
         if self.writer is not None and save_final:
             trained = {"steps": self.step, "tokens": self.step * self.shape.tokens, "autocast": self.dtype,
-                       "config": asdict(self.cfg), "run": dict(run_info or {})}
+                       "activation_checkpointing": self.checkpointing, "config": asdict(self.cfg), "run": dict(run_info or {})}
             save_final_model(self.out_dir, final, loaded, {"trained": trained})
         if self.d.world > 1:
             dist.barrier()
-        return TrainResult(self.history, self.evals, final, self.step, self.out_dir)
+        return TrainResult(self.history, self.evals, final, self.step, self.out_dir, self.checkpointing)
 
 
 def wrap_distributed(module: nn.Module, fsdp: bool, d: Dist) -> nn.Module:

@@ -6,6 +6,7 @@ never builds a float32 log-softmax of a whole batch. Tiny models (hidden 48, 2 l
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -236,3 +237,68 @@ def test_generate_until_stops_at_the_until_string_and_at_eos():
     assert tok.eos_token_id == free[3]
     got = DHALM(loaded, progress=False).generate_until([SimpleNamespace(args=(context, {"until": ["@@"], "max_gen_toks": 12}))])
     assert got == [tok.decode(free[:3], skip_special_tokens=True)]
+
+
+# ---- RULER (lm-eval's synthetic long-context tasks), offline ------------------------------------
+
+def test_ruler_niah_single_1_runs_offline_through_the_adapter(monkeypatch):
+    """niah_single_1 at 768 tokens (max_length 16, raised to fit them), 2 samples, with no network
+    (sockets and nltk.download refuse): the prompts are built with the model's own tokenizer (each
+    fits 768 tokens of it with the 128 to generate, and reaches the model uncut), generated from the
+    KV cache, and scored by lm-eval's string match on what the adapter returned: sample 0's answer is
+    made right by appending its needle's value, so the score is (1 + hit of sample 1) / 2."""
+    pytest.importorskip("wonderwords", reason='RULER needs lm-eval[ruler]: pip install "lm-eval[ruler]"')
+    nltk = pytest.importorskip("nltk", reason='RULER needs lm-eval[ruler]: pip install "lm-eval[ruler]"')
+    import re
+    import socket
+
+    from dha.lm_eval_adapter import run_tasks
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("RULER offline tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(nltk, "download", no_network)
+    loaded, seen, env = loaded_tiny(), [], dict(os.environ)
+    real = DHALM.greedy_until
+
+    def spy(self, ids, max_new, until):
+        text = real(self, ids, max_new, until)  # the real greedy decoding, from the KV cache
+        value = re.search(r"for (\S+) is: (\d+)\.", self.tokenizer.decode(ids)).group(2)
+        text = text + " " + value if not seen else text
+        seen.append((ids, max_new, value, text))
+        return text
+
+    monkeypatch.setattr(DHALM, "greedy_until", spy)
+    got = run_tasks(loaded, ["niah_single_1"], limit=2, max_length=16, progress=False, task_metadata='{"max_seq_lengths": [768]}')
+    assert len(seen) == 2 and [m for _, m, _, _ in seen] == [128, 128]
+    for ids, _, value, _ in seen:
+        prompt = loaded.tokenizer.decode(ids)
+        assert prompt.startswith("A special magic number is hidden") and value in prompt  # uncut: the whole prompt
+        question = prompt[: prompt.index("What is the special magic number")]
+        assert len(loaded.tokenizer.encode(question)) + 128 <= 768  # sized with this tokenizer
+    hits = [value in text for _, _, value, text in seen]
+    assert got == {"niah_single_1": {"sample_len": 2, "768": pytest.approx(sum(hits) / 2)}} and hits[0]
+    assert dict(os.environ) == env  # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE only for the run
+
+
+def test_ruler_missing_pieces_are_one_line_user_errors(monkeypatch):
+    """What RULER cannot do offline is refused before lm-eval runs, each with what to do."""
+    import sys
+
+    from dha.errors import UserError
+    from dha.lm_eval_adapter import RULER_OFFLINE, run_tasks
+
+    loaded = loaded_tiny()
+    monkeypatch.setitem(sys.modules, "wonderwords", None)  # as if lm-eval[ruler] were not installed
+    with pytest.raises(UserError, match=r'wonderwords: pip install "lm-eval\[ruler\]"'):
+        run_tasks(loaded, ["niah_single_1"], limit=1)
+    monkeypatch.delitem(sys.modules, "wonderwords")
+    for task in ("niah_single_2", "ruler_qa_squad", "ruler"):
+        with pytest.raises(UserError, match="needs a download .* does not run offline") as e:
+            run_tasks(loaded, [task], limit=1)
+        assert ", ".join(RULER_OFFLINE) in str(e.value) and "\n" not in str(e.value)
+    for metadata, message in [('{"max_seq_lengths": 768}', "list of positive"), ('{"max_seq_lengths": [true]}', "list of positive"),
+                              ('{"tokenizer": "gpt2"}', "own tokenizer"), ("{max_seq_lengths: [768]}", "not JSON"), ("[768]", "JSON object")]:
+        with pytest.raises(UserError, match=message):
+            run_tasks(loaded, ["niah_single_1"], limit=1, task_metadata=metadata)

@@ -365,3 +365,31 @@ def test_serving_layout_plans_are_held_by_serving_engines_and_meet_the_budget():
         assert serving_layout_problem(merged.config) is None
     with pytest.raises(UserError):
         SearchOptions(layout="serving", search="learned")
+
+
+def test_protected_heads_stay_unmerged_and_the_budget_still_holds():
+    """In the scattered-GQA model the cheapest plan at 2 of 6 merges every key head with its copies.
+    Protecting layer 0's key head 0 keeps it a head of its own; the plan still keeps exactly the
+    budget's heads (the protected head's cost is paid elsewhere); a budget too small is refused."""
+    _, mha, truth = scattered_gqa()
+    calib = random_ids(8, 32)
+    plain = search(mha, 2 / 6, calib, SearchOptions())
+    assert not any(g == [0] for g in plain.layers[0].key_groups)  # the test can fail: unprotected, head 0 merges
+    protected = search(mha, 0.5, calib, SearchOptions(protect=[(0, "key", 0)]))
+    assert [0] in protected.layers[0].key_groups
+    assert sum(protected.key_heads()) + sum(protected.value_heads()) == total_heads_for_budget([6, 6], [6, 6], 0.5)
+    every = [(l, "key", h) for l in range(2) for h in range(6)]
+    with pytest.raises(UserError, match="too few to keep the 12 protected heads"):
+        search(mha, 0.5, calib, SearchOptions(protect=every))
+
+
+def test_retrieval_key_heads_rank_key_heads_by_their_query_heads_mass():
+    """A key head's retrieval mass is the sum over the query heads that read it (GQA: 3 each)."""
+    from dha.longctx import retrieval_key_heads
+
+    model = ours_from_hf(tiny_llama_hf(num_heads=6, num_kv_heads=2))  # query head h reads key head h // 3
+    mass = torch.zeros(2, 6, dtype=torch.float64)
+    mass[1, 3:] = torch.tensor([0.2, 0.2, 0.2])  # layer 1, key head 1: 0.6 in all
+    mass[0, 0] = 0.5  # layer 0, key head 0: 0.5
+    mass[1, 0] = 0.1
+    assert retrieval_key_heads(model, mass, 2) == [(1, 1), (0, 0)]

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Long context: SmolLM2-135M (8,192 positions) at half its KV cache, converted without training and
+# with the demo's 24,576 tokens, short rows against long ones; each model scored on Linux man pages
+# (a text nothing trains or calibrates on) by position over 8,192-token windows, and by passkey
+# retrieval through its KV cache at 2,048, 4,096 and 8,192 tokens (synthetic haystack, 5 depths
+# from 8% to 92%). One thread per job (OMP_NUM_THREADS=1), so that two jobs share the 2 cores
+# without oversubscribing them. Many hours on 2 cores: run the parts you need.
+#   bash benchmarks/long_context.sh [convert|eval|heads|llama|all]
+set -euo pipefail
+part=${1:-convert}
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+runs=${RUNS:-runs/long}
+man=${DHA_SECOND_TEXT:-$HOME/.cache/dha/man1_400.txt}
+res=benchmarks/results
+[[ -f $man ]] || python benchmarks/man_pages_text.py --pages 400 --out "$man"
+mkdir -p "$runs"
+if [[ $part == convert || $part == all ]]; then
+  # no training: the default, and the nine strongest retrieval key heads kept out of every merge
+  python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --out $runs/dha0
+  python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --retrieval-heads 9 --out $runs/dha0_rh9
+  # the demo's budget with those groups: rows of 256 (the default), 2,048 and 8,192 tokens
+  for ctx in 2048 8192; do
+    python -m dha convert --method dha --plan $runs/dha0_rh9/plan.json --context $ctx --tokens 24576 \
+      --no-progress --out $runs/rh9_ctx$ctx
+  done
+  python -m dha convert --method dha --plan $runs/dha0_rh9/plan.json --tokens 24576 --batch-tokens 1024 \
+    --no-progress --out $runs/rh9_rows256
+fi
+if [[ $part == eval || $part == all ]]; then
+  # one JSON per model (dha eval's line): 2 windows of 8,192 tokens, 10 passkeys per length
+  for m in smollm2-135m $runs/dha0 $runs/dha0_rh9 $runs/rh9_ctx2048 $runs/rh9_ctx8192 $runs/rh9_rows256; do
+    name=$(basename "$m")
+    python -m dha eval "$m" --data "$man" --long-context 8192 --long-windows 2 --retrieval 2048,4096,8192 \
+      --retrieval-per-depth 2 --batch-sizes 1 --repeats 1 --max-eval-tokens 4096 --json > $res/long_context_$name.json
+  done
+  python benchmarks/plot_long_context.py $res/long_context_*.json --out docs/images
+fi
+if [[ $part == heads || $part == all ]]; then
+  # which key heads carry retrieval, and their attention on the needle after each conversion
+  python benchmarks/retrieval_heads.py --length 2048 --prompts 5 --compare $runs/dha0 $runs/dha0_rh9 \
+    --out $res/retrieval_heads_half.json
+fi
+if [[ $part == llama || $part == all ]]; then
+  # the same measures in llama.cpp on the GGUF export, f16 and q8_0 KV caches, flash attention on
+  python benchmarks/long_context_llama_cpp.py $runs/dha0 --data "$man" --window 8192 --windows 1 \
+    --lengths 2048,8192 --depths 5 --per-depth 1 --out $res/long_context_llama_cpp.json
+fi
