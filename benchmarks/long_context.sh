@@ -19,26 +19,23 @@ if [[ $part == convert || $part == all ]]; then
   # no training: the default, and the nine strongest retrieval key heads kept out of every merge
   python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --out $runs/dha0
   python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --retrieval-heads 9 --out $runs/dha0_rh9
-  # the demo's budget with those groups: rows of 256 (the default), 2,048 and 8,192 tokens
+  # the demo's budget with those groups, on rows of 2,048 and 8,192 tokens (batches of 4,096 and
+  # 8,192 tokens: 6 and 3 steps), distilled from the source
   for ctx in 2048 8192; do
     python -m dha convert --method dha --plan $runs/dha0_rh9/plan.json --context $ctx --tokens 24576 \
       --no-progress --out $runs/rh9_ctx$ctx
   done
-  python -m dha convert --method dha --plan $runs/dha0_rh9/plan.json --tokens 24576 --batch-tokens 1024 \
-    --no-progress --out $runs/rh9_rows256
 fi
 if [[ $part == eval || $part == all ]]; then
-  # one JSON per model (dha eval's line): 2 windows of 8,192 tokens, 10 passkeys per length
-  for m in smollm2-135m $runs/dha0 $runs/dha0_rh9 $runs/rh9_ctx2048 $runs/rh9_ctx8192 $runs/rh9_rows256; do
-    name=$(basename "$m")
-    python -m dha eval "$m" --data "$man" --long-context 8192 --long-windows 2 --retrieval 2048,4096,8192 \
-      --retrieval-per-depth 2 --batch-sizes 1 --repeats 1 --max-eval-tokens 4096 --json > $res/long_context_$name.json
-  done
-  python benchmarks/plot_long_context.py $res/long_context_*.json --out docs/images
+  # per model: 2 windows of 8,192 tokens by position, passkeys at 2,048 (10) and 8,192 (5) tokens,
+  # each record appended as it is measured (benchmarks/long_context_lean.py)
+  python benchmarks/long_context_lean.py smollm2-135m $runs/rh9_ctx2048 $runs/rh9_ctx8192 $runs/dha0 \
+    --data "$man" --out $res/long_context_half.jsonl
+  python benchmarks/plot_long_context.py $res/long_context_half.jsonl --out docs/images
 fi
 if [[ $part == heads || $part == all ]]; then
   # which key heads carry retrieval, and their attention on the needle after each conversion
-  python benchmarks/retrieval_heads.py --length 2048 --prompts 5 --compare $runs/dha0 $runs/dha0_rh9 \
+  python benchmarks/retrieval_heads.py --length 2048 --prompts 5 --compare $runs/dha0 \
     --out $res/retrieval_heads_half.json
 fi
 if [[ $part == llama || $part == all ]]; then

@@ -1,12 +1,11 @@
-"""The long-context results as plots and a markdown table, from `dha eval --json` files (one model each).
+"""The long-context results as plots and a markdown table, from `long_context_lean.py` JSON lines.
 
-The first file is the reference (the source): every other model's perplexity by position is drawn
-as a ratio to it (docs/images/long_context_by_position.png), passkeys found as heatmaps
-(docs/images/long_context_retrieval.png), and the table is printed: per model the ratio in each
-position bucket, the 4k-8k ratio over the 0-1k one, and passkeys found per length.
+The first model is the reference (the source): every other model's perplexity by position is drawn
+as a ratio to it (docs/images/long_context_by_position.png), and the table is printed: per model
+the ratio in each position bucket, the 4k-8k ratio over the 0-1k one (both as ratios to the
+source), and passkeys found per length.
 
-    python benchmarks/plot_long_context.py benchmarks/results/long_context_smollm2-135m.json \\
-        benchmarks/results/long_context_dha0.json ... --out docs/images
+    python benchmarks/plot_long_context.py benchmarks/results/long_context_half.jsonl --out docs/images
 """
 
 from __future__ import annotations
@@ -19,13 +18,26 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dha.plots import plot_position_ratio, plot_retrieval  # noqa: E402
+from dha.plots import plot_position_ratio  # noqa: E402
 
 
-def read(path: str) -> tuple[str, dict]:
-    with open(path) as f:
-        model = json.loads(f.read().strip().splitlines()[-1])["models"][0]
-    return os.path.basename(path).removeprefix("long_context_").removesuffix(".json"), model
+def read(paths: list[str]) -> dict[str, dict]:
+    """{model name: {"by_position": ..., "retrieval": {merged grid of every length}}}, in file order."""
+    models: dict[str, dict] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                m = models.setdefault(os.path.basename(r["model"].rstrip("/")), {})
+                if r["kind"] == "by_position":
+                    m["by_position"] = r
+                else:
+                    m.setdefault("retrieval", []).append(r)
+    return models
+
+
+def found(grids: list[dict]) -> dict[str, str]:
+    return {str(g["lengths"][0]): f"{g['found_per_length'][str(g['lengths'][0])]}/{g['prompts_per_length']}" for g in grids}
 
 
 def bucket_nll(model: dict, start: int, end: int) -> float:
@@ -37,29 +49,31 @@ def bucket_nll(model: dict, start: int, end: int) -> float:
 def table(names: list[str], models: list[dict]) -> list[str]:
     base = models[0]
     buckets = base["by_position"]["buckets"]
-    grid = base["retrieval"]
+    lengths = list(found(base.get("retrieval", [])))
     head = ("| model | " + " | ".join(f"{b['start']}-{b['end']}" for b in buckets) + " | 4k-8k / 0-1k | "
-            + " | ".join(f"passkey {n}" for n in grid["lengths"]) + " |")
-    lines = [head, "|---|" + "---:|" * (len(buckets) + 1 + len(grid["lengths"]))]
+            + " | ".join(f"passkey {n}" for n in lengths) + " |")
+    lines = [head, "|---|" + "---:|" * (len(buckets) + 1 + len(lengths))]
     near = {id(m): math.exp(bucket_nll(m, 0, 1024)) for m in models}
     far = {id(m): math.exp(bucket_nll(m, 4096, 8192)) for m in models}
     for name, m in zip(names, models):
         ratios = [r["ppl"] / b["ppl"] for r, b in zip(m["by_position"]["buckets"], buckets)]
         trend = (far[id(m)] / far[id(base)]) / (near[id(m)] / near[id(base)])
-        found = [f"{v}/{grid['prompts_per_length']}" for v in m["retrieval"]["found_per_length"].values()]
-        lines.append(f"| {name} | " + " | ".join(f"{r:.3f}x" for r in ratios) + f" | {trend:.3f} | " + " | ".join(found) + " |")
+        got = found(m.get("retrieval", []))
+        cells = [got.get(n, "-") for n in lengths]
+        lines.append(f"| {name} | " + " | ".join(f"{r:.3f}x" for r in ratios) + f" | {trend:.3f} | " + " | ".join(cells) + " |")
     return lines
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="+", help="dha eval --json outputs; the first is the reference")
+    p.add_argument("files", nargs="+", help="long_context_lean.py outputs; the first model is the reference")
     p.add_argument("--out", default="docs/images")
     args = p.parse_args(argv)
-    names, models = zip(*(read(f) for f in args.files))
-    plot_position_ratio(list(names), [m["by_position"] for m in models], os.path.join(args.out, "long_context_by_position.png"))
-    plot_retrieval(list(names), [m["retrieval"] for m in models], os.path.join(args.out, "long_context_retrieval.png"))
-    print("\n".join(table(list(names), list(models))))
+    read_models = read(args.files)
+    names = [n for n, m in read_models.items() if "by_position" in m]
+    models = [read_models[n] for n in names]
+    plot_position_ratio(names, [m["by_position"] for m in models], os.path.join(args.out, "long_context_by_position.png"))
+    print("\n".join(table(names, models)))
     return 0
 
 

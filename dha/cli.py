@@ -207,10 +207,6 @@ def add_long_context_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--long-context", type=int, default=0, metavar="N",
                    help="perplexity by position over windows of N held-out tokens (buckets 0-256, 256-1k, 1k-2k, 2k-4k, 4k-8k, ...)")
     g.add_argument("--long-windows", type=int, default=4, help="windows of --long-context tokens scored (default 4)")
-    g.add_argument("--retrieval-heads", type=int, default=0, metavar="N",
-                   help="keep the N key heads that attend most to a passkey needle (the source on 5 synthetic passkey "
-                        "prompts) out of every merge: long-context retrieval runs through them (docs/longcontext.md)")
-    g.add_argument("--protect-values", action="store_true", help="--retrieval-heads: keep their value heads unmerged too")
     g.add_argument("--retrieval", type=_int_list, default=None, metavar="LENGTHS",
                    help="passkey retrieval through the KV cache at these prompt lengths, e.g. 2048,4096,8192")
     g.add_argument("--retrieval-depths", type=int, default=5, help="needle depths per length, evenly from 8%% to 92%% (default 5)")

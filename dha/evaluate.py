@@ -133,7 +133,8 @@ def _check_options(model, options: EvalOptions) -> None:
         options.retrieval.validate()
     longest_read = max(options.long_context, max(options.retrieval.lengths) if options.retrieval else 0)
     if longest_read > cfg.max_position_embeddings:
-        raise UserError(f"the model has {cfg.max_position_embeddings} positions; --long-context / retrieval prompts read {longest_read}")
+        raise UserError(f"the model has {cfg.max_position_embeddings} positions; "
+                        f"--long-context / retrieval prompts read {longest_read}")
     if cfg.position == "learned":  # absolute position tables end at max_position_embeddings
         longest = max(options.block_size, options.context + options.new_tokens)
         if longest > cfg.max_position_embeddings:

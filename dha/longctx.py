@@ -8,14 +8,14 @@ A smaller KV cache pays at long contexts, so what a conversion keeps must be mea
   windows, then per bucket of indices (POSITION_EDGES: 0-256, 256-1k, 1k-2k, 2k-4k, 4k-8k, ...).
   A model that reads its context well gets lower loss further in; a merge that breaks long-range
   attention shows as a ratio to the source that grows with position.
-- Passkey retrieval (`passkey_prompts`, `retrieval`): a five-digit key stated once inside a long
-  haystack at a depth (share of the haystack before it), then "What is the pass key? The pass key
-  is". The model continues greedily through its KV cache (`dha.model.generate`: a prefill, then
-  one token at a time); a prompt is found when the continuation contains the key. The haystack is
-  either synthetic filler (the sentences of Mohtashami & Jaggi 2023, repeated) or a token stream of
-  the user's own text (a different slice for every prompt). Prompts are built in token ids, so
-  every prompt of a length fills exactly that many positions with its answer, and the same ids go to every model (and
-  to llama.cpp, `benchmarks/long_context_llama_cpp.py`).
+- Passkey retrieval (`passkey_prompts`, `retrieval`): a needle naming a five-digit key (NEEDLE)
+  inside a long haystack at a depth (share of the haystack before it), then "What is the pass
+  key? The pass key is". The model continues greedily through its KV cache (`dha.model.generate`:
+  a prefill, then one token at a time); a prompt is found when the continuation contains the key.
+  The haystack is either synthetic filler (the sentences of Mohtashami & Jaggi 2023, repeated) or
+  a token stream of the user's own text (a different slice for every prompt). Prompts are built in
+  token ids: with its answer a prompt fills exactly its length, and the same ids go to every model
+  (and to llama.cpp, `benchmarks/long_context_llama_cpp.py`).
 """
 
 from __future__ import annotations
@@ -230,7 +230,9 @@ def needle_attention(model, tokenizer, length: int = 2048, prompts: int = 5, pro
     for l, block in enumerate(model.layers):  # read each layer's queries and keys after RoPE
         block.attn.attend = _capture(captured, l, block.attn.attend)
     try:
-        for p in tqdm(passkey_prompts(tokenizer, options), desc="needle attention", unit="prompt", disable=not progress, file=sys.stderr):
+        bar = tqdm(passkey_prompts(tokenizer, options), desc="needle attention", unit="prompt", disable=not progress,
+                        file=sys.stderr)
+        for p in bar:
             span = needle_span(tokenizer, p)
             model(torch.tensor([p.ids], device=next(model.parameters()).device), last_only=True)
             for l, block in enumerate(model.layers):

@@ -158,16 +158,23 @@ def test_llama3_rope_scaling(tmp_path, capsys):
 QUANTISED_ATOL = {"f16": 2e-3, "q8_0": 2.5e-2}
 
 
-@requires_llama_cpp
-@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
-def test_f16_and_q8_0_run(tmp_path, capsys, outtype):
-    hf = tiny_llama_hf(vocab_size=VOCAB, hidden_size=96, intermediate_size=128)  # q8_0 blocks: rows of 32
-    with torch.no_grad():  # sharper attention, so that RoPE and head placement matter to the logits
+def sharp_per_layer_model(**hf_options):
+    """(hf, our model with 3 and 2 key/value heads in its two layers) from a tiny LLaMA whose q/k
+    weights are scaled by 4: sharper attention, so that RoPE, head placement and what the cache
+    holds matter to the logits."""
+    hf = tiny_llama_hf(vocab_size=VOCAB, intermediate_size=128, **hf_options)
+    with torch.no_grad():
         for layer in hf.model.layers:
             layer.self_attn.q_proj.weight.mul_(4)
             layer.self_attn.k_proj.weight.mul_(4)
     groups = [[[0, 3], [1, 4], [2, 5]], [[1, 2, 5], [0, 3, 4]]]
-    model = converted(hf, groups, groups)
+    return hf, converted(hf, groups, groups)
+
+
+@requires_llama_cpp
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_f16_and_q8_0_run(tmp_path, capsys, outtype):
+    hf, model = sharp_per_layer_model(hidden_size=96)  # q8_0 blocks: rows of 32
     path, report, _ = exported(tmp_path, capsys, model, hf, "--outtype", outtype)
     ids = token_ids(40)
     diff = (llama_cpp_logits(llama(path), ids) - ours_logits(model, ids)).abs().max().item()

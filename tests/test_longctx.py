@@ -4,6 +4,7 @@ grid scored on models whose answers are known (an oracle that reads the needle, 
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import pytest
@@ -179,3 +180,24 @@ def test_needle_attention_equals_transformers_attention_probabilities():
             reference[l] += a[0, :, -1, span].sum(-1).double() / 2
     assert torch.allclose(got, reference, atol=1e-5, rtol=0)
     assert got.max() > 1e-3  # the needle is read at all (a mass of 0 everywhere would pass trivially)
+
+
+def test_eval_cli_prints_long_context_tables_writes_plots_and_json(cli_setup, capsys):
+    import json
+
+    from dha.cli import main
+
+    src, data, tmp = cli_setup
+    plots = tmp / "plots"
+    assert main(["eval", src, "--compare", src, "--data", data, "--heldout-fraction", "0.5", "--long-context", "128",
+                 "--long-windows", "2", "--retrieval", "96,128", "--retrieval-depths", "2", "--retrieval-per-depth", "1",
+                 "--batch-sizes", "1", "--repeats", "1", "--new-tokens", "2", "--context", "8", "--max-eval-tokens", "256", "--eval-block-size", "64",
+                 "--plot-dir", str(plots)]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity by position (2 windows of 128 tokens" in out and "passkey retrieval (synthetic haystack" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    first, second = report["models"]
+    assert [b["end"] for b in first["by_position"]["buckets"]] == [128]
+    assert second["ratios"]["by_position"] == [pytest.approx(1.0, abs=1e-9)]  # the same model twice
+    assert first["retrieval"]["prompts_per_length"] == 2 and set(first["retrieval"]["found"]) == {"96", "128"}
+    assert sorted(os.listdir(plots)) == ["by_position.png", "retrieval.png"]

@@ -16,9 +16,7 @@ import torch
 
 from dha import llamacpp, longctx
 from dha.model import generate
-from tests.conftest import tiny_llama_hf
-from tests.test_gguf import VOCAB, exported, requires_llama_cpp, token_ids
-from tests.test_serving import converted
+from tests.test_gguf import exported, requires_llama_cpp, sharp_per_layer_model, token_ids
 
 # (cache type, flash attention) -> max |llama.cpp - dha| NLL per index, nats (measured values in the module doc)
 NLL_ATOL = {("f32", False): 1e-5, ("f16", True): 1e-3, ("q8_0", True): 2e-2}
@@ -26,13 +24,7 @@ NLL_ATOL = {("f32", False): 1e-5, ("f16", True): 1e-3, ("q8_0", True): 2e-2}
 
 def tiny_converted(tmp_path, capsys):
     """(GGUF path, our model): 6 query heads of 32 dims, 2 layers with 3 and 2 key/value heads."""
-    hf = tiny_llama_hf(vocab_size=VOCAB, hidden_size=192, intermediate_size=128, head_dim=32, max_position_embeddings=512)
-    with torch.no_grad():  # sharper attention, so that what the cache holds matters to the loss
-        for layer in hf.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
-            layer.self_attn.k_proj.weight.mul_(4)
-    groups = [[[0, 3], [1, 4], [2, 5]], [[1, 2, 5], [0, 3, 4]]]
-    model = converted(hf, groups, groups)
+    hf, model = sharp_per_layer_model(hidden_size=192, head_dim=32, max_position_embeddings=512)
     path, report, _ = exported(tmp_path, capsys, model, hf)
     assert report["arch"] == "deci" and report["kv_heads"] == [3, 2]
     return path, model
