@@ -19,6 +19,9 @@ if [[ $part == convert || $part == all ]]; then
   # no training: the default, and the nine strongest retrieval key heads kept out of every merge
   python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --out $runs/dha0
   python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --retrieval-heads 9 --out $runs/dha0_rh9
+  for pairs in 0 5; do  # position-free key pairs: none, and those turning <= 0.5 rad over 8,192 tokens
+    python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --free-pairs $pairs --out $runs/dha0_fp$pairs
+  done
   # the demo's budget with those groups, on rows of 2,048 and 8,192 tokens (batches of 4,096 and
   # 8,192 tokens: 6 and 3 steps), distilled from the source
   for ctx in 2048 8192; do
@@ -29,9 +32,15 @@ fi
 if [[ $part == eval || $part == all ]]; then
   # per model: 2 windows of 8,192 tokens by position, passkeys at 2,048 (10) and 8,192 (5) tokens,
   # each record appended as it is measured (benchmarks/long_context_lean.py)
-  python benchmarks/long_context_lean.py smollm2-135m $runs/rh9_ctx2048 $runs/rh9_ctx8192 $runs/dha0 \
-    --data "$man" --out $res/long_context_half.jsonl
+  python benchmarks/long_context_lean.py smollm2-135m $runs/rh9_ctx2048 $runs/rh9_ctx8192 --data "$man" \
+    --out $res/long_context_half.jsonl
+  python benchmarks/long_context_lean.py $runs/dha0 --data "$man" --lengths "" --out $res/long_context_half.jsonl
   python benchmarks/plot_long_context.py $res/long_context_half.jsonl --out docs/images
+  # no training, one 8,192-token window of held-out pydoc (the source's row is in rh9_ctx8192's report)
+  python benchmarks/long_context_lean.py $runs/dha0 $runs/dha0_rh9 $runs/dha0_fp5 $runs/dha0_fp0 --data pydoc \
+    --windows 1 --lengths "" --out $res/long_context_half_pydoc.jsonl
+  python benchmarks/long_context_lean.py smollm2-135m --data pydoc --windows 1 --lengths 8192 --per-depth 1 \
+    --out $res/long_context_half_pydoc.jsonl
 fi
 if [[ $part == heads || $part == all ]]; then
   # which key heads carry retrieval, and their attention on the needle after each conversion
