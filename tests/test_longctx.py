@@ -152,14 +152,16 @@ def test_convert_context_sets_calibration_training_rows_and_free_pairs(cli_setup
     src, data, tmp = cli_setup
     out = tmp / "ctx"
     assert main(["convert", src, "--method", "dha", "--kv-budget", "0.5", "--data", data, "--context", "64",
-                 "--tokens", "256", "--batch-tokens", "32", "--no-progress", "--out", str(out)]) == 0
+                 "--tokens", "256", "--batch-tokens", "32", "--retrieval", "128", "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train"]["block_size"] == 64 and summary["train"]["batch_tokens"] == 64
     assert summary["calibration_tokens"] % 64 == 0 and summary["search"]["free_context"] == 64
     # head dim 8, theta 1e4: pair i turns by 64 * 1e4^(-i/4) rad over 64 tokens; <= 0.5 rad for i = 3 only
     assert summary["search"]["free_pairs"] == 1
     assert [r["by_position"]["window"] for r in summary["results"]] == [64, 64, 64]
-    assert "perplexity by position" in (out / "report.md").read_text()
+    assert [r["retrieval"]["prompts_per_length"] for r in summary["results"]] == [10, 10, 10]
+    report = (out / "report.md").read_text()
+    assert "perplexity by position" in report and "passkey retrieval (10 prompts per length" in report
 
 
 def test_needle_attention_equals_transformers_attention_probabilities():
