@@ -479,6 +479,8 @@ def apply_context(args, tokens: int) -> None:
         return
     from .checkpoint import source_shape
 
+    if not tokens and (args.method == "gqa" or args.method is None):
+        raise UserError("--context sets calibration blocks and training rows: gqa and a plan replay read neither without --tokens")
     cfg, _ = source_shape(args.source)
     if n < 2:
         raise UserError(f"--context must be at least 2 tokens, got {n}")
@@ -633,7 +635,9 @@ def check_offload(args, tokens: int) -> None:
         return
     conflicts = [(tokens > 0, "--tokens N trains the whole model on the device"),
                  (args.method == "prune", "--method prune runs whole-model forward passes on the device"),
-                 (args.method == "dha" and args.search == "learned", "--search learned trains its gates on the whole model on the device")]
+                 (args.method == "dha" and args.search == "learned", "--search learned trains its gates on the whole model on the device"),
+                 (args.method == "dha" and bool(args.retrieval or args.retrieval_heads),
+                  "--retrieval and --retrieval-heads run passkey prompts through the whole model")]
     for hit, why in conflicts:
         if hit:
             raise UserError(f"--offload keeps the model in CPU memory, one layer at a time on the device, but {why}: drop one of them")
@@ -904,11 +908,20 @@ def dha_config_from_args(args):
 
 
 def report_retrieval(args):
-    """The passkey grid of a DHA report (--retrieval LENGTHS): 5 depths, 2 keys each, synthetic haystack."""
+    """The passkey grid of a DHA report (--retrieval LENGTHS): 5 depths, 2 keys each, synthetic
+    haystack; refused past the source's positions. Also checks --retrieval-heads' company."""
+    from .checkpoint import source_shape
     from .longctx import RetrievalOptions
 
+    if (args.retrieval_heads or args.protect_values) and (args.plan is not None or args.search == "learned"):
+        raise UserError("--retrieval-heads / --protect-values shape the cost search: not with --plan or --search learned")
+    if args.protect_values and not args.retrieval_heads:
+        raise UserError("--protect-values protects the value heads of --retrieval-heads N: give N too")
     if not args.retrieval:
         return None
+    positions = source_shape(args.source)[0].max_position_embeddings
+    if max(args.retrieval) > positions:
+        raise UserError(f"--retrieval {max(args.retrieval)} is beyond the source's {positions} positions")
     options = RetrievalOptions(lengths=args.retrieval, per_depth=2)
     options.validate()
     return options
@@ -917,7 +930,9 @@ def report_retrieval(args):
 DHA_RUN_FORMAT = "dha-convert-run/1"
 # Settings a resumed run may change: how it reports and checkpoints, and where it runs.
 DHA_RESUMABLE = {"search.progress", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.device",
-                 "train.micro_batch", "device"}
+                 "train.micro_batch", "train.activation_checkpointing", "device"}
+# Settings added after runs were first written: a run.json without one was made with its value here.
+DHA_ADDED = {"long_context": 0, "retrieval_heads": 0, "protect_values": False, "search.free_context": 2048, "search.protect": []}
 
 
 def convert_run_identity(args, config, data: str) -> dict:
@@ -957,7 +972,7 @@ def check_dha_out(args, identity: dict) -> bool:
     if old.get("format") != DHA_RUN_FORMAT:
         raise UserError(f"--resume {out}: it holds a run of another verb, not of `convert --method dha`")
     diffs = sorted(k for part in ("run", "config") for k in set(old.get(part, {})) | set(identity[part])
-                   if old.get(part, {}).get(k) != identity[part].get(k))
+                   if old.get(part, {}).get(k, DHA_ADDED.get(k) if part == "config" else None) != identity[part].get(k))
     if diffs:
         raise UserError(f"--resume {out}: that run was made with other settings (differs in {', '.join(diffs)})")
     if os.path.exists(os.path.join(out, NATIVE_CONFIG)):

@@ -223,6 +223,8 @@ def long_context_result(loaded, heldout: torch.Tensor, options: EvalOptions) -> 
     if options.long_context:
         out["by_position"] = position_report(loaded.model.eval(), heldout, options.long_context, options.long_windows, options.progress)
     if options.retrieval is not None:
+        if loaded.tokenizer is None:
+            raise UserError(f"{loaded.source} has no tokenizer: passkey prompts cannot be built for it")
         out["retrieval"] = retrieval(loaded.model.eval(), loaded.tokenizer, options.retrieval, heldout, options.progress)
     return out
 

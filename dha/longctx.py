@@ -210,7 +210,7 @@ def needle_span(tokenizer, prompt: Prompt) -> list[int]:
     """Positions of the key's digits where the needle first states them."""
     for text in (prompt.key, " " + prompt.key):  # tokenised alone or with its leading space
         digits = _ids(tokenizer, text)
-        for i in range(len(prompt.ids) - len(digits)):
+        for i in range(len(prompt.ids) - len(digits) + 1):
             if prompt.ids[i:i + len(digits)] == digits:
                 return list(range(i, i + len(digits)))
     raise UserError(f"the key {prompt.key} is not found in its own prompt's tokens")

@@ -125,6 +125,14 @@ def test_convert_context_is_refused_past_the_positions_and_beside_the_block_flag
     assert err == ["dha: error: --context 512 is beyond the source's 256 positions"]
     assert main(base + ["--context", "128", "--calib-block-size", "64"]) == 2
     assert "give one of them" in capsys.readouterr().err
+    refused = {("--retrieval", "512"): "beyond the source's 256 positions",
+               ("--retrieval-heads", "2", "--search", "learned"): "not with --plan or --search learned",
+               ("--protect-values",): "give N too"}
+    for extra, why in refused.items():
+        assert main(base + list(extra)) == 2
+        assert why in capsys.readouterr().err
+    gqa = ["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--context", "64", "--out", str(out)]
+    assert main(gqa) == 2 and "read neither without --tokens" in capsys.readouterr().err
     assert not out.exists()
 
 
