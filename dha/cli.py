@@ -757,7 +757,8 @@ def add_dha_options(p) -> None:
     g.add_argument("--free-pairs", type=int, default=None, metavar="N",
                    help="aligned merge: merge the N lowest-frequency RoPE pairs of the keys as one position-free block "
                         "(full maps, a far better merge, exact only at angle 0; default: the pairs that turn by at most "
-                        f"{FREE_ANGLE:g} rad over {FREE_CONTEXT} tokens; 0: every pair exact under RoPE). "
+                        f"{FREE_ANGLE:g} rad over the model's positions, at least {FREE_CONTEXT} tokens, or --context; "
+                        "0: every pair exact under RoPE). "
                         "Not with a fusion stage (docs/method.md, \"Position-free pairs\")")
     g.add_argument("--fusion-fraction", type=float, default=DEFAULT_FUSION_FRACTION,
                    help=f"share of --tokens spent fusing toward the merge, the rest after it (default {DEFAULT_FUSION_FRACTION:g}: "
@@ -850,7 +851,6 @@ def dha_config_from_args(args):
 
     from .data import DEFAULT_DATA, DataError
     from .fuse import FusionOptions
-    from .compress import FREE_CONTEXT
     from .pipeline import DHAConfig, split_tokens
     from .plan import Plan
     from .search import SearchOptions
@@ -885,7 +885,7 @@ def dha_config_from_args(args):
     metric = "plain" if args.merge == "pca" else (args.merge_metric or SearchOptions.metric)
     search_options = SearchOptions(search=args.search, metric=metric, sensitivity=args.sensitivity, allocation=args.allocation,
                                    decoupled=not args.coupled_kv, layout=args.layout, seed=args.seed, free_pairs=args.free_pairs,
-                                   free_context=args.context or FREE_CONTEXT,
+                                   free_context=args.context,
                                    progress=not getattr(args, "no_progress", False))
     fusion = FusionOptions(schedule=args.fusion_schedule, weight=args.fusion_weight, ramp_end=args.fusion_ramp_end,
                            eps=args.fusion_eps, train_base=not args.freeze_base, learn_maps=not args.freeze_maps)
@@ -932,6 +932,7 @@ DHA_RUN_FORMAT = "dha-convert-run/1"
 DHA_RESUMABLE = {"search.progress", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.device",
                  "train.micro_batch", "train.activation_checkpointing", "device"}
 # Settings added after runs were first written: a run.json without one was made with its value here.
+# (search.free_context: the pairs' rule was over 2,048 tokens; the new default, None, is another rule.)
 DHA_ADDED = {"long_context": 0, "retrieval_heads": 0, "protect_values": False, "search.free_context": 2048, "search.protect": []}
 
 

@@ -57,7 +57,8 @@ from .transforms import build, heads, regroup_map, tensors_of, unheads, with_map
 
 METRICS = ("weighted", "plain")
 # The default position-free pairs (module doc): those that turn by at most FREE_ANGLE radians over
-# FREE_CONTEXT tokens. Chosen by measurement on SmolLM2 (docs/method.md, "Position-free pairs").
+# the model's positions, at least FREE_CONTEXT tokens. Chosen by measurement on SmolLM2
+# (docs/method.md, "Position-free pairs"; over its 8,192 positions: docs/longcontext.md).
 FREE_ANGLE = 0.5
 FREE_CONTEXT = 2048
 # A key group's exact-pair residual within TIE x its layer's key energy of the position-free one is a tie.
@@ -162,10 +163,12 @@ def key_layout(head_dim: int, rotary_dim: int, free_pairs: int) -> torch.Tensor:
     return torch.tensor([*range(kept), *range(half, half + kept), *range(kept, half), *range(half + kept, head_dim)])
 
 
-def free_pairs_for(model: Transformer, requested: int | None, context: int = FREE_CONTEXT) -> int:
+def free_pairs_for(model: Transformer, requested: int | None, context: int | None = None) -> int:
     """The key merges' position-free pair count: `requested`, or for None the FREE_ANGLE rule on the
-    model's RoPE frequencies over `context` tokens (0 without RoPE)."""
+    model's RoPE frequencies over `context` tokens (None: the model's positions, at least
+    FREE_CONTEXT; 0 pairs without RoPE)."""
     pairs = model.config.rotary_dim // 2 if model.config.position == "rope" else 0
+    context = context or max(FREE_CONTEXT, model.config.max_position_embeddings)
     if requested is None:
         return int((model.inv_freq.double() * context <= FREE_ANGLE).sum()) if pairs else 0
     if not 0 <= requested <= pairs:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compress import (FREE_CONTEXT, METRICS, Calibration, calibrate, fisher_cost, free_pairs_for, group_merge, group_residual, energy,
+from .compress import (METRICS, Calibration, calibrate, fisher_cost, free_pairs_for, group_merge, group_residual, energy,
                        reconstructed_outputs, reconstructed_key_rows, reconstructed_value_rows, source_heads,
                        total_heads_for_budget)
 from .errors import UserError
@@ -70,9 +70,10 @@ class SearchOptions:
     search: str = "cost"  # "cost": exact DP on the cost table | "learned": relaxed counts, trained
     metric: str = "weighted"  # merge metric: "weighted" (query energy for keys, W_O for values) | "plain" (PCA)
     # key merge: the lowest-frequency RoPE pairs merged as one position-free block (dha.compress);
-    # None: the pairs that turn by at most compress.FREE_ANGLE over compress.FREE_CONTEXT tokens
+    # None: the pairs that turn by at most compress.FREE_ANGLE over `free_context` tokens
     free_pairs: int | None = None
-    free_context: int = FREE_CONTEXT  # the context the FREE_ANGLE rule is taken over (`dha convert --context`)
+    # the context of that rule (`dha convert --context`); None: the model's positions, at least compress.FREE_CONTEXT
+    free_context: int | None = None
     # (layer, "key" | "value", head) kept out of every merge: each stays a head of its own (e.g.
     # the retrieval heads of dha.longctx.retrieval_key_heads, `dha convert --retrieval-heads`)
     protect: list = field(default_factory=list)

@@ -252,3 +252,14 @@ def test_key_layout_orders_the_exact_pairs_first_and_the_count_is_checked():
     assert free_pairs_for(slow, None) == 2
     with pytest.raises(UserError, match="between 0 and 4"):
         free_pairs_for(model, 5)
+
+
+def test_free_pairs_follow_the_model_positions_or_the_context():
+    """The FREE_ANGLE rule (0.5 rad) over the model's positions (at least 2,048), or a given context:
+    a pair turning 1e-4 rad a token is position-free over 2,048 tokens (0.2 rad), not over 8,192 (0.8)."""
+    model = ours_from_hf(tiny_llama_hf())
+    long = build(replace(model.config, rope_inv_freq=[1.0, 0.1, 1e-4, 1e-5], max_position_embeddings=8192), state_dict_of(model))
+    assert free_pairs_for(long, None) == 1  # over its 8,192 positions: only the 1e-5 pair
+    assert free_pairs_for(long, None, context=2048) == 2
+    short = build(replace(long.config, max_position_embeddings=256), state_dict_of(model))
+    assert free_pairs_for(short, None) == 2  # 256 positions: the rule still spans 2,048 tokens
