@@ -23,55 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dha.checkpoint import load  # noqa: E402
-from dha.longctx import RetrievalOptions, _ids, passkey_prompts  # noqa: E402
-
-
-def needle_span(tokenizer, prompt) -> list[int]:
-    """Positions of the key's digits at its first statement in the prompt."""
-    digits = _ids(tokenizer, prompt.key)
-    for i in range(len(prompt.ids) - len(digits)):
-        if prompt.ids[i:i + len(digits)] == digits:
-            return list(range(i, i + len(digits)))
-    key = _ids(tokenizer, " " + prompt.key)  # the key may be tokenised with its leading space
-    for i in range(len(prompt.ids) - len(key)):
-        if prompt.ids[i:i + len(key)] == key:
-            return list(range(i, i + len(key)))
-    raise RuntimeError(f"key {prompt.key} not found in its prompt")
-
-
-@torch.no_grad()
-def needle_mass(model, prompts, spans) -> torch.Tensor:
-    """(layers, query heads): mean attention mass of the last prompt position on the needle."""
-    L, H = model.config.num_layers, model.config.num_heads
-    mass = torch.zeros(L, H, dtype=torch.float64)
-    captured = {}
-
-    def capture(layer, original):
-        def attend(q, k, v, mask):
-            captured[layer] = (q[:, :, -1:].float(), k.float())
-            return original(q, k, v, mask)
-        return attend
-
-    for l, block in enumerate(model.layers):
-        block.attn.attend = capture(l, block.attn.attend)
-    try:
-        for p, span in zip(prompts, spans):
-            model(torch.tensor([p.ids]), last_only=True)
-            for l, block in enumerate(model.layers):
-                q, k = captured[l]
-                k = k.index_select(1, block.attn.key_index)  # (1, H, S, hd)
-                probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)[0, :, 0]  # (H, S)
-                mass[l] += probs[:, span].sum(-1).double()
-    finally:
-        for block in model.layers:
-            del block.attn.attend
-    return mass / len(prompts)
-
-
-def per_key_head(model, mass: torch.Tensor) -> list[list[float]]:
-    cfg = model.config
-    return [[float(sum(mass[l, h] for h in range(cfg.num_heads) if cfg.key_index[l][h] == j)) for j in range(cfg.key_heads(l))]
-            for l in range(cfg.num_layers)]
+from dha.longctx import key_head_mass, needle_attention  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -84,18 +36,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     source = load(args.source, torch.float32)
-    options = RetrievalOptions(lengths=[args.length], depths=args.prompts, per_depth=1)
-    prompts = passkey_prompts(source.tokenizer, options)
-    spans = [needle_span(source.tokenizer, q) for q in prompts]
-    mass = needle_mass(source.model, prompts, spans)
-    heads = per_key_head(source.model, mass)
+    mass = needle_attention(source.model, source.tokenizer, args.length, args.prompts)
+    heads = key_head_mass(source.model, mass)
     ranked = sorted(((m, l, j) for l, row in enumerate(heads) for j, m in enumerate(row)), reverse=True)[: args.top]
-    result = {"length": args.length, "prompts": len(prompts), "source": args.source,
+    result = {"length": args.length, "prompts": args.prompts, "source": args.source,
               "source_layer_mass": mass.sum(1).tolist(), "source_key_heads": heads,
               "strongest": [{"layer": l, "key_head": j, "mass": m} for m, l, j in ranked], "compare": []}
     for other in args.compare:
         loaded = load(other, torch.float32)
-        m2 = needle_mass(loaded.model, prompts, spans)
+        m2 = needle_attention(loaded.model, source.tokenizer, args.length, args.prompts)
         entry = {"model": other, "layer_mass": m2.sum(1).tolist()}
         plan_path = os.path.join(other, "plan.json")
         if os.path.exists(plan_path):

@@ -253,12 +253,16 @@ def _capture(captured: dict, layer: int, attend):
     return wrapped
 
 
-def retrieval_key_heads(model, mass: torch.Tensor, top: int) -> list[tuple[int, int]]:
-    """The `top` (layer, key head) pairs whose query heads put the most attention on the needle
-    (`needle_attention`, summed over the query heads that read each key head)."""
+def key_head_mass(model, mass: torch.Tensor) -> list[list[float]]:
+    """Per layer, per key head: the `needle_attention` mass of the query heads that read it, summed."""
     cfg = model.config
-    per_head = [(float(sum(mass[l, h] for h in range(cfg.num_heads) if cfg.key_index[l][h] == j)), l, j)
-                for l in range(cfg.num_layers) for j in range(cfg.key_heads(l))]
+    return [[float(sum(mass[l, h] for h in range(cfg.num_heads) if cfg.key_index[l][h] == j)) for j in range(cfg.key_heads(l))]
+            for l in range(cfg.num_layers)]
+
+
+def retrieval_key_heads(model, mass: torch.Tensor, top: int) -> list[tuple[int, int]]:
+    """The `top` (layer, key head) pairs whose query heads put the most attention on the needle."""
+    per_head = [(m, l, j) for l, row in enumerate(key_head_mass(model, mass)) for j, m in enumerate(row)]
     return [(l, j) for _, l, j in sorted(per_head, reverse=True)[:top]]
 
 
