@@ -8,7 +8,7 @@ of KEY=VALUE, where KEY is a field of dha.train.TrainConfig, of dha.fuse.FusionO
 "fusion.") or fusion_fraction:
 
     python benchmarks/demo_sweep.py --variants "default" "lr=1e-3" "distill_weight=1.0" "fusion_fraction=0" \
-        --seeds 0,1 --out benchmarks/results/b13_demo_sweep.json
+        --seeds 0,1 --out benchmarks/results/demo_sweep.json
 
 Prints one line per run and writes every run (settings, ppl, ratio, seconds) to --out.
 """
@@ -28,11 +28,12 @@ from dha.atomic import write_json
 from dha.checkpoint import load
 from dha.data import calibration_blocks, load_tokens
 from dha.evaluate import perplexity
-from dha.fuse import FusionOptions
+from dha.options import FusionOptions
 from dha.pipeline import (DHAConfig, StageRun, continued_stage, fusion_stage, heldout_blocks, load_stage1,
                           plan_and_merges, save_stage1, split_tokens)
 from dha.search import SearchOptions
-from dha.train import TrainConfig, setup_distributed
+from dha.options import TrainConfig
+from dha.train import setup_distributed
 
 
 def parse_variant(text: str) -> dict:

@@ -60,11 +60,12 @@ from dha.checkpoint import load
 from dha.convert import METHODS, convert
 from dha.data import blocks, calibration_blocks, load_tokens
 from dha.evaluate import perplexity
-from dha.fuse import FusionOptions
+from dha.options import FusionOptions
 from dha.pipeline import DHAConfig, run_dha
 from dha.plan import identity_plan
 from dha.search import SearchOptions
-from dha.train import TrainConfig, train
+from dha.options import TrainConfig
+from dha.train import train
 from dha.transforms import expand_to_mha, permute_query_heads
 
 

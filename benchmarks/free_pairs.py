@@ -7,7 +7,7 @@ tokens) and in windows of --long tokens (8,192 tokens in all), as ratios to the 
 windows: the merge treats the free pairs as if they did not turn, and the longer the window, the
 further they do turn. Writes --out after every row.
 
-    python benchmarks/free_pairs.py --free-pairs 0,4,6,8,10 --out benchmarks/results/b13_free_pairs_third.json
+    python benchmarks/free_pairs.py --free-pairs 0,4,6,8,10 --out benchmarks/results/free_pairs_third.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dha.atomic import write_json
 from dha.data import blocks, load_tokens
 from dha.evaluate import perplexity
 from dha.pipeline import run_dha
-from dha.train import TrainConfig
+from dha.options import TrainConfig
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from dha_vs_baselines import dha_config, source_model  # noqa: E402

@@ -8,7 +8,7 @@ loss, the trainable merge maps). Repeats alternate the two; a step's time is the
 per-step "seconds" (forward, backward, optimizer step), the first step of each run left out as a
 warm-up. Reports the median of each and their ratio.
 
-    python benchmarks/fusion_step.py --steps 4 --repeats 3 --out benchmarks/results/b13_fusion_step.json
+    python benchmarks/fusion_step.py --steps 4 --repeats 3 --out benchmarks/results/fusion_step.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from dha.checkpoint import load
 from dha.data import load_tokens
 from dha.fuse import FusedModel, FusionSchedule
 from dha.pipeline import DHAConfig
-from dha.train import TrainConfig, resolve_dtype, train
+from dha.options import TrainConfig
+from dha.train import resolve_dtype, train
 from demo_sweep import demo_stage1  # benchmarks/demo_sweep.py: the script's directory is on sys.path
 
 

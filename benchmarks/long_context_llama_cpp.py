@@ -22,7 +22,6 @@ Prints a table; the JSON document (with the command line) is written atomically 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile

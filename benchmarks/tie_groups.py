@@ -5,7 +5,7 @@ closed-form merges; no training): how many key groups merge with every pair exac
 them are single heads, and how many merge with a position-free block. A group that exact maps fit
 as well as the position-free block (single heads, copies) keeps exact maps. Writes --out.
 
-    python benchmarks/tie_groups.py --out benchmarks/results/b13_tie_groups.json
+    python benchmarks/tie_groups.py --out benchmarks/results/tie_groups.json
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from dha.atomic import write_json
 from dha.data import calibration_blocks, load_tokens
 from dha.pipeline import plan_and_merges
-from dha.train import TrainConfig
+from dha.options import TrainConfig
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from dha_vs_baselines import dha_config, source_model  # noqa: E402

@@ -28,7 +28,8 @@ from dha.checkpoint import Loaded, load, save
 from dha.data import blocks, load_tokens
 from dha.evaluate import perplexity
 from dha.model import ModelConfig, Transformer, scaled_init_
-from dha.train import TrainConfig, train
+from dha.options import TrainConfig
+from dha.train import train
 
 DEFAULT_OUT = os.path.join(os.path.expanduser("~"), ".cache", "dha", "small-mha-pydoc")
 

@@ -108,7 +108,8 @@ def child(args) -> dict:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bfloat16" else torch.autocast("cpu", enabled=False)
     params = sum(p.numel() for p in ours.parameters())
     if args.impl == "dha":
-        from dha.train import TrainConfig, train
+        from dha.options import TrainConfig
+        from dha.train import train
 
         del hf
         cfg = TrainConfig(tokens=steps * args.batch * args.block, block_size=args.block, batch_tokens=args.batch * args.block,

@@ -52,15 +52,11 @@ import torch
 from .errors import UserError
 from .layerwise import backward_heads, forward_heads
 from .model import Transformer
+from .options import FREE_ANGLE, FREE_CONTEXT
 from .plan import LayerPlan
 from .transforms import build, heads, regroup_map, tensors_of, unheads, with_maps
 
 METRICS = ("weighted", "plain")
-# The default position-free pairs (module doc): those that turn by at most FREE_ANGLE radians over
-# the model's positions, at least FREE_CONTEXT tokens. Chosen by measurement on SmolLM2
-# (docs/method.md, "Position-free pairs"; over its 8,192 positions: docs/longcontext.md).
-FREE_ANGLE = 0.5
-FREE_CONTEXT = 2048
 # A key group's exact-pair residual within TIE x its layer's key energy of the position-free one is a tie.
 TIE = 1e-6
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from .checkpoint import DEFAULT_SOURCE
 from .data import load_tokens
-from .train import Hooks, TrainConfig, TrainResult, train
+from .options import TrainConfig
+from .train import Hooks, TrainResult, train
 
 
 def continue_training(

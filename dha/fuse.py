@@ -32,49 +32,19 @@ dim, r rotary dims, p = hd - r pass-through dims.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .compress import (KeyMerge, ValueMerge, aligned_merge, mean_merge, reconstructed_key_rows,
                        reconstructed_value_rows)
-from .errors import UserError
 from .model import Transformer
+from .options import FusionOptions
 from .plan import Plan
 from .train import Hooks, ramp
 from .transforms import build, heads, state_dict_of, unheads
 
-SCHEDULES = ("ramp", "lagrangian", "anneal")
-TARGETS = ("aligned", "mean")
 KINDS = ("key", "value")
-
-
-@dataclass
-class FusionOptions:
-    # "anneal" (default): the members are interpolated toward their merge, a ramped from 0 to 1
-    # between ramp_start and ramp_end (then the fused model IS the merged one) + the ramped loss |
-    # "ramp": only the fusion-loss weight is ramped | "lagrangian": d <= target with learned multipliers.
-    schedule: str = "anneal"
-    target: str = "aligned"  # where the maps start: "aligned" (closed-form merge) | "mean" (group mean)
-    weight: float = 10.0  # ramp: the fusion-loss weight reached at `ramp_end`
-    ramp_start: float = 0.0  # fraction of the fusion steps where the ramp starts
-    ramp_end: float = 0.5  # fraction of the fusion steps where it ends
-    eps: float = 1e-3  # lagrangian: target distance per layer and kind at the end of the target ramp
-    multiplier_lr: float = 0.05  # lagrangian: learning rate of the multipliers (gradient ascent)
-    train_base: bool = True  # the source K/V projection weights W_j train too
-    learn_maps: bool = True  # the merge maps A, B train too (else they stay at their start)
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"fusion schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.target not in TARGETS:
-            raise UserError(f"fusion target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if not 0.0 <= self.ramp_start <= self.ramp_end <= 1.0:
-            raise UserError(f"need 0 <= ramp_start <= ramp_end <= 1, got {self.ramp_start}, {self.ramp_end}")
-        if self.weight < 0 or self.eps < 0 or self.multiplier_lr <= 0:
-            raise UserError("fusion weight and eps must be >= 0, the multiplier learning rate > 0")
 
 
 class GroupMaps(nn.Module):

@@ -51,18 +51,14 @@ from .data import blocks, calibration_blocks
 from .errors import UserError
 from .evaluate import perplexity
 from .longctx import needle_attention, position_report, retrieval, retrieval_key_heads
-from .fuse import FusedModel, FusionOptions, FusionSchedule, merge
+from .fuse import FusedModel, FusionSchedule, merge
+from .options import DEFAULT_FUSION_FRACTION, MERGES, FusionOptions, TrainConfig
 from .plan import Plan
 from .plots import plot_allocation, plot_loss, plot_perplexity
 from .search import SearchOptions, search
-from .train import TrainConfig, atomic_torch_save, checkpoints_in, eval_rows, setup_distributed, train
+from .train import atomic_torch_save, checkpoints_in, eval_rows, setup_distributed, train
 from .transforms import merge_groups
 
-# Measured on the demo setting (docs/method.md, "The recipe"): at a small token budget the steps
-# spent moving from the source to the merge cost more than they keep, so by default the aligned
-# merge is taken at once and every step trains the merged model; --fusion-fraction F fuses first.
-DEFAULT_FUSION_FRACTION = 0.0
-MERGES = ("aligned", "mean")
 
 
 @dataclass

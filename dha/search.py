@@ -51,7 +51,8 @@ from .compress import (METRICS, Calibration, calibrate, fisher_cost, free_pairs_
 from .errors import UserError
 from .model import Transformer
 from .plan import LayerPlan, Plan
-from .train import Hooks, TrainConfig, ramp, train
+from .options import TrainConfig
+from .train import Hooks, ramp, train
 from .transforms import heads, unheads
 
 SEARCHES = ("cost", "learned")

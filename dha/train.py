@@ -90,6 +90,7 @@ from .data import DataError, blocks
 from .errors import UserError
 from .memory import Training, free_memory, gib, step_bytes
 from .model import Transformer, next_token_nll
+from .options import AUTOCAST_NAMES, TrainConfig
 from .transforms import build
 
 RUN_FORMAT = "dha-train-run/1"
@@ -99,69 +100,8 @@ SHARDED_META = "meta.pt"  # beside the shards of a sharded checkpoint: step, his
 # trajectory of the weights.
 RESUMABLE_CHANGES = {"eval_every", "save_every", "keep_checkpoints", "device", "micro_batch",  # micro_batch: only the order of sums
                      "activation_checkpointing"}  # recomputes the same forward: the same gradients
-CHECKPOINTING = ("auto", "on", "off")
-
-
-@dataclass
-class TrainConfig:
-    """Training settings. The defaults run on a laptop CPU; `dha train` builds its options from these."""
-
-    tokens: int  # training tokens to read in total (global); steps = tokens // (tokens per step)
-    block_size: int = 256  # tokens per row when the training data is a 1-D stream (2-D input keeps its width)
-    batch_tokens: int = 4096  # global batch in tokens (all ranks, all accumulation micro batches)
-    micro_batch: int = 4  # rows per forward/backward on one rank; gradient accumulation makes up the rest
-    lr: float = 1.5e-4  # peak learning rate of the default parameter group (chosen on the demo setting: docs/method.md)
-    min_lr_ratio: float = 0.1  # the cosine schedule ends at min_lr_ratio * lr
-    warmup_steps: int | None = None  # linear warm-up steps; None: 5% of the steps (at least 1)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay, on matrices only (not norms, biases)
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    # Autocast dtype of forward passes: "auto" | "bfloat16" | "float16" | "float32" (= off); weights
-    # stay as loaded. "auto": bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs
-    # with AVX512-BF16 or AMX), else float32: on an AVX2-only CPU bf16 matmuls are emulated and a
-    # training step is ~15x slower than fp32 (measured here, AMD EPYC, torch 2.13).
-    dtype: str = "auto"
-    eval_every: int = 50  # held-out evaluation every this many steps (and before the first and after the last)
-    eval_tokens: int = 8192  # held-out tokens per evaluation (the first rows of the held-out blocks)
-    save_every: int = 0  # checkpoint every this many steps (needs an output dir); 0: none
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    seed: int = 0  # data order (and the torch/python RNGs, for hooks that sample)
-    data_start: int = 0  # rows of the seeded data order already read (a later stage starts where an earlier one stopped)
-    distill: bool = False  # add the KL to the teacher's logits
-    distill_weight: float = 0.5  # w in (1 - w) * LM + w * KD
-    distill_temperature: float = 1.0  # T in the KD term
-    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
-    device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
-    # Activation checkpointing of the decoder blocks (Transformer.checkpoint_blocks): "on" | "off" |
-    # "auto": on when a micro batch's activations fit the device's free memory only with it
-    # (choose_checkpointing). It trades one more forward pass of the blocks for their activations.
-    activation_checkpointing: str = "auto"
-
-    def validate(self) -> None:
-        checks = [
-            (self.tokens >= 1, f"tokens must be at least 1, got {self.tokens}"),
-            (self.data_start >= 0, f"data start must be >= 0, got {self.data_start}"),
-            (self.block_size >= 2, f"block size must be at least 2 (one input and one target), got {self.block_size}"),
-            (self.batch_tokens >= 1, f"batch tokens must be at least 1, got {self.batch_tokens}"),
-            (self.micro_batch >= 1, f"micro batch must be at least 1, got {self.micro_batch}"),
-            (0.0 <= self.min_lr_ratio <= 1.0, f"min lr ratio must be in [0, 1], got {self.min_lr_ratio}"),
-            (self.warmup_steps is None or self.warmup_steps >= 0, f"warmup steps must be >= 0, got {self.warmup_steps}"),
-            (self.grad_clip >= 0, f"grad clip must be >= 0, got {self.grad_clip}"),
-            (self.dtype == "auto" or self.dtype in AUTOCAST_DTYPES,
-             f"dtype must be auto or one of {', '.join(AUTOCAST_DTYPES)}, got {self.dtype!r}"),
-            (self.eval_every >= 0 and self.save_every >= 0, "eval every / save every must be >= 0"),
-            (self.eval_tokens >= 1, f"eval tokens must be at least 1, got {self.eval_tokens}"),
-            (self.keep_checkpoints >= 1, f"keep checkpoints must be at least 1, got {self.keep_checkpoints}"),
-            (0.0 <= self.distill_weight <= 1.0, f"distill weight must be in [0, 1], got {self.distill_weight}"),
-            (self.distill_temperature > 0, f"distill temperature must be > 0, got {self.distill_temperature}"),
-            (self.activation_checkpointing in CHECKPOINTING,
-             f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, got {self.activation_checkpointing!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-
-
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
+assert tuple(AUTOCAST_DTYPES) == AUTOCAST_NAMES
 
 
 def native_bf16(device: torch.device) -> bool:

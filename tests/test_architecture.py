@@ -38,17 +38,18 @@ def documented_layers() -> dict[str, int]:
     return layers
 
 
-def dha_imports(source: str) -> set[str]:
-    """The dha modules a file imports anywhere in it (top level, functions, try blocks)."""
+def dha_imports(source: str, depth: int = 0) -> set[str]:
+    """The dha modules a file imports anywhere in it (top level, functions, try blocks). `depth` 1:
+    the file is in a subpackage of dha (dha/cli/), whose own modules (`from .x`) are its inside."""
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
+            if node.level == depth + 1:
                 found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
             elif node.level == 0 and node.module and node.module.split(".")[0] == "dha":
                 parts = node.module.split(".")
                 found.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
-            elif node.level > 1:
+            elif node.level > depth + 1:
                 found.add(f"<import above the package: level {node.level}>")
         elif isinstance(node, ast.Import):
             found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("dha."))
@@ -68,11 +69,20 @@ def violations(imports: dict[str, set[str]], layers: dict[str, int]) -> list[str
 
 
 def package_imports() -> dict[str, set[str]]:
+    """module -> the dha modules it imports; a subpackage (dha/cli/) is one module, the union of its files'
+    imports. dha/remote_code/ holds file templates dha never imports: it is not a module here."""
     out = {}
     for name in sorted(os.listdir(PACKAGE)):
+        path = os.path.join(PACKAGE, name)
         if name.endswith(".py"):
-            with open(os.path.join(PACKAGE, name)) as f:
+            with open(path) as f:
                 out[name[:-3]] = dha_imports(f.read())
+        elif os.path.isfile(os.path.join(path, "__init__.py")):
+            out[name] = set()
+            for file in sorted(os.listdir(path)):
+                if file.endswith(".py"):
+                    with open(os.path.join(path, file)) as f:
+                        out[name] |= dha_imports(f.read(), depth=1) - {name}
     return out
 
 
@@ -96,3 +106,8 @@ def test_the_check_sees_upward_same_layer_and_function_level_imports():
     assert violations({"mid": dha_imports(source)}, layers) == [
         "dha/mid.py (layer 2) imports high (layer 3)", "dha/mid.py (layer 2) imports peer (layer 2)"]
     assert violations({"mid": {"nowhere"}}, layers) == ["dha/mid.py imports nowhere, which docs/architecture.md does not place"]
+
+
+def test_a_subpackage_imports_its_own_modules_freely_and_dha_from_two_dots():
+    source = "from .common import x\nfrom ..low import y\nfrom .. import peer\nfrom ...up import z\n"
+    assert dha_imports(source, depth=1) == {"low", "peer", "<import above the package: level 3>"}

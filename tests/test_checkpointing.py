@@ -25,7 +25,8 @@ from dha.fuse import FusedModel
 from dha.memory import GiB, Training, Work, activation_bytes, check_fit, estimate, step_bytes, training_fit
 from dha.model import ModelConfig, Transformer, scaled_init_
 from dha.plan import LayerPlan, Plan
-from dha.train import Dist, TrainConfig, _same_run, choose_checkpointing, set_checkpointing, train
+from dha.options import TrainConfig
+from dha.train import Dist, _same_run, choose_checkpointing, set_checkpointing, train
 from tests.conftest import save_tiny_source, text_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -48,7 +48,7 @@ def test_dtype_is_the_load_dtype_and_train_dtype_the_autocast_one(capsys):
     assert (args.dtype, args.train_dtype) == ("bfloat16", "float32")
 
 
-@pytest.mark.parametrize("argv", [["convert", "--out", "x", "--method", "mean"], ["convert", "--out", "x", "--dtype", "fp64"],
+@pytest.mark.parametrize("argv", [["convert", "--out", "x", "--dtype", "fp64"],
                                   ["convert", "--out", "x", "--grouping", "random"], ["eval", "--dtype", "int8"],
                                   ["train", "--tokens", "1", "--train-dtype", "fp8"], ["analyze", "--out", "x", "--metric", "l2"]])
 def test_enum_flags_have_choices(argv, capsys):
@@ -68,6 +68,12 @@ def test_enum_flags_have_choices(argv, capsys):
     (["--method", "dha", "--free-pairs", "2", "--tokens", "64", "--fusion-fraction", "0.5", "--batch-tokens", "16",
       "--block-size", "8"], "--free-pairs needs the merge at once (--fusion-fraction 0)"),
     (["--method", "dha", "--free-pairs", "-1"], "--free-pairs must be >= 0"),
+    (["--method", "mean"], "unknown method 'mean'; choose from gqa, gqa-similar, svd, prune, dha"),
+    (["--method", "svd", "--block-size", "16"], "--block-size is the training row length: give --tokens N as well"),
+    (["--method", "dha", "--metric", "cka"], "--metric (cka | cosine) is a baselines option"),
+    (["--method", "dha", "--plan", "p.json", "--layout", "serving"], "--layout shapes the search, which --plan replaces"),
+    (["--method", "dha", "--plan", "p.json", "--search", "learned"], "--search shapes the search, which --plan replaces"),
+    (["--method", "dha", "--plan", "p.json", "--retrieval-heads", "3"], "--retrieval-heads shapes the search, which --plan"),
     (["--method", "dha", "--free-pairs", "99"], "position-free pairs must be between 0 and"),
 ])
 def test_options_a_conversion_would_ignore_are_refused(workspace, capsys, extra, message):
@@ -84,9 +90,12 @@ def test_options_a_conversion_would_ignore_are_refused(workspace, capsys, extra,
 
 def test_options_a_conversion_uses_are_accepted(workspace, capsys):
     tmp_path, src, data = workspace
+    assert main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--out", str(tmp_path / "gqa"), "--json"]) == 0
+    plan = str(tmp_path / "gqa" / "plan.json")
     for name, extra in {"svd": ["--method", "svd", "--grouping", "similar", "--metric", "cosine", "--data", data,
                                 "--calib-tokens", "64", "--calib-block-size", "16"],
-                        "old": ["--method", "svd", "--data", data, "--calib-tokens", "64", "--block-size", "16"]}.items():
+                        "plan": ["--method", "dha", "--plan", plan, "--data", data, "--calib-tokens", "64",
+                                 "--calib-block-size", "16", "--merge-metric", "plain", "--free-pairs", "0"]}.items():
         assert main(["convert", src, "--kv-budget", "0.5", *extra, "--out", str(tmp_path / name), "--json"]) == 0
     capsys.readouterr()
 
@@ -102,3 +111,23 @@ def test_train_heldout_fraction_and_its_report(workspace, capsys):
         assert json.load(f)["run"]["heldout_fraction"] == 0.3
     assert main(["train", src, "--data", data, "--tokens", "64", "--heldout-fraction", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "--heldout-fraction must be in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["convert", "--out", "x", "--calib-tok", "100"], ["eval", "--long-ctx", "4096"],
+                                  ["train", "--tokens", "64", "--batch-tok", "32"]])
+def test_abbreviated_flags_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_help_imports_no_torch():
+    """`dha --help` and a verb's --help build every parser without torch (measured: about 0.15 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom dha.cli import main\nfor argv in (['--help'], ['convert', '--help'], ['train', '--help']):\n"
+            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n        main(argv)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -136,9 +136,11 @@ def test_stock_export_checks_on_cuda(tmp_path, capsys):
 def test_learned_search_and_lagrangian_fusion_on_cuda(setup):
     """The two searches' and schedules' own parameters (gates, multipliers) live on the GPU with the model."""
     from dha.compress import source_heads
-    from dha.fuse import FusedModel, FusionOptions, FusionSchedule, merge
+    from dha.fuse import FusedModel, FusionSchedule, merge
+    from dha.options import FusionOptions
     from dha.search import SearchOptions, search
-    from dha.train import TrainConfig, train
+    from dha.options import TrainConfig
+    from dha.train import train
 
     src = setup[0]
     model = dha.checkpoint.load(src, torch.float32, tokenizer=False, device="cuda").model

@@ -12,7 +12,8 @@ import torch
 from torch.testing import assert_close
 
 from dha.compress import calibrate, closed_form_merges
-from dha.fuse import FusedModel, FusionOptions, merge
+from dha.fuse import FusedModel, merge
+from dha.options import FusionOptions
 from dha.plan import LayerPlan, Plan
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
 
@@ -194,7 +195,8 @@ def test_train_base_and_maps_off_keep_them_as_buffers():
 def test_short_fusion_run_drives_distance_down(schedule):
     """30 steps of dha.train with the fusion hooks: distance down > 5x, LM loss finite."""
     from dha.fuse import FusionSchedule
-    from dha.train import TrainConfig, train
+    from dha.options import TrainConfig
+    from dha.train import train
 
     torch.manual_seed(0)
     options = FusionOptions(schedule=schedule, ramp_end=0.5, weight=30.0, multiplier_lr=0.5)
@@ -523,7 +525,8 @@ def test_cli_convert_dha_pca_merge(convert_setup, capsys):
 def test_distillation_lowers_the_converted_models_kl_to_the_source():
     """A mean-merged tiny model trained 20 steps with distillation only (weight 1): its KL to the
     source on held-out rows, computed here from both models' logits, falls (and by a real margin)."""
-    from dha.train import TrainConfig, train
+    from dha.options import TrainConfig
+    from dha.train import train
     from dha.transforms import merge_groups
 
     torch.manual_seed(0)

@@ -18,7 +18,8 @@ import dha.layerwise
 from dha.analyze import collect_heads
 from dha.compress import Calibration, aligned_merge, calibrate, closed_form_merges, layer_stats
 from dha.search import SearchOptions, search
-from dha.train import TrainConfig, train
+from dha.options import TrainConfig
+from dha.train import train
 from tests.conftest import ours_from_hf, random_ids
 from tests.test_families import CASES
 

@@ -1,0 +1,304 @@
+"""`dha convert --method dha`: its options, the DHAConfig they make, and its resumable run directory."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+
+from ..errors import UserError
+from ..options import DEFAULT_FUSION_FRACTION, FREE_ANGLE, FREE_CONTEXT, MERGES, FusionOptions
+from .common import (add_training_options, check_convert_training_flags, check_fits, compute_device, int_list,
+                     load_device, load_dtype, train_config_from_args, training_work)
+
+
+def add_dha_options(p) -> None:
+    """The DHA-specific options of `dha convert --method dha`."""
+    g = p.add_argument_group("DHA (--method dha)")
+    d = FusionOptions()
+    g.add_argument("--search", default="cost", choices=["cost", "learned"],
+                   help="allocation search: cost (DP on the merge costs, default) | learned (paper-faithful, trained)")
+    g.add_argument("--sensitivity", action=argparse.BooleanOptionalAction, default=True,
+                   help="cost search: costs as estimated LM-loss increases, from one backward pass over the calibration "
+                        "tokens (default on; --no-sensitivity: relative merge residuals alone)")
+    g.add_argument("--allocation", default="adaptive", choices=["adaptive", "uniform"],
+                   help="cost search: adaptive (per-layer counts, default) | uniform (the same K and V counts in every layer; an ablation)")
+    g.add_argument("--coupled-kv", action="store_true", help="cost search: keys and values share one grouping and count per layer (an ablation)")
+    g.add_argument("--layout", default="free", choices=["free", "serving"],
+                   help="free (any groups and counts, default) | serving: per layer one grouping for keys and values in equal "
+                        "groups, so `dha export --format gguf` (llama.cpp deci) and nemotron-nas hold it without --pad")
+    g.add_argument("--merge", default="aligned", choices=[*MERGES, "pca"],
+                   help="what each group becomes, and what fusion moves toward: aligned (closed-form aligned merge, default) | "
+                        "mean (the group mean; the old target) | pca (aligned with --merge-metric plain)")
+    g.add_argument("--merge-metric", default=None, choices=["weighted", "plain"],
+                   help="aligned merge: weighted (keys by the energy of their queries, values by W_O: default) | plain (PCA)")
+    g.add_argument("--free-pairs", type=int, default=None, metavar="N",
+                   help="aligned merge: merge the N lowest-frequency RoPE pairs of the keys as one position-free block "
+                        "(full maps, a far better merge, exact only at angle 0; default: the pairs that turn by at most "
+                        f"{FREE_ANGLE:g} rad over the model's positions, at least {FREE_CONTEXT} tokens, or --context; "
+                        "0: every pair exact under RoPE). "
+                        "Not with a fusion stage (docs/method.md, \"Position-free pairs\")")
+    g.add_argument("--fusion-fraction", type=float, default=DEFAULT_FUSION_FRACTION,
+                   help=f"share of --tokens spent fusing toward the merge, the rest after it (default {DEFAULT_FUSION_FRACTION:g}: "
+                        "the aligned merge at once, every step trains the merged model; docs/method.md, \"The recipe\")")
+    g.add_argument("--fusion-schedule", default=d.schedule, choices=["anneal", "ramp", "lagrangian"],
+                   help=f"anneal (heads interpolated to their merge, plus the ramp) | ramp (progressive loss weight) | lagrangian (default {d.schedule})")
+    g.add_argument("--fusion-weight", type=float, default=d.weight, help=f"ramp: final fusion-loss weight (default {d.weight:g})")
+    g.add_argument("--fusion-ramp-end", type=float, default=d.ramp_end, help=f"fraction of the fusion steps at which the ramp ends (default {d.ramp_end:g})")
+    g.add_argument("--fusion-eps", type=float, default=d.eps, help=f"lagrangian: target fusion distance (default {d.eps:g})")
+    g.add_argument("--freeze-base", action="store_true", help="fusion: keep the source K/V projection weights fixed")
+    g.add_argument("--freeze-maps", action="store_true", help="fusion: keep the merge maps at their closed form (not trained)")
+    g.add_argument("--retrieval-heads", type=int, default=0, metavar="N",
+                   help="keep the N key heads that attend most to a passkey needle (the source on 5 synthetic passkey "
+                        "prompts) out of every merge: long-context retrieval runs through them (docs/longcontext.md)")
+    g.add_argument("--protect-values", action="store_true", help="--retrieval-heads: keep their value heads unmerged too")
+    g.add_argument("--retrieval", type=int_list, default=None, metavar="LENGTHS",
+                   help="the report adds passkey retrieval at these prompt lengths (10 prompts each: 5 depths x 2 keys, "
+                        "synthetic haystack) for the source, the merge and the result, e.g. 2048,8192")
+    # Training options (--tokens, --lr, --distill, ...) from dha.cli, unless the verb has them already.
+    # The verb's --block-size (calibration) and --seed also serve training; its --dtype is the load
+    # dtype, so the autocast dtype of training is --train-dtype.
+    present = {a.dest for a in p._actions}
+    if "tokens" not in present:
+        add_training_options(p, tokens_required=False, skip=tuple(present))
+
+
+def run_convert_dha(args) -> int:
+    """`dha convert SOURCE --method dha ...`: run_dha on the CLI's options, write DIR, print a JSON line.
+
+    Without --tokens the result is written at once (temp dir, then rename). With --tokens, --out is
+    the run directory (dha.pipeline, "A run directory"): --resume OUT continues a killed run,
+    under torchrun the training stages run data-parallel, and one run at a time holds OUT (a lock).
+    """
+    import torch
+
+    from ..atomic import atomic_dir
+    from ..checkpoint import load
+    from ..data import load_tokens
+    from ..pipeline import finish_run_dir, run_dha, write_outputs
+    from ..plan import Plan
+    from ..train import setup_distributed
+
+    config, data = dha_config_from_args(args)
+    tokens = config.tokens
+    plan = Plan.load(args.plan) if args.plan is not None else None
+    d = setup_distributed(config.train.device) if tokens else None
+    identity = convert_run_identity(args, config, data)
+    resuming = check_dha_out(args, identity)
+    if d is not None and d.world > 1:
+        torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
+    # float32 master weights for training (--train-dtype is autocast only); without training the
+    # inference dtype (the checkpoint's own, bf16 on a GPU): calibration computes each layer in
+    # float32 (dha.layerwise). Straight onto --device, or with --offload into CPU memory.
+    dtype = torch.float32 if tokens else load_dtype(args)
+    check_fits(args, dha_work(args, config, plan), dtype)
+    loaded = load(args.source, dtype, device=load_device(args))
+    teacher = (load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
+               if getattr(args, "teacher", None) else None)
+    splits = load_tokens(data, loaded.tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
+    progress = not getattr(args, "no_progress", False)
+    if not tokens:
+        result = run_dha(loaded, splits, config, teacher=teacher, plan=plan, progress=progress)
+        with atomic_dir(args.out) as tmp:
+            files = write_outputs(tmp, result)
+    else:
+        with dha_run_dir(args.out, identity, resuming=resuming, main=d.main, recheck=lambda: check_dha_out(args, identity)):
+            result = run_dha(loaded, splits, config, teacher=teacher, plan=plan, progress=progress, run_dir=args.out,
+                             resume=resuming, run_info=identity["run"])
+            files = finish_run_dir(args.out, result) if d.main else None
+    if result is not None:
+        print_dha_result(args, result.summary, files)
+    return 0
+
+
+def dha_config_from_args(args):
+    """The DHAConfig of `convert --method dha` and its --data, checked before anything is loaded."""
+    import os
+
+    from ..data import DEFAULT_DATA, DataError
+    from ..pipeline import DHAConfig, split_tokens
+    from ..plan import Plan
+    from ..search import SearchOptions
+
+    tokens = getattr(args, "tokens", None) or 0
+    if args.distill is None:
+        args.distill = tokens > 0  # distillation from the source is on by default for dha (docs/method.md)
+    if getattr(args, "fsdp", False):
+        raise UserError("--fsdp is not supported with --method dha: under torchrun its training stages run data-parallel (DDP)")
+    if not tokens and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--method dha without --tokens has nothing to run in parallel: start it without torchrun")
+    if args.resume is not None and os.path.abspath(args.resume) != os.path.abspath(args.out):
+        raise UserError(f"--resume {args.resume}: a conversion resumes its own run: give --resume {args.out} (its --out)")
+    check_convert_training_flags(args)  # --method dha always works on float32 weights
+    if args.kv_budget is None and args.plan is not None:
+        plan = Plan.load(args.plan)
+        args.kv_budget = plan.kv_budget if plan.kv_budget is not None else plan.kv_fraction()
+    if args.kv_budget is None or not 0 < args.kv_budget <= 1:
+        raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
+    data = args.data or DEFAULT_DATA
+    if data != DEFAULT_DATA and not os.path.exists(data):
+        raise DataError(f"data not found: {data}")
+    if args.merge == "pca" and args.merge_metric == "weighted":
+        raise UserError("--merge pca is the aligned merge with --merge-metric plain: drop one of them")
+    metric = "plain" if args.merge == "pca" else (args.merge_metric or SearchOptions.metric)
+    search_options = SearchOptions(search=args.search, metric=metric, sensitivity=args.sensitivity, allocation=args.allocation,
+                                   decoupled=not args.coupled_kv, layout=args.layout, seed=args.seed, free_pairs=args.free_pairs,
+                                   free_context=args.context,
+                                   progress=not getattr(args, "no_progress", False))
+    fusion = FusionOptions(schedule=args.fusion_schedule, weight=args.fusion_weight, ramp_end=args.fusion_ramp_end,
+                           eps=args.fusion_eps, train_base=not args.freeze_base, learn_maps=not args.freeze_maps)
+    flags = {"schedule": "--fusion-schedule", "weight": "--fusion-weight", "ramp_end": "--fusion-ramp-end",
+             "eps": "--fusion-eps", "train_base": "--freeze-base", "learn_maps": "--freeze-maps"}
+    changed = [flag for name, flag in flags.items() if getattr(fusion, name) != getattr(FusionOptions(), name)]
+    if tokens and not args.fusion_fraction and changed:
+        raise UserError(f"{', '.join(changed)} only shape(s) the fusion stage, which --fusion-fraction 0 (the default) "
+                        "skips: add --fusion-fraction F (e.g. 0.3)")
+    train_cfg = train_config_from_args(args, tokens)
+    config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction,
+                       merge="aligned" if args.merge == "pca" else args.merge,
+                       calib_tokens=args.calib_tokens, calib_block_size=args.calib_block_size,
+                       search=search_options, fusion=fusion, train=train_cfg, device=compute_device(args),
+                       long_context=args.context or 0, retrieval=report_retrieval(args),
+                       retrieval_heads=args.retrieval_heads, protect_values=args.protect_values)
+    config.validate()
+    split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
+    return config, data
+
+
+def report_retrieval(args):
+    """The passkey grid of a DHA report (--retrieval LENGTHS): 5 depths, 2 keys each, synthetic
+    haystack; refused past the source's positions. Also checks --retrieval-heads' company."""
+    from ..checkpoint import source_shape
+    from ..longctx import RetrievalOptions
+
+    if (args.retrieval_heads or args.protect_values) and args.search == "learned":
+        raise UserError("--retrieval-heads / --protect-values shape the cost search: not with --search learned")
+    if args.protect_values and not args.retrieval_heads:
+        raise UserError("--protect-values protects the value heads of --retrieval-heads N: give N too")
+    if not args.retrieval:
+        return None
+    positions = source_shape(args.source)[0].max_position_embeddings
+    if max(args.retrieval) > positions:
+        raise UserError(f"--retrieval {max(args.retrieval)} is beyond the source's {positions} positions")
+    options = RetrievalOptions(lengths=args.retrieval, per_depth=2)
+    options.validate()
+    return options
+
+
+def dha_work(args, config, plan):
+    """What `convert --method dha` runs on the device, for the fit check: stage 1's calibration
+    (with the loss gradients of the cost search), the aligned merges, the final table; or training."""
+    from ..memory import Work
+
+    search = config.search
+    return Work(calib_tokens=config.calib_tokens, calib_block=config.calib_block_size, batch=search.batch_size,
+                gradients=plan is None and search.sensitivity and search.search == "cost", merge=config.merge,
+                eval_tokens=config.final_eval_tokens, eval_block=config.final_eval_block_size,
+                training=training_work(args, config.train) if config.tokens else None)
+
+
+DHA_RUN_FORMAT = "dha-convert-run/1"
+
+
+DHA_RESUMABLE = {"search.progress", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.device",
+                 "train.micro_batch", "train.activation_checkpointing", "device"}
+
+
+DHA_ADDED = {"long_context": 0, "retrieval_heads": 0, "protect_values": False, "search.free_context": 2048, "search.protect": []}
+
+
+def convert_run_identity(args, config, data: str) -> dict:
+    """What a resumed `convert --method dha` run must share with the run it continues (its run.json)."""
+    from dataclasses import asdict
+
+    from ..continued import source_identity
+
+    flat = {}
+    for part, value in asdict(config).items():
+        for k, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            name = part if k is None else f"{part}.{k}"
+            if name not in DHA_RESUMABLE:
+                flat[name] = v
+    run = {"source": source_identity(args.source), "data": source_identity(data), "text_field": args.text_field,
+           "heldout_fraction": args.heldout_fraction, "plan": source_identity(args.plan) if args.plan else None,
+           "teacher": source_identity(args.teacher) if getattr(args, "teacher", None) else None}
+    return {"format": DHA_RUN_FORMAT, "run": run, "config": flat}
+
+
+def check_dha_out(args, identity: dict) -> bool:
+    """--out is new (or empty); or, with --resume, holds an unfinished run of these same settings.
+    Returns whether there is a run to resume (a run killed before it wrote run.json starts anew)."""
+    import os
+
+    from ..checkpoint import NATIVE_CONFIG, check_out
+    from ..train import read_run_json
+
+    out = args.out
+    run_path = os.path.join(out, "run.json")
+    if args.resume is None or (os.path.isdir(out) and not [n for n in os.listdir(out) if n != ".lock"]):
+        check_out(out)
+        return False
+    if not os.path.isfile(run_path):
+        raise UserError(f"--resume {out}: no dha run there (no run.json)")
+    old = read_run_json(run_path)
+    if old.get("format") != DHA_RUN_FORMAT:
+        raise UserError(f"--resume {out}: it holds a run of another verb, not of `convert --method dha`")
+    diffs = sorted(k for part in ("run", "config") for k in set(old.get(part, {})) | set(identity[part])
+                   if old.get(part, {}).get(k, DHA_ADDED.get(k) if part == "config" else None) != identity[part].get(k))
+    if diffs:
+        raise UserError(f"--resume {out}: that run was made with other settings (differs in {', '.join(diffs)})")
+    if os.path.exists(os.path.join(out, NATIVE_CONFIG)):
+        raise UserError(f"--resume {out}: that run has finished (it holds the converted model)")
+    return True
+
+
+@contextlib.contextmanager
+def dha_run_dir(out: str, identity: dict, resuming: bool, main: bool, recheck):
+    """Hold --out for the run (rank 0): lock it, check it again (`recheck()`, which must find what
+    the first check found: another run may have started or finished meanwhile), write run.json,
+    clear a killed writer's leftovers. A new run that fails with a UserError leaves no directory."""
+    import os
+    import shutil
+
+    from ..atomic import remove_leftovers, run_lock, write_json
+
+    if not main:
+        yield
+        return
+    created = not os.path.exists(out)
+    with run_lock(out):
+        if recheck() != resuming:
+            raise UserError(f"output {out} was changed by another dha run meanwhile: check it, or use a new --out")
+        try:
+            if not resuming:
+                write_json(os.path.join(out, "run.json"), identity)
+            remove_leftovers(out)
+            yield
+        except UserError:
+            if not resuming:
+                shutil.rmtree(out, ignore_errors=True) if created else _empty_dir(out)
+            raise
+
+
+def _empty_dir(path: str) -> None:
+    import os
+    import shutil
+
+    for name in os.listdir(path):
+        p = os.path.join(path, name)
+        shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+
+
+def print_dha_result(args, s: dict, files: list[str]) -> None:
+    from ..pipeline import format_number
+
+    if not getattr(args, "json", False):
+        for r in s["results"]:
+            print(f"{r['model']:<34} KV {r['kv_bytes_per_token_bf16']:>8,} B/token bf16   ppl {format_number(r['heldout_ppl'], '.3f')}")
+        print(f"wrote {args.out} ({', '.join(files)})")
+    print(json.dumps({"out": args.out, "method": "dha", "kv_budget": s["kv_budget"], "kv_fraction": round(s["kv_fraction"], 6),
+                      "tokens": s["tokens"], "merge": s["merge"], "fusion_tokens": s["fusion_tokens"], "continued_tokens": s["continued_tokens"],
+                      "key_heads": s["key_heads"], "value_heads": s["value_heads"],
+                      "source_ppl": s["results"][0]["heldout_ppl"], "ppl": s["results"][-1]["heldout_ppl"],
+                      "kv_bytes_per_token_bf16_before": s["results"][0]["kv_bytes_per_token_bf16"],
+                      "kv_bytes_per_token_bf16_after": s["results"][-1]["kv_bytes_per_token_bf16"]}))
