@@ -22,7 +22,7 @@ setup-test: setup
 # distillation), the before/after table, then an export that transformers reloads: 1.009x the
 # source's perplexity with the position-free key pairs chosen for its 8,192 positions
 # (benchmarks/results/long_context_demo_fp5.json; 1.000x with those for 2,048 tokens, the default
-# before, in 4 min 30 s on 2 idle cores: b13_demo.json). Then the source and the result at long context:
+# before, in 4 min 30 s on 2 idle cores: make_demo.json). Then the source and the result at long context:
 # perplexity by position over 4,096-token windows and passkey retrieval at 2,048 tokens (the
 # conversion trains on 256-token rows: docs/longcontext.md says what that keeps and loses).
 DEMO := runs/demo

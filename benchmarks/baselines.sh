@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3's benchmark: SmolLM2-135M (3 KV heads per layer) against every baseline at one KV head
+# The baselines without training: SmolLM2-135M (3 KV heads per layer) against every baseline at one KV head
 # per layer (--kv-budget 0.34 keeps 1 of 3 heads: 33.3% of the KV cache), no training.
 # Held-out perplexity on the built-in pydoc text, KV bytes per token, decode tokens/s at batch 8
 # after a 1,024-token context, and peak memory, all in one `dha eval --compare` run, as ratios

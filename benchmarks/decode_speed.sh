@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's benchmark: does a smaller KV cache decode faster? SmolLM2-135M against its
+# Decode speed: does a smaller KV cache decode faster? SmolLM2-135M against its
 # conversions at 1/2 of the KV cache (dha: decoupled, uneven) and at 1/3 (gqa and svd: one K and
 # one V head per layer; the dha search has nothing to choose at 1/3, so it gives the same layout),
 # no training (speed does not depend on it), timed by `dha bench` in one process, models
@@ -39,7 +39,7 @@ PY
   cp "$run/$name/decode_vs_context.png" "$res/speed_${name}_t$threads.png"
 }
 m="smollm2-135m $run/dha-half $run/gqa-third $run/svd-third"
-# The issue's headline point: batch 8, a 1,024-token context, fp32.
+# The headline point: batch 8, a 1,024-token context, fp32.
 bench b8_1k_fp32 $m --transformers --batch-sizes 8 --contexts 1024 --new-tokens 8 --repeats 3 --decode-only
 # The grid, fp32 and bf16 (the CPU has avx512_bf16 here).
 bench grid_fp32 smollm2-135m $run/dha-half $run/gqa-third --transformers --batch-sizes 1,8,32 --contexts 512,2048 \

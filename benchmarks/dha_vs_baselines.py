@@ -1,6 +1,6 @@
 """DHA against the baselines at equal KV budget and equal training tokens, in one run.
 
-Issue 5's benchmarks 1 and 2 on SmolLM2-135M and the built-in pydoc text:
+Setups (SmolLM2-135M and the built-in pydoc text unless --setup PATH):
 
   --setup smollm2      SmolLM2 itself (3 KV heads per layer) at --kv-budget (default 0.34: one
                        K and one V head per layer, plus what the budget's rounding leaves over)
@@ -21,7 +21,7 @@ costs alone), exactpairs (every RoPE pair merged exactly: no position-free pairs
 fraction F, e.g. fusion0.6). `source` is the control: the unconverted
 model trained by the same loop on the same tokens (how much of a gain is just fine-tuning on the text).
 
-Result files made before the search's sensitivity weighting became the default (session 3) say so
+Result files made before the search's sensitivity weighting became the default say so
 in their "note": their `dha` rows are what `dha+nosensitivity` is now.
 
 For each method and each token count: convert (dha: search + fusion + merge + continued training

@@ -1,4 +1,4 @@
-"""What a fusion step costs against a plain training step (issue 13's target: at most 1.3x).
+"""What a fusion step costs against a plain training step (the goal: at most 1.3x).
 
 SmolLM2-135M with the demo's plan (KV budget 1/2, the aligned merges of dha.pipeline's stage 1).
 Both are the same `dha.train.train` loop on the same batches (float32 master weights, the autocast

@@ -1,21 +1,22 @@
-"""Plots of the benchmark results (benchmarks/results/*.json) for the README and docs/method.md.
+"""Plots of the benchmark results (benchmarks/results/*.json) for docs/results.md and docs/method.md.
 
     python benchmarks/plot_results.py            # -> docs/images/*.png
 
 - dha_vs_baselines_smollm2.png: held-out perplexity / source against training tokens, SmolLM2 at
-  1/3 of its KV cache (every b2_smollm2_third_*.json and dha_vs_baselines_smollm2_16k.json), and
-  the source itself trained the same way (b2_smollm2_source_*.json);
+  1/3 of its KV cache (every mean_target_smollm2_third_*.json and dha_vs_baselines_smollm2_16k.json), and
+  the source itself trained the same way (mean_target_smollm2_source_*.json);
 - small_mha.png: the small MHA model at 50% and 25%, each method (no training);
 - ablations_smollm2.png: the DHA ablations on SmolLM2 at 1/2 (ablations_smollm2_half_*.json), each
   variant with no training and after 16,384 tokens.
-- b13_smollm2_third.png (issue 13): SmolLM2 at 1/3, every method of dha_issue13.sh against
+- aligned_vs_baselines_smollm2.png: SmolLM2 at 1/3, every method of aligned_vs_baselines.sh against
   training tokens (seed 0), on held-out pydoc and on the man pages, as ratios to the source. The
   dha rows of files made before position-free key pairs (their "note" says so) are drawn as
   dha+exactpairs; gqa and prune with no training come from the 1/2 file (their floor is 1/3).
 Only what the result files hold is drawn; a missing file is skipped. Files made while the dha
 method's continued training re-read its fusion stage's rows say so ("reread_fusion_rows"); their
-trained dha rows are labelled "(re-read)" (dashed in the SmolLM2 plot). Also prints the README's
-table of benchmark 2 (held-out ppl and ratio to the source, per method and token count) as Markdown.
+trained dha rows are labelled "(re-read)" (dashed in the SmolLM2 plot). Also prints the table of the
+mean-target DHA on SmolLM2 at 1/3 in docs/results.md (held-out ppl and ratio to the source, per
+method and token count) as Markdown.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def reread(row: dict) -> bool:
 
 def smollm2_rows() -> list[dict]:
     """Benchmark 2: every method at 1/3, and the control (the source trained the same way)."""
-    data = rows("b2_smollm2_third_*.json") + rows("dha_vs_baselines_smollm2_16k.json") + rows("b2_smollm2_source_*.json")
+    data = rows("mean_target_smollm2_third_*.json") + rows("dha_vs_baselines_smollm2_16k.json") + rows("mean_target_smollm2_source_*.json")
     for r in data:  # both kinds of dha run are here: name the old ones
         if r["reread"]:
             r["method"] += " (re-read)"
@@ -120,7 +121,7 @@ def bars(ax, data: list[dict], title: str) -> None:
 
 def plot_small_mha() -> str | None:
     # (the *_seed*.json files are data-order controls of one row, not part of the comparison)
-    panels = [(b, [r for f in ("50k", "dha_50k_distinct") for r in rows(f"b3_small_mha_{b}_{f}.json")]) for b in ("0.5", "0.25")]
+    panels = [(b, [r for f in ("50k", "dha_50k_distinct") for r in rows(f"mean_target_small_mha_{b}_{f}.json")]) for b in ("0.5", "0.25")]
     panels = [(b, d) for b, d in panels if d]
     if not panels:
         return None
@@ -145,19 +146,19 @@ def plot_ablations() -> str | None:
     return save(fig, "ablations_smollm2.png")
 
 
-def issue13_rows() -> list[dict]:
+def aligned_rows() -> list[dict]:
     data = []
-    for path in sorted(glob.glob(os.path.join(RESULTS, "b13_smollm2_*.json"))):
+    for path in sorted(glob.glob(os.path.join(RESULTS, "smollm2_*.json"))):
         name = os.path.basename(path)
-        if not (name.startswith("b13_smollm2_third_") or name == "b13_smollm2_half_0.json"):
+        if not (name.startswith("smollm2_third_") or name == "smollm2_half_0.json"):
             continue
         if any(tag in name for tag in ("seed1", "seed2", "lr3e-4", "nodistill")):
-            continue  # seed and setting controls of one cell, in the README's tables
+            continue  # seed and setting controls of one cell, in docs/results.md's tables
         with open(path) as f:
             report = json.load(f)
         exact_pairs = "before position-free" in report.get("note", "")
         for r in report["rows"]:
-            if name.startswith("b13_smollm2_half") and (r["kv_fraction"] > 0.34 or r["method"] not in ("gqa", "prune")):
+            if name.startswith("smollm2_half") and (r["kv_fraction"] > 0.34 or r["method"] not in ("gqa", "prune")):
                 continue
             method = "dha+exactpairs" if exact_pairs and r["method"] == "dha" else r["method"]
             data.append({**r, "method": method})
@@ -166,8 +167,8 @@ def issue13_rows() -> list[dict]:
     return data
 
 
-def plot_issue13() -> str | None:
-    data = issue13_rows()
+def plot_aligned() -> str | None:
+    data = aligned_rows()
     if not data:
         return None
     tokens = sorted({r["tokens"] for r in data})
@@ -187,7 +188,7 @@ def plot_issue13() -> str | None:
     axes[0].set_ylabel("perplexity / source")
     axes[1].legend(fontsize="small")
     fig.tight_layout()
-    return save(fig, "b13_smollm2_third.png")
+    return save(fig, "aligned_vs_baselines_smollm2.png")
 
 
 def save(fig, name: str) -> str:
@@ -215,6 +216,6 @@ def smollm2_table() -> str:
 
 if __name__ == "__main__":
     print(smollm2_table())
-    for made in (plot_smollm2(), plot_small_mha(), plot_ablations(), plot_issue13()):
+    for made in (plot_smollm2(), plot_small_mha(), plot_ablations(), plot_aligned()):
         if made:
             print(made)

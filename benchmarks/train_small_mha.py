@@ -1,4 +1,4 @@
-"""Train the small MHA model of issue 5's benchmark 3, once, and cache it (not committed).
+"""Train the small MHA model of the mean-target benchmarks, once, and cache it (not committed).
 
 No package we install ships a pretrained decoder with plain multi-head attention, and
 SmolLM2's exact MHA expansion has heads that are copies by construction. This trains a 6-layer

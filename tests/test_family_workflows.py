@@ -1,4 +1,4 @@
-"""The conversion workflow on every family (issue 6): convert by every method, export, reload, analyze.
+"""The conversion workflow on every family: convert by every method, export, reload, analyze.
 
 For one tiny random HF model per family (6 query heads, head dim 8, 2 layers; the builders of
 tests/test_families.py, whose logits equal HF's there), fp32 on CPU:
