@@ -15,6 +15,12 @@ Two kinds of export:
   `auto_map` points at configuration_dha.py and modeling_dha.py (templates in dha/remote_code/), and
   dha_model.py is a verbatim copy of dha/model.py, so the exported model runs the same code as ours.
   (transformers docs, "Customizing models" / custom_models.md: auto_map, trust_remote_code.)
+  Its tokenizer is the source's stock one (tokenizer_config.json names a transformers class, no
+  auto_map), but transformers 5's AutoTokenizer.from_pretrained reads config.json through AutoConfig
+  before tokenizer_config.json, and that auto_map makes it ask whether to run configuration_dha.py
+  (a prompt waiting up to 15 s on a terminal or an open stdin; at EOF, or answered no, it goes on with
+  the stock tokenizer). `AutoTokenizer.from_pretrained(dir, trust_remote_code=False)` loads it without
+  the question and without running the export's code.
 
 Every export is written into a temp directory, reloaded with AutoModelForCausalLM, and its logits
 compared with ours on random token sequences in float32 (within atol, default 1e-4; see
@@ -76,6 +82,7 @@ class ExportResult:
     permuted_layers: int = 0  # stock: layers whose query heads were reordered to make groups contiguous
     reason: str | None = None  # remote-code: why a stock export was not possible
     check: dict = field(default_factory=dict)  # the token sequences the check used
+    tokenizer: bool = False  # the export holds the source's tokenizer (a stock one, also in a remote-code export)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -278,7 +285,7 @@ def export(loaded: Loaded, out: str, force_remote_code: bool = False, atol: floa
     key_heads = [cfg.key_heads(l) for l in range(L)]
     value_heads = [cfg.value_heads(l) for l in range(L)]
     return ExportResult(os.path.abspath(out), kind, hf_class, key_heads, value_heads, H, diff, diff_source, permuted,
-                        reason, check)
+                        reason, check, tokenizer=loaded.tokenizer is not None)
 
 
 def summary_lines(result: ExportResult) -> list[str]:
@@ -296,6 +303,9 @@ def summary_lines(result: ExportResult) -> list[str]:
         lines = [f"remote-code export: {result.hf_class} (load with trust_remote_code=True), key heads "
                  f"{counts(result.key_heads)}, value heads {counts(result.value_heads)}, query heads {result.query_heads}",
                  f"not stock because: {result.reason}"]
+        if result.tokenizer:
+            lines.append("its tokenizer needs no remote code: AutoTokenizer.from_pretrained(dir, trust_remote_code=False) "
+                         "loads it without asking about the export's code")
     c = result.check
     lines.append(f"reloaded with transformers: max |logit difference| {result.max_abs_diff:.3g} on "
                  f"{c['batch']}x{c['length']} random tokens ({c['dtype']}, on {c['device']})")

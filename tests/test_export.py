@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -180,6 +181,53 @@ def test_force_remote_code(tmp_path, capsys):
     assert code == 0 and last_json(stdout)["kind"] == "stock"
     exported = AutoModelForCausalLM.from_pretrained(stock, dtype=torch.float32).eval()
     assert_close(logits(exported, ids), logits(hf, ids), atol=1e-5, rtol=0)  # fp32, HF's own model
+
+
+# A fresh interpreter without a terminal: stdin at EOF, so a trust_remote_code question cannot wait.
+TOKENIZER_SCRIPT = """
+import sys
+from transformers import AutoTokenizer
+out, text = sys.argv[1], sys.argv[2]
+print("explicit:", AutoTokenizer.from_pretrained(out, trust_remote_code=False)(text)["input_ids"], flush=True)
+print("bare:", AutoTokenizer.from_pretrained(out)(text)["input_ids"], flush=True)
+"""
+
+
+def test_remote_code_export_tokenizer_needs_no_remote_code(tmp_path):
+    """A remote-code export (decoupled groups) keeps the source's stock tokenizer: tokenizer_config.json
+    names a transformers class and has no auto_map, and a new process with stdin at EOF loads it with
+    AutoTokenizer (with trust_remote_code=False: without being asked about the export's code; and with
+    no argument) and tokenizes like the source, unknown word included.
+
+    transformers 5 reads config.json (auto_map -> configuration_dha.py) before tokenizer_config.json,
+    so the bare call still asks whether to run that code; at EOF it goes on with the stock tokenizer."""
+    import subprocess
+    import sys
+
+    from tests.conftest import save_tiny_source
+
+    hf = tiny_llama_hf()
+    groups = Plan([LayerPlan([[0, 3], [1, 2, 5], [4]], [[0, 1], [2, 3, 4, 5]])] * 2, [6, 6], [6, 6], method="custom")
+    loaded = load(save_tiny_source(str(tmp_path / "src"), merge_groups(ours_from_hf(hf), groups).eval()))
+    loaded.hf_config = hf.config.to_dict()  # so that the layout alone makes it remote code
+    out = str(tmp_path / "hf_out")
+    result = export(loaded, out)
+    assert result.kind == "remote-code" and "decoupled" in result.reason and result.tokenizer
+    with open(os.path.join(out, "config.json")) as f:
+        assert "AutoConfig" in json.load(f)["auto_map"]
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        tokenizer_config = json.load(f)
+    assert tokenizer_config.get("tokenizer_class") and "auto_map" not in tokenizer_config
+
+    text = "the quick brown fox jumps over a zebra"  # "zebra" is not in the vocabulary: [UNK]
+    expected = loaded.tokenizer(text)["input_ids"]
+    assert 0 in expected  # the unknown word
+    p = subprocess.run([sys.executable, "-c", TOKENIZER_SCRIPT, out, text], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    ids = dict(re.findall(r"(explicit|bare): (\[[\d, ]*\])", p.stdout))  # the question ends without a newline
+    assert json.loads(ids["explicit"]) == expected and json.loads(ids["bare"]) == expected, p.stdout
+    assert "custom code" not in p.stdout[:p.stdout.index("explicit:")]  # input() asks on stdout: not for this load
 
 
 def test_family_without_gqa_exports_stock_only_as_mha(tmp_path):
