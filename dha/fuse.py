@@ -17,8 +17,8 @@ with `a` the anneal of `FusionSchedule`. At a = 1 each member's head is B_j appl
 head, so folding B_j into the readers (q_proj for keys, o_proj for values) gives the merged model
 with one head per group: `merge(fused)` equals the fused model at a = 1. The maps A, B start at the
 closed-form merge and are trained with everything else (they are `nn.Parameter`s; keys keep their
-complex-scalar form, so any trained value is still exact under RoPE). target="mean" starts them at
-the group mean instead (the old target, for comparison).
+complex-scalar form, so any trained value is still exact under RoPE). Without merges (DHAConfig
+merge "mean") they start at the group mean instead (the old target, for comparison).
 
 Fusion distance of a group (for the "ramp" and "lagrangian" schedules): how far the members are
 from their merge, relative to their size, in parameter space (weights and biases):
@@ -151,7 +151,7 @@ def _as_float64(merge):
 
 
 def mean_merges(model: Transformer, plan: Plan) -> list[dict]:
-    """The group mean of every group of `plan`, as merges (fusion target="mean")."""
+    """The group mean of every group of `plan`, as merges (what FusedModel fuses toward without merges: merge "mean")."""
     cfg, device = model.config, next(model.parameters()).device
     r = cfg.rotary_dim if cfg.position == "rope" else 0
     return [{"key": [mean_merge("key", len(g), cfg.head_dim, r, device) for g in layer.key_groups],

@@ -93,16 +93,16 @@ class TrainConfig:
 # ---- the fusion stage (dha.fuse) ------------------------------------------------------------
 
 SCHEDULES = ("ramp", "lagrangian", "anneal")
-TARGETS = ("aligned", "mean")
 
 
 @dataclass
 class FusionOptions:
+    # What the groups fuse toward is the merge (DHAConfig.merge: the merges FusedModel is given, or
+    # the group means without them), not an option of the schedule.
     # "anneal" (default): the members are interpolated toward their merge, a ramped from 0 to 1
     # between ramp_start and ramp_end (then the fused model IS the merged one) + the ramped loss |
     # "ramp": only the fusion-loss weight is ramped | "lagrangian": d <= target with learned multipliers.
     schedule: str = "anneal"
-    target: str = "aligned"  # where the maps start: "aligned" (closed-form merge) | "mean" (group mean)
     weight: float = 10.0  # ramp: the fusion-loss weight reached at `ramp_end`
     ramp_start: float = 0.0  # fraction of the fusion steps where the ramp starts
     ramp_end: float = 0.5  # fraction of the fusion steps where it ends
@@ -114,8 +114,6 @@ class FusionOptions:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise UserError(f"fusion schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.target not in TARGETS:
-            raise UserError(f"fusion target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if not 0.0 <= self.ramp_start <= self.ramp_end <= 1.0:
             raise UserError(f"need 0 <= ramp_start <= ramp_end <= 1, got {self.ramp_start}, {self.ramp_end}")
         if self.weight < 0 or self.eps < 0 or self.multiplier_lr <= 0:

@@ -359,7 +359,7 @@ def result_loaded(loaded, model, plan: Plan, config: DHAConfig, summary: dict):
     provenance = {"converted_from": loaded.source, "source_provenance": loaded.provenance, "method": "dha",
                   "kv_budget": config.kv_budget, "kv_fraction": plan.kv_fraction(), "data": summary["data"],
                   "tokens": config.tokens, "fusion_tokens": summary["fusion_tokens"],
-                  "continued_tokens": summary["continued_tokens"], "fusion": asdict(config.fusion)}
+                  "continued_tokens": summary["continued_tokens"], "merge": config.merge, "fusion": asdict(config.fusion)}
     return Loaded(model, loaded.tokenizer, loaded.source, "native", loaded.hf_config, plan, provenance)
 
 

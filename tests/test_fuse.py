@@ -71,12 +71,12 @@ def test_source_model_is_not_changed():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("target", ["aligned", "mean"])
-def test_fused_model_at_the_end_of_the_stage_equals_the_merged_model(bias, target):
+@pytest.mark.parametrize("merge_kind", ["aligned", "mean"])
+def test_fused_model_at_the_end_of_the_stage_equals_the_merged_model(bias, merge_kind):
     """anneal 1: the fused model (source head count) and merge(fused) (one head per group) agree
     (fp32, atol 1e-5), also with maps moved off their closed form and base weights changed."""
     model = ours_from_hf(tiny_llama_hf(bias=bias))
-    fused = FusedModel(model, DECOUPLED, aligned(model) if target == "aligned" else None).eval()
+    fused = FusedModel(model, DECOUPLED, aligned(model) if merge_kind == "aligned" else None).eval()
     perturb_maps(fused, seed=1)
     with torch.no_grad():
         fused.model.layers[1].attn.k_proj.weight.add_(0.05)
@@ -233,8 +233,8 @@ def test_lagrangian_penalty_in_parameter_space():
     constraint takes the violation's positive part only (g = d - t would push it back up)."""
     from dha.fuse import FusionSchedule
 
-    options = FusionOptions(schedule="lagrangian", target="mean", ramp_end=0.5, eps=1e-3)
-    fused = FusedModel(ours_from_hf(tiny_llama_hf()), DECOUPLED, None, options)
+    options = FusionOptions(schedule="lagrangian", ramp_end=0.5, eps=1e-3)
+    fused = FusedModel(ours_from_hf(tiny_llama_hf()), DECOUPLED, None, options)  # merges None: toward the group means
     initial = mean_target_distances(fused)
     schedule = FusionSchedule(fused, steps=10, options=options)  # the ramp runs over steps 0..5
     schedule.param_groups(fused)
@@ -520,6 +520,26 @@ def test_cli_convert_dha_pca_merge(convert_setup, capsys):
     bad = str(tmp_path / "bad")
     assert main(["convert", source, *common, "--tokens", "0", "--merge", "pca", "--merge-metric", "weighted", "--out", bad]) == 2
     assert "--merge pca" in capsys.readouterr().err and not os.path.exists(bad)
+
+
+def test_cli_convert_dha_mean_merge_is_what_summary_and_provenance_record(convert_setup, capsys):
+    """--merge mean: summary.json and the checkpoint's provenance say "mean", and the fusion
+    options they keep name no target of their own (there is none: the merge is what fusion moves toward)."""
+    import json
+    import os
+
+    from dha.checkpoint import load
+    from dha.cli import main
+
+    tmp_path, source, common = convert_setup
+    out = str(tmp_path / "mean")
+    assert main(["convert", source, *common, "--tokens", "0", "--merge", "mean", "--out", out]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["merge"] == "mean"
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["merge"] == "mean" and "target" not in summary["fusion"]
+    provenance = load(out, tokenizer=False).provenance
+    assert provenance["merge"] == "mean" and "target" not in provenance["fusion"]
 
 
 def test_distillation_lowers_the_converted_models_kl_to_the_source():
