@@ -99,8 +99,21 @@ def test_cluster_groups_blocks_deterministically():
 # ---- the whole analysis --------------------------------------------------------------------------
 
 def test_analyze_finds_identical_heads_and_writes_report(tmp_path):
-    model = ours_from_hf(duplicated_heads_hf())
-    result = analyze(model, random_ids(6, 16), metric="cka", threshold=0.99)
+    hf = duplicated_heads_hf()
+    model = ours_from_hf(hf)
+    ids = random_ids(6, 16)
+    result = analyze(model, ids, metric="cka", threshold=0.99)
+    # Reference: every layer's key and value heads as transformers' own k_proj / v_proj emit them
+    # in HF's forward (fp32), and their similarities computed here pair by pair in fp64: torch's
+    # cosine of the flattened heads, and CKA in the Gram/HSIC form (_cka_reference).
+    captured = {}
+    hooks = [getattr(layer.self_attn, f"{kind[0]}_proj").register_forward_hook(
+        lambda m, i, o, key=(l, kind): captured.__setitem__(key, o.reshape(-1, 6, 8).double()))
+        for l, layer in enumerate(hf.model.layers) for kind in ("keys", "values")]
+    with torch.no_grad():
+        hf(ids)
+    for h in hooks:
+        h.remove()
     files = write_report(result, str(tmp_path))
     for name in files:
         assert os.path.getsize(tmp_path / name) > 0
@@ -110,9 +123,16 @@ def test_analyze_finds_identical_heads_and_writes_report(tmp_path):
     for entry in saved["layers"]:
         for kind in ("keys", "values"):
             for metric in ("cosine", "cka"):
-                m = torch.tensor(entry[kind][metric])
-                assert_close(m, m.T, atol=0, rtol=0)
-                assert_close(m.diagonal(), torch.ones(6), atol=1e-6, rtol=0)
+                m = torch.tensor(entry[kind][metric], dtype=torch.float64)
+                x = captured[(entry["layer"], kind)]  # (B*T, 6, 8)
+                if metric == "cosine":
+                    ref = [[torch.nn.functional.cosine_similarity(x[:, i].flatten(), x[:, j].flatten(), dim=0).item()
+                            for j in range(6)] for i in range(6)]
+                else:
+                    ref = [[_cka_reference(x[:, i].numpy(), x[:, j].numpy()) for j in range(6)] for i in range(6)]
+                # fp32 activations (ours vs HF's), fp64 reference, JSON rounded to 6 decimals: atol 1e-5
+                assert_close(m, torch.tensor(ref, dtype=torch.float64), atol=1e-5, rtol=0,
+                             msg=lambda e, l=entry["layer"], k=kind, mt=metric: f"layer {l} {k} {mt}: {e}")
                 assert m[0, 3] == pytest.approx(1.0, abs=1e-5)
             assert [0, 3] in entry[kind]["clusters"]["5"]
             assert entry[kind]["groups_needed"] == 5  # only the copies are that similar

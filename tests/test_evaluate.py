@@ -1,12 +1,15 @@
 """dha.evaluate and `dha eval`: perplexity against a hand computation, measured KV-cache bytes
-against the formula for MHA, GQA and an uneven DHA map, speed records, and the CLI's JSON line.
-Tiny models (hidden 48, 2 layers, 6 heads), fp32 on CPU."""
+against the formula for MHA, GQA and an uneven DHA map, perplexities and their ratios against
+references computed in the test (transformers' own loss, torch's cross-entropy), speed records
+against the test's own clock, and the CLI's JSON line. Tiny models (hidden 48, 2 layers, 6 heads),
+fp32 on CPU. (The speed records' definitions are tested where they are made, in test_bench.)"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -14,11 +17,12 @@ import torch
 from dha.checkpoint import Loaded, save
 from dha.cli import main
 from dha.data import TokenSplits
-from dha.evaluate import EvalOptions, decode_speed, evaluate, evaluate_models, kv_bytes, perplexity
+from dha.evaluate import EvalOptions, evaluate, evaluate_models, kv_bytes, perplexity
 from dha.model import ModelConfig, Transformer, scaled_init_
 from dha.transforms import build, state_dict_of, with_maps
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
-from tests.test_data import DOCS, tiny_tokenizer
+from tests.speed_clock import SpeedClock
+from tests.test_data import DOCS, reference_split, reference_stream, tiny_tokenizer
 
 FAST = EvalOptions(block_size=16, max_eval_tokens=64, eval_batch_size=2, batch_sizes=[1, 2], context=8,
                    new_tokens=3, repeats=1, progress=False)
@@ -129,36 +133,56 @@ def test_measured_kv_bytes_equal_analytic(name, make, heads_per_layer, dtype):
 
 # ---- speed and the whole evaluation ------------------------------------------------------------
 
-def test_decode_speed_records():
-    models = [tiny_model(), dha_uneven_model()]
-    out = decode_speed(models, FAST)
-    assert len(out) == 2 and [s["batch_size"] for s in out[0]] == [1, 2]
-    for per_model, model in zip(out, models):
-        for s in per_model:
-            assert s["decode_tokens_per_s"] == pytest.approx(s["batch_size"] * 3 / s["decode_s"])
-            assert s["prefill_tokens_per_s"] == pytest.approx(s["batch_size"] * 8 / s["prefill_s"])
-            assert s["kv_cache_bytes"] == model.config.kv_bytes_per_token() * s["batch_size"] * (8 + 3)
-            assert s["peak_memory_bytes"] > 0
-
-
 def loaded_tiny(model=None, source="tiny") -> Loaded:
     return Loaded(model or tiny_model(), tiny_tokenizer(), source, "native")
 
 
-def test_evaluate_and_compare():
+def reference_ppl(model, windows: torch.Tensor) -> float:
+    """exp of torch's mean cross-entropy of every window's tokens 1.. given the same window's
+    logits (one forward over all the windows at once, fp32 model, logits taken to fp64)."""
+    with torch.no_grad():
+        logits = model(windows).double()  # (n, W, V)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    return math.exp(nll.item())
+
+
+def test_evaluate_and_compare(monkeypatch):
+    clock = SpeedClock(monkeypatch)
     stream = torch.tensor([(i * 37) % 300 for i in range(200)])
     splits = TokenSplits(stream[:100], stream[100:], "synthetic", 1, 1)
-    one = evaluate(loaded_tiny(), splits, FAST)
-    assert one["eval_tokens"] == 4 * 15  # max 64 tokens -> 4 windows of 16, first token unscored
-    windows = stream[100:164].view(4, 16)
-    torch.testing.assert_close(one["ppl"], perplexity(loaded_tiny().model, windows, progress=False)["ppl"], rtol=1e-5, atol=0)  # batch 2 vs 1: fp32 sums differ
-    assert one["decode_tokens_per_s"] == one["speed"][-1]["decode_tokens_per_s"]  # largest batch size
+    windows = stream[100:164].view(4, 16)  # max 64 tokens -> 4 windows of 16, first token unscored
+    hf = tiny_llama_hf(vocab_size=300)
+    source = loaded_tiny(ours_from_hf(hf))
+    t0 = time.perf_counter()
+    one = evaluate(source, splits, FAST)
+    wall = time.perf_counter() - t0
+    assert one["eval_tokens"] == 4 * 15
+    with torch.no_grad():
+        hf_ppl = math.exp(hf(windows, labels=windows).loss.item())  # transformers' own shifted mean loss
+    torch.testing.assert_close(one["ppl"], hf_ppl, rtol=1e-5, atol=0)  # fp32 models, different kernels and batching
 
-    report = evaluate_models([loaded_tiny(), loaded_tiny(dha_uneven_model(), "dha")], splits, FAST)
+    # Speed columns: batch sizes 1 and 2 at context 8, 3 new tokens (FAST), each record against
+    # the test's clock (tests.speed_clock); the top-level numbers are the largest batch's (2).
+    assert [(s["batch_size"], s["context"], s["new_tokens"]) for s in one["speed"]] == [(1, 8, 3), (2, 8, 3)]
+    for s in one["speed"]:
+        clock.check_record(s, clock.timed_run(lambda r: r.model is source.model, s["batch_size"], 8, 3))
+        assert s["kv_cache_bytes"] == 2 * (6 + 6) * 8 * 4 * s["batch_size"] * (8 + 3)  # layers, K+V heads, hd, fp32
+        assert s["peak_memory_bytes"] > 0
+    batch2 = clock.timed_run(lambda r: r.model is source.model, 2, 8, 3)
+    assert one["decode_batch_size"] == 2
+    assert (batch2.decoded_tokens / batch2.decode_outer * (1 - 1e-9) <= one["decode_tokens_per_s"]
+            <= batch2.decoded_tokens / batch2.decode_inner * (1 + 1e-9))  # float64 seconds, 1e-9 relative for rounding
+    assert one["decode_tokens_per_s"] >= 2 * 3 / wall  # and the whole evaluate() call bounds it too
+
+    dha = loaded_tiny(dha_uneven_model(), "dha")
+    report = evaluate_models([loaded_tiny(ours_from_hf(hf)), dha], splits, FAST)
     a, b = report["models"]
-    assert a["ratios"]["ppl"] == 1.0 and a["ratios"]["kv_bytes_per_token"] == 1.0
+    ref_a, ref_b = hf_ppl, reference_ppl(dha.model, windows)  # transformers' loss; torch's cross-entropy
+    torch.testing.assert_close(a["ppl"], ref_a, rtol=1e-5, atol=0)
+    torch.testing.assert_close(b["ppl"], ref_b, rtol=1e-5, atol=0)  # fp32 model, fp64 loss
+    assert abs(ref_b / ref_a - 1) > 1e-3  # two different models: the ratio below says something
+    torch.testing.assert_close(b["ratios"]["ppl"], ref_b / ref_a, rtol=2e-5, atol=0)  # each side within 1e-5
     assert b["ratios"]["kv_bytes_per_token"] == pytest.approx((3 + 2 + 1 + 4) / 24)
-    assert b["ratios"]["ppl"] == pytest.approx(b["ppl"] / a["ppl"])
     assert set(b["ratios"]["decode_tokens_per_s"]) == {"1", "2"}
 
 
@@ -203,7 +227,15 @@ def test_cli_eval_compare(tmp_path, saved_tiny, capsys):
     report = json.loads(out[0])
     assert [os.path.basename(m["source"]) for m in report["models"]] == ["tiny_ckpt", "dha_ckpt"]
     assert report["models"][1]["ratios"]["kv_bytes_per_token"] == pytest.approx(10 / 24)
-    assert report["ppl"] == report["models"][0]["ppl"]
+    # Perplexities against references computed here: the held-out documents by the documented
+    # split rule (tests.test_data.reference_split), tokenised, the first 64 tokens as 4 windows of
+    # 16, each model's torch cross-entropy on them (fp32 models, fp64 loss, rtol 1e-5).
+    _, held = reference_split(DOCS * 3, 0.3)
+    windows = reference_stream(held, tiny_tokenizer())[:64].view(4, 16)
+    ref_a, ref_b = reference_ppl(tiny_model(), windows), reference_ppl(dha_uneven_model(), windows)
+    torch.testing.assert_close(report["ppl"], ref_a, rtol=1e-5, atol=0)  # the top level: the first model's
+    torch.testing.assert_close(report["models"][1]["ppl"], ref_b, rtol=1e-5, atol=0)
+    torch.testing.assert_close(report["models"][1]["ratios"]["ppl"], ref_b / ref_a, rtol=2e-5, atol=0)  # each side within 1e-5
 
 
 def test_cli_eval_bad_data_exits_2_and_writes_nothing(tmp_path, saved_tiny, capsys):
