@@ -13,8 +13,9 @@ whatever the cache holds, and large points skip minutes of prefill.
 Memory: `kv_cache_bytes` is what the cache holds after the run; `peak_memory_bytes` is, on CPU,
 the process's peak resident set during the run (every loaded model included) and
 `run_memory_bytes` its rise over the resident set at the run's start (cache and activations); on
-CUDA, allocator numbers. Before anything runs, each point's memory is estimated (`memory_needed`)
-and a point that cannot fit is refused with a UserError, before anything is allocated.
+CUDA, allocator numbers. Before anything runs, each point's memory is estimated and checked
+against the device's free memory by dha.memory (`check_memory`: generation_bytes, check_fit), and
+a point that cannot fit is refused with a UserError, before anything is allocated.
 
 A transformers model (`TransformersRunner`, e.g. the stock export of the same weights) is timed by
 the same code, with its own default cache (DynamicCache) and `logits_to_keep=1` in the prefill.
@@ -33,7 +34,9 @@ import torch
 from .device import synchronize
 from .errors import UserError
 from .export import export
+from .memory import Generation, Work, check_fit, estimate, generation_bytes
 from .plots import pyplot, save
+from .summary import kv_summary
 
 
 @dataclass
@@ -135,41 +138,19 @@ def _past(out):
 # ---- memory ---------------------------------------------------------------------------------------
 
 def memory_needed(cfg, dtype: torch.dtype, batch_size: int, context: int, new_tokens: int) -> dict:
-    """Bytes a point allocates beyond the weights: its KV cache, and an upper estimate of the
-    largest prefill activations alive at once (one layer's q/k/v and their copies for a decoupled
-    layer, its MLP intermediates, the residual stream), and the last-position logits in float32."""
-    elt = torch.tensor([], dtype=dtype).element_size()
-    D, F_, H, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
-    kv = batch_size * (context + new_tokens) * cfg.kv_bytes_per_token(dtype)
-    activations = batch_size * context * elt * (4 * F_ + 6 * D + 5 * H * hd) + batch_size * cfg.vocab_size * 4
+    """dha.memory.generation_bytes of a point as a dict: its KV cache, its activations, their total."""
+    (_, kv), (_, activations) = generation_bytes(cfg, dtype, Generation(batch_size, context, new_tokens))
     return {"kv_cache_bytes": kv, "activation_bytes": activations, "total_bytes": kv + activations}
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors: CUDA's free memory, or MemAvailable of /proc/meminfo (None if unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            m = re.search(r"MemAvailable:\s+(\d+) kB", f.read())
-        return int(m.group(1)) * 1024 if m else None
-    except OSError:
-        return None
-
-
 def check_memory(runners: list[Runner], points: list[tuple[int, int]], new_tokens: int) -> None:
-    """Refuse, before allocating anything, a point whose cache and activations cannot fit."""
+    """Refuse (dha.memory.check_fit), before allocating anything, a point whose cache and activations
+    cannot fit in what the runner's device has free beside the loaded models."""
     for runner in runners:
-        free = available_memory(runner.device)
-        if free is None:
-            return
         for b, c in points:
-            need = memory_needed(runner.config, runner.dtype, b, c, new_tokens)
-            if need["total_bytes"] > free:
-                raise UserError(
-                    f"batch {b} x context {c} (+{new_tokens} new tokens) needs about {need['total_bytes'] / 2**30:,.1f} GiB "
-                    f"(KV cache {need['kv_cache_bytes'] / 2**30:,.1f} GiB + activations {need['activation_bytes'] / 2**30:,.1f} GiB), "
-                    f"and {free / 2**30:,.1f} GiB is available on {runner.device}: use a smaller batch or context")
+            est = estimate(runner.config, runner.dtype, Work(generation=Generation(b, c, new_tokens)))
+            check_fit(runner.device, est, False, f"batch {b} x context {c} (+{new_tokens} new tokens)", loaded=True,
+                      advice="use a smaller batch or context")
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -301,14 +282,14 @@ def _name(source: str) -> str:
 
 def describe(runner: Runner, name: str, source: str) -> dict:
     """A model's entry in the report: what it is and what its cache costs per token."""
-    cfg = runner.config
+    kv = kv_summary(runner.config, runner.dtype)
     paths = [getattr(b.attn, "path", None) for b in getattr(runner.model, "layers", [])]
     return {
         "name": name, "source": source, "kind": runner.kind, "dtype": str(runner.dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in runner.model.parameters()),
-        "key_heads_total": sum(cfg.key_heads(l) for l in range(cfg.num_layers)),
-        "value_heads_total": sum(cfg.value_heads(l) for l in range(cfg.num_layers)),
-        "kv_bytes_per_token": cfg.kv_bytes_per_token(runner.dtype),
+        "key_heads_total": kv["key_heads_total"],
+        "value_heads_total": kv["value_heads_total"],
+        "kv_bytes_per_token": kv["kv_bytes_per_token"],
         "attention_paths": {p: paths.count(p) for p in sorted(set(paths)) if p} if runner.kind == "dha" else {},
     }
 

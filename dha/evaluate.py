@@ -29,6 +29,7 @@ from .errors import UserError
 from .layerwise import nll_sum
 from .longctx import RetrievalOptions, position_ratios, position_report, retrieval
 from .model import next_token_nll
+from .summary import kv_summary
 
 
 @dataclass
@@ -202,13 +203,13 @@ def model_result(loaded, windows: torch.Tensor, options: EvalOptions) -> dict:
     kv = kv_bytes(model)
     if kv["measured"] != kv["analytic"]:
         raise RuntimeError(f"{loaded.source}: KV cache holds {kv['measured']} bytes/token, the config says {kv['analytic']}")
-    cfg = model.config
+    counts = kv_summary(model.config)
     return {
         "source": loaded.source,
         "parameters": model.num_parameters(),
         "dtype": kv["dtype"],
-        "key_heads_total": sum(cfg.key_heads(l) for l in range(cfg.num_layers)),
-        "value_heads_total": sum(cfg.value_heads(l) for l in range(cfg.num_layers)),
+        "key_heads_total": counts["key_heads_total"],
+        "value_heads_total": counts["value_heads_total"],
         "ppl": ppl["ppl"],
         "nll": ppl["nll"],
         "eval_tokens": ppl["tokens"],

@@ -46,6 +46,7 @@ from .atomic import atomic_dir
 from .checkpoint import REMOTE_MODEL_TYPE, Loaded, quiet
 from .families import Family, UnsupportedModel, family_of, weights_to_hf
 from .model import ModelConfig, Transformer, is_grouped
+from .summary import heads_text, kv_summary
 from .transforms import permute_query_heads, state_dict_of
 
 REMOTE_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_code")
@@ -282,17 +283,13 @@ def export(loaded: Loaded, out: str, force_remote_code: bool = False, atol: floa
         if not diff_source <= atol + REORDER_RTOL * scale:
             raise ExportMismatch(f"the {kind} export differs from the model before its query heads were reordered: "
                                  f"max |logit difference| {diff_source:.3g} > {atol + REORDER_RTOL * scale:.3g} {where}")
-    key_heads = [cfg.key_heads(l) for l in range(L)]
-    value_heads = [cfg.value_heads(l) for l in range(L)]
-    return ExportResult(os.path.abspath(out), kind, hf_class, key_heads, value_heads, H, diff, diff_source, permuted,
-                        reason, check, tokenizer=loaded.tokenizer is not None)
+    counts = kv_summary(cfg)
+    return ExportResult(os.path.abspath(out), kind, hf_class, counts["key_heads"], counts["value_heads"], H, diff, diff_source,
+                        permuted, reason, check, tokenizer=loaded.tokenizer is not None)
 
 
 def summary_lines(result: ExportResult) -> list[str]:
     """Human-readable lines for the CLI."""
-    def counts(xs):
-        return str(xs[0]) if len(set(xs)) == 1 else f"{min(xs)}-{max(xs)} (per layer {xs})"
-
     if result.kind == "stock":
         lines = [f"stock export: {result.hf_class}, {result.key_heads[0]} key/value heads per layer for "
                  f"{result.query_heads} query heads"]
@@ -301,7 +298,7 @@ def summary_lines(result: ExportResult) -> list[str]:
                          f"of {len(result.key_heads)} layers")
     else:
         lines = [f"remote-code export: {result.hf_class} (load with trust_remote_code=True), key heads "
-                 f"{counts(result.key_heads)}, value heads {counts(result.value_heads)}, query heads {result.query_heads}",
+                 f"{heads_text(result.key_heads)}, value heads {heads_text(result.value_heads)}, query heads {result.query_heads}",
                  f"not stock because: {result.reason}"]
         if result.tokenizer:
             lines.append("its tokenizer needs no remote code: AutoTokenizer.from_pretrained(dir, trust_remote_code=False) "

@@ -26,7 +26,6 @@ converter keeps them). The file is written beside the target and renamed into pl
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -37,7 +36,8 @@ import torch
 from .atomic import atomic_file
 from .errors import UserError
 from .model import ModelConfig, Transformer
-from .serving import check_same_function, serving_kv_bytes_per_token, serving_layout_problem, to_serving, unsupported_reason
+from .serving import serve_for_export
+from .summary import heads_text
 
 OUTTYPES = ("f32", "f16", "q8_0")
 # Our state dict name (with {} for the layer) -> the GGUF tensor name.
@@ -59,7 +59,7 @@ PRE_TOKENIZERS = {
     "ByteLevel": "gpt-2",
     "Digits(individual) + ByteLevel": "smollm",
 }
-KV_CACHE_BYTES = 2  # llama.cpp's default KV cache type is f16
+KV_CACHE_DTYPE = torch.float16  # llama.cpp's default KV cache type
 
 
 @dataclass
@@ -258,34 +258,24 @@ def export_gguf(loaded, out: str, outtype: str = "f32", pad: bool = False) -> Gg
     """Write `loaded` as a GGUF file llama.cpp runs; UserError (nothing written) when it cannot be held."""
     if outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
-    cfg = loaded.model.config
-    reason = unsupported_reason(cfg)
-    if reason is not None:
-        raise UserError(f"cannot export to GGUF: {reason}")
-    problem = serving_layout_problem(cfg)
-    if problem is not None and not pad:
-        raise UserError(f"llama.cpp cannot hold this layout exactly: {problem}; --pad duplicates heads to make it "
-                        "representable (a larger KV cache)")
-    if loaded.tokenizer is None:
-        raise UserError(f"{loaded.source} has no tokenizer; a GGUF file carries one")
-    check_gguf_out(out)
-    source = copy.deepcopy(loaded.model).float().eval()
-    served, layouts = to_serving(source, pad=pad)
-    kv_heads = [layout.kv_heads for layout in layouts]
-    tokenizer = tokenizer_fields(loaded.tokenizer, cfg.vocab_size)
-    diff = check_same_function(served, source)
-    arch = write_file(out, served, kv_heads, tokenizer, outtype, os.path.basename(os.path.normpath(str(loaded.source))))
-    padded = sum(l.kv_heads != cfg.key_heads(i) or l.kv_heads != cfg.value_heads(i) for i, l in enumerate(layouts))
-    return GgufResult(os.path.abspath(out), arch, outtype, kv_heads, cfg.num_heads, padded,
-                      serving_kv_bytes_per_token(kv_heads, cfg.head_dim, KV_CACHE_BYTES),
-                      cfg.kv_bytes_per_token(torch.float16), diff, tokenizer["pre"], os.path.getsize(out))
+
+    def checks() -> None:
+        if loaded.tokenizer is None:
+            raise UserError(f"{loaded.source} has no tokenizer; a GGUF file carries one")
+        check_gguf_out(out)
+
+    s = serve_for_export(loaded.model, pad, "GGUF", "llama.cpp",
+                         "--pad duplicates heads to make it representable (a larger KV cache)", checks=checks)
+    tokenizer = tokenizer_fields(loaded.tokenizer, s.model.config.vocab_size)
+    arch = write_file(out, s.model, s.kv_heads, tokenizer, outtype, os.path.basename(os.path.normpath(str(loaded.source))))
+    return GgufResult(os.path.abspath(out), arch, outtype, s.kv_heads, s.query_heads, s.padded_layers,
+                      s.kv_bytes_per_token(KV_CACHE_DTYPE), s.source_kv_bytes_per_token(KV_CACHE_DTYPE),
+                      s.max_abs_diff, tokenizer["pre"], os.path.getsize(out))
 
 
 def summary_lines(result: GgufResult) -> list[str]:
-    counts = result.kv_heads
-    heads = str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} (per layer {counts})"
-    lines = [f"GGUF ({result.arch}, {result.outtype}): {heads} key/value heads per layer for {result.query_heads} "
-             f"query heads, tokenizer pre {result.tokenizer_pre!r}, {result.file_bytes:,} bytes",
+    lines = [f"GGUF ({result.arch}, {result.outtype}): {heads_text(result.kv_heads)} key/value heads per layer for "
+             f"{result.query_heads} query heads, tokenizer pre {result.tokenizer_pre!r}, {result.file_bytes:,} bytes",
              f"KV cache per token in llama.cpp (f16 cache): {result.kv_bytes_per_token:,} bytes"]
     if result.arch == "deci":
         lines.append("per-layer head counts: run llama.cpp with flash attention on (-fa on); with it off, llama.cpp pads "

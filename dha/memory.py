@@ -1,4 +1,5 @@
-"""Does a verb's work fit on its device? The fit check, made from the model's config before any weight is read.
+"""Does a verb's work fit on its device? The fit check, made from the model's config before any weight is read
+(or, for `bench`'s points, before anything beyond the loaded weights is allocated).
 
 `estimate(cfg, dtype, work)` says how many bytes the device holds at the peak of `work`, two ways:
 
@@ -8,7 +9,10 @@
 - layer by layer (`--offload`): the model stays in CPU memory (memory-mapped) and the device holds
   its largest decoder layer in the compute dtype (float32), the hidden states of every calibration
   token, one batch's activations, or the closed-form merge of one layer in float64. None when the
-  work cannot go layer by layer (training, `prune`).
+  work cannot go layer by layer (training, `prune`, generation).
+
+Generation (`bench`'s prefill and decode points, `generation_bytes`): the KV cache of the prompt
+and the new tokens, and the largest prefill activations alive at once.
 
 The terms follow what the code allocates (docs/scaling.md, "The fit check" and "GPU memory");
 they are estimates, not measurements: the allocator's own slack, the CUDA context and the
@@ -16,10 +20,11 @@ libraries' workspaces (cuBLAS: tens of MiB) are not counted. `free_memory(device
 device has: torch.cuda.mem_get_info on CUDA, MemAvailable of /proc/meminfo on the CPU.
 `check_fit` compares the two and raises a UserError with the numbers when the work cannot fit,
 or fits on a GPU only with --offload. On the CPU the weights are not counted: they stay in the
-memory-mapped checkpoint (training's float32 copies excepted). Training counts one micro-batch's
-activations with activation checkpointing unless it is off (`activation_bytes`); `training_fit`
-says whether a training run fits with and without it; `step_bytes` is what dha.train's "auto"
-rule weighs.
+memory-mapped checkpoint (training's float32 copies excepted); nor are they, on any device, for a
+model already loaded there (`loaded`: bench reads the free memory after loading). Training counts
+one micro-batch's activations with activation checkpointing unless it is off
+(`activation_bytes`); `training_fit` says whether a training run fits with and without it;
+`step_bytes` is what dha.train's "auto" rule weighs.
 
 Shape legend: P parameters, D hidden size, F MLP size, H query heads, n key + value heads of a
 layer, hd head dim, V vocabulary, N calibration tokens, B blocks of T tokens in a batch.
@@ -54,6 +59,16 @@ class Training:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """A prefill of `context` tokens in each of `batch_size` rows into a KV cache of context +
+    `new_tokens` positions, then `new_tokens` decode steps (one point of dha.bench)."""
+
+    batch_size: int
+    context: int
+    new_tokens: int
+
+
+@dataclass(frozen=True)
 class Work:
     """What a verb runs on the device (the defaults: nothing but holding the model)."""
 
@@ -66,6 +81,7 @@ class Work:
     eval_block: int = 512
     all_layer_inputs: bool = False  # prune: every layer's attention input at once, from whole-model passes
     training: Training | None = None
+    generation: Generation | None = None
 
 
 @dataclass
@@ -184,6 +200,18 @@ def step_bytes(cfg: ModelConfig, training: Training, trainable: int, checkpointi
     return 12 * trainable // training.shards + activation_bytes(cfg, training, checkpointing)
 
 
+def generation_bytes(cfg: ModelConfig, dtype: torch.dtype, generation: Generation) -> list[tuple[str, int]]:
+    """A generation point beyond the weights (`dtype` bytes a number): its KV cache, and an upper
+    estimate of the largest prefill activations alive at once (one layer's q/k/v and their copies
+    for a decoupled layer, its MLP intermediates, the residual stream), with the last-position
+    logits in float32."""
+    b, c, s = generation.batch_size, generation.context, dtype.itemsize
+    D, F, H, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
+    kv = b * (c + generation.new_tokens) * cfg.kv_bytes_per_token(dtype)
+    activations = b * c * s * (4 * F + 6 * D + 5 * H * hd) + b * cfg.vocab_size * 4
+    return [("KV cache", kv), ("activations", activations)]
+
+
 @dataclass(frozen=True)
 class TrainingFit:
     """A training step's peak device bytes without and with activation checkpointing (`estimate`'s
@@ -220,6 +248,9 @@ def estimate(cfg: ModelConfig, dtype: torch.dtype, work: Work) -> Estimate:
     if work.training is not None:
         return Estimate(training_bytes(cfg, sizes, work.training), None, mapped=False)  # float32 copies: not mapped
     s = dtype.itemsize
+    weights = (f"the weights in {str(dtype).removeprefix('torch.')}", sizes.total * s)
+    if work.generation is not None:
+        return Estimate([weights, *generation_bytes(cfg, dtype, work.generation)], None)
     c = 8 if dtype == torch.float64 else 4  # dha.layerwise.compute_dtype
     layer = max(sizes.layers) * c
     merge = 24 * max(sizes.attention) if work.merge == "aligned" else 0  # a layer's q/k/v/o in, out and o copied, float64
@@ -228,7 +259,7 @@ def estimate(cfg: ModelConfig, dtype: torch.dtype, work: Work) -> Estimate:
     inputs = cfg.num_layers * work.calib_tokens * cfg.hidden_size * s if work.all_layer_inputs else 0
     merged = sum(sizes.attention) * s if work.merge else 0  # the merged model's new q/k/v/o, beside the source
     working = max(copy + sweep + inputs, merge, eval_bytes(cfg, work, c, layerwise=False)) + merged
-    whole = [(f"the weights in {str(dtype).removeprefix('torch.')}", sizes.total * s), ("working memory", working)]
+    whole = [weights, ("working memory", working)]
     if work.all_layer_inputs:
         return Estimate(whole, None)
     rest = max(sweep, eval_bytes(cfg, work, c, layerwise=True), merge - layer)
@@ -259,32 +290,38 @@ def _described(parts: list[tuple[str, int]]) -> str:
     return f"about {gib(Estimate.total(parts))} ({' + '.join(f'{label} {gib(b)}' for label, b in parts if b)})"
 
 
-def check_fit(device: torch.device, est: Estimate, offload: bool, subject: str) -> None:
-    """UserError, with the numbers, when `est` cannot fit on `device`.
+def check_fit(device: torch.device, est: Estimate, offload: bool, subject: str, loaded: bool = False,
+              advice: str | None = None) -> None:
+    """UserError, with the numbers (and `advice` after them when given), when `est` cannot fit on `device`.
 
     On a GPU: with `offload` one layer at a time must fit; without it the whole model must, and
     when only one layer at a time would, the error says to give --offload. On the CPU the model is
     in CPU memory either way, its weights memory-mapped from the checkpoint (pages the kernel reads
-    in and drops again), so what must fit in the memory available is the rest: the work's own memory."""
+    in and drops again), so what must fit in the memory available is the rest: the work's own memory.
+    With `loaded` the model is already on `device` (the free memory read now excludes its weights):
+    on either device the work's own memory must fit."""
     free = free_memory(device)
     if free is None:
         return
-    if device.type == "cpu":
-        parts = est.whole[1:] if est.mapped else est.whole
+    cpu = device.type == "cpu"
+    have = f"the CPU has {gib(free)} available (MemAvailable)" if cpu else f"{device} has {gib(free)} free"
+    tail = f"; {advice}" if advice else ""
+    if cpu or loaded:
+        parts = est.whole[1:] if est.mapped or loaded else est.whole
         if Estimate.total(parts) > free:
-            besides = " besides its memory-mapped weights" if est.mapped else ""
-            raise UserError(f"{subject} does not fit in the CPU's memory: it needs {_described(parts)}{besides}; "
-                            f"the CPU has {gib(free)} available (MemAvailable)")
+            besides = (" besides its weights, already loaded" if loaded
+                       else " besides its memory-mapped weights" if est.mapped else "")
+            where = "in the CPU's memory" if cpu else f"on {device}"
+            raise UserError(f"{subject} does not fit {where}: it needs {_described(parts)}{besides}; {have}{tail}")
         return
-    have = f"{device} has {gib(free)} free"
     layer_fits = est.layer is not None and Estimate.total(est.layer) <= free
     if offload and est.layer is not None:  # (work that needs the whole model refuses --offload before this)
         if not layer_fits:
-            raise UserError(f"{subject} does not fit on {device} even one layer at a time: it needs {_described(est.layer)}; {have}")
+            raise UserError(f"{subject} does not fit on {device} even one layer at a time: it needs {_described(est.layer)}; {have}{tail}")
     elif Estimate.total(est.whole) > free:
         if layer_fits:
             raise UserError(f"{subject} does not fit on {device} as a whole model: it needs {_described(est.whole)}; {have}. "
                             f"Give --offload to keep it in CPU memory and bring one layer at a time to {device} "
-                            f"(about {gib(Estimate.total(est.layer))})")
+                            f"(about {gib(Estimate.total(est.layer))}){tail}")
         layer = f", and one layer at a time {_described(est.layer)}" if est.layer is not None else ""
-        raise UserError(f"{subject} does not fit on {device}: the whole model needs {_described(est.whole)}{layer}; {have}")
+        raise UserError(f"{subject} does not fit on {device}: the whole model needs {_described(est.whole)}{layer}; {have}{tail}")

@@ -21,7 +21,6 @@ not run in vLLM or SGLang here (no GPU).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -33,7 +32,8 @@ import torch
 from .atomic import atomic_dir
 from .errors import UserError
 from .families import weights_to_hf
-from .serving import check_same_function, serving_kv_bytes_per_token, serving_layout_problem, to_serving, unsupported_reason
+from .serving import serve_for_export
+from .summary import heads_text
 from .transforms import state_dict_of
 
 ARCHITECTURE = "DeciLMForCausalLM"
@@ -94,21 +94,12 @@ def export_nemotron(loaded, out: str, pad: bool = False) -> NemotronResult:
     from safetensors.torch import save_file
 
     cfg = loaded.model.config
-    reason = unsupported_reason(cfg)
-    if reason is not None:
-        raise UserError(f"cannot export to Nemotron-NAS: {reason}")
-    if not loaded.hf_config or loaded.hf_config.get("model_type") != "llama":
-        raise UserError("cannot export to Nemotron-NAS: the source keeps no LLaMA Hugging Face config to start from")
-    problem = serving_layout_problem(cfg)
-    if problem is not None and not pad:
-        raise UserError(f"Nemotron-NAS cannot hold this layout exactly: {problem}; --pad duplicates heads")
-    dtype = next(loaded.model.parameters()).dtype
-    source = copy.deepcopy(loaded.model).float().eval()
-    served, layouts = to_serving(source, pad=pad)
-    diff = check_same_function(served, source)
-    kv_heads = [layout.kv_heads for layout in layouts]
+    no_hf_config = not loaded.hf_config or loaded.hf_config.get("model_type") != "llama"
+    s = serve_for_export(loaded.model, pad, "Nemotron-NAS", "Nemotron-NAS", "--pad duplicates heads",
+                         refusal="the source keeps no LLaMA Hugging Face config to start from" if no_hf_config else None)
+    dtype, kv_heads = next(loaded.model.parameters()).dtype, s.kv_heads
     with atomic_dir(out) as tmp:
-        sd = {k: v.to(dtype).contiguous() for k, v in weights_to_hf(state_dict_of(served), served.config).items()}
+        sd = {k: v.to(dtype).contiguous() for k, v in weights_to_hf(state_dict_of(s.model), s.model.config).items()}
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(nemotron_config(cfg, loaded.hf_config, kv_heads, str(dtype).removeprefix("torch.")), f, indent=1)
@@ -116,16 +107,15 @@ def export_nemotron(loaded, out: str, pad: bool = False) -> NemotronResult:
         shutil.copyfile(CONFIG_SOURCE, os.path.join(tmp, "configuration_decilm.py"))
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-    padded = sum(l.kv_heads != cfg.key_heads(i) or l.kv_heads != cfg.value_heads(i) for i, l in enumerate(layouts))
-    return NemotronResult(os.path.abspath(out), kv_heads, cfg.num_heads, padded,
-                          serving_kv_bytes_per_token(kv_heads, cfg.head_dim, 2), cfg.kv_bytes_per_token(torch.bfloat16),
-                          diff)
+    return NemotronResult(os.path.abspath(out), kv_heads, s.query_heads, s.padded_layers,
+                          s.kv_bytes_per_token(torch.bfloat16), s.source_kv_bytes_per_token(torch.bfloat16),
+                          s.max_abs_diff)
 
 
 def summary_lines(result: NemotronResult) -> list[str]:
     counts = result.kv_heads
-    heads = str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} (per layer {counts})"
-    lines = [f"Nemotron-NAS ({ARCHITECTURE}): {heads} key/value heads per layer for {result.query_heads} query heads",
+    lines = [f"Nemotron-NAS ({ARCHITECTURE}): {heads_text(counts)} key/value heads per layer for {result.query_heads} "
+             "query heads",
              f"KV cache per token (bf16): {result.kv_bytes_per_token_bf16:,} bytes"]
     if result.padded_layers:
         lines.append(f"--pad duplicated heads in {result.padded_layers} layers: "

@@ -17,18 +17,24 @@ group must read one key and one value head, so g must divide every pair's group 
 
 `serving_layout_problem` is the check (a string naming the first layer that fails, or None);
 `check_same_function` guards the transform at export time; `unsupported_reason` says when the
-architecture itself is not the LLaMA graph these engines run.
+architecture itself is not the LLaMA graph these engines run. `serve_for_export` is what the
+serving exports (dha.gguf, dha.nemotron) share: those checks as UserErrors, the transform, its
+check, and the head counts and KV bytes they report.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 from .model import ModelConfig, Transformer
+from .summary import kv_summary
 from .transforms import build, heads, state_dict_of, unheads, with_maps
 
 # Permuting query heads changes the order of fp32 sums only: dha.export measured 1.9e-4 on
@@ -152,3 +158,51 @@ def unsupported_reason(cfg: ModelConfig) -> str | None:
         if not ok:
             return reason
     return None
+
+
+@dataclass
+class Served:
+    """A model in a serving layout, checked against the model it came from: what an export writes and reports."""
+
+    model: Transformer  # float32, every layer contiguous equal-group GQA
+    kv_heads: list[int]  # per layer, as written
+    query_heads: int
+    padded_layers: int  # layers given duplicated heads by `pad`
+    max_abs_diff: float  # fp32 logits: the serving layout against the model, on random tokens
+    source: ModelConfig  # the model's own config (its own maps)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV cache per token of the serving layout, a cache in `dtype`."""
+        return serving_kv_bytes_per_token(self.kv_heads, self.model.config.head_dim, dtype.itemsize)
+
+    def source_kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV cache per token of the model before the export (its own maps), in `dtype`."""
+        return kv_summary(self.source, dtype)["kv_bytes_per_token"]
+
+
+def serve_for_export(model: Transformer, pad: bool, target: str, engine: str, pad_hint: str,
+                     refusal: str | None = None, checks: Callable[[], None] | None = None) -> Served:
+    """The shared part of the serving exports (dha.gguf, dha.nemotron), in this order:
+
+    - UserError "cannot export to `target`: ..." when the LLaMA graph cannot run the architecture
+      (unsupported_reason), or for the export's own `refusal` when given;
+    - UserError when `engine` cannot hold the layout exactly and `pad` is not given (`pad_hint`
+      says what --pad does);
+    - the export's own `checks` (raising UserError), still before any work;
+    - a float32 copy of `model` in a serving layout (to_serving), checked to compute the same
+      function (check_same_function), with its head counts."""
+    cfg = model.config
+    reason = unsupported_reason(cfg) or refusal
+    if reason is not None:
+        raise UserError(f"cannot export to {target}: {reason}")
+    problem = serving_layout_problem(cfg)
+    if problem is not None and not pad:
+        raise UserError(f"{engine} cannot hold this layout exactly: {problem}; {pad_hint}")
+    if checks is not None:
+        checks()
+    source = copy.deepcopy(model).float().eval()
+    served, layouts = to_serving(source, pad=pad)
+    diff = check_same_function(served, source)
+    heads_of = kv_summary(cfg)
+    padded = sum(l.kv_heads != k or l.kv_heads != v for l, k, v in zip(layouts, heads_of["key_heads"], heads_of["value_heads"]))
+    return Served(served, [l.kv_heads for l in layouts], cfg.num_heads, padded, diff, cfg)

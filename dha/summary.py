@@ -1,18 +1,43 @@
-"""Human-readable and JSON summaries of a model (the `inspect` verb)."""
+"""Human-readable and JSON summaries of a model: its heads and KV cache (`kv_summary`, which every
+report uses), and the `inspect` verb's table."""
 
 from __future__ import annotations
 
 import torch
 
 
+def kv_summary(cfg, dtype: torch.dtype | None = None) -> dict:
+    """Key and value heads of a model config (a dha.model.ModelConfig) per layer and in all, and its
+    KV-cache bytes per token in fp32 and bf16, and in `dtype` when given (`kv_bytes_per_token`)."""
+    key_heads = [cfg.key_heads(l) for l in range(cfg.num_layers)]
+    value_heads = [cfg.value_heads(l) for l in range(cfg.num_layers)]
+    out = {
+        "key_heads": key_heads,
+        "value_heads": value_heads,
+        "key_heads_total": sum(key_heads),
+        "value_heads_total": sum(value_heads),
+        "kv_bytes_per_token_fp32": cfg.kv_bytes_per_token(torch.float32),
+        "kv_bytes_per_token_bf16": cfg.kv_bytes_per_token(torch.bfloat16),
+    }
+    if dtype is not None:
+        out["kv_bytes_per_token"] = cfg.kv_bytes_per_token(dtype)
+    return out
+
+
+def heads_text(counts: list[int]) -> str:
+    """Per-layer head counts in a summary line: '3' when every layer has 3, else '2-3 (per layer [3, 2])'."""
+    return str(counts[0]) if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} (per layer {counts})"
+
+
 def inspect_model(loaded) -> dict:
     model = loaded.model
     cfg = model.config
     dtype = next(model.parameters()).dtype
+    kv = kv_summary(cfg, dtype)
     layers = [
-        {"layer": l, "query_heads": cfg.num_heads, "key_heads": cfg.key_heads(l), "value_heads": cfg.value_heads(l),
+        {"layer": l, "query_heads": cfg.num_heads, "key_heads": k, "value_heads": v,
          "key_index": cfg.key_index[l], "value_index": cfg.value_index[l]}
-        for l in range(cfg.num_layers)
+        for l, (k, v) in enumerate(zip(kv["key_heads"], kv["value_heads"]))
     ]
     source_kv = None
     if loaded.plan is not None:
@@ -26,15 +51,15 @@ def inspect_model(loaded) -> dict:
         "hidden_size": cfg.hidden_size,
         "head_dim": cfg.head_dim,
         "query_heads": cfg.num_heads,
-        "key_heads_total": sum(l["key_heads"] for l in layers),
-        "value_heads_total": sum(l["value_heads"] for l in layers),
+        "key_heads_total": kv["key_heads_total"],
+        "value_heads_total": kv["value_heads_total"],
         "parameters": model.num_parameters(),
         "dtype": str(dtype).removeprefix("torch."),
-        "kv_bytes_per_token": cfg.kv_bytes_per_token(dtype),
-        "kv_bytes_per_token_fp32": cfg.kv_bytes_per_token(torch.float32),
-        "kv_bytes_per_token_bf16": cfg.kv_bytes_per_token(torch.bfloat16),
+        "kv_bytes_per_token": kv["kv_bytes_per_token"],
+        "kv_bytes_per_token_fp32": kv["kv_bytes_per_token_fp32"],
+        "kv_bytes_per_token_bf16": kv["kv_bytes_per_token_bf16"],
         "kv_fraction_of_source": (
-            (sum(l["key_heads"] + l["value_heads"] for l in layers) / source_kv) if source_kv else None
+            (kv["key_heads_total"] + kv["value_heads_total"]) / source_kv if source_kv else None
         ),
         "plan_method": loaded.plan.method if loaded.plan is not None else None,
         "per_layer": layers,

@@ -20,6 +20,7 @@ import torch
 
 from .model import ModelConfig, Transformer
 from .plan import Plan
+from .summary import kv_summary
 
 
 def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Transformer:
@@ -118,7 +119,8 @@ def merge_groups(
     key_weights[l][g] is a vector with one coefficient per member of layer l's key group g.
     """
     cfg, sd, hd = model.config, state_dict_of(model), model.config.head_dim
-    plan.validate([cfg.key_heads(l) for l in range(cfg.num_layers)], [cfg.value_heads(l) for l in range(cfg.num_layers)])
+    counts = kv_summary(cfg)
+    plan.validate(counts["key_heads"], counts["value_heads"])
     key_index, value_index = [], []
     for l, layer in enumerate(plan.layers):
         for name, groups, weights in (
