@@ -54,8 +54,9 @@ from dataclasses import replace
 import torch
 
 from dha.atomic import write_json
-from dha.baselines import ConvertOptions, source_heads
+from dha.baselines import ConvertOptions
 from dha.bench import memory_now, reset_peak_memory
+from dha.budget import source_heads
 from dha.checkpoint import load
 from dha.convert import METHODS, convert
 from dha.data import blocks, calibration_blocks, load_tokens

@@ -1,7 +1,7 @@
 """Position-free pairs in DHA's key merge: perplexity with no training, by the number of pairs.
 
 SmolLM2-135M (the built-in model) converted by `--method dha --tokens 0` at --kv-budget, with
---free-pairs K for each K given ("auto": the default rule, dha.compress.FREE_ANGLE over
+--free-pairs K for each K given ("auto": the default rule, dha.options.FREE_ANGLE over
 FREE_CONTEXT tokens). Each model is scored on held-out pydoc text in 512-token windows (4,096
 tokens) and in windows of --long tokens (8,192 tokens in all), as ratios to the source on the same
 windows: the merge treats the free pairs as if they did not turn, and the longer the window, the

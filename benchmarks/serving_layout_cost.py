@@ -14,9 +14,10 @@ import json
 import sys
 
 from dha.checkpoint import load
-from dha.compress import aligned_merge, calibrate, closed_form_merges
+from dha.calibration import calibrate
 from dha.data import blocks, calibration_blocks, load_tokens
 from dha.evaluate import perplexity
+from dha.merge import aligned_merge, closed_form_merges
 from dha.search import SearchOptions, search
 from dha.serving import serving_layout_problem
 

@@ -1,4 +1,4 @@
-"""Which key groups keep exact maps under position-free pairs (the tie rule, dha.compress.TIE).
+"""Which key groups keep exact maps under position-free pairs (the tie rule, dha.merge.TIE).
 
 For each setting, DHA's default stage 1 (calibration on 4,096 train tokens, the cost search, the
 closed-form merges; no training): how many key groups merge with every pair exact, how many of

@@ -5,7 +5,7 @@ Every method is a function
     method(model, kv_budget, calib_blocks, options) -> (Plan, Transformer)
 
 - model: the source Transformer (not modified);
-- kv_budget: the fraction of the source's KV cache to keep, in (0, 1] (see `heads_for_budget`);
+- kv_budget: the fraction of the source's KV cache to keep, in (0, 1] (see `dha.budget.heads_for_budget`);
 - calib_blocks: (n, T) calibration token ids from the TRAIN split, or None for methods that need
   none (gqa);
 - options: ConvertOptions (seed, metric, grouping, ...).
@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .analyze import METRICS, cluster, collect_heads, heads_by_layer, similarity
-from .compress import aligned_merge, closed_form_merges, heads_for_budget, largest_divisor_at_most, layer_stats, source_heads
+from .budget import heads_for_budget, largest_divisor_at_most, source_heads
+from .calibration import layer_stats
 from .errors import UserError
+from .merge import aligned_merge, closed_form_merges
 from .model import Transformer
 from .plan import LayerPlan, Plan, contiguous_groups
 from .transforms import merge_groups
@@ -166,7 +168,7 @@ def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: Con
       columns of h replaced by W_O[:, h] U_j. Exact when g = 1 (U is then orthogonal).
     - keys: the RoPE-commuting analogue, a complex PCA per frequency pair, folded into the query
       heads' W_Q rows (and q bias).
-    Both are `dha.compress`'s aligned merge in its "plain" metric (DHA uses the weighted one).
+    Both are `dha.merge`'s aligned merge in its "plain" metric (DHA uses the weighted one).
     o_proj and q_proj change; nothing else does.
     """
     _need_calibration("svd", calib_blocks)

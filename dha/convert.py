@@ -3,7 +3,7 @@
     METHODS[name](model, kv_budget, calib_blocks, options) -> (Plan, Transformer)
 
 is the registry the `dha convert` verb reads. A method gets the source model (never modified),
-the fraction of the KV cache to keep (dha.baselines.heads_for_budget says how the uniform
+the fraction of the KV cache to keep (dha.budget.heads_for_budget says how the uniform
 baselines round it), calibration token blocks (n, T) from the TRAIN split (None when the caller has
 no data; methods that need it raise UserError), and ConvertOptions; it returns the plan it chose
 (method, kv_budget and notes set) and the initialised model. Other modules add their method to
@@ -26,9 +26,11 @@ from .baselines import (
     convert_prune,
     convert_svd,
 )
+from .budget import source_heads
+from .calibration import calibrate
 from .checkpoint import Loaded
-from .compress import aligned_merge, calibrate, closed_form_merges, heads_for_budget, source_heads
 from .errors import UserError
+from .merge import aligned_merge, closed_form_merges
 from .model import Transformer
 from .plan import Plan
 from .search import SearchOptions, search
@@ -61,7 +63,7 @@ METHODS: dict[str, Method] = {
 # Methods that can run without calibration text.
 NO_CALIBRATION = {"gqa"}
 
-__all__ = ["METHODS", "ConvertOptions", "convert", "apply_plan", "check_method", "heads_for_budget", "kv_summary"]
+__all__ = ["METHODS", "ConvertOptions", "convert", "apply_plan", "check_method", "kv_summary"]
 
 
 def check_method(method: str) -> Method:

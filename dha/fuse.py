@@ -4,11 +4,11 @@ DHA (Chen et al. 2024, section 3.2 "Fusion") fuses the heads of each group with 
 operators that start from the identity, so training starts from the unchanged model, and moves
 them progressively until each group is one head and the KV cache shrinks.
 
-Our operator fuses toward the closed-form aligned merge of `dha.compress` (not toward the mean: the
+Our operator fuses toward the closed-form aligned merge of `dha.merge` (not toward the mean: the
 mean of trained heads is far from every one of them). A group S's merge is a shared head plus a
 reading map per member, A (down: members -> shared) and B_j (up: shared -> member j); for keys both
 act on each RoPE frequency pair as a complex scalar, so they commute with RoPE (a run with a
-fusion stage merges no pair position-free, `dha.compress`: it would not end exactly at the
+fusion stage merges no pair position-free, `dha.merge`: it would not end exactly at the
 merge). Member j's k_proj (or v_proj) rows during fusion are
 
     W_j(a) = (1 - a) W_j + a B_j A W_S          (a = 0: the source; a = 1: the merge, exactly)
@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compress import (KeyMerge, ValueMerge, aligned_merge, mean_merge, reconstructed_key_rows,
-                       reconstructed_value_rows)
+from .merge import KeyMerge, ValueMerge, aligned_merge, mean_merge, reconstructed_key_rows, reconstructed_value_rows
 from .model import Transformer
 from .options import FusionOptions
 from .plan import Plan
@@ -138,7 +137,7 @@ class FusedProjection(nn.Module):
         return torch.stack(out)
 
     def merges(self) -> list:
-        """The current merge of every group (detached, float64), for `dha.compress.aligned_merge`."""
+        """The current merge of every group (detached, float64), for `dha.merge.aligned_merge`."""
         with torch.no_grad():
             return [_as_float64(m.merge()) for m in self.maps]
 
@@ -161,7 +160,7 @@ def mean_merges(model: Transformer, plan: Plan) -> list[dict]:
 class FusedModel(nn.Module):
     """The source model with each layer's k_proj and v_proj fused toward the plan's merges.
 
-    merges[l] = {"key": [merge per key group], "value": [...]} (dha.compress.closed_form_merges), or
+    merges[l] = {"key": [merge per key group], "value": [...]} (dha.merge.closed_form_merges), or
     None for the group means. Same call as Transformer (input_ids -> logits), same head count and
     query maps: the KV cache is not reduced until `merge`. The source model is copied, never changed.
     """

@@ -3,7 +3,7 @@
 
 - TrainConfig: the one training loop's settings (dha.train), and the training options of `dha
   train` and `dha convert --tokens`.
-- The merge's defaults (dha.compress): the position-free key pairs' rule.
+- The merge's defaults (dha.merge, dha.calibration): the position-free key pairs' rule.
 - The DHA pipeline's defaults (dha.pipeline): the fusion fraction and the merges.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
-# The position-free key pairs (dha.compress.free_pairs_for): by default, the RoPE pairs of the keys
+# The position-free key pairs (dha.calibration.free_pairs_for): by default, the RoPE pairs of the keys
 # that turn by at most FREE_ANGLE radians over the model's positions (at least FREE_CONTEXT tokens).
 # Chosen by measurement on SmolLM2 (docs/method.md, "Position-free pairs"; over its 8,192
 # positions: docs/longcontext.md).

@@ -11,7 +11,7 @@ The three stages of the DHA paper (Chen et al. 2024, section 3), on the user's d
    continued training for the rest of the tokens (`dha.train`).
 
 With tokens = 0 the plan is merged without training. `merge` says what the groups become: "aligned" (default) the closed-form aligned
-merge of `dha.compress` (shared head + reading maps folded into W_Q and W_O), which fusion moves
+merge of `dha.merge` (shared head + reading maps folded into W_Q and W_O), which fusion moves
 toward and which is also the training-free result; "mean" the group mean (the old target, for
 comparison). The output directory is a native checkpoint (with plan.json) plus a report:
 
@@ -46,12 +46,14 @@ import torch.distributed as dist
 
 from .atomic import files_into
 from .checkpoint import NATIVE_CONFIG, Loaded, write_native
-from .compress import aligned_merge, calibrate, closed_form_merges, free_pairs_for, source_heads
+from .budget import source_heads
+from .calibration import calibrate, free_pairs_for
 from .data import blocks, calibration_blocks
 from .errors import UserError
 from .evaluate import perplexity
 from .longctx import needle_attention, position_report, retrieval, retrieval_key_heads
 from .fuse import FusedModel, FusionSchedule, merge
+from .merge import aligned_merge, closed_form_merges
 from .options import DEFAULT_FUSION_FRACTION, MERGES, FusionOptions, TrainConfig
 from .plan import Plan
 from .plots import plot_allocation, plot_loss, plot_perplexity
@@ -74,7 +76,7 @@ class DHAConfig:
     final_eval_block_size: int = 512  # perplexity window of the final table
     search: object = None  # dha.search.SearchOptions (None: its defaults)
     fusion: FusionOptions = field(default_factory=FusionOptions)
-    merge: str = "aligned"  # what each group becomes (fusion's target): "aligned" (closed form, dha.compress) | "mean"
+    merge: str = "aligned"  # what each group becomes (fusion's target): "aligned" (closed form, dha.merge) | "mean"
     train: object = None  # dha.train.TrainConfig template (its `tokens` is set per stage; None: defaults)
     # Where stage 1 (calibration, merges) and the final table run, one decoder layer at a time, the
     # model left where it is (None: the model's own device). `dha convert --offload`: --device, the

@@ -5,13 +5,13 @@ a per-layer allocation of key and value heads under a global KV-head budget. Lik
 `run_awq`, `search` returns plain data (a `dha.plan.Plan`); applying it (the aligned merge, or
 fusion toward it in `dha.fuse`) is separate.
 
-Everything comes from one pass over the calibration tokens (`dha.compress.calibrate`): the heads'
+Everything comes from one pass over the calibration tokens (`dha.calibration.calibrate`): the heads'
 outputs, their second moments in the merge metric and, for the sensitivity weighting, the LM
 loss's gradients at the heads' outputs (one backward pass; the model is never copied).
 
 1. Grouping (`agglomerate`). Per layer, keys and values apart: agglomerative clustering on the
    closed-form merge itself. Starting from single heads, the two groups whose union leaves the
-   least extra residual (`dha.compress.group_residual`: the error of the aligned merge, in the
+   least extra residual (`dha.merge.group_residual`: the error of the aligned merge, in the
    metric) are merged, down to one group: a nested grouping for every count n. Heads that are
    rotations of each other merge at no cost, which raw-output similarity would not see.
 
@@ -19,7 +19,7 @@ loss's gradients at the heads' outputs (one backward pass; the model is never co
    - relative residual: sum of the groups' residuals / the layer-kind's energy (0 = lossless,
      1 = as bad as dropping the heads). Comparable across layers only in the metric's own units;
    - sensitivity=True (default): the second-order estimate of the LM-loss increase of that merge,
-     1/2 sum_t (g_t . delta_t)^2 over calibration tokens (`dha.compress.fisher_cost`), g the loss
+     1/2 sum_t (g_t . delta_t)^2 over calibration tokens (`fisher_cost`), g the loss
      gradient at the heads' outputs and delta the merge's error on them: costs in nats, the same
      unit for keys, values and every layer.
 
@@ -45,10 +45,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compress import (METRICS, Calibration, calibrate, fisher_cost, free_pairs_for, group_merge, group_residual, energy,
-                       reconstructed_outputs, reconstructed_key_rows, reconstructed_value_rows, source_heads,
-                       total_heads_for_budget)
+from .budget import source_heads, total_heads_for_budget
+from .calibration import Calibration, calibrate, check_merge_metric, free_pairs_for
 from .errors import UserError
+from .merge import (energy, group_merge, group_residual, reconstructed_key_rows, reconstructed_outputs,
+                    reconstructed_value_rows)
 from .model import Transformer
 from .plan import LayerPlan, Plan
 from .options import TrainConfig
@@ -70,10 +71,10 @@ HC_TEMPERATURE, HC_LOW, HC_HIGH = 2.0 / 3.0, -0.1, 1.1
 class SearchOptions:
     search: str = "cost"  # "cost": exact DP on the cost table | "learned": relaxed counts, trained
     metric: str = "weighted"  # merge metric: "weighted" (query energy for keys, W_O for values) | "plain" (PCA)
-    # key merge: the lowest-frequency RoPE pairs merged as one position-free block (dha.compress);
-    # None: the pairs that turn by at most compress.FREE_ANGLE over `free_context` tokens
+    # key merge: the lowest-frequency RoPE pairs merged as one position-free block (dha.merge);
+    # None: the pairs that turn by at most options.FREE_ANGLE over `free_context` tokens
     free_pairs: int | None = None
-    # the context of that rule (`dha convert --context`); None: the model's positions, at least compress.FREE_CONTEXT
+    # the context of that rule (`dha convert --context`); None: the model's positions, at least options.FREE_CONTEXT
     free_context: int | None = None
     # (layer, "key" | "value", head) kept out of every merge: each stays a head of its own (e.g.
     # the retrieval heads of dha.longctx.retrieval_key_heads, `dha convert --retrieval-heads`)
@@ -99,8 +100,7 @@ class SearchOptions:
     def __post_init__(self):
         if self.search not in SEARCHES:
             raise UserError(f"unknown search {self.search!r}; choose from {', '.join(SEARCHES)}")
-        if self.metric not in METRICS:
-            raise UserError(f"unknown merge metric {self.metric!r}; choose from {', '.join(METRICS)}")
+        check_merge_metric(self.metric)
         if self.free_pairs is not None and self.free_pairs < 0:
             raise UserError(f"--free-pairs must be >= 0, got {self.free_pairs}")
         if self.allocation not in ALLOCATIONS:
@@ -191,8 +191,16 @@ def relative_cost(cache: GroupCache, kind: str, groups: list[list[int]]) -> floa
     return sum(cache.residual(kind, g) for g in groups) / total if total > 0 else 0.0
 
 
+def fisher_cost(outputs: torch.Tensor, grads: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """Second-order estimate of the summed LM-loss increase when `outputs` (N, n, hd) become
+    `reconstruction`: 1/2 sum_t (g_t . delta_t)^2, the empirical Fisher taken per token
+    (as in Fisher-weighted low-rank compression), g the loss gradient at the outputs."""
+    dot = ((outputs.double() - reconstruction.double()) * grads.double()).sum((1, 2))  # (N,)
+    return 0.5 * float(dot.pow(2).sum())
+
+
 def table_fisher(calibration: Calibration, layer: int, kind: str, groupings, cache: GroupCache) -> list[float]:
-    """Estimated LM-loss increase (`dha.compress.fisher_cost`) of each grouping's aligned merge."""
+    """Estimated LM-loss increase (`fisher_cost`) of each grouping's aligned merge."""
     name = kind + "s"
     outputs, grads = calibration.acts[layer][name], calibration.grads[layer][name]
     out = []
@@ -551,7 +559,7 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
     """The DHA plan for `model` at `kv_budget`: groups and per-layer counts, exactly on budget.
 
     calib_blocks: (n_blocks, T) calibration token ids (train split); `calibration`, when given, is
-    `dha.compress.calibrate` of them already made (with gradients when options.sensitivity). The
+    `dha.calibration.calibrate` of them already made (with gradients when options.sensitivity). The
     plan's notes hold the settings and the cost table (per layer, kind and count) and, for the
     learned search, the expected counts and a training log. Deterministic for a given seed.
     """

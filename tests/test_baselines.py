@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dha.baselines import ConvertOptions, convert_gqa, convert_gqa_similar, convert_prune, convert_svd, heads_for_budget
+from dha.baselines import ConvertOptions, convert_gqa, convert_gqa_similar, convert_prune, convert_svd
+from dha.budget import heads_for_budget, source_heads
 from dha.checkpoint import load
 from dha.cli import main
 from dha.convert import METHODS, apply_plan, convert
@@ -304,8 +305,6 @@ def test_cli_convert_baseline_with_tokens_trains_and_saves(tmp_path, monkeypatch
     trained = load(out)
     before = load(source)
     assert trained.plan is not None and trained.plan.method == "gqa"
-    from dha.baselines import source_heads
-
     cfg = trained.model.config
     expected_k, expected_v = heads_for_budget(*source_heads(before.model), 0.5)
     assert [cfg.key_heads(l) for l in range(cfg.num_layers)] == list(expected_k)

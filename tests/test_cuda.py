@@ -135,7 +135,7 @@ def test_stock_export_checks_on_cuda(tmp_path, capsys):
 
 def test_learned_search_and_lagrangian_fusion_on_cuda(setup):
     """The two searches' and schedules' own parameters (gates, multipliers) live on the GPU with the model."""
-    from dha.compress import source_heads
+    from dha.budget import source_heads
     from dha.fuse import FusedModel, FusionSchedule, merge
     from dha.options import FusionOptions
     from dha.search import SearchOptions, search

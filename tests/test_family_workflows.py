@@ -131,7 +131,8 @@ def test_full_budget_reproduces_hf(family_hf, case):
 def with_duplicate_heads(model):
     """A copy of `model` whose key and value heads repeat within each contiguous half-budget group
     (heads 0,1 -> head 0's weights, ...): merging those groups loses nothing, whatever the method."""
-    from dha.baselines import even_groups, heads_for_budget, source_heads
+    from dha.baselines import even_groups
+    from dha.budget import heads_for_budget, source_heads
     from dha.transforms import build, heads, state_dict_of, unheads
 
     cfg, sd = model.config, dict(state_dict_of(model))

@@ -1,7 +1,7 @@
 """Fusion toward the aligned merge and the merge itself (dha.fuse), on tiny random LLaMA models, fp32 on CPU.
 
 References are independent: Hugging Face's LlamaForCausalLM (source logits, and a GQA model built
-in the test from hand-computed merged weights), the merged model of dha.compress, and distances
+in the test from hand-computed merged weights), the merged model of dha.merge, and distances
 computed here from the reconstruction written out by einsum.
 """
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dha.compress import calibrate, closed_form_merges
+from dha.calibration import calibrate
 from dha.fuse import FusedModel, merge
+from dha.merge import closed_form_merges
 from dha.options import FusionOptions
 from dha.plan import LayerPlan, Plan
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
@@ -373,7 +374,7 @@ def rotated_pairs_source(path: str) -> str:
     from dha.model import ModelConfig, Transformer, scaled_init_
     from dha.transforms import build, heads, state_dict_of, unheads
     from tests.conftest import save_tiny_source
-    from tests.test_compress import pair_rotation
+    from tests.test_merge import pair_rotation
 
     cfg = ModelConfig(vocab_size=97, hidden_size=48, num_layers=2, num_heads=6, head_dim=HD, intermediate_size=64,
                       tie_word_embeddings=False)

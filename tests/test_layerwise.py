@@ -16,7 +16,8 @@ from torch.testing import assert_close
 
 import dha.layerwise
 from dha.analyze import collect_heads
-from dha.compress import Calibration, aligned_merge, calibrate, closed_form_merges, layer_stats
+from dha.calibration import Calibration, calibrate, layer_stats
+from dha.merge import aligned_merge, closed_form_merges
 from dha.search import SearchOptions, search
 from dha.options import TrainConfig
 from dha.train import train
@@ -167,7 +168,7 @@ def test_convert_without_training_keeps_a_bf16_source_in_bf16(tmp_path, capsys):
     for method in ("dha", "svd"):
         out = tmp_path / method
         assert main(["convert", src, "--method", method, "--kv-budget", "0.5", "--data", data, "--tokens", "0",
-                     "--calib-tokens", "256", "--block-size", "32", "--out", str(out), "--json"]) == 0
+                     "--calib-tokens", "256", "--calib-block-size", "32", "--out", str(out), "--json"]) == 0
         model = load(str(out), tokenizer=False).model
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
         cfg = model.config

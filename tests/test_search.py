@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dha.compress import calibrate, group_merge
+from dha.budget import total_heads_for_budget
+from dha.calibration import calibrate
 from dha.errors import UserError
+from dha.merge import group_merge
 from dha.plan import LayerPlan, Plan, contiguous_groups
 from dha.search import (
-    SearchOptions, agglomerate, allocate, allocate_with, head_tables, search, total_heads_for_budget,
+    SearchOptions, agglomerate, allocate, allocate_with, head_tables, search,
 )
 from dha.transforms import build, expand_to_mha, merge_groups, permute_query_heads, state_dict_of
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
@@ -347,7 +349,7 @@ def test_serving_layout_plans_are_held_by_serving_engines_and_meet_the_budget():
     """--layout serving: every layer one grouping for K and V in equal groups (the merged model passes
     dha.serving's check, written against llama.cpp's deci layout), never over the budget, and as many
     heads as equal groups allow (6 heads: counts 1, 2, 3, 6)."""
-    from dha.compress import aligned_merge, calibrate, closed_form_merges
+    from dha.merge import aligned_merge, closed_form_merges
     from dha.serving import serving_layout_problem
 
     model = ours_from_hf(tiny_llama_hf(layers=3))  # 3 layers x (6 K + 6 V)

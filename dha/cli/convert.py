@@ -224,7 +224,7 @@ def baseline_work(args, train_cfg):
 
 def convert_baseline(args, loaded, options):
     """The converted Loaded: --plan replayed, or --method run on calibration blocks of --data."""
-    from ..compress import heads_for_budget, source_heads
+    from ..budget import heads_for_budget, source_heads
     from ..convert import NO_CALIBRATION, apply_plan, convert
     from ..plan import Plan
 

@@ -1,4 +1,5 @@
-"""The closed-form aligned merges (dha.compress) against references written here with einsum.
+"""The closed-form aligned merges (dha.merge, from dha.calibration's statistics) against references
+written here with einsum.
 
 Tiny random LLaMA models (6 heads, head dim 8, RoPE on all dims), fp32 models, float64 references.
 Cases are built so that the claims can fail: rotated copies that the mean merge cannot merge, and
@@ -15,9 +16,9 @@ import torch
 from torch.testing import assert_close
 
 from dha.analyze import collect_heads
-from dha.compress import (aligned_merge, calibrate, closed_form_merges, free_pairs_for, group_merge, key_layout, layer_stats, mean_merge,
-                          reconstructed_outputs)
+from dha.calibration import calibrate, free_pairs_for, key_layout, layer_stats
 from dha.errors import UserError
+from dha.merge import aligned_merge, closed_form_merges, group_merge, mean_merge, reconstructed_outputs
 from dha.plan import LayerPlan
 from dha.transforms import build, heads, merge_groups, state_dict_of, unheads
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf

@@ -1,4 +1,4 @@
-"""Aligned merges of key and value heads in closed form: what DHA fuses toward and the `svd` baseline applies.
+"""The closed-form aligned merge of key and value heads: what DHA merges to and `svd` applies.
 
 A group S of key (or value) heads becomes one shared head. Merging trained heads by their mean
 fails because they are not aligned: two key heads that attend alike can be rotations of each
@@ -29,14 +29,14 @@ map per source head, folded into the weights of the query heads that read it:
   pass-through dims: one block merged by PCA with full maps, mixing pairs, instead of a complex
   scalar per pair. That is exact only at angle 0 (the maps no longer commute with RoPE), so it
   trades the error of the turning for a far better merge of the block: measured in
-  docs/method.md. `key_layout` is the head dims in that order; a KeyMerge keeps it. A key group
+  docs/method.md. `dha.calibration.key_layout` is the head dims in that order; a KeyMerge keeps it. A key group
   that exact maps fit as well (a tie: copies, or heads that differ by per-pair rotations) keeps
   exact maps, so such merges stay exact at every position.
 
-`LayerStats` holds, per layer, the weighted second moments these need, from one pass over
-calibration tokens (`layer_stats`); `group_residual` is the error a group leaves (trace minus the
-kept eigenvalues: no merge is built), `group_merge` the merge itself, `aligned_merge` the merged
-model. The budget arithmetic every method shares is here too.
+`dha.calibration.LayerStats` holds, per layer, the weighted second moments these need, from one
+pass over calibration tokens (`dha.calibration.calibrate`); here `group_residual` is the error a
+group leaves (trace minus the kept eigenvalues: no merge is built), `group_merge` the merge itself,
+`closed_form_merges` those of a plan and `aligned_merge` the merged model.
 
 Shape legend: N calibration tokens, H query heads, n source heads of one kind in a layer, g heads in
 a group, hd head dim, r rotary dims (r/2 frequency pairs), p = hd - r pass-through dims, D hidden.
@@ -44,185 +44,21 @@ a group, hd head dim, r rotary dims (r/2 frequency pairs), p = hd - r pass-throu
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
 
-from .errors import UserError
-from .layerwise import backward_heads, forward_heads
+from .calibration import LayerStats, complex_pairs
 from .model import Transformer
-from .options import FREE_ANGLE, FREE_CONTEXT
 from .plan import LayerPlan
 from .transforms import build, heads, regroup_map, tensors_of, unheads, with_maps
 
-METRICS = ("weighted", "plain")
 # A key group's exact-pair residual within TIE x its layer's key energy of the position-free one is a tie.
 TIE = 1e-6
 
 
-# ---- budget ----------------------------------------------------------------------------------------
-
-def source_heads(model: Transformer) -> tuple[list[int], list[int]]:
-    cfg = model.config
-    return [cfg.key_heads(l) for l in range(cfg.num_layers)], [cfg.value_heads(l) for l in range(cfg.num_layers)]
-
-
-def min_budget(source_key_heads: list[int], source_value_heads: list[int]) -> float:
-    """The smallest budget that keeps one key and one value head per layer."""
-    return 2 * len(source_key_heads) / (sum(source_key_heads) + sum(source_value_heads))
-
-
-def heads_for_budget(source_key_heads: list[int], source_value_heads: list[int], kv_budget: float) -> tuple[list[int], list[int]]:
-    """Key and value heads per layer for a uniform baseline at `kv_budget`.
-
-    The budget is a ceiling on the fraction of the source's KV cache kept, counted in heads (head
-    dim is unchanged): sum_l (Hk'(l) + Hv'(l)) <= kv_budget * sum_l (Hk(l) + Hv(l)), except that no
-    layer keeps fewer than one K and one V head. Per layer and kind, n = floor(kv_budget * n_source)
-    (plus 1e-9 against float error), at least 1. So SmolLM2 (3 KV heads) keeps 1 at 0.34, 2 at 0.67,
-    3 at 1.0; a 6-head MHA keeps 3 at 0.5.
-
-    Raises UserError when kv_budget is outside (0, 1] or below `min_budget` (one K and one V head
-    per layer).
-    """
-    if not isinstance(kv_budget, (int, float)) or math.isnan(kv_budget) or not 0 < kv_budget <= 1:
-        raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {kv_budget}")
-    least = min_budget(source_key_heads, source_value_heads)
-    if kv_budget < least - 1e-9:
-        raise UserError(
-            f"--kv-budget {kv_budget} is too small: keeping one key and one value head in each of the "
-            f"{len(source_key_heads)} layers already keeps {least:.4f} of the KV cache"
-        )
-
-    def count(n: int) -> int:
-        return max(1, min(n, math.floor(kv_budget * n + 1e-9)))
-    return [count(n) for n in source_key_heads], [count(n) for n in source_value_heads]
-
-
-def total_heads_for_budget(source_key_heads: list[int], source_value_heads: list[int], kv_budget: float) -> int:
-    """Total K+V heads a searched plan at `kv_budget` keeps: floor(kv_budget * sum of source heads).
-
-    Same convention as `heads_for_budget` (which also validates the budget), so a search never
-    keeps fewer heads than the uniform baselines at the same budget."""
-    heads_for_budget(source_key_heads, source_value_heads, kv_budget)  # raises UserError when unmeetable
-    total = math.floor(kv_budget * (sum(source_key_heads) + sum(source_value_heads)) + 1e-9)
-    if total < 2 * len(source_key_heads):  # a budget a hair above min_budget can still floor below it
-        raise UserError(f"--kv-budget {kv_budget} keeps {total} heads, fewer than one key and one value head in each of {len(source_key_heads)} layers")
-    return total
-
-
-def largest_divisor_at_most(n: int, target: int) -> int:
-    return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, target))
-
-
-# ---- statistics ------------------------------------------------------------------------------------
-
-@dataclass
-class LayerStats:
-    """Second moments of one layer's heads on calibration tokens, in the merge metric (module doc).
-
-    key_pair_gram: (r/2, n, n) complex128, sum_t (s z_t)(s z_t)^H per frequency pair;
-    key_scale: (n, r/2) float64, the weights s of each source key head on each pair;
-    key_pass_gram: (n*p, n*p) float64, Gram of the whitened pass-through dims; key_pass_metric (n, p, p);
-    value_gram: (n*hd, n*hd) float64, Gram of the whitened value outputs [v_j L_j]; value_metric (n, hd, hd): L_j.
-    The key statistics are in the order of key_layout (hd,) long. With position-free pairs, `exact`
-    holds the statistics with every pair exact, for the groups they fit as well (module doc).
-    """
-
-    key_pair_gram: torch.Tensor
-    key_scale: torch.Tensor
-    key_pass_gram: torch.Tensor
-    key_pass_metric: torch.Tensor
-    value_gram: torch.Tensor
-    value_metric: torch.Tensor
-    tokens: int
-    key_layout: torch.Tensor
-    exact: LayerStats | None = None
-
-
-def _readers(index: list[int], n: int) -> list[list[int]]:
-    return [[h for h, j in enumerate(index) if j == m] for m in range(n)]
-
-
-def _sqrt_psd(m: torch.Tensor, rel_floor: float = 1e-6) -> torch.Tensor:
-    """Symmetric square root of a PSD matrix, eigenvalues floored at rel_floor * the largest (so it inverts)."""
-    values, vectors = torch.linalg.eigh(m)
-    values = values.clamp_min(max(float(values.max()), 1e-30) * rel_floor)
-    return (vectors * values.sqrt()) @ vectors.T
-
-
-def key_layout(head_dim: int, rotary_dim: int, free_pairs: int) -> torch.Tensor:
-    """Head dims in the key merge's order: the rotary pairs merged exactly (rotate-half: pair i is
-    dims i and i + r/2), then the `free_pairs` lowest-frequency pairs and the pass-through dims."""
-    half = rotary_dim // 2
-    kept = half - free_pairs  # free_pairs_for checks the count
-    return torch.tensor([*range(kept), *range(half, half + kept), *range(kept, half), *range(half + kept, head_dim)])
-
-
-def free_pairs_for(model: Transformer, requested: int | None, context: int | None = None) -> int:
-    """The key merges' position-free pair count: `requested`, or for None the FREE_ANGLE rule on the
-    model's RoPE frequencies over `context` tokens (None: the model's positions, at least
-    FREE_CONTEXT; 0 pairs without RoPE)."""
-    pairs = model.config.rotary_dim // 2 if model.config.position == "rope" else 0
-    context = context or max(FREE_CONTEXT, model.config.max_position_embeddings)
-    if requested is None:
-        return int((model.inv_freq.double() * context <= FREE_ANGLE).sum()) if pairs else 0
-    if not 0 <= requested <= pairs:
-        raise UserError(f"position-free pairs must be between 0 and {pairs} (the head's rotary pairs), got {requested}")
-    return requested
-
-
-def _pairs(x: torch.Tensor, r: int) -> torch.Tensor:
-    """(..., hd) real -> (..., r/2) complex: pair i is (x_i, x_{i + r/2}) (the rotate-half layout)."""
-    return torch.complex(x[..., : r // 2], x[..., r // 2 : r])
-
-
-def layer_stats(model: Transformer, layer: int, acts: dict, metric: str = "weighted", free_pairs: int = 0) -> LayerStats:
-    """LayerStats of `layer` from its calibration heads `acts` (one entry of dha.analyze.collect_heads),
-    the keys in `key_layout` order with `free_pairs` position-free pairs (and, when there are any,
-    the exact-pair statistics beside them)."""
-    if metric not in METRICS:
-        raise UserError(f"unknown merge metric {metric!r}; choose from {', '.join(METRICS)}")
-    cfg, hd = model.config, model.config.head_dim
-    rotary = cfg.rotary_dim if cfg.position == "rope" else 0
-    layout = key_layout(hd, rotary, free_pairs)
-    r = rotary - 2 * free_pairs  # the dims merged pair by pair
-    p = hd - r
-    q, k, v = acts["queries"].double(), acts["keys"].double(), acts["values"].double()  # (N, H|n, hd)
-    q, k = q[..., layout.to(q.device)], k[..., layout.to(k.device)]
-    N, nk, nv = k.shape[0], k.shape[1], v.shape[1]
-    f64 = dict(dtype=torch.float64, device=k.device)  # the statistics live where the heads were collected
-    key_readers, value_readers = _readers(cfg.key_index[layer], nk), _readers(cfg.value_index[layer], nv)
-
-    # keys: per-pair weights from the energy of the queries that read each key head
-    q_energy = q.pow(2).mean(0)  # (H, hd)
-    pair_energy = q_energy[:, : r // 2] + q_energy[:, r // 2 : r]  # (H, r/2): E|q_pair|^2
-    if metric == "weighted":
-        scale = torch.stack([pair_energy[rd].sum(0) for rd in key_readers]).sqrt()  # (n, r/2)
-        scale = scale.clamp_min(float(scale.max()) * 1e-6 if scale.numel() else 1e-30)
-        q_pass = q[..., r:]  # (N, H, p)
-        pass_metric = torch.stack([_sqrt_psd(torch.einsum("thd,the->de", q_pass[:, rd], q_pass[:, rd]) / N) for rd in key_readers]) \
-            if p else torch.zeros(nk, 0, 0, **f64)
-    else:
-        scale = torch.ones(nk, r // 2, **f64)
-        pass_metric = torch.eye(p, **f64).expand(nk, p, p).clone()
-    z = _pairs(k, r) * scale  # (N, n, r/2): whitened complex keys
-    pair_gram = torch.einsum("tai,tbi->iab", z, z.conj())  # (r/2, n, n)
-    kp = torch.einsum("tnd,nde->tne", k[..., r:], pass_metric).reshape(N, nk * p)  # (N, n*p)
-
-    # values: L_j^2 = sum over the readers of W_O[h] W_O[h]^T (output error), or I
-    if metric == "weighted":
-        o = model.layers[layer].attn.o_proj.weight.detach().to(**f64)  # (D, H*hd)
-        o_heads = o.T.reshape(cfg.num_heads, hd, -1)  # (H, hd, D): W_O[h]
-        value_metric = torch.stack([_sqrt_psd(sum(o_heads[h] @ o_heads[h].T for h in rd)) for rd in value_readers])
-    else:
-        value_metric = torch.eye(hd, **f64).expand(nv, hd, hd).clone()
-    y = torch.einsum("tnd,nde->tne", v, value_metric).reshape(N, nv * hd)  # (N, n*hd)
-    exact = layer_stats(model, layer, acts, metric) if free_pairs else None
-    return LayerStats(pair_gram, scale, kp.T @ kp, pass_metric, y.T @ y, value_metric, N, layout, exact)
-
-
 # ---- one group ---------------------------------------------------------------------------------------
+
 
 def _block(gram: torch.Tensor, members: list[int], dim: int) -> torch.Tensor:
     """The (g*dim, g*dim) sub-Gram of `members` from a stacked (n*dim, n*dim) Gram."""
@@ -236,7 +72,11 @@ def _kept_energy(gram: torch.Tensor, rank: int) -> float:
 
 def _key_residual(stats: LayerStats, members: list[int]) -> float:
     G = stats.key_pair_gram[:, members][:, :, members]  # (r/2, g, g)
-    rotary = float(torch.diagonal(G, dim1=1, dim2=2).real.sum() - torch.linalg.eigvalsh(G)[:, -1].sum()) if G.shape[0] else 0.0
+    rotary = (
+        float(torch.diagonal(G, dim1=1, dim2=2).real.sum() - torch.linalg.eigvalsh(G)[:, -1].sum())
+        if G.shape[0]
+        else 0.0
+    )
     p = stats.key_pass_metric.shape[1]
     P = _block(stats.key_pass_gram, members, p)
     return max(rotary + float(P.trace()) - _kept_energy(P, p), 0.0)
@@ -321,7 +161,9 @@ def group_merge(stats: LayerStats, kind: str, members: list[int]) -> KeyMerge | 
     return KeyMerge(u.conj() * s, u / s, pass_down, pass_up, stats.key_layout)
 
 
-def mean_merge(kind: str, size: int, head_dim: int, rotary_dim: int, device: torch.device | None = None) -> KeyMerge | ValueMerge:
+def mean_merge(
+    kind: str, size: int, head_dim: int, rotary_dim: int, device: torch.device | None = None
+) -> KeyMerge | ValueMerge:
     """The mean of a group written as a merge (shared head = the mean, read unchanged): the old target."""
     eye = torch.eye(head_dim if kind == "value" else head_dim - rotary_dim, dtype=torch.float64, device=device)
     down, up = (eye / size).expand(size, *eye.shape).clone(), eye.expand(size, *eye.shape).clone()
@@ -332,6 +174,7 @@ def mean_merge(kind: str, size: int, head_dim: int, rotary_dim: int, device: tor
 
 
 # ---- applying merges to weights ------------------------------------------------------------------------
+
 
 def pair_multiply(rows: torch.Tensor, c: torch.Tensor, r: int) -> torch.Tensor:
     """Multiply the rotary pairs of head rows (hd, ...) by complex scalars c (r/2,); pass rows unchanged."""
@@ -424,13 +267,21 @@ def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict
         for s in names:  # keys: shared rows; every query head reads its key's shared head through up*
             k, q = here(f"{pre}.k_proj.{s}"), here(f"{pre}.q_proj.{s}")
             shared = [shared_key_rows(k[g], mg) for g, mg in zip(plan_layer.key_groups, merge["key"])]
-            readers = [key_reader_rows(q[h], merge["key"][key_of[j][0]], key_of[j][1]) for h, j in enumerate(cfg.key_index[l])]
+            readers = [
+                key_reader_rows(q[h], merge["key"][key_of[j][0]], key_of[j][1]) for h, j in enumerate(cfg.key_index[l])
+            ]
             put(f"{pre}.k_proj.{s}", unheads(torch.stack(shared)))
             put(f"{pre}.q_proj.{s}", unheads(torch.stack(readers)))
         for s in names:
             v = here(f"{pre}.v_proj.{s}")
-            put(f"{pre}.v_proj.{s}", unheads(torch.stack([shared_value_rows(v[g], mg) for g, mg in zip(plan_layer.value_groups, merge["value"])])))
-        o_heads = heads(sd[f"{pre}.o_proj.weight"].T.to(where, torch.float64, copy=True), hd)  # (H, hd, D): W_O[h], a copy (written below)
+            put(
+                f"{pre}.v_proj.{s}",
+                unheads(
+                    torch.stack([shared_value_rows(v[g], mg) for g, mg in zip(plan_layer.value_groups, merge["value"])])
+                ),
+            )
+        # (H, hd, D): W_O[h], a copy (written below)
+        o_heads = heads(sd[f"{pre}.o_proj.weight"].T.to(where, torch.float64, copy=True), hd)
         for h, j in enumerate(cfg.value_index[l]):  # y_h W_O[h] ~ y~ (up_j W_O[h])
             g, m = value_of[j]
             o_heads[h] = merge["value"][g].up[m] @ o_heads[h]
@@ -442,44 +293,13 @@ def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict
 
 def closed_form_merges(stats: list[LayerStats], layers: list[LayerPlan]) -> list[dict]:
     """The aligned merge of every group of `layers` (one LayerPlan per layer)."""
-    return [{"key": [group_merge(s, "key", g) for g in lp.key_groups],
-             "value": [group_merge(s, "value", g) for g in lp.value_groups]} for s, lp in zip(stats, layers)]
-
-
-# ---- calibration ---------------------------------------------------------------------------------------
-
-@dataclass
-class Calibration:
-    """One pass over calibration tokens, layer by layer: per layer the merge statistics, the key and
-    value heads' outputs (pre-RoPE) and, optionally, the gradients of the summed LM loss with
-    respect to them (what the search's loss estimate needs; the query outputs go into the
-    statistics and are not kept)."""
-
-    acts: list[dict]  # per layer {"keys": (N, Hk, hd), "values": (N, Hv, hd)} float32
-    grads: list[dict] | None  # per layer {"keys": (N, Hk, hd), "values": (N, Hv, hd)}, or None
-    stats: list[LayerStats]
-    metric: str
-    free_pairs: int  # the key merges' position-free pairs
-
-
-def calibrate(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, metric: str = "weighted",
-              gradients: bool = False, device=None, free_pairs: int | None = 0) -> Calibration:
-    """The Calibration of `model` on (n_blocks, T) token ids, one decoder layer at a time on `device`
-    (`dha.layerwise`; default the model's own device): a forward sweep, plus with gradients a
-    backward sweep from the last layer. The model is neither copied nor changed. `free_pairs`:
-    the key merges' position-free pairs (module doc; None: the FREE_ANGLE rule)."""
-    if metric not in METRICS:
-        raise UserError(f"unknown merge metric {metric!r}; choose from {', '.join(METRICS)}")
-    L, free_pairs = model.config.num_layers, free_pairs_for(model, free_pairs)
-    acts, grads, stats = [None] * L, [None] * L if gradients else None, [None] * L
-    sweep = backward_heads(model, blocks, batch_size, device) if gradients else \
-        ((l, heads, None) for l, heads in forward_heads(model, blocks, batch_size, device))
-    for l, heads, layer_grads in sweep:
-        stats[l] = layer_stats(model, l, heads, metric, free_pairs)
-        acts[l] = {"keys": heads["keys"], "values": heads["values"]}
-        if gradients:
-            grads[l] = layer_grads
-    return Calibration(acts, grads, stats, metric, free_pairs)
+    return [
+        {
+            "key": [group_merge(s, "key", g) for g in lp.key_groups],
+            "value": [group_merge(s, "value", g) for g in lp.value_groups],
+        }
+        for s, lp in zip(stats, layers)
+    ]
 
 
 def reconstructed_outputs(outputs: torch.Tensor, kind: str, groups: list[list[int]], merges: list) -> torch.Tensor:
@@ -490,21 +310,18 @@ def reconstructed_outputs(outputs: torch.Tensor, kind: str, groups: list[list[in
     for members, merge in zip(groups, merges):
         x = outputs[:, members]  # (N, g, hd)
         if kind == "value":
-            out[:, members] = torch.einsum("ne,gef->ngf", torch.einsum("ngd,gde->ne", x, merge.down.to(x.dtype)), merge.up.to(x.dtype))
+            out[:, members] = torch.einsum(
+                "ne,gef->ngf", torch.einsum("ngd,gde->ne", x, merge.down.to(x.dtype)), merge.up.to(x.dtype)
+            )
             continue
         r, x = merge.rotary, x[..., merge.layout.to(x.device)]
-        z = _pairs(x, r)  # (N, g, r/2)
+        z = complex_pairs(x, r)  # (N, g, r/2)
         shared = torch.einsum("ngi,ig->ni", z, merge.down.to(z.dtype))  # (N, r/2)
         rec = shared[:, None, :] * merge.up.T.to(z.dtype)[None]  # (N, g, r/2)
-        passed = torch.einsum("ne,gef->ngf", torch.einsum("ngd,gde->ne", x[..., r:], merge.pass_down.to(x.dtype)),
-                              merge.pass_up.to(x.dtype))
+        passed = torch.einsum(
+            "ne,gef->ngf",
+            torch.einsum("ngd,gde->ne", x[..., r:], merge.pass_down.to(x.dtype)),
+            merge.pass_up.to(x.dtype),
+        )
         out[:, members] = torch.cat([rec.real, rec.imag, passed], -1)[..., _unordered(merge).to(x.device)]
     return out
-
-
-def fisher_cost(outputs: torch.Tensor, grads: torch.Tensor, reconstruction: torch.Tensor) -> float:
-    """Second-order estimate of the summed LM-loss increase when `outputs` (N, n, hd) become
-    `reconstruction`: 1/2 sum_t (g_t . delta_t)^2, the empirical Fisher taken per token
-    (as in Fisher-weighted low-rank compression), g the loss gradient at the outputs."""
-    dot = ((outputs.double() - reconstruction.double()) * grads.double()).sum((1, 2))  # (N,)
-    return 0.5 * float(dot.pow(2).sum())
