@@ -20,9 +20,12 @@ checkpoint by starting from the source's own HF config (kept in our checkpoints)
 only the field named by `kv_heads_field`; families whose HF class has no such field are exported
 with remote code.
 
-Families whose attention normalises each query/key head after projection (qk-norm: Qwen3,
-Gemma 3, OLMo 2, ...) are refused on purpose: a norm is not linear, so a fused key head (a
-weighted sum of a group's key projections) would not reproduce the normalised keys.
+Families whose attention normalises queries and keys after projection (qk-norm) run exactly:
+Qwen3 and Gemma 3 per head (ModelConfig.qk_norm "head"), OLMo 2 over the whole projection
+("full"). They load, inspect, evaluate, generate and export unconverted; merging their key heads
+is refused (`refuse_merge_of_qk_norm`): a norm is not linear, so a fused key head (a weighted sum
+of a group's key projections) would not reproduce the normalised keys. Other qk-norm families
+(mixture-of-experts, hybrid or vision-language ones) are refused by name, saying why.
 """
 
 from __future__ import annotations
@@ -95,8 +98,12 @@ def _weight_and_bias(hf: str, ours: str) -> dict[str, str]:
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
 
-def rope_fields(hf_config, rotary_dim: int) -> dict:
+def rope_fields(hf_config, rotary_dim: int, layer_type: str | None = None) -> dict:
+    """ModelConfig's RoPE fields; with `layer_type`, from rope_parameters[layer_type] (Gemma 3
+    keeps one set per attention type)."""
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    if layer_type is not None:
+        params = dict(params.get(layer_type) or {})
     rope_type = params.get("rope_type", "default")
     theta = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
     if rope_type not in STATIC_ROPE_TYPES:
@@ -105,7 +112,8 @@ def rope_fields(hf_config, rotary_dim: int) -> dict:
     if rope_type != "default":
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device=None)
+        kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device=None, **kwargs)
         if inv_freq.numel() * 2 != rotary_dim:
             raise UnsupportedModel(f"RoPE {rope_type!r} gives {inv_freq.numel() * 2} rotary dims, expected {rotary_dim}")
         fields.update(rope_inv_freq=inv_freq.tolist(), rope_attention_scaling=float(scaling))
@@ -134,27 +142,52 @@ def activation(hf_config, name: str) -> str:
     return act
 
 
-# Families whose HF attention always normalises queries and keys per head (q_norm / k_norm).
-QK_NORM_FAMILIES = (
-    "qwen3", "qwen3_moe", "qwen3_next", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text",
-    "olmo2", "olmo3", "olmoe", "chameleon",
-)
+# qk-norm families dha does not run, and why: the reason is not the norm (Qwen3, Gemma 3 and OLMo 2
+# run exactly) but a part of the architecture dha's model lacks.
+QK_NORM_REFUSED = {
+    "qwen3_moe": "its MLP is a mixture of experts, which dha's model lacks",
+    "qwen3_next": "it mixes linear-attention (Gated DeltaNet) layers with a mixture-of-experts MLP, which dha's model lacks",
+    "gemma3": "it is the vision-language Gemma3ForConditionalGeneration; text-only gemma3_text checkpoints are supported",
+    "gemma3n": "it is multimodal and its text model uses AltUp and per-layer embeddings, which dha's model lacks",
+    "gemma3n_text": "it uses AltUp and per-layer embeddings, which dha's model lacks",
+    "olmo3": "its per-layer sliding windows and RoPE are not mapped yet (OLMo 2 is supported)",
+    "olmoe": "its MLP is a mixture of experts, which dha's model lacks",
+    "chameleon": "it is a vision-language model with image tokens, which dha's model lacks",
+}
 # Config flags that turn qk-norm on in families where it is optional (Phi, Cohere, GLM-4 MoE...).
 QK_NORM_FLAGS = ("qk_layernorm", "use_qk_norm", "qk_norm")
 
 
-def _qk_norm_message(model_type: str, what: str) -> str:
-    return (
-        f"{model_type} normalises each query and key head after projection (qk-norm: {what}); a norm is not "
-        "linear, so fusing key heads (a weighted sum of a group's key projections) would not be exact. "
-        f"dha does not support qk-norm models (supported: {', '.join(sorted(FAMILIES))})"
-    )
-
-
 def refuse_qk_norm(hf_config) -> None:
+    """Refuse the optional qk-norm switch of a family whose mapping does not implement it."""
     for name in QK_NORM_FLAGS:
         if getattr(hf_config, name, False):
-            raise UnsupportedModel(_qk_norm_message(hf_config.model_type, f"{name}=True"))
+            raise UnsupportedModel(
+                f"{hf_config.model_type} with {name}=True (query/key normalisation after projection) is not supported: "
+                f"dha maps qk-norm only for {', '.join(QK_NORM_SUPPORTED)}"
+            )
+
+
+# Families that run with qk-norm (ModelConfig.qk_norm set by their config_from_hf).
+QK_NORM_SUPPORTED = ("qwen3", "olmo2", "gemma3_text")
+
+
+def refuse_merge_of_qk_norm(model_or_config) -> None:
+    """Raise UnsupportedModel when a conversion would merge the key heads of a qk-norm model.
+
+    A merged key head is a weighted sum of its group's key projections; with qk-norm each key is
+    divided by its own RMS (per head, or over the layer's whole key projection) before RoPE, so the
+    merged projection's norm is not the merge of the normalised keys, and the norm weights (one per
+    head dim, or one per stored key dim) have no derived merge yet. Unconverted qk-norm models run
+    exactly; call this where a conversion starts (dha convert, any method; dha.pipeline.run_dha)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    if getattr(cfg, "qk_norm", None) is not None:
+        kind = "each key head over its head dim" if cfg.qk_norm == "head" else "the layer's whole key projection"
+        raise UnsupportedModel(
+            f"{cfg.family} normalises queries and keys after projection (qk-norm over {kind}): merging key heads "
+            "changes what the norm divides by, and norm-aware merges are not implemented; dha runs this model "
+            "unconverted only (inspect, eval, generate, export)"
+        )
 
 
 def gqa_maps(num_layers: int, num_heads: int, num_kv_heads: int) -> list[list[int]]:
@@ -199,12 +232,15 @@ LLAMA_WEIGHTS = {
 ROTARY_BUFFER = ("model.layers.{}.self_attn.rotary_emb.inv_freq",)
 
 
-def rope_decoder_config(c, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool, sliding_window: int | None = None) -> ModelConfig:
-    """LLaMA-style decoders: pre-RMSNorm, RoPE on whole heads, gated MLP, optional GQA."""
-    refuse_qk_norm(c)
+def rope_decoder_config(c, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool, sliding_window: int | None = None,
+                        **extra) -> ModelConfig:
+    """LLaMA-style decoders: pre-RMSNorm, RoPE on whole heads, gated MLP, optional GQA. `extra`:
+    further ModelConfig fields (qk-norm, norm style, block norms)."""
+    if extra.get("qk_norm") is None:
+        refuse_qk_norm(c)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return ModelConfig(
+    fields = dict(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
         num_layers=c.num_hidden_layers,
@@ -226,6 +262,7 @@ def rope_decoder_config(c, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool, slid
         family=c.model_type,
         **rope_fields(c, head_dim),
     )
+    return ModelConfig(**{**fields, **extra})
 
 
 def llama_config(c) -> ModelConfig:
@@ -240,27 +277,142 @@ def mistral_config(c) -> ModelConfig:
     return rope_decoder_config(c, qkv_bias=False, o_bias=False, mlp_bias=False, sliding_window=c.sliding_window)
 
 
-def qwen2_config(c) -> ModelConfig:
-    # Qwen2Attention: biases on q, k, v but not o. Qwen2Config sets sliding_window to None unless
-    # use_sliding_window, and marks layers >= max_window_layers "sliding_attention" in layer_types.
-    # Our model has one window for all layers, so only all-full or all-sliding configs are exact.
+def sliding_layers(c) -> list[int]:
+    """Layers HF's layer_types marks "sliding_attention" (UnsupportedModel for other types)."""
     types = list(getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers)
-    sliding = [l for l, t in enumerate(types) if t == "sliding_attention"]
     other = sorted(set(types) - {"full_attention", "sliding_attention"})
     if other:
-        raise UnsupportedModel(f"qwen2: layer types {other} are not supported (supported: full_attention, sliding_attention)")
-    window = None
-    if sliding:
-        if c.sliding_window is None:
-            raise UnsupportedModel("qwen2: layer_types asks for sliding_attention but sliding_window is not set")
-        if len(sliding) != c.num_hidden_layers:
-            raise UnsupportedModel(
-                f"qwen2 with a sliding window on some layers only (layers {sliding[0]}..{sliding[-1]} of "
-                f"{c.num_hidden_layers}: use_sliding_window with max_window_layers={getattr(c, 'max_window_layers', None)}) "
-                "is not supported: dha's model uses one attention window for every layer"
-            )
-        window = c.sliding_window
-    return rope_decoder_config(c, qkv_bias=True, o_bias=False, mlp_bias=False, sliding_window=window)
+        raise UnsupportedModel(f"{c.model_type}: layer types {other} are not supported (supported: full_attention, sliding_attention)")
+    return [l for l, t in enumerate(types) if t == "sliding_attention"]
+
+
+def uniform_window(c) -> int | None:
+    """The one window of a Qwen2/Qwen3 config: its config sets sliding_window to None unless
+    use_sliding_window, and marks layers >= max_window_layers "sliding_attention" in layer_types.
+    Only all-full or all-sliding configs are accepted here."""
+    sliding = sliding_layers(c)
+    if not sliding:
+        return None
+    if c.sliding_window is None:
+        raise UnsupportedModel(f"{c.model_type}: layer_types asks for sliding_attention but sliding_window is not set")
+    if len(sliding) != c.num_hidden_layers:
+        raise UnsupportedModel(
+            f"{c.model_type} with a sliding window on some layers only (layers {sliding[0]}..{sliding[-1]} of "
+            f"{c.num_hidden_layers}: use_sliding_window with max_window_layers={getattr(c, 'max_window_layers', None)}) "
+            "is not supported: dha's model uses one attention window for every layer"
+        )
+    return c.sliding_window
+
+
+def qwen2_config(c) -> ModelConfig:
+    # Qwen2Attention: biases on q, k, v but not o.
+    return rope_decoder_config(c, qkv_bias=True, o_bias=False, mlp_bias=False, sliding_window=uniform_window(c))
+
+
+# ---- Qwen3: Qwen2's layout with per-head RMSNorm of q and k (qk-norm) -----------------------------
+
+QWEN3_WEIGHTS = {
+    **LLAMA_WEIGHTS,
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attn.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attn.k_norm.weight",
+}
+
+
+def qwen3_config(c) -> ModelConfig:
+    # Qwen3Attention: q_norm / k_norm are Qwen3RMSNorm(head_dim) (LLaMA's RMSNorm) on each head of
+    # q_proj(x).view(..., head_dim) and k_proj(x) before RoPE; attention_bias on q, k, v and o alike;
+    # no MLP bias; sliding windows as Qwen2's.
+    bias = bool(getattr(c, "attention_bias", False))
+    return rope_decoder_config(c, qkv_bias=bias, o_bias=bias, mlp_bias=False, sliding_window=uniform_window(c), qk_norm="head")
+
+
+# ---- OLMo 2: RMSNorm of the whole q and k projections, norms after each sublayer ----------------
+
+OLMO2_WEIGHTS = {
+    "model.embed_tokens.weight": "embed.weight",
+    **_weight_and_bias("model.layers.{}.self_attn.q_proj", "layers.{}.attn.q_proj"),
+    **_weight_and_bias("model.layers.{}.self_attn.k_proj", "layers.{}.attn.k_proj"),
+    **_weight_and_bias("model.layers.{}.self_attn.v_proj", "layers.{}.attn.v_proj"),
+    **_weight_and_bias("model.layers.{}.self_attn.o_proj", "layers.{}.attn.o_proj"),
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attn.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attn.k_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
+    # OLMo 2's post_attention_layernorm normalises the attention output (ours: attn_post_norm), not
+    # the MLP input as LLaMA's does.
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.attn_post_norm.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.mlp_post_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def olmo2_config(c) -> ModelConfig:
+    # Olmo2Attention: q_norm = Olmo2RMSNorm(H * hd) on q_proj(x) and k_norm = Olmo2RMSNorm(Hk * hd) on
+    # k_proj(x), before the reshape into heads and RoPE; Olmo2RMSNorm applies its weight in float32
+    # before rounding; its RoPE multiplies by float32 cos/sin and rounds once. Olmo2DecoderLayer:
+    # x + post_attention_layernorm(attn(x)), then x + post_feedforward_layernorm(mlp(x)); no input norms.
+    bias = bool(getattr(c, "attention_bias", False))
+    return rope_decoder_config(c, qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm="full", norm="rmsnorm_f32",
+                               block_norms="post", rope_in_float32=True)
+
+
+# ---- Gemma 3 (text): per-head Gemma RMSNorm of q and k, local and global layers, sandwich norms ---
+
+GEMMA3_WEIGHTS = {
+    **QWEN3_WEIGHTS,
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.attn_post_norm.weight",
+    "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.mlp_norm.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.mlp_post_norm.weight",
+}
+
+
+def gemma3_text_config(c) -> ModelConfig:
+    # Gemma3TextModel: embeddings times sqrt(hidden_size) rounded to their dtype; Gemma3RMSNorm is
+    # x * (1 + w) in float32 everywhere (q_norm / k_norm over head_dim on each head, before RoPE);
+    # Gemma3DecoderLayer: x + post_attention_layernorm(attn(input_layernorm(x))), then
+    # x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x))); scores scaled by
+    # query_pre_attn_scalar ** -0.5. "sliding_attention" layers mask by sliding_window and use
+    # rope_parameters["sliding_attention"], the others rope_parameters["full_attention"].
+    # final_logit_softcapping caps the logits; attn_logit_softcapping is ignored, as transformers'
+    # Gemma3Attention ignores it (it never passes it to the attention function).
+    if getattr(c, "use_bidirectional_attention", False):
+        raise UnsupportedModel("gemma3_text with use_bidirectional_attention=True (an encoder, e.g. EmbeddingGemma) is not supported")
+    head_dim, kv = c.head_dim, c.num_key_value_heads
+    local = rope_fields(c, head_dim, "sliding_attention")
+    bias = bool(getattr(c, "attention_bias", False))
+    return ModelConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        head_dim=head_dim,
+        intermediate_size=c.intermediate_size,
+        **_maps(c.num_hidden_layers, c.num_attention_heads, kv),
+        norm="rmsnorm_1p",
+        norm_eps=c.rms_norm_eps,
+        mlp="gated",
+        activation=activation(c, "hidden_activation"),
+        position="rope",
+        max_position_embeddings=c.max_position_embeddings,
+        qkv_bias=bias,
+        o_bias=bias,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+        sliding_window=c.sliding_window,
+        local_layers=sliding_layers(c),
+        local_rope_theta=local["rope_theta"],
+        local_rope_inv_freq=local.get("rope_inv_freq"),
+        local_rope_attention_scaling=local.get("rope_attention_scaling", 1.0),
+        qk_norm="head",
+        block_norms="sandwich",
+        embed_scale=c.hidden_size ** 0.5,
+        attn_scale=c.query_pre_attn_scalar ** -0.5,
+        logit_softcap=None if c.final_logit_softcapping is None else float(c.final_logit_softcapping),
+        family=c.model_type,
+        **rope_fields(c, head_dim, "full_attention"),
+    )
 
 
 # ---- GPT-2: learned positions, LayerNorm, fused transposed Conv1D c_attn ------------------------
@@ -556,14 +708,19 @@ FAMILIES: dict[str, Family] = {
     "opt": Family("opt", "OPTForCausalLM", opt_config, OPT_WEIGHTS, kv_heads_field=None),
     # PhiConfig has num_key_value_heads and PhiAttention honours it, so uniform GQA exports stock.
     "phi": Family("phi", "PhiForCausalLM", phi_config, PHI_WEIGHTS),
+    # qk-norm families (exact unconverted; refuse_merge_of_qk_norm): their HF classes take GQA.
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", qwen3_config, QWEN3_WEIGHTS),
+    "olmo2": Family("olmo2", "Olmo2ForCausalLM", olmo2_config, OLMO2_WEIGHTS),
+    "gemma3_text": Family("gemma3_text", "Gemma3ForCausalLM", gemma3_text_config, GEMMA3_WEIGHTS),
 }
 
 
 def family_of(model_type: str) -> Family:
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    if model_type in QK_NORM_FAMILIES:
-        raise UnsupportedModel(_qk_norm_message(model_type, "q_norm / k_norm"))
+    if model_type in QK_NORM_REFUSED:
+        raise UnsupportedModel(f"architecture {model_type!r} is not supported: {QK_NORM_REFUSED[model_type]} "
+                               f"(supported: {', '.join(sorted(FAMILIES))})")
     raise UnsupportedModel(
         f"architecture {model_type!r} is not supported: dha.families has no config and weight mapping for it "
         f"(supported: {', '.join(sorted(FAMILIES))})"

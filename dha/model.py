@@ -20,7 +20,15 @@ Shape legend (used in the comments below):
     V  vocabulary size   F  MLP hidden size
 
 This file imports torch only. Family-specific knobs (norm, MLP, positions, biases, parallel
-residual) are plain config fields, set by `dha.families` from a Hugging Face config.
+residual, qk-norm, block norm layout, per-layer windows) are plain config fields, set by
+`dha.families` from a Hugging Face config.
+
+qk-norm (Qwen3, Gemma 3, OLMo 2) normalises queries and keys after their projections, before RoPE:
+"head" normalises each head over hd with one (hd,) weight shared by all heads, so each stored key
+head of a layer is normalised alone; "full" normalises the whole query projection (H*hd) and the
+layer's whole key projection (Hk*hd, every stored key head together). Either is exact for an
+unconverted model; a merged key head is not normalised as its sources were (dha.families refuses
+to merge qk-norm models).
 """
 
 from __future__ import annotations
@@ -70,6 +78,24 @@ class ModelConfig:
     final_norm: bool = True
     sliding_window: int | None = None  # attend to at most this many most recent keys (Mistral)
     family: str = "llama"  # Hugging Face model_type this came from (used by export)
+    # Per-layer attention (Gemma 3's sliding and full layers): None means every layer is alike
+    # (sliding_window, if set, applies to all). Else the layers listed are "local": only they use
+    # sliding_window and the local RoPE below; the others attend to every earlier token.
+    local_layers: list[int] | None = None
+    # RoPE of the local layers when it differs from the others' (Gemma 3: theta 10,000 locally):
+    # plain 1 / theta^(2i/rotary_dim), or precomputed inverse frequencies and cos/sin multiplier.
+    local_rope_theta: float | None = None
+    local_rope_inv_freq: list[float] | None = None
+    local_rope_attention_scaling: float = 1.0
+    rope_in_float32: bool = False  # rotate in float32 and round once (OLMo 2 keeps cos/sin float32)
+    # qk-norm after the q/k projections, before RoPE (module docstring): None | "head" | "full".
+    qk_norm: str | None = None
+    # Where a block's norms sit: "pre" x + f(norm(x)); "post" x + norm(f(x)) (OLMo 2);
+    # "sandwich" x + norm2(f(norm1(x))) (Gemma 2/3).
+    block_norms: str = "pre"
+    embed_scale: float | None = None  # embeddings times this, rounded to their dtype (Gemma: sqrt(D))
+    attn_scale: float | None = None  # q.k multiplier; None: hd ** -0.5 (Gemma 3: query_pre_attn_scalar ** -0.5)
+    logit_softcap: float | None = None  # logits -> c * tanh(logits / c)
 
     def __post_init__(self):
         H, L = self.num_heads, self.num_layers
@@ -88,6 +114,20 @@ class ModelConfig:
                     raise ValueError(f"{name}[{layer}] = {m} must use every head 0..{max(m)} at least once")
         if self.rotary_dim is None:
             self.rotary_dim = self.head_dim
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r} (known: {', '.join(NORMS)})")
+        if self.qk_norm not in (None, "head", "full"):
+            raise ValueError(f"unknown qk_norm {self.qk_norm!r} (known: None, 'head', 'full')")
+        if self.block_norms not in ("pre", "post", "sandwich"):
+            raise ValueError(f"unknown block_norms {self.block_norms!r} (known: 'pre', 'post', 'sandwich')")
+        if self.parallel_residual and self.block_norms != "pre":
+            raise ValueError("parallel_residual needs block_norms 'pre'")
+        if self.local_layers is not None and not set(self.local_layers) <= set(range(L)):
+            raise ValueError(f"local_layers {self.local_layers} are not all layers of 0..{L - 1}")
+
+    def is_local(self, layer: int) -> bool:
+        """Whether `layer` is a local layer (its own window and RoPE): see local_layers."""
+        return self.local_layers is not None and layer in self.local_layers
 
     def key_heads(self, layer: int) -> int:
         return max(self.key_index[layer]) + 1
@@ -143,12 +183,64 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+class RMSNormF32(RMSNorm):
+    """The weight applied in float32 before rounding back, as OLMo 2's Olmo2RMSNorm does."""
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x).to(dtype)
+
+
+class RMSNormOnePlus(RMSNorm):
+    """x * (1 + weight), all in float32, as Gemma's Gemma3RMSNorm does (weight 0 is the identity)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        out = x.float()
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+# cfg.norm -> the norm module: "rmsnorm" LLaMA's, "rmsnorm_f32" OLMo 2's, "rmsnorm_1p" Gemma's.
+NORMS = {"rmsnorm": RMSNorm, "rmsnorm_f32": RMSNormF32, "rmsnorm_1p": RMSNormOnePlus, "layernorm": None}
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over `dim` features (default: hidden_size)."""
+    dim = cfg.hidden_size if dim is None else dim
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+    if cfg.norm in NORMS:
+        return NORMS[cfg.norm](dim, cfg.norm_eps)
     raise ValueError(f"unknown norm {cfg.norm!r}")
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap), as Gemma caps its final logits."""
+    return torch.tanh(x / cap) * cap
+
+
+def causal_window_mask(start: int, T: int, S: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean (T, S) mask for T queries at positions start.. over S keys at positions 0..S-1: True
+    where key j is at or before the query and, with a window, j > position - window. None when SDPA's
+    is_causal (start 0, T == S) or no mask (one new token) suffices."""
+    if window is None or window >= S:
+        if start == 0 and T == S:
+            return None  # plain causal: SDPA's is_causal
+        if T == 1:
+            return None  # one new token sees the whole cache
+
+    q_pos = torch.arange(start, start + T, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
 
 
 def is_grouped(index: list[int], groups: int) -> bool:
@@ -224,15 +316,16 @@ def grouped_matmul(rows: torch.Tensor, heads: torch.Tensor, runs) -> torch.Tenso
     return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
-def attend_through(q, k, v, mask, key_index: torch.Tensor, value_index: torch.Tensor) -> torch.Tensor:
+def attend_through(q, k, v, mask, key_index: torch.Tensor, value_index: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Attention with any maps: K and V gathered to every query head (B, H, S, hd), then SDPA.
 
     q (B, H, T, hd), k (B, Hk, S, hd), v (B, Hv, S, hd), key_index / value_index (H,) -> (B, H, T, hd).
-    mask: boolean (T, S), True where attention is allowed, or None for plain causal."""
+    mask: boolean (T, S), True where attention is allowed, or None for plain causal.
+    scale: the q.k multiplier (None: hd ** -0.5)."""
     causal = mask is None and q.shape[2] > 1
     k = k.index_select(1, key_index)  # (B, H, S, hd)
     v = v.index_select(1, value_index)  # (B, H, S, hd)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
 class KVCache:
@@ -280,17 +373,32 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_key_heads * hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_value_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * hd, cfg.hidden_size, bias=cfg.o_bias)
+        # qk-norm (ModelConfig.qk_norm): per head over hd, or over the whole projection of the layer.
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = make_norm(cfg, hd), make_norm(cfg, hd)
+        elif cfg.qk_norm == "full":
+            self.q_norm, self.k_norm = make_norm(cfg, H * hd), make_norm(cfg, self.num_key_heads * hd)
+        # A local layer (ModelConfig.local_layers) masks by its own window and reads the local RoPE.
+        self.local = cfg.is_local(layer)
+        self.window = cfg.sliding_window if self.local else None
+        self.scale = cfg.attn_scale
         # Which exact attention this layer runs (attention_path); its index tables are buffers
         # set in Transformer.init_buffers.
         self.path = attention_path(cfg.key_index[layer], cfg.value_index[layer])
 
     def project(self, x: torch.Tensor):
-        """Query, key and value heads before RoPE: (B, H, T, hd), (B, Hk, T, hd), (B, Hv, T, hd)."""
+        """Query, key and value heads before RoPE (after qk-norm): (B, H, T, hd), (B, Hk, T, hd), (B, Hv, T, hd)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_key_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_key_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).view(B, T, self.num_value_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+        return q.transpose(1, 2), k.transpose(1, 2), v
 
     def attend(self, q, k, v, mask):
         """q (B, H, T, hd), k (B, Hk, S, hd), v (B, Hv, S, hd) -> (B, H, T, hd).
@@ -301,14 +409,14 @@ class Attention(nn.Module):
         causal = mask is None and q.shape[2] > 1
         if self.path == "gqa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                  enable_gqa=self.num_key_heads != self.num_heads)
+                                                  enable_gqa=self.num_key_heads != self.num_heads, scale=self.scale)
         if self.path == "coupled":
             qg = q.index_select(1, self.key_order)  # (B, H, T, hd), group after group
             ys = [F.scaled_dot_product_attention(qg[:, r0:r0 + (g1 - g0) * n], k[:, g0:g1], v[:, g0:g1], attn_mask=mask,
-                                                 is_causal=causal, enable_gqa=n > 1)
+                                                 is_causal=causal, enable_gqa=n > 1, scale=self.scale)
                   for g0, g1, n, r0 in self.key_runs]
             return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)).index_select(1, self.key_slot)
-        return attend_through(q, k, v, mask, self.key_index, self.value_index)
+        return attend_through(q, k, v, mask, self.key_index, self.value_index, self.scale)
 
     def attend_grouped(self, q, k, v, mask):
         """A few new tokens, any maps: each compact K/V head of the cache is read once, never copied.
@@ -322,7 +430,8 @@ class Attention(nn.Module):
         """
         B, H, T, hd = q.shape
         S = k.shape[2]
-        qg = q.index_select(1, self.key_order) * hd ** -0.5  # (B, H, T, hd) in key-group order
+        scale = hd ** -0.5 if self.scale is None else self.scale
+        qg = q.index_select(1, self.key_order) * scale  # (B, H, T, hd) in key-group order
         scores = grouped_matmul(qg, k.transpose(-1, -2), self.key_runs)  # (B, H, T, S)
         if mask is None and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -341,13 +450,19 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.project(x)
         if rope is not None:
+            if self.local and rope.local is not None:
+                rope = rope.local
             q, k = rope.apply(q), rope.apply(k)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hk, S, hd), (B, Hv, S, hd)
+        if self.local:  # the model's mask is plain causal: this layer's own window (if any) over it
+            S = k.shape[2]
+            mask = causal_window_mask(S - T, T, S, self.window, x.device)
         if maps is None:
             y = self.attend(q, k, v, mask)  # (B, H, T, hd)
         else:
-            y = attend_through(q, k, v, mask, torch.as_tensor(maps[0], device=x.device), torch.as_tensor(maps[1], device=x.device))
+            y = attend_through(q, k, v, mask, torch.as_tensor(maps[0], device=x.device), torch.as_tensor(maps[1], device=x.device),
+                               self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -369,17 +484,30 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One layer. block_norms "pre": attn_norm / mlp_norm on the sublayer inputs; "post":
+    attn_post_norm / mlp_post_norm on the sublayer outputs (OLMo 2); "sandwich": both (Gemma)."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.parallel = cfg.parallel_residual
         self.shared_norm = cfg.shared_input_norm
-        self.attn_norm = make_norm(cfg)
-        if not self.shared_norm:
-            self.mlp_norm = make_norm(cfg)
+        self.pre_norms = cfg.block_norms in ("pre", "sandwich")
+        self.post_norms = cfg.block_norms in ("post", "sandwich")
+        if self.pre_norms:
+            self.attn_norm = make_norm(cfg)
+            if not self.shared_norm:
+                self.mlp_norm = make_norm(cfg)
+        if self.post_norms:
+            self.attn_post_norm = make_norm(cfg)
+            self.mlp_post_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, mask, cache):
+        if self.post_norms:
+            a = self.attn_post_norm(self.attn(self.attn_norm(x) if self.pre_norms else x, rope, mask, cache))
+            x = x + a
+            return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x) if self.pre_norms else x))
         h = self.attn_norm(x)
         a = self.attn(h, rope, mask, cache)
         if self.parallel:
@@ -389,25 +517,48 @@ class Block(nn.Module):
 
 
 class Rope:
-    """cos/sin tables for the positions of one call, applied with the rotate-half convention."""
+    """cos/sin tables for the positions of one call, applied with the rotate-half convention.
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int):
+    in_float32: the tables stay float32 and the rotation is rounded to x's dtype once (OLMo 2).
+    local: the tables local layers read instead (ModelConfig.local_layers), or None."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, in_float32: bool = False):
         self.cos, self.sin, self.rotary_dim = cos, sin, rotary_dim  # (T, rotary_dim) each
+        self.in_float32 = in_float32
+        self.local: Rope | None = None
 
     def apply(self, x):  # x: (B, heads, T, hd)
         r = self.rotary_dim
         x_rot, x_pass = x[..., :r], x[..., r:]
         x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
         rotated = torch.cat((-x2, x1), dim=-1)
-        x_rot = x_rot * self.cos.to(x.dtype) + rotated * self.sin.to(x.dtype)
+        if self.in_float32:
+            x_rot = (x_rot * self.cos + rotated * self.sin).to(x.dtype)
+        else:
+            x_rot = x_rot * self.cos.to(x.dtype) + rotated * self.sin.to(x.dtype)
         return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Embeddings times a constant rounded to their dtype (Gemma's sqrt(hidden_size), as
+    Gemma3TextScaledWordEmbedding rounds it). lm_head, when tied, reads the unscaled weight."""
+
+    def __init__(self, num: int, dim: int, scale: float):
+        super().__init__(num, dim)
+        self.scale = scale
+
+    def forward(self, ids):
+        return super().forward(ids) * torch.tensor(self.scale, dtype=torch.float32).to(self.weight.dtype)
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.embed_scale is None:
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        else:
+            self.embed = ScaledEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.embed_scale)
         if cfg.position == "learned":
             self.pos_embed = nn.Embedding(cfg.max_position_embeddings + cfg.position_offset, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, l) for l in range(cfg.num_layers))
@@ -435,6 +586,12 @@ class Transformer(nn.Module):
             # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
             # (Hugging Face keeps them in float32 too).
             self.inv_freq = inv_freq
+            self.local_inv_freq = None
+            if cfg.local_rope_inv_freq is not None:
+                self.local_inv_freq = torch.tensor(cfg.local_rope_inv_freq, dtype=torch.float32)
+            elif cfg.local_rope_theta is not None:
+                r = cfg.rotary_dim
+                self.local_inv_freq = 1.0 / (cfg.local_rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
         for l, block in enumerate(self.layers):
             attn = block.attn
             attn.register_buffer("key_index", torch.tensor(cfg.key_index[l]), persistent=False)
@@ -455,33 +612,38 @@ class Transformer(nn.Module):
             return None
         if self.inv_freq.device != positions.device:  # once, not a host-to-device copy every step
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions[:, None].float() * self.inv_freq[None, :]  # (T, r/2)
+        rope = self._rope_tables(self.inv_freq, self.config.rope_attention_scaling, positions, dtype)
+        if self.local_inv_freq is not None:
+            if self.local_inv_freq.device != positions.device:
+                self.local_inv_freq = self.local_inv_freq.to(positions.device)
+            rope.local = self._rope_tables(self.local_inv_freq, self.config.local_rope_attention_scaling, positions, dtype)
+        return rope
+
+    def _rope_tables(self, inv_freq: torch.Tensor, s: float, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        freqs = positions[:, None].float() * inv_freq[None, :]  # (T, r/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, r)
-        s = self.config.rope_attention_scaling
+        if self.config.rope_in_float32:
+            return Rope(emb.cos() * s, emb.sin() * s, self.config.rotary_dim, in_float32=True)
         return Rope((emb.cos() * s).to(dtype), (emb.sin() * s).to(dtype), self.config.rotary_dim)
 
     def causal_mask(self, start: int, T: int, S: int, device) -> torch.Tensor | None:
-        """Boolean (T, S) mask, True where attention is allowed; None when SDPA's is_causal suffices."""
-        window = self.config.sliding_window
-        if window is None or window >= S:
-            if start == 0 and T == S:
-                return None  # plain causal: SDPA's is_causal
-            if T == 1:
-                return None  # one new token sees the whole cache
+        """Boolean (T, S) mask, True where attention is allowed; None when SDPA's is_causal suffices.
 
-        q_pos = torch.arange(start, start + T, device=device)[:, None]
-        k_pos = torch.arange(S, device=device)[None, :]
-        allowed = k_pos <= q_pos
-        if window is not None:
-            allowed &= k_pos > q_pos - window
-        return allowed
+        With local_layers the model-wide mask is plain causal; local layers apply their own window."""
+        window = self.config.sliding_window if self.config.local_layers is None else None
+        return causal_window_mask(start, T, S, window, device)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V). With a cache, the tokens continue what it holds.
 
         last_only: logits of the last position only, (B, 1, V), as generation needs; a prefill then
         skips the (B, T, V) logits, often its largest tensor."""
-        return self.lm_head(self.features(input_ids, cache, last_only))
+        return self.logits(self.features(input_ids, cache, last_only))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head on final hidden states (`features`), soft-capped when the config says so."""
+        out = self.lm_head(hidden)
+        return out if self.config.logit_softcap is None else softcap(out, self.config.logit_softcap)
 
     def features(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """The final hidden states (B, T, D) that lm_head reads (`forward` without the lm_head)."""
@@ -532,7 +694,7 @@ def token_nll(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), targets, reduction="none").view(rows.shape[0], -1)
     hidden = model.features(rows[:, :-1]).flatten(0, 1)  # (b * (W-1), D)
     step = max(1, NLL_CHUNK_BYTES // (4 * model.config.vocab_size))
-    nll = torch.cat([F.cross_entropy(model.lm_head(hidden[i:i + step]).float(), targets[i:i + step], reduction="none")
+    nll = torch.cat([F.cross_entropy(model.logits(hidden[i:i + step]).float(), targets[i:i + step], reduction="none")
                      for i in range(0, hidden.shape[0], step)])
     return nll.view(rows.shape[0], -1)
 

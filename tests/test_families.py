@@ -3,7 +3,7 @@
 Each case builds a 2-layer, 6-head (head dim 8) HF model with random weights, perturbs its biases
 and norm weights (random init leaves them at 0/1) and checks: our logits equal HF's; cached decode
 equals the full forward; the identity plan changes nothing; the state-dict conversion round-trips
-exactly; an uneven merge runs; a saved HF directory loads and inspects.
+exactly; an uneven merge runs (qk-norm families: is refused); a saved HF directory loads and inspects.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ from torch.testing import assert_close
 
 from dha.checkpoint import load
 from dha.cli import main
-from dha.families import FAMILIES, UnsupportedModel, config_from_hf, family_of, weights_from_hf, weights_to_hf
+from dha.families import (
+    FAMILIES,
+    UnsupportedModel,
+    config_from_hf,
+    family_of,
+    refuse_merge_of_qk_norm,
+    weights_from_hf,
+    weights_to_hf,
+)
 from dha.plan import LayerPlan, Plan, identity_plan
 from dha.transforms import build, expand_to_mha, merge_groups
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
@@ -76,6 +84,23 @@ CASES = {
     ),
     "mistral": lambda: hf_model("MistralForCausalLM", "MistralConfig", **LLAMA_LIKE, num_key_value_heads=2, sliding_window=5),
     "mistral-nowindow": lambda: hf_model("MistralForCausalLM", "MistralConfig", **LLAMA_LIKE, num_key_value_heads=6, sliding_window=None),
+    # qk-norm families. Qwen3: per-head RMSNorm of q and k (head dim 8 set explicitly: Qwen3Config's is 128).
+    "qwen3": lambda: hf_model("Qwen3ForCausalLM", "Qwen3Config", **LLAMA_LIKE, num_key_value_heads=3, head_dim=8, attention_bias=True),
+    "qwen3-mha-tied": lambda: hf_model("Qwen3ForCausalLM", "Qwen3Config", **LLAMA_LIKE, num_key_value_heads=6, head_dim=8,
+                                       tie_word_embeddings=True),
+    # OLMo 2: RMSNorm of the whole q (48) and k (Hk * 8) projections, norms after each sublayer.
+    "olmo2": lambda: hf_model("Olmo2ForCausalLM", "Olmo2Config", **LLAMA_LIKE, num_key_value_heads=2),
+    "olmo2-mha-bias": lambda: hf_model("Olmo2ForCausalLM", "Olmo2Config", **LLAMA_LIKE, attention_bias=True, rms_norm_eps=1e-3),
+    # Gemma 3: local layers 0 and 2 (window 5 < LENGTH, RoPE theta 10,000) and a global layer 1 (linear
+    # RoPE scaling), query_pre_attn_scalar != head_dim, final logits soft-capped.
+    "gemma3_text": lambda: hf_model(
+        "Gemma3ForCausalLM", "Gemma3TextConfig", **{**LLAMA_LIKE, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=8,
+        sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=12,
+        final_logit_softcapping=3.0, rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                      "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}},
+    ),
+    "gemma3_text-mha": lambda: hf_model("Gemma3ForCausalLM", "Gemma3TextConfig", **LLAMA_LIKE, num_key_value_heads=6, head_dim=8,
+                                        sliding_window=6, layer_types=["full_attention", "sliding_attention"]),
 }
 
 
@@ -164,9 +189,14 @@ def uneven_plan(num_layers: int) -> Plan:
 
 def test_uneven_merge_runs(case):
     _, _, ours = case
+    if ours.config.qk_norm is not None:  # merging normalised key heads is not derived: refused
+        with pytest.raises(UnsupportedModel, match="norm-aware merges are not implemented"):
+            refuse_merge_of_qk_norm(ours)
+        return
+    refuse_merge_of_qk_norm(ours)  # every other family merges
     merged = merge_groups(expand_to_mha(ours), uneven_plan(ours.config.num_layers))
     cfg = merged.config
-    assert [cfg.key_heads(l) for l in range(cfg.num_layers)] == [3, 3]
+    assert [cfg.key_heads(l) for l in range(cfg.num_layers)] == [3] * cfg.num_layers
     assert cfg.key_index[0] == [0, 0, 1, 1, 1, 2] and cfg.value_index[0] == [0, 1, 1, 2, 2, 2]
     ids = random_ids(length=LENGTH)
     with torch.no_grad():
@@ -218,13 +248,14 @@ def test_old_checkpoint_layouts_load():
 # ---- refused configurations ---------------------------------------------------------------------
 
 TINY = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=6)
-SUPPORTED = "gpt2, gpt_neox, llama, mistral, opt, phi, qwen2"
+SUPPORTED = "gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, opt, phi, qwen2, qwen3"
 
 REFUSED = [
-    ("Qwen3Config", dict(TINY, intermediate_size=64), r"qwen3 normalises each query and key head .*qk-norm.*would not be exact"),
-    ("Gemma3TextConfig", dict(TINY, intermediate_size=64), r"gemma3_text normalises each query and key head"),
-    ("Olmo2Config", dict(TINY, intermediate_size=64), r"olmo2 normalises each query and key head"),
-    ("PhiConfig", dict(TINY, qk_layernorm=True), r"phi normalises each query and key head .*qk_layernorm=True"),
+    ("Qwen3MoeConfig", dict(TINY, intermediate_size=64), r"'qwen3_moe' is not supported: its MLP is a mixture of experts"),
+    ("Olmo3Config", dict(TINY, intermediate_size=64), r"'olmo3' is not supported: .*OLMo 2 is supported"),
+    ("Gemma3TextConfig", dict(TINY, intermediate_size=64, use_bidirectional_attention=True), r"use_bidirectional_attention=True"),
+    ("Qwen3Config", dict(TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1), r"qwen3 with a sliding window on some layers only"),
+    ("PhiConfig", dict(TINY, qk_layernorm=True), r"phi with qk_layernorm=True .*qk-norm only for qwen3, olmo2, gemma3_text"),
     ("OPTConfig", dict(TINY, do_layer_norm_before=False), r"do_layer_norm_before=False \(post-LayerNorm"),
     ("OPTConfig", dict(TINY, word_embed_proj_dim=32), r"word_embed_proj_dim=32 != hidden_size=48"),
     ("GPT2Config", dict(n_embd=48, n_layer=2, n_head=6, scale_attn_by_inverse_layer_idx=True), r"scale_attn_by_inverse_layer_idx"),
@@ -242,30 +273,33 @@ def test_refused_with_a_clear_message(config_name, kwargs, message):
         config_from_hf(config)
 
 
-def test_qk_norm_family_refused_by_name():
-    with pytest.raises(UnsupportedModel, match="qwen3_moe normalises each query and key head"):
+def test_unmapped_qk_norm_family_refused_by_name():
+    with pytest.raises(UnsupportedModel, match="'qwen3_moe' is not supported: its MLP is a mixture of experts"):
         family_of("qwen3_moe")
+    with pytest.raises(UnsupportedModel, match="'gemma3' is not supported: it is the vision-language"):
+        family_of("gemma3")
 
 
-def test_cli_refuses_qk_norm_dir(tmp_path, capsys):
-    transformers.Qwen3Config(**TINY, intermediate_size=64).save_pretrained(tmp_path)
+def test_cli_refuses_unmapped_qk_norm_dir(tmp_path, capsys):
+    transformers.Qwen3MoeConfig(**TINY, intermediate_size=64).save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "qk-norm" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "mixture of experts" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # ---- saved HF directories -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "opt", "phi-gqa", "qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "opt", "phi-gqa", "qwen2", "mistral", "qwen3", "olmo2", "gemma3_text"])
 def test_inspect_and_load_saved_hf_dir(name, tmp_path, capsys):
     hf = CASES[name]()
     hf.save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     kv = hf.config.num_key_value_heads if hasattr(hf.config, "num_key_value_heads") else 6
-    assert info["family"] == hf.config.model_type and info["layers"] == 2 and info["query_heads"] == 6
-    assert [l["key_heads"] for l in info["per_layer"]] == [kv, kv]
-    assert info["kv_bytes_per_token"] == (kv + kv) * 8 * 2 * 4  # K + V heads * head_dim * layers * fp32
+    L = hf.config.num_hidden_layers if hasattr(hf.config, "num_hidden_layers") else 2
+    assert info["family"] == hf.config.model_type and info["layers"] == L and info["query_heads"] == 6
+    assert [l["key_heads"] for l in info["per_layer"]] == [kv] * L
+    assert info["kv_bytes_per_token"] == (kv + kv) * 8 * L * 4  # K + V heads * head_dim * layers * fp32
     ids = random_ids(length=LENGTH)
     with torch.no_grad():
         assert_close(load(str(tmp_path), tokenizer=False).model(ids), hf(ids).logits, atol=1e-5, rtol=0)
