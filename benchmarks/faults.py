@@ -2,8 +2,9 @@
 
     python benchmarks/faults.py [--trials 30] [--seed 0] [--out benchmarks/results/faults.json]
 
-On the tests' tiny model and text (tests/conftest.py), each trial starts the conversion in a child
-process (every optimizer step slowed by --delay seconds, so that kills land in every stage), kills
+On the tests' tiny model and text (tests/conftest.py), with the default recipe (no fusion stage),
+each trial starts the conversion in a child process (every optimizer step slowed by --delay
+seconds, so that kills land in every stage), kills
 it with SIGKILL at a uniformly random moment of its expected wall time, and then checks the one
 promise: the output directory is absent, or it holds a finished model equal to the uninterrupted
 run's, or it is not loadable as a model and `--resume` finishes it equal to the uninterrupted run
@@ -31,8 +32,17 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 from dha.checkpoint import load  # noqa: E402
-from tests.test_dha_run import KILL_SCRIPT, convert_args  # noqa: E402
+from tests.test_dha_run import KILL_SCRIPT  # noqa: E402
+from tests.test_dha_run import convert_args as test_convert_args  # noqa: E402
 from tests.test_train import text_file, tiny_source  # noqa: E402
+
+
+def convert_args(source: str, data: str, out: str, *extra: str) -> list[str]:
+    """The tests' conversion under the current default recipe: no fusion stage (the aligned merge
+    at once, every step trains the merged model)."""
+    args = test_convert_args(source, data, out, *extra)
+    i = args.index("--fusion-fraction")
+    return args[:i] + args[i + 2:]
 
 
 def sha256_tree(path: str) -> str:
@@ -112,7 +122,7 @@ def kill_trial(source: str, data: str, out: str, at: float, delay: float, refere
 
 def corrupt_checkpoint_case(source: str, data: str, out: str, delay: float) -> dict:
     victim = start(convert_args(source, data, out, "--save-every", "1"), delay)
-    checkpoint = os.path.join(out, "fusion", "checkpoints", "step_00000002.pt")
+    checkpoint = os.path.join(out, "continued", "checkpoints", "step_00000002.pt")
     while not os.path.exists(checkpoint) and victim.poll() is None:
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("models", nargs="+")
     p.add_argument("--data", required=True)
     p.add_argument("--window", type=int, default=8192)
-    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--windows", type=int, default=2, help="windows scored by position (0: none, passkeys only)")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",") if x], default=[2048, 8192],
                    help="passkey prompt lengths (empty: perplexity by position only)")
     p.add_argument("--per-depth", type=int, default=2)
@@ -49,9 +49,10 @@ def main(argv=None) -> int:
         loaded = load(name, torch.float32)
         heldout = load_tokens(args.data, loaded.tokenizer).heldout
         t = time.time()
-        by_position = position_report(loaded.model.eval(), heldout, args.window, args.windows, progress=False)
-        append(args.out, {"model": name, "kind": "by_position", "data": args.data, "seconds": round(time.time() - t),
-                          "command": command, **by_position})
+        if args.windows:
+            by_position = position_report(loaded.model.eval(), heldout, args.window, args.windows, progress=False)
+            append(args.out, {"model": name, "kind": "by_position", "data": args.data, "seconds": round(time.time() - t),
+                              "command": command, **by_position})
         for i, length in enumerate(args.lengths):
             t = time.time()
             options = RetrievalOptions(lengths=[length], per_depth=args.per_depth if i == 0 else args.far_per_depth, batch_size=1)

@@ -10,7 +10,7 @@ Cases (bf16 checkpoints written to a temporary directory; random weights: speed 
   at a fixed width; the 8-layer case runs last, if the budget allows).
 
 Every conversion is its own process, `python -m dha convert SRC --method M --kv-budget 0.5
---tokens 0 --data D --calib-tokens C --block-size 256 --out OUT --json`; its peak resident memory
+--tokens 0 --data D --calib-tokens C --calib-block-size 256 --out OUT --json`; its peak resident memory
 is the kernel's high-water mark of that process (ru_maxrss of the waited child, os.wait4: VmHWM,
 which counts the memory-mapped weights' resident pages too) and its wall time is from start to
 exit; the anonymous part of the resident memory (everything but file-backed pages such as the
@@ -174,7 +174,7 @@ def fit_line(x, y) -> dict:
 def run_case(name: str, method: str, src: str, data: str, work: str, calib_tokens: int, env: dict) -> dict:
     out = os.path.join(work, f"out-{name}-{method}")
     argv = [sys.executable, "-m", "dha", "convert", src, "--method", method, "--kv-budget", "0.5", "--tokens", "0",
-            "--data", data, "--heldout-fraction", "0.003", "--calib-tokens", str(calib_tokens), "--block-size", "256",
+            "--data", data, "--heldout-fraction", "0.003", "--calib-tokens", str(calib_tokens), "--calib-block-size", "256",
             "--out", out, "--json"]
     if method == "dha":
         argv.append("--no-progress")

@@ -111,10 +111,42 @@ def files_into(directory: str, last: str):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _leftover(name: str) -> bool:
+    return name.startswith(".final-") or ".tmp-" in name
+
+
+def is_empty(path: str) -> bool:
+    """Whether the directory `path` is missing or holds nothing but its run lock (.lock) and what a
+    killed writer left: the one meaning of an empty output directory."""
+    try:
+        return not os.path.isdir(path) or not [n for n in os.listdir(path) if n != ".lock" and not _leftover(n)]
+    except OSError as e:
+        raise UserError(f"output {path} cannot be read: {e.strerror or e}") from None
+
+
+def check_out(path: str) -> None:
+    """Refuse an --out that exists and is not an empty directory (`is_empty`), or that cannot be
+    created, before any slow work."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if os.path.exists(os.path.join(path, "run.json")):
+            raise UserError(f"output {path} holds a training run: continue it with --resume {path}, or use a new --out")
+        if not is_empty(path):
+            raise UserError(f"output {path} already exists and is not empty (use a new --out)")
+        return
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f"output {path} cannot be created: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"output {path} cannot be created: no permission to write in {ancestor}")
+
+
 def remove_leftovers(directory: str) -> None:
     """Remove the temp files and directories a killed writer left in `directory`."""
     for name in os.listdir(directory):
-        if name.startswith(".final-") or ".tmp-" in name:
+        if _leftover(name):
             p = os.path.join(directory, name)
             shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.unlink(p)
 

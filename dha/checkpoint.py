@@ -439,28 +439,6 @@ def quiet():
 
 # ---- saving ----------------------------------------------------------------------------------
 
-def check_out(path: str) -> None:
-    """Refuse an --out that exists and is not an empty directory, or that cannot be created, before any slow work."""
-    path = os.path.abspath(path)
-    if os.path.exists(path):
-        try:
-            empty = os.path.isdir(path) and not [n for n in os.listdir(path) if n != ".lock"]  # a run directory keeps its lock file
-        except OSError as e:
-            raise UserError(f"output {path} cannot be read: {e.strerror or e}") from None
-        if os.path.exists(os.path.join(path, "run.json")):
-            raise UserError(f"output {path} holds a training run: continue it with --resume {path}, or use a new --out")
-        if not empty:
-            raise UserError(f"output {path} already exists and is not empty (use a new --out)")
-        return
-    ancestor = os.path.dirname(path)
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise UserError(f"output {path} cannot be created: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"output {path} cannot be created: no permission to write in {ancestor}")
-
-
 def write_native(directory: str, loaded: Loaded) -> None:
     """Write a native checkpoint into an existing (temp) directory."""
     from safetensors.torch import save_file

@@ -91,6 +91,7 @@ from .errors import UserError
 from .memory import Training, free_memory, gib, step_bytes
 from .model import Transformer, next_token_nll
 from .options import AUTOCAST_NAMES, TrainConfig
+from . import rundir
 from .transforms import build
 
 RUN_FORMAT = "dha-train-run/1"
@@ -98,8 +99,9 @@ CHECKPOINT_FORMAT = "dha-train-checkpoint/1"
 SHARDED_META = "meta.pt"  # beside the shards of a sharded checkpoint: step, history, RNG, identity
 # TrainConfig fields that may differ between a run and its resumption: they do not change the
 # trajectory of the weights.
-RESUMABLE_CHANGES = {"eval_every", "save_every", "keep_checkpoints", "device", "micro_batch",  # micro_batch: only the order of sums
-                     "activation_checkpointing"}  # recomputes the same forward: the same gradients
+RESUMABLE_CHANGES = {"config.eval_every", "config.save_every", "config.keep_checkpoints", "config.device",
+                     "config.micro_batch",  # only the order of sums
+                     "config.activation_checkpointing"}  # recomputes the same forward: the same gradients
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 assert tuple(AUTOCAST_DTYPES) == AUTOCAST_NAMES
 
@@ -288,42 +290,14 @@ def run_identity(cfg: TrainConfig, model: nn.Module, run_info: dict | None) -> d
     return {"format": RUN_FORMAT, "run": dict(run_info or {}), "config": asdict(cfg), "model": model_cfg}
 
 
-def _same_run(a: dict, b: dict) -> list[str]:
-    """Names of what differs between two run identities (ignoring fields that may change on resume)."""
-    diffs = [k for k in ("format", "run", "model") if a.get(k) != b.get(k)]
-    ca, cb = a.get("config", {}), b.get("config", {})
-    default = {f.name: f.default for f in fields(TrainConfig)}  # a field added since a run was written has its default there
-    diffs += [f"config.{k}" for k in sorted(set(ca) | set(cb))
-              if k not in RESUMABLE_CHANGES and ca.get(k, default.get(k)) != cb.get(k, default.get(k))]
-    return diffs
+def _differences(old: dict, new: dict) -> list[str]:
+    """What differs between two identities of a training run (dha.rundir.differences): settings a
+    resume may change skipped, a TrainConfig field added since a run was written at its default."""
+    return rundir.differences(old, new, RESUMABLE_CHANGES, _added())
 
 
-def read_run_json(path: str) -> dict:
-    """A run directory's run.json; UserError if it cannot be read."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is unreadable ({e}): use a new --out") from None
-
-
-def check_out_dir(out_dir: str, identity: dict, resuming: bool) -> None:
-    """Refuse an output directory that holds something else or a different run (read-only check)."""
-    if not os.path.exists(out_dir):
-        return
-    if not os.path.isdir(out_dir):
-        raise UserError(f"output {out_dir} exists and is not a directory")
-    entries = [e for e in os.listdir(out_dir) if not e.startswith(".")]
-    if not entries:
-        return
-    run_path = os.path.join(out_dir, "run.json")
-    if not os.path.exists(run_path):
-        raise UserError(f"output {out_dir} is not empty and holds no training run (run.json): use a new --out")
-    diffs = _same_run(read_run_json(run_path), identity)
-    if diffs:
-        raise UserError(f"output {out_dir} holds a different run (differs in {', '.join(diffs)}): use a new --out")
-    if not resuming:
-        raise UserError(f"output {out_dir} already holds this run: pass --resume {out_dir} to continue it, or use a new --out")
+def _added() -> dict:
+    return {f"config.{f.name}": f.default for f in fields(TrainConfig)}
 
 
 def checkpoints_in(directory: str) -> list[str]:
@@ -374,7 +348,7 @@ def load_checkpoint(path: str, identity: dict, model: nn.Module) -> dict:
         theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
     if ours != theirs:
         raise UserError(f"checkpoint {path} is from another model: its weights do not match this model's")
-    diffs = _same_run(state["identity"], identity)
+    diffs = _differences(state["identity"], identity)
     if diffs:
         raise UserError(f"checkpoint {path} belongs to a different run (differs in {', '.join(diffs)})")
     state["path"], state["sharded"] = path, sharded
@@ -625,8 +599,9 @@ class _Run:
         self.heldout = as_blocks(heldout, cfg.block_size, "held-out") if heldout is not None else None
         self.shape = step_shape(cfg, self.rows.shape[1], d.world)
         self.identity = run_identity(cfg, model, run_info)
-        if out_dir is not None:
-            check_out_dir(out_dir, self.identity, resuming=resume is not None)
+        if out_dir is not None and not rundir.check(out_dir, self.identity, resume is not None,
+                                                    resumable=RESUMABLE_CHANGES, added=_added()):
+            resume = None  # a run killed before it wrote run.json starts anew
         state = load_checkpoint(find_checkpoint(resume), self.identity, model) if resume is not None else None
         if d.world > 1:
             dist.barrier()  # every rank has checked the output directory before rank 0 writes to it

@@ -26,7 +26,7 @@ from dha.memory import GiB, Training, Work, activation_bytes, check_fit, estimat
 from dha.model import ModelConfig, Transformer, scaled_init_
 from dha.plan import LayerPlan, Plan
 from dha.options import TrainConfig
-from dha.train import Dist, _same_run, choose_checkpointing, set_checkpointing, train
+from dha.train import Dist, _differences, choose_checkpointing, set_checkpointing, train
 from tests.conftest import save_tiny_source, text_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,7 +224,7 @@ def test_a_change_of_activation_checkpointing_resumes_the_run():
     cfg = TrainConfig(tokens=64)
     run = {"format": 1, "run": {}, "model": None}
     on = {**run, "config": asdict(replace(cfg, activation_checkpointing="on"))}
-    assert _same_run({**run, "config": asdict(cfg)}, on) == []
+    assert _differences({**run, "config": asdict(cfg)}, on) == []
     with pytest.raises(UserError, match="activation checkpointing must be one of auto, on, off"):
         replace(cfg, activation_checkpointing="yes").validate()
 

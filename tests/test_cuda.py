@@ -88,10 +88,10 @@ def test_every_verb_runs_on_cuda(verb, setup, monkeypatch, capsys):
 def test_conversion_on_cuda_matches_the_cpu(method, setup, capsys):
     """The same conversion (float32 weights) on both devices: the same plan, logits within 1e-3."""
     src, data, tmp = setup
-    extra = {"dha-trained": ["--method", "dha", "--tokens", "128", "--batch-tokens", "64", "--fusion-fraction", "0.3", "--train-dtype", "float32",
+    extra = {"dha-trained": ["--method", "dha", "--tokens", "128", "--block-size", "16", "--batch-tokens", "64", "--fusion-fraction", "0.3", "--train-dtype", "float32",
                              "--no-progress"],
              "dha": ["--method", "dha", "--tokens", "0"]}.get(method, ["--method", method])
-    common = ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "128", "--block-size", "16",
+    common = ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "128", "--calib-block-size", "16",
               "--dtype", "float32", "--json"]
     for device in ("cpu", "cuda"):
         run_json(capsys, [*common, "--out", str(tmp / device), "--device", device])
@@ -170,7 +170,7 @@ def test_offload_conversion_on_cuda_matches_the_cpu(method, setup, monkeypatch, 
 
     src, data, tmp = setup
     extra = ["--method", "dha", "--tokens", "0"] if method == "dha" else ["--method", method]
-    common = ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "128", "--block-size", "16", "--json"]
+    common = ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "128", "--calib-block-size", "16", "--json"]
     reference = run_json(capsys, [*common, "--out", str(tmp / "cpu"), "--device", "cpu"])
     seen = spy_on_devices(monkeypatch)
     sweeps = []

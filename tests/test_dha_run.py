@@ -34,7 +34,7 @@ def run_setup(tmp_path, monkeypatch):
 
 def convert_args(source: str, data: str, out: str, *extra: str) -> list[str]:
     return ["convert", source, "--method", "dha", "--kv-budget", "0.5", "--data", data, "--block-size", "16",
-            "--batch-tokens", "64", "--fusion-fraction", "0.3", "--calib-tokens", "256", "--tokens", str(TOKENS), "--eval-every", "4", "--train-dtype", "float32",
+            "--calib-block-size", "16", "--batch-tokens", "64", "--fusion-fraction", "0.3", "--calib-tokens", "256", "--tokens", str(TOKENS), "--eval-every", "4", "--train-dtype", "float32",
             "--no-progress", "--json", "--out", out, *extra]
 
 
@@ -112,15 +112,15 @@ def test_resume_refuses_other_settings_a_finished_run_and_a_foreign_out(run_setu
     kill_when(victim, os.path.join(out, "fusion", "checkpoints", "step_00000001.pt"))
     capsys.readouterr()
     assert main(convert_args(source, data, out, "--save-every", "1", "--resume", out, "--lr", "1e-3")) == 2
-    assert "other settings (differs in train.lr)" in capsys.readouterr().err
+    assert "holds a different run (differs in config.train.lr)" in capsys.readouterr().err
     assert main(convert_args(source, data, out)) == 2  # not resuming: the run is not overwritten
-    assert "holds a training run" in capsys.readouterr().err
+    assert "already holds this run: pass --resume" in capsys.readouterr().err
     assert main(convert_args(source, data, str(tmp_path / "elsewhere"), "--resume", out)) == 2
-    assert "resumes its own run" in capsys.readouterr().err
+    assert "resumes in its own directory" in capsys.readouterr().err
     assert main(convert_args(source, data, out, "--resume", out)) == 0  # --save-every may change on resume
     capsys.readouterr()
     assert main(convert_args(source, data, out, "--resume", out)) == 2
-    assert "has finished" in capsys.readouterr().err
+    assert "holds a finished run" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_and_stage1_are_clear_errors(run_setup, capsys):

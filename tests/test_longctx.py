@@ -126,7 +126,7 @@ def test_convert_context_is_refused_past_the_positions_and_beside_the_block_flag
     assert main(base + ["--context", "128", "--calib-block-size", "64"]) == 2
     assert "give one of them" in capsys.readouterr().err
     refused = {("--retrieval", "512"): "beyond the source's 256 positions",
-               ("--retrieval-heads", "2", "--search", "learned"): "not with --plan or --search learned",
+               ("--retrieval-heads", "2", "--search", "learned"): "not with --search learned",
                ("--protect-values",): "give N too"}
     for extra, why in refused.items():
         assert main(base + list(extra)) == 2

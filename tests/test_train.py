@@ -369,8 +369,10 @@ def test_cli_bad_inputs_exit_2_and_overwrite_nothing(cli_setup, capsys):
         "smaller than one optimizer step": ["train", source, *common, "--tokens", "63", "--out", str(tmp_path / "b")],
         "different run": ["train", source, *common, "--tokens", "192", "--lr", "0.1", "--out", run],
         "already holds this run": ["train", source, *common, "--tokens", "192", "--out", run],
-        "holds no training run": ["train", source, *common, "--tokens", "192", "--out", str(stranger)],
-        "another model": ["train", other, *common, "--tokens", "192", "--resume", run, "--out", str(tmp_path / "c")],
+        "holds no dha run": ["train", source, *common, "--tokens", "192", "--out", str(stranger)],
+        "holds a different run (differs in model.": ["train", other, *common, "--tokens", "192", "--resume", run],
+        "a run resumes in its own directory": ["train", source, *common, "--tokens", "192", "--resume", run,
+                                               "--out", str(tmp_path / "c")],
     }
     for expected, argv in cases.items():
         capsys.readouterr()
@@ -386,11 +388,11 @@ def test_a_run_written_before_a_config_field_existed_still_resumes():
     """run.json from before TrainConfig.data_start: the missing field counts as its default."""
     from dataclasses import asdict
 
-    from dha.train import _same_run
+    from dha.train import _differences
 
     cfg = TrainConfig(tokens=64)
     new = {"format": 1, "run": {}, "config": asdict(cfg), "model": None}
     old = {**new, "config": {k: v for k, v in asdict(cfg).items() if k != "data_start"}}
-    assert _same_run(old, new) == []
+    assert _differences(old, new) == []
     moved = {**new, "config": {**asdict(cfg), "data_start": 8}}
-    assert _same_run(old, moved) == ["config.data_start"]
+    assert _differences(old, moved) == ["config.data_start"]

@@ -26,8 +26,8 @@ def add_analyze(sub) -> None:
 
 def run_analyze(args) -> int:
     from ..analyze import analyze, summary_table, write_report
-    from ..atomic import atomic_dir
-    from ..checkpoint import check_out, load
+    from ..atomic import atomic_dir, check_out
+    from ..checkpoint import load
     from ..memory import Work
 
     check_calibration_args(args)

@@ -45,8 +45,8 @@ def run_bench(args) -> int:
     import torch
 
     from ..bench import BenchOptions, bench, print_bench, write_plot
-    from ..atomic import atomic_dir
-    from ..checkpoint import check_out, load, parse_dtype
+    from ..atomic import atomic_dir, check_out
+    from ..checkpoint import load, parse_dtype
 
     if args.new_tokens < 1 or args.repeats < 1:
         raise UserError("--new-tokens and --repeats must be at least 1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from .. import rundir
 from ..errors import UserError
 from ..options import TrainConfig
 from .common import (FIT_CHECK, OFFLOAD_HELP, add_calibration, add_json_option, add_source, calibration_text_blocks,
@@ -51,7 +52,8 @@ def run_convert(args) -> int:
     """`dha convert`: --method dha (dha.pipeline), a baseline or a plan replay, trained with --tokens."""
     import torch
 
-    from ..checkpoint import check_out, load, save
+    from ..atomic import check_out
+    from ..checkpoint import load, save
     from ..convert import check_method, kv_summary
 
     if args.method is not None:
@@ -196,19 +198,13 @@ def baseline_options(args):
 
 def _convert_training(args, tokens: int):
     """A baseline conversion's training settings, checked before loading: (TrainConfig or None, the run to resume or None)."""
-    import os
-
-    resume = getattr(args, "resume", None)
     if tokens <= 0:  # the training flags were refused without --tokens (check_convert_options_used)
         return None, None
     check_convert_training_flags(args)
-    if resume is not None:
-        out = os.path.abspath(args.out)
-        if os.path.commonpath([out, os.path.abspath(resume)]) != out:
-            raise UserError(f"--resume {resume}: a conversion resumes its own run, in --out {args.out}")
+    rundir.resume_path(args.out, args.resume)
     cfg = train_config_from_args(args)
     cfg.validate()
-    return cfg, resume
+    return cfg, args.resume
 
 
 def baseline_work(args, train_cfg):
@@ -258,9 +254,10 @@ def train_converted(args, loaded, result, train_cfg, resume, tokens: int) -> Non
                 "heldout_fraction": args.heldout_fraction, "calib_tokens": args.calib_tokens,
                 "metric": args.metric or ConvertOptions.metric, "grouping": args.grouping,
                 "teacher": source_identity(args.teacher) if args.teacher else None}
-    continue_training(result, args.data, train_cfg, out_dir=args.out, teacher=teacher, resume=resume,
-                      progress=not args.no_progress, text_field=args.text_field,
-                      heldout_fraction=args.heldout_fraction, run_info=run_info)
+    with rundir.hold(args.out):
+        continue_training(result, args.data, train_cfg, out_dir=args.out, teacher=teacher, resume=resume,
+                          progress=not args.no_progress, text_field=args.text_field,
+                          heldout_fraction=args.heldout_fraction, run_info=run_info)
 
 
 def print_convert_result(args, result, before: dict, after: dict) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
 
+from .. import rundir
+from ..atomic import write_json
 from ..errors import UserError
 from ..options import DEFAULT_FUSION_FRACTION, FREE_ANGLE, FREE_CONTEXT, MERGES, FusionOptions
 from .common import (add_training_options, check_convert_training_flags, check_fits, compute_device, int_list,
@@ -84,7 +86,7 @@ def run_convert_dha(args) -> int:
     plan = Plan.load(args.plan) if args.plan is not None else None
     d = setup_distributed(config.train.device) if tokens else None
     identity = convert_run_identity(args, config, data)
-    resuming = check_dha_out(args, identity)
+    resuming = check_dha_out(args.out, identity, args.resume is not None)
     if d is not None and d.world > 1:
         torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
     # float32 master weights for training (--train-dtype is autocast only); without training the
@@ -102,7 +104,11 @@ def run_convert_dha(args) -> int:
         with atomic_dir(args.out) as tmp:
             files = write_outputs(tmp, result)
     else:
-        with dha_run_dir(args.out, identity, resuming=resuming, main=d.main, recheck=lambda: check_dha_out(args, identity)):
+        with rundir.hold(args.out, main=d.main):
+            if d.main:  # again under the lock: another run may have started or finished meanwhile
+                if check_dha_out(args.out, identity, args.resume is not None) != resuming:
+                    raise UserError(f"output {args.out} was changed by another dha run meanwhile: check it, or use a new --out")
+                write_json(os.path.join(args.out, rundir.RUN_JSON), identity)
             result = run_dha(loaded, splits, config, teacher=teacher, plan=plan, progress=progress, run_dir=args.out,
                              resume=resuming, run_info=identity["run"])
             files = finish_run_dir(args.out, result) if d.main else None
@@ -127,8 +133,7 @@ def dha_config_from_args(args):
         raise UserError("--fsdp is not supported with --method dha: under torchrun its training stages run data-parallel (DDP)")
     if not tokens and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--method dha without --tokens has nothing to run in parallel: start it without torchrun")
-    if args.resume is not None and os.path.abspath(args.resume) != os.path.abspath(args.out):
-        raise UserError(f"--resume {args.resume}: a conversion resumes its own run: give --resume {args.out} (its --out)")
+    rundir.resume_path(args.out, args.resume)
     check_convert_training_flags(args)  # --method dha always works on float32 weights
     if args.kv_budget is None and args.plan is not None:
         plan = Plan.load(args.plan)
@@ -192,19 +197,20 @@ def dha_work(args, config, plan):
 
     search = config.search
     return Work(calib_tokens=config.calib_tokens, calib_block=config.calib_block_size, batch=search.batch_size,
-                gradients=plan is None and search.sensitivity and search.search == "cost", merge=config.merge,
+                gradients=plan is None and search.needs_gradients, merge=config.merge,
                 eval_tokens=config.final_eval_tokens, eval_block=config.final_eval_block_size,
                 training=training_work(args, config.train) if config.tokens else None)
 
 
 DHA_RUN_FORMAT = "dha-convert-run/1"
-
-
-DHA_RESUMABLE = {"search.progress", "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.device",
-                 "train.micro_batch", "train.activation_checkpointing", "device"}
-
-
-DHA_ADDED = {"long_context": 0, "retrieval_heads": 0, "protect_values": False, "search.free_context": 2048, "search.protect": []}
+# Settings a resumed run may change: how it reports and checkpoints, and where it runs.
+DHA_RESUMABLE = {f"config.{name}" for name in ("search.progress", "train.eval_every", "train.save_every",
+                 "train.keep_checkpoints", "train.device", "train.micro_batch", "train.activation_checkpointing", "device")}
+# Settings added after runs were first written: a run.json without one was made with its value here.
+# (search.free_context: the pairs' rule was over 2,048 tokens; the new default, None, is another rule.)
+DHA_ADDED = {f"config.{name}": value for name, value in
+             {"long_context": 0, "retrieval_heads": 0, "protect_values": False, "search.free_context": 2048,
+              "search.protect": [], "fusion.target": "aligned"}.items()}  # fusion.target: removed, it was always "aligned"
 
 
 def convert_run_identity(args, config, data: str) -> dict:
@@ -217,7 +223,7 @@ def convert_run_identity(args, config, data: str) -> dict:
     for part, value in asdict(config).items():
         for k, v in (value.items() if isinstance(value, dict) else [(None, value)]):
             name = part if k is None else f"{part}.{k}"
-            if name not in DHA_RESUMABLE:
+            if f"config.{name}" not in DHA_RESUMABLE:
                 flat[name] = v
     run = {"source": source_identity(args.source), "data": source_identity(data), "text_field": args.text_field,
            "heldout_fraction": args.heldout_fraction, "plan": source_identity(args.plan) if args.plan else None,
@@ -225,68 +231,12 @@ def convert_run_identity(args, config, data: str) -> dict:
     return {"format": DHA_RUN_FORMAT, "run": run, "config": flat}
 
 
-def check_dha_out(args, identity: dict) -> bool:
-    """--out is new (or empty); or, with --resume, holds an unfinished run of these same settings.
-    Returns whether there is a run to resume (a run killed before it wrote run.json starts anew)."""
-    import os
+def check_dha_out(out: str, identity: dict, resume: bool) -> bool:
+    """--out is new (or empty); or, with --resume, holds an unfinished run of these same settings
+    (dha.rundir.check). Returns whether there is a run to resume."""
+    from ..checkpoint import NATIVE_CONFIG
 
-    from ..checkpoint import NATIVE_CONFIG, check_out
-    from ..train import read_run_json
-
-    out = args.out
-    run_path = os.path.join(out, "run.json")
-    if args.resume is None or (os.path.isdir(out) and not [n for n in os.listdir(out) if n != ".lock"]):
-        check_out(out)
-        return False
-    if not os.path.isfile(run_path):
-        raise UserError(f"--resume {out}: no dha run there (no run.json)")
-    old = read_run_json(run_path)
-    if old.get("format") != DHA_RUN_FORMAT:
-        raise UserError(f"--resume {out}: it holds a run of another verb, not of `convert --method dha`")
-    diffs = sorted(k for part in ("run", "config") for k in set(old.get(part, {})) | set(identity[part])
-                   if old.get(part, {}).get(k, DHA_ADDED.get(k) if part == "config" else None) != identity[part].get(k))
-    if diffs:
-        raise UserError(f"--resume {out}: that run was made with other settings (differs in {', '.join(diffs)})")
-    if os.path.exists(os.path.join(out, NATIVE_CONFIG)):
-        raise UserError(f"--resume {out}: that run has finished (it holds the converted model)")
-    return True
-
-
-@contextlib.contextmanager
-def dha_run_dir(out: str, identity: dict, resuming: bool, main: bool, recheck):
-    """Hold --out for the run (rank 0): lock it, check it again (`recheck()`, which must find what
-    the first check found: another run may have started or finished meanwhile), write run.json,
-    clear a killed writer's leftovers. A new run that fails with a UserError leaves no directory."""
-    import os
-    import shutil
-
-    from ..atomic import remove_leftovers, run_lock, write_json
-
-    if not main:
-        yield
-        return
-    created = not os.path.exists(out)
-    with run_lock(out):
-        if recheck() != resuming:
-            raise UserError(f"output {out} was changed by another dha run meanwhile: check it, or use a new --out")
-        try:
-            if not resuming:
-                write_json(os.path.join(out, "run.json"), identity)
-            remove_leftovers(out)
-            yield
-        except UserError:
-            if not resuming:
-                shutil.rmtree(out, ignore_errors=True) if created else _empty_dir(out)
-            raise
-
-
-def _empty_dir(path: str) -> None:
-    import os
-    import shutil
-
-    for name in os.listdir(path):
-        p = os.path.join(path, name)
-        shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+    return rundir.check(out, identity, resume, resumable=DHA_RESUMABLE, added=DHA_ADDED, finished=NATIVE_CONFIG)
 
 
 def print_dha_result(args, s: dict, files: list[str]) -> None:

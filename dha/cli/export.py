@@ -33,7 +33,8 @@ def add_export(sub) -> None:
 
 
 def run_export(args) -> int:
-    from ..checkpoint import check_out, load, parse_dtype
+    from ..atomic import check_out
+    from ..checkpoint import load, parse_dtype
     from ..export import ExportMismatch, export, summary_lines
 
     if not args.atol >= 0:
@@ -58,7 +59,8 @@ def run_export(args) -> int:
 
 def run_export_serving(args) -> int:
     """export --format gguf | nemotron-nas: layouts serving engines run (dha.gguf, dha.nemotron)."""
-    from ..checkpoint import check_out, load, parse_dtype
+    from ..atomic import check_out
+    from ..checkpoint import load, parse_dtype
 
     if args.force_remote_code:
         raise UserError("--force-remote-code is for --format hf")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from .. import rundir
 from ..errors import UserError
 from .common import SOURCE_HELP, add_json_option, add_training_options, old_spelling, train_config_from_args
 
@@ -33,10 +34,9 @@ def run_train(args) -> int:
     from ..checkpoint import load
     from ..continued import continue_training, source_identity
 
+    args.out = rundir.resume_path(args.out, args.resume)
     if args.out is None:
-        if args.resume is None:
-            raise UserError("give --out DIR (or --resume DIR to continue a run there)")
-        args.out = args.resume
+        raise UserError("give --out DIR (or --resume DIR to continue a run there)")
     if args.teacher is not None and not args.distill:
         raise UserError("--teacher is only used with --distill")
     if not 0 <= args.heldout_fraction < 1:
@@ -48,9 +48,10 @@ def run_train(args) -> int:
                 "text_field": args.text_field, "heldout_fraction": args.heldout_fraction,
                 "teacher": source_identity(args.teacher) if args.teacher else None}
     try:
-        result = continue_training(loaded, args.data, cfg, out_dir=args.out, teacher=teacher, resume=args.resume,
-                                   progress=not args.no_progress, text_field=args.text_field,
-                                   heldout_fraction=args.heldout_fraction, run_info=run_info)
+        with rundir.hold(args.out):
+            result = continue_training(loaded, args.data, cfg, out_dir=args.out, teacher=teacher, resume=args.resume,
+                                       progress=not args.no_progress, text_field=args.text_field,
+                                       heldout_fraction=args.heldout_fraction, run_info=run_info)
     finally:
         import torch.distributed as dist
 
