@@ -32,6 +32,7 @@ from .atomic import atomic_dir, files_into
 from .errors import UserError
 from .families import config_from_hf, family_of, weights_from_hf
 from .model import ModelConfig, Transformer
+from .options import cache_dir
 from .plan import Plan
 from .transforms import build, tensors_of
 
@@ -63,10 +64,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def cache_dir() -> str:
-    return os.environ.get("DHA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dha"))
 
 
 # ---- loading ---------------------------------------------------------------------------------

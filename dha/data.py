@@ -20,7 +20,7 @@ out instead, and a warning says so.
 
 Tokens. Each document is tokenised without special tokens and followed by the tokenizer's EOS
 token (none when the tokenizer has no EOS), then the documents of a split are concatenated into
-one 1-D int64 stream. Streams are cached under `dha.checkpoint.cache_dir()/tokens/`, keyed by a
+one 1-D int64 stream. Streams are cached under `dha.options.cache_dir()/tokens/`, keyed by a
 hash of the tokenizer (its full serialisation, or its vocabulary), of the documents read (so the
 file's content and --text-field) and of the split settings; the cache file is written to a temp
 file and renamed, so a reader never sees half of one.
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from .atomic import atomic_file
-from .checkpoint import cache_dir
 from .errors import UserError
+from .options import cache_dir
 
 DEFAULT_DATA = "pydoc"
 CACHE_VERSION = 1  # bump when the tokenisation or split rules change: old cache entries are ignored

@@ -5,10 +5,12 @@
   train` and `dha convert --tokens`.
 - The merge's defaults (dha.merge, dha.calibration): the position-free key pairs' rule.
 - The DHA pipeline's defaults (dha.pipeline): the fusion fraction and the merges.
+- Where dha caches what it can compute again (`cache_dir`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -26,6 +28,12 @@ FREE_CONTEXT = 2048
 # default the aligned merge is taken at once and every step trains the merged model.
 DEFAULT_FUSION_FRACTION = 0.0
 MERGES = ("aligned", "mean")
+
+def cache_dir() -> str:
+    """Where dha keeps what it can compute again (tokenised text, the built-in model's files): $DHA_CACHE,
+    else ~/.cache/dha."""
+    return os.environ.get("DHA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dha"))
+
 
 AUTOCAST_NAMES = ("bfloat16", "float16", "float32")  # dha.train maps them to torch dtypes
 CHECKPOINTING = ("auto", "on", "off")
