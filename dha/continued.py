@@ -4,6 +4,11 @@ The loop itself is `dha.train.train`, which knows tensors only; this module give
 streams of DATA (`dha.data.load_tokens`, tokenised with the source's own tokenizer: the train
 split to train on, the held-out split to evaluate on) and names the run for its run.json
 (`source_identity`), so that `--resume` can tell the same run from another one.
+
+`dha.pipeline.continued_stage` (stage 4 of `--method dha`) is a training run of its own, not this:
+it trains on token streams the pipeline already split, reads on from where the fusion stage stopped
+and keeps its state in a stage directory of the DHA run; the held-out rule they share is
+`training_heldout`.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def continue_training(
     splits = load_tokens(data, loaded.tokenizer, text_field=text_field, heldout_fraction=heldout_fraction)
     if run_info is None:
         run_info = {"source": loaded.source, "data": splits.source, "text_field": text_field}
-    heldout = splits.heldout if splits.heldout.numel() >= cfg.block_size else None
+    heldout = training_heldout(splits, cfg.block_size)
     if heldout is None and progress:
         print(f"dha: warning: {splits.source} has {splits.heldout.numel()} held-out tokens, less than one block: "
               "no held-out evaluation", file=sys.stderr)
@@ -50,6 +55,12 @@ def continue_training(
                    resume=resume, progress=progress, run_info=run_info, loaded=loaded)
     loaded.model = result.model
     return result
+
+
+def training_heldout(splits, block_size: int):
+    """The held-out stream a training run evaluates on (dha.data.TokenSplits' heldout), or None when
+    it holds less than one block of `block_size` tokens (no held-out evaluation)."""
+    return splits.heldout if splits.heldout.numel() >= block_size else None
 
 
 def source_identity(source: str | None) -> str:

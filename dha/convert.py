@@ -6,8 +6,8 @@ is the registry the `dha convert` verb reads. A method gets the source model (ne
 the fraction of the KV cache to keep (dha.budget.heads_for_budget says how the uniform
 baselines round it), calibration token blocks (n, T) from the TRAIN split (None when the caller has
 no data; methods that need it raise UserError), and ConvertOptions; it returns the plan it chose
-(method, kv_budget and notes set) and the initialised model. Other modules add their method to
-METHODS (the DHA search/fusion registers "dha").
+(method, kv_budget and notes set) and the initialised model. The baselines come from
+dha.baselines; "dha" is the DHA pipeline's no-training path (dha.pipeline).
 
 `convert` wraps a method for a loaded checkpoint: the result carries the tokenizer, the source's
 HF config (for export) and provenance, plus the plan. `apply_plan` replays a plan with mean pooling.
@@ -27,28 +27,27 @@ from .baselines import (
     convert_svd,
 )
 from .budget import source_heads
-from .calibration import calibrate
 from .checkpoint import Loaded
 from .errors import UserError
-from .merge import aligned_merge, closed_form_merges
 from .model import Transformer
+from .pipeline import DHAConfig, merge_without_fusion, plan_and_merges, resolved_search
 from .plan import Plan
-from .search import SearchOptions, search
+from .search import SearchOptions
 from .transforms import merge_groups
 
 
 def convert_dha(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
-    """METHODS["dha"]: DHA without training: search, then the aligned merge of every group.
+    """METHODS["dha"]: DHA without training: the pipeline's stage 1 (one calibration pass, the
+    search, the aligned merge of every group: `dha.pipeline.plan_and_merges`) and its merge
+    (`merge_without_fusion`), as `dha convert --method dha --tokens 0` runs them.
 
     The training stages need data and a token budget: `dha.pipeline.run_dha` (the CLI's
     `--method dha`) runs them. options.extra may hold "search" (a dict of SearchOptions fields)."""
     fields = {"seed": options.seed, "batch_size": options.batch_size, **dict(options.extra or {}).get("search", {})}
-    search_options = SearchOptions(**fields)
-    calibration = calibrate(model, calib_blocks, search_options.batch_size, search_options.metric,
-                            gradients=search_options.sensitivity and search_options.search == "cost", device=options.device,
-                            free_pairs=search_options.free_pairs)
-    plan = search(model, kv_budget, calib_blocks, search_options, calibration=calibration)
-    return plan, aligned_merge(model, plan.layers, closed_form_merges(calibration.stats, plan.layers), device=options.device)
+    search_options = resolved_search(model, SearchOptions(**fields), fusion=False)
+    config = DHAConfig(kv_budget=kv_budget, search=search_options, device=options.device)
+    plan, merges = plan_and_merges(model, calib_blocks, config, search_options, None, lambda message: None)
+    return plan, merge_without_fusion(model, plan, merges, options.device)
 
 Method = Callable[[Transformer, float, "torch.Tensor | None", ConvertOptions], "tuple[Plan, Transformer]"]
 
@@ -57,7 +56,7 @@ METHODS: dict[str, Method] = {
     "gqa-similar": convert_gqa_similar,
     "svd": convert_svd,
     "prune": convert_prune,
-    "dha": convert_dha,  # search + aligned merge; `dha convert --method dha` runs the full pipeline (dha.pipeline.run_dha)
+    "dha": convert_dha,  # dha.pipeline without training; `dha convert --method dha` runs all of it (run_dha)
 }
 
 # Methods that can run without calibration text.

@@ -48,6 +48,7 @@ from .atomic import files_into
 from .checkpoint import NATIVE_CONFIG, Loaded, write_native
 from .budget import source_heads
 from .calibration import calibrate, free_pairs_for
+from .continued import training_heldout
 from .data import blocks, calibration_blocks
 from .errors import UserError
 from .evaluate import perplexity
@@ -57,7 +58,7 @@ from .merge import aligned_merge, closed_form_merges
 from .options import DEFAULT_FUSION_FRACTION, MERGES, FusionOptions, TrainConfig
 from .plan import Plan
 from .plots import plot_allocation, plot_loss, plot_perplexity
-from .search import SearchOptions, search
+from .search import SearchOptions, check_calib_blocks, search
 from .train import atomic_torch_save, checkpoints_in, eval_rows, setup_distributed, train
 from .transforms import merge_groups
 
@@ -192,13 +193,22 @@ def protected_heads(source, tokenizer, config: DHAConfig, log_progress) -> list:
     return [(l, kind, j) for l, j in heads for kind in kinds]
 
 
+def resolved_search(source, search_options, fusion: bool):
+    """`search_options` with the key merges' position-free pairs resolved for `source` (a count the
+    model cannot hold fails here, before any work). A fusion stage ends exactly at the merge only
+    with exact maps, so with one (`fusion`) the default is 0 pairs."""
+    requested = 0 if fusion and search_options.free_pairs is None else search_options.free_pairs
+    return replace(search_options, free_pairs=free_pairs_for(source, requested, search_options.free_context))
+
+
 def plan_and_merges(source, calib: torch.Tensor, config: DHAConfig, search_options, plan, log_progress, tokenizer=None) -> tuple:
     """Stage 1: one calibration pass, the search (unless a plan is given; protecting the retrieval
     heads the config asks for), and the closed-form aligned merge of every group (None for
-    config.merge "mean"). Returns (plan, merges)."""
+    config.merge "mean"). Returns (plan, merges). `search_options` as `resolved_search` gives them."""
+    check_calib_blocks(calib)
     if plan is None and config.retrieval_heads:
         search_options = replace(search_options, protect=protected_heads(source, tokenizer, config, log_progress))
-    gradients = plan is None and search_options.sensitivity and search_options.search == "cost"
+    gradients = plan is None and search_options.needs_gradients
     log_progress(f"calibration on {calib.numel()} tokens" + (" (with gradients)" if gradients else ""))
     calibration = calibrate(source, calib, search_options.batch_size, search_options.metric, gradients=gradients,
                             device=config.device, free_pairs=search_options.free_pairs)
@@ -232,10 +242,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     template = config.train or TrainConfig(tokens=1)
     config = replace(config, train=template)
     stages = split_tokens(config.tokens, config.fusion_fraction, template.batch_tokens, template.block_size)
-    # Resolved once, before any work (a count the model cannot hold fails here); a fusion stage ends
-    # exactly at the merge only with exact maps, so by default it has no position-free pairs.
-    requested = 0 if stages.fusion and search_options.free_pairs is None else search_options.free_pairs
-    search_options = replace(search_options, free_pairs=free_pairs_for(loaded.model, requested, search_options.free_context))
+    search_options = resolved_search(loaded.model, search_options, fusion=bool(stages.fusion))  # once, before any work
     if config.tokens and splits.train.numel() < template.block_size + 1:
         raise UserError(f"the train split has {splits.train.numel()} tokens, less than one training block of "
                         f"{template.block_size}: use more data or a smaller --block-size")
@@ -252,7 +259,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
                                                       loaded.tokenizer))
     seconds["search"] = time.perf_counter() - t0
 
-    heldout_train = splits.heldout if splits.heldout.numel() >= template.block_size else None
+    heldout_train = training_heldout(splits, template.block_size)
     t0 = time.perf_counter()
     model, fusion_distance, log = fusion_stage(loaded.model, plan, merges, config, stages, splits, heldout_train,
                                                teacher, run, log_progress)
@@ -311,7 +318,12 @@ def fusion_stage(source, plan: Plan, merges, config: DHAConfig, stages: StageTok
 
 def continued_stage(model, config: DHAConfig, stages: StageTokens, splits, heldout_train, teacher,
                     run: "StageRun", log_progress) -> tuple:
-    """Stage 4: continued training of the merged model. (model, log)."""
+    """Stage 4: continued training of the merged model. (model, log).
+
+    Not `dha.continued.continue_training` (the `train` verb's run, which loads DATA itself and
+    saves the model): this stage trains on the splits the pipeline loaded once, reads on from where
+    fusion stopped (`data_start`) and keeps its state in the run directory's continued/ (StageRun);
+    the held-out rule is the shared `training_heldout`."""
     if not stages.continued:
         return model, []
     # The continued stage reads on from where fusion stopped: the budget is N distinct tokens

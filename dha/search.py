@@ -118,6 +118,12 @@ class SearchOptions:
         if self.gate_lr <= 0 or self.multiplier_lr <= 0 or self.fusion_weight < 0:
             raise UserError("learning rates must be > 0 and the fusion weight >= 0")
 
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether the search's calibration pass needs the LM loss's gradients: the cost search's
+        sensitivity weighting does (the learned search uses the LM loss itself)."""
+        return self.sensitivity and self.search == "cost"
+
 
 @dataclass
 class HeadTable:
@@ -554,6 +560,14 @@ def _learned_history(result, options: SearchOptions) -> list[dict]:
 
 # ---- entry point ---------------------------------------------------------------------------------
 
+def check_calib_blocks(calib_blocks: torch.Tensor | None) -> None:
+    """UserError unless `calib_blocks` is a non-empty (n_blocks, T) tensor of token ids with T >= 2."""
+    if calib_blocks is None or calib_blocks.dim() != 2 or calib_blocks.numel() == 0:
+        raise UserError("the DHA search needs calibration text: a non-empty (n_blocks, T) tensor of token ids")
+    if calib_blocks.shape[1] < 2:
+        raise UserError(f"the DHA search needs calibration blocks of at least 2 tokens, got {calib_blocks.shape[1]}")
+
+
 def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, options: SearchOptions | None = None,
            calibration: Calibration | None = None) -> Plan:
     """The DHA plan for `model` at `kv_budget`: groups and per-layer counts, exactly on budget.
@@ -564,13 +578,10 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
     learned search, the expected counts and a training log. Deterministic for a given seed.
     """
     options = options or SearchOptions()
-    if calib_blocks is None or calib_blocks.dim() != 2 or calib_blocks.numel() == 0:
-        raise UserError("the DHA search needs calibration text: a non-empty (n_blocks, T) tensor of token ids")
-    if calib_blocks.shape[1] < 2:
-        raise UserError(f"the DHA search needs calibration blocks of at least 2 tokens, got {calib_blocks.shape[1]}")
+    check_calib_blocks(calib_blocks)
     src_k, src_v = source_heads(model)
     total = total_heads_for_budget(src_k, src_v, kv_budget)
-    weighted = options.sensitivity and options.search == "cost"  # the learned search uses the LM loss itself
+    weighted = options.needs_gradients
     free_pairs = free_pairs_for(model, options.free_pairs, options.free_context)
     fresh = calibration is None or (calibration.metric, calibration.free_pairs) != (options.metric, free_pairs)
     if fresh or (weighted and calibration.grads is None):

@@ -44,7 +44,7 @@ FAMILY_CASES = sorted(FAMILIES)
 # transformers classes with grouped-query attention (Family.kv_heads_field set).
 GQA_CLASSES = {name for name, family in FAMILIES.items() if family.kv_heads_field is not None}
 OPTIONS = dict(calib_tokens=64, block_size=16, batch_size=4)
-# `dha` runs the cost search (exact DP) then a mean merge: the `--tokens 0` path of `dha convert`.
+# `dha` runs the cost search (exact DP) then the aligned merge: the `--tokens 0` path of `dha convert`.
 # test id -> (method, ConvertOptions fields beyond OPTIONS)
 METHOD_CASES = {
     "gqa": ("gqa", {}),
@@ -358,7 +358,7 @@ def hf_perplexity(model, windows: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", FAMILY_CASES)
 def test_cli_dha_without_training(name, tmp_path, capsys):
-    """`dha convert --method dha --tokens 0` (search + mean merge), then export and reload."""
+    """`dha convert --method dha --tokens 0` (search + aligned merge), then export and reload."""
     from dha.checkpoint import load
 
     src, text = saved_hf_dir(CASES[name](), tmp_path)
