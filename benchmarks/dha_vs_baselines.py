@@ -47,6 +47,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -63,11 +64,13 @@ from dha.data import blocks, calibration_blocks, load_tokens
 from dha.evaluate import perplexity
 from dha.options import FusionOptions
 from dha.pipeline import DHAConfig, run_dha
-from dha.plan import identity_plan
 from dha.search import SearchOptions
 from dha.options import TrainConfig
 from dha.train import train
 from dha.transforms import expand_to_mha, permute_query_heads
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, for tests.helpers
+from tests.helpers import identity_plan  # noqa: E402
 
 
 # nofusion: the aligned merge at once, all tokens after it | mean: fuse toward the group mean (the old

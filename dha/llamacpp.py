@@ -1,8 +1,9 @@
 """Run a GGUF file in llama.cpp (the llama-cpp-python bindings, an optional dependency) and read
 what llama.cpp itself reports: logits, the KV cache it allocates, the bytes it keeps per token.
 
-Used by the tests and the serving benchmark to check exports against an implementation that
-shares no code with dha. Notes on llama.cpp's KV cache (llama-cpp-python 0.3.36,
+A test-and-benchmark helper: nothing in dha imports it. The tests (test_gguf, test_longctx_llama_cpp)
+and the llama.cpp benchmarks use it to check exports against an implementation that shares no code
+with dha; it lives in dha/ so that both can import it. Notes on llama.cpp's KV cache (llama-cpp-python 0.3.36,
 src/llama-kv-cache.cpp):
 - the cache type is f16 unless type_k / type_v say otherwise;
 - keys are stored per layer with that layer's own head count; values too when flash attention

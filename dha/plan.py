@@ -132,12 +132,6 @@ class Plan:
         return cls.from_dict(d)
 
 
-def identity_plan(source_key_heads: list[int], source_value_heads: list[int]) -> Plan:
-    """Every head stays on its own: applying it changes nothing."""
-    layers = [LayerPlan([[h] for h in range(k)], [[h] for h in range(v)]) for k, v in zip(source_key_heads, source_value_heads)]
-    return Plan(layers, list(source_key_heads), list(source_value_heads), method="identity", kv_budget=1.0)
-
-
 def contiguous_groups(num_heads: int, num_groups: int) -> list[list[int]]:
     """[[0..n-1], [n..2n-1], ...]: GQA's groups (Ainslie et al. 2023). num_groups must divide num_heads."""
     if num_groups < 1 or num_heads % num_groups:

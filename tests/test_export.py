@@ -20,9 +20,10 @@ from dha.cli import main
 from dha.export import NotStock, export, stock_layout
 from dha.families import family_of
 from dha.model import ModelConfig, generate
-from dha.plan import LayerPlan, Plan, identity_plan
+from dha.plan import LayerPlan, Plan
 from dha.transforms import merge_groups
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
+from tests.helpers import identity_plan
 
 HD = 8  # head dim of the tiny models
 

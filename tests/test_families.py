@@ -26,9 +26,10 @@ from dha.families import (
     weights_from_hf,
     weights_to_hf,
 )
-from dha.plan import LayerPlan, Plan, identity_plan
+from dha.plan import LayerPlan, Plan
 from dha.transforms import build, expand_to_mha, merge_groups
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
+from tests.helpers import identity_plan
 
 VOCAB, LENGTH = 97, 16
 SMALL = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=None)
