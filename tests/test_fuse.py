@@ -503,6 +503,10 @@ def test_methods_registry_dha_searches_and_merges():
     ids = random_ids()
     with torch.no_grad():
         assert_close(out.model(ids), hf_logits(hf, ids), atol=1e-5, rtol=0)
+    from dha.errors import UserError
+
+    with pytest.raises(UserError, match="needs calibration text"):  # no data: refused before any work
+        METHODS["dha"](loaded.model, 5 / 12, None, ConvertOptions())
 
 
 def test_cli_convert_dha_pca_merge(convert_setup, capsys):
