@@ -27,9 +27,12 @@ from transformers import LlamaConfig
 from dha.checkpoint import Loaded, load, save
 from dha.data import blocks, load_tokens
 from dha.evaluate import perplexity
-from dha.model import ModelConfig, Transformer, scaled_init_
+from dha.model import ModelConfig, Transformer
 from dha.options import TrainConfig
 from dha.train import train
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, for tests.helpers
+from tests.helpers import scaled_init_  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.expanduser("~"), ".cache", "dha", "small-mha-pydoc")
 

@@ -14,7 +14,7 @@ Memory: `kv_cache_bytes` is what the cache holds after the run; `peak_memory_byt
 the process's peak resident set during the run (every loaded model included) and
 `run_memory_bytes` its rise over the resident set at the run's start (cache and activations); on
 CUDA, allocator numbers. Before anything runs, each point's memory is estimated and checked
-against the device's free memory by dha.memory (`check_memory`: generation_bytes, check_fit), and
+against the device's free memory by dha.memory (`check_memory`: its Generation work, check_fit), and
 a point that cannot fit is refused with a UserError, before anything is allocated.
 
 A transformers model (`TransformersRunner`, e.g. the stock export of the same weights) is timed by
@@ -34,7 +34,7 @@ import torch
 from .device import synchronize
 from .errors import UserError
 from .export import export
-from .memory import Generation, Work, check_fit, estimate, generation_bytes
+from .memory import Generation, Work, check_fit, estimate
 from .plots import pyplot, save
 from .summary import kv_summary
 
@@ -136,12 +136,6 @@ def _past(out):
 
 
 # ---- memory ---------------------------------------------------------------------------------------
-
-def memory_needed(cfg, dtype: torch.dtype, batch_size: int, context: int, new_tokens: int) -> dict:
-    """dha.memory.generation_bytes of a point as a dict: its KV cache, its activations, their total."""
-    (_, kv), (_, activations) = generation_bytes(cfg, dtype, Generation(batch_size, context, new_tokens))
-    return {"kv_cache_bytes": kv, "activation_bytes": activations, "total_bytes": kv + activations}
-
 
 def check_memory(runners: list[Runner], points: list[tuple[int, int]], new_tokens: int) -> None:
     """Refuse (dha.memory.check_fit), before allocating anything, a point whose cache and activations

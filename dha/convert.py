@@ -29,6 +29,7 @@ from .baselines import (
 from .budget import source_heads
 from .checkpoint import Loaded
 from .errors import UserError
+from .families import refuse_merge_of_qk_norm
 from .model import Transformer
 from .pipeline import DHAConfig, merge_without_fusion, plan_and_merges, resolved_search
 from .plan import Plan
@@ -62,7 +63,7 @@ METHODS: dict[str, Method] = {
 # Methods that can run without calibration text.
 NO_CALIBRATION = {"gqa"}
 
-__all__ = ["METHODS", "ConvertOptions", "convert", "apply_plan", "check_method", "kv_summary"]
+__all__ = ["METHODS", "ConvertOptions", "convert", "apply_plan", "check_method"]
 
 
 def check_method(method: str) -> Method:
@@ -89,6 +90,7 @@ def convert(loaded: Loaded, method: str, kv_budget: float, calib_blocks: torch.T
             options: ConvertOptions | None = None) -> Loaded:
     """Run METHODS[method] on loaded.model; the new Loaded carries tokenizer, hf_config, plan."""
     fn = check_method(method)
+    refuse_merge_of_qk_norm(loaded.model)
     options = options or ConvertOptions()
     plan, model = fn(loaded.model, kv_budget, calib_blocks, options)
     plan.method, plan.kv_budget = method, kv_budget
@@ -98,18 +100,8 @@ def convert(loaded: Loaded, method: str, kv_budget: float, calib_blocks: torch.T
 
 def apply_plan(loaded: Loaded, plan: Plan) -> Loaded:
     """Mean-pool the groups of a saved plan (PlanError, a UserError, if it does not fit the model)."""
+    refuse_merge_of_qk_norm(loaded.model)
     src_k, src_v = source_heads(loaded.model)
     plan.validate(src_k, src_v)
     model = merge_groups(loaded.model, plan)
     return _result(loaded, model, plan, {"applied_plan": True, "pooling": "mean"})
-
-
-def kv_summary(model: Transformer) -> dict:
-    """Heads per layer and KV-cache bytes per token (fp32 and bf16) of a model."""
-    cfg = model.config
-    return {
-        "key_heads": [cfg.key_heads(l) for l in range(cfg.num_layers)],
-        "value_heads": [cfg.value_heads(l) for l in range(cfg.num_layers)],
-        "kv_bytes_per_token_fp32": cfg.kv_bytes_per_token(torch.float32),
-        "kv_bytes_per_token_bf16": cfg.kv_bytes_per_token(torch.bfloat16),
-    }

@@ -233,9 +233,12 @@ ROTARY_BUFFER = ("model.layers.{}.self_attn.rotary_emb.inv_freq",)
 
 
 def rope_decoder_config(c, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool, sliding_window: int | None = None,
+                        rope_layer_type: str | None = None, activation_field: str = "hidden_act", tied: bool = False,
                         **extra) -> ModelConfig:
-    """LLaMA-style decoders: pre-RMSNorm, RoPE on whole heads, gated MLP, optional GQA. `extra`:
-    further ModelConfig fields (qk-norm, norm style, block norms)."""
+    """LLaMA-style decoders: pre-RMSNorm, RoPE on whole heads, gated MLP, optional GQA. The RoPE of
+    rope_parameters[`rope_layer_type`] when given; the activation named by `activation_field`;
+    `tied`: untied embeddings unless the config says otherwise. `extra`: further ModelConfig fields
+    (qk-norm, norm style, block norms, ...)."""
     if extra.get("qk_norm") is None:
         refuse_qk_norm(c)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -251,16 +254,16 @@ def rope_decoder_config(c, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool, slid
         norm="rmsnorm",
         norm_eps=c.rms_norm_eps,
         mlp="gated",
-        activation=activation(c, "hidden_act"),
+        activation=activation(c, activation_field),
         position="rope",
         max_position_embeddings=c.max_position_embeddings,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
-        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", tied)),
         sliding_window=sliding_window,
         family=c.model_type,
-        **rope_fields(c, head_dim),
+        **rope_fields(c, head_dim, rope_layer_type),
     )
     return ModelConfig(**{**fields, **extra})
 
@@ -380,39 +383,15 @@ def gemma3_text_config(c) -> ModelConfig:
     # Gemma3Attention ignores it (it never passes it to the attention function).
     if getattr(c, "use_bidirectional_attention", False):
         raise UnsupportedModel("gemma3_text with use_bidirectional_attention=True (an encoder, e.g. EmbeddingGemma) is not supported")
-    head_dim, kv = c.head_dim, c.num_key_value_heads
-    local = rope_fields(c, head_dim, "sliding_attention")
+    local = rope_fields(c, c.head_dim, "sliding_attention")
     bias = bool(getattr(c, "attention_bias", False))
-    return ModelConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
-        head_dim=head_dim,
-        intermediate_size=c.intermediate_size,
-        **_maps(c.num_hidden_layers, c.num_attention_heads, kv),
-        norm="rmsnorm_1p",
-        norm_eps=c.rms_norm_eps,
-        mlp="gated",
-        activation=activation(c, "hidden_activation"),
-        position="rope",
-        max_position_embeddings=c.max_position_embeddings,
-        qkv_bias=bias,
-        o_bias=bias,
-        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
-        sliding_window=c.sliding_window,
-        local_layers=sliding_layers(c),
-        local_rope_theta=local["rope_theta"],
-        local_rope_inv_freq=local.get("rope_inv_freq"),
-        local_rope_attention_scaling=local.get("rope_attention_scaling", 1.0),
-        qk_norm="head",
-        block_norms="sandwich",
-        embed_scale=c.hidden_size ** 0.5,
-        attn_scale=c.query_pre_attn_scalar ** -0.5,
-        logit_softcap=None if c.final_logit_softcapping is None else float(c.final_logit_softcapping),
-        family=c.model_type,
-        **rope_fields(c, head_dim, "full_attention"),
-    )
+    return rope_decoder_config(
+        c, qkv_bias=bias, o_bias=bias, mlp_bias=False, sliding_window=c.sliding_window, rope_layer_type="full_attention",
+        activation_field="hidden_activation", tied=True, norm="rmsnorm_1p", local_layers=sliding_layers(c),
+        local_rope_theta=local["rope_theta"], local_rope_inv_freq=local.get("rope_inv_freq"),
+        local_rope_attention_scaling=local.get("rope_attention_scaling", 1.0), qk_norm="head", block_norms="sandwich",
+        embed_scale=c.hidden_size ** 0.5, attn_scale=c.query_pre_attn_scalar ** -0.5,
+        logit_softcap=None if c.final_logit_softcapping is None else float(c.final_logit_softcapping))
 
 
 # ---- GPT-2: learned positions, LayerNorm, fused transposed Conv1D c_attn ------------------------

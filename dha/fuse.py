@@ -40,6 +40,7 @@ from .merge import KeyMerge, ValueMerge, aligned_merge, mean_merge, reconstructe
 from .model import Transformer
 from .options import FusionOptions
 from .plan import Plan
+from .summary import kv_summary
 from .train import Hooks, ramp
 from .transforms import build, heads, state_dict_of, unheads
 
@@ -169,7 +170,8 @@ class FusedModel(nn.Module):
         super().__init__()
         options = options or FusionOptions()
         cfg = model.config
-        plan.validate([cfg.key_heads(l) for l in range(cfg.num_layers)], [cfg.value_heads(l) for l in range(cfg.num_layers)])
+        kv = kv_summary(cfg)
+        plan.validate(kv["key_heads"], kv["value_heads"])
         merges = merges if merges is not None else mean_merges(model, plan)
         self.plan, self.options = plan, options
         self.model = copy.deepcopy(model)

@@ -33,7 +33,6 @@ to merge qk-norm models).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -728,16 +727,3 @@ def generate(
         if i + 1 < max_new_tokens:
             logits = model(token, cache)[:, -1]
     return torch.cat(out, dim=1)
-
-
-def scaled_init_(model: Transformer, std: float = 0.02, seed: int | None = None) -> Transformer:
-    """GPT-2 style initialisation for models trained from scratch (benchmarks, tests)."""
-    g = torch.Generator().manual_seed(seed) if seed is not None else None
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            s = std / math.sqrt(2 * model.config.num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * s)
-        elif name.endswith("bias"):
-            nn.init.zeros_(p)
-    return model

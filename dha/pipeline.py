@@ -52,6 +52,7 @@ from .continued import training_heldout
 from .data import blocks, calibration_blocks
 from .errors import UserError
 from .evaluate import perplexity
+from .families import refuse_merge_of_qk_norm
 from .longctx import needle_attention, position_report, retrieval, retrieval_key_heads
 from .fuse import FusedModel, FusionSchedule, merge
 from .merge import aligned_merge, closed_form_merges
@@ -59,6 +60,7 @@ from .options import DEFAULT_FUSION_FRACTION, MERGES, FusionOptions, TrainConfig
 from .plan import Plan
 from .plots import plot_allocation, plot_loss, plot_perplexity
 from .search import SearchOptions, check_calib_blocks, search
+from .summary import kv_summary
 from .train import atomic_torch_save, checkpoints_in, eval_rows, setup_distributed, train
 from .transforms import merge_groups
 
@@ -148,14 +150,13 @@ def heldout_blocks(heldout: torch.Tensor, max_tokens: int, block_size: int) -> t
 
 def table_row(name: str, model, windows, device=None) -> dict:
     """One row of the final table: KV heads and bytes per token, held-out perplexity on `windows`."""
-    cfg = model.config
+    kv = kv_summary(model.config)
     was_training = model.training
     model.eval()
     ppl = perplexity(model, windows, batch_size=4, progress=False, device=device) if windows is not None else None
     model.train(was_training)
-    return {"model": name, "kv_heads": sum(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers)),
-            "kv_bytes_per_token_bf16": cfg.kv_bytes_per_token(torch.bfloat16),
-            "kv_bytes_per_token_fp32": cfg.kv_bytes_per_token(torch.float32),
+    return {"model": name, "kv_heads": kv["key_heads_total"] + kv["value_heads_total"],
+            "kv_bytes_per_token_bf16": kv["kv_bytes_per_token_bf16"], "kv_bytes_per_token_fp32": kv["kv_bytes_per_token_fp32"],
             "heldout_ppl": ppl["ppl"] if ppl else None, "heldout_nll": ppl["nll"] if ppl else None,
             "heldout_tokens": ppl["tokens"] if ppl else 0}
 
@@ -238,6 +239,7 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     rank trains (DDP), and rank 0 alone evaluates: the other ranks return None.
     """
     config.validate()
+    refuse_merge_of_qk_norm(loaded.model)
     search_options = config.search or SearchOptions()
     template = config.train or TrainConfig(tokens=1)
     config = replace(config, train=template)

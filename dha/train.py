@@ -441,7 +441,7 @@ def own_storage(module: nn.Module, storages: set[int]) -> None:
     """Give every parameter of `module` that still lies in one of `storages` (the model's before
     it was moved to the training device) a copy of its own: training, and loading a checkpoint
     to resume, write into no tensor the caller may share with another model
-    (`dha.compress.aligned_merge` shares all but the attention weights with its source, which is
+    (`dha.merge.aligned_merge` shares all but the attention weights with its source, which is
     often the teacher)."""
     for p in module.parameters():
         if p.data_ptr() in storages:

@@ -11,9 +11,10 @@ import os
 import pytest
 import torch
 
-from dha.bench import BenchOptions, Runner, TransformersRunner, bench, measure, memory_needed
+from dha.bench import BenchOptions, Runner, TransformersRunner, bench, measure
 from dha.checkpoint import Loaded
 from dha.cli import main
+from dha.memory import Generation, generation_bytes
 from tests.conftest import ours_from_hf, save_tiny_source, tiny_llama_hf
 from tests.speed_clock import SpeedClock
 from tests.test_evaluate import dha_uneven_model
@@ -109,8 +110,8 @@ def test_cli_bench_table_json_line_and_plot(tmp_path, capsys):
 
 def test_cli_bench_point_too_big_exits_2_before_running(tmp_path, capsys):
     path = save_tiny_source(str(tmp_path / "tiny"), dha_uneven_model())
-    huge = memory_needed(dha_uneven_model().config, torch.float32, 10**6, 10**6, 2)
-    assert huge["kv_cache_bytes"] == 10**6 * (10**6 + 2) * (3 + 2 + 1 + 4) * 8 * 4
+    (_, kv_bytes), _ = generation_bytes(dha_uneven_model().config, torch.float32, Generation(10**6, 10**6, 2))
+    assert kv_bytes == 10**6 * (10**6 + 2) * (3 + 2 + 1 + 4) * 8 * 4
     assert main(["bench", path, "--batch-sizes", "1000000", "--contexts", "1000000", "--new-tokens", "2",
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

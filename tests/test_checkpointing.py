@@ -23,7 +23,8 @@ from dha.cli import main
 from dha.errors import UserError
 from dha.fuse import FusedModel
 from dha.memory import GiB, Training, Work, activation_bytes, check_fit, estimate, step_bytes, training_fit
-from dha.model import ModelConfig, Transformer, scaled_init_
+from dha.model import ModelConfig, Transformer
+from tests.helpers import scaled_init_
 from dha.plan import LayerPlan, Plan
 from dha.options import TrainConfig
 from dha.train import Dist, _differences, choose_checkpointing, set_checkpointing, train
@@ -137,7 +138,8 @@ def test_two_processes_checkpointed_match_one_without(tmp_path, fsdp, monkeypatc
 LAYERS, WIDTH = 12, 2048
 STEP = rf"""
 import json, sys, torch, torch.nn.functional as F
-from dha.model import ModelConfig, Transformer, scaled_init_
+from dha.model import ModelConfig, Transformer
+from tests.helpers import scaled_init_
 torch.set_num_threads(1)
 cfg = ModelConfig(vocab_size=256, hidden_size=64, num_layers={LAYERS}, num_heads=4, head_dim=16, intermediate_size=128)
 model = scaled_init_(Transformer(cfg), seed=0).train()

@@ -18,7 +18,8 @@ from dha.checkpoint import Loaded, save
 from dha.cli import main
 from dha.data import TokenSplits
 from dha.evaluate import EvalOptions, evaluate, evaluate_models, kv_bytes, perplexity
-from dha.model import ModelConfig, Transformer, scaled_init_
+from dha.model import ModelConfig, Transformer
+from tests.helpers import scaled_init_
 from dha.transforms import build, state_dict_of, with_maps
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
 from tests.speed_clock import SpeedClock

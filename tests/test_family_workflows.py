@@ -31,7 +31,7 @@ from dha.analyze import analyze
 from dha.checkpoint import Loaded
 from dha.convert import METHODS, ConvertOptions, convert
 from dha.export import export
-from dha.families import FAMILIES
+from dha.families import FAMILIES, QK_NORM_SUPPORTED
 from dha.plan import LayerPlan, Plan
 from dha.transforms import expand_to_mha, merge_groups
 from tests.conftest import ours_from_hf, random_ids
@@ -40,7 +40,7 @@ from tests.test_families import CASES, LENGTH, VOCAB, assert_cached_decode_match
 BUDGET = 0.5
 # One case per family: the base row of test_families (llama 3 KV heads, qwen2 3, mistral 2 with a
 # sliding window, phi and the MHA-only families 6; NeoX and Phi rotate only part of each head).
-FAMILY_CASES = sorted(FAMILIES)
+FAMILY_CASES = sorted(set(FAMILIES) - set(QK_NORM_SUPPORTED))  # the qk-norm families convert not yet: tests/test_qk_norm.py
 # transformers classes with grouped-query attention (Family.kv_heads_field set).
 GQA_CLASSES = {name for name, family in FAMILIES.items() if family.kv_heads_field is not None}
 OPTIONS = dict(calib_tokens=64, block_size=16, batch_size=4)

@@ -371,7 +371,8 @@ def rotated_pairs_source(path: str) -> str:
     in every layer, key head j of each pair (i, j) of PAIRS is key head i turned by a per-frequency-pair
     rotation (query head j's W_Q turned the same way) and value head j is an orthogonal map of value
     head i (its W_O columns mapped alike): the aligned merge of the pairs is exact, the mean is not."""
-    from dha.model import ModelConfig, Transformer, scaled_init_
+    from dha.model import ModelConfig, Transformer
+    from tests.helpers import scaled_init_
     from dha.transforms import build, heads, state_dict_of, unheads
     from tests.conftest import save_tiny_source
     from tests.test_merge import pair_rotation

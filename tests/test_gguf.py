@@ -256,7 +256,7 @@ def test_other_families_and_qk_norm_are_refused(tmp_path, capsys):
                  num_key_value_heads=6, head_dim=8)
     for name, model, message in [
         ("mistral", MistralForCausalLM(MistralConfig(sliding_window=None, **small)), "family 'mistral'"),
-        ("qwen3", Qwen3ForCausalLM(Qwen3Config(**small)), "qk-norm"),
+        ("qwen3", Qwen3ForCausalLM(Qwen3Config(**small)), "family 'qwen3'"),
     ]:
         directory = str(tmp_path / name)
         model.save_pretrained(directory)

@@ -22,7 +22,8 @@ from dha.checkpoint import Loaded
 from dha.cli import main
 from dha.export import export
 from dha.families import UnsupportedModel, config_from_hf, refuse_merge_of_qk_norm, weights_from_hf
-from dha.model import ModelConfig, Transformer, generate, scaled_init_
+from dha.model import ModelConfig, Transformer, generate
+from tests.helpers import scaled_init_
 from dha.plan import LayerPlan, Plan
 from dha.transforms import build, expand_to_mha
 from tests.conftest import ours_from_hf, random_ids
@@ -171,12 +172,8 @@ def test_merge_refused_with_one_line(name):
     refuse_merge_of_qk_norm(ours_from_hf(CASES["llama"]()))  # no qk-norm: nothing to refuse
 
 
-# Conversions start in modules this change does not own: dha/convert.py (convert, apply_plan) and
-# dha/pipeline.py (run_dha) must call refuse_merge_of_qk_norm first. Until they do, `dha convert`
-# merges Qwen3 key heads silently (not exact) and fails on OLMo 2's k_norm shape with a traceback:
-# strict xfail, so wiring the check in turns these into passes and the marker must go.
-@pytest.mark.xfail(strict=True, raises=(AssertionError, RuntimeError),
-                   reason="dha/convert.py does not call families.refuse_merge_of_qk_norm yet")
+# `dha convert` refuses a qk-norm source before loading it (dha.cli.convert), and dha.convert's convert /
+# apply_plan and dha.pipeline.run_dha refuse a loaded one.
 @pytest.mark.parametrize("how", ["method", "plan"])
 @pytest.mark.parametrize("name", ["qwen3", "olmo2"])
 def test_cli_convert_refuses_qk_norm(name, how, tmp_path, capsys):

@@ -21,7 +21,8 @@ from torch.testing import assert_close
 
 from dha.checkpoint import load
 from dha.cli import main
-from dha.model import ModelConfig, Transformer, scaled_init_
+from dha.model import ModelConfig, Transformer
+from tests.helpers import scaled_init_
 from dha.options import TrainConfig
 from dha.train import Hooks, distill_loss_sum, lr_factor, ramp, train
 from tests.conftest import kill_when, ours_from_hf, random_ids, save_tiny_source, text_file, tiny_llama_hf  # noqa: F401

@@ -53,13 +53,16 @@ def run_convert(args) -> int:
     import torch
 
     from ..atomic import check_out
-    from ..checkpoint import load, save
-    from ..convert import check_method, kv_summary
+    from ..checkpoint import load, save, source_shape
+    from ..convert import check_method
+    from ..families import refuse_merge_of_qk_norm
+    from ..summary import kv_summary
 
     if args.method is not None:
         check_method(args.method)  # the registry's names, before any other check
     if (args.method is None) == (args.plan is None) and args.method != "dha":
         raise UserError("give either --method (with --kv-budget) or --plan (--method dha takes both: its search is replaced by the plan)")
+    refuse_merge_of_qk_norm(source_shape(args.source)[0])  # before any model is loaded
     tokens = getattr(args, "tokens", None) or 0
     check_convert_options_used(args, tokens)
     check_offload(args, tokens)
@@ -74,13 +77,13 @@ def run_convert(args) -> int:
     dtype = torch.float32 if tokens > 0 else load_dtype(args)
     check_fits(args, baseline_work(args, train_cfg), dtype)
     loaded = load(args.source, dtype, device=load_device(args))
-    before = kv_summary(loaded.model)
+    before = kv_summary(loaded.model.config)
     result = convert_baseline(args, loaded, options)
     if tokens > 0:
         train_converted(args, loaded, result, train_cfg, resume, tokens)
     else:
         save(args.out, result, overwrite=False)
-    print_convert_result(args, result, before, kv_summary(result.model))
+    print_convert_result(args, result, before, kv_summary(result.model.config))
     return 0
 
 
