@@ -28,11 +28,19 @@ from dha.atomic import write_json
 from dha.checkpoint import load
 from dha.data import calibration_blocks, load_tokens
 from dha.evaluate import perplexity
-from dha.options import FusionOptions
-from dha.pipeline import (DHAConfig, StageRun, continued_stage, fusion_stage, heldout_blocks, load_stage1,
-                          plan_and_merges, save_stage1, split_tokens)
+from dha.options import FusionOptions, TrainConfig
+from dha.pipeline import (
+    DHAConfig,
+    StageRun,
+    continued_stage,
+    fusion_stage,
+    heldout_blocks,
+    load_stage1,
+    plan_and_merges,
+    save_stage1,
+    split_tokens,
+)
 from dha.search import SearchOptions
-from dha.options import TrainConfig
 from dha.train import setup_distributed
 
 
@@ -66,7 +74,7 @@ def configure(base: DHAConfig, variant: dict, seed: int) -> DHAConfig:
         if key == "fusion_fraction":
             fraction = float(value)
         elif key.startswith("fusion."):
-            name = key[len("fusion."):]
+            name = key[len("fusion.") :]
             fusion = replace(fusion, **{name: typed(FusionOptions, name, value)})
         else:
             train = replace(train, **{key: typed(TrainConfig, key, value)})
@@ -94,7 +102,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--tokens", type=int, default=24576)
     p.add_argument("--kv-budget", type=float, default=0.5)
-    p.add_argument("--stage1", default=None, help="stage 1 file to read or write (default: one per --kv-budget in ~/.cache/dha)")
+    p.add_argument(
+        "--stage1", default=None, help="stage 1 file to read or write (default: one per --kv-budget in ~/.cache/dha)"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -112,20 +122,36 @@ def main(argv=None) -> int:
     for text in args.variants:
         for seed in [int(s) for s in args.seeds.split(",")]:
             config = configure(base, parse_variant(text), seed)
-            stages = split_tokens(config.tokens, config.fusion_fraction, config.train.batch_tokens, config.train.block_size)
+            stages = split_tokens(
+                config.tokens, config.fusion_fraction, config.train.batch_tokens, config.train.block_size
+            )
             run = StageRun(None, False, {}, d, False)
             t0 = time.perf_counter()
-            model, _, _ = fusion_stage(loaded.model, plan, merges, config, stages, splits, heldout_train,
-                                       loaded.model, run, lambda m: None)
+            model, _, _ = fusion_stage(
+                loaded.model, plan, merges, config, stages, splits, heldout_train, loaded.model, run, lambda m: None
+            )
             model, _ = continued_stage(model, config, stages, splits, heldout_train, loaded.model, run, lambda m: None)
             seconds = time.perf_counter() - t0
             ppl = perplexity(model.eval(), windows, batch_size=4, progress=False)["ppl"]
-            row = {"variant": text, "seed": seed, "ppl": ppl, "ratio": ppl / source_ppl, "train_seconds": round(seconds, 1)}
+            row = {
+                "variant": text,
+                "seed": seed,
+                "ppl": ppl,
+                "ratio": ppl / source_ppl,
+                "train_seconds": round(seconds, 1),
+            }
             runs.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             if args.out:
-                write_json(args.out, {"command": "python benchmarks/demo_sweep.py " + " ".join(argv or sys.argv[1:]),
-                                      "source_ppl": source_ppl, "heldout_tokens": int(windows.numel()), "runs": runs})
+                write_json(
+                    args.out,
+                    {
+                        "command": "python benchmarks/demo_sweep.py " + " ".join(argv or sys.argv[1:]),
+                        "source_ppl": source_ppl,
+                        "heldout_tokens": int(windows.numel()),
+                        "runs": runs,
+                    },
+                )
     return 0
 
 

@@ -62,46 +62,69 @@ from dha.checkpoint import load
 from dha.convert import METHODS, convert
 from dha.data import blocks, calibration_blocks, load_tokens
 from dha.evaluate import perplexity
-from dha.options import FusionOptions
+from dha.options import FusionOptions, TrainConfig
 from dha.pipeline import DHAConfig, run_dha
 from dha.search import SearchOptions
-from dha.options import TrainConfig
 from dha.train import train
 from dha.transforms import expand_to_mha, permute_query_heads
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, for tests.helpers
 from tests.helpers import identity_plan  # noqa: E402
 
-
 # nofusion: the aligned merge at once, all tokens after it | mean: fuse toward the group mean (the old
 # target) | plain: the aligned merge in the plain (PCA) metric | pca: plain + nofusion (the old
 # --merge pca recipe) | nodistill: no distillation | frozenmaps: the merge maps are not trained
-DHA_CHANGES = ("nofusion", "mean", "plain", "pca", "nodistill", "frozenmaps", "uniform", "coupled", "learned", "nosensitivity",
-               "exactpairs")
+DHA_CHANGES = (
+    "nofusion",
+    "mean",
+    "plain",
+    "pca",
+    "nodistill",
+    "frozenmaps",
+    "uniform",
+    "coupled",
+    "learned",
+    "nosensitivity",
+    "exactpairs",
+)
 
 
-def dha_config(method: str, kv_budget: float, tokens: int, calib_tokens: int, train_cfg: TrainConfig,
-               learned_steps: int = 240) -> DHAConfig:
+def dha_config(
+    method: str, kv_budget: float, tokens: int, calib_tokens: int, train_cfg: TrainConfig, learned_steps: int = 240
+) -> DHAConfig:
     """DHAConfig of "dha" or an ablation "dha+change+...", see the module doc."""
     changes = method.split("+")[1:]
     # the old mean-target DHA is its old recipe: 30% of the tokens in fusion (a mean merge without fusion is ruin)
     fraction = 0.3 if "mean" in changes else DHAConfig(kv_budget).fusion_fraction
     for c in [c for c in changes if c.startswith("fusion")]:
-        fraction = float(c[len("fusion"):])
+        fraction = float(c[len("fusion") :])
         changes.remove(c)
     unknown = [c for c in changes if c not in DHA_CHANGES]
     if unknown:
         raise SystemExit(f"unknown DHA change(s) {unknown}; choose from {', '.join(DHA_CHANGES)}")
-    search = SearchOptions(search="learned" if "learned" in changes else "cost",
-                           metric="plain" if {"plain", "pca"} & set(changes) else "weighted",
-                           allocation="uniform" if "uniform" in changes else "adaptive",
-                           decoupled="coupled" not in changes, sensitivity="nosensitivity" not in changes,
-                           free_pairs=0 if "exactpairs" in changes else None, steps=learned_steps, progress=False)
+    search = SearchOptions(
+        search="learned" if "learned" in changes else "cost",
+        metric="plain" if {"plain", "pca"} & set(changes) else "weighted",
+        allocation="uniform" if "uniform" in changes else "adaptive",
+        decoupled="coupled" not in changes,
+        sensitivity="nosensitivity" not in changes,
+        free_pairs=0 if "exactpairs" in changes else None,
+        steps=learned_steps,
+        progress=False,
+    )
     fusion = FusionOptions(learn_maps="frozenmaps" not in changes)
     train = replace(train_cfg, tokens=max(tokens, 1), distill=train_cfg.distill and "nodistill" not in changes)
-    return DHAConfig(kv_budget=kv_budget, tokens=tokens, calib_tokens=calib_tokens, final_eval_tokens=512,
-                     fusion_fraction=0.0 if {"nofusion", "pca"} & set(changes) else fraction,
-                     merge="mean" if "mean" in changes else "aligned", fusion=fusion, search=search, train=train)
+    return DHAConfig(
+        kv_budget=kv_budget,
+        tokens=tokens,
+        calib_tokens=calib_tokens,
+        final_eval_tokens=512,
+        fusion_fraction=0.0 if {"nofusion", "pca"} & set(changes) else fraction,
+        merge="mean" if "mean" in changes else "aligned",
+        fusion=fusion,
+        search=search,
+        train=train,
+    )
 
 
 def second_windows(path: str, tokenizer, max_tokens: int) -> torch.Tensor:
@@ -142,13 +165,24 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored (windows of 512)")
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=TrainConfig(tokens=1).lr, help="peak learning rate (default: dha train's)")
-    p.add_argument("--learned-steps", type=int, default=240, help="optimisation steps of the learned search (dha+learned)")
+    p.add_argument(
+        "--lr", type=float, default=TrainConfig(tokens=1).lr, help="peak learning rate (default: dha train's)"
+    )
+    p.add_argument(
+        "--learned-steps", type=int, default=240, help="optimisation steps of the learned search (dha+learned)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
-                   help="every method's training distils from the source (dha's default; default on)")
-    p.add_argument("--second-text", default=None,
-                   help="a second text (any --data form) that nothing trains or calibrates on: every model is also scored on it")
+    p.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every method's training distils from the source (dha's default; default on)",
+    )
+    p.add_argument(
+        "--second-text",
+        default=None,
+        help="a second text (any --data form) that nothing trains or calibrates on: every model is also scored on it",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -160,22 +194,45 @@ def main(argv=None) -> int:
     source_ppl = perplexity(loaded.model, windows, batch_size=4, progress=False)["ppl"]
     print(f"source ({args.setup}): ppl {source_ppl:.3f} on {windows.numel()} held-out tokens", file=sys.stderr)
     second = second_windows(args.second_text, loaded.tokenizer, args.eval_tokens) if args.second_text else None
-    second_source = perplexity(loaded.model, second, batch_size=4, progress=False)["ppl"] if second is not None else None
-    train_cfg = TrainConfig(tokens=1, block_size=256, batch_tokens=args.batch_tokens, micro_batch=4, lr=args.lr,
-                            eval_every=0, eval_tokens=2048, seed=args.seed, distill=args.distill)
+    second_source = (
+        perplexity(loaded.model, second, batch_size=4, progress=False)["ppl"] if second is not None else None
+    )
+    train_cfg = TrainConfig(
+        tokens=1,
+        block_size=256,
+        batch_tokens=args.batch_tokens,
+        micro_batch=4,
+        lr=args.lr,
+        eval_every=0,
+        eval_tokens=2048,
+        seed=args.seed,
+        distill=args.distill,
+    )
     rows = []
 
     def summary() -> dict:
-        return {"setup": args.setup, "kv_budget": args.kv_budget, "source_ppl": source_ppl, "learned_steps": args.learned_steps,
-                "second_text": args.second_text, "second_source_ppl": second_source, "distill": args.distill, "seed": args.seed,
-                "eval_tokens": int(windows.numel()), "train": {"batch_tokens": args.batch_tokens, "lr": args.lr},
-                "rows": rows, "seconds": round(time.perf_counter() - t_start, 1),
-                "command": "python benchmarks/dha_vs_baselines.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+        return {
+            "setup": args.setup,
+            "kv_budget": args.kv_budget,
+            "source_ppl": source_ppl,
+            "learned_steps": args.learned_steps,
+            "second_text": args.second_text,
+            "second_source_ppl": second_source,
+            "distill": args.distill,
+            "seed": args.seed,
+            "eval_tokens": int(windows.numel()),
+            "train": {"batch_tokens": args.batch_tokens, "lr": args.lr},
+            "rows": rows,
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "command": "python benchmarks/dha_vs_baselines.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
 
     dha_plans = {}  # the search is deterministic: run it once per search setting, reuse it for every token budget
     done = {}  # (fingerprint of the converted model, tokens) -> row
     for method in args.methods.split(","):
-        if (method != "source" and method.split("+")[0] not in METHODS) or ("+" in method and not method.startswith("dha+")):
+        if (method != "source" and method.split("+")[0] not in METHODS) or (
+            "+" in method and not method.startswith("dha+")
+        ):
             raise SystemExit(f"unknown method {method}")
         for tokens in [int(t) for t in args.tokens.split(",")]:
             t0 = time.perf_counter()
@@ -191,26 +248,41 @@ def main(argv=None) -> int:
                 if method == "source":  # the control: no conversion, the same training
                     model, plan = copy.deepcopy(loaded.model), identity_plan(*source_heads(loaded.model))
                 else:
-                    converted = convert(loaded, method, args.kv_budget, calib,
-                                        ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens))
+                    converted = convert(
+                        loaded,
+                        method,
+                        args.kv_budget,
+                        calib,
+                        ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens),
+                    )
                     model, plan = converted.model, converted.plan
                 key = (fingerprint(model), tokens)
                 if key in done:
                     same_as = done[key]
                 elif tokens:
                     teacher = loaded.model if train_cfg.distill else None
-                    model = train(model, splits.train, None, replace(train_cfg, tokens=tokens), teacher=teacher, progress=False).model
+                    model = train(
+                        model, splits.train, None, replace(train_cfg, tokens=tokens), teacher=teacher, progress=False
+                    ).model
             if same_as is not None:
                 ppl, ppl2 = same_as["ppl"], same_as.get("second_ppl")
             else:
                 model.eval()
                 ppl = perplexity(model, windows, batch_size=4, progress=False)["ppl"]
                 ppl2 = perplexity(model, second, batch_size=4, progress=False)["ppl"] if second is not None else None
-            row = {"method": method, "tokens": tokens, "ppl": ppl, "ppl_ratio": ppl / source_ppl,
-                   "second_ppl": ppl2, "second_ppl_ratio": ppl2 / second_source if ppl2 else None,
-                   "kv_fraction": plan.kv_fraction(), "key_heads": sum(plan.key_heads()),
-                   "value_heads": sum(plan.value_heads()), "seconds": round(time.perf_counter() - t0, 1),
-                   "peak_rss_gib": round(memory_now(torch.device("cpu"))[1] / 2**30, 2)}
+            row = {
+                "method": method,
+                "tokens": tokens,
+                "ppl": ppl,
+                "ppl_ratio": ppl / source_ppl,
+                "second_ppl": ppl2,
+                "second_ppl_ratio": ppl2 / second_source if ppl2 else None,
+                "kv_fraction": plan.kv_fraction(),
+                "key_heads": sum(plan.key_heads()),
+                "value_heads": sum(plan.value_heads()),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "peak_rss_gib": round(memory_now(torch.device("cpu"))[1] / 2**30, 2),
+            }
             if same_as is not None:
                 row["same_as"] = same_as["method"]
             elif not method.startswith("dha"):
@@ -218,9 +290,13 @@ def main(argv=None) -> int:
             rows.append(row)
             if args.out:  # after every row: a long grid killed part way keeps what it measured
                 write_json(args.out, summary())
-            print(f"{method:>12} {tokens:>8} tokens  ppl {ppl:10.3f}  x{ppl / source_ppl:8.3f}  "
-                  f"KV {row['kv_fraction']:.1%}  ({row['seconds']} s)"
-                  + (f"  second text x{row['second_ppl_ratio']:.3f}" if ppl2 else ""), file=sys.stderr, flush=True)
+            print(
+                f"{method:>12} {tokens:>8} tokens  ppl {ppl:10.3f}  x{ppl / source_ppl:8.3f}  "
+                f"KV {row['kv_fraction']:.1%}  ({row['seconds']} s)"
+                + (f"  second text x{row['second_ppl_ratio']:.3f}" if ppl2 else ""),
+                file=sys.stderr,
+                flush=True,
+            )
 
     print(f"\n{'method':>12} {'tokens':>8} {'ppl':>10} {'/ source':>9} {'KV kept':>8}")
     print(f"{'source':>12} {'':>8} {source_ppl:10.3f} {1:9.3f} {1:8.1%}")

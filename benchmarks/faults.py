@@ -42,7 +42,7 @@ def convert_args(source: str, data: str, out: str, *extra: str) -> list[str]:
     at once, every step trains the merged model)."""
     args = test_convert_args(source, data, out, *extra)
     i = args.index("--fusion-fraction")
-    return args[:i] + args[i + 2:]
+    return args[:i] + args[i + 2 :]
 
 
 def sha256_tree(path: str) -> str:
@@ -55,8 +55,13 @@ def sha256_tree(path: str) -> str:
 
 
 def start(args: list[str], delay: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=REPO), str(delay), *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT.format(repo=REPO), str(delay), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def finish(p: subprocess.Popen) -> tuple[int, str]:
@@ -130,20 +135,34 @@ def corrupt_checkpoint_case(source: str, data: str, out: str, delay: float) -> d
     with open(checkpoint, "r+b") as f:
         f.truncate(os.path.getsize(checkpoint) // 2)
     code, err = finish(start(convert_args(source, data, out, "--save-every", "1", "--resume", out), 0.0))
-    return {"case": "corrupt checkpoint, then --resume", "exit": code, "message": err.strip(), "ok": code == 2 and err.count("\n") == 1}
+    return {
+        "case": "corrupt checkpoint, then --resume",
+        "exit": code,
+        "message": err.strip(),
+        "ok": code == 2 and err.count("\n") == 1,
+    }
 
 
 def concurrent_case(source: str, data: str, out: str, delay: float) -> dict:
     first = start(convert_args(source, data, out), 4 * delay)  # slow: still running when the others come
     while not os.path.exists(os.path.join(out, "run.json")) and first.poll() is None:
         time.sleep(0.02)
-    second, third = start(convert_args(source, data, out), 0.0), start(convert_args(source, data, out, "--resume", out), 0.0)
+    second, third = (
+        start(convert_args(source, data, out), 0.0),
+        start(convert_args(source, data, out, "--resume", out), 0.0),
+    )
     (code2, err2), (code3, err3) = finish(second), finish(third)
     assert first.poll() is None, "the first run ended before the others were refused: raise --delay"
     code1, _ = finish(first)
-    return {"case": "two conversions into one --out", "first_exit": code1, "second_exit": code2, "second_message": err2.strip(),
-            "resume_while_running_exit": code3, "resume_message": err3.strip(),
-            "ok": code1 == 0 and code2 == 2 and code3 == 2}
+    return {
+        "case": "two conversions into one --out",
+        "first_exit": code1,
+        "second_exit": code2,
+        "second_message": err2.strip(),
+        "resume_while_running_exit": code3,
+        "resume_message": err3.strip(),
+        "ok": code1 == 0 and code2 == 2 and code3 == 2,
+    }
 
 
 def main() -> int:
@@ -159,7 +178,9 @@ def main() -> int:
     source, data = tiny_source(os.path.join(work, "tiny")), text_file(os.path.join(work, "data.txt"))
     hashes = {"source": sha256_tree(source), "data": sha256_tree(data)}
 
-    code, err = finish(start(convert_args(source, data, os.path.join(work, "reference")), 0.0))  # also fills the token cache
+    code, err = finish(
+        start(convert_args(source, data, os.path.join(work, "reference")), 0.0)
+    )  # also fills the token cache
     assert code == 0, err
     reference = result_of(os.path.join(work, "reference"))
     t0 = time.perf_counter()
@@ -171,10 +192,14 @@ def main() -> int:
     for i in range(args.trials):
         row = kill_trial(source, data, os.path.join(work, f"kill{i}"), rng.uniform(0, span), args.delay, reference)
         rows.append(row)
-        print(f"trial {i:>2}: killed at {row['kill_at_s']:>5.2f}s in {row['stage']:<10} -> {row['outcome']:<45} {'ok' if row['ok'] else 'FAILED'}",
-              flush=True)
-    cases = [corrupt_checkpoint_case(source, data, os.path.join(work, "corrupt"), args.delay),
-             concurrent_case(source, data, os.path.join(work, "twice"), args.delay)]
+        print(
+            f"trial {i:>2}: killed at {row['kill_at_s']:>5.2f}s in {row['stage']:<10} -> {row['outcome']:<45} {'ok' if row['ok'] else 'FAILED'}",
+            flush=True,
+        )
+    cases = [
+        corrupt_checkpoint_case(source, data, os.path.join(work, "corrupt"), args.delay),
+        concurrent_case(source, data, os.path.join(work, "twice"), args.delay),
+    ]
     for c in cases:
         print(f"{c['case']}: {'ok' if c['ok'] else 'FAILED'}")
     unchanged = {k: sha256_tree(source if k == "source" else data) == v for k, v in hashes.items()}
@@ -185,9 +210,15 @@ def main() -> int:
         by_stage[r["stage"]][0] += 1
         by_stage[r["stage"]][1] += r["ok"]
     print("stage at kill: trials (passed) " + ", ".join(f"{k} {n} ({ok})" for k, (n, ok) in by_stage.items()))
-    result = {"command": " ".join(["python", "benchmarks/faults.py", *sys.argv[1:]]), "trials": rows, "cases": cases,
-              "by_stage": by_stage, "unchanged_sha256": unchanged, "span_s": round(span, 2),
-              "passed": all(r["ok"] for r in rows) and all(c["ok"] for c in cases) and all(unchanged.values())}
+    result = {
+        "command": " ".join(["python", "benchmarks/faults.py", *sys.argv[1:]]),
+        "trials": rows,
+        "cases": cases,
+        "by_stage": by_stage,
+        "unchanged_sha256": unchanged,
+        "span_s": round(span, 2),
+        "passed": all(r["ok"] for r in rows) and all(c["ok"] for c in cases) and all(unchanged.values()),
+    }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -21,8 +21,8 @@ from dataclasses import replace
 from dha.atomic import write_json
 from dha.data import blocks, load_tokens
 from dha.evaluate import perplexity
-from dha.pipeline import run_dha
 from dha.options import TrainConfig
+from dha.pipeline import run_dha
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from dha_vs_baselines import dha_config, source_model  # noqa: E402
@@ -42,16 +42,26 @@ def main(argv=None) -> int:
     ppl = lambda m, w: perplexity(m, w, batch_size=1, progress=False)["ppl"]  # noqa: E731
     source = {"ppl512": ppl(loaded.model, short), "ppl_long": ppl(loaded.model, long)}
     template = TrainConfig(tokens=1, block_size=256, batch_tokens=1024)
-    report = {"kv_budget": args.kv_budget, "long": args.long, "source": source, "rows": [],
-              "command": "python benchmarks/free_pairs.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    report = {
+        "kv_budget": args.kv_budget,
+        "long": args.long,
+        "source": source,
+        "rows": [],
+        "command": "python benchmarks/free_pairs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     for k in args.free_pairs.split(","):
         t0 = time.perf_counter()
         cfg = dha_config("dha", args.kv_budget, 0, 4096, template)
         cfg = replace(cfg, search=replace(cfg.search, free_pairs=None if k == "auto" else int(k)))
         result = run_dha(loaded, splits, cfg, progress=False)
         model = result.loaded.model
-        row = {"free_pairs": result.loaded.plan.notes.get("options", {}).get("free_pairs", k), "asked": k,
-               "ppl512": ppl(model, short), "ppl_long": ppl(model, long), "seconds": round(time.perf_counter() - t0, 1)}
+        row = {
+            "free_pairs": result.loaded.plan.notes.get("options", {}).get("free_pairs", k),
+            "asked": k,
+            "ppl512": ppl(model, short),
+            "ppl_long": ppl(model, long),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         row["x512"], row["x_long"] = row["ppl512"] / source["ppl512"], row["ppl_long"] / source["ppl_long"]
         report["rows"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)

@@ -20,15 +20,15 @@ import sys
 import time
 
 import torch
+from demo_sweep import demo_stage1  # benchmarks/demo_sweep.py: the script's directory is on sys.path
 
 from dha.atomic import write_json
 from dha.checkpoint import load
 from dha.data import load_tokens
 from dha.fuse import FusedModel, FusionSchedule
-from dha.pipeline import DHAConfig
 from dha.options import TrainConfig
+from dha.pipeline import DHAConfig
 from dha.train import resolve_dtype, train
-from demo_sweep import demo_stage1  # benchmarks/demo_sweep.py: the script's directory is on sys.path
 
 
 def step_seconds(kind: str, loaded, plan, merges, stream, cfg) -> list[float]:
@@ -56,20 +56,32 @@ def main(argv=None) -> int:
     loaded = load(None)
     splits = load_tokens(None, loaded.tokenizer)
     plan, merges = demo_stage1(loaded, splits, DHAConfig(kv_budget=0.5), args.stage1)
-    cfg = TrainConfig(tokens=args.steps * args.batch_tokens, batch_tokens=args.batch_tokens, eval_every=0,
-                      dtype=args.dtype, distill=args.distill)
+    cfg = TrainConfig(
+        tokens=args.steps * args.batch_tokens,
+        batch_tokens=args.batch_tokens,
+        eval_every=0,
+        dtype=args.dtype,
+        distill=args.distill,
+    )
     times = {"plain": [], "fusion": []}
     for r in range(args.repeats):
-        for kind in (("plain", "fusion") if r % 2 == 0 else ("fusion", "plain")):
+        for kind in ("plain", "fusion") if r % 2 == 0 else ("fusion", "plain"):
             t = step_seconds(kind, loaded, plan, merges, splits.train, cfg)
             times[kind] += t
             print(f"repeat {r} {kind}: {', '.join(f'{x:.2f}' for x in t)} s", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {"command": "python benchmarks/fusion_step.py " + " ".join(argv or sys.argv[1:]),
-              "threads": torch.get_num_threads(), "batch_tokens": args.batch_tokens, "dtype": args.dtype,
-              "autocast": resolve_dtype(args.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-              "distill": args.distill, "step_seconds": times, "median": med, "ratio": med["fusion"] / med["plain"],
-              "when": time.strftime("%Y-%m-%d %H:%M")}
+    result = {
+        "command": "python benchmarks/fusion_step.py " + " ".join(argv or sys.argv[1:]),
+        "threads": torch.get_num_threads(),
+        "batch_tokens": args.batch_tokens,
+        "dtype": args.dtype,
+        "autocast": resolve_dtype(args.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "distill": args.distill,
+        "step_seconds": times,
+        "median": med,
+        "ratio": med["fusion"] / med["plain"],
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
     print(f"plain {med['plain']:.2f} s, fusion {med['fusion']:.2f} s per step: ratio {result['ratio']:.3f}")
     if args.out:
         write_json(args.out, result)

@@ -38,8 +38,12 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--window", type=int, default=8192)
     p.add_argument("--windows", type=int, default=2, help="windows scored by position (0: none, passkeys only)")
-    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",") if x], default=[2048, 8192],
-                   help="passkey prompt lengths (empty: perplexity by position only)")
+    p.add_argument(
+        "--lengths",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[2048, 8192],
+        help="passkey prompt lengths (empty: perplexity by position only)",
+    )
     p.add_argument("--per-depth", type=int, default=2)
     p.add_argument("--far-per-depth", type=int, default=1, help="keys per depth at lengths after the first")
     p.add_argument("--out", required=True)
@@ -51,13 +55,27 @@ def main(argv=None) -> int:
         t = time.time()
         if args.windows:
             by_position = position_report(loaded.model.eval(), heldout, args.window, args.windows, progress=False)
-            append(args.out, {"model": name, "kind": "by_position", "data": args.data, "seconds": round(time.time() - t),
-                              "command": command, **by_position})
+            append(
+                args.out,
+                {
+                    "model": name,
+                    "kind": "by_position",
+                    "data": args.data,
+                    "seconds": round(time.time() - t),
+                    "command": command,
+                    **by_position,
+                },
+            )
         for i, length in enumerate(args.lengths):
             t = time.time()
-            options = RetrievalOptions(lengths=[length], per_depth=args.per_depth if i == 0 else args.far_per_depth, batch_size=1)
+            options = RetrievalOptions(
+                lengths=[length], per_depth=args.per_depth if i == 0 else args.far_per_depth, batch_size=1
+            )
             grid = retrieval(loaded.model, loaded.tokenizer, options, progress=False)
-            append(args.out, {"model": name, "kind": "retrieval", "seconds": round(time.time() - t), "command": command, **grid})
+            append(
+                args.out,
+                {"model": name, "kind": "retrieval", "seconds": round(time.time() - t), "command": command, **grid},
+            )
     return 0
 
 

@@ -72,24 +72,37 @@ def log(message: str) -> None:
 
 # ---- llama.cpp -----------------------------------------------------------------------------------
 
+
 def llama_cpp_position(path: str, windows: torch.Tensor, cache_type: str, args) -> tuple[dict, dict]:
     """(perplexity by position in llama.cpp, the KV cache allocation of that context)."""
-    llm, load_log = llamacpp.open_model(path, windows.shape[1], threads=args.threads, cache_type=cache_type,
-                                        flash_attn=True, logits_all=True, n_batch=args.n_batch)
+    llm, load_log = llamacpp.open_model(
+        path,
+        windows.shape[1],
+        threads=args.threads,
+        cache_type=cache_type,
+        flash_attn=True,
+        logits_all=True,
+        n_batch=args.n_batch,
+    )
     try:
         nll = llamacpp.position_nll(llm, windows)
     finally:
         llm.close()
-    report = {"window": windows.shape[1], "windows": windows.shape[0],
-              "buckets": longctx.by_position(nll, windows.shape[0]), "nll_by_index": [round(v, 5) for v in nll.tolist()]}
+    report = {
+        "window": windows.shape[1],
+        "windows": windows.shape[0],
+        "buckets": longctx.by_position(nll, windows.shape[0]),
+        "nll_by_index": [round(v, 5) for v in nll.tolist()],
+    }
     return report, llamacpp.kv_cache_allocation(load_log)
 
 
 def llama_cpp_retrieval(path: str, tokenizer, prompts, options, cache_type: str, args) -> tuple[list[str], dict]:
     """(the greedy replies to the passkey prompts in llama.cpp, the KV cache allocation of that context)."""
     n_ctx = max(options.lengths) + options.new_tokens
-    llm, load_log = llamacpp.open_model(path, n_ctx, threads=args.threads, cache_type=cache_type, flash_attn=True,
-                                        n_batch=args.n_batch)
+    llm, load_log = llamacpp.open_model(
+        path, n_ctx, threads=args.threads, cache_type=cache_type, flash_attn=True, n_batch=args.n_batch
+    )
     try:
         new = llamacpp.greedy_answers(llm, prompts, options.new_tokens)
     finally:
@@ -106,7 +119,9 @@ def larger_allocation(run: dict) -> dict:
     return max(run["kv_cache"], run["kv_cache_perplexity_context"], key=lambda a: a["cells"])
 
 
-def llama_cpp_measures(path: str, tokenizer, windows, prompts, options, dha_result: dict, cache_type: str, args) -> dict:
+def llama_cpp_measures(
+    path: str, tokenizer, windows, prompts, options, dha_result: dict, cache_type: str, args
+) -> dict:
     t0 = time.perf_counter()
     position, kv_position = llama_cpp_position(path, windows, cache_type, args)
     log(f"  llama.cpp {cache_type}: perplexity by position {time.perf_counter() - t0:.0f} s")
@@ -116,15 +131,21 @@ def llama_cpp_measures(path: str, tokenizer, windows, prompts, options, dha_resu
     retrieval = longctx.score(prompts, replies, options)
     ours = torch.tensor(dha_result["position"]["nll_by_index"], dtype=torch.float64)
     theirs = torch.tensor(position["nll_by_index"], dtype=torch.float64)
-    return {"cache_type": cache_type, "kv_cache": with_per_token(kv_retrieval),
-            "kv_cache_perplexity_context": with_per_token(kv_position), "position": position,
-            "ppl_ratio_to_dha": longctx.position_ratios(position, dha_result["position"]),
-            "max_abs_nll_diff_to_dha": (theirs - ours).abs().max().item(),
-            "retrieval": retrieval, "found": sum(retrieval["found_per_length"].values()),
-            "same_replies_as_dha": sum(a == b for a, b in zip(replies, dha_result["replies"]))}
+    return {
+        "cache_type": cache_type,
+        "kv_cache": with_per_token(kv_retrieval),
+        "kv_cache_perplexity_context": with_per_token(kv_position),
+        "position": position,
+        "ppl_ratio_to_dha": longctx.position_ratios(position, dha_result["position"]),
+        "max_abs_nll_diff_to_dha": (theirs - ours).abs().max().item(),
+        "retrieval": retrieval,
+        "found": sum(retrieval["found_per_length"].values()),
+        "same_replies_as_dha": sum(a == b for a, b in zip(replies, dha_result["replies"])),
+    }
 
 
 # ---- dha and the models --------------------------------------------------------------------------
+
 
 def dha_measures(loaded, stream, prompts, options, args) -> dict:
     """dha's fp32 measures on the same ids: perplexity by position and the passkey replies."""
@@ -135,8 +156,12 @@ def dha_measures(loaded, stream, prompts, options, args) -> dict:
     replies = longctx.answers(loaded.model, loaded.tokenizer, prompts, options)
     log(f"  dha fp32: passkey retrieval {time.perf_counter() - t0:.0f} s")
     retrieval = longctx.score(prompts, replies, options)
-    return {"position": position, "retrieval": retrieval, "replies": replies,
-            "found": sum(retrieval["found_per_length"].values())}
+    return {
+        "position": position,
+        "retrieval": retrieval,
+        "replies": replies,
+        "found": sum(retrieval["found_per_length"].values()),
+    }
 
 
 def evaluate_model(name: str, loaded, stream, prompts, options, workdir: str, args) -> dict:
@@ -145,7 +170,10 @@ def evaluate_model(name: str, loaded, stream, prompts, options, workdir: str, ar
     exported = export_gguf(loaded, path, args.outtype, pad=True)
     ours = dha_measures(loaded, stream, prompts, options, args)
     windows = longctx.long_windows(stream, args.window, args.windows)
-    runs = {c: llama_cpp_measures(path, loaded.tokenizer, windows, prompts, options, ours, c, args) for c in args.cache_types}
+    runs = {
+        c: llama_cpp_measures(path, loaded.tokenizer, windows, prompts, options, ours, c, args)
+        for c in args.cache_types
+    }
     os.unlink(path)
     gguf = {k: v for k, v in exported.to_dict().items() if k != "out"}
     return {"model": name, "source": str(loaded.source), "gguf": gguf, "dha_fp32": ours, "llama_cpp": runs}
@@ -157,7 +185,9 @@ def add_source_ratios(results: list[dict]) -> None:
     for r in results:
         for cache_type, run in r["llama_cpp"].items():
             base = source[cache_type]
-            run["kv_ratio_to_source"] = larger_allocation(run)["bytes_per_token"] / larger_allocation(base)["bytes_per_token"]
+            run["kv_ratio_to_source"] = (
+                larger_allocation(run)["bytes_per_token"] / larger_allocation(base)["bytes_per_token"]
+            )
             run["ppl_ratio_to_source"] = longctx.position_ratios(run["position"], base["position"])
 
 
@@ -167,31 +197,45 @@ def load_models(args) -> dict:
     for path in args.checkpoints:
         converted = load(path, torch.float32, tokenizer=False)
         name = os.path.basename(os.path.normpath(path))
-        models[name if name not in models else path] = Loaded(converted.model, source.tokenizer, path, "native", source.hf_config)
+        models[name if name not in models else path] = Loaded(
+            converted.model, source.tokenizer, path, "native", source.hf_config
+        )
     return models
 
 
 def print_table(results: list[dict]) -> None:
     spans = [f"{b['start']}-{b['end']}" for b in results[0]["dha_fp32"]["position"]["buckets"]]
-    print(f"{'model':<14} {'KV cache':<9} {'B/token':>8} {'MiB':>7} {'vs src':>6} {'found':>11}  "
-          f"perplexity by position ({' '.join(f'{s:>10}' for s in spans)})")
+    print(
+        f"{'model':<14} {'KV cache':<9} {'B/token':>8} {'MiB':>7} {'vs src':>6} {'found':>11}  "
+        f"perplexity by position ({' '.join(f'{s:>10}' for s in spans)})"
+    )
     for r in results:
         ours = r["dha_fp32"]
         total = ours["retrieval"]["prompts_per_length"] * len(ours["retrieval"]["lengths"])
         ppl = " ".join(f"{b['ppl']:>10.4f}" for b in ours["position"]["buckets"])
-        print(f"{r['model']:<14} {'dha fp32':<9} {'':>8} {'':>7} {'':>6} {ours['found']:>5} of {total:<3}  dha ppl:         {ppl}")
+        print(
+            f"{r['model']:<14} {'dha fp32':<9} {'':>8} {'':>7} {'':>6} {ours['found']:>5} of {total:<3}  dha ppl:         {ppl}"
+        )
         for cache_type, run in r["llama_cpp"].items():
             kv = larger_allocation(run)
             ratios = " ".join(f"{x:>10.5f}" for x in run["ppl_ratio_to_dha"])
-            print(f"{r['model']:<14} {cache_type:<9} {kv['bytes_per_token']:>8,.0f} {kv['bytes'] / 2**20:>7.2f} "
-                  f"{run['kv_ratio_to_source']:>6.3f} {run['found']:>5} of {total:<3}  llama.cpp / dha: {ratios}")
+            print(
+                f"{r['model']:<14} {cache_type:<9} {kv['bytes_per_token']:>8,.0f} {kv['bytes'] / 2**20:>7.2f} "
+                f"{run['kv_ratio_to_source']:>6.3f} {run['found']:>5} of {total:<3}  llama.cpp / dha: {ratios}"
+            )
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    options = longctx.RetrievalOptions(lengths=args.lengths, depths=args.depths, per_depth=args.per_depth,
-                                       haystack=args.haystack, new_tokens=args.new_tokens, seed=args.seed)
+    options = longctx.RetrievalOptions(
+        lengths=args.lengths,
+        depths=args.depths,
+        per_depth=args.per_depth,
+        haystack=args.haystack,
+        new_tokens=args.new_tokens,
+        seed=args.seed,
+    )
     options.validate()
     models = load_models(args)
     tokenizer = models["source"].tokenizer
@@ -203,11 +247,21 @@ def main(argv=None) -> None:
     for r in results:
         r["dha_fp32"].pop("replies")  # kept in retrieval.examples
     print_table(results)
-    doc = {"benchmark": "long_context_llama_cpp", "command": " ".join(["python", *sys.argv]),
-           "llama_cpp_python": __import__("llama_cpp").__version__, "data": f"{args.data or 'pydoc'} held-out",
-           "heldout_tokens": stream.numel(), "gguf_weights": args.outtype, "flash_attn": True, "threads": args.threads,
-           "n_batch": args.n_batch, "window": args.window, "windows": args.windows, "retrieval": asdict(options),
-           "models": results}
+    doc = {
+        "benchmark": "long_context_llama_cpp",
+        "command": " ".join(["python", *sys.argv]),
+        "llama_cpp_python": __import__("llama_cpp").__version__,
+        "data": f"{args.data or 'pydoc'} held-out",
+        "heldout_tokens": stream.numel(),
+        "gguf_weights": args.outtype,
+        "flash_attn": True,
+        "threads": args.threads,
+        "n_batch": args.n_batch,
+        "window": args.window,
+        "windows": args.windows,
+        "retrieval": asdict(options),
+        "models": results,
+    }
     write_json(args.out, doc)
     log(f"wrote {args.out}")
 

@@ -19,8 +19,13 @@ import tempfile
 
 
 def render(path: str) -> str:
-    out = subprocess.run(["man", "-l", path], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "MANWIDTH": "80", "MAN_KEEP_FORMATTING": "0", "PAGER": "cat"})
+    out = subprocess.run(
+        ["man", "-l", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MANWIDTH": "80", "MAN_KEEP_FORMATTING": "0", "PAGER": "cat"},
+    )
     return re.sub(r".\x08", "", out.stdout) if out.returncode == 0 else ""  # drop overstrike (bold, underline)
 
 

@@ -37,12 +37,14 @@ def read(paths: list[str]) -> dict[str, dict]:
 
 
 def found(grids: list[dict]) -> dict[str, str]:
-    return {str(g["lengths"][0]): f"{g['found_per_length'][str(g['lengths'][0])]}/{g['prompts_per_length']}" for g in grids}
+    return {
+        str(g["lengths"][0]): f"{g['found_per_length'][str(g['lengths'][0])]}/{g['prompts_per_length']}" for g in grids
+    }
 
 
 def bucket_nll(model: dict, start: int, end: int) -> float:
     """Mean NLL over the indices [start, end) of the window (from the per-index NLL)."""
-    values = model["by_position"]["nll_by_index"][max(start, 1) - 1:end - 1]
+    values = model["by_position"]["nll_by_index"][max(start, 1) - 1 : end - 1]
     return sum(values) / len(values)
 
 
@@ -50,8 +52,13 @@ def table(names: list[str], models: list[dict]) -> list[str]:
     base = models[0]
     buckets = base["by_position"]["buckets"]
     lengths = list(found(base.get("retrieval", [])))
-    head = ("| model | " + " | ".join(f"{b['start']}-{b['end']}" for b in buckets) + " | 4k-8k / 0-1k | "
-            + " | ".join(f"passkey {n}" for n in lengths) + " |")
+    head = (
+        "| model | "
+        + " | ".join(f"{b['start']}-{b['end']}" for b in buckets)
+        + " | 4k-8k / 0-1k | "
+        + " | ".join(f"passkey {n}" for n in lengths)
+        + " |"
+    )
     lines = [head, "|---|" + "---:|" * (len(buckets) + 1 + len(lengths))]
     near = {id(m): math.exp(bucket_nll(m, 0, 1024)) for m in models}
     far = {id(m): math.exp(bucket_nll(m, 4096, 8192)) for m in models}
@@ -60,7 +67,9 @@ def table(names: list[str], models: list[dict]) -> list[str]:
         trend = (far[id(m)] / far[id(base)]) / (near[id(m)] / near[id(base)])
         got = found(m.get("retrieval", []))
         cells = [got.get(n, "-") for n in lengths]
-        lines.append(f"| {name} | " + " | ".join(f"{r:.3f}x" for r in ratios) + f" | {trend:.3f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{r:.3f}x" for r in ratios) + f" | {trend:.3f} | " + " | ".join(cells) + " |"
+        )
     return lines
 
 
@@ -72,7 +81,9 @@ def main(argv=None) -> int:
     read_models = read(args.files)
     names = [n for n, m in read_models.items() if "by_position" in m]
     models = [read_models[n] for n in names]
-    plot_position_ratio(names, [m["by_position"] for m in models], os.path.join(args.out, "long_context_by_position.png"))
+    plot_position_ratio(
+        names, [m["by_position"] for m in models], os.path.join(args.out, "long_context_by_position.png")
+    )
     print("\n".join(table(names, models)))
     return 0
 

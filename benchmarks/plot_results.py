@@ -34,9 +34,15 @@ from matplotlib.patches import Patch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 IMAGES = os.path.join(REPO, "docs", "images")
-COLORS = {"gqa": "tab:gray", "gqa-similar": "tab:brown", "svd": "tab:green", "prune": "tab:purple",
-          "dha": "tab:red", "dha+pca": "tab:orange",
-          "source": "black"}
+COLORS = {
+    "gqa": "tab:gray",
+    "gqa-similar": "tab:brown",
+    "svd": "tab:green",
+    "prune": "tab:purple",
+    "dha": "tab:red",
+    "dha+pca": "tab:orange",
+    "source": "black",
+}
 
 
 def rows(pattern: str) -> list[dict]:
@@ -48,26 +54,43 @@ def rows(pattern: str) -> list[dict]:
         for r in report["rows"]:
             if "same_as" in r:
                 continue
-            out.append({**r, "source_ppl": report["source_ppl"], "search_defaults": old_defaults,
-                        "reread": bool(report.get("reread_fusion_rows")) and reread(r)})
+            out.append(
+                {
+                    **r,
+                    "source_ppl": report["source_ppl"],
+                    "search_defaults": old_defaults,
+                    "reread": bool(report.get("reread_fusion_rows")) and reread(r),
+                }
+            )
     return out
 
 
 def reread(row: dict) -> bool:
     """A trained dha row with a fusion stage, from a file made while continued training re-read fusion's rows."""
-    return row["method"].startswith("dha") and "pca" not in row["method"] and "nofusion" not in row["method"] and row["tokens"] > 0
+    return (
+        row["method"].startswith("dha")
+        and "pca" not in row["method"]
+        and "nofusion" not in row["method"]
+        and row["tokens"] > 0
+    )
 
 
 def smollm2_rows() -> list[dict]:
     """Benchmark 2: every method at 1/3, and the control (the source trained the same way)."""
-    data = rows("mean_target_smollm2_third_*.json") + rows("dha_vs_baselines_smollm2_16k.json") + rows("mean_target_smollm2_source_*.json")
+    data = (
+        rows("mean_target_smollm2_third_*.json")
+        + rows("dha_vs_baselines_smollm2_16k.json")
+        + rows("mean_target_smollm2_source_*.json")
+    )
     for r in data:  # both kinds of dha run are here: name the old ones
         if r["reread"]:
             r["method"] += " (re-read)"
     return data
 
 
-REREAD_NOTE = "hatched: dha variants with fusion, trained: made while continued training re-read the fusion rows (fixed since)"
+REREAD_NOTE = (
+    "hatched: dha variants with fusion, trained: made while continued training re-read the fusion rows (fixed since)"
+)
 
 
 def plot_smollm2() -> str | None:
@@ -78,8 +101,14 @@ def plot_smollm2() -> str | None:
     for method in sorted({r["method"] for r in data}):
         pts = sorted((r["tokens"], r["ppl_ratio"]) for r in data if r["method"] == method)
         style = "o--" if method.endswith("(re-read)") else "o-"
-        ax.plot([t / 1000 for t, _ in pts], [p for _, p in pts], style, label=method,
-                color=COLORS.get(method.removesuffix(" (re-read)")), alpha=0.5 if style == "o--" else 1.0)
+        ax.plot(
+            [t / 1000 for t, _ in pts],
+            [p for _, p in pts],
+            style,
+            label=method,
+            color=COLORS.get(method.removesuffix(" (re-read)")),
+            alpha=0.5 if style == "o--" else 1.0,
+        )
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (thousands)")
     ax.set_ylabel("held-out perplexity / source")
@@ -99,8 +128,10 @@ def bars(ax, data: list[dict], title: str) -> None:
     handles, hatched = [], False
     for i, t in enumerate(tokens):
         # where a run was repeated after the re-read fix, the new one
-        cell = [min((r for r in data if r["method"] == m and r["tokens"] == t), key=lambda r: r["reread"], default=None)
-                for m in methods]
+        cell = [
+            min((r for r in data if r["method"] == m and r["tokens"] == t), key=lambda r: r["reread"], default=None)
+            for m in methods
+        ]
         vals = [r["ppl_ratio"] if r else float("nan") for r in cell]
         made = ax.bar([j + i * width for j in range(len(methods))], vals, width, label=f"{t:,} tokens")
         handles.append(Patch(facecolor=made.patches[0].get_facecolor(), label=f"{t:,} tokens"))
@@ -121,7 +152,10 @@ def bars(ax, data: list[dict], title: str) -> None:
 
 def plot_small_mha() -> str | None:
     # (the *_seed*.json files are data-order controls of one row, not part of the comparison)
-    panels = [(b, [r for f in ("50k", "dha_50k_distinct") for r in rows(f"mean_target_small_mha_{b}_{f}.json")]) for b in ("0.5", "0.25")]
+    panels = [
+        (b, [r for f in ("50k", "dha_50k_distinct") for r in rows(f"mean_target_small_mha_{b}_{f}.json")])
+        for b in ("0.5", "0.25")
+    ]
     panels = [(b, d) for b, d in panels if d]
     if not panels:
         return None
@@ -174,11 +208,20 @@ def plot_aligned() -> str | None:
     tokens = sorted({r["tokens"] for r in data})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     colors = {**COLORS, "dha+exactpairs": "tab:orange", "dha+mean": "tab:pink"}
-    for ax, key, title in ((axes[0], "ppl_ratio", "held-out pydoc"), (axes[1], "second_ppl_ratio", "man pages (never trained on)")):
+    for ax, key, title in (
+        (axes[0], "ppl_ratio", "held-out pydoc"),
+        (axes[1], "second_ppl_ratio", "man pages (never trained on)"),
+    ):
         for method in dict.fromkeys(r["method"] for r in data):
             pts = sorted((tokens.index(r["tokens"]), r[key]) for r in data if r["method"] == method and r.get(key))
-            ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=method, color=colors.get(method),
-                    linewidth=2.5 if method == "dha" else 1.2)
+            ax.plot(
+                [x for x, _ in pts],
+                [y for _, y in pts],
+                "o-",
+                label=method,
+                color=colors.get(method),
+                linewidth=2.5 if method == "dha" else 1.2,
+            )
         ax.set_xticks(range(len(tokens)), [f"{t:,}" for t in tokens])
         ax.set_yscale("log")
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")

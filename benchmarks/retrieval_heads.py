@@ -39,9 +39,15 @@ def main(argv=None) -> int:
     mass = needle_attention(source.model, source.tokenizer, args.length, args.prompts)
     heads = key_head_mass(source.model, mass)
     ranked = sorted(((m, l, j) for l, row in enumerate(heads) for j, m in enumerate(row)), reverse=True)[: args.top]
-    result = {"length": args.length, "prompts": args.prompts, "source": args.source,
-              "source_layer_mass": mass.sum(1).tolist(), "source_key_heads": heads,
-              "strongest": [{"layer": l, "key_head": j, "mass": m} for m, l, j in ranked], "compare": []}
+    result = {
+        "length": args.length,
+        "prompts": args.prompts,
+        "source": args.source,
+        "source_layer_mass": mass.sum(1).tolist(),
+        "source_key_heads": heads,
+        "strongest": [{"layer": l, "key_head": j, "mass": m} for m, l, j in ranked],
+        "compare": [],
+    }
     for other in args.compare:
         loaded = load(other, torch.float32)
         m2 = needle_attention(loaded.model, source.tokenizer, args.length, args.prompts)
@@ -49,7 +55,9 @@ def main(argv=None) -> int:
         plan_path = os.path.join(other, "plan.json")
         if os.path.exists(plan_path):
             plan = json.load(open(plan_path))
-            entry["groups_of_strongest"] = [[g for g in plan["layers"][l]["key_groups"] if j in g] for _, l, j in ranked]
+            entry["groups_of_strongest"] = [
+                [g for g in plan["layers"][l]["key_groups"] if j in g] for _, l, j in ranked
+            ]
         result["compare"].append(entry)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -43,19 +43,41 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> LLaMA shape (from each model's config.json); "layers" may be cut for the layer sweep
 SHAPES = {
     "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=4, head_dim=16, vocab=49152, theta=10000.0),
-    "qwen2.5-0.5b": dict(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, head_dim=64, vocab=151936, theta=1e6),
-    "llama-3.2-1b-4l": dict(hidden=2048, intermediate=8192, layers=4, heads=32, kv_heads=8, head_dim=64, vocab=128256, theta=5e5),
-    "llama-3.2-1b-8l": dict(hidden=2048, intermediate=8192, layers=8, heads=32, kv_heads=8, head_dim=64, vocab=128256, theta=5e5),
-    "llama-3.2-1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64, vocab=128256, theta=5e5),
-    "llama-3.2-3b": dict(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, head_dim=128, vocab=128256, theta=5e5),
+    "qwen2.5-0.5b": dict(
+        hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, head_dim=64, vocab=151936, theta=1e6
+    ),
+    "llama-3.2-1b-4l": dict(
+        hidden=2048, intermediate=8192, layers=4, heads=32, kv_heads=8, head_dim=64, vocab=128256, theta=5e5
+    ),
+    "llama-3.2-1b-8l": dict(
+        hidden=2048, intermediate=8192, layers=8, heads=32, kv_heads=8, head_dim=64, vocab=128256, theta=5e5
+    ),
+    "llama-3.2-1b": dict(
+        hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64, vocab=128256, theta=5e5
+    ),
+    "llama-3.2-3b": dict(
+        hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, head_dim=128, vocab=128256, theta=5e5
+    ),
 }
 # Shapes extrapolated to (not run): Mistral-7B-v0.1 and Llama-3-70B (both 8 key/value heads of dim 128, as Llama-3.2-3B).
 EXTRAPOLATE = {
-    "mistral-7b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32000, tie=False),
-    "llama-3-70b": dict(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, head_dim=128, vocab=128256, tie=False),
+    "mistral-7b": dict(
+        hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32000, tie=False
+    ),
+    "llama-3-70b": dict(
+        hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, head_dim=128, vocab=128256, tie=False
+    ),
 }
-CASES = ["tiny", "smollm2-135m", "smollm2-135m-mha", "qwen2.5-0.5b", "llama-3.2-1b-4l", "llama-3.2-1b", "llama-3.2-3b",
-         "llama-3.2-1b-8l"]
+CASES = [
+    "tiny",
+    "smollm2-135m",
+    "smollm2-135m-mha",
+    "qwen2.5-0.5b",
+    "llama-3.2-1b-4l",
+    "llama-3.2-1b",
+    "llama-3.2-3b",
+    "llama-3.2-1b-8l",
+]
 METHODS = ("svd", "dha")
 
 
@@ -72,6 +94,7 @@ def params(s: dict) -> int:
 
 # ---- checkpoints (each made in its own process, so its memory is returned before the measurements)
 
+
 def make_random_llama(name: str, directory: str) -> None:
     """A LLaMA HF directory of SHAPES[name], bf16 random weights (std 0.02, norms 1), SmolLM2's tokenizer."""
     import torch
@@ -81,25 +104,39 @@ def make_random_llama(name: str, directory: str) -> None:
     from dha.checkpoint import load
 
     s = SHAPES[name]
-    LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-                head_dim=s["head_dim"], max_position_embeddings=4096, tie_word_embeddings=True,
-                rope_parameters={"rope_type": "default", "rope_theta": s["theta"]}, torch_dtype="bfloat16").save_pretrained(directory)
+    LlamaConfig(
+        vocab_size=s["vocab"],
+        hidden_size=s["hidden"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        head_dim=s["head_dim"],
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": s["theta"]},
+        torch_dtype="bfloat16",
+    ).save_pretrained(directory)
     g = torch.Generator().manual_seed(0)
     D, hd = s["hidden"], s["head_dim"]
 
     def rand(*shape):
-        return (torch.randn(*shape, generator=g, dtype=torch.bfloat16) * 0.02)
+        return torch.randn(*shape, generator=g, dtype=torch.bfloat16) * 0.02
 
     sd = {"model.embed_tokens.weight": rand(s["vocab"], D), "model.norm.weight": torch.ones(D, dtype=torch.bfloat16)}
     for l in range(s["layers"]):
         p = f"model.layers.{l}."
-        sd |= {p + "self_attn.q_proj.weight": rand(s["heads"] * hd, D), p + "self_attn.k_proj.weight": rand(s["kv_heads"] * hd, D),
-               p + "self_attn.v_proj.weight": rand(s["kv_heads"] * hd, D), p + "self_attn.o_proj.weight": rand(D, s["heads"] * hd),
-               p + "mlp.gate_proj.weight": rand(s["intermediate"], D), p + "mlp.up_proj.weight": rand(s["intermediate"], D),
-               p + "mlp.down_proj.weight": rand(D, s["intermediate"]),
-               p + "input_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
-               p + "post_attention_layernorm.weight": torch.ones(D, dtype=torch.bfloat16)}
+        sd |= {
+            p + "self_attn.q_proj.weight": rand(s["heads"] * hd, D),
+            p + "self_attn.k_proj.weight": rand(s["kv_heads"] * hd, D),
+            p + "self_attn.v_proj.weight": rand(s["kv_heads"] * hd, D),
+            p + "self_attn.o_proj.weight": rand(D, s["heads"] * hd),
+            p + "mlp.gate_proj.weight": rand(s["intermediate"], D),
+            p + "mlp.up_proj.weight": rand(s["intermediate"], D),
+            p + "mlp.down_proj.weight": rand(D, s["intermediate"]),
+            p + "input_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
+        }
     save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     load(None).tokenizer.save_pretrained(directory)
 
@@ -128,6 +165,7 @@ def make_data(path: str) -> None:
 
 # ---- measuring -----------------------------------------------------------------------------------
 
+
 def _rss_anon(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -154,9 +192,15 @@ def measure(argv: list[str], env: dict) -> dict:
         out.seek(0)
         err.seek(0)
         tails = out.read().decode()[-400:], err.read().decode()[-600:]
-    return {"wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_anon_bytes_sampled": anon,
-            "rc": proc.returncode, "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "stdout_tail": tails[0],
-            "stderr_tail": tails[1]}
+    return {
+        "wall_s": round(wall, 2),
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "peak_anon_bytes_sampled": anon,
+        "rc": proc.returncode,
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "stdout_tail": tails[0],
+        "stderr_tail": tails[1],
+    }
 
 
 def weight_bytes(directory: str) -> int:
@@ -173,9 +217,30 @@ def fit_line(x, y) -> dict:
 
 def run_case(name: str, method: str, src: str, data: str, work: str, calib_tokens: int, env: dict) -> dict:
     out = os.path.join(work, f"out-{name}-{method}")
-    argv = [sys.executable, "-m", "dha", "convert", src, "--method", method, "--kv-budget", "0.5", "--tokens", "0",
-            "--data", data, "--heldout-fraction", "0.003", "--calib-tokens", str(calib_tokens), "--calib-block-size", "256",
-            "--out", out, "--json"]
+    argv = [
+        sys.executable,
+        "-m",
+        "dha",
+        "convert",
+        src,
+        "--method",
+        method,
+        "--kv-budget",
+        "0.5",
+        "--tokens",
+        "0",
+        "--data",
+        data,
+        "--heldout-fraction",
+        "0.003",
+        "--calib-tokens",
+        str(calib_tokens),
+        "--calib-block-size",
+        "256",
+        "--out",
+        out,
+        "--json",
+    ]
     if method == "dha":
         argv.append("--no-progress")
     row = measure(argv, env)
@@ -195,11 +260,19 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="result JSON to write")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--calib-tokens", type=int, default=512)
-    ap.add_argument("--budget-s", type=float, default=1200.0, help="skip cases predicted to overrun this much wall time in all")
+    ap.add_argument(
+        "--budget-s", type=float, default=1200.0, help="skip cases predicted to overrun this much wall time in all"
+    )
     ap.add_argument("--work", default=None, help="directory for the checkpoints (default: a new temporary directory)")
-    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the conversions (default: torch's own, all cores)")
-    ap.add_argument("--add", action="store_true", help="keep the rows already in --out; run only the (case, method) pairs it lacks")
-    ap.add_argument("--make", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)  # internal: write one checkpoint
+    ap.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS of the conversions (default: torch's own, all cores)"
+    )
+    ap.add_argument(
+        "--add", action="store_true", help="keep the rows already in --out; run only the (case, method) pairs it lacks"
+    )
+    ap.add_argument(
+        "--make", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS
+    )  # internal: write one checkpoint
     args = ap.parse_args()
     if args.make:
         name, directory = args.make
@@ -212,7 +285,9 @@ def main() -> int:
     work = args.work or tempfile.mkdtemp(prefix="dha-scaling-")
     data = os.path.join(work, "pydoc_paragraphs.txt")
     make_data(data)
-    startup = measure([sys.executable, "-c", "import dha.cli, dha.pipeline, dha.search, dha.baselines, transformers"], env)
+    startup = measure(
+        [sys.executable, "-c", "import dha.cli, dha.pipeline, dha.search, dha.baselines, transformers"], env
+    )
     rows, skipped, commands, kept = [], [], [], 0
     if args.add:
         with open(args.out) as f:
@@ -241,17 +316,32 @@ def main() -> int:
             predicted = largest["wall_s"] * n_params / largest["params"] if largest else 0.0
             elapsed = sum(r["wall_s"] for r in rows[kept:])  # this run's conversions only (not making the checkpoints)
             if elapsed + predicted > args.budget_s:
-                skipped.append({"case": name, "method": method, "predicted_wall_s": round(predicted, 1),
-                                "elapsed_s": round(elapsed, 1)})
+                skipped.append(
+                    {
+                        "case": name,
+                        "method": method,
+                        "predicted_wall_s": round(predicted, 1),
+                        "elapsed_s": round(elapsed, 1),
+                    }
+                )
                 print(f"skip {name} {method}: predicted {predicted:.0f} s after {elapsed:.0f} s", file=sys.stderr)
                 continue
-            row = {"case": name, "method": method, "threads": args.threads or os.cpu_count(), "params": n_params, "layers": SHAPES.get(name, {}).get("layers", 30),
-                   "weight_bytes": weight_bytes(src),
-                   **run_case(name, method, src, data, work, args.calib_tokens, env)}
+            row = {
+                "case": name,
+                "method": method,
+                "threads": args.threads or os.cpu_count(),
+                "params": n_params,
+                "layers": SHAPES.get(name, {}).get("layers", 30),
+                "weight_bytes": weight_bytes(src),
+                **run_case(name, method, src, data, work, args.calib_tokens, env),
+            }
             rows.append(row)
-            print(f"{name:<18} {method:<4} params {n_params / 1e6:8.1f}M  weights {row['weight_bytes'] / 2**30:6.2f} GiB  "
-                  f"peak {row['peak_rss_bytes'] / 2**30:6.2f} GiB  ({row['peak_rss_bytes'] / row['weight_bytes']:.2f}x)  "
-                  f"{row['wall_s']:7.1f} s  rc {row['rc']}", file=sys.stderr)
+            print(
+                f"{name:<18} {method:<4} params {n_params / 1e6:8.1f}M  weights {row['weight_bytes'] / 2**30:6.2f} GiB  "
+                f"peak {row['peak_rss_bytes'] / 2**30:6.2f} GiB  ({row['peak_rss_bytes'] / row['weight_bytes']:.2f}x)  "
+                f"{row['wall_s']:7.1f} s  rc {row['rc']}",
+                file=sys.stderr,
+            )
             if row["rc"] != 0:
                 print(row["stderr_tail"], file=sys.stderr)
 
@@ -259,19 +349,32 @@ def main() -> int:
     for method in METHODS:
         ok = [r for r in rows if r["method"] == method and r["rc"] == 0]
         if len(ok) >= 2:
-            fits[f"{method}_peak_rss_vs_weight_bytes"] = fit_line([r["weight_bytes"] for r in ok], [r["peak_rss_bytes"] for r in ok])
-            fits[f"{method}_peak_anon_vs_weight_bytes"] = fit_line([r["weight_bytes"] for r in ok],
-                                                                   [r["peak_anon_bytes_sampled"] for r in ok])
+            fits[f"{method}_peak_rss_vs_weight_bytes"] = fit_line(
+                [r["weight_bytes"] for r in ok], [r["peak_rss_bytes"] for r in ok]
+            )
+            fits[f"{method}_peak_anon_vs_weight_bytes"] = fit_line(
+                [r["weight_bytes"] for r in ok], [r["peak_anon_bytes_sampled"] for r in ok]
+            )
         sweep = [r for r in ok if r["case"].startswith("llama-3.2-1b")]
         if len(sweep) >= 2:
             for what in ("wall_s", "cpu_s"):
-                fits[f"{method}_{what}_vs_layers_llama-3.2-1b_width"] = fit_line([r["layers"] for r in sweep], [r[what] for r in sweep])
-    result = {"commands": commands, "calib_tokens": args.calib_tokens,
-              "kv_budget": 0.5, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-              "startup": {k: startup[k] for k in ("wall_s", "peak_rss_bytes")},
-              "cases": [{k: v for k, v in r.items() if k not in ("stdout_tail",)} for r in rows], "skipped": skipped, "fits": fits,
-              "extrapolation_shapes": {k: {**s, "params": params(s), "layer_params": layer_params(s)} for k, s in EXTRAPOLATE.items()},
-              "measured_shapes": {k: {**s, "params": params(s), "layer_params": layer_params(s)} for k, s in SHAPES.items()}}
+                fits[f"{method}_{what}_vs_layers_llama-3.2-1b_width"] = fit_line(
+                    [r["layers"] for r in sweep], [r[what] for r in sweep]
+                )
+    result = {
+        "commands": commands,
+        "calib_tokens": args.calib_tokens,
+        "kv_budget": 0.5,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "startup": {k: startup[k] for k in ("wall_s", "peak_rss_bytes")},
+        "cases": [{k: v for k, v in r.items() if k not in ("stdout_tail",)} for r in rows],
+        "skipped": skipped,
+        "fits": fits,
+        "extrapolation_shapes": {
+            k: {**s, "params": params(s), "layer_params": layer_params(s)} for k, s in EXTRAPOLATE.items()
+        },
+        "measured_shapes": {k: {**s, "params": params(s), "layer_params": layer_params(s)} for k, s in SHAPES.items()},
+    }
     if args.out != "-":
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:

@@ -13,8 +13,8 @@ import argparse
 import json
 import sys
 
-from dha.checkpoint import load
 from dha.calibration import calibrate
+from dha.checkpoint import load
 from dha.data import blocks, calibration_blocks, load_tokens
 from dha.evaluate import perplexity
 from dha.merge import aligned_merge, closed_form_merges
@@ -32,17 +32,36 @@ def main(argv=None) -> int:
     windows = blocks(splits.heldout, 512)[:16]
     calib = calibration_blocks(splits.train, 4096, 256)
     cal = calibrate(loaded.model, calib, gradients=True)
-    rows = [{"layout": "source", "ppl": perplexity(loaded.model, windows, 4, progress=False)["ppl"], "kv_fraction": 1.0}]
+    rows = [
+        {"layout": "source", "ppl": perplexity(loaded.model, windows, 4, progress=False)["ppl"], "kv_fraction": 1.0}
+    ]
     for layout in ("free", "serving"):
-        plan = search(loaded.model, args.kv_budget, calib, SearchOptions(layout=layout, progress=False), calibration=cal)
+        plan = search(
+            loaded.model, args.kv_budget, calib, SearchOptions(layout=layout, progress=False), calibration=cal
+        )
         merged = aligned_merge(loaded.model, plan.layers, closed_form_merges(cal.stats, plan.layers))
-        rows.append({"layout": layout, "ppl": perplexity(merged, windows, 4, progress=False)["ppl"],
-                     "kv_fraction": plan.kv_fraction(), "key_heads": plan.key_heads(), "value_heads": plan.value_heads(),
-                     "serving_problem": serving_layout_problem(merged.config)})
-        print(f"{layout:>8}: ppl {rows[-1]['ppl']:.3f}, KV kept {plan.kv_fraction():.4f}, "
-              f"serving check: {rows[-1]['serving_problem'] or 'ok'}", file=sys.stderr, flush=True)
-    report = {"kv_budget": args.kv_budget, "eval_tokens": int(windows.numel()), "rows": rows,
-              "command": "python benchmarks/serving_layout_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+        rows.append(
+            {
+                "layout": layout,
+                "ppl": perplexity(merged, windows, 4, progress=False)["ppl"],
+                "kv_fraction": plan.kv_fraction(),
+                "key_heads": plan.key_heads(),
+                "value_heads": plan.value_heads(),
+                "serving_problem": serving_layout_problem(merged.config),
+            }
+        )
+        print(
+            f"{layout:>8}: ppl {rows[-1]['ppl']:.3f}, KV kept {plan.kv_fraction():.4f}, "
+            f"serving check: {rows[-1]['serving_problem'] or 'ok'}",
+            file=sys.stderr,
+            flush=True,
+        )
+    report = {
+        "kv_budget": args.kv_budget,
+        "eval_tokens": int(windows.numel()),
+        "rows": rows,
+        "command": "python benchmarks/serving_layout_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -48,13 +48,17 @@ def mixed_model(source, svd):
         for k, v in state_dict_of(m.model).items():
             if k.startswith(f"layers.{l}."):
                 sd[k] = v
-    cfg = with_maps(s_cfg, [m.model.config.key_index[l] for l, m in enumerate(take)],
-                    [m.model.config.value_index[l] for l, m in enumerate(take)])
+    cfg = with_maps(
+        s_cfg,
+        [m.model.config.key_index[l] for l, m in enumerate(take)],
+        [m.model.config.value_index[l] for l, m in enumerate(take)],
+    )
     assert v_cfg.num_layers == s_cfg.num_layers
     return Loaded(build(cfg, sd).eval(), source.tokenizer, "mixed", "native", source.hf_config)
 
 
 # ---- llama.cpp -----------------------------------------------------------------------------------
+
 
 def kv_cache_report(path: str, n_ctx: int, threads: int) -> dict:
     """llama.cpp's own account of its KV cache at n_ctx, flash attention off and on: the allocation
@@ -63,7 +67,9 @@ def kv_cache_report(path: str, n_ctx: int, threads: int) -> dict:
     for flash in (False, True):
         llm, log = llamacpp.open_model(path, n_ctx, flash_attn=flash, threads=threads)
         report["flash_attn" if flash else "no_flash_attn"] = {
-            **llamacpp.kv_cache_allocation(log), "state_bytes_per_token": llamacpp.kv_bytes_per_token(llm, list(range(100, 164)))}
+            **llamacpp.kv_cache_allocation(log),
+            "state_bytes_per_token": llamacpp.kv_bytes_per_token(llm, list(range(100, 164))),
+        }
         llm.close()
     return report
 
@@ -88,7 +94,9 @@ def decode_speed(path: str, batch: int, context: int, new_tokens: int, threads: 
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch = batch * (context + new_tokens + 8), batch * context, batch * context
     params.n_seq_max, params.n_threads, params.n_threads_batch = batch, threads, threads
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
     b = llama_cpp.llama_batch_init(batch * context, 0, batch)
     rng = np.random.default_rng(0)
@@ -118,6 +126,7 @@ def decode_speed(path: str, batch: int, context: int, new_tokens: int, threads: 
 
 # ---- the benchmark -------------------------------------------------------------------------------
 
+
 def evaluate_model(name: str, loaded, windows, outtypes, workdir: str, args) -> list[dict]:
     ours = perplexity(loaded.model.float(), windows, progress=False)
     rows = []
@@ -126,20 +135,36 @@ def evaluate_model(name: str, loaded, windows, outtypes, workdir: str, args) -> 
         result = export_gguf(loaded, path, outtype, pad=True)  # --pad changes only layouts that need it
         theirs = llama_cpp_perplexity(path, windows, args.threads)
         kv = kv_cache_report(path, args.n_ctx, args.threads)
-        rows.append({"model": name, "outtype": outtype, "arch": result.arch, "kv_heads": result.kv_heads,
-                     "file_bytes": result.file_bytes, "ppl_dha_fp32": ours["ppl"], "ppl_llama_cpp": theirs["ppl"],
-                     "ppl_ratio": theirs["ppl"] / ours["ppl"], "tokens": theirs["tokens"],
-                     "kv_bytes_per_token_analytic_f16": result.kv_bytes_per_token, "padded_layers": result.padded_layers,
-                     "kv_bytes_per_token_unpadded_f16": result.source_kv_bytes_per_token,
-                     "kv_bytes_at_ctx_analytic": result.kv_bytes_per_token * args.n_ctx, "llama_cpp_kv": kv,
-                     "path": path})
+        rows.append(
+            {
+                "model": name,
+                "outtype": outtype,
+                "arch": result.arch,
+                "kv_heads": result.kv_heads,
+                "file_bytes": result.file_bytes,
+                "ppl_dha_fp32": ours["ppl"],
+                "ppl_llama_cpp": theirs["ppl"],
+                "ppl_ratio": theirs["ppl"] / ours["ppl"],
+                "tokens": theirs["tokens"],
+                "kv_bytes_per_token_analytic_f16": result.kv_bytes_per_token,
+                "padded_layers": result.padded_layers,
+                "kv_bytes_per_token_unpadded_f16": result.source_kv_bytes_per_token,
+                "kv_bytes_at_ctx_analytic": result.kv_bytes_per_token * args.n_ctx,
+                "llama_cpp_kv": kv,
+                "path": path,
+            }
+        )
         print(f"{name} {outtype}: ppl dha {ours['ppl']:.4f} llama.cpp {theirs['ppl']:.4f}; kv {kv}", file=sys.stderr)
     return rows
 
 
 def speed_rows(paths: dict[str, str], args) -> dict:
     """Decode tokens/s per model and batch size, models interleaved, best of args.repeats."""
-    configs = [(f"batch {b}" + (", flash attn" if flash else ""), b, flash) for flash in (False, True) for b in args.batch_sizes]
+    configs = [
+        (f"batch {b}" + (", flash attn" if flash else ""), b, flash)
+        for flash in (False, True)
+        for b in args.batch_sizes
+    ]
     best = {name: {label: 0.0 for label, _, _ in configs} for name in paths}
     for _ in range(args.repeats):
         for label, b, flash in configs:
@@ -150,13 +175,17 @@ def speed_rows(paths: dict[str, str], args) -> dict:
 
 
 def print_table(rows: list[dict], speed: dict) -> None:
-    print(f"{'model':<8} {'type':<4} {'arch':<5} {'ppl dha':>8} {'llama.cpp':>9} {'ratio':>7} | KV @ctx: "
-          f"{'ours':>11} {'llama.cpp':>11} {'(no FA)':>11}")
+    print(
+        f"{'model':<8} {'type':<4} {'arch':<5} {'ppl dha':>8} {'llama.cpp':>9} {'ratio':>7} | KV @ctx: "
+        f"{'ours':>11} {'llama.cpp':>11} {'(no FA)':>11}"
+    )
     for r in rows:
         kv = r["llama_cpp_kv"]
-        print(f"{r['model']:<8} {r['outtype']:<4} {r['arch']:<5} {r['ppl_dha_fp32']:>8.4f} {r['ppl_llama_cpp']:>9.4f} "
-              f"{r['ppl_ratio']:>7.5f} |          {r['kv_bytes_at_ctx_analytic']:>11,} {kv['flash_attn']['bytes']:>11,} "
-              f"{kv['no_flash_attn']['bytes']:>11,}")
+        print(
+            f"{r['model']:<8} {r['outtype']:<4} {r['arch']:<5} {r['ppl_dha_fp32']:>8.4f} {r['ppl_llama_cpp']:>9.4f} "
+            f"{r['ppl_ratio']:>7.5f} |          {r['kv_bytes_at_ctx_analytic']:>11,} {kv['flash_attn']['bytes']:>11,} "
+            f"{kv['no_flash_attn']['bytes']:>11,}"
+        )
     for name, by_config in speed.items():
         print(f"decode tok/s {name}: " + "; ".join(f"{label}: {v:.1f}" for label, v in by_config.items()))
 
@@ -165,7 +194,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default=None, help="source model (default: the built-in SmolLM2-135M)")
     p.add_argument("--svd", required=True, help="the svd conversion at 1/3 (dha convert --method svd --kv-budget 0.34)")
-    p.add_argument("--dha", default=None, help="optional: a decoupled DHA conversion, exported with --pad (model `dha-pad`)")
+    p.add_argument(
+        "--dha", default=None, help="optional: a decoupled DHA conversion, exported with --pad (model `dha-pad`)"
+    )
     p.add_argument("--windows", type=int, default=8, help="held-out windows of --window tokens")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--n-ctx", type=int, default=2048)
@@ -181,8 +212,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     source, svd = load(args.source, torch.float32), load(args.svd, torch.float32, tokenizer=False)
-    models = {"source": source, "svd": Loaded(svd.model, source.tokenizer, args.svd, "native", source.hf_config),
-              "mixed": mixed_model(source, svd)}
+    models = {
+        "source": source,
+        "svd": Loaded(svd.model, source.tokenizer, args.svd, "native", source.hf_config),
+        "mixed": mixed_model(source, svd),
+    }
     windows = blocks(load_tokens("pydoc", source.tokenizer).heldout, args.window, max_blocks=args.windows)
     if args.dha:
         dha = load(args.dha, torch.float32, tokenizer=False)
@@ -194,11 +228,17 @@ def main() -> None:
     for r in rows:
         r.pop("path")  # a temp file, gone now
     print_table(rows, speed)
-    doc = {"benchmark": "serving_llama_cpp", "command": " ".join(["python", *sys.argv]),
-           "prerequisite": "python -m dha convert --method svd --kv-budget 0.34 --out /tmp/svd",
-           "llama_cpp_python": __import__("llama_cpp").__version__, "data": "pydoc held-out",
-           "threads": args.threads, "rows": rows, "decode_tokens_per_s_f16": speed,
-           "decode": {"context": args.context, "new_tokens": args.new_tokens, "repeats": args.repeats}}
+    doc = {
+        "benchmark": "serving_llama_cpp",
+        "command": " ".join(["python", *sys.argv]),
+        "prerequisite": "python -m dha convert --method svd --kv-budget 0.34 --out /tmp/svd",
+        "llama_cpp_python": __import__("llama_cpp").__version__,
+        "data": "pydoc held-out",
+        "threads": args.threads,
+        "rows": rows,
+        "decode_tokens_per_s_f16": speed,
+        "decode": {"context": args.context, "new_tokens": args.new_tokens, "repeats": args.repeats},
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=1)

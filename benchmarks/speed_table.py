@@ -18,8 +18,12 @@ def table(report: dict) -> str:
     timed_prefill = any(r["prefill_tokens_per_s"] is not None for r in report["results"])
     what = "prefill tok/s (x) / decode tok/s (x)" if timed_prefill else "decode tok/s (x)"
     head = "| model | KV B/token | " + " | ".join(f"b{b} x {c}" for b, c in points) + " |"
-    lines = [f"`{report.get('command', 'dha bench')}`: {what}, {report['threads']} threads, {report['device']}", "",
-             head, "|---|---:|" + "---:|" * len(points)]
+    lines = [
+        f"`{report.get('command', 'dha bench')}`: {what}, {report['threads']} threads, {report['device']}",
+        "",
+        head,
+        "|---|---:|" + "---:|" * len(points),
+    ]
     for m in report["models"]:
         cells = []
         for b, c in points:

@@ -15,8 +15,8 @@ import sys
 
 from dha.atomic import write_json
 from dha.data import calibration_blocks, load_tokens
-from dha.pipeline import plan_and_merges
 from dha.options import TrainConfig
+from dha.pipeline import plan_and_merges
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from dha_vs_baselines import dha_config, source_model  # noqa: E402
@@ -31,11 +31,20 @@ def count(setup: str, kv_budget: float) -> dict:
     calib = calibration_blocks(splits.train, cfg.calib_tokens, 256)
     plan, merges = plan_and_merges(loaded.model, calib, cfg, cfg.search, None, lambda message: None)
     rotary = loaded.model.config.rotary_dim
-    groups = [(len(members), merge.rotary == rotary) for layer, lm in zip(plan.layers, merges)
-              for members, merge in zip(layer.key_groups, lm["key"])]
-    return {"setup": setup, "kv_budget": kv_budget, "key_groups": len(groups),
-            "exact": sum(exact for _, exact in groups), "exact_single_heads": sum(exact and n == 1 for n, exact in groups),
-            "single_heads": sum(n == 1 for n, _ in groups), "position_free": sum(not exact for _, exact in groups)}
+    groups = [
+        (len(members), merge.rotary == rotary)
+        for layer, lm in zip(plan.layers, merges)
+        for members, merge in zip(layer.key_groups, lm["key"])
+    ]
+    return {
+        "setup": setup,
+        "kv_budget": kv_budget,
+        "key_groups": len(groups),
+        "exact": sum(exact for _, exact in groups),
+        "exact_single_heads": sum(exact and n == 1 for n, exact in groups),
+        "single_heads": sum(n == 1 for n, _ in groups),
+        "position_free": sum(not exact for _, exact in groups),
+    }
 
 
 def main(argv=None) -> int:
@@ -47,7 +56,9 @@ def main(argv=None) -> int:
         rows.append(count(setup, budget))
         print(rows[-1], flush=True)
     if args.out:
-        write_json(args.out, {"command": "python benchmarks/tie_groups.py " + " ".join(argv or sys.argv[1:]), "rows": rows})
+        write_json(
+            args.out, {"command": "python benchmarks/tie_groups.py " + " ".join(argv or sys.argv[1:]), "rows": rows}
+        )
     return 0
 
 

@@ -38,18 +38,36 @@ DEFAULT_OUT = os.path.join(os.path.expanduser("~"), ".cache", "dha", "small-mha-
 
 
 def small_mha_config(vocab_size: int, layers: int = 6, hidden: int = 384, heads: int = 6) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                       head_dim=hidden // heads, intermediate_size=1024, max_position_embeddings=2048,
-                       rope_theta=10000.0, norm_eps=1e-5, tie_word_embeddings=True, family="llama")
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=1024,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        tie_word_embeddings=True,
+        family="llama",
+    )
 
 
 def hf_config_of(cfg: ModelConfig) -> dict:
     """The Hugging Face LLaMA config of the same model (dha export writes it)."""
-    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                       num_key_value_heads=cfg.num_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
-                       rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_position_embeddings,
-                       tie_word_embeddings=cfg.tie_word_embeddings).to_dict()
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    ).to_dict()
 
 
 def main(argv=None) -> int:
@@ -68,19 +86,51 @@ def main(argv=None) -> int:
     model = scaled_init_(Transformer(small_mha_config(len(tokenizer))), seed=args.seed)
     windows = blocks(splits.heldout, 512)
     before = perplexity(model.eval(), windows, batch_size=4, progress=False)["ppl"]
-    cfg = TrainConfig(tokens=args.tokens, block_size=256, batch_tokens=args.batch_tokens, micro_batch=8, lr=args.lr,
-                      eval_every=25, eval_tokens=4096, seed=args.seed)
+    cfg = TrainConfig(
+        tokens=args.tokens,
+        block_size=256,
+        batch_tokens=args.batch_tokens,
+        micro_batch=8,
+        lr=args.lr,
+        eval_every=25,
+        eval_tokens=4096,
+        seed=args.seed,
+    )
     result = train(model.train(), splits.train, splits.heldout, cfg, progress=True)
     model = result.model.eval()
     after = perplexity(model, windows, batch_size=4, progress=False)["ppl"]
-    provenance = {"trained_by": "benchmarks/train_small_mha.py", "data": splits.source, "tokens": args.tokens,
-                  "lr": args.lr, "batch_tokens": args.batch_tokens, "seed": args.seed, "heldout_ppl": after}
-    save(args.out, Loaded(model, tokenizer, source=args.out, kind="native", hf_config=hf_config_of(model.config),
-                          provenance=provenance))
-    report = {"out": args.out, "parameters": sum(p.numel() for p in model.parameters()), "heldout_tokens": int(windows.numel()),
-              "ppl_init": before, "ppl": after, "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"small MHA model: held-out ppl {before:.1f} at init -> {after:.2f} after {args.tokens:,} tokens; saved {args.out}",
-          file=sys.stderr)
+    provenance = {
+        "trained_by": "benchmarks/train_small_mha.py",
+        "data": splits.source,
+        "tokens": args.tokens,
+        "lr": args.lr,
+        "batch_tokens": args.batch_tokens,
+        "seed": args.seed,
+        "heldout_ppl": after,
+    }
+    save(
+        args.out,
+        Loaded(
+            model,
+            tokenizer,
+            source=args.out,
+            kind="native",
+            hf_config=hf_config_of(model.config),
+            provenance=provenance,
+        ),
+    )
+    report = {
+        "out": args.out,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "heldout_tokens": int(windows.numel()),
+        "ppl_init": before,
+        "ppl": after,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(
+        f"small MHA model: held-out ppl {before:.1f} at init -> {after:.2f} after {args.tokens:,} tokens; saved {args.out}",
+        file=sys.stderr,
+    )
     print(json.dumps(report))
     return 0
 

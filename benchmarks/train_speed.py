@@ -74,9 +74,18 @@ def build_models(name: str):
         hf_config = LlamaConfig.from_dict(load(None, torch.float32, tokenizer=False).hf_config)
     elif name == "tiny":
         # A 14M-parameter LLaMA-style MHA model (8k vocabulary): 6 layers, hidden 384, 6 heads of 64.
-        hf_config = LlamaConfig(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                                num_attention_heads=6, num_key_value_heads=6, head_dim=64, max_position_embeddings=1024,
-                                tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        hf_config = LlamaConfig(
+            vocab_size=8192,
+            hidden_size=384,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            num_key_value_heads=6,
+            head_dim=64,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
         torch.manual_seed(0)
         reference = LlamaForCausalLM(hf_config)
         cfg = config_from_hf(hf_config)
@@ -105,15 +114,26 @@ def child(args) -> dict:
     vocab = ours.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.block), generator=torch.Generator().manual_seed(1))
     steps = args.steps + 1  # the first step is a warm-up
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bfloat16" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if args.dtype == "bfloat16"
+        else torch.autocast("cpu", enabled=False)
+    )
     params = sum(p.numel() for p in ours.parameters())
     if args.impl == "dha":
         from dha.options import TrainConfig
         from dha.train import train
 
         del hf
-        cfg = TrainConfig(tokens=steps * args.batch * args.block, block_size=args.block, batch_tokens=args.batch * args.block,
-                          micro_batch=args.batch, dtype=args.dtype, eval_every=0, warmup_steps=1)
+        cfg = TrainConfig(
+            tokens=steps * args.batch * args.block,
+            block_size=args.block,
+            batch_tokens=args.batch * args.block,
+            micro_batch=args.batch,
+            dtype=args.dtype,
+            eval_every=0,
+            warmup_steps=1,
+        )
         before = rss_mb()
         with PeakRSS() as peak:
             result = train(ours, ids, None, cfg, progress=False)
@@ -138,9 +158,19 @@ def child(args) -> dict:
                 times.append(time.perf_counter() - t0)
                 loss1 = loss.item() if loss1 is None else loss1
         seconds = sum(times[1:])
-    return {"model": args.model, "dtype": args.dtype, "impl": args.impl, "params": params, "batch": args.batch,
-            "block": args.block, "steps": args.steps, "tokens_per_s": args.steps * args.batch * args.block / seconds,
-            "peak_mb": peak.peak - before, "loss_step1": loss1, "threads": torch.get_num_threads()}
+    return {
+        "model": args.model,
+        "dtype": args.dtype,
+        "impl": args.impl,
+        "params": params,
+        "batch": args.batch,
+        "block": args.block,
+        "steps": args.steps,
+        "tokens_per_s": args.steps * args.batch * args.block / seconds,
+        "peak_mb": peak.peak - before,
+        "loss_step1": loss1,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -161,31 +191,72 @@ def main() -> None:
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
             for impl in ("dha", "hf"):
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", model, dtype, impl, "--steps", str(args.steps),
-                       "--batch", str(args.batch), "--block", str(args.block), "--threads", str(args.threads)]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--child",
+                    model,
+                    dtype,
+                    impl,
+                    "--steps",
+                    str(args.steps),
+                    "--batch",
+                    str(args.batch),
+                    "--block",
+                    str(args.block),
+                    "--threads",
+                    str(args.threads),
+                ]
                 out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
                 if out.returncode != 0:
                     raise SystemExit(f"{model} {dtype} {impl} failed:\n{out.stderr}")
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
-                print(f"  {model:8} {dtype:9} {impl:4} {r['tokens_per_s']:9.0f} tok/s  {r['peak_mb']:8.0f} MB", file=sys.stderr)
-    print(f"\nbatch {args.batch} x {args.block} tokens, {args.steps} timed steps after 1 warm-up, "
-          f"{rows[0]['threads']} threads, CPU; peak MB = resident memory added during training\n")
-    print(f"{'model':8} {'dtype':9} {'params':>8} {'dha tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'dha MB':>7} {'hf MB':>7} "
-          f"{'loss1 dha':>10} {'loss1 hf':>9}")
+                print(
+                    f"  {model:8} {dtype:9} {impl:4} {r['tokens_per_s']:9.0f} tok/s  {r['peak_mb']:8.0f} MB",
+                    file=sys.stderr,
+                )
+    print(
+        f"\nbatch {args.batch} x {args.block} tokens, {args.steps} timed steps after 1 warm-up, "
+        f"{rows[0]['threads']} threads, CPU; peak MB = resident memory added during training\n"
+    )
+    print(
+        f"{'model':8} {'dtype':9} {'params':>8} {'dha tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'dha MB':>7} {'hf MB':>7} "
+        f"{'loss1 dha':>10} {'loss1 hf':>9}"
+    )
     summary = []
     for i in range(0, len(rows), 2):
         ours, hf = rows[i], rows[i + 1]
         ratio = ours["tokens_per_s"] / hf["tokens_per_s"]
-        print(f"{ours['model']:8} {ours['dtype']:9} {ours['params'] / 1e6:7.1f}M {ours['tokens_per_s']:10.0f} "
-              f"{hf['tokens_per_s']:9.0f} {ratio:6.2f} {ours['peak_mb']:7.0f} {hf['peak_mb']:7.0f} "
-              f"{ours['loss_step1']:10.4f} {hf['loss_step1']:9.4f}")
-        summary.append({"model": ours["model"], "dtype": ours["dtype"], "params": ours["params"],
-                        "dha_tokens_per_s": ours["tokens_per_s"], "hf_tokens_per_s": hf["tokens_per_s"],
-                        "dha_peak_mb": ours["peak_mb"], "hf_peak_mb": hf["peak_mb"],
-                        "dha_loss_step1": ours["loss_step1"], "hf_loss_step1": hf["loss_step1"]})
-    print(json.dumps({"benchmark": "train_speed", "batch": args.batch, "block": args.block, "steps": args.steps,
-                      "results": summary}))
+        print(
+            f"{ours['model']:8} {ours['dtype']:9} {ours['params'] / 1e6:7.1f}M {ours['tokens_per_s']:10.0f} "
+            f"{hf['tokens_per_s']:9.0f} {ratio:6.2f} {ours['peak_mb']:7.0f} {hf['peak_mb']:7.0f} "
+            f"{ours['loss_step1']:10.4f} {hf['loss_step1']:9.4f}"
+        )
+        summary.append(
+            {
+                "model": ours["model"],
+                "dtype": ours["dtype"],
+                "params": ours["params"],
+                "dha_tokens_per_s": ours["tokens_per_s"],
+                "hf_tokens_per_s": hf["tokens_per_s"],
+                "dha_peak_mb": ours["peak_mb"],
+                "hf_peak_mb": hf["peak_mb"],
+                "dha_loss_step1": ours["loss_step1"],
+                "hf_loss_step1": hf["loss_step1"],
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_speed",
+                "batch": args.batch,
+                "block": args.block,
+                "steps": args.steps,
+                "results": summary,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

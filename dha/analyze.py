@@ -34,8 +34,15 @@ METRICS = ("cosine", "cka")
 
 # ---- collection ----------------------------------------------------------------------------------
 
-def heads_by_layer(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, max_tokens: int | None = None,
-                   seed: int = 0, device=None) -> Iterator[tuple[int, dict]]:
+
+def heads_by_layer(
+    model: Transformer,
+    blocks: torch.Tensor,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    device=None,
+) -> Iterator[tuple[int, dict]]:
     """For each layer in order, (l, {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)}),
     float32, pre-RoPE: one layer's heads at a time, so a caller that keeps only what it derives
     from them never holds every layer's.
@@ -56,13 +63,20 @@ def heads_by_layer(model: Transformer, blocks: torch.Tensor, batch_size: int = 4
         yield l, {name: t[keep] if keep is not None else t for name, t in heads.items()}
 
 
-def collect_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, max_tokens: int | None = None,
-                  seed: int = 0, device=None) -> list[dict]:
+def collect_heads(
+    model: Transformer,
+    blocks: torch.Tensor,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    device=None,
+) -> list[dict]:
     """Every layer's heads at once: [heads of layer l] as `heads_by_layer` gives them."""
     return [heads for _, heads in heads_by_layer(model, blocks, batch_size, max_tokens, seed, device)]
 
 
 # ---- similarity ----------------------------------------------------------------------------------
+
 
 def cosine_similarity(x: torch.Tensor) -> torch.Tensor:
     """x (N, n, hd) -> (n, n): cosine between heads' outputs, each flattened over tokens and dims."""
@@ -102,6 +116,7 @@ def similarity(x: torch.Tensor, metric: str) -> torch.Tensor:
 
 
 # ---- clustering ----------------------------------------------------------------------------------
+
 
 def cluster(similarity: torch.Tensor, num_groups: int) -> list[list[int]]:
     """Partition n heads into num_groups groups of similar heads.
@@ -150,7 +165,10 @@ def mean_off_diagonal(similarity: torch.Tensor) -> float:
 
 # ---- the analysis of a whole model -------------------------------------------------------------
 
-def groups_needed(similarity: torch.Tensor, threshold: float, clusterings: dict[int, list[list[int]]] | None = None) -> int:
+
+def groups_needed(
+    similarity: torch.Tensor, threshold: float, clusterings: dict[int, list[list[int]]] | None = None
+) -> int:
     """The fewest groups whose clustering (`cluster`, or the given {count: groups}) keeps every
     within-group pair at similarity >= threshold. A redundancy measure: fewer = more redundant."""
     n = similarity.shape[0]
@@ -165,8 +183,16 @@ def _matrix(t: torch.Tensor) -> list[list[float]]:
     return [[round(v, 6) for v in row] for row in t.tolist()]  # one copy to the host, not one per entry
 
 
-def analyze(model: Transformer, blocks: torch.Tensor, metric: str = "cka", threshold: float = 0.5,
-            batch_size: int = 4, max_tokens: int | None = None, seed: int = 0, device=None) -> dict:
+def analyze(
+    model: Transformer,
+    blocks: torch.Tensor,
+    metric: str = "cka",
+    threshold: float = 0.5,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    device=None,
+) -> dict:
     """Similarity of key heads and of value heads in every layer, their clusterings, redundancy.
 
     Returns a JSON-ready dict: per layer and kind ("keys", "values") both similarity matrices,
@@ -231,8 +257,15 @@ def write_report(result: dict, directory: str) -> list[str]:
                 if n <= 12:
                     for i in range(n):
                         for j in range(n):
-                            ax.text(j, i, f"{mat[i][j]:.2f}", ha="center", va="center", fontsize=7,
-                                    color="black" if mat[i][j] > (vmin + 1) / 2 else "white")
+                            ax.text(
+                                j,
+                                i,
+                                f"{mat[i][j]:.2f}",
+                                ha="center",
+                                va="center",
+                                fontsize=7,
+                                color="black" if mat[i][j] > (vmin + 1) / 2 else "white",
+                            )
                 fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle(f"layer {l}: head similarity on {result['calibration_tokens']} calibration tokens")
         fig.tight_layout()
@@ -261,10 +294,14 @@ def write_report(result: dict, directory: str) -> list[str]:
 
 def summary_table(result: dict) -> str:
     metric = result["metric"]
-    lines = [f"{'layer':>5} {'Hk':>3} {'Hv':>3}  {'K mean ' + metric:>12} {'V mean ' + metric:>12}  "
-             f"{'K groups':>8} {'V groups':>8}   (groups keep within-group {metric} >= {result['threshold']})"]
+    lines = [
+        f"{'layer':>5} {'Hk':>3} {'Hv':>3}  {'K mean ' + metric:>12} {'V mean ' + metric:>12}  "
+        f"{'K groups':>8} {'V groups':>8}   (groups keep within-group {metric} >= {result['threshold']})"
+    ]
     for e in result["layers"]:
         k, v = e["keys"], e["values"]
-        lines.append(f"{e['layer']:>5} {k['heads']:>3} {v['heads']:>3}  {k['mean_similarity'][metric]:>12.3f} "
-                     f"{v['mean_similarity'][metric]:>12.3f}  {k['groups_needed']:>8} {v['groups_needed']:>8}")
+        lines.append(
+            f"{e['layer']:>5} {k['heads']:>3} {v['heads']:>3}  {k['mean_similarity'][metric]:>12.3f} "
+            f"{v['mean_similarity'][metric]:>12.3f}  {k['groups_needed']:>8} {v['groups_needed']:>8}"
+        )
     return "\n".join(lines)

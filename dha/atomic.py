@@ -31,8 +31,9 @@ def atomic_file(path: str, replace: bool = True):
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-",
-                                   suffix=os.path.splitext(path)[1])
+        fd, tmp = tempfile.mkstemp(
+            dir=directory, prefix=f".{os.path.basename(path)}.tmp-", suffix=os.path.splitext(path)[1]
+        )
         os.close(fd)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
@@ -85,7 +86,9 @@ def atomic_dir(path: str, overwrite: bool = False):
             os.rmdir(path)  # an empty directory (the user's, or made meanwhile) gives way; anything else stays
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"output {path} appeared while it was being written (another process?); it was left as it is") from None
+            raise UserError(
+                f"output {path} appeared while it was being written (another process?); it was left as it is"
+            ) from None
     if os.path.exists(path):
         old = tmp + ".old"
         os.replace(path, old)
@@ -162,7 +165,9 @@ def run_lock(directory: str):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise UserError(f"output {directory} is in use by another dha run: wait for it, or use a new --out") from None
+                raise UserError(
+                    f"output {directory} is in use by another dha run: wait for it, or use a new --out"
+                ) from None
             raise
         yield
     finally:

@@ -66,6 +66,7 @@ GROUPINGS = ("contiguous", "similar")
 
 # ---- calibration -----------------------------------------------------------------------------------
 
+
 def _need_calibration(name: str, calib_blocks) -> None:
     if calib_blocks is None or calib_blocks.numel() == 0:
         raise UserError(f"method {name!r} needs calibration text (--data)")
@@ -73,8 +74,14 @@ def _need_calibration(name: str, calib_blocks) -> None:
 
 def head_similarities(model: Transformer, calib_blocks: torch.Tensor, options: ConvertOptions) -> list[dict]:
     """Per layer {"keys": (Hk, Hk), "values": (Hv, Hv)} similarity in options.metric."""
-    collected = collect_heads(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed,
-                              device=options.device)
+    collected = collect_heads(
+        model,
+        calib_blocks,
+        options.batch_size,
+        max_tokens=options.calib_tokens,
+        seed=options.seed,
+        device=options.device,
+    )
     return [{kind: similarity(layer[kind], options.metric) for kind in ("keys", "values")} for layer in collected]
 
 
@@ -94,7 +101,10 @@ def _options_notes(options: ConvertOptions, calib_blocks) -> dict:
 
 # ---- gqa -------------------------------------------------------------------------------------------
 
-def convert_gqa(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
+
+def convert_gqa(
+    model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions
+) -> tuple[Plan, Transformer]:
     """GQA by mean-pooling contiguous groups (Ainslie et al. 2023, section 2.2).
 
     GQA needs equal contiguous groups, shared by keys and values, so the count per layer must
@@ -106,7 +116,9 @@ def convert_gqa(model: Transformer, kv_budget: float, calib_blocks, options: Con
     layers, adjusted = [], []
     for l, (nk, nv, tk, tv) in enumerate(zip(src_k, src_v, want_k, want_v)):
         if nk != nv:
-            raise UserError(f"gqa shares one grouping between keys and values, but layer {l} has {nk} key and {nv} value heads")
+            raise UserError(
+                f"gqa shares one grouping between keys and values, but layer {l} has {nk} key and {nv} value heads"
+            )
         n = largest_divisor_at_most(nk, min(tk, tv))
         if n != min(tk, tv):
             adjusted.append(l)
@@ -121,7 +133,10 @@ def convert_gqa(model: Transformer, kv_budget: float, calib_blocks, options: Con
 
 # ---- gqa-similar -----------------------------------------------------------------------------------
 
-def convert_gqa_similar(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
+
+def convert_gqa_similar(
+    model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions
+) -> tuple[Plan, Transformer]:
     """GQA with groups of similar heads, mean-pooled (the DHA paper's CKA-grouping ablation).
 
     One grouping per layer serves keys and values (a query group shares both, as in GQA); it
@@ -135,15 +150,22 @@ def convert_gqa_similar(model: Transformer, kv_budget: float, calib_blocks, opti
     layers = []
     for l, (nk, nv) in enumerate(zip(src_k, src_v)):
         if nk != nv:
-            raise UserError(f"gqa-similar shares one grouping between keys and values, but layer {l} has {nk} key and {nv} value heads")
+            raise UserError(
+                f"gqa-similar shares one grouping between keys and values, but layer {l} has {nk} key and {nv} value heads"
+            )
         groups = cluster((sims[l]["keys"] + sims[l]["values"]) / 2, min(want_k[l], want_v[l]))
         layers.append(LayerPlan(groups, [list(g) for g in groups]))
-    notes = {"grouping": "similar (K and V similarity averaged)", "pooling": "mean", **_options_notes(options, calib_blocks)}
+    notes = {
+        "grouping": "similar (K and V similarity averaged)",
+        "pooling": "mean",
+        **_options_notes(options, calib_blocks),
+    }
     plan = _plan(model, layers, "gqa-similar", kv_budget, notes)
     return plan, merge_groups(model, plan)
 
 
 # ---- svd -------------------------------------------------------------------------------------------
+
 
 def even_groups(num_heads: int, num_groups: int) -> list[list[int]]:
     """Contiguous groups whose sizes differ by at most one ([0,1],[2,3],[4] for 5 into 3)."""
@@ -156,7 +178,9 @@ def even_groups(num_heads: int, num_groups: int) -> list[list[int]]:
     return out
 
 
-def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
+def convert_svd(
+    model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions
+) -> tuple[Plan, Transformer]:
     """Low-rank KV-head compression from calibration activations (Yu et al. 2024).
 
     Groups: contiguous, sizes differing by at most one (options.grouping "contiguous", their
@@ -175,22 +199,35 @@ def convert_svd(model: Transformer, kv_budget: float, calib_blocks, options: Con
     src_k, src_v = source_heads(model)
     want_k, want_v = heads_for_budget(src_k, src_v, kv_budget)
     layers, merges = [], []
-    for l, acts in heads_by_layer(model, calib_blocks, options.batch_size, max_tokens=options.calib_tokens, seed=options.seed,
-                                  device=options.device):
+    for l, acts in heads_by_layer(
+        model,
+        calib_blocks,
+        options.batch_size,
+        max_tokens=options.calib_tokens,
+        seed=options.seed,
+        device=options.device,
+    ):
         if options.grouping == "similar":
             key_groups = cluster(similarity(acts["keys"], options.metric), want_k[l])
             value_groups = cluster(similarity(acts["values"], options.metric), want_v[l])
         else:
             key_groups, value_groups = even_groups(src_k[l], want_k[l]), even_groups(src_v[l], want_v[l])
         layers.append(LayerPlan(key_groups, value_groups))
-        merges += closed_form_merges([layer_stats(model, l, acts, "plain")], layers[-1:])  # per layer: nothing kept but the merge
-    notes = {"grouping": options.grouping, "keys": "complex per-frequency-pair PCA (RoPE-commuting), folded into W_Q",
-             "values": "PCA of the group's outputs, folded into W_O", **_options_notes(options, calib_blocks)}
+        merges += closed_form_merges(
+            [layer_stats(model, l, acts, "plain")], layers[-1:]
+        )  # per layer: nothing kept but the merge
+    notes = {
+        "grouping": options.grouping,
+        "keys": "complex per-frequency-pair PCA (RoPE-commuting), folded into W_Q",
+        "values": "PCA of the group's outputs, folded into W_O",
+        **_options_notes(options, calib_blocks),
+    }
     plan = _plan(model, layers, "svd", kv_budget, notes)
     return plan, aligned_merge(model, layers, merges, device=options.device)
 
 
 # ---- prune -----------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def attention_inputs(model: Transformer, calib_blocks: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
@@ -203,7 +240,7 @@ def attention_inputs(model: Transformer, calib_blocks: torch.Tensor, batch_size:
     ]
     try:
         for start in range(0, calib_blocks.shape[0], batch_size):
-            model(calib_blocks[start:start + batch_size].to(device))
+            model(calib_blocks[start : start + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()
@@ -211,7 +248,9 @@ def attention_inputs(model: Transformer, calib_blocks: torch.Tensor, batch_size:
 
 
 @torch.no_grad()
-def attention_output(model: Transformer, layer: int, x: torch.Tensor, key_index: list[int], value_index: list[int]) -> torch.Tensor:
+def attention_output(
+    model: Transformer, layer: int, x: torch.Tensor, key_index: list[int], value_index: list[int]
+) -> torch.Tensor:
     """Layer `layer`'s attention output on its input x (B, T, D) when query h reads key head
     key_index[h] and value head value_index[h] of the layer's own (unchanged) projections: the
     layer's own attention module, read through those maps."""
@@ -221,7 +260,9 @@ def attention_output(model: Transformer, layer: int, x: torch.Tensor, key_index:
     return model.layers[layer].attn(x, rope, mask, None, maps=(key_index, value_index))
 
 
-def head_importance(model: Transformer, layer: int, x: torch.Tensor, y: torch.Tensor, kind: str, sim: torch.Tensor) -> list[float]:
+def head_importance(
+    model: Transformer, layer: int, x: torch.Tensor, y: torch.Tensor, kind: str, sim: torch.Tensor
+) -> list[float]:
     """Per head of `kind` ("keys" | "values") of `layer`: ||y' - y||^2 / ||y||^2, y the layer's
     attention output on x (float64) and y' the same when the query heads that read the head read
     instead its most similar other head (by `sim`, (n, n)). inf for a layer-kind of one head."""
@@ -243,7 +284,9 @@ def head_importance(model: Transformer, layer: int, x: torch.Tensor, y: torch.Te
     return scores
 
 
-def keep_most_important(scores: list[float], sim: torch.Tensor, want: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+def keep_most_important(
+    scores: list[float], sim: torch.Tensor, want: int
+) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Keep the `want` highest-scoring heads (ties by head number); every other head joins the kept
     head it is most similar to. Returns the groups (one per kept head, in head order) and their
     merge weights (1 on the kept head, 0 on the dropped ones)."""
@@ -258,7 +301,9 @@ def keep_most_important(scores: list[float], sim: torch.Tensor, want: int) -> tu
     return group_list, [torch.tensor([1.0 if m == k else 0.0 for m in g]) for k, g in zip(kept, group_list)]
 
 
-def convert_prune(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
+def convert_prune(
+    model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions
+) -> tuple[Plan, Transformer]:
     """Keep the most important key heads and value heads of each layer, drop the rest.
 
     Importance of a head, measured on calibration tokens, keys and values apart: the relative
@@ -271,7 +316,9 @@ def convert_prune(model: Transformer, kv_budget: float, calib_blocks, options: C
     """
     _need_calibration("prune", calib_blocks)
     if options.device is not None and torch.device(options.device) != next(model.parameters()).device:
-        raise UserError("prune runs whole-model forward passes: it needs the model on its compute device (no --offload)")
+        raise UserError(
+            "prune runs whole-model forward passes: it needs the model on its compute device (no --offload)"
+        )
     cfg = model.config
     src_k, src_v = source_heads(model)
     want_k, want_v = heads_for_budget(src_k, src_v, kv_budget)
@@ -293,11 +340,18 @@ def convert_prune(model: Transformer, kv_budget: float, calib_blocks, options: C
         value_weights.append(chosen["values"][1])
         importance.append(layer_importance)
 
-    notes = {"importance": "relative attention-output error when the head alone is replaced by its most similar head",
-             "merge": "weight 1 on the kept head of each group, 0 on the dropped heads assigned to it",
-             "kept_heads": [{"keys": [g[int(w.argmax())] for g, w in zip(lp.key_groups, kw)],
-                             "values": [g[int(w.argmax())] for g, w in zip(lp.value_groups, vw)]}
-                            for lp, kw, vw in zip(layers, key_weights, value_weights)],
-             "importance_per_layer": importance, **_options_notes(options, blocks_)}
+    notes = {
+        "importance": "relative attention-output error when the head alone is replaced by its most similar head",
+        "merge": "weight 1 on the kept head of each group, 0 on the dropped heads assigned to it",
+        "kept_heads": [
+            {
+                "keys": [g[int(w.argmax())] for g, w in zip(lp.key_groups, kw)],
+                "values": [g[int(w.argmax())] for g, w in zip(lp.value_groups, vw)],
+            }
+            for lp, kw, vw in zip(layers, key_weights, value_weights)
+        ],
+        "importance_per_layer": importance,
+        **_options_notes(options, blocks_),
+    }
     plan = _plan(model, layers, "prune", kv_budget, notes)
     return plan, merge_groups(model, plan, key_weights, value_weights)

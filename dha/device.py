@@ -43,13 +43,17 @@ def resolve_device(spec: str = "auto") -> torch.device:
         raise UserError(f"--device {spec}: this machine has no usable GPU ({build}); use --device cpu or auto")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device.index is not None and world > 1:
-        raise UserError(f"--device {spec} under torchrun (WORLD_SIZE={world}) would put every process on that one GPU: "
-                        "give --device cuda or auto, and each process takes its own, cuda:LOCAL_RANK")
+        raise UserError(
+            f"--device {spec} under torchrun (WORLD_SIZE={world}) would put every process on that one GPU: "
+            "give --device cuda or auto, and each process takes its own, cuda:LOCAL_RANK"
+        )
     index = local_rank if device.index is None else device.index
     count = torch.cuda.device_count()
     if index >= count:
-        raise UserError(f"--device {spec}: there is no GPU cuda:{index}; this machine has {count} "
-                        f"({', '.join(f'cuda:{i}' for i in range(count))})")
+        raise UserError(
+            f"--device {spec}: there is no GPU cuda:{index}; this machine has {count} "
+            f"({', '.join(f'cuda:{i}' for i in range(count))})"
+        )
     return torch.device("cuda", index)
 
 

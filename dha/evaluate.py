@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .bench import Runner, measure
-from .data import TokenSplits, blocks as make_blocks
+from .data import TokenSplits
+from .data import blocks as make_blocks
 from .errors import UserError
 from .layerwise import nll_sum
 from .longctx import RetrievalOptions, position_ratios, position_report, retrieval
@@ -54,6 +55,7 @@ class EvalOptions:
 
 # ---- perplexity -------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool = True, device=None) -> dict:
     """Perplexity over non-overlapping windows: `blocks` (n, W), each row one window.
@@ -79,12 +81,13 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool 
     total_nll = 0.0
     starts = range(0, blocks.shape[0], batch_size)
     for start in tqdm(starts, desc="perplexity", unit="batch", disable=not progress, file=sys.stderr):
-        total_nll += next_token_nll(model, blocks[start:start + batch_size].to(here)).double().sum().item()
+        total_nll += next_token_nll(model, blocks[start : start + batch_size].to(here)).double().sum().item()
     mean = total_nll / total_tokens
     return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
 
 
 # ---- KV-cache bytes ---------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def kv_bytes(model, prefill_tokens: int = 8, max_len: int = 16) -> dict:
@@ -96,7 +99,9 @@ def kv_bytes(model, prefill_tokens: int = 8, max_len: int = 16) -> dict:
     analytic = model.config.kv_bytes_per_token(dtype)
     cache = model.new_cache(1, max_len)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, prefill_tokens), generator=g).to(next(model.parameters()).device)
+    ids = torch.randint(0, model.config.vocab_size, (1, prefill_tokens), generator=g).to(
+        next(model.parameters()).device
+    )
     model(ids, cache)
     if cache.length != prefill_tokens:
         raise RuntimeError(f"cache holds {cache.length} tokens after a prefill of {prefill_tokens}")
@@ -106,15 +111,19 @@ def kv_bytes(model, prefill_tokens: int = 8, max_len: int = 16) -> dict:
 
 # ---- decode speed ------------------------------------------------------------------------------
 
+
 def decode_speed(models: list, options: EvalOptions) -> list[list[dict]]:
     """For each model, for each batch size at `options.context`: prefill and decode tokens/s (the
     fastest of `repeats`), KV-cache bytes and peak memory, timed by dha.bench (the `bench` verb's
     code: warm-up, runs interleaved across models). Returns [model][batch size]."""
     points = [(b, options.context) for b in options.batch_sizes]
-    return measure([Runner(m) for m in models], points, options.new_tokens, options.repeats, options.seed, options.progress)
+    return measure(
+        [Runner(m) for m in models], points, options.new_tokens, options.repeats, options.seed, options.progress
+    )
 
 
 # ---- everything, for one or several models ----------------------------------------------------
+
 
 def _check_options(model, options: EvalOptions) -> None:
     cfg = model.config
@@ -134,12 +143,16 @@ def _check_options(model, options: EvalOptions) -> None:
         options.retrieval.validate()
     longest_read = max(options.long_context, max(options.retrieval.lengths) if options.retrieval else 0)
     if longest_read > cfg.max_position_embeddings:
-        raise UserError(f"the model has {cfg.max_position_embeddings} positions; "
-                        f"--long-context / retrieval prompts read {longest_read}")
+        raise UserError(
+            f"the model has {cfg.max_position_embeddings} positions; "
+            f"--long-context / retrieval prompts read {longest_read}"
+        )
     if cfg.position == "learned":  # absolute position tables end at max_position_embeddings
         longest = max(options.block_size, options.context + options.new_tokens)
         if longest > cfg.max_position_embeddings:
-            raise UserError(f"the model has {cfg.max_position_embeddings} positions; block size / context + new tokens = {longest} is longer")
+            raise UserError(
+                f"the model has {cfg.max_position_embeddings} positions; block size / context + new tokens = {longest} is longer"
+            )
 
 
 def _same_tokenizer(first, other) -> bool:
@@ -155,7 +168,9 @@ def evaluate_models(models: list, splits: TokenSplits, options: EvalOptions) -> 
     first = models[0]
     for other in models[1:]:
         if not _same_tokenizer(first, other):
-            raise UserError(f"{other.source} has a different tokenizer from {first.source}: their perplexities are not comparable")
+            raise UserError(
+                f"{other.source} has a different tokenizer from {first.source}: their perplexities are not comparable"
+            )
     for loaded in models:
         _check_options(loaded.model, options)
     max_blocks = None if options.max_eval_tokens is None else options.max_eval_tokens // options.block_size
@@ -167,9 +182,15 @@ def evaluate_models(models: list, splits: TokenSplits, options: EvalOptions) -> 
         from .lm_eval_adapter import run_tasks  # lm_eval is optional (and slow to import): only when asked for
 
         for loaded, r in zip(models, results):
-            r["tasks"] = run_tasks(loaded, options.tasks, options.include_path, options.limit,
-                                   batch_size=options.eval_batch_size, progress=options.progress,
-                                   task_metadata=options.task_metadata)
+            r["tasks"] = run_tasks(
+                loaded,
+                options.tasks,
+                options.include_path,
+                options.limit,
+                batch_size=options.eval_batch_size,
+                progress=options.progress,
+                task_metadata=options.task_metadata,
+            )
     speeds = decode_speed([m.model.eval() for m in models], options)
     for r, speed in zip(results, speeds):
         r["speed"] = speed
@@ -202,7 +223,9 @@ def model_result(loaded, windows: torch.Tensor, options: EvalOptions) -> dict:
     ppl = perplexity(model, windows, options.eval_batch_size, options.progress)
     kv = kv_bytes(model)
     if kv["measured"] != kv["analytic"]:
-        raise RuntimeError(f"{loaded.source}: KV cache holds {kv['measured']} bytes/token, the config says {kv['analytic']}")
+        raise RuntimeError(
+            f"{loaded.source}: KV cache holds {kv['measured']} bytes/token, the config says {kv['analytic']}"
+        )
     counts = kv_summary(model.config)
     return {
         "source": loaded.source,
@@ -222,11 +245,15 @@ def long_context_result(loaded, heldout: torch.Tensor, options: EvalOptions) -> 
     """Perplexity by position and the passkey grid (dha.longctx), each when asked for."""
     out = {}
     if options.long_context:
-        out["by_position"] = position_report(loaded.model.eval(), heldout, options.long_context, options.long_windows, options.progress)
+        out["by_position"] = position_report(
+            loaded.model.eval(), heldout, options.long_context, options.long_windows, options.progress
+        )
     if options.retrieval is not None:
         if loaded.tokenizer is None:
             raise UserError(f"{loaded.source} has no tokenizer: passkey prompts cannot be built for it")
-        out["retrieval"] = retrieval(loaded.model.eval(), loaded.tokenizer, options.retrieval, heldout, options.progress)
+        out["retrieval"] = retrieval(
+            loaded.model.eval(), loaded.tokenizer, options.retrieval, heldout, options.progress
+        )
     return out
 
 
@@ -235,16 +262,22 @@ def ratios(r: dict, base: dict) -> dict:
     out = {
         "ppl": r["ppl"] / base["ppl"],
         "kv_bytes_per_token": r["kv_bytes_per_token"] / base["kv_bytes_per_token"],
-        "decode_tokens_per_s": {str(s["batch_size"]): s["decode_tokens_per_s"] / b["decode_tokens_per_s"]
-                                for s, b in zip(r["speed"], base["speed"])},
-        "prefill_tokens_per_s": {str(s["batch_size"]): s["prefill_tokens_per_s"] / b["prefill_tokens_per_s"]
-                                 for s, b in zip(r["speed"], base["speed"])},
+        "decode_tokens_per_s": {
+            str(s["batch_size"]): s["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+            for s, b in zip(r["speed"], base["speed"])
+        },
+        "prefill_tokens_per_s": {
+            str(s["batch_size"]): s["prefill_tokens_per_s"] / b["prefill_tokens_per_s"]
+            for s, b in zip(r["speed"], base["speed"])
+        },
     }
     if "by_position" in r:
         out["by_position"] = position_ratios(r["by_position"], base["by_position"])
     if "tasks" in r:
-        out["tasks"] = {t: {k: v / base["tasks"][t][k] for k, v in ms.items() if base["tasks"][t].get(k)}
-                        for t, ms in r["tasks"].items()}
+        out["tasks"] = {
+            t: {k: v / base["tasks"][t][k] for k, v in ms.items() if base["tasks"][t].get(k)}
+            for t, ms in r["tasks"].items()
+        }
     return out
 
 
@@ -263,6 +296,7 @@ def flatten(report: dict) -> dict:
 
 # ---- printing ---------------------------------------------------------------------------------
 
+
 def _mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
@@ -275,20 +309,31 @@ def print_long_context(models: list[dict], file) -> None:
     """Perplexity by position (and its ratio to the first model) and passkey found per length."""
     if "by_position" in models[0]:
         first = models[0]["by_position"]
-        print(f"\nperplexity by position ({first['windows']} windows of {first['window']} tokens; "
-              "in brackets the ratio to the first model):", file=file)
-        print(f"  {'model':<24}" + "".join(f"{str(b['start']) + '-' + str(b['end']):>18}" for b in first["buckets"]), file=file)
+        print(
+            f"\nperplexity by position ({first['windows']} windows of {first['window']} tokens; "
+            "in brackets the ratio to the first model):",
+            file=file,
+        )
+        print(
+            f"  {'model':<24}" + "".join(f"{str(b['start']) + '-' + str(b['end']):>18}" for b in first["buckets"]),
+            file=file,
+        )
         for m in models:
             ratios = m.get("ratios", {}).get("by_position") or [1.0] * len(first["buckets"])
             cells = "".join(f"{b['ppl']:>9.2f} ({x:.3f}x)" for b, x in zip(m["by_position"]["buckets"], ratios))
             print(f"  {_name(m):<24}{cells}", file=file)
     if "retrieval" in models[0]:
         grid = models[0]["retrieval"]
-        print(f"\npasskey retrieval ({grid['haystack']} haystack; found of {grid['prompts_per_length']} prompts per length, "
-              f"{len(grid['depths'])} depths from {grid['depths'][0]:.0%} to {grid['depths'][-1]:.0%}):", file=file)
+        print(
+            f"\npasskey retrieval ({grid['haystack']} haystack; found of {grid['prompts_per_length']} prompts per length, "
+            f"{len(grid['depths'])} depths from {grid['depths'][0]:.0%} to {grid['depths'][-1]:.0%}):",
+            file=file,
+        )
         print(f"  {'model':<24}" + "".join(f"{n:>8}" for n in grid["lengths"]), file=file)
         for m in models:
-            print(f"  {_name(m):<24}" + "".join(f"{v:>8}" for v in m["retrieval"]["found_per_length"].values()), file=file)
+            print(
+                f"  {_name(m):<24}" + "".join(f"{v:>8}" for v in m["retrieval"]["found_per_length"].values()), file=file
+            )
 
 
 def print_report(report: dict, file=None) -> None:
@@ -296,12 +341,21 @@ def print_report(report: dict, file=None) -> None:
     w = report["perplexity_windows"]
     models = report["models"]
     cap = f", capped at {w['max_eval_tokens']} tokens" if w["max_eval_tokens"] is not None else ""
-    print(f"data: {report['data']}, held-out {report['heldout_tokens_available']} tokens"
-          f" ({report['heldout_documents']} documents){cap}", file=file)
-    print(f"perplexity: {w['windows']} non-overlapping windows of {w['window_tokens']} tokens, {w['scored_tokens']} tokens scored "
-          f"(each token predicted from its own window's earlier tokens only; a window's first token is not scored)", file=file)
-    print(f"speed: random token ids, prefill {report['options']['context']} then decode {report['options']['new_tokens']} tokens, "
-          f"best of {report['options']['repeats']} interleaved runs, {report['device']}, {report['threads']} threads", file=file)
+    print(
+        f"data: {report['data']}, held-out {report['heldout_tokens_available']} tokens"
+        f" ({report['heldout_documents']} documents){cap}",
+        file=file,
+    )
+    print(
+        f"perplexity: {w['windows']} non-overlapping windows of {w['window_tokens']} tokens, {w['scored_tokens']} tokens scored "
+        f"(each token predicted from its own window's earlier tokens only; a window's first token is not scored)",
+        file=file,
+    )
+    print(
+        f"speed: random token ids, prefill {report['options']['context']} then decode {report['options']['new_tokens']} tokens, "
+        f"best of {report['options']['repeats']} interleaved runs, {report['device']}, {report['threads']} threads",
+        file=file,
+    )
     print(file=file)
     name_w = max(12, *(len(os.path.basename(m["source"].rstrip("/")) or m["source"]) for m in models))
     head = f"{'model':<{name_w}} {'params':>11} {'K+V heads':>9} {'ppl':>9} {'KV B/token':>10}"
@@ -310,8 +364,10 @@ def print_report(report: dict, file=None) -> None:
     print(head + "   (tokens/s)", file=file)
     for m in models:
         name = os.path.basename(m["source"].rstrip("/")) or m["source"]
-        row = (f"{name:<{name_w}} {m['parameters']:>11,} {m['key_heads_total'] + m['value_heads_total']:>9} "
-               f"{m['ppl']:>9.3f} {m['kv_bytes_per_token']:>10,}")
+        row = (
+            f"{name:<{name_w}} {m['parameters']:>11,} {m['key_heads_total'] + m['value_heads_total']:>9} "
+            f"{m['ppl']:>9.3f} {m['kv_bytes_per_token']:>10,}"
+        )
         for s in m["speed"]:
             row += f" {s['prefill_tokens_per_s']:>11.1f} {s['decode_tokens_per_s']:>10.1f}"
         print(row, file=file)
@@ -321,8 +377,11 @@ def print_report(report: dict, file=None) -> None:
         for m in models[1:]:
             r = m["ratios"]
             dec = ", ".join(f"b{b} {v:.2f}x" for b, v in r["decode_tokens_per_s"].items())
-            print(f"  {os.path.basename(m['source'].rstrip('/')) or m['source']}: ppl {r['ppl']:.3f}x, "
-                  f"KV bytes {r['kv_bytes_per_token']:.3f}x, decode speed {dec}", file=file)
+            print(
+                f"  {os.path.basename(m['source'].rstrip('/')) or m['source']}: ppl {r['ppl']:.3f}x, "
+                f"KV bytes {r['kv_bytes_per_token']:.3f}x, decode speed {dec}",
+                file=file,
+            )
     print_long_context(models, file)
     if "tasks" in models[0]:
         print(file=file)
@@ -333,6 +392,9 @@ def print_report(report: dict, file=None) -> None:
                 print(f"lm-eval {name} {task}: {shown}", file=file)
     print(file=file)
     for m in models:
-        mem = ", ".join(f"b{s['batch_size']} {_mb(s['peak_memory_bytes'])} (KV cache {_mb(s['kv_cache_bytes'])})" for s in m["speed"])
+        mem = ", ".join(
+            f"b{s['batch_size']} {_mb(s['peak_memory_bytes'])} (KV cache {_mb(s['kv_cache_bytes'])})"
+            for s in m["speed"]
+        )
         kind = m["speed"][0]["peak_memory_kind"]
         print(f"peak memory ({kind}) {os.path.basename(m['source'].rstrip('/')) or m['source']}: {mem}", file=file)

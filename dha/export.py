@@ -91,6 +91,7 @@ class ExportResult:
 
 # ---- which layouts a stock class can hold --------------------------------------------------------
 
+
 def stock_layout(cfg: ModelConfig, family: Family) -> StockLayout:
     """The query-head permutations that make every layer plain GQA, or NotStock saying why not."""
     H = cfg.num_heads
@@ -101,22 +102,28 @@ def stock_layout(cfg: ModelConfig, family: Family) -> StockLayout:
             raise NotStock(f"layer {l}: key heads and value heads are grouped differently (decoupled)")
         sizes = Counter(keys)  # key/value head -> how many query heads read it
         if len(set(sizes.values())) != 1:
-            raise NotStock(f"layer {l}: key/value heads are shared by unequal numbers of query heads "
-                           f"({sorted(sizes.values())})")
+            raise NotStock(
+                f"layer {l}: key/value heads are shared by unequal numbers of query heads ({sorted(sizes.values())})"
+            )
         if kv_heads is None:
             kv_heads = len(sizes)
         elif len(sizes) != kv_heads:
-            raise NotStock(f"layers have different key/value head counts ({kv_heads} in layer 0, {len(sizes)} in layer {l})")
+            raise NotStock(
+                f"layers have different key/value head counts ({kv_heads} in layer 0, {len(sizes)} in layer {l})"
+            )
         # Sorting query heads by the key/value head they read makes the groups contiguous blocks
         # of equal size: key_index becomes [h // (H // kv_heads)], GQA's map.
         perms.append(sorted(range(H), key=lambda h: (keys[h], h)))
     if family.kv_heads_field is None and kv_heads != H:
-        raise NotStock(f"transformers' {family.hf_class} has no grouped-query attention, and this model has "
-                       f"{kv_heads} key/value heads for {H} query heads")
+        raise NotStock(
+            f"transformers' {family.hf_class} has no grouped-query attention, and this model has "
+            f"{kv_heads} key/value heads for {H} query heads"
+        )
     return StockLayout(perms, kv_heads)
 
 
 # ---- writers ---------------------------------------------------------------------------------------
+
 
 def _dtype_name(model: Transformer) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -145,8 +152,10 @@ def write_stock(directory: str, model: Transformer, hf_config: dict, family: Fam
     missing, unexpected = hf_model.load_state_dict(sd, strict=False, assign=True)
     tied = set(getattr(hf_model, "all_tied_weights_keys", {}) or {})
     if unexpected or set(missing) - tied:
-        raise ExportMismatch(f"weights do not fit {family.hf_class}: missing {sorted(set(missing) - tied)}, "
-                             f"unexpected {sorted(unexpected)}")
+        raise ExportMismatch(
+            f"weights do not fit {family.hf_class}: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
     hf_model.tie_weights()
     with quiet():
         hf_model.save_pretrained(directory)
@@ -158,7 +167,10 @@ def remote_code_config(cfg: ModelConfig, hf_config: dict | None, dtype: str) -> 
     d = {
         "architectures": [REMOTE_CLASS],
         "model_type": REMOTE_MODEL_TYPE,
-        "auto_map": {"AutoConfig": "configuration_dha.DhaConfig", "AutoModelForCausalLM": f"modeling_dha.{REMOTE_CLASS}"},
+        "auto_map": {
+            "AutoConfig": "configuration_dha.DhaConfig",
+            "AutoModelForCausalLM": f"modeling_dha.{REMOTE_CLASS}",
+        },
         "dha": cfg.to_dict(),
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "dtype": dtype,
@@ -188,8 +200,14 @@ def write_remote_code(directory: str, model: Transformer, hf_config: dict | None
 
 # ---- the check -------------------------------------------------------------------------------------
 
+
 def compare_with_transformers(
-    directory: str, models: list[Transformer], trust_remote_code: bool, batch: int = 2, length: int = 32, seed: int = 0,
+    directory: str,
+    models: list[Transformer],
+    trust_remote_code: bool,
+    batch: int = 2,
+    length: int = 32,
+    seed: int = 0,
 ) -> tuple[list[float], float, str, dict]:
     """Reload `directory` with AutoModelForCausalLM and run it and each of `models` in float32, on
     the device of the first model.
@@ -201,11 +219,17 @@ def compare_with_transformers(
     device = next(models[0].parameters()).device
     try:
         with quiet():
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                directory, trust_remote_code=trust_remote_code, dtype=torch.float32
-            ).to(device).eval()
+            hf_model = (
+                AutoModelForCausalLM.from_pretrained(
+                    directory, trust_remote_code=trust_remote_code, dtype=torch.float32
+                )
+                .to(device)
+                .eval()
+            )
     except Exception as e:
-        raise ExportMismatch(f"transformers cannot reload the export: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise ExportMismatch(
+            f"transformers cannot reload the export: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
     cfg = models[0].config
     length = min(length, cfg.max_position_embeddings)
     ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -219,7 +243,12 @@ def compare_with_transformers(
             mine = ours.eval()(ids).float()  # (B, T, V)
             diffs.append((theirs - mine).abs().max().item() if theirs.shape == mine.shape else float("inf"))
             scale = mine.abs().max().item() if scale is None else scale
-    return diffs, scale, hf_class, {"batch": batch, "length": length, "seed": seed, "dtype": "float32", "device": str(device)}
+    return (
+        diffs,
+        scale,
+        hf_class,
+        {"batch": batch, "length": length, "seed": seed, "dtype": "float32", "device": str(device)},
+    )
 
 
 # ---- the export ------------------------------------------------------------------------------------
@@ -278,34 +307,60 @@ def export(loaded: Loaded, out: str, force_remote_code: bool = False, atol: floa
         diff, diff_source = diffs[0], diffs[-1]
         where = f"on {check['batch']}x{check['length']} random tokens (fp32); nothing written"
         if not diff <= atol:  # also catches NaN
-            raise ExportMismatch(f"the {kind} export reloaded with transformers ({hf_class}) differs from the model: "
-                                 f"max |logit difference| {diff:.3g} > {atol:g} {where}")
+            raise ExportMismatch(
+                f"the {kind} export reloaded with transformers ({hf_class}) differs from the model: "
+                f"max |logit difference| {diff:.3g} > {atol:g} {where}"
+            )
         if not diff_source <= atol + REORDER_RTOL * scale:
-            raise ExportMismatch(f"the {kind} export differs from the model before its query heads were reordered: "
-                                 f"max |logit difference| {diff_source:.3g} > {atol + REORDER_RTOL * scale:.3g} {where}")
+            raise ExportMismatch(
+                f"the {kind} export differs from the model before its query heads were reordered: "
+                f"max |logit difference| {diff_source:.3g} > {atol + REORDER_RTOL * scale:.3g} {where}"
+            )
     counts = kv_summary(cfg)
-    return ExportResult(os.path.abspath(out), kind, hf_class, counts["key_heads"], counts["value_heads"], H, diff, diff_source,
-                        permuted, reason, check, tokenizer=loaded.tokenizer is not None)
+    return ExportResult(
+        os.path.abspath(out),
+        kind,
+        hf_class,
+        counts["key_heads"],
+        counts["value_heads"],
+        H,
+        diff,
+        diff_source,
+        permuted,
+        reason,
+        check,
+        tokenizer=loaded.tokenizer is not None,
+    )
 
 
 def summary_lines(result: ExportResult) -> list[str]:
     """Human-readable lines for the CLI."""
     if result.kind == "stock":
-        lines = [f"stock export: {result.hf_class}, {result.key_heads[0]} key/value heads per layer for "
-                 f"{result.query_heads} query heads"]
+        lines = [
+            f"stock export: {result.hf_class}, {result.key_heads[0]} key/value heads per layer for "
+            f"{result.query_heads} query heads"
+        ]
         if result.permuted_layers:
-            lines.append(f"query heads reordered (with W_O) to make groups contiguous in {result.permuted_layers} "
-                         f"of {len(result.key_heads)} layers")
+            lines.append(
+                f"query heads reordered (with W_O) to make groups contiguous in {result.permuted_layers} "
+                f"of {len(result.key_heads)} layers"
+            )
     else:
-        lines = [f"remote-code export: {result.hf_class} (load with trust_remote_code=True), key heads "
-                 f"{heads_text(result.key_heads)}, value heads {heads_text(result.value_heads)}, query heads {result.query_heads}",
-                 f"not stock because: {result.reason}"]
+        lines = [
+            f"remote-code export: {result.hf_class} (load with trust_remote_code=True), key heads "
+            f"{heads_text(result.key_heads)}, value heads {heads_text(result.value_heads)}, query heads {result.query_heads}",
+            f"not stock because: {result.reason}",
+        ]
         if result.tokenizer:
-            lines.append("its tokenizer needs no remote code: AutoTokenizer.from_pretrained(dir, trust_remote_code=False) "
-                         "loads it without asking about the export's code")
+            lines.append(
+                "its tokenizer needs no remote code: AutoTokenizer.from_pretrained(dir, trust_remote_code=False) "
+                "loads it without asking about the export's code"
+            )
     c = result.check
-    lines.append(f"reloaded with transformers: max |logit difference| {result.max_abs_diff:.3g} on "
-                 f"{c['batch']}x{c['length']} random tokens ({c['dtype']}, on {c['device']})")
+    lines.append(
+        f"reloaded with transformers: max |logit difference| {result.max_abs_diff:.3g} on "
+        f"{c['batch']}x{c['length']} random tokens ({c['dtype']}, on {c['device']})"
+    )
     if result.permuted_layers:
         lines.append(f"against the source before reordering: {result.max_abs_diff_source:.3g} (fp32 summation order)")
     return lines

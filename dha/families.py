@@ -115,7 +115,9 @@ def rope_fields(hf_config, rotary_dim: int, layer_type: str | None = None) -> di
         kwargs = {} if layer_type is None else {"layer_type": layer_type}
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device=None, **kwargs)
         if inv_freq.numel() * 2 != rotary_dim:
-            raise UnsupportedModel(f"RoPE {rope_type!r} gives {inv_freq.numel() * 2} rotary dims, expected {rotary_dim}")
+            raise UnsupportedModel(
+                f"RoPE {rope_type!r} gives {inv_freq.numel() * 2} rotary dims, expected {rotary_dim}"
+            )
         fields.update(rope_inv_freq=inv_freq.tolist(), rope_attention_scaling=float(scaling))
     return fields
 
@@ -232,9 +234,18 @@ LLAMA_WEIGHTS = {
 ROTARY_BUFFER = ("model.layers.{}.self_attn.rotary_emb.inv_freq",)
 
 
-def rope_decoder_config(c, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool, sliding_window: int | None = None,
-                        rope_layer_type: str | None = None, activation_field: str = "hidden_act", tied: bool = False,
-                        **extra) -> ModelConfig:
+def rope_decoder_config(
+    c,
+    *,
+    qkv_bias: bool,
+    o_bias: bool,
+    mlp_bias: bool,
+    sliding_window: int | None = None,
+    rope_layer_type: str | None = None,
+    activation_field: str = "hidden_act",
+    tied: bool = False,
+    **extra,
+) -> ModelConfig:
     """LLaMA-style decoders: pre-RMSNorm, RoPE on whole heads, gated MLP, optional GQA. The RoPE of
     rope_parameters[`rope_layer_type`] when given; the activation named by `activation_field`;
     `tied`: untied embeddings unless the config says otherwise. `extra`: further ModelConfig fields
@@ -285,7 +296,9 @@ def sliding_layers(c) -> list[int]:
     types = list(getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers)
     other = sorted(set(types) - {"full_attention", "sliding_attention"})
     if other:
-        raise UnsupportedModel(f"{c.model_type}: layer types {other} are not supported (supported: full_attention, sliding_attention)")
+        raise UnsupportedModel(
+            f"{c.model_type}: layer types {other} are not supported (supported: full_attention, sliding_attention)"
+        )
     return [l for l, t in enumerate(types) if t == "sliding_attention"]
 
 
@@ -326,7 +339,9 @@ def qwen3_config(c) -> ModelConfig:
     # q_proj(x).view(..., head_dim) and k_proj(x) before RoPE; attention_bias on q, k, v and o alike;
     # no MLP bias; sliding windows as Qwen2's.
     bias = bool(getattr(c, "attention_bias", False))
-    return rope_decoder_config(c, qkv_bias=bias, o_bias=bias, mlp_bias=False, sliding_window=uniform_window(c), qk_norm="head")
+    return rope_decoder_config(
+        c, qkv_bias=bias, o_bias=bias, mlp_bias=False, sliding_window=uniform_window(c), qk_norm="head"
+    )
 
 
 # ---- OLMo 2: RMSNorm of the whole q and k projections, norms after each sublayer ----------------
@@ -357,8 +372,16 @@ def olmo2_config(c) -> ModelConfig:
     # before rounding; its RoPE multiplies by float32 cos/sin and rounds once. Olmo2DecoderLayer:
     # x + post_attention_layernorm(attn(x)), then x + post_feedforward_layernorm(mlp(x)); no input norms.
     bias = bool(getattr(c, "attention_bias", False))
-    return rope_decoder_config(c, qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm="full", norm="rmsnorm_f32",
-                               block_norms="post", rope_in_float32=True)
+    return rope_decoder_config(
+        c,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=False,
+        qk_norm="full",
+        norm="rmsnorm_f32",
+        block_norms="post",
+        rope_in_float32=True,
+    )
 
 
 # ---- Gemma 3 (text): per-head Gemma RMSNorm of q and k, local and global layers, sandwich norms ---
@@ -382,16 +405,31 @@ def gemma3_text_config(c) -> ModelConfig:
     # final_logit_softcapping caps the logits; attn_logit_softcapping is ignored, as transformers'
     # Gemma3Attention ignores it (it never passes it to the attention function).
     if getattr(c, "use_bidirectional_attention", False):
-        raise UnsupportedModel("gemma3_text with use_bidirectional_attention=True (an encoder, e.g. EmbeddingGemma) is not supported")
+        raise UnsupportedModel(
+            "gemma3_text with use_bidirectional_attention=True (an encoder, e.g. EmbeddingGemma) is not supported"
+        )
     local = rope_fields(c, c.head_dim, "sliding_attention")
     bias = bool(getattr(c, "attention_bias", False))
     return rope_decoder_config(
-        c, qkv_bias=bias, o_bias=bias, mlp_bias=False, sliding_window=c.sliding_window, rope_layer_type="full_attention",
-        activation_field="hidden_activation", tied=True, norm="rmsnorm_1p", local_layers=sliding_layers(c),
-        local_rope_theta=local["rope_theta"], local_rope_inv_freq=local.get("rope_inv_freq"),
-        local_rope_attention_scaling=local.get("rope_attention_scaling", 1.0), qk_norm="head", block_norms="sandwich",
-        embed_scale=c.hidden_size ** 0.5, attn_scale=c.query_pre_attn_scalar ** -0.5,
-        logit_softcap=None if c.final_logit_softcapping is None else float(c.final_logit_softcapping))
+        c,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=False,
+        sliding_window=c.sliding_window,
+        rope_layer_type="full_attention",
+        activation_field="hidden_activation",
+        tied=True,
+        norm="rmsnorm_1p",
+        local_layers=sliding_layers(c),
+        local_rope_theta=local["rope_theta"],
+        local_rope_inv_freq=local.get("rope_inv_freq"),
+        local_rope_attention_scaling=local.get("rope_attention_scaling", 1.0),
+        qk_norm="head",
+        block_norms="sandwich",
+        embed_scale=c.hidden_size**0.5,
+        attn_scale=c.query_pre_attn_scalar**-0.5,
+        logit_softcap=None if c.final_logit_softcapping is None else float(c.final_logit_softcapping),
+    )
 
 
 # ---- GPT-2: learned positions, LayerNorm, fused transposed Conv1D c_attn ------------------------
@@ -416,7 +454,9 @@ def gpt2_config(c) -> ModelConfig:
     # GPT2Attention.scaling: head_dim**-0.5 when scale_attn_weights, further / (layer + 1) when
     # scale_attn_by_inverse_layer_idx. Our attention always uses head_dim**-0.5.
     if c.scale_attn_by_inverse_layer_idx:
-        raise UnsupportedModel("gpt2 with scale_attn_by_inverse_layer_idx=True (attention scaled by 1/(layer+1)) is not supported")
+        raise UnsupportedModel(
+            "gpt2 with scale_attn_by_inverse_layer_idx=True (attention scaled by 1/(layer+1)) is not supported"
+        )
     if not c.scale_attn_weights:
         raise UnsupportedModel("gpt2 with scale_attn_weights=False (unscaled attention scores) is not supported")
     if getattr(c, "add_cross_attention", False):
@@ -583,7 +623,9 @@ def opt_config(c) -> ModelConfig:
             "project_out around the decoder, e.g. opt-350m) is not supported"
         )
     if not c.layer_norm_elementwise_affine:
-        raise UnsupportedModel("opt with layer_norm_elementwise_affine=False (LayerNorm without weights) is not supported")
+        raise UnsupportedModel(
+            "opt with layer_norm_elementwise_affine=False (LayerNorm without weights) is not supported"
+        )
     # OPTAttention multiplies q by head_dim**-0.5 before q.k instead of after: the same function.
     # OPTLearnedPositionalEmbedding looks up position + 2 (its table has max_position_embeddings + 2 rows).
     # OPT's LayerNorms use PyTorch's default eps (1e-5).
@@ -668,17 +710,30 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("mistral", "MistralForCausalLM", mistral_config, LLAMA_WEIGHTS, ignored_keys=ROTARY_BUFFER),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", qwen2_config, LLAMA_WEIGHTS, ignored_keys=ROTARY_BUFFER),
     "gpt2": Family(
-        "gpt2", "GPT2LMHeadModel", gpt2_config, GPT2_WEIGHTS, kv_heads_field=None,
-        from_hf_layout=gpt2_from_hf, to_hf_layout=gpt2_to_hf, base_prefix="transformer.",
+        "gpt2",
+        "GPT2LMHeadModel",
+        gpt2_config,
+        GPT2_WEIGHTS,
+        kv_heads_field=None,
+        from_hf_layout=gpt2_from_hf,
+        to_hf_layout=gpt2_to_hf,
+        base_prefix="transformer.",
         # Causal-mask buffers saved by older transformers (GPT2Attention.bias / masked_bias).
         ignored_keys=("transformer.h.{}.attn.bias", "transformer.h.{}.attn.masked_bias"),
     ),
     "gpt_neox": Family(
-        "gpt_neox", "GPTNeoXForCausalLM", gpt_neox_config, GPT_NEOX_WEIGHTS, kv_heads_field=None,
-        from_hf_layout=neox_from_hf, to_hf_layout=neox_to_hf, base_prefix="gpt_neox.",
+        "gpt_neox",
+        "GPTNeoXForCausalLM",
+        gpt_neox_config,
+        GPT_NEOX_WEIGHTS,
+        kv_heads_field=None,
+        from_hf_layout=neox_from_hf,
+        to_hf_layout=neox_to_hf,
+        base_prefix="gpt_neox.",
         # GPTNeoXPreTrainedModel._keys_to_ignore_on_load_unexpected, and old saved RoPE frequencies.
         ignored_keys=(
-            "gpt_neox.layers.{}.attention.bias", "gpt_neox.layers.{}.attention.masked_bias",
+            "gpt_neox.layers.{}.attention.bias",
+            "gpt_neox.layers.{}.attention.masked_bias",
             "gpt_neox.layers.{}.attention.rotary_emb.inv_freq",
         ),
         # transformers' conversion_mapping renames Pythia's embed_out to lm_head on load.
@@ -698,8 +753,10 @@ def family_of(model_type: str) -> Family:
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     if model_type in QK_NORM_REFUSED:
-        raise UnsupportedModel(f"architecture {model_type!r} is not supported: {QK_NORM_REFUSED[model_type]} "
-                               f"(supported: {', '.join(sorted(FAMILIES))})")
+        raise UnsupportedModel(
+            f"architecture {model_type!r} is not supported: {QK_NORM_REFUSED[model_type]} "
+            f"(supported: {', '.join(sorted(FAMILIES))})"
+        )
     raise UnsupportedModel(
         f"architecture {model_type!r} is not supported: dha.families has no config and weight mapping for it "
         f"(supported: {', '.join(sorted(FAMILIES))})"

@@ -32,6 +32,7 @@ dim, r rotary dims, p = hd - r pass-through dims.
 from __future__ import annotations
 
 import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,9 +57,18 @@ class GroupMaps(nn.Module):
     def __init__(self, merge: KeyMerge | ValueMerge, learn: bool):
         super().__init__()
         self.kind = "key" if isinstance(merge, KeyMerge) else "value"
-        tensors = ({"down_re": merge.down.real, "down_im": merge.down.imag, "up_re": merge.up.real, "up_im": merge.up.imag,
-                    "pass_down": merge.pass_down, "pass_up": merge.pass_up} if self.kind == "key"
-                   else {"down": merge.down, "up": merge.up})
+        tensors = (
+            {
+                "down_re": merge.down.real,
+                "down_im": merge.down.imag,
+                "up_re": merge.up.real,
+                "up_im": merge.up.imag,
+                "pass_down": merge.pass_down,
+                "pass_up": merge.pass_up,
+            }
+            if self.kind == "key"
+            else {"down": merge.down, "up": merge.up}
+        )
         if self.kind == "key":  # the order of the merge's head dims: no parameter, moves with the module
             self.register_buffer("layout", merge.layout.clone(), persistent=False)
         for name, t in tensors.items():
@@ -70,8 +80,13 @@ class GroupMaps(nn.Module):
 
     def merge(self) -> KeyMerge | ValueMerge:
         if self.kind == "key":
-            return KeyMerge(torch.complex(self.down_re, self.down_im), torch.complex(self.up_re, self.up_im),
-                            self.pass_down, self.pass_up, self.layout)
+            return KeyMerge(
+                torch.complex(self.down_re, self.down_im),
+                torch.complex(self.up_re, self.up_im),
+                self.pass_down,
+                self.pass_up,
+                self.layout,
+            )
         return ValueMerge(self.down, self.up)
 
 
@@ -82,8 +97,15 @@ class FusedProjection(nn.Module):
     buffers otherwise); `maps.G.*` the merge maps of group G. Dropping the maps gives back the
     plain model."""
 
-    def __init__(self, linear: nn.Linear, groups: list[list[int]], merges: list, head_dim: int,
-                 train_base: bool, learn_maps: bool):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        groups: list[list[int]],
+        merges: list,
+        head_dim: int,
+        train_base: bool,
+        learn_maps: bool,
+    ):
         super().__init__()
         self.head_dim = head_dim
         self.num_heads = linear.out_features // head_dim
@@ -132,7 +154,10 @@ class FusedProjection(nn.Module):
             parts.append((self.bias, self.reconstructed(self.bias)))
         out = []
         for members in self.groups:
-            num = sum((heads(w, self.head_dim)[members] - heads(rec, self.head_dim)[members]).float().pow(2).sum() for w, rec in parts)
+            num = sum(
+                (heads(w, self.head_dim)[members] - heads(rec, self.head_dim)[members]).float().pow(2).sum()
+                for w, rec in parts
+            )
             den = sum(heads(w, self.head_dim)[members].float().pow(2).sum() for w, _ in parts)
             out.append(num / den.clamp_min(1e-30))
         return torch.stack(out)
@@ -145,8 +170,13 @@ class FusedProjection(nn.Module):
 
 def _as_float64(merge):
     if isinstance(merge, KeyMerge):
-        return KeyMerge(merge.down.to(torch.complex128), merge.up.to(torch.complex128), merge.pass_down.double(), merge.pass_up.double(),
-                        merge.layout)
+        return KeyMerge(
+            merge.down.to(torch.complex128),
+            merge.up.to(torch.complex128),
+            merge.pass_down.double(),
+            merge.pass_up.double(),
+            merge.layout,
+        )
     return ValueMerge(merge.down.double(), merge.up.double())
 
 
@@ -154,8 +184,13 @@ def mean_merges(model: Transformer, plan: Plan) -> list[dict]:
     """The group mean of every group of `plan`, as merges (what FusedModel fuses toward without merges: merge "mean")."""
     cfg, device = model.config, next(model.parameters()).device
     r = cfg.rotary_dim if cfg.position == "rope" else 0
-    return [{"key": [mean_merge("key", len(g), cfg.head_dim, r, device) for g in layer.key_groups],
-             "value": [mean_merge("value", len(g), cfg.head_dim, r, device) for g in layer.value_groups]} for layer in plan.layers]
+    return [
+        {
+            "key": [mean_merge("key", len(g), cfg.head_dim, r, device) for g in layer.key_groups],
+            "value": [mean_merge("value", len(g), cfg.head_dim, r, device) for g in layer.value_groups],
+        }
+        for layer in plan.layers
+    ]
 
 
 class FusedModel(nn.Module):
@@ -166,7 +201,9 @@ class FusedModel(nn.Module):
     query maps: the KV cache is not reduced until `merge`. The source model is copied, never changed.
     """
 
-    def __init__(self, model: Transformer, plan: Plan, merges: list[dict] | None = None, options: FusionOptions | None = None):
+    def __init__(
+        self, model: Transformer, plan: Plan, merges: list[dict] | None = None, options: FusionOptions | None = None
+    ):
         super().__init__()
         options = options or FusionOptions()
         cfg = model.config
@@ -179,10 +216,17 @@ class FusedModel(nn.Module):
             self.model.lm_head.weight = self.model.embed.weight  # deepcopy keeps the tie, but be explicit
         for l, layer in enumerate(plan.layers):
             attn = self.model.layers[l].attn
-            attn.k_proj = FusedProjection(attn.k_proj, layer.key_groups, merges[l]["key"], cfg.head_dim,
-                                          options.train_base, options.learn_maps)
-            attn.v_proj = FusedProjection(attn.v_proj, layer.value_groups, merges[l]["value"], cfg.head_dim,
-                                          options.train_base, options.learn_maps)
+            attn.k_proj = FusedProjection(
+                attn.k_proj, layer.key_groups, merges[l]["key"], cfg.head_dim, options.train_base, options.learn_maps
+            )
+            attn.v_proj = FusedProjection(
+                attn.v_proj,
+                layer.value_groups,
+                merges[l]["value"],
+                cfg.head_dim,
+                options.train_base,
+                options.learn_maps,
+            )
 
     @property
     def config(self):
@@ -196,8 +240,11 @@ class FusedModel(nn.Module):
 
     def projections(self) -> list[tuple[int, str, FusedProjection]]:
         """(layer, "key" | "value", module) for every fused projection."""
-        return [(l, kind, getattr(b.attn, "k_proj" if kind == "key" else "v_proj"))
-                for l, b in enumerate(self.model.layers) for kind in KINDS]
+        return [
+            (l, kind, getattr(b.attn, "k_proj" if kind == "key" else "v_proj"))
+            for l, b in enumerate(self.model.layers)
+            for kind in KINDS
+        ]
 
     def set_anneal(self, a: float) -> None:
         for _, _, proj in self.projections():
@@ -293,14 +340,21 @@ class FusionSchedule:
         d = model.layer_distances()  # (L, 2)
         frac = ramp(step, self.start, self.end, 0.0, 1.0)
         target = (1 - frac) * self.initial.to(d.device) + frac * self.options.eps
-        active = torch.stack([torch.tensor([any(len(g) > 1 for g in b.attn.k_proj.groups),
-                                            any(len(g) > 1 for g in b.attn.v_proj.groups)])
-                              for b in model.model.layers]).to(d.device)  # (L, 2)
+        active = torch.stack(
+            [
+                torch.tensor(
+                    [any(len(g) > 1 for g in b.attn.k_proj.groups), any(len(g) > 1 for g in b.attn.v_proj.groups)]
+                )
+                for b in model.model.layers
+            ]
+        ).to(d.device)  # (L, 2)
         gap = (d - target).clamp_min(0.0) * active
         l1, l2 = self.multipliers[0], self.multipliers[1]
         term = (l1 * gap + l2 * gap * gap).sum()
-        logs = {"fusion/distance": float(d.detach()[active].mean()) if active.any() else 0.0,
-                "fusion/target": float(target[active].mean()) if active.any() else 0.0}
+        logs = {
+            "fusion/distance": float(d.detach()[active].mean()) if active.any() else 0.0,
+            "fusion/target": float(target[active].mean()) if active.any() else 0.0,
+        }
         for l in range(d.shape[0]):
             for k, kind in enumerate(KINDS):
                 if active[l, k]:
@@ -312,7 +366,9 @@ class FusionSchedule:
             return []
         # Called by train() after it has moved the model, so the multipliers live on its device.
         device = model.model.embed.weight.device
-        self.multipliers = nn.Parameter(torch.zeros(2, model.config.num_layers, 2, device=device))  # [l1, l2] x (layer, kind)
+        self.multipliers = nn.Parameter(
+            torch.zeros(2, model.config.num_layers, 2, device=device)
+        )  # [l1, l2] x (layer, kind)
         return [{"params": [self.multipliers], "lr": -self.options.multiplier_lr, "weight_decay": 0.0}]
 
     def on_step_end(self, model: FusedModel, step: int, record: dict) -> None:
@@ -334,5 +390,10 @@ class FusionSchedule:
                 self.multipliers.copy_(state["multipliers"])
 
     def hooks(self) -> Hooks:
-        return Hooks(extra_loss=self.extra_loss, param_groups=self.param_groups, on_step_end=self.on_step_end,
-                     state_dict=self.state_dict, load_state_dict=self.load_state_dict)
+        return Hooks(
+            extra_loss=self.extra_loss,
+            param_groups=self.param_groups,
+            on_step_end=self.on_step_end,
+            state_dict=self.state_dict,
+            load_state_dict=self.load_state_dict,
+        )

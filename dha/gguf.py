@@ -47,10 +47,21 @@ TENSOR_NAMES = {
     "lm_head.weight": "output.weight",
     "layers.{}.attn_norm.weight": "blk.{}.attn_norm.weight",
     "layers.{}.mlp_norm.weight": "blk.{}.ffn_norm.weight",
-    **{f"layers.{{}}.attn.{ours}.{s}": f"blk.{{}}.{theirs}.{s}" for s in ("weight", "bias")
-       for ours, theirs in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output"))},
-    **{f"layers.{{}}.mlp.{ours}.{s}": f"blk.{{}}.{theirs}.{s}" for s in ("weight", "bias")
-       for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down"))},
+    **{
+        f"layers.{{}}.attn.{ours}.{s}": f"blk.{{}}.{theirs}.{s}"
+        for s in ("weight", "bias")
+        for ours, theirs in (
+            ("q_proj", "attn_q"),
+            ("k_proj", "attn_k"),
+            ("v_proj", "attn_v"),
+            ("o_proj", "attn_output"),
+        )
+    },
+    **{
+        f"layers.{{}}.mlp.{ours}.{s}": f"blk.{{}}.{theirs}.{s}"
+        for s in ("weight", "bias")
+        for ours, theirs in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down"))
+    },
 }
 # Hugging Face pre-tokenizer (a canonical description) -> llama.cpp's `tokenizer.ggml.pre` with the
 # same splitting (llama.cpp src/llama-vocab.cpp: "gpt-2" uses GPT-2's regex; "smollm" splits every
@@ -82,6 +93,7 @@ class GgufResult:
 
 # ---- what can be exported ------------------------------------------------------------------------
 
+
 def check_gguf_out(path: str) -> None:
     """Refuse an existing target, or one whose directory is missing or read-only, before any work."""
     path = os.path.abspath(path)
@@ -95,6 +107,7 @@ def check_gguf_out(path: str) -> None:
 
 
 # ---- tokenizer -----------------------------------------------------------------------------------
+
 
 def _pre_tokenizer_key(pre: dict | None) -> str:
     """A canonical description of a Hugging Face pre_tokenizer JSON, for PRE_TOKENIZERS."""
@@ -120,8 +133,10 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     model = spec["model"]
     key = _pre_tokenizer_key(spec.get("pre_tokenizer"))
     if model.get("type") != "BPE" or key not in PRE_TOKENIZERS:
-        raise UserError(f"GGUF export writes byte-level BPE tokenizers with a pre-tokenizer llama.cpp knows "
-                        f"({', '.join(PRE_TOKENIZERS)}); this one is {model.get('type')} with {key}")
+        raise UserError(
+            f"GGUF export writes byte-level BPE tokenizers with a pre-tokenizer llama.cpp knows "
+            f"({', '.join(PRE_TOKENIZERS)}); this one is {model.get('type')} with {key}"
+        )
     tokens = {i: t for t, i in model["vocab"].items()}
     added = {a["id"]: a for a in spec.get("added_tokens", [])}
     tokens.update({i: a["content"] for i, a in added.items()})
@@ -139,9 +154,15 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     with_specials = tokenizer("a")["input_ids"]
     add_bos = tokenizer.bos_token_id is not None and with_specials[:1] == [tokenizer.bos_token_id]
-    return {"pre": PRE_TOKENIZERS[key], "tokens": names, "types": types, "merges": merges, "add_bos": add_bos,
-            "ids": {name: getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "unk", "pad")},
-            "chat_template": getattr(tokenizer, "chat_template", None)}
+    return {
+        "pre": PRE_TOKENIZERS[key],
+        "tokens": names,
+        "types": types,
+        "merges": merges,
+        "add_bos": add_bos,
+        "ids": {name: getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "unk", "pad")},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
 
 
 def write_tokenizer(writer, fields: dict) -> None:
@@ -159,6 +180,7 @@ def write_tokenizer(writer, fields: dict) -> None:
 
 
 # ---- weights -------------------------------------------------------------------------------------
+
 
 def interleave_rope_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Rows of each head from HF's rotate-half order (i, i + hd/2) to llama.cpp's pairs (2i, 2i + 1)."""
@@ -201,7 +223,11 @@ def gguf_tensors(model: Transformer, outtype: str):
         if outtype == "f32" or array.ndim == 1:
             yield gguf_name(name), array, None
         elif outtype == "q8_0" and array.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-            yield gguf_name(name), gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+            yield (
+                gguf_name(name),
+                gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                gguf.GGMLQuantizationType.Q8_0,
+            )
         else:
             yield gguf_name(name), array.astype(np.float16), None
     divisors = rope_freq_divisors(cfg)
@@ -254,6 +280,7 @@ def write_file(path: str, model: Transformer, kv_heads: list[int], tokenizer: di
 
 # ---- the export ----------------------------------------------------------------------------------
 
+
 def export_gguf(loaded, out: str, outtype: str = "f32", pad: bool = False) -> GgufResult:
     """Write `loaded` as a GGUF file llama.cpp runs; UserError (nothing written) when it cannot be held."""
     if outtype not in OUTTYPES:
@@ -264,25 +291,51 @@ def export_gguf(loaded, out: str, outtype: str = "f32", pad: bool = False) -> Gg
             raise UserError(f"{loaded.source} has no tokenizer; a GGUF file carries one")
         check_gguf_out(out)
 
-    s = serve_for_export(loaded.model, pad, "GGUF", "llama.cpp",
-                         "--pad duplicates heads to make it representable (a larger KV cache)", checks=checks)
+    s = serve_for_export(
+        loaded.model,
+        pad,
+        "GGUF",
+        "llama.cpp",
+        "--pad duplicates heads to make it representable (a larger KV cache)",
+        checks=checks,
+    )
     tokenizer = tokenizer_fields(loaded.tokenizer, s.model.config.vocab_size)
-    arch = write_file(out, s.model, s.kv_heads, tokenizer, outtype, os.path.basename(os.path.normpath(str(loaded.source))))
-    return GgufResult(os.path.abspath(out), arch, outtype, s.kv_heads, s.query_heads, s.padded_layers,
-                      s.kv_bytes_per_token(KV_CACHE_DTYPE), s.source_kv_bytes_per_token(KV_CACHE_DTYPE),
-                      s.max_abs_diff, tokenizer["pre"], os.path.getsize(out))
+    arch = write_file(
+        out, s.model, s.kv_heads, tokenizer, outtype, os.path.basename(os.path.normpath(str(loaded.source)))
+    )
+    return GgufResult(
+        os.path.abspath(out),
+        arch,
+        outtype,
+        s.kv_heads,
+        s.query_heads,
+        s.padded_layers,
+        s.kv_bytes_per_token(KV_CACHE_DTYPE),
+        s.source_kv_bytes_per_token(KV_CACHE_DTYPE),
+        s.max_abs_diff,
+        tokenizer["pre"],
+        os.path.getsize(out),
+    )
 
 
 def summary_lines(result: GgufResult) -> list[str]:
-    lines = [f"GGUF ({result.arch}, {result.outtype}): {heads_text(result.kv_heads)} key/value heads per layer for "
-             f"{result.query_heads} query heads, tokenizer pre {result.tokenizer_pre!r}, {result.file_bytes:,} bytes",
-             f"KV cache per token in llama.cpp (f16 cache): {result.kv_bytes_per_token:,} bytes"]
+    lines = [
+        f"GGUF ({result.arch}, {result.outtype}): {heads_text(result.kv_heads)} key/value heads per layer for "
+        f"{result.query_heads} query heads, tokenizer pre {result.tokenizer_pre!r}, {result.file_bytes:,} bytes",
+        f"KV cache per token in llama.cpp (f16 cache): {result.kv_bytes_per_token:,} bytes",
+    ]
     if result.arch == "deci":
-        lines.append("per-layer head counts: run llama.cpp with flash attention on (-fa on); with it off, llama.cpp pads "
-                     "every layer's value cache to the widest layer's")
+        lines.append(
+            "per-layer head counts: run llama.cpp with flash attention on (-fa on); with it off, llama.cpp pads "
+            "every layer's value cache to the widest layer's"
+        )
     if result.padded_layers:
         extra = result.kv_bytes_per_token - result.source_kv_bytes_per_token
-        lines.append(f"--pad duplicated heads in {result.padded_layers} layers: +{extra:,} bytes per token over the "
-                     f"model's own {result.source_kv_bytes_per_token:,} (f16)")
-    lines.append(f"exported layout against the model: max |logit difference| {result.max_abs_diff:.3g} (fp32, random tokens)")
+        lines.append(
+            f"--pad duplicated heads in {result.padded_layers} layers: +{extra:,} bytes per token over the "
+            f"model's own {result.source_kv_bytes_per_token:,} (f16)"
+        )
+    lines.append(
+        f"exported layout against the model: max |logit difference| {result.max_abs_diff:.3g} (fp32, random tokens)"
+    )
     return lines

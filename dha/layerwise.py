@@ -39,7 +39,7 @@ from torch.func import functional_call
 
 from .model import Transformer
 
-LM_HEAD_CHUNK_BYTES = 2 ** 25  # bound on one chunk of the output matrix, and on its logits, in the compute dtype
+LM_HEAD_CHUNK_BYTES = 2**25  # bound on one chunk of the output matrix, and on its logits, in the compute dtype
 PROJECTIONS = (("q_proj", "queries"), ("k_proj", "keys"), ("v_proj", "values"))
 
 
@@ -60,11 +60,13 @@ def tensors_on(module: nn.Module, device: torch.device, dtype: torch.dtype) -> d
     already so, else views into one new buffer (a single allocation, returned whole when dropped)."""
     named = [(name, t.detach()) for name, t in [*module.named_parameters(), *module.named_buffers()] if t is not None]
     moving = [(name, t) for name, t in named if t.is_floating_point() and (t.device != device or t.dtype != dtype)]
-    out = {name: t.to(device) for name, t in named if not any(name == m for m, _ in moving)}  # already there, or integer
+    out = {
+        name: t.to(device) for name, t in named if not any(name == m for m, _ in moving)
+    }  # already there, or integer
     buffer = torch.empty(sum(t.numel() for _, t in moving), device=device, dtype=dtype)
     start = 0
     for name, t in moving:
-        out[name] = buffer[start:start + t.numel()].view(t.shape).copy_(t)
+        out[name] = buffer[start : start + t.numel()].view(t.shape).copy_(t)
         start += t.numel()
     return out
 
@@ -76,7 +78,7 @@ class Sweep:
         if blocks.dim() != 2 or blocks.numel() == 0:
             raise ValueError(f"blocks must be a non-empty (n_blocks, T) tensor, got shape {tuple(blocks.shape)}")
         self.model, self.device, self.dtype = model, compute_device(model, device), compute_dtype(model)
-        self.batches = [blocks[s:s + batch_size] for s in range(0, blocks.shape[0], batch_size)]
+        self.batches = [blocks[s : s + batch_size] for s in range(0, blocks.shape[0], batch_size)]
         T = blocks.shape[1]
         positions = torch.arange(T, device=self.device)
         self.rope = model.rope(positions, self.dtype)
@@ -109,8 +111,10 @@ def _capturing(block: nn.Module, capture: list | None):
     if capture is None:
         yield
         return
-    handles = [getattr(block.attn, proj).register_forward_hook(lambda m, a, out, name=name: capture.append((name, out)))
-               for proj, name in PROJECTIONS]
+    handles = [
+        getattr(block.attn, proj).register_forward_hook(lambda m, a, out, name=name: capture.append((name, out)))
+        for proj, name in PROJECTIONS
+    ]
     try:
         yield
     finally:
@@ -123,7 +127,9 @@ def _heads(outputs: list[torch.Tensor], hd: int) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1, t.shape[-1] // hd, hd).float().cpu() for t in outputs])
 
 
-def forward_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, device=None) -> Iterator[tuple[int, dict]]:
+def forward_heads(
+    model: Transformer, blocks: torch.Tensor, batch_size: int = 4, device=None
+) -> Iterator[tuple[int, dict]]:
     """For each layer l in order: (l, {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)}),
     float32 on the CPU, pre-RoPE, on the hidden states the source's layers 0..l-1 give."""
     sweep = Sweep(model, blocks, batch_size, device)
@@ -151,8 +157,8 @@ def _output_chunks(sweep: Sweep, flat: torch.Tensor) -> Iterator[tuple[int, torc
     weight, bias = sweep.model.lm_head.weight, sweep.model.lm_head.bias
     rows = max(1, LM_HEAD_CHUNK_BYTES // (max(weight.shape[1], flat.shape[0]) * torch.finfo(sweep.dtype).bits // 8))
     for start in range(0, weight.shape[0], rows):
-        w = weight[start:start + rows].detach().to(sweep.device, sweep.dtype)
-        b = bias[start:start + rows].detach().to(sweep.device, sweep.dtype) if bias is not None else None
+        w = weight[start : start + rows].detach().to(sweep.device, sweep.dtype)
+        b = bias[start : start + rows].detach().to(sweep.device, sweep.dtype) if bias is not None else None
         yield start, F.linear(flat, w, b), w
 
 
@@ -218,8 +224,9 @@ def nll_sum(model: Transformer, blocks: torch.Tensor, batch_size: int = 4, devic
     return total
 
 
-def backward_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4,
-                   device=None) -> Iterator[tuple[int, dict, dict]]:
+def backward_heads(
+    model: Transformer, blocks: torch.Tensor, batch_size: int = 4, device=None
+) -> Iterator[tuple[int, dict, dict]]:
     """For each layer l from the last to the first: (l, heads, grads), heads as `forward_heads`
     gives them and grads {"keys": (N, Hk, hd), "values": (N, Hv, hd)}: d(sum of next-token
     losses)/d(the key and value projections' outputs), float32 on the CPU. Only gradients with
@@ -250,5 +257,8 @@ def backward_heads(model: Transformer, blocks: torch.Tensor, batch_size: int = 4
             grads["values"].append(gv)
         inputs[l] = None  # this layer's input is no longer needed
         del weights
-        yield l, {name: _heads([t for n, t in capture if n == name], hd) for _, name in PROJECTIONS}, \
-            {name: _heads(ts, hd) for name, ts in grads.items()}
+        yield (
+            l,
+            {name: _heads([t for n, t in capture if n == name], hd) for _, name in PROJECTIONS},
+            {name: _heads(ts, hd) for name, ts in grads.items()},
+        )

@@ -34,8 +34,10 @@ import torch
 # Per cached token of a sequence, llama.cpp's state also writes its position, a count of sequence
 # ids and the one id, int32 each (llama_kv_cache::state_write_meta).
 CELL_META_BYTES = 12
-_SIZE_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells.*?K \((\w+)\): +([\d.]+) MiB, "
-                        r"V \((\w+)\): +([\d.]+) MiB")
+_SIZE_LINE = re.compile(
+    r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells.*?K \((\w+)\): +([\d.]+) MiB, "
+    r"V \((\w+)\): +([\d.]+) MiB"
+)
 
 
 @contextlib.contextmanager
@@ -70,12 +72,21 @@ def cache_type_args(cache_type: str, flash_attn: bool) -> dict:
         raise ValueError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
     if cache_type == "q8_0" and not flash_attn:
         raise ValueError("llama.cpp quantizes the V cache only with flash attention on (flash_attn=True)")
-    ggml = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "f32": llama_cpp.GGML_TYPE_F32}[cache_type]
+    ggml = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "f32": llama_cpp.GGML_TYPE_F32}[
+        cache_type
+    ]
     return {"type_k": ggml, "type_v": ggml}
 
 
-def open_model(path: str, n_ctx: int, f32_cache: bool = False, flash_attn: bool = False, threads: int = 1,
-               cache_type: str = "f16", **kwargs):
+def open_model(
+    path: str,
+    n_ctx: int,
+    f32_cache: bool = False,
+    flash_attn: bool = False,
+    threads: int = 1,
+    cache_type: str = "f16",
+    **kwargs,
+):
     """(llama_cpp.Llama, its load log). The KV cache holds `cache_type` (CACHE_TYPES; q8_0 needs
     flash_attn=True); f32_cache=True is cache_type="f32"."""
     import llama_cpp
@@ -88,8 +99,15 @@ def open_model(path: str, n_ctx: int, f32_cache: bool = False, flash_attn: bool 
     log = io.StringIO()
     try:
         with contextlib.redirect_stderr(log), _plain_weight_buffers():  # verbose: llama.cpp's log goes to sys.stderr
-            llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                  flash_attn=flash_attn, verbose=True, **kwargs)
+            llm = llama_cpp.Llama(
+                model_path=path,
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                flash_attn=flash_attn,
+                verbose=True,
+                **kwargs,
+            )
     finally:
         set_verbose(False)  # the log level is global in llama-cpp-python
     llm.verbose = False
@@ -101,10 +119,16 @@ def kv_cache_allocation(log: str) -> dict:
     m = _SIZE_LINE.search(log)
     if m is None:
         raise ValueError("llama.cpp's log has no `llama_kv_cache: size = ...` line")
-    mib = 2 ** 20
-    return {"bytes": round(float(m.group(1)) * mib), "cells": int(m.group(2)), "cache_type": m.group(3),
-            "key_bytes": round(float(m.group(4)) * mib), "value_bytes": round(float(m.group(6)) * mib),
-            "resolution_bytes": round(0.005 * mib), "padded_values": "padding V cache" in log}
+    mib = 2**20
+    return {
+        "bytes": round(float(m.group(1)) * mib),
+        "cells": int(m.group(2)),
+        "cache_type": m.group(3),
+        "key_bytes": round(float(m.group(4)) * mib),
+        "value_bytes": round(float(m.group(6)) * mib),
+        "resolution_bytes": round(0.005 * mib),
+        "padded_values": "padding V cache" in log,
+    }
 
 
 def logits(llm, ids: list[int]) -> torch.Tensor:
@@ -145,8 +169,8 @@ def window_nll(llm, ids: list[int]) -> torch.Tensor:
     targets = torch.tensor(ids[1:])
     out = []
     for s in range(0, len(ids) - 1, NLL_CHUNK_ROWS):
-        rows = torch.from_numpy(llm.scores[s:min(s + NLL_CHUNK_ROWS, len(ids) - 1)])  # no copy
-        out.append(torch.nn.functional.cross_entropy(rows, targets[s:s + rows.shape[0]], reduction="none").double())
+        rows = torch.from_numpy(llm.scores[s : min(s + NLL_CHUNK_ROWS, len(ids) - 1)])  # no copy
+        out.append(torch.nn.functional.cross_entropy(rows, targets[s : s + rows.shape[0]], reduction="none").double())
     return torch.cat(out)
 
 
@@ -179,8 +203,10 @@ def greedy_answers(llm, prompts_ids, new_tokens: int) -> list[list[int]]:
     for prompt in prompts_ids:
         ids = list(getattr(prompt, "ids", prompt))
         if len(ids) + new_tokens > llm.n_ctx():
-            raise ValueError(f"a prompt of {len(ids)} tokens and {new_tokens} new ones do not fit llama.cpp's context "
-                             f"of {llm.n_ctx()}")
+            raise ValueError(
+                f"a prompt of {len(ids)} tokens and {new_tokens} new ones do not fit llama.cpp's context "
+                f"of {llm.n_ctx()}"
+            )
         llm.reset()
         llm.eval(ids)
         new = []

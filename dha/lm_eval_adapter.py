@@ -54,14 +54,16 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows: int = 64)
     The target's logit minus the row's logsumexp, computed `rows` rows at a time in float32: at most
     rows x V float32 values exist at once, never a log-softmax of the whole (n, V)."""
     picked = logits.gather(-1, targets[:, None])[:, 0].float()
-    norms = [torch.logsumexp(logits[i:i + rows].float(), dim=-1) for i in range(0, logits.shape[0], rows)]
+    norms = [torch.logsumexp(logits[i : i + rows].float(), dim=-1) for i in range(0, logits.shape[0], rows)]
     return picked - torch.cat(norms)
 
 
 class DHALM(TemplateLM):
     """A `dha.checkpoint.Loaded` model (with its tokenizer) as an lm_eval LM (module doc)."""
 
-    def __init__(self, loaded, batch_size: int = 8, max_length: int = 2048, progress: bool = True, logit_rows: int = 64):
+    def __init__(
+        self, loaded, batch_size: int = 8, max_length: int = 2048, progress: bool = True, logit_rows: int = 64
+    ):
         super().__init__()
         if loaded.tokenizer is None:
             raise UserError(f"{loaded.source} has no tokenizer, so lm-eval tasks cannot run on it")
@@ -95,12 +97,17 @@ class DHALM(TemplateLM):
     @torch.no_grad()
     def score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(context ids, continuation ids) -> (sum log p(continuation | context), greedy?)."""
-        seqs = [(context + cont)[-(self.max_length + 1):] for context, cont in pairs]
+        seqs = [(context + cont)[-(self.max_length + 1) :] for context, cont in pairs]
         order = sorted(range(len(pairs)), key=lambda i: -len(seqs[i]))  # similar lengths batch together
         out: list[tuple[float, bool]] = [None] * len(pairs)
-        bar = tqdm(range(0, len(order), self.batch_size), desc="lm-eval", disable=disable_tqdm or not self.progress, file=sys.stderr)
+        bar = tqdm(
+            range(0, len(order), self.batch_size),
+            desc="lm-eval",
+            disable=disable_tqdm or not self.progress,
+            file=sys.stderr,
+        )
         for start in bar:
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             T = max(len(seqs[i]) - 1 for i in idx)
             ids = torch.zeros(len(idx), T, dtype=torch.long)  # (B, T); right padding leaves earlier positions alone
             for row, i in enumerate(idx):
@@ -109,9 +116,11 @@ class DHALM(TemplateLM):
             for row, i in enumerate(idx):
                 n, L = len(pairs[i][1]), len(seqs[i]) - 1
                 if n > L:
-                    raise UserError(f"an lm-eval continuation of {n} tokens is longer than the {self.max_length}-token maximum length")
-                rows = logits[row, L - n: L]  # (n, V): the positions that predict the continuation
-                target = torch.tensor(seqs[i][L + 1 - n:], device=rows.device)
+                    raise UserError(
+                        f"an lm-eval continuation of {n} tokens is longer than the {self.max_length}-token maximum length"
+                    )
+                rows = logits[row, L - n : L]  # (n, V): the positions that predict the continuation
+                target = torch.tensor(seqs[i][L + 1 - n :], device=rows.device)
                 lp = target_logprobs(rows, target, self.logit_rows)
                 out[i] = (float(lp.sum()), bool((rows.argmax(-1) == target).all()))
         return out
@@ -122,8 +131,12 @@ class DHALM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owner = [], []
         for r, (string,) in enumerate(req.args for req in requests):
-            for w in lm_utils.get_rolling_token_windows(token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                                                        max_seq_len=self.max_length, context_len=1):
+            for w in lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            ):
                 windows.append(lm_utils.make_disjoint_window(w))
                 owner.append(r)
         totals = [0.0] * len(requests)
@@ -156,7 +169,12 @@ class DHALM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         results = []
-        bar = tqdm([r.args for r in requests], desc="lm-eval generate", disable=disable_tqdm or not self.progress, file=sys.stderr)
+        bar = tqdm(
+            [r.args for r in requests],
+            desc="lm-eval generate",
+            disable=disable_tqdm or not self.progress,
+            file=sys.stderr,
+        )
         for context, gen_kwargs in bar:
             if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
                 raise UserError("this lm-eval adapter decodes greedily only: the task asks for sampling")
@@ -164,8 +182,12 @@ class DHALM(TemplateLM):
             until = [s for s in ([until] if isinstance(until, str) else until) if s]
             max_new = int(gen_kwargs.get("max_gen_toks", 256))
             if max_new >= self.max_length:
-                raise UserError(f"lm-eval asks for {max_new} new tokens, not fewer than the {self.max_length}-token maximum length")
-            ids = self.tok_encode(context)[-(self.max_length - max_new):] or [self.prefix_token_id]  # keep the LAST tokens
+                raise UserError(
+                    f"lm-eval asks for {max_new} new tokens, not fewer than the {self.max_length}-token maximum length"
+                )
+            ids = self.tok_encode(context)[-(self.max_length - max_new) :] or [
+                self.prefix_token_id
+            ]  # keep the LAST tokens
             results.append(self.greedy_until(ids, max_new, until))
         return results
 
@@ -176,8 +198,13 @@ class DHALM(TemplateLM):
 # needle-shaped noise (niah_multikey_2/3), variable chains (vt), random words (cwe, fwe).
 RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 ESSAYS = "the Paul Graham essays haystack, Hugging Face dataset baber/paul_graham_essays"
-RULER_DOWNLOADS = {name: ESSAYS for name in ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery", "niah_multivalue")}
-RULER_DOWNLOADS |= {"ruler_qa_squad": "SQuAD 2.0 from rajpurkar.github.io", "ruler_qa_hotpot": "HotpotQA from huggingface.co"}
+RULER_DOWNLOADS = {
+    name: ESSAYS for name in ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery", "niah_multivalue")
+}
+RULER_DOWNLOADS |= {
+    "ruler_qa_squad": "SQuAD 2.0 from rajpurkar.github.io",
+    "ruler_qa_hotpot": "HotpotQA from huggingface.co",
+}
 RULER_GROUPS = ("ruler", "longcxt")  # lm-eval's group of all 13 and its long-context tag
 RULER_DEFAULT_LENGTHS = [4096]  # lm-eval's own default max_seq_lengths
 # A RULER sample is at most max_seq_length tokens counting the answer's 128; lm-eval then appends an
@@ -196,8 +223,10 @@ def check_ruler(names: list[str]) -> None:
     """UserError (one line, what to do) when a RULER task needs a download or a missing dependency."""
     online = [n for n in names if n in RULER_DOWNLOADS]
     if online:
-        raise UserError(f"RULER task {online[0]} needs a download ({RULER_DOWNLOADS[online[0]]}) and does not run offline; "
-                        f"the offline ones: {', '.join(RULER_OFFLINE)}")
+        raise UserError(
+            f"RULER task {online[0]} needs a download ({RULER_DOWNLOADS[online[0]]}) and does not run offline; "
+            f"the offline ones: {', '.join(RULER_OFFLINE)}"
+        )
     try:
         import nltk
         import wonderwords  # noqa: F401
@@ -216,7 +245,9 @@ def ruler_metadata(loaded, metadata: dict, folder: str) -> dict:
     model's own tokenizer, saved to `folder`, as the tokenizer lm-eval builds the prompts with."""
     given = [k for k in ("tokenizer", "pretrained", "model") if k in metadata]
     if given:
-        raise UserError(f"task metadata {given[0]!r}: RULER prompts are sized with the model's own tokenizer; leave it out")
+        raise UserError(
+            f"task metadata {given[0]!r}: RULER prompts are sized with the model's own tokenizer; leave it out"
+        )
     lengths = metadata.get("max_seq_lengths", RULER_DEFAULT_LENGTHS)
     if not (isinstance(lengths, list) and lengths and all(type(n) is int and n > 0 for n in lengths)):
         raise UserError(f"task metadata max_seq_lengths must be a list of positive token counts, not {lengths!r}")
@@ -271,7 +302,9 @@ def parse_task_metadata(task_metadata: dict | str | None) -> dict:
         except json.JSONDecodeError as e:
             raise UserError(f"--task-metadata is not JSON: {e}") from None
     if not isinstance(task_metadata, (dict, type(None))):
-        raise UserError(f'--task-metadata must be a JSON object such as {{"max_seq_lengths": [4096]}}, not {task_metadata!r}')
+        raise UserError(
+            f'--task-metadata must be a JSON object such as {{"max_seq_lengths": [4096]}}, not {task_metadata!r}'
+        )
     return dict(task_metadata or {})
 
 
@@ -296,9 +329,18 @@ def task_manager(include_path: str | None, metadata: dict, ruler_only: bool) -> 
 
 # ---- running tasks --------------------------------------------------------------------------------
 
-def run_tasks(loaded, tasks: list[str], include_path: str | None = None, limit: int | None = None,
-              num_fewshot: int | None = None, batch_size: int = 8, max_length: int = 2048, progress: bool = True,
-              task_metadata: dict | str | None = None) -> dict:
+
+def run_tasks(
+    loaded,
+    tasks: list[str],
+    include_path: str | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    max_length: int = 2048,
+    progress: bool = True,
+    task_metadata: dict | str | None = None,
+) -> dict:
     """Run lm-evaluation-harness tasks on one model; returns {task: {metric: value}}.
 
     Standard tasks download their datasets from a hub; offline, point `include_path` at a folder
@@ -316,19 +358,35 @@ def run_tasks(loaded, tasks: list[str], include_path: str | None = None, limit: 
             max_length = max(max_length, max(metadata["max_seq_lengths"]) + RULER_SLACK)
         lm = DHALM(loaded, batch_size, max_length, progress)
         if ruler and lm.max_length < max_length:
-            raise UserError(f"RULER at {max(metadata['max_seq_lengths'])} tokens needs a {max_length}-token context; "
-                            f"{loaded.source} has {lm.max_length} positions")
-        manager = task_manager(include_path, metadata, ruler_only=bool(ruler) and all(t in ruler or t in RULER_GROUPS for t in tasks))
+            raise UserError(
+                f"RULER at {max(metadata['max_seq_lengths'])} tokens needs a {max_length}-token context; "
+                f"{loaded.source} has {lm.max_length} positions"
+            )
+        manager = task_manager(
+            include_path, metadata, ruler_only=bool(ruler) and all(t in ruler or t in RULER_GROUPS for t in tasks)
+        )
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise UserError(f"unknown lm-eval task(s) {unknown}; with local tasks, give --include-path DIR")
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         try:
-            out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                  log_samples=False, bootstrap_iters=0)
+            out = simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=manager,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                log_samples=False,
+                bootstrap_iters=0,
+            )
         except (FileNotFoundError, ValueError) as e:
             raise UserError(f"lm-eval could not run {tasks}: {str(e).splitlines()[0]}") from None
     # RULER reports -1 at the lengths it has no samples of (the ones not in max_seq_lengths): left out
-    return {task: {k.split(",")[0]: v for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and k != "alias" and not (k.split(",")[0].isdigit() and v == -1)}
-            for task, metrics in out["results"].items()}
+    return {
+        task: {
+            k.split(",")[0]: v
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and k != "alias" and not (k.split(",")[0].isdigit() and v == -1)
+        }
+        for task, metrics in out["results"].items()
+    }

@@ -34,13 +34,16 @@ from .model import generate, token_nll
 POSITION_EDGES = (0, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 HAYSTACKS = ("synthetic", "text")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.\n\n")
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n\n"
+)
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
 # ---- perplexity by position ---------------------------------------------------------------------
+
 
 def position_edges(window: int) -> list[int]:
     """Bucket edges of target indices 1..window-1: POSITION_EDGES below `window`, then `window`."""
@@ -56,9 +59,14 @@ def position_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bo
     here = next(model.parameters()).device
     total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
     starts = range(0, windows.shape[0], batch_size)
-    for s in tqdm(starts, desc=f"perplexity by position ({windows.shape[1]} tokens)", unit="batch",
-                  disable=not progress, file=sys.stderr):
-        total += token_nll(model, windows[s:s + batch_size].to(here)).double().sum(0).cpu()
+    for s in tqdm(
+        starts,
+        desc=f"perplexity by position ({windows.shape[1]} tokens)",
+        unit="batch",
+        disable=not progress,
+        file=sys.stderr,
+    ):
+        total += token_nll(model, windows[s : s + batch_size].to(here)).double().sum(0).cpu()
     return total / windows.shape[0]
 
 
@@ -69,7 +77,7 @@ def by_position(nll: torch.Tensor, windows: int) -> list[dict]:
     edges = position_edges(nll.numel() + 1)
     out = []
     for start, end in zip(edges, edges[1:]):
-        part = nll[max(start, 1) - 1:end - 1]
+        part = nll[max(start, 1) - 1 : end - 1]
         mean = part.mean().item()
         out.append({"start": start, "end": end, "nll": mean, "ppl": math.exp(mean), "tokens": part.numel() * windows})
     return out
@@ -79,8 +87,10 @@ def long_windows(stream: torch.Tensor, window: int, count: int) -> torch.Tensor:
     """`count` non-overlapping windows of `window` tokens from the start of `stream` (fewer when it
     ends first); UserError when it holds not even one."""
     if stream.numel() < window:
-        raise UserError(f"the held-out text has {stream.numel()} tokens, fewer than one long-context window of {window}: "
-                        "use a longer text (--data) or a shorter --long-context")
+        raise UserError(
+            f"the held-out text has {stream.numel()} tokens, fewer than one long-context window of {window}: "
+            "use a longer text (--data) or a shorter --long-context"
+        )
     return blocks(stream, window, max_blocks=count)
 
 
@@ -88,8 +98,12 @@ def position_report(model, stream: torch.Tensor, window: int, count: int, progre
     """Perplexity by position of `model` over `count` windows of `window` tokens of `stream`."""
     windows = long_windows(stream, window, count)
     nll = position_nll(model, windows, progress=progress)
-    return {"window": window, "windows": windows.shape[0], "buckets": by_position(nll, windows.shape[0]),
-            "nll_by_index": [round(v, 5) for v in nll.tolist()]}
+    return {
+        "window": window,
+        "windows": windows.shape[0],
+        "buckets": by_position(nll, windows.shape[0]),
+        "nll_by_index": [round(v, 5) for v in nll.tolist()],
+    }
 
 
 def position_ratios(result: dict, base: dict) -> list[float]:
@@ -98,6 +112,7 @@ def position_ratios(result: dict, base: dict) -> list[float]:
 
 
 # ---- passkey retrieval ---------------------------------------------------------------------------
+
 
 @dataclass
 class RetrievalOptions:
@@ -146,7 +161,7 @@ def _haystack(tokenizer, n: int, stream: torch.Tensor | None, offset: int) -> li
         return (unit * (n // len(unit) + 1))[:n]
     ids = stream.tolist() if stream.numel() >= n else (stream.tolist() * (n // stream.numel() + 1))
     start = offset % max(1, len(ids) - n + 1)
-    return ids[start:start + n]
+    return ids[start : start + n]
 
 
 def passkey_prompts(tokenizer, options: RetrievalOptions, stream: torch.Tensor | None = None) -> list[Prompt]:
@@ -166,7 +181,9 @@ def passkey_prompts(tokenizer, options: RetrievalOptions, stream: torch.Tensor |
                 fill = length - options.new_tokens - len(intro) - len(needle) - len(question)
                 if fill < 1:
                     raise UserError(f"a retrieval prompt of {length} tokens has no room for a haystack")
-                hay = _haystack(tokenizer, fill, stream if options.haystack == "text" else None, offset=rng.randrange(1 << 30))
+                hay = _haystack(
+                    tokenizer, fill, stream if options.haystack == "text" else None, offset=rng.randrange(1 << 30)
+                )
                 before = round(depth * fill)
                 prompts.append(Prompt(intro + hay[:before] + needle + hay[before:] + question, key, length, depth))
     return prompts
@@ -182,9 +199,9 @@ def answers(model, tokenizer, prompts: list[Prompt], options: RetrievalOptions, 
     bar = tqdm(total=len(prompts), desc="passkey retrieval", unit="prompt", disable=not progress, file=sys.stderr)
     i = 0
     while i < len(prompts):
-        same = [p for p in prompts[i:i + options.batch_size] if p.length == prompts[i].length]
+        same = [p for p in prompts[i : i + options.batch_size] if p.length == prompts[i].length]
         ids = torch.tensor([p.ids for p in same], device=here)
-        new = generate(model, ids, options.new_tokens)[:, ids.shape[1]:]
+        new = generate(model, ids, options.new_tokens)[:, ids.shape[1] :]
         out += [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in new]
         i += len(same)
         bar.update(len(same))
@@ -199,19 +216,29 @@ def score(prompts: list[Prompt], replies: list[str], options: RetrievalOptions) 
     for p, reply in zip(prompts, replies):
         found[str(p.length)][depths.index(p.depth)] += p.key in reply
     per_length = {n: sum(v) for n, v in found.items()}
-    return {"lengths": options.lengths, "depths": depths, "per_cell": options.per_depth, "haystack": options.haystack,
-            "found": found, "found_per_length": per_length, "prompts_per_length": len(depths) * options.per_depth,
-            "examples": [{"length": p.length, "depth": p.depth, "key": p.key, "reply": r} for p, r in zip(prompts, replies)]}
+    return {
+        "lengths": options.lengths,
+        "depths": depths,
+        "per_cell": options.per_depth,
+        "haystack": options.haystack,
+        "found": found,
+        "found_per_length": per_length,
+        "prompts_per_length": len(depths) * options.per_depth,
+        "examples": [
+            {"length": p.length, "depth": p.depth, "key": p.key, "reply": r} for p, r in zip(prompts, replies)
+        ],
+    }
 
 
 # ---- which heads retrieve -------------------------------------------------------------------------
+
 
 def needle_span(tokenizer, prompt: Prompt) -> list[int]:
     """Positions of the key's digits where the needle first states them."""
     for text in (prompt.key, " " + prompt.key):  # tokenised alone or with its leading space
         digits = _ids(tokenizer, text)
         for i in range(len(prompt.ids) - len(digits) + 1):
-            if prompt.ids[i:i + len(digits)] == digits:
+            if prompt.ids[i : i + len(digits)] == digits:
                 return list(range(i, i + len(digits)))
     raise UserError(f"the key {prompt.key} is not found in its own prompt's tokens")
 
@@ -230,8 +257,13 @@ def needle_attention(model, tokenizer, length: int = 2048, prompts: int = 5, pro
     for l, block in enumerate(model.layers):  # read each layer's queries and keys after RoPE
         block.attn.attend = _capture(captured, l, block.attn.attend)
     try:
-        bar = tqdm(passkey_prompts(tokenizer, options), desc="needle attention", unit="prompt", disable=not progress,
-                        file=sys.stderr)
+        bar = tqdm(
+            passkey_prompts(tokenizer, options),
+            desc="needle attention",
+            unit="prompt",
+            disable=not progress,
+            file=sys.stderr,
+        )
         for p in bar:
             span = needle_span(tokenizer, p)
             model(torch.tensor([p.ids], device=next(model.parameters()).device), last_only=True)
@@ -250,14 +282,20 @@ def _capture(captured: dict, layer: int, attend):
     def wrapped(q, k, v, mask):
         captured[layer] = (q[:, :, -1:].float(), k.float())
         return attend(q, k, v, mask)
+
     return wrapped
 
 
 def key_head_mass(model, mass: torch.Tensor) -> list[list[float]]:
     """Per layer, per key head: the `needle_attention` mass of the query heads that read it, summed."""
     cfg = model.config
-    return [[float(sum(mass[l, h] for h in range(cfg.num_heads) if cfg.key_index[l][h] == j)) for j in range(cfg.key_heads(l))]
-            for l in range(cfg.num_layers)]
+    return [
+        [
+            float(sum(mass[l, h] for h in range(cfg.num_heads) if cfg.key_index[l][h] == j))
+            for j in range(cfg.key_heads(l))
+        ]
+        for l in range(cfg.num_layers)
+    ]
 
 
 def retrieval_key_heads(model, mass: torch.Tensor, top: int) -> list[tuple[int, int]]:
@@ -266,7 +304,9 @@ def retrieval_key_heads(model, mass: torch.Tensor, top: int) -> list[tuple[int, 
     return [(l, j) for _, l, j in sorted(per_head, reverse=True)[:top]]
 
 
-def retrieval(model, tokenizer, options: RetrievalOptions, stream: torch.Tensor | None = None, progress: bool = True) -> dict:
+def retrieval(
+    model, tokenizer, options: RetrievalOptions, stream: torch.Tensor | None = None, progress: bool = True
+) -> dict:
     """The passkey grid of one model: prompts, greedy answers through the KV cache, scores."""
     options.validate()
     prompts = passkey_prompts(tokenizer, options, stream)

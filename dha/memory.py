@@ -41,7 +41,7 @@ from .errors import UserError
 from .layerwise import LM_HEAD_CHUNK_BYTES
 from .model import NLL_CHUNK_BYTES, ModelConfig, Transformer
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,9 @@ def eval_bytes(cfg: ModelConfig, work: Work, c: int, layerwise: bool) -> int:
     one_batch = blocks * T * (4 * D + 3 * F) + score_numbers(cfg, blocks, T)
     if layerwise:
         return c * (2 * tokens * D + one_batch) + output_chunk_bytes(cfg, blocks * (T - 1), c)
-    return c * one_batch + min(NLL_CHUNK_BYTES, blocks * (T - 1) * cfg.vocab_size * 4)  # dha.model.next_token_nll's chunk
+    return c * one_batch + min(
+        NLL_CHUNK_BYTES, blocks * (T - 1) * cfg.vocab_size * 4
+    )  # dha.model.next_token_nll's chunk
 
 
 def activation_bytes(cfg: ModelConfig, training: Training, checkpointing: bool) -> int:
@@ -188,9 +190,11 @@ def training_bytes(cfg: ModelConfig, sizes: Sizes, training: Training) -> list[t
     `training.checkpointing` is "off")."""
     checkpointed = training.checkpointing != "off"
     label = "activations of a micro-batch" + (" (blocks checkpointed)" if checkpointed else "")
-    return [("weights, gradients and AdamW state in float32", 16 * sizes.total // training.shards),
-            ("the source and teacher in float32", 4 * (sizes.total + training.teacher_parameters)),
-            (label, activation_bytes(cfg, training, checkpointed))]
+    return [
+        ("weights, gradients and AdamW state in float32", 16 * sizes.total // training.shards),
+        ("the source and teacher in float32", 4 * (sizes.total + training.teacher_parameters)),
+        (label, activation_bytes(cfg, training, checkpointed)),
+    ]
 
 
 def step_bytes(cfg: ModelConfig, training: Training, trainable: int, checkpointing: bool) -> int:
@@ -230,11 +234,20 @@ class TrainingFit:
         return self.free is None or self.with_checkpointing <= self.free
 
 
-def training_fit(cfg: ModelConfig, dtype: torch.dtype, block_size: int, micro_batch: int, device: torch.device,
-                 shards: int = 1, teacher_parameters: int = 0, distill: bool = False) -> TrainingFit:
+def training_fit(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    block_size: int,
+    micro_batch: int,
+    device: torch.device,
+    shards: int = 1,
+    teacher_parameters: int = 0,
+    distill: bool = False,
+) -> TrainingFit:
     """Whether training a model of `cfg` (loaded in `dtype`, as `estimate` takes it: training keeps
     float32 copies) on rows of `block_size` tokens, `micro_batch` at a time, fits on `device` with
     and without activation checkpointing, from the config alone (before anything is loaded)."""
+
     def peak(checkpointing: str) -> int:
         training = Training(micro_batch, block_size, shards, teacher_parameters, checkpointing, distill)
         return Estimate.total(estimate(cfg, dtype, Work(training=training)).whole)  # nothing mapped: all of it counts
@@ -253,7 +266,9 @@ def estimate(cfg: ModelConfig, dtype: torch.dtype, work: Work) -> Estimate:
         return Estimate([weights, *generation_bytes(cfg, dtype, work.generation)], None)
     c = 8 if dtype == torch.float64 else 4  # dha.layerwise.compute_dtype
     layer = max(sizes.layers) * c
-    merge = 24 * max(sizes.attention) if work.merge == "aligned" else 0  # a layer's q/k/v/o in, out and o copied, float64
+    merge = (
+        24 * max(sizes.attention) if work.merge == "aligned" else 0
+    )  # a layer's q/k/v/o in, out and o copied, float64
     sweep = calibration_bytes(cfg, work, c)
     copy = 0 if s == c else layer  # a layer held in another dtype than the compute dtype is copied to it
     inputs = cfg.num_layers * work.calib_tokens * cfg.hidden_size * s if work.all_layer_inputs else 0
@@ -263,8 +278,13 @@ def estimate(cfg: ModelConfig, dtype: torch.dtype, work: Work) -> Estimate:
     if work.all_layer_inputs:
         return Estimate(whole, None)
     rest = max(sweep, eval_bytes(cfg, work, c, layerwise=True), merge - layer)
-    return Estimate(whole, [(f"its largest layer in {'float64' if c == 8 else 'float32'}", layer),
-                            ("one layer's activations and merge", rest)])
+    return Estimate(
+        whole,
+        [
+            (f"its largest layer in {'float64' if c == 8 else 'float32'}", layer),
+            ("one layer's activations and merge", rest),
+        ],
+    )
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -290,8 +310,9 @@ def _described(parts: list[tuple[str, int]]) -> str:
     return f"about {gib(Estimate.total(parts))} ({' + '.join(f'{label} {gib(b)}' for label, b in parts if b)})"
 
 
-def check_fit(device: torch.device, est: Estimate, offload: bool, subject: str, loaded: bool = False,
-              advice: str | None = None) -> None:
+def check_fit(
+    device: torch.device, est: Estimate, offload: bool, subject: str, loaded: bool = False, advice: str | None = None
+) -> None:
     """UserError, with the numbers (and `advice` after them when given), when `est` cannot fit on `device`.
 
     On a GPU: with `offload` one layer at a time must fit; without it the whole model must, and
@@ -309,19 +330,30 @@ def check_fit(device: torch.device, est: Estimate, offload: bool, subject: str, 
     if cpu or loaded:
         parts = est.whole[1:] if est.mapped or loaded else est.whole
         if Estimate.total(parts) > free:
-            besides = (" besides its weights, already loaded" if loaded
-                       else " besides its memory-mapped weights" if est.mapped else "")
+            besides = (
+                " besides its weights, already loaded"
+                if loaded
+                else " besides its memory-mapped weights"
+                if est.mapped
+                else ""
+            )
             where = "in the CPU's memory" if cpu else f"on {device}"
             raise UserError(f"{subject} does not fit {where}: it needs {_described(parts)}{besides}; {have}{tail}")
         return
     layer_fits = est.layer is not None and Estimate.total(est.layer) <= free
     if offload and est.layer is not None:  # (work that needs the whole model refuses --offload before this)
         if not layer_fits:
-            raise UserError(f"{subject} does not fit on {device} even one layer at a time: it needs {_described(est.layer)}; {have}{tail}")
+            raise UserError(
+                f"{subject} does not fit on {device} even one layer at a time: it needs {_described(est.layer)}; {have}{tail}"
+            )
     elif Estimate.total(est.whole) > free:
         if layer_fits:
-            raise UserError(f"{subject} does not fit on {device} as a whole model: it needs {_described(est.whole)}; {have}. "
-                            f"Give --offload to keep it in CPU memory and bring one layer at a time to {device} "
-                            f"(about {gib(Estimate.total(est.layer))}){tail}")
+            raise UserError(
+                f"{subject} does not fit on {device} as a whole model: it needs {_described(est.whole)}; {have}. "
+                f"Give --offload to keep it in CPU memory and bring one layer at a time to {device} "
+                f"(about {gib(Estimate.total(est.layer))}){tail}"
+            )
         layer = f", and one layer at a time {_described(est.layer)}" if est.layer is not None else ""
-        raise UserError(f"{subject} does not fit on {device}: the whole model needs {_described(est.whole)}{layer}; {have}{tail}")
+        raise UserError(
+            f"{subject} does not fit on {device}: the whole model needs {_described(est.whole)}{layer}; {have}{tail}"
+        )

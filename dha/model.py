@@ -310,12 +310,18 @@ def grouped_matmul(rows: torch.Tensor, heads: torch.Tensor, runs) -> torch.Tenso
     Every query head's T rows times its group's head: (B, H, T, c). One batched matmul per run
     (runs_of_equal_groups), (B, g, n*T, a) @ (B, g, a, c), on views: neither operand is copied."""
     B, H, T, _ = rows.shape
-    outs = [(rows[:, r0:r0 + (g1 - g0) * n].reshape(B, g1 - g0, n * T, -1) @ heads[:, g0:g1]).view(B, (g1 - g0) * n, T, -1)
-            for g0, g1, n, r0 in runs]
+    outs = [
+        (rows[:, r0 : r0 + (g1 - g0) * n].reshape(B, g1 - g0, n * T, -1) @ heads[:, g0:g1]).view(
+            B, (g1 - g0) * n, T, -1
+        )
+        for g0, g1, n, r0 in runs
+    ]
     return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
-def attend_through(q, k, v, mask, key_index: torch.Tensor, value_index: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def attend_through(
+    q, k, v, mask, key_index: torch.Tensor, value_index: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
     """Attention with any maps: K and V gathered to every query head (B, H, S, hd), then SDPA.
 
     q (B, H, T, hd), k (B, Hk, S, hd), v (B, Hv, S, hd), key_index / value_index (H,) -> (B, H, T, hd).
@@ -407,13 +413,29 @@ class Attention(nn.Module):
             return self.attend_grouped(q, k, v, mask)
         causal = mask is None and q.shape[2] > 1
         if self.path == "gqa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                  enable_gqa=self.num_key_heads != self.num_heads, scale=self.scale)
+            return F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=causal,
+                enable_gqa=self.num_key_heads != self.num_heads,
+                scale=self.scale,
+            )
         if self.path == "coupled":
             qg = q.index_select(1, self.key_order)  # (B, H, T, hd), group after group
-            ys = [F.scaled_dot_product_attention(qg[:, r0:r0 + (g1 - g0) * n], k[:, g0:g1], v[:, g0:g1], attn_mask=mask,
-                                                 is_causal=causal, enable_gqa=n > 1, scale=self.scale)
-                  for g0, g1, n, r0 in self.key_runs]
+            ys = [
+                F.scaled_dot_product_attention(
+                    qg[:, r0 : r0 + (g1 - g0) * n],
+                    k[:, g0:g1],
+                    v[:, g0:g1],
+                    attn_mask=mask,
+                    is_causal=causal,
+                    enable_gqa=n > 1,
+                    scale=self.scale,
+                )
+                for g0, g1, n, r0 in self.key_runs
+            ]
             return (ys[0] if len(ys) == 1 else torch.cat(ys, 1)).index_select(1, self.key_slot)
         return attend_through(q, k, v, mask, self.key_index, self.value_index, self.scale)
 
@@ -429,7 +451,7 @@ class Attention(nn.Module):
         """
         B, H, T, hd = q.shape
         S = k.shape[2]
-        scale = hd ** -0.5 if self.scale is None else self.scale
+        scale = hd**-0.5 if self.scale is None else self.scale
         qg = q.index_select(1, self.key_order) * scale  # (B, H, T, hd) in key-group order
         scores = grouped_matmul(qg, k.transpose(-1, -2), self.key_runs)  # (B, H, T, S)
         if mask is None and T > 1:
@@ -460,8 +482,15 @@ class Attention(nn.Module):
         if maps is None:
             y = self.attend(q, k, v, mask)  # (B, H, T, hd)
         else:
-            y = attend_through(q, k, v, mask, torch.as_tensor(maps[0], device=x.device), torch.as_tensor(maps[1], device=x.device),
-                               self.scale)
+            y = attend_through(
+                q,
+                k,
+                v,
+                mask,
+                torch.as_tensor(maps[0], device=x.device),
+                torch.as_tensor(maps[1], device=x.device),
+                self.scale,
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -598,11 +627,15 @@ class Transformer(nn.Module):
             for kind, index in (("key", cfg.key_index[l]), ("value", cfg.value_index[l])):
                 order = head_order(index)
                 attn.register_buffer(f"{kind}_order", torch.tensor(order), persistent=False)
-                attn.register_buffer(f"{kind}_slot", torch.tensor([order.index(h) for h in range(len(index))]), persistent=False)
+                attn.register_buffer(
+                    f"{kind}_slot", torch.tensor([order.index(h) for h in range(len(index))]), persistent=False
+                )
                 setattr(attn, f"{kind}_runs", runs_of_equal_groups(index))  # plain tuples, not tensors
             key_slot = [head_order(cfg.key_index[l]).index(h) for h in range(cfg.num_heads)]
             order = [key_slot[h] for h in head_order(cfg.value_index[l])]  # None: the two orders coincide
-            attn.register_buffer("key_to_value_order", None if order == sorted(order) else torch.tensor(order), persistent=False)
+            attn.register_buffer(
+                "key_to_value_order", None if order == sorted(order) else torch.tensor(order), persistent=False
+            )
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> Rope | None:
         """cos/sin tables for `positions`, computed in float32 and cast to `dtype` once per call
@@ -615,7 +648,9 @@ class Transformer(nn.Module):
         if self.local_inv_freq is not None:
             if self.local_inv_freq.device != positions.device:
                 self.local_inv_freq = self.local_inv_freq.to(positions.device)
-            rope.local = self._rope_tables(self.local_inv_freq, self.config.local_rope_attention_scaling, positions, dtype)
+            rope.local = self._rope_tables(
+                self.local_inv_freq, self.config.local_rope_attention_scaling, positions, dtype
+            )
         return rope
 
     def _rope_tables(self, inv_freq: torch.Tensor, s: float, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
@@ -676,7 +711,7 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
 
-NLL_CHUNK_BYTES = 2 ** 26  # float32 logits made at once by next_token_nll (64 MiB)
+NLL_CHUNK_BYTES = 2**26  # float32 logits made at once by next_token_nll (64 MiB)
 
 
 def token_nll(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -693,8 +728,12 @@ def token_nll(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), targets, reduction="none").view(rows.shape[0], -1)
     hidden = model.features(rows[:, :-1]).flatten(0, 1)  # (b * (W-1), D)
     step = max(1, NLL_CHUNK_BYTES // (4 * model.config.vocab_size))
-    nll = torch.cat([F.cross_entropy(model.logits(hidden[i:i + step]).float(), targets[i:i + step], reduction="none")
-                     for i in range(0, hidden.shape[0], step)])
+    nll = torch.cat(
+        [
+            F.cross_entropy(model.logits(hidden[i : i + step]).float(), targets[i : i + step], reduction="none")
+            for i in range(0, hidden.shape[0], step)
+        ]
+    )
     return nll.view(rows.shape[0], -1)
 
 

@@ -39,8 +39,18 @@ from .transforms import state_dict_of
 ARCHITECTURE = "DeciLMForCausalLM"
 MODEL_TYPE = "nemotron-nas"
 CONFIG_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_code", "configuration_decilm.py")
-DROP = ("_name_or_path", "_model_name_or_path", "transformers_version", "auto_map", "_commit_hash",
-        "num_key_value_heads", "intermediate_size", "quantization_config", "architectures", "model_type")
+DROP = (
+    "_name_or_path",
+    "_model_name_or_path",
+    "transformers_version",
+    "auto_map",
+    "_commit_hash",
+    "num_key_value_heads",
+    "intermediate_size",
+    "quantization_config",
+    "architectures",
+    "model_type",
+)
 
 
 @dataclass
@@ -69,23 +79,38 @@ def ffn_mult_for(intermediate_size: int, hidden_size: int) -> float:
     for candidate in (mult, math.nextafter(mult, math.inf)):  # int() of a product a hair under: step up
         if intermediate_size_of(candidate, hidden_size) == intermediate_size:
             return candidate
-    raise UserError(f"MLP width {intermediate_size} cannot be written as a DeciLM ffn_mult (the engines round "
-                    f"int(2 * ffn_mult * {hidden_size} / 3) up to a multiple of 256)")
+    raise UserError(
+        f"MLP width {intermediate_size} cannot be written as a DeciLM ffn_mult (the engines round "
+        f"int(2 * ffn_mult * {hidden_size} / 3) up to a multiple of 256)"
+    )
 
 
 def block_configs(kv_heads: list[int], num_heads: int, ffn_mult: float) -> list[dict]:
-    return [{"attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": num_heads // n},
-             "ffn": {"no_op": False, "replace_with_linear": False, "ffn_mult": ffn_mult}} for n in kv_heads]
+    return [
+        {
+            "attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": num_heads // n},
+            "ffn": {"no_op": False, "replace_with_linear": False, "ffn_mult": ffn_mult},
+        }
+        for n in kv_heads
+    ]
 
 
 def nemotron_config(cfg, hf_config: dict, kv_heads: list[int], dtype: str) -> dict:
     d = {k: v for k, v in hf_config.items() if k not in DROP}
-    d.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE,
-             auto_map={"AutoConfig": "configuration_decilm.DeciLMConfig"},
-             block_configs=block_configs(kv_heads, cfg.num_heads, ffn_mult_for(cfg.intermediate_size, cfg.hidden_size)),
-             num_attention_heads=cfg.num_heads, head_dim=cfg.head_dim, hidden_size=cfg.hidden_size,
-             num_hidden_layers=cfg.num_layers, rope_theta=cfg.rope_theta,
-             tie_word_embeddings=cfg.tie_word_embeddings, torch_dtype=dtype, dtype=dtype)
+    d.update(
+        architectures=[ARCHITECTURE],
+        model_type=MODEL_TYPE,
+        auto_map={"AutoConfig": "configuration_decilm.DeciLMConfig"},
+        block_configs=block_configs(kv_heads, cfg.num_heads, ffn_mult_for(cfg.intermediate_size, cfg.hidden_size)),
+        num_attention_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        torch_dtype=dtype,
+        dtype=dtype,
+    )
     return d
 
 
@@ -95,8 +120,14 @@ def export_nemotron(loaded, out: str, pad: bool = False) -> NemotronResult:
 
     cfg = loaded.model.config
     no_hf_config = not loaded.hf_config or loaded.hf_config.get("model_type") != "llama"
-    s = serve_for_export(loaded.model, pad, "Nemotron-NAS", "Nemotron-NAS", "--pad duplicates heads",
-                         refusal="the source keeps no LLaMA Hugging Face config to start from" if no_hf_config else None)
+    s = serve_for_export(
+        loaded.model,
+        pad,
+        "Nemotron-NAS",
+        "Nemotron-NAS",
+        "--pad duplicates heads",
+        refusal="the source keeps no LLaMA Hugging Face config to start from" if no_hf_config else None,
+    )
     dtype, kv_heads = next(loaded.model.parameters()).dtype, s.kv_heads
     with atomic_dir(out) as tmp:
         sd = {k: v.to(dtype).contiguous() for k, v in weights_to_hf(state_dict_of(s.model), s.model.config).items()}
@@ -107,20 +138,32 @@ def export_nemotron(loaded, out: str, pad: bool = False) -> NemotronResult:
         shutil.copyfile(CONFIG_SOURCE, os.path.join(tmp, "configuration_decilm.py"))
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-    return NemotronResult(os.path.abspath(out), kv_heads, s.query_heads, s.padded_layers,
-                          s.kv_bytes_per_token(torch.bfloat16), s.source_kv_bytes_per_token(torch.bfloat16),
-                          s.max_abs_diff)
+    return NemotronResult(
+        os.path.abspath(out),
+        kv_heads,
+        s.query_heads,
+        s.padded_layers,
+        s.kv_bytes_per_token(torch.bfloat16),
+        s.source_kv_bytes_per_token(torch.bfloat16),
+        s.max_abs_diff,
+    )
 
 
 def summary_lines(result: NemotronResult) -> list[str]:
     counts = result.kv_heads
-    lines = [f"Nemotron-NAS ({ARCHITECTURE}): {heads_text(counts)} key/value heads per layer for {result.query_heads} "
-             "query heads",
-             f"KV cache per token (bf16): {result.kv_bytes_per_token_bf16:,} bytes"]
+    lines = [
+        f"Nemotron-NAS ({ARCHITECTURE}): {heads_text(counts)} key/value heads per layer for {result.query_heads} "
+        "query heads",
+        f"KV cache per token (bf16): {result.kv_bytes_per_token_bf16:,} bytes",
+    ]
     if result.padded_layers:
-        lines.append(f"--pad duplicated heads in {result.padded_layers} layers: "
-                     f"+{result.kv_bytes_per_token_bf16 - result.source_kv_bytes_per_token_bf16:,} bytes per token (bf16)")
+        lines.append(
+            f"--pad duplicated heads in {result.padded_layers} layers: "
+            f"+{result.kv_bytes_per_token_bf16 - result.source_kv_bytes_per_token_bf16:,} bytes per token (bf16)"
+        )
     if len(set(counts)) > 1:
         lines.append("per-layer head counts: vLLM serves them; SGLang refuses them (uniform counts only)")
-    lines.append(f"exported layout against the model: max |logit difference| {result.max_abs_diff:.3g} (fp32, random tokens)")
+    lines.append(
+        f"exported layout against the model: max |logit difference| {result.max_abs_diff:.3g} (fp32, random tokens)"
+    )
     return lines

@@ -29,6 +29,7 @@ FREE_CONTEXT = 2048
 DEFAULT_FUSION_FRACTION = 0.0
 MERGES = ("aligned", "mean")
 
+
 def cache_dir() -> str:
     """Where dha keeps what it can compute again (tokenised text, the built-in model's files): $DHA_CACHE,
     else ~/.cache/dha."""
@@ -62,7 +63,9 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every this many steps (needs an output dir); 0: none
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # data order (and the torch/python RNGs, for hooks that sample)
-    data_start: int = 0  # rows of the seeded data order already read (a later stage starts where an earlier one stopped)
+    data_start: int = (
+        0  # rows of the seeded data order already read (a later stage starts where an earlier one stopped)
+    )
     distill: bool = False  # add the KL to the teacher's logits
     distill_weight: float = 0.5  # w in (1 - w) * LM + w * KD
     distill_temperature: float = 1.0  # T in the KD term
@@ -81,17 +84,24 @@ class TrainConfig:
             (self.batch_tokens >= 1, f"batch tokens must be at least 1, got {self.batch_tokens}"),
             (self.micro_batch >= 1, f"micro batch must be at least 1, got {self.micro_batch}"),
             (0.0 <= self.min_lr_ratio <= 1.0, f"min lr ratio must be in [0, 1], got {self.min_lr_ratio}"),
-            (self.warmup_steps is None or self.warmup_steps >= 0, f"warmup steps must be >= 0, got {self.warmup_steps}"),
+            (
+                self.warmup_steps is None or self.warmup_steps >= 0,
+                f"warmup steps must be >= 0, got {self.warmup_steps}",
+            ),
             (self.grad_clip >= 0, f"grad clip must be >= 0, got {self.grad_clip}"),
-            (self.dtype == "auto" or self.dtype in AUTOCAST_NAMES,
-             f"dtype must be auto or one of {', '.join(AUTOCAST_NAMES)}, got {self.dtype!r}"),
+            (
+                self.dtype == "auto" or self.dtype in AUTOCAST_NAMES,
+                f"dtype must be auto or one of {', '.join(AUTOCAST_NAMES)}, got {self.dtype!r}",
+            ),
             (self.eval_every >= 0 and self.save_every >= 0, "eval every / save every must be >= 0"),
             (self.eval_tokens >= 1, f"eval tokens must be at least 1, got {self.eval_tokens}"),
             (self.keep_checkpoints >= 1, f"keep checkpoints must be at least 1, got {self.keep_checkpoints}"),
             (0.0 <= self.distill_weight <= 1.0, f"distill weight must be in [0, 1], got {self.distill_weight}"),
             (self.distill_temperature > 0, f"distill temperature must be > 0, got {self.distill_temperature}"),
-            (self.activation_checkpointing in CHECKPOINTING,
-             f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, got {self.activation_checkpointing!r}"),
+            (
+                self.activation_checkpointing in CHECKPOINTING,
+                f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, got {self.activation_checkpointing!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

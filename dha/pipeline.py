@@ -45,16 +45,16 @@ import torch
 import torch.distributed as dist
 
 from .atomic import files_into
-from .checkpoint import NATIVE_CONFIG, Loaded, write_native
 from .budget import source_heads
 from .calibration import calibrate, free_pairs_for
+from .checkpoint import NATIVE_CONFIG, Loaded, write_native
 from .continued import training_heldout
 from .data import blocks, calibration_blocks
 from .errors import UserError
 from .evaluate import perplexity
 from .families import refuse_merge_of_qk_norm
-from .longctx import needle_attention, position_report, retrieval, retrieval_key_heads
 from .fuse import FusedModel, FusionSchedule, merge
+from .longctx import needle_attention, position_report, retrieval, retrieval_key_heads
 from .merge import aligned_merge, closed_form_merges
 from .options import DEFAULT_FUSION_FRACTION, MERGES, FusionOptions, TrainConfig
 from .plan import Plan
@@ -63,7 +63,6 @@ from .search import SearchOptions, check_calib_blocks, search
 from .summary import kv_summary
 from .train import atomic_torch_save, checkpoints_in, eval_rows, setup_distributed, train
 from .transforms import merge_groups
-
 
 
 @dataclass
@@ -102,10 +101,14 @@ class DHAConfig:
         if self.calib_tokens < 1 or self.calib_block_size < 1:
             raise UserError("calibration tokens and block size must be positive")
         if self.device is not None and self.tokens:
-            raise UserError("a DHA run with training runs the whole model on its device: a separate compute device is for tokens 0")
+            raise UserError(
+                "a DHA run with training runs the whole model on its device: a separate compute device is for tokens 0"
+            )
         if self.tokens and self.fusion_fraction and getattr(self.search, "free_pairs", None):
-            raise UserError("--free-pairs needs the merge at once (--fusion-fraction 0): a fused model applies the position-free "
-                            "maps before RoPE and the merged one after, so the fusion stage would not end at the merge")
+            raise UserError(
+                "--free-pairs needs the merge at once (--fusion-fraction 0): a fused model applies the position-free "
+                "maps before RoPE and the merged one after, so the fusion stage would not end at the merge"
+            )
 
 
 @dataclass
@@ -130,7 +133,10 @@ def split_tokens(tokens: int, fusion_fraction: float, batch_tokens: int, block_s
     if 0 < fusion_fraction < 1 and steps >= 2:
         fusion_steps = min(max(fusion_steps, 1), steps - 1)  # both stages asked for: at least one step each
     continued_steps = steps - fusion_steps
-    for name, n, wanted in (("fusion", fusion_steps, fusion_fraction > 0), ("continued training", continued_steps, fusion_fraction < 1)):
+    for name, n, wanted in (
+        ("fusion", fusion_steps, fusion_fraction > 0),
+        ("continued training", continued_steps, fusion_fraction < 1),
+    ):
         if wanted and n < 1:
             raise UserError(
                 f"--tokens {tokens} is {steps} optimizer step(s) of {step} tokens ({rows} blocks of {block_size}), which leaves "
@@ -155,10 +161,15 @@ def table_row(name: str, model, windows, device=None) -> dict:
     model.eval()
     ppl = perplexity(model, windows, batch_size=4, progress=False, device=device) if windows is not None else None
     model.train(was_training)
-    return {"model": name, "kv_heads": kv["key_heads_total"] + kv["value_heads_total"],
-            "kv_bytes_per_token_bf16": kv["kv_bytes_per_token_bf16"], "kv_bytes_per_token_fp32": kv["kv_bytes_per_token_fp32"],
-            "heldout_ppl": ppl["ppl"] if ppl else None, "heldout_nll": ppl["nll"] if ppl else None,
-            "heldout_tokens": ppl["tokens"] if ppl else 0}
+    return {
+        "model": name,
+        "kv_heads": kv["key_heads_total"] + kv["value_heads_total"],
+        "kv_bytes_per_token_bf16": kv["kv_bytes_per_token_bf16"],
+        "kv_bytes_per_token_fp32": kv["kv_bytes_per_token_fp32"],
+        "heldout_ppl": ppl["ppl"] if ppl else None,
+        "heldout_nll": ppl["nll"] if ppl else None,
+        "heldout_tokens": ppl["tokens"] if ppl else 0,
+    }
 
 
 def source_on_training_windows(source, heldout_train, train_template) -> float | None:
@@ -171,6 +182,7 @@ def source_on_training_windows(source, heldout_train, train_template) -> float |
 
 
 # ---- end to end --------------------------------------------------------------------------------
+
 
 @dataclass
 class DHAResult:
@@ -189,7 +201,9 @@ def protected_heads(source, tokenizer, config: DHAConfig, log_progress) -> list:
         raise UserError("--retrieval-heads needs the source's tokenizer (it builds passkey prompts)")
     length = min(2048, source.config.max_position_embeddings)
     log_progress(f"retrieval heads: attention on the needle of 5 passkey prompts of {length} tokens")
-    heads = retrieval_key_heads(source, needle_attention(source, tokenizer, length, progress=False), config.retrieval_heads)
+    heads = retrieval_key_heads(
+        source, needle_attention(source, tokenizer, length, progress=False), config.retrieval_heads
+    )
     kinds = ("key", "value") if config.protect_values else ("key",)
     return [(l, kind, j) for l, j in heads for kind in kinds]
 
@@ -202,7 +216,9 @@ def resolved_search(source, search_options, fusion: bool):
     return replace(search_options, free_pairs=free_pairs_for(source, requested, search_options.free_context))
 
 
-def plan_and_merges(source, calib: torch.Tensor, config: DHAConfig, search_options, plan, log_progress, tokenizer=None) -> tuple:
+def plan_and_merges(
+    source, calib: torch.Tensor, config: DHAConfig, search_options, plan, log_progress, tokenizer=None
+) -> tuple:
     """Stage 1: one calibration pass, the search (unless a plan is given; protecting the retrieval
     heads the config asks for), and the closed-form aligned merge of every group (None for
     config.merge "mean"). Returns (plan, merges). `search_options` as `resolved_search` gives them."""
@@ -211,8 +227,15 @@ def plan_and_merges(source, calib: torch.Tensor, config: DHAConfig, search_optio
         search_options = replace(search_options, protect=protected_heads(source, tokenizer, config, log_progress))
     gradients = plan is None and search_options.needs_gradients
     log_progress(f"calibration on {calib.numel()} tokens" + (" (with gradients)" if gradients else ""))
-    calibration = calibrate(source, calib, search_options.batch_size, search_options.metric, gradients=gradients,
-                            device=config.device, free_pairs=search_options.free_pairs)
+    calibration = calibrate(
+        source,
+        calib,
+        search_options.batch_size,
+        search_options.metric,
+        gradients=gradients,
+        device=config.device,
+        free_pairs=search_options.free_pairs,
+    )
     if plan is None:
         log_progress(f"search ({search_options.search})")
         plan = search(source, config.kv_budget, calib, search_options, calibration=calibration)
@@ -223,8 +246,18 @@ def plan_and_merges(source, calib: torch.Tensor, config: DHAConfig, search_optio
     return plan, merges
 
 
-def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progress: bool = True,
-            run_dir: str | None = None, resume: bool = False, run_info: dict | None = None) -> DHAResult | None:
+def run_dha(
+    loaded,
+    splits,
+    config: DHAConfig,
+    *,
+    teacher=None,
+    plan=None,
+    progress: bool = True,
+    run_dir: str | None = None,
+    resume: bool = False,
+    run_info: dict | None = None,
+) -> DHAResult | None:
     """Search, fuse, merge, train, evaluate (module doc). `loaded.model` is not modified.
 
     loaded: dha.checkpoint.Loaded of the source (float32 weights for training);
@@ -246,8 +279,10 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
     stages = split_tokens(config.tokens, config.fusion_fraction, template.batch_tokens, template.block_size)
     search_options = resolved_search(loaded.model, search_options, fusion=bool(stages.fusion))  # once, before any work
     if config.tokens and splits.train.numel() < template.block_size + 1:
-        raise UserError(f"the train split has {splits.train.numel()} tokens, less than one training block of "
-                        f"{template.block_size}: use more data or a smaller --block-size")
+        raise UserError(
+            f"the train split has {splits.train.numel()} tokens, less than one training block of "
+            f"{template.block_size}: use more data or a smaller --block-size"
+        )
     d = setup_distributed(template.device)
     if template.distill and teacher is None:
         teacher = loaded.model
@@ -257,14 +292,16 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
 
     t0 = time.perf_counter()
     calib = calibration_blocks(splits.train, config.calib_tokens, config.calib_block_size)
-    plan, merges = run.stage1(lambda: plan_and_merges(loaded.model, calib, config, search_options, plan, log_progress,
-                                                      loaded.tokenizer))
+    plan, merges = run.stage1(
+        lambda: plan_and_merges(loaded.model, calib, config, search_options, plan, log_progress, loaded.tokenizer)
+    )
     seconds["search"] = time.perf_counter() - t0
 
     heldout_train = training_heldout(splits, template.block_size)
     t0 = time.perf_counter()
-    model, fusion_distance, log = fusion_stage(loaded.model, plan, merges, config, stages, splits, heldout_train,
-                                               teacher, run, log_progress)
+    model, fusion_distance, log = fusion_stage(
+        loaded.model, plan, merges, config, stages, splits, heldout_train, teacher, run, log_progress
+    )
     seconds["fusion"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     model, continued_log = continued_stage(model, config, stages, splits, heldout_train, teacher, run, log_progress)
@@ -273,17 +310,32 @@ def run_dha(loaded, splits, config: DHAConfig, *, teacher=None, plan=None, progr
         return None
     model = model.eval()
     t0 = time.perf_counter()
-    rows, source_curve_ppl = final_table(loaded.model, model, plan, merges, config, splits, heldout_train, loaded.tokenizer)
+    rows, source_curve_ppl = final_table(
+        loaded.model, model, plan, merges, config, splits, heldout_train, loaded.tokenizer
+    )
     seconds["evaluation"] = time.perf_counter() - t0
     summary = {
-        "method": "dha", "source": loaded.source, "data": splits.source, "kv_budget": config.kv_budget,
-        "kv_fraction": plan.kv_fraction(), "tokens": config.tokens, "fusion_tokens": stages.fusion,
-        "continued_tokens": stages.continued, "fusion_distance_at_merge": fusion_distance,
-        "key_heads": plan.key_heads(), "value_heads": plan.value_heads(),
+        "method": "dha",
+        "source": loaded.source,
+        "data": splits.source,
+        "kv_budget": config.kv_budget,
+        "kv_fraction": plan.kv_fraction(),
+        "tokens": config.tokens,
+        "fusion_tokens": stages.fusion,
+        "continued_tokens": stages.continued,
+        "fusion_distance_at_merge": fusion_distance,
+        "key_heads": plan.key_heads(),
+        "value_heads": plan.value_heads(),
         "search": {k: v for k, v in asdict(search_options).items() if k != "progress"},
-        "fusion": asdict(config.fusion), "train": asdict(template) if config.tokens else None,
-        "fusion_fraction": config.fusion_fraction, "merge": config.merge, "retrieval_heads": config.retrieval_heads, "calibration_tokens": int(calib.numel()),
-        "processes": d.world, "results": rows, "source_ppl_on_training_eval_windows": source_curve_ppl,
+        "fusion": asdict(config.fusion),
+        "train": asdict(template) if config.tokens else None,
+        "fusion_fraction": config.fusion_fraction,
+        "merge": config.merge,
+        "retrieval_heads": config.retrieval_heads,
+        "calibration_tokens": int(calib.numel()),
+        "processes": d.world,
+        "results": rows,
+        "source_ppl_on_training_eval_windows": source_curve_ppl,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     return DHAResult(result_loaded(loaded, model, plan, config, summary), summary, log + continued_log)
@@ -296,12 +348,24 @@ def merge_without_fusion(model, plan: Plan, merges, device=None):
 
 def stage_log(history: list[dict], evals: list[dict], stage: str, offset: int) -> list[dict]:
     """A stage's training and evaluation records, tokens counted from the start of the run."""
-    return [{**r, "stage": stage, "tokens": r["tokens"] + offset}
-            for r in sorted(history + evals, key=lambda r: (r["step"], r["kind"] == "eval"))]
+    return [
+        {**r, "stage": stage, "tokens": r["tokens"] + offset}
+        for r in sorted(history + evals, key=lambda r: (r["step"], r["kind"] == "eval"))
+    ]
 
 
-def fusion_stage(source, plan: Plan, merges, config: DHAConfig, stages: StageTokens, splits, heldout_train,
-                 teacher, run: "StageRun", log_progress) -> tuple:
+def fusion_stage(
+    source,
+    plan: Plan,
+    merges,
+    config: DHAConfig,
+    stages: StageTokens,
+    splits,
+    heldout_train,
+    teacher,
+    run: "StageRun",
+    log_progress,
+) -> tuple:
     """Stage 2 and 3: fusion training toward the merges, then the merge. (model, distance, log);
     without fusion tokens the plan is merged at once."""
     if not stages.fusion:
@@ -309,7 +373,9 @@ def fusion_stage(source, plan: Plan, merges, config: DHAConfig, stages: StageTok
     fused = FusedModel(source, plan, merges, config.fusion)
     cfg = replace(config.train, tokens=stages.fusion)
     steps = stages.fusion // stages.step_tokens
-    log_progress(f"fusion: {steps} steps, {stages.fusion:,} tokens (toward the {config.merge} merge, {config.fusion.schedule})")
+    log_progress(
+        f"fusion: {steps} steps, {stages.fusion:,} tokens (toward the {config.merge} merge, {config.fusion.schedule})"
+    )
     schedule = FusionSchedule(fused, steps, config.fusion)
     result = run.train("fusion", fused, splits.train, heldout_train, cfg, teacher, schedule.hooks())
     fused = result.model
@@ -318,8 +384,9 @@ def fusion_stage(source, plan: Plan, merges, config: DHAConfig, stages: StageTok
     return model, distance, stage_log(result.history, result.evals, "fusion", 0)
 
 
-def continued_stage(model, config: DHAConfig, stages: StageTokens, splits, heldout_train, teacher,
-                    run: "StageRun", log_progress) -> tuple:
+def continued_stage(
+    model, config: DHAConfig, stages: StageTokens, splits, heldout_train, teacher, run: "StageRun", log_progress
+) -> tuple:
     """Stage 4: continued training of the merged model. (model, log).
 
     Not `dha.continued.continue_training` (the `train` verb's run, which loads DATA itself and
@@ -356,10 +423,17 @@ def final_table(source, model, plan: Plan, merges, config: DHAConfig, splits, he
     if source.config.position == "learned":  # learned position tables (GPT-2, OPT) end somewhere
         window = min(window, source.config.max_position_embeddings)
     windows = heldout_blocks(splits.heldout, config.final_eval_tokens, window)
-    candidates = [("source", source),
-                  (f"plan, {config.merge}-merged (no training)", merge_without_fusion(source, plan, merges) if config.tokens else model)]
+    candidates = [
+        ("source", source),
+        (
+            f"plan, {config.merge}-merged (no training)",
+            merge_without_fusion(source, plan, merges) if config.tokens else model,
+        ),
+    ]
     if config.tokens:
-        candidates.append(("dha (fused, merged, trained)" if config.fusion_fraction else "dha (merged, trained)", model))
+        candidates.append(
+            ("dha (fused, merged, trained)" if config.fusion_fraction else "dha (merged, trained)", model)
+        )
     rows = [table_row(name, m, windows, config.device) for name, m in candidates]
     for row, (_, m) in zip(rows, candidates):
         row.update(long_context_row(m, splits.heldout, config, tokenizer))
@@ -370,12 +444,26 @@ def final_table(source, model, plan: Plan, merges, config: DHAConfig, splits, he
 def result_loaded(loaded, model, plan: Plan, config: DHAConfig, summary: dict):
     """The converted model as a dha.checkpoint.Loaded, with the plan's notes and the provenance."""
     plan.method, plan.kv_budget = "dha", config.kv_budget
-    plan.notes = {**plan.notes, "pipeline": {k: summary[k] for k in ("tokens", "fusion_tokens", "continued_tokens",
-                                                                      "fusion_fraction", "fusion_distance_at_merge")}}
-    provenance = {"converted_from": loaded.source, "source_provenance": loaded.provenance, "method": "dha",
-                  "kv_budget": config.kv_budget, "kv_fraction": plan.kv_fraction(), "data": summary["data"],
-                  "tokens": config.tokens, "fusion_tokens": summary["fusion_tokens"],
-                  "continued_tokens": summary["continued_tokens"], "merge": config.merge, "fusion": asdict(config.fusion)}
+    plan.notes = {
+        **plan.notes,
+        "pipeline": {
+            k: summary[k]
+            for k in ("tokens", "fusion_tokens", "continued_tokens", "fusion_fraction", "fusion_distance_at_merge")
+        },
+    }
+    provenance = {
+        "converted_from": loaded.source,
+        "source_provenance": loaded.provenance,
+        "method": "dha",
+        "kv_budget": config.kv_budget,
+        "kv_fraction": plan.kv_fraction(),
+        "data": summary["data"],
+        "tokens": config.tokens,
+        "fusion_tokens": summary["fusion_tokens"],
+        "continued_tokens": summary["continued_tokens"],
+        "merge": config.merge,
+        "fusion": asdict(config.fusion),
+    }
     return Loaded(model, loaded.tokenizer, loaded.source, "native", loaded.hf_config, plan, provenance)
 
 
@@ -424,9 +512,20 @@ class StageRun:
                 shutil.rmtree(out, ignore_errors=True)  # a stage killed before its first checkpoint starts again
             if self.d.world > 1:
                 dist.barrier()
-        return train(model, train_stream, heldout, cfg, teacher=teacher, hooks=hooks, out_dir=out, resume=resume,
-                     progress=self.progress, run_info={**self.info, "stage": stage}, save_final=False,
-                     checkpoint_at_end=out is not None and cfg.save_every > 0)
+        return train(
+            model,
+            train_stream,
+            heldout,
+            cfg,
+            teacher=teacher,
+            hooks=hooks,
+            out_dir=out,
+            resume=resume,
+            progress=self.progress,
+            run_info={**self.info, "stage": stage},
+            save_final=False,
+            checkpoint_at_end=out is not None and cfg.save_every > 0,
+        )
 
 
 def save_stage1(path: str, plan: Plan, merges) -> None:
@@ -437,8 +536,10 @@ def load_stage1(path: str) -> tuple:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or not a torch file
-        raise UserError(f"{path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
-                        "delete it to redo the search, or use a new --out") from None
+        raise UserError(
+            f"{path} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+            "delete it to redo the search, or use a new --out"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != STAGE1_FORMAT:
         raise UserError(f"{path} is not a dha stage-1 file: delete it to redo the search, or use a new --out")
     return Plan.from_dict(state["plan"]), state["merges"]
@@ -455,6 +556,7 @@ def finish_run_dir(run_dir: str, result: DHAResult) -> list[str]:
 
 
 # ---- output: checkpoint + report -------------------------------------------------------------------
+
 
 def write_outputs(directory: str, result: DHAResult) -> list[str]:
     """Native checkpoint, report.md, summary.json, log.jsonl and the plots, into `directory`."""
@@ -490,20 +592,36 @@ def long_context_markdown(rows: list[dict]) -> list[str]:
     source = rows[0]
     if "by_position" in source:
         buckets = source["by_position"]["buckets"]
-        lines += [f"## Long context: perplexity by position ({source['by_position']['window']:,}-token window of held-out text)", "",
-                  "| model | " + " | ".join(f"{b['start']}-{b['end']}" for b in buckets) + " |",
-                  "|---|" + "---:|" * len(buckets)]
+        lines += [
+            f"## Long context: perplexity by position ({source['by_position']['window']:,}-token window of held-out text)",
+            "",
+            "| model | " + " | ".join(f"{b['start']}-{b['end']}" for b in buckets) + " |",
+            "|---|" + "---:|" * len(buckets),
+        ]
         for r in rows:
-            cells = [f"{b['ppl']:.2f} ({b['ppl'] / s['ppl']:.3f}x)" for b, s in zip(r["by_position"]["buckets"], buckets)]
+            cells = [
+                f"{b['ppl']:.2f} ({b['ppl'] / s['ppl']:.3f}x)" for b, s in zip(r["by_position"]["buckets"], buckets)
+            ]
             lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
-        lines += ["", "Each cell: perplexity of the tokens at those positions, and in brackets its ratio to the source's.", ""]
+        lines += [
+            "",
+            "Each cell: perplexity of the tokens at those positions, and in brackets its ratio to the source's.",
+            "",
+        ]
     if "retrieval" in source:
         grid = source["retrieval"]
-        lines += [f"## Long context: passkey retrieval ({grid['prompts_per_length']} prompts per length, {grid['haystack']} haystack)", "",
-                  "| model | " + " | ".join(f"{n} tokens" for n in grid["lengths"]) + " |", "|---|" + "---:|" * len(grid["lengths"])]
+        lines += [
+            f"## Long context: passkey retrieval ({grid['prompts_per_length']} prompts per length, {grid['haystack']} haystack)",
+            "",
+            "| model | " + " | ".join(f"{n} tokens" for n in grid["lengths"]) + " |",
+            "|---|" + "---:|" * len(grid["lengths"]),
+        ]
         for r in rows:
-            lines.append(f"| {r['model']} | " + " | ".join(f"{v}/{grid['prompts_per_length']}"
-                                                         for v in r["retrieval"]["found_per_length"].values()) + " |")
+            lines.append(
+                f"| {r['model']} | "
+                + " | ".join(f"{v}/{grid['prompts_per_length']}" for v in r["retrieval"]["found_per_length"].values())
+                + " |"
+            )
         lines.append("")
     return lines
 
@@ -523,13 +641,17 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
     ]
     if summary["fusion_tokens"]:
         fu = summary["fusion"]
-        lines.append(f"- fusion: toward the {summary['merge']} merge, {fu['schedule']} schedule (weight {fu['weight']:g}, eps {fu['eps']:g}), "
-                     f"base K/V weights {'trained' if fu['train_base'] else 'frozen'}, maps {'trained' if fu['learn_maps'] else 'frozen'}; "
-                     f"fusion distance at the merge: {format_number(summary['fusion_distance_at_merge'], '.3g')}")
+        lines.append(
+            f"- fusion: toward the {summary['merge']} merge, {fu['schedule']} schedule (weight {fu['weight']:g}, eps {fu['eps']:g}), "
+            f"base K/V weights {'trained' if fu['train_base'] else 'frozen'}, maps {'trained' if fu['learn_maps'] else 'frozen'}; "
+            f"fusion distance at the merge: {format_number(summary['fusion_distance_at_merge'], '.3g')}"
+        )
     if summary.get("train"):
         tr = summary["train"]
-        lines.append(f"- training: lr {tr['lr']:g}, batch {tr['batch_tokens']:,} tokens of blocks of {tr['block_size']}, "
-                     f"autocast {tr['dtype']}" + (f", distillation (weight {tr['distill_weight']:g})" if tr["distill"] else ""))
+        lines.append(
+            f"- training: lr {tr['lr']:g}, batch {tr['batch_tokens']:,} tokens of blocks of {tr['block_size']}, "
+            f"autocast {tr['dtype']}" + (f", distillation (weight {tr['distill_weight']:g})" if tr["distill"] else "")
+        )
     lines += [
         "- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()),
         "",
@@ -541,17 +663,21 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
     for r in rows:
         ratio = r["kv_bytes_per_token_bf16"] / source["kv_bytes_per_token_bf16"]
         rel = (r["heldout_ppl"] / source["heldout_ppl"]) if (r["heldout_ppl"] and source["heldout_ppl"]) else None
-        lines.append(f"| {r['model']} | {r['kv_heads']} | {r['kv_bytes_per_token_bf16']:,} | {ratio:.1%} | "
-                     f"{format_number(r['heldout_ppl'], '.3f')} | {'n/a' if rel is None else format(rel, '.3f') + 'x'} |")
+        lines.append(
+            f"| {r['model']} | {r['kv_heads']} | {r['kv_bytes_per_token_bf16']:,} | {ratio:.1%} | "
+            f"{format_number(r['heldout_ppl'], '.3f')} | {'n/a' if rel is None else format(rel, '.3f') + 'x'} |"
+        )
     lines += ["", f"Perplexity on {source['heldout_tokens']:,} held-out tokens (non-overlapping windows).", ""]
     lines += long_context_markdown(rows)
     lines += ["## Heads per layer", "", "| layer | key heads | value heads |", "|---:|---:|---:|"]
     for l, (k, v) in enumerate(zip(summary["key_heads"], summary["value_heads"])):
         lines.append(f"| {l} | {k} | {v} |")
     lines.append("")
-    captions = {"allocation.png": "Key and value heads kept per layer (outline: the source).",
-                "loss.png": "Training loss against tokens; fusion distance on the right axis; the dotted line is the merge.",
-                "perplexity.png": "Held-out perplexity against tokens (the training evaluations' windows); the dashed line is the source on the same windows."}
+    captions = {
+        "allocation.png": "Key and value heads kept per layer (outline: the source).",
+        "loss.png": "Training loss against tokens; fusion distance on the right axis; the dotted line is the merge.",
+        "perplexity.png": "Held-out perplexity against tokens (the training evaluations' windows); the dashed line is the source on the same windows.",
+    }
     lines += ["## Plots", ""]
     for p in plots:
         lines += [f"![{p}]({p})", "", captions.get(p, ""), ""]

@@ -70,7 +70,9 @@ class Plan:
                 f"{len(source_key_heads)} layers and {_summary(source_key_heads)}/{_summary(source_value_heads)}"
             )
         if len(self.layers) != len(self.source_key_heads) or len(self.layers) != len(self.source_value_heads):
-            raise PlanError(f"plan has {len(self.layers)} layers but source head counts for {len(self.source_key_heads)}")
+            raise PlanError(
+                f"plan has {len(self.layers)} layers but source head counts for {len(self.source_key_heads)}"
+            )
         for i, layer in enumerate(self.layers):
             for kind, groups, n in (
                 ("key", layer.key_groups, self.source_key_heads[i]),
@@ -98,10 +100,15 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise PlanError(f"not a dha plan (expected \"format\": \"{FORMAT}\")")
+            raise PlanError(f'not a dha plan (expected "format": "{FORMAT}")')
         try:
             plan = cls(
-                layers=[LayerPlan([list(map(int, g)) for g in l["key_groups"]], [list(map(int, g)) for g in l["value_groups"]]) for l in d["layers"]],
+                layers=[
+                    LayerPlan(
+                        [list(map(int, g)) for g in l["key_groups"]], [list(map(int, g)) for g in l["value_groups"]]
+                    )
+                    for l in d["layers"]
+                ],
                 source_key_heads=[int(x) for x in d["source_key_heads"]],
                 source_value_heads=[int(x) for x in d["source_value_heads"]],
                 method=d.get("method", "custom"),
@@ -142,5 +149,3 @@ def contiguous_groups(num_heads: int, num_groups: int) -> list[list[int]]:
 
 def _summary(counts: list[int]) -> str:
     return str(counts[0]) if len(set(counts)) == 1 else str(counts)
-
-

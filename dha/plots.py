@@ -56,6 +56,7 @@ def plot_allocation(plan, path: str) -> None:
 
 # ---- the training curves of a DHA run (dha.pipeline): log records with "stage" fusion | continued ----
 
+
 def _merge_line(ax, log: list[dict]) -> None:
     fusion_end = max((r["tokens"] for r in log if r["stage"] == "fusion"), default=None)
     if fusion_end is not None and any(r["stage"] == "continued" for r in log):
@@ -70,15 +71,22 @@ def plot_loss(log: list[dict], path: str) -> None:
     for stage, color in (("fusion", "tab:purple"), ("continued", "tab:blue")):
         rs = [r for r in log if r["kind"] == "train" and r["stage"] == stage]
         if rs:
-            ax.plot([r["tokens"] for r in rs], [r["loss"] for r in rs], color=color, linewidth=1, label=f"LM loss ({stage})")
+            ax.plot(
+                [r["tokens"] for r in rs], [r["loss"] for r in rs], color=color, linewidth=1, label=f"LM loss ({stage})"
+            )
     ax.set_xlabel("training tokens")
     ax.set_ylabel("LM loss (nats/token)")
     dist = [r for r in log if r["kind"] == "train" and "fusion/distance" in r]
     handles, labels = ax.get_legend_handles_labels()
     if dist:
         ax2 = ax.twinx()
-        line = ax2.plot([r["tokens"] for r in dist], [max(r["fusion/distance"], 1e-12) for r in dist],
-                        color="tab:green", linewidth=1, label="fusion distance (mean over groups)")
+        line = ax2.plot(
+            [r["tokens"] for r in dist],
+            [max(r["fusion/distance"], 1e-12) for r in dist],
+            color="tab:green",
+            linewidth=1,
+            label="fusion distance (mean over groups)",
+        )
         ax2.set_yscale("log")
         ax2.set_ylabel("fusion distance (relative)")
         handles += line
@@ -97,7 +105,15 @@ def plot_perplexity(log: list[dict], source_ppl: float | None, path: str) -> Non
     for stage, color in (("fusion", "tab:purple"), ("continued", "tab:blue")):
         rs = [r for r in log if r["kind"] == "eval" and r["stage"] == stage]
         if rs:
-            ax.plot([r["tokens"] for r in rs], [r["ppl"] for r in rs], "o-", color=color, markersize=3, linewidth=1, label=stage)
+            ax.plot(
+                [r["tokens"] for r in rs],
+                [r["ppl"] for r in rs],
+                "o-",
+                color=color,
+                markersize=3,
+                linewidth=1,
+                label=stage,
+            )
     if source_ppl is not None:
         ax.axhline(source_ppl, color="black", linestyle="--", linewidth=1, label="source")
     ax.set_yscale("log")

@@ -53,8 +53,15 @@ def differences(old: dict, new: dict, resumable=frozenset(), added: dict | None 
     return names
 
 
-def check(out: str, identity: dict, resume: bool, *, resumable=frozenset(), added: dict | None = None,
-          finished: str | None = None) -> bool:
+def check(
+    out: str,
+    identity: dict,
+    resume: bool,
+    *,
+    resumable=frozenset(),
+    added: dict | None = None,
+    finished: str | None = None,
+) -> bool:
     """Whether --out holds a run to continue (read-only). A new run needs --out missing or empty;
     --resume needs it to hold this run's run.json, unfinished (`finished`: the file only a finished
     run holds). A run killed before it wrote run.json starts anew in its empty directory."""
@@ -70,8 +77,9 @@ def check(out: str, identity: dict, resume: bool, *, resumable=frozenset(), adde
         raise UserError(f"output {out} is not empty and holds no dha run ({RUN_JSON}): use a new --out")
     old = read(run_path)
     if old.get("format") != identity["format"]:
-        raise UserError(f"output {out} holds a run of another kind ({old.get('format')}, not {identity['format']}): "
-                        "use a new --out")
+        raise UserError(
+            f"output {out} holds a run of another kind ({old.get('format')}, not {identity['format']}): use a new --out"
+        )
     diffs = differences(old, identity, resumable, added)
     if diffs:
         raise UserError(f"output {out} holds a different run (differs in {', '.join(diffs)}): use a new --out")

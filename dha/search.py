@@ -48,11 +48,17 @@ from torch import nn
 from .budget import source_heads, total_heads_for_budget
 from .calibration import Calibration, calibrate, check_merge_metric, free_pairs_for
 from .errors import UserError
-from .merge import (energy, group_merge, group_residual, reconstructed_key_rows, reconstructed_outputs,
-                    reconstructed_value_rows)
+from .merge import (
+    energy,
+    group_merge,
+    group_residual,
+    reconstructed_key_rows,
+    reconstructed_outputs,
+    reconstructed_value_rows,
+)
 from .model import Transformer
-from .plan import LayerPlan, Plan
 from .options import TrainConfig
+from .plan import LayerPlan, Plan
 from .train import Hooks, ramp, train
 from .transforms import heads, unheads
 
@@ -81,7 +87,9 @@ class SearchOptions:
     protect: list = field(default_factory=list)
     sensitivity: bool = True  # cost search: costs as estimated LM-loss increases (one backward pass)
     # Ablations of DHA's two ideas (cost search only; docs/method.md, "Ablations"):
-    allocation: str = "adaptive"  # "adaptive": counts per layer by the DP | "uniform": the same K count and V count in every layer
+    allocation: str = (
+        "adaptive"  # "adaptive": counts per layer by the DP | "uniform": the same K count and V count in every layer
+    )
     decoupled: bool = True  # False: keys and values of a layer share one grouping and one count (GQA-like)
     # "free": any groups and counts (DHA) | "serving": per layer one grouping for keys and values,
     # groups of equal size, so llama.cpp (deci), vLLM and SGLang (Nemotron-NAS) hold it exactly
@@ -108,9 +116,13 @@ class SearchOptions:
         if self.layout not in LAYOUTS:
             raise UserError(f"unknown layout {self.layout!r}; choose from {', '.join(LAYOUTS)}")
         if self.layout == "serving" and (self.search != "cost" or self.allocation != "adaptive" or not self.decoupled):
-            raise UserError("--layout serving is a constraint of the cost search (no --search learned, --allocation uniform, --coupled-kv)")
+            raise UserError(
+                "--layout serving is a constraint of the cost search (no --search learned, --allocation uniform, --coupled-kv)"
+            )
         if self.search == "learned" and (self.allocation != "adaptive" or not self.decoupled):
-            raise UserError("uniform allocation and coupled keys/values are ablations of the cost search (use --search cost)")
+            raise UserError(
+                "uniform allocation and coupled keys/values are ablations of the cost search (use --search cost)"
+            )
         if self.batch_size < 1 or self.steps < 1:
             raise UserError("batch_size and steps must be positive")
         if not 0.0 <= self.warmup <= 1.0:
@@ -133,10 +145,13 @@ class HeadTable:
     kind: str  # "key" | "value"
     groupings: list[list[list[int]]]  # groupings[n - 1]: the heads in n groups
     costs: list[float]  # costs[n - 1]: relative residual of groupings[n - 1] (0 at n = source heads)
-    fisher: list[float] | None = None  # fisher[n - 1]: estimated LM-loss increase (nats, summed over calibration tokens)
+    fisher: list[float] | None = (
+        None  # fisher[n - 1]: estimated LM-loss increase (nats, summed over calibration tokens)
+    )
 
 
 # ---- grouping and costs --------------------------------------------------------------------------
+
 
 def agglomerate(residual, n: int) -> list[list[list[int]]]:
     """Nested groupings of n heads for every count: groupings[c - 1] has c groups.
@@ -187,8 +202,9 @@ class GroupCache:
         key = (kind, tuple(members))
         if key not in self.reconstructions:
             merge = group_merge(self.stats, kind, members)
-            self.reconstructions[key] = reconstructed_outputs(outputs[:, members].double(), kind, [list(range(len(members)))],
-                                                              [merge])
+            self.reconstructions[key] = reconstructed_outputs(
+                outputs[:, members].double(), kind, [list(range(len(members)))], [merge]
+            )
         return self.reconstructions[key]
 
 
@@ -227,7 +243,9 @@ def head_tables(model: Transformer, calibration: Calibration, sensitivity: bool,
         for kind in KINDS:
             n = model.config.key_heads(l) if kind == "key" else model.config.value_heads(l)
             mine = {h for pl, pk, h in protect if (pl, pk) == (l, kind)}
-            groupings = agglomerate(lambda g, k=kind, p=mine: cache.residual(k, g) + (PROTECTED if len(g) > 1 and p & set(g) else 0), n)
+            groupings = agglomerate(
+                lambda g, k=kind, p=mine: cache.residual(k, g) + (PROTECTED if len(g) > 1 and p & set(g) else 0), n
+            )
             fisher = table_fisher(calibration, l, kind, groupings, cache) if sensitivity else None
             tables.append(HeadTable(l, kind, groupings, [relative_cost(cache, kind, g) for g in groupings], fisher))
     return tables
@@ -256,7 +274,9 @@ def coupled_tables(model: Transformer, calibration: Calibration, sensitivity: bo
             raise UserError(f"layer {l} already has decoupled key and value heads: keys and values cannot share groups")
         cache = GroupCache(stats)
         ek, ev = max(energy(stats, "key"), 1e-30), max(energy(stats, "value"), 1e-30)
-        groupings = agglomerate(lambda g: cache.residual("key", g) / ek + cache.residual("value", g) / ev, cfg.key_heads(l))
+        groupings = agglomerate(
+            lambda g: cache.residual("key", g) / ek + cache.residual("value", g) / ev, cfg.key_heads(l)
+        )
         for kind in KINDS:
             fisher = table_fisher(calibration, l, kind, groupings, cache) if sensitivity else None
             out.append(HeadTable(l, kind, groupings, [relative_cost(cache, kind, g) for g in groupings], fisher))
@@ -285,8 +305,10 @@ def serving_tables(model: Transformer, calibration: Calibration, sensitivity: bo
     for l, stats in enumerate(calibration.stats):
         n = cfg.key_heads(l)
         if cfg.key_index[l] != cfg.value_index[l] or len({cfg.key_index[l].count(j) for j in range(n)}) != 1:
-            raise UserError(f"--layout serving needs a source whose layer {l} reads key head i and value head i together, "
-                            "each by the same number of query heads (MHA or GQA)")
+            raise UserError(
+                f"--layout serving needs a source whose layer {l} reads key head i and value head i together, "
+                "each by the same number of query heads (MHA or GQA)"
+            )
         cache = GroupCache(stats)
         ek, ev = max(energy(stats, "key"), 1e-30), max(energy(stats, "value"), 1e-30)
         both = lambda g: cache.residual("key", g) / ek + cache.residual("value", g) / ev  # noqa: E731
@@ -318,6 +340,7 @@ def allocate_serving(costs: list[list[float]], total: int) -> list[int]:
 
 # ---- allocation ----------------------------------------------------------------------------------
 
+
 def allocate(costs: list[list[float]], total: int) -> list[int]:
     """Counts n_i in 1..len(costs[i]) with sum_i n_i == total minimising sum_i costs[i][n_i - 1].
 
@@ -327,7 +350,9 @@ def allocate(costs: list[list[float]], total: int) -> list[int]:
     """
     sizes = [len(c) for c in costs]
     if not len(sizes) <= total <= sum(sizes):
-        raise UserError(f"cannot keep exactly {total} heads with {len(sizes)} layer/kinds of 1..{max(sizes)} heads each")
+        raise UserError(
+            f"cannot keep exactly {total} heads with {len(sizes)} layer/kinds of 1..{max(sizes)} heads each"
+        )
     best = np.full((len(costs) + 1, total + 1), np.inf)
     best[0, 0] = 0.0
     choice = np.zeros((len(costs), total + 1), dtype=np.int64)
@@ -360,8 +385,12 @@ def allocate_with(costs: list[list[float]], total: int, options: SearchOptions) 
             return allocate(costs, total)
         return [n for n in allocate(pairs, total // 2) for _ in range(2)]
     max_k, max_v = min(len(c) for c in costs[0::2]), min(len(c) for c in costs[1::2])
-    options_kv = [(k, v) for k in range(1, max_k + 1) for v in range(1, max_v + 1)
-                  if L * (k + v) <= total and (options.decoupled or k == v)]
+    options_kv = [
+        (k, v)
+        for k in range(1, max_k + 1)
+        for v in range(1, max_v + 1)
+        if L * (k + v) <= total and (options.decoupled or k == v)
+    ]
     if not options_kv:
         raise UserError(f"a uniform allocation needs at least {2 * L} heads, the budget keeps {total}")
     most = max(k + v for k, v in options_kv)
@@ -375,6 +404,7 @@ def allocate_with(costs: list[list[float]], total: int, options: SearchOptions) 
 
 
 # ---- learned search ------------------------------------------------------------------------------
+
 
 def reconstructed_weights(model: Transformer, stats, table: HeadTable) -> dict[str, torch.Tensor]:
     """{"weight": (n, n*hd, D), "bias": (n, n*hd)?}: the table's k_proj (or v_proj) weights as the
@@ -392,7 +422,11 @@ def reconstructed_weights(model: Transformer, stats, table: HeadTable) -> dict[s
             rec = rows.clone()
             for g in groups:
                 merge = group_merge(stats, table.kind, g)
-                rec[g] = reconstructed_key_rows(rows[g], merge) if table.kind == "key" else reconstructed_value_rows(rows[g], merge)
+                rec[g] = (
+                    reconstructed_key_rows(rows[g], merge)
+                    if table.kind == "key"
+                    else reconstructed_value_rows(rows[g], merge)
+                )
             per_count.append(unheads(rec).to(w.dtype))
         out[suffix] = torch.stack(per_count)
     return out
@@ -467,12 +501,20 @@ class RelaxedCounts(nn.Module):
 
     def fusion_loss(self) -> torch.Tensor:
         """sum_tables sum_c c_c cost(c), at the expected u_c = prod_{i<=c} P(z_i != 0)."""
-        return sum((count_coefficients(torch.cumprod(hard_concrete_open(la), 0)) * getattr(self, f"cost_{i}")).sum()
-                   for i, la in enumerate(self.gates))
+        return sum(
+            (count_coefficients(torch.cumprod(hard_concrete_open(la), 0)) * getattr(self, f"cost_{i}")).sum()
+            for i, la in enumerate(self.gates)
+        )
 
 
-def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[HeadTable], calibration: Calibration,
-                   total: int, options: SearchOptions) -> tuple[list[int], dict]:
+def learned_counts(
+    model: Transformer,
+    calib_blocks: torch.Tensor,
+    tables: list[HeadTable],
+    calibration: Calibration,
+    total: int,
+    options: SearchOptions,
+) -> tuple[list[int], dict]:
     """Per-table head counts from relaxed, trained counts (the DHA paper's search, with the LLM-Shearing relaxation).
 
     Relaxation (`RelaxedCounts`). A table (layer l, keys or values) with n source heads has the
@@ -511,10 +553,21 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
     hooks = _lagrangian_hooks(multipliers, total / relaxed.source_heads, options)
     rows = min(options.batch_size, calib_blocks.shape[0])
     width = calib_blocks.shape[1]
-    cfg = TrainConfig(tokens=options.steps * rows * width, block_size=width, batch_tokens=rows * width, micro_batch=rows,
-                      lr=options.gate_lr, min_lr_ratio=1.0, warmup_steps=0, grad_clip=0.0, dtype="float32",
-                      eval_every=0, seed=options.seed, device=str(device),
-                      activation_checkpointing="off")  # functional_call's weights are gone when a block would recompute
+    cfg = TrainConfig(
+        tokens=options.steps * rows * width,
+        block_size=width,
+        batch_tokens=rows * width,
+        micro_batch=rows,
+        lr=options.gate_lr,
+        min_lr_ratio=1.0,
+        warmup_steps=0,
+        grad_clip=0.0,
+        dtype="float32",
+        eval_every=0,
+        seed=options.seed,
+        device=str(device),
+        activation_checkpointing="off",
+    )  # functional_call's weights are gone when a block would recompute
     was_training = model.training
     try:
         result = train(relaxed, calib_blocks, None, cfg, hooks=hooks, progress=options.progress)
@@ -524,7 +577,10 @@ def learned_counts(model: Transformer, calib_blocks: torch.Tensor, tables: list[
         expected_counts = [float(e) for e in relaxed.expected_counts()]
     rounding = [[(c - e) ** 2 for c in range(1, len(t.costs) + 1)] for t, e in zip(tables, expected_counts)]
     counts = allocate(rounding, total)
-    return counts, {"expected_counts": [round(e, 4) for e in expected_counts], "history": _learned_history(result, options)}
+    return counts, {
+        "expected_counts": [round(e, 4) for e in expected_counts],
+        "history": _learned_history(result, options),
+    }
 
 
 def _lagrangian_hooks(multipliers: nn.Parameter, final: float, options: SearchOptions) -> Hooks:
@@ -539,13 +595,20 @@ def _lagrangian_hooks(multipliers: nn.Parameter, final: float, options: SearchOp
         fusion = module.fusion_loss()
         gap = expected - target
         lam = multipliers
-        term = options.fusion_weight * fusion + lam[0] * gap + lam[1] * gap ** 2
-        return term, {"fusion": float(fusion.detach()), "expected_fraction": float(expected.detach()), "target": target,
-                      "lambda1": float(lam[0].detach()), "lambda2": float(lam[1].detach())}
+        term = options.fusion_weight * fusion + lam[0] * gap + lam[1] * gap**2
+        return term, {
+            "fusion": float(fusion.detach()),
+            "expected_fraction": float(expected.detach()),
+            "target": target,
+            "lambda1": float(lam[0].detach()),
+            "lambda2": float(lam[1].detach()),
+        }
 
     def param_groups(module: RelaxedCounts):
-        return [{"params": list(module.gates), "lr": options.gate_lr, "weight_decay": 0.0},
-                {"params": [multipliers], "lr": -options.multiplier_lr}]  # negative: gradient ascent
+        return [
+            {"params": list(module.gates), "lr": options.gate_lr, "weight_decay": 0.0},
+            {"params": [multipliers], "lr": -options.multiplier_lr},
+        ]  # negative: gradient ascent
 
     return Hooks(extra_loss, param_groups)
 
@@ -554,11 +617,15 @@ def _learned_history(result, options: SearchOptions) -> list[dict]:
     """About ten records of the gates' training (and its first and last step), rounded, for the plan's notes."""
     every = max(1, options.steps // 10)
     keep = ("step", "loss", "fusion", "expected_fraction", "target", "lambda1", "lambda2")
-    return [{k: (round(r[k], 5) if isinstance(r[k], float) else r[k]) for k in keep}
-            for r in result.history if r["step"] % every == 0 or r["step"] in (1, result.steps)]
+    return [
+        {k: (round(r[k], 5) if isinstance(r[k], float) else r[k]) for k in keep}
+        for r in result.history
+        if r["step"] % every == 0 or r["step"] in (1, result.steps)
+    ]
 
 
 # ---- entry point ---------------------------------------------------------------------------------
+
 
 def check_calib_blocks(calib_blocks: torch.Tensor | None) -> None:
     """UserError unless `calib_blocks` is a non-empty (n_blocks, T) tensor of token ids with T >= 2."""
@@ -568,8 +635,13 @@ def check_calib_blocks(calib_blocks: torch.Tensor | None) -> None:
         raise UserError(f"the DHA search needs calibration blocks of at least 2 tokens, got {calib_blocks.shape[1]}")
 
 
-def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, options: SearchOptions | None = None,
-           calibration: Calibration | None = None) -> Plan:
+def search(
+    model: Transformer,
+    kv_budget: float,
+    calib_blocks: torch.Tensor,
+    options: SearchOptions | None = None,
+    calibration: Calibration | None = None,
+) -> Plan:
     """The DHA plan for `model` at `kv_budget`: groups and per-layer counts, exactly on budget.
 
     calib_blocks: (n_blocks, T) calibration token ids (train split); `calibration`, when given, is
@@ -585,15 +657,23 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
     free_pairs = free_pairs_for(model, options.free_pairs, options.free_context)
     fresh = calibration is None or (calibration.metric, calibration.free_pairs) != (options.metric, free_pairs)
     if fresh or (weighted and calibration.grads is None):
-        calibration = calibrate(model, calib_blocks, options.batch_size, options.metric, gradients=weighted,
-                                free_pairs=free_pairs)
+        calibration = calibrate(
+            model, calib_blocks, options.batch_size, options.metric, gradients=weighted, free_pairs=free_pairs
+        )
     if options.layout == "free" and options.decoupled:
         tables = head_tables(model, calibration, weighted, options.protect)
     else:
         tables = (serving_tables if options.layout == "serving" else coupled_tables)(model, calibration, weighted)
     forbid_protected_merges(tables, options.protect)
-    notes = {"search": options.search, "total_heads": total, "calibration_tokens": int(calib_blocks.numel()),
-             "options": {**{k: v for k, v in asdict(options).items() if k != "progress"}, "free_pairs": calibration.free_pairs}}
+    notes = {
+        "search": options.search,
+        "total_heads": total,
+        "calibration_tokens": int(calib_blocks.numel()),
+        "options": {
+            **{k: v for k, v in asdict(options).items() if k != "progress"},
+            "free_pairs": calibration.free_pairs,
+        },
+    }
     costs = [t.fisher for t in tables] if weighted else [t.costs for t in tables]
     if options.layout == "serving":
         counts = allocate_serving(costs, total)
@@ -604,8 +684,10 @@ def search(model: Transformer, kv_budget: float, calib_blocks: torch.Tensor, opt
     else:
         counts, notes["learned"] = learned_counts(model, calib_blocks, tables, calibration, total, options)
     if 0 in counts or not math.isfinite(sum(c[n - 1] for c, n in zip(costs, counts))):
-        raise UserError(f"the budget keeps {total} heads, too few to keep the {len(options.protect)} protected heads "
-                        "unmerged in this layout: protect fewer (--retrieval-heads) or raise --kv-budget")
+        raise UserError(
+            f"the budget keeps {total} heads, too few to keep the {len(options.protect)} protected heads "
+            "unmerged in this layout: protect fewer (--retrieval-heads) or raise --kv-budget"
+        )
     notes["costs"] = _by_kind(tables, [_rounded(t.costs) for t in tables])
     if weighted:
         notes["loss_increase"] = _by_kind(tables, [_rounded(t.fisher) for t in tables])

@@ -66,8 +66,10 @@ def layer_layout_problem(key_index: list[int], value_index: list[int]) -> str | 
     groups = pair_groups(key_index, value_index)
     n_keys, n_values = max(key_index) + 1, max(value_index) + 1
     if not len(groups) == n_keys == n_values:
-        return (f"key heads and value heads are grouped differently (decoupled: {n_keys} key heads, "
-                f"{n_values} value heads, {len(groups)} distinct key/value pairs read by the query heads)")
+        return (
+            f"key heads and value heads are grouped differently (decoupled: {n_keys} key heads, "
+            f"{n_values} value heads, {len(groups)} distinct key/value pairs read by the query heads)"
+        )
     sizes = sorted(len(members) for members in groups.values())
     if sizes[0] != sizes[-1]:
         return f"key/value heads are shared by unequal numbers of query heads ({sizes})"
@@ -93,7 +95,7 @@ def layer_layout(key_index: list[int], value_index: list[int], pad: bool) -> Lay
     perm, key_source, value_source = [], [], []
     for (k, v), members in groups.items():
         for start in range(0, len(members), size):
-            perm += members[start:start + size]
+            perm += members[start : start + size]
             key_source.append(k)
             value_source.append(v)
     return LayerLayout(perm, key_source, value_source)
@@ -128,16 +130,22 @@ def serving_kv_bytes_per_token(kv_heads: list[int], head_dim: int, bytes_per_val
     return sum(2 * n * head_dim * bytes_per_value for n in kv_heads)
 
 
-def check_same_function(served: Transformer, source: Transformer, seed: int = 0, batch: int = 2, length: int = 32) -> float:
+def check_same_function(
+    served: Transformer, source: Transformer, seed: int = 0, batch: int = 2, length: int = 32
+) -> float:
     """Largest |logit difference| of the two (float32) models on random tokens, on their device; raises if beyond tolerance."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, source.config.vocab_size, (batch, min(length, source.config.max_position_embeddings)), generator=g)
+    ids = torch.randint(
+        0, source.config.vocab_size, (batch, min(length, source.config.max_position_embeddings)), generator=g
+    )
     ids = ids.to(next(source.parameters()).device)
     with torch.no_grad():
         ours, theirs = source(ids), served(ids)
     diff = (theirs - ours).abs().max().item()
     if not diff <= LAYOUT_ATOL + LAYOUT_RTOL * ours.abs().max().item():  # also catches NaN
-        raise RuntimeError(f"the serving layout changed the model: max |logit difference| {diff:.3g} (fp32); nothing written")
+        raise RuntimeError(
+            f"the serving layout changed the model: max |logit difference| {diff:.3g} (fp32); nothing written"
+        )
     return diff
 
 
@@ -145,13 +153,19 @@ def unsupported_reason(cfg: ModelConfig) -> str | None:
     """Why the LLaMA graph these engines run (llama.cpp `llama` / `deci`, Nemotron-NAS) cannot run this
     model (its architecture, not its layout), or None."""
     checks = [
-        (cfg.family == "llama", f"family {cfg.family!r}: the serving exports write LLaMA-family models only (model_type llama)"),
+        (
+            cfg.family == "llama",
+            f"family {cfg.family!r}: the serving exports write LLaMA-family models only (model_type llama)",
+        ),
         (cfg.norm == "rmsnorm" and cfg.final_norm, "llama.cpp's llama graph needs RMSNorm"),
         (cfg.mlp == "gated" and cfg.activation == "silu", "llama.cpp's llama graph needs a SwiGLU MLP"),
         (cfg.position == "rope" and cfg.rotary_dim == cfg.head_dim, "llama.cpp's llama graph rotates whole heads"),
         (not cfg.parallel_residual and cfg.sliding_window is None, "parallel residual or sliding window attention"),
         (not cfg.lm_head_bias, "an lm_head bias has no GGUF tensor"),
-        (cfg.rope_attention_scaling == 1.0, f"RoPE attention scaling {cfg.rope_attention_scaling} (yarn) is not written"),
+        (
+            cfg.rope_attention_scaling == 1.0,
+            f"RoPE attention scaling {cfg.rope_attention_scaling} (yarn) is not written",
+        ),
         (cfg.head_dim % 2 == 0, "odd head dim"),
     ]
     for ok, reason in checks:
@@ -180,8 +194,15 @@ class Served:
         return kv_summary(self.source, dtype)["kv_bytes_per_token"]
 
 
-def serve_for_export(model: Transformer, pad: bool, target: str, engine: str, pad_hint: str,
-                     refusal: str | None = None, checks: Callable[[], None] | None = None) -> Served:
+def serve_for_export(
+    model: Transformer,
+    pad: bool,
+    target: str,
+    engine: str,
+    pad_hint: str,
+    refusal: str | None = None,
+    checks: Callable[[], None] | None = None,
+) -> Served:
     """The shared part of the serving exports (dha.gguf, dha.nemotron), in this order:
 
     - UserError "cannot export to `target`: ..." when the LLaMA graph cannot run the architecture
@@ -204,5 +225,7 @@ def serve_for_export(model: Transformer, pad: bool, target: str, engine: str, pa
     served, layouts = to_serving(source, pad=pad)
     diff = check_same_function(served, source)
     heads_of = kv_summary(cfg)
-    padded = sum(l.kv_heads != k or l.kv_heads != v for l, k, v in zip(layouts, heads_of["key_heads"], heads_of["value_heads"]))
+    padded = sum(
+        l.kv_heads != k or l.kv_heads != v for l, k, v in zip(layouts, heads_of["key_heads"], heads_of["value_heads"])
+    )
     return Served(served, [l.kv_heads for l in layouts], cfg.num_heads, padded, diff, cfg)

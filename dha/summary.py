@@ -35,8 +35,14 @@ def inspect_model(loaded) -> dict:
     dtype = next(model.parameters()).dtype
     kv = kv_summary(cfg, dtype)
     layers = [
-        {"layer": l, "query_heads": cfg.num_heads, "key_heads": k, "value_heads": v,
-         "key_index": cfg.key_index[l], "value_index": cfg.value_index[l]}
+        {
+            "layer": l,
+            "query_heads": cfg.num_heads,
+            "key_heads": k,
+            "value_heads": v,
+            "key_index": cfg.key_index[l],
+            "value_index": cfg.value_index[l],
+        }
         for l, (k, v) in enumerate(zip(kv["key_heads"], kv["value_heads"]))
     ]
     source_kv = None
@@ -58,9 +64,7 @@ def inspect_model(loaded) -> dict:
         "kv_bytes_per_token": kv["kv_bytes_per_token"],
         "kv_bytes_per_token_fp32": kv["kv_bytes_per_token_fp32"],
         "kv_bytes_per_token_bf16": kv["kv_bytes_per_token_bf16"],
-        "kv_fraction_of_source": (
-            (kv["key_heads_total"] + kv["value_heads_total"]) / source_kv if source_kv else None
-        ),
+        "kv_fraction_of_source": ((kv["key_heads_total"] + kv["value_heads_total"]) / source_kv if source_kv else None),
         "plan_method": loaded.plan.method if loaded.plan is not None else None,
         "per_layer": layers,
     }
@@ -87,12 +91,18 @@ def print_inspect(info: dict) -> None:
     print(f"dtype             {info['dtype']}")
     print(f"query heads       {info['query_heads']} per layer")
     print(f"key heads         {_runs([l['key_heads'] for l in info['per_layer']])}  (total {info['key_heads_total']})")
-    print(f"value heads       {_runs([l['value_heads'] for l in info['per_layer']])}  (total {info['value_heads_total']})")
-    print(f"KV cache / token  {info['kv_bytes_per_token']:,} bytes in {info['dtype']} "
-          f"({info['kv_bytes_per_token_fp32']:,} fp32, {info['kv_bytes_per_token_bf16']:,} bf16)")
+    print(
+        f"value heads       {_runs([l['value_heads'] for l in info['per_layer']])}  (total {info['value_heads_total']})"
+    )
+    print(
+        f"KV cache / token  {info['kv_bytes_per_token']:,} bytes in {info['dtype']} "
+        f"({info['kv_bytes_per_token_fp32']:,} fp32, {info['kv_bytes_per_token_bf16']:,} bf16)"
+    )
     if info["kv_fraction_of_source"] is not None:
         print(f"vs source         {info['kv_fraction_of_source']:.1%} of the source's KV cache ({info['plan_method']})")
     print()
     print(f"{'layer':>5} {'Hq':>3} {'Hk':>3} {'Hv':>3}  key_index / value_index")
     for l in info["per_layer"]:
-        print(f"{l['layer']:>5} {l['query_heads']:>3} {l['key_heads']:>3} {l['value_heads']:>3}  {l['key_index']} / {l['value_index']}")
+        print(
+            f"{l['layer']:>5} {l['query_heads']:>3} {l['key_heads']:>3} {l['value_heads']:>3}  {l['key_index']} / {l['value_index']}"
+        )

@@ -84,6 +84,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import rundir
 from .atomic import atomic_file, write_json
 from .checkpoint import save_final_model
 from .data import DataError, blocks
@@ -91,7 +92,6 @@ from .errors import UserError
 from .memory import Training, free_memory, gib, step_bytes
 from .model import Transformer, next_token_nll
 from .options import AUTOCAST_NAMES, TrainConfig
-from . import rundir
 from .transforms import build
 
 RUN_FORMAT = "dha-train-run/1"
@@ -99,9 +99,14 @@ CHECKPOINT_FORMAT = "dha-train-checkpoint/1"
 SHARDED_META = "meta.pt"  # beside the shards of a sharded checkpoint: step, history, RNG, identity
 # TrainConfig fields that may differ between a run and its resumption: they do not change the
 # trajectory of the weights.
-RESUMABLE_CHANGES = {"config.eval_every", "config.save_every", "config.keep_checkpoints", "config.device",
-                     "config.micro_batch",  # only the order of sums
-                     "config.activation_checkpointing"}  # recomputes the same forward: the same gradients
+RESUMABLE_CHANGES = {
+    "config.eval_every",
+    "config.save_every",
+    "config.keep_checkpoints",
+    "config.device",
+    "config.micro_batch",  # only the order of sums
+    "config.activation_checkpointing",
+}  # recomputes the same forward: the same gradients
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 assert tuple(AUTOCAST_DTYPES) == AUTOCAST_NAMES
 
@@ -191,6 +196,7 @@ def distill_loss_sum(student_logits: Tensor, teacher_logits: Tensor, temperature
 
 # ---- distributed setup ---------------------------------------------------------------------------
 
+
 @dataclass
 class Dist:
     rank: int
@@ -226,18 +232,23 @@ def _all_sum(t: Tensor, d: Dist) -> Tensor:
 
 # ---- data ----------------------------------------------------------------------------------------
 
+
 def as_blocks(data, block_size: int, what: str) -> Tensor:
     """A 1-D token stream cut into (n, block_size) rows, or 2-D rows as given."""
     if not isinstance(data, Tensor):
         data = torch.as_tensor(data)
     if data.dim() == 1:
         if data.numel() < block_size:
-            raise DataError(f"{what} data has {data.numel()} tokens, shorter than one block of {block_size}: "
-                            "use more data or a smaller --block-size")
+            raise DataError(
+                f"{what} data has {data.numel()} tokens, shorter than one block of {block_size}: "
+                "use more data or a smaller --block-size"
+            )
         return blocks(data.long(), block_size)
     if data.dim() != 2 or data.shape[0] < 1 or data.shape[1] < 2:
-        raise DataError(f"{what} data must be a 1-D token stream or (n, block) rows with n >= 1 and block >= 2, "
-                        f"got shape {tuple(data.shape)}")
+        raise DataError(
+            f"{what} data must be a 1-D token stream or (n, block) rows with n >= 1 and block >= 2, "
+            f"got shape {tuple(data.shape)}"
+        )
     return data.long()
 
 
@@ -253,7 +264,7 @@ def rows_at(num_rows: int, seed: int, start: int, count: int) -> Tensor:
     while position < start + count:
         epoch, offset = divmod(position, num_rows)
         take = min(num_rows - offset, start + count - position)
-        out.append(epoch_order(num_rows, seed, epoch)[offset:offset + take])
+        out.append(epoch_order(num_rows, seed, epoch)[offset : offset + take])
         position += take
     return torch.cat(out)
 
@@ -273,17 +284,22 @@ class StepShape:
 def step_shape(cfg: TrainConfig, width: int, world: int) -> StepShape:
     rows = max(1, cfg.batch_tokens // width)
     if rows % world:
-        raise UserError(f"the global batch of {rows} blocks ({cfg.batch_tokens} tokens / {width}) does not split "
-                        f"evenly over {world} processes: choose batch tokens a multiple of {world * width}")
+        raise UserError(
+            f"the global batch of {rows} blocks ({cfg.batch_tokens} tokens / {width}) does not split "
+            f"evenly over {world} processes: choose batch tokens a multiple of {world * width}"
+        )
     steps = cfg.tokens // (rows * width)
     if steps < 1:
-        raise UserError(f"--tokens {cfg.tokens} is smaller than one optimizer step ({rows * width} tokens = "
-                        f"{rows} blocks of {width}): raise --tokens or lower --batch-tokens")
+        raise UserError(
+            f"--tokens {cfg.tokens} is smaller than one optimizer step ({rows * width} tokens = "
+            f"{rows} blocks of {width}): raise --tokens or lower --batch-tokens"
+        )
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * steps))
     return StepShape(rows, width, steps, min(warmup, steps))
 
 
 # ---- output directory, run identity, checkpoints -------------------------------------------------
+
 
 def run_identity(cfg: TrainConfig, model: nn.Module, run_info: dict | None) -> dict:
     model_cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else None
@@ -328,7 +344,9 @@ def load_checkpoint(path: str, identity: dict, model: nn.Module) -> dict:
     optimizer state come with it; a sharded one's are read later, into the wrapped model (restore)."""
     sharded = os.path.isdir(path)
     try:
-        state = torch.load(os.path.join(path, SHARDED_META) if sharded else path, map_location="cpu", weights_only=False)
+        state = torch.load(
+            os.path.join(path, SHARDED_META) if sharded else path, map_location="cpu", weights_only=False
+        )
     except Exception as e:  # truncated or not a torch file
         raise _unreadable(path, e) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -343,7 +361,9 @@ def load_checkpoint(path: str, identity: dict, model: nn.Module) -> dict:
             meta = FileSystemReader(path).read_metadata().state_dict_metadata
         except Exception as e:
             raise _unreadable(path, e) from None
-        theirs = {k[len("model."):]: tuple(m.size) for k, m in meta.items() if k.startswith("model.") and hasattr(m, "size")}
+        theirs = {
+            k[len("model.") :]: tuple(m.size) for k, m in meta.items() if k.startswith("model.") and hasattr(m, "size")
+        }
     else:
         theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
     if ours != theirs:
@@ -405,8 +425,13 @@ def restore(module: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
             raise _unreadable(state["path"], e) from None
         set_state_dict(module, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
     elif fsdp:
-        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
+        set_state_dict(
+            module,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
     else:
         module.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -414,10 +439,11 @@ def restore(module: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
 
 # ---- optimizer -----------------------------------------------------------------------------------
 
+
 def build_optimizer(module: nn.Module, cfg: TrainConfig, hooks: Hooks, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the hook's groups plus a default group; each group remembers its signed peak lr."""
     groups, seen = [], set()
-    for g in (hooks.param_groups(module) if hooks.param_groups else []):
+    for g in hooks.param_groups(module) if hooks.param_groups else []:
         g = dict(g)
         params = [p for p in g.pop("params") if p.requires_grad]
         if any(id(p) in seen for p in params):
@@ -431,7 +457,9 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig, hooks: Hooks, device: t
     matrices = [p for p in rest if p.dim() >= 2]
     vectors = [p for p in rest if p.dim() < 2]
     # Decay matrices only: norms' gains and biases are not shrunk toward 0 (nanoGPT's configure_optimizers).
-    groups.insert(0, {"params": matrices, "lr": cfg.lr, "peak_lr": cfg.lr, "ascent": False, "weight_decay": cfg.weight_decay})
+    groups.insert(
+        0, {"params": matrices, "lr": cfg.lr, "peak_lr": cfg.lr, "ascent": False, "weight_decay": cfg.weight_decay}
+    )
     groups.insert(1, {"params": vectors, "lr": cfg.lr, "peak_lr": cfg.lr, "ascent": False, "weight_decay": 0.0})
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
@@ -449,6 +477,7 @@ def own_storage(module: nn.Module, storages: set[int]) -> None:
 
 
 # ---- activation checkpointing --------------------------------------------------------------------
+
 
 def set_checkpointing(module: nn.Module, on: bool) -> int:
     """Run the decoder blocks of every Transformer inside `module` (itself, the source model of a
@@ -473,8 +502,9 @@ def choose_checkpointing(cfg: TrainConfig, module: nn.Module, micro: int, width:
         if mode == "on":
             raise UserError("--activation-checkpointing on: the model trained has no Transformer blocks to checkpoint")
         return False
-    training = Training(micro_batch=micro, block_size=width, shards=d.world if cfg.fsdp and d.world > 1 else 1,
-                        distill=cfg.distill)
+    training = Training(
+        micro_batch=micro, block_size=width, shards=d.world if cfg.fsdp and d.world > 1 else 1, distill=cfg.distill
+    )
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1  # they share its memory
     without, with_it = (processes * step_bytes(models[0].config, training, trainable, c) for c in (False, True))
@@ -487,14 +517,17 @@ def choose_checkpointing(cfg: TrainConfig, module: nn.Module, micro: int, width:
     what = f"a micro batch of {micro} x {width} tokens needs about {gib(without)} beyond the weights without it"
     where = f"{d.device} has {gib(free)} free" if free is not None else f"{d.device}'s free memory is unknown"
     if code == 2:
-        raise UserError(f"training does not fit on {d.device} even with activation checkpointing: {what}, "
-                        f"{gib(with_it)} with it; {where}. Lower --micro-batch or --block-size")
+        raise UserError(
+            f"training does not fit on {d.device} even with activation checkpointing: {what}, "
+            f"{gib(with_it)} with it; {where}. Lower --micro-batch or --block-size"
+        )
     if code == 1 and mode == "auto" and d.main:
         print(f"dha: activation checkpointing on: {what}, {gib(with_it)} with it; {where}", file=sys.stderr)
     return code == 1
 
 
 # ---- the loop ------------------------------------------------------------------------------------
+
 
 def _autocast(device: torch.device, dtype_name: str):
     dtype = AUTOCAST_DTYPES[dtype_name]
@@ -505,7 +538,7 @@ def _autocast(device: torch.device, dtype_name: str):
 
 def eval_rows(heldout_rows: Tensor, eval_tokens: int) -> Tensor:
     """The held-out rows every evaluation of a run scores: the first eval_tokens // width (at least one)."""
-    return heldout_rows[:max(1, min(heldout_rows.shape[0], eval_tokens // heldout_rows.shape[1]))]
+    return heldout_rows[: max(1, min(heldout_rows.shape[0], eval_tokens // heldout_rows.shape[1]))]
 
 
 @torch.no_grad()
@@ -523,8 +556,8 @@ def evaluate_heldout(model: nn.Module, rows: Tensor, micro_batch: int, d: Dist, 
     mine += [0] * (per_rank - len(mine))
     total = torch.zeros(2, dtype=torch.float64, device=d.device)
     for start in range(0, per_rank, micro_batch):
-        idx = torch.tensor(mine[start:start + micro_batch])
-        w = torch.tensor(weights[start:start + micro_batch], device=d.device)
+        idx = torch.tensor(mine[start : start + micro_batch])
+        w = torch.tensor(weights[start : start + micro_batch], device=d.device)
         with _autocast(d.device, dtype_name):
             loss = next_token_nll(model, rows[idx].to(d.device))  # (b,)
         total[0] += (loss * w).sum().double()
@@ -565,8 +598,18 @@ def train(
         returns its result at once (the stages of `dha convert --method dha`).
     """
     cfg.validate()
-    run = _Run(model, train_stream_or_blocks, heldout_blocks, cfg, teacher, hooks or Hooks(), out_dir, resume, run_info,
-               progress)
+    run = _Run(
+        model,
+        train_stream_or_blocks,
+        heldout_blocks,
+        cfg,
+        teacher,
+        hooks or Hooks(),
+        out_dir,
+        resume,
+        run_info,
+        progress,
+    )
     if not run.resumed and cfg.eval_every:
         run.evaluate()  # the starting point
     bar = _progress_bar(run.shape.steps, run.step) if progress and run.d.main else None
@@ -591,7 +634,9 @@ class _Run:
     """One call of `train`: what it set up (data, distributed wrapping, optimizer, outputs) and
     where it stands (step, history, evals). Its methods are the loop's steps."""
 
-    def __init__(self, model, data, heldout, cfg: TrainConfig, teacher, hooks: Hooks, out_dir, resume, run_info, progress):
+    def __init__(
+        self, model, data, heldout, cfg: TrainConfig, teacher, hooks: Hooks, out_dir, resume, run_info, progress
+    ):
         self.cfg, self.hooks, self.out_dir = cfg, hooks, out_dir
         self.d = d = setup_distributed(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, d.device)
@@ -599,8 +644,9 @@ class _Run:
         self.heldout = as_blocks(heldout, cfg.block_size, "held-out") if heldout is not None else None
         self.shape = step_shape(cfg, self.rows.shape[1], d.world)
         self.identity = run_identity(cfg, model, run_info)
-        if out_dir is not None and not rundir.check(out_dir, self.identity, resume is not None,
-                                                    resumable=RESUMABLE_CHANGES, added=_added()):
+        if out_dir is not None and not rundir.check(
+            out_dir, self.identity, resume is not None, resumable=RESUMABLE_CHANGES, added=_added()
+        ):
             resume = None  # a run killed before it wrote run.json starts anew
         state = load_checkpoint(find_checkpoint(resume), self.identity, model) if resume is not None else None
         if d.world > 1:
@@ -631,8 +677,11 @@ class _Run:
         if state is not None:
             self._restore(state)
         if progress and d.main:
-            print(f"dha: {self.shape.steps} steps of {self.shape.tokens} tokens on {d.world} process(es), {d.device}, "
-                  f"autocast {self.dtype}, activation checkpointing {'on' if self.checkpointing else 'off'}", file=sys.stderr)
+            print(
+                f"dha: {self.shape.steps} steps of {self.shape.tokens} tokens on {d.world} process(es), {d.device}, "
+                f"autocast {self.dtype}, activation checkpointing {'on' if self.checkpointing else 'off'}",
+                file=sys.stderr,
+            )
         self.writer = self._open_outputs()
 
         self.predicted = self.shape.rows * (self.shape.width - 1)  # global number of target tokens per step
@@ -680,8 +729,14 @@ class _Run:
             return
         rows = eval_rows(self.heldout, self.cfg.eval_tokens)
         loss, count = evaluate_heldout(self.wrapped, rows, self.cfg.micro_batch, self.d, self.dtype)
-        record = {"kind": "eval", "step": self.step, "tokens": self.step * self.shape.tokens, "heldout_loss": loss,
-                  "ppl": math.exp(min(loss, 700.0)), "heldout_tokens": count}
+        record = {
+            "kind": "eval",
+            "step": self.step,
+            "tokens": self.step * self.shape.tokens,
+            "heldout_loss": loss,
+            "ppl": math.exp(min(loss, 700.0)),
+            "heldout_tokens": count,
+        }
         self.evals.append(record)
         self.log(record)
 
@@ -715,7 +770,7 @@ class _Run:
         starts = list(range(0, self.per_rank, self.micro))
         for i, s in enumerate(starts):
             last = i == len(starts) - 1
-            batch = my_rows[s:s + self.micro].to(self.d.device, non_blocking=True)
+            batch = my_rows[s : s + self.micro].to(self.d.device, non_blocking=True)
             sync = last or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
             ctx = self.wrapped.no_sync() if not sync else contextlib.nullcontext()
             if self.fsdp:
@@ -756,18 +811,29 @@ class _Run:
                     if p.grad is not None:
                         p.grad.neg_()
         descent = [p for g in optimizer.param_groups if not g["ascent"] for p in g["params"] if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(descent, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            descent, self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        )
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _record(self, lm: float, sums: Tensor, grad_norm, extra_value: float, extra_scalars: dict, seconds: float) -> dict:
+    def _record(
+        self, lm: float, sums: Tensor, grad_norm, extra_value: float, extra_scalars: dict, seconds: float
+    ) -> dict:
         """The step's log record: mean LM (and KD) loss over the global batch, the objective, lr, ..."""
         cfg, shape = self.cfg, self.shape
-        record = {"kind": "train", "step": self.step, "tokens": self.step * shape.tokens, "loss": lm,
-                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                  "tokens_per_s": shape.tokens / seconds, "seconds": seconds}
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "tokens": self.step * shape.tokens,
+            "loss": lm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": shape.tokens / seconds,
+            "seconds": seconds,
+        }
         objective = lm
         if cfg.distill:
             record["distill_loss"] = (sums[1] / self.predicted).item()
@@ -781,8 +847,19 @@ class _Run:
 
     def checkpoint(self) -> None:
         hooks_state = self.hooks.state_dict() if self.hooks.state_dict is not None else None
-        save_checkpoint(self.out_dir, self.module, self.optimizer, self.step, self.step * self.shape.rows, self.history,
-                        self.evals, self.identity, self.cfg, self.d, hooks_state)
+        save_checkpoint(
+            self.out_dir,
+            self.module,
+            self.optimizer,
+            self.step,
+            self.step * self.shape.rows,
+            self.history,
+            self.evals,
+            self.identity,
+            self.cfg,
+            self.d,
+            hooks_state,
+        )
 
     def finish(self, loaded, save_final: bool, run_info: dict | None) -> TrainResult:
         """The trained model, unsharded; with an out_dir (rank 0) the writer closed and, when
@@ -792,8 +869,14 @@ class _Run:
         if self.writer is not None:
             self.writer.close()
         if self.writer is not None and save_final:
-            trained = {"steps": self.step, "tokens": self.step * self.shape.tokens, "autocast": self.dtype,
-                       "activation_checkpointing": self.checkpointing, "config": asdict(self.cfg), "run": dict(run_info or {})}
+            trained = {
+                "steps": self.step,
+                "tokens": self.step * self.shape.tokens,
+                "autocast": self.dtype,
+                "activation_checkpointing": self.checkpointing,
+                "config": asdict(self.cfg),
+                "run": dict(run_info or {}),
+            }
             save_final_model(self.out_dir, final, loaded, {"trained": trained})
         if self.d.world > 1:
             dist.barrier()
@@ -835,21 +918,41 @@ def _merged_log(history: list[dict], evals: list[dict]) -> list[dict]:
     return sorted(history + evals, key=lambda r: (r["step"], r["kind"] == "eval"))
 
 
-def save_checkpoint(out_dir: str, module, optimizer, step: int, data_position: int, history, evals, identity,
-                    cfg: TrainConfig, d: Dist, hooks_state: dict | None = None) -> None:
+def save_checkpoint(
+    out_dir: str,
+    module,
+    optimizer,
+    step: int,
+    data_position: int,
+    history,
+    evals,
+    identity,
+    cfg: TrainConfig,
+    d: Dist,
+    hooks_state: dict | None = None,
+) -> None:
     """Write checkpoints/step_XXXXXXXX.pt atomically (rank 0), or under FSDP the sharded
     checkpoints/step_XXXXXXXX/ (every rank writes its shards; then renamed); keep the newest few."""
     directory = os.path.join(out_dir, "checkpoints")
-    meta = {"format": CHECKPOINT_FORMAT, "identity": identity, "step": step,
-            "data_position": data_position,  # rows consumed, all ranks together
-            "history": list(history), "evals": list(evals), "rng": _rng_state(), "hooks": hooks_state}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "identity": identity,
+        "step": step,
+        "data_position": data_position,  # rows consumed, all ranks together
+        "history": list(history),
+        "evals": list(evals),
+        "rng": _rng_state(),
+        "hooks": hooks_state,
+    }
     if cfg.fsdp and d.world > 1:
         _save_sharded(os.path.join(directory, f"step_{step:08d}"), module, optimizer, meta, d)
     elif d.main:
         model_sd, optim_sd = _full_state(module, optimizer)
-        atomic_torch_save({**meta, "model": model_sd, "optimizer": optim_sd}, os.path.join(directory, f"step_{step:08d}.pt"))
+        atomic_torch_save(
+            {**meta, "model": model_sd, "optimizer": optim_sd}, os.path.join(directory, f"step_{step:08d}.pt")
+        )
     if d.main:
-        for old in checkpoints_in(directory)[:-cfg.keep_checkpoints]:
+        for old in checkpoints_in(directory)[: -cfg.keep_checkpoints]:
             shutil.rmtree(old) if os.path.isdir(old) else os.unlink(old)
 
 
@@ -882,5 +985,3 @@ def unwrap_full_model(module: nn.Module, fsdp: bool, d: Dist) -> nn.Module | Non
 
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return build(module.config, sd) if d.main else None
-
-

@@ -28,12 +28,22 @@ def tiny_llama_hf(num_heads=6, num_kv_heads=6, bias=False, tie=False, layers=2, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**{
-        "vocab_size": 97, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": layers,
-        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": 8,
-        "max_position_embeddings": 256, "attention_bias": bias, "tie_word_embeddings": tie,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **overrides,
-    })
+    config = LlamaConfig(
+        **{
+            "vocab_size": 97,
+            "hidden_size": 48,
+            "intermediate_size": 64,
+            "num_hidden_layers": layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_kv_heads,
+            "head_dim": 8,
+            "max_position_embeddings": 256,
+            "attention_bias": bias,
+            "tie_word_embeddings": tie,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            **overrides,
+        }
+    )
     model = LlamaForCausalLM(config).eval()
     # Random init leaves biases and norm weights at 0/1; perturb them so they are really tested.
     with torch.no_grad():
@@ -61,8 +71,10 @@ def random_ids(batch=2, length=16, vocab=97, seed=0):
     return torch.randint(0, vocab, (batch, length), generator=g)
 
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing about rivers mountains "
-         "and old towns under grey skies where people walk slowly to markets selling bread fish apples").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven small birds sing about rivers mountains "
+    "and old towns under grey skies where people walk slowly to markets selling bread fish apples"
+).split()
 
 
 def save_tiny_source(path: str, model) -> str:
@@ -83,7 +95,10 @@ def save_tiny_source(path: str, model) -> str:
 def text_file(path: str, documents: int = 40, words: int = 60, seed: int = 0) -> str:
     """Random documents of WORDS separated by blank lines."""
     g = torch.Generator().manual_seed(seed)
-    docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=g).tolist()) for _ in range(documents)]
+    docs = [
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=g).tolist())
+        for _ in range(documents)
+    ]
     with open(path, "w") as f:
         f.write("\n\n".join(docs) + "\n")
     return path
@@ -97,10 +112,16 @@ def byte_bpe_tokenizer(digits: bool = False, vocab_size: int = 300):
 
     backend = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if digits else byte_level
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if digits else byte_level
+    )
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator([" ".join(WORDS)] * 5 + ["0123456789 12 345 Hello, World!"], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>")
 

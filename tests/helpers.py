@@ -26,7 +26,11 @@ def scaled_init_(model: Transformer, std: float = 0.02, seed: int | None = None)
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     for name, p in model.named_parameters():
         if p.dim() >= 2:
-            s = std / math.sqrt(2 * model.config.num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            s = (
+                std / math.sqrt(2 * model.config.num_layers)
+                if name.endswith(("o_proj.weight", "down_proj.weight"))
+                else std
+            )
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * s)
         elif name.endswith("bias"):

@@ -27,6 +27,7 @@ REL = 1e-9
 @dataclass
 class Run:
     """One call of time_point as the test saw it: perf_counter readings, tokens counted from the calls."""
+
     runner: object
     batch_size: int
     context: int
@@ -95,32 +96,48 @@ class SpeedClock:
                 else:
                     run.random_cache_end = t1
             return out
+
         return timed
 
     def timed_run(self, which, batch_size: int, context: int, new_tokens: int) -> Run:
         """The timed run (repeats=1) at a point of the runner `which(runner)` picks: the last call
         with those sizes. measure() runs a point's warm-up (prompt min(context, 16), min(new_tokens,
         2) steps) just before it, so a warm-up may share the sizes but never comes after."""
-        runs = [r for r in self.runs if which(r.runner)
-                and (r.batch_size, r.context, r.new_tokens) == (batch_size, context, new_tokens)]
-        assert 1 <= len(runs) <= 2, f"expected a timed run (and maybe its warm-up) at batch {batch_size}, context {context}, got {len(runs)}"
+        runs = [
+            r
+            for r in self.runs
+            if which(r.runner) and (r.batch_size, r.context, r.new_tokens) == (batch_size, context, new_tokens)
+        ]
+        assert 1 <= len(runs) <= 2, (
+            f"expected a timed run (and maybe its warm-up) at batch {batch_size}, context {context}, got {len(runs)}"
+        )
         return runs[-1]
 
     @staticmethod
     def check_record(s: dict, run: Run, decode_only: bool = False) -> None:
         """A speed record against the test's clock (float64 seconds, REL slack for rounding)."""
         assert len(run.steps) == run.new_tokens and run.decoded_tokens == run.batch_size * run.new_tokens
-        assert 0 < run.decode_inner * (1 - REL) <= s["decode_s"] <= run.decode_outer * (1 + REL), \
-            (run.decode_inner, s["decode_s"], run.decode_outer)
-        assert (run.decoded_tokens / run.decode_outer * (1 - REL) <= s["decode_tokens_per_s"]
-                <= run.decoded_tokens / run.decode_inner * (1 + REL)), \
-            (run.decoded_tokens / run.decode_outer, s["decode_tokens_per_s"], run.decoded_tokens / run.decode_inner)
+        assert 0 < run.decode_inner * (1 - REL) <= s["decode_s"] <= run.decode_outer * (1 + REL), (
+            run.decode_inner,
+            s["decode_s"],
+            run.decode_outer,
+        )
+        assert (
+            run.decoded_tokens / run.decode_outer * (1 - REL)
+            <= s["decode_tokens_per_s"]
+            <= run.decoded_tokens / run.decode_inner * (1 + REL)
+        ), (run.decoded_tokens / run.decode_outer, s["decode_tokens_per_s"], run.decoded_tokens / run.decode_inner)
         if decode_only:
             assert run.prefill is None and run.random_cache_end is not None
             return
         assert run.random_cache_end is None and run.prefill_tokens == run.batch_size * run.context
-        assert 0 < run.prefill_inner * (1 - REL) <= s["prefill_s"] <= run.prefill_outer * (1 + REL), \
-            (run.prefill_inner, s["prefill_s"], run.prefill_outer)
-        assert (run.prefill_tokens / run.prefill_outer * (1 - REL) <= s["prefill_tokens_per_s"]
-                <= run.prefill_tokens / run.prefill_inner * (1 + REL)), \
-            (run.prefill_tokens / run.prefill_outer, s["prefill_tokens_per_s"], run.prefill_tokens / run.prefill_inner)
+        assert 0 < run.prefill_inner * (1 - REL) <= s["prefill_s"] <= run.prefill_outer * (1 + REL), (
+            run.prefill_inner,
+            s["prefill_s"],
+            run.prefill_outer,
+        )
+        assert (
+            run.prefill_tokens / run.prefill_outer * (1 - REL)
+            <= s["prefill_tokens_per_s"]
+            <= run.prefill_tokens / run.prefill_inner * (1 + REL)
+        ), (run.prefill_tokens / run.prefill_outer, s["prefill_tokens_per_s"], run.prefill_tokens / run.prefill_inner)

@@ -27,16 +27,24 @@ def duplicated_heads_hf():
     with torch.no_grad():
         for layer in hf.model.layers:
             for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.weight[3 * hd:4 * hd] = proj.weight[0:hd]
+                proj.weight[3 * hd : 4 * hd] = proj.weight[0:hd]
     return hf
 
 
 # ---- similarity measures against references ------------------------------------------------------
 
+
 def test_cosine_matches_torch_reference():
     x = torch.randn(50, 4, 8, dtype=torch.float64)
-    ref = torch.tensor([[float(torch.nn.functional.cosine_similarity(x[:, i].flatten(), x[:, j].flatten(), dim=0))
-                         for j in range(4)] for i in range(4)])
+    ref = torch.tensor(
+        [
+            [
+                float(torch.nn.functional.cosine_similarity(x[:, i].flatten(), x[:, j].flatten(), dim=0))
+                for j in range(4)
+            ]
+            for i in range(4)
+        ]
+    )
     assert_close(cosine_similarity(x), ref.float(), atol=1e-6, rtol=0)  # fp32 output
 
 
@@ -52,7 +60,9 @@ def _cka_reference(a: np.ndarray, b: np.ndarray) -> float:
 def test_linear_cka_matches_gram_reference():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 3, 5, generator=g, dtype=torch.float64)
-    x[:, 2] = x[:, 0] @ torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0] * 3 + 1  # rotated, scaled, shifted copy
+    x[:, 2] = (
+        x[:, 0] @ torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0] * 3 + 1
+    )  # rotated, scaled, shifted copy
     a = x.numpy()
     ref = torch.tensor([[_cka_reference(a[:, i], a[:, j]) for j in range(3)] for i in range(3)])
     got = linear_cka(x)
@@ -66,8 +76,12 @@ def test_collect_heads_match_hf_projections():
     ours = ours_from_hf(hf)
     ids = random_ids(5, 12)
     captured = {}
-    hooks = [getattr(hf.model.layers[1].self_attn, f"{n}_proj").register_forward_hook(
-        lambda m, i, o, n=n: captured.setdefault(n, []).append(o)) for n in "qkv"]
+    hooks = [
+        getattr(hf.model.layers[1].self_attn, f"{n}_proj").register_forward_hook(
+            lambda m, i, o, n=n: captured.setdefault(n, []).append(o)
+        )
+        for n in "qkv"
+    ]
     with torch.no_grad():
         hf(ids)
     for h in hooks:
@@ -98,6 +112,7 @@ def test_cluster_groups_blocks_deterministically():
 
 # ---- the whole analysis --------------------------------------------------------------------------
 
+
 def test_analyze_finds_identical_heads_and_writes_report(tmp_path):
     hf = duplicated_heads_hf()
     model = ours_from_hf(hf)
@@ -107,9 +122,13 @@ def test_analyze_finds_identical_heads_and_writes_report(tmp_path):
     # in HF's forward (fp32), and their similarities computed here pair by pair in fp64: torch's
     # cosine of the flattened heads, and CKA in the Gram/HSIC form (_cka_reference).
     captured = {}
-    hooks = [getattr(layer.self_attn, f"{kind[0]}_proj").register_forward_hook(
-        lambda m, i, o, key=(l, kind): captured.__setitem__(key, o.reshape(-1, 6, 8).double()))
-        for l, layer in enumerate(hf.model.layers) for kind in ("keys", "values")]
+    hooks = [
+        getattr(layer.self_attn, f"{kind[0]}_proj").register_forward_hook(
+            lambda m, i, o, key=(l, kind): captured.__setitem__(key, o.reshape(-1, 6, 8).double())
+        )
+        for l, layer in enumerate(hf.model.layers)
+        for kind in ("keys", "values")
+    ]
     with torch.no_grad():
         hf(ids)
     for h in hooks:
@@ -126,13 +145,23 @@ def test_analyze_finds_identical_heads_and_writes_report(tmp_path):
                 m = torch.tensor(entry[kind][metric], dtype=torch.float64)
                 x = captured[(entry["layer"], kind)]  # (B*T, 6, 8)
                 if metric == "cosine":
-                    ref = [[torch.nn.functional.cosine_similarity(x[:, i].flatten(), x[:, j].flatten(), dim=0).item()
-                            for j in range(6)] for i in range(6)]
+                    ref = [
+                        [
+                            torch.nn.functional.cosine_similarity(x[:, i].flatten(), x[:, j].flatten(), dim=0).item()
+                            for j in range(6)
+                        ]
+                        for i in range(6)
+                    ]
                 else:
                     ref = [[_cka_reference(x[:, i].numpy(), x[:, j].numpy()) for j in range(6)] for i in range(6)]
                 # fp32 activations (ours vs HF's), fp64 reference, JSON rounded to 6 decimals: atol 1e-5
-                assert_close(m, torch.tensor(ref, dtype=torch.float64), atol=1e-5, rtol=0,
-                             msg=lambda e, l=entry["layer"], k=kind, mt=metric: f"layer {l} {k} {mt}: {e}")
+                assert_close(
+                    m,
+                    torch.tensor(ref, dtype=torch.float64),
+                    atol=1e-5,
+                    rtol=0,
+                    msg=lambda e, l=entry["layer"], k=kind, mt=metric: f"layer {l} {k} {mt}: {e}",
+                )
                 assert m[0, 3] == pytest.approx(1.0, abs=1e-5)
             assert [0, 3] in entry[kind]["clusters"]["5"]
             assert entry[kind]["groups_needed"] == 5  # only the copies are that similar
@@ -140,12 +169,16 @@ def test_analyze_finds_identical_heads_and_writes_report(tmp_path):
 
 # ---- the CLI ---------------------------------------------------------------------------------------
 
+
 def test_cli_analyze(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
     src = tiny_source(str(tmp_path / "src"), duplicated_heads_hf())
     data = text_file(str(tmp_path / "d.txt"))
     out = tmp_path / "an"
-    assert main(["analyze", src, "--data", data, "--out", str(out), "--calib-tokens", "256", "--calib-block-size", "32"]) == 0
+    assert (
+        main(["analyze", src, "--data", data, "--out", str(out), "--calib-tokens", "256", "--calib-block-size", "32"])
+        == 0
+    )
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["calibration_tokens"] == 256 and last["key_groups_needed"] == [5, 5]
     assert (out / "analysis.json").stat().st_size > 0 and (out / "heatmaps" / "layer_00.png").stat().st_size > 0

@@ -104,8 +104,12 @@ def test_the_check_sees_upward_same_layer_and_function_level_imports():
     source = "from .low import x\n\ndef f():\n    from .high import y\n    from dha import peer\n"
     assert dha_imports(source) == {"low", "high", "peer"}
     assert violations({"mid": dha_imports(source)}, layers) == [
-        "dha/mid.py (layer 2) imports high (layer 3)", "dha/mid.py (layer 2) imports peer (layer 2)"]
-    assert violations({"mid": {"nowhere"}}, layers) == ["dha/mid.py imports nowhere, which docs/architecture.md does not place"]
+        "dha/mid.py (layer 2) imports high (layer 3)",
+        "dha/mid.py (layer 2) imports peer (layer 2)",
+    ]
+    assert violations({"mid": {"nowhere"}}, layers) == [
+        "dha/mid.py imports nowhere, which docs/architecture.md does not place"
+    ]
 
 
 def test_a_subpackage_imports_its_own_modules_freely_and_dha_from_two_dots():

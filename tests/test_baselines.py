@@ -6,8 +6,8 @@ References: stock HF LlamaForCausalLM models whose weights the tests build by ha
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 
 import pytest
 import torch
@@ -29,10 +29,19 @@ HD = 8  # head dim of the tiny models
 
 # ---- budget ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("budget, source, expected", [
-    (1.0, [6, 6], [6, 6]), (0.5, [6, 6], [3, 3]), (0.34, [3, 3], [1, 1]), (0.67, [3, 3], [2, 2]),
-    (0.66, [3, 3], [1, 1]), (1 / 3, [6, 6], [2, 2]), (0.99, [6], [5]),
-])
+
+@pytest.mark.parametrize(
+    "budget, source, expected",
+    [
+        (1.0, [6, 6], [6, 6]),
+        (0.5, [6, 6], [3, 3]),
+        (0.34, [3, 3], [1, 1]),
+        (0.67, [3, 3], [2, 2]),
+        (0.66, [3, 3], [1, 1]),
+        (1 / 3, [6, 6], [2, 2]),
+        (0.99, [6], [5]),
+    ],
+)
 def test_heads_for_budget_rounds_down(budget, source, expected):
     keys, values = heads_for_budget(source, source, budget)
     assert keys == expected and values == expected
@@ -46,6 +55,7 @@ def test_heads_for_budget_refuses(budget):
 
 
 # ---- gqa against a stock HF GQA model ---------------------------------------------------------------
+
 
 def hf_gqa_by_hand(mha, groups: int, kv_weights=None):
     """A stock HF LlamaForCausalLM with `groups` KV heads: every weight copied from the MHA model,
@@ -77,12 +87,15 @@ def test_gqa_equals_hf_mean_pooled(groups, budget, bias):
 
 
 def test_gqa_rounds_to_a_divisor():
-    plan, model = convert_gqa(ours_from_hf(tiny_llama_hf()), 0.67, None, ConvertOptions())  # 4 heads wanted; 4 does not divide 6
+    plan, model = convert_gqa(
+        ours_from_hf(tiny_llama_hf()), 0.67, None, ConvertOptions()
+    )  # 4 heads wanted; 4 does not divide 6
     assert plan.key_heads() == [3, 3] and plan.notes["rounded_down_to_divisor_layers"] == [0, 1]
     assert model.config.key_heads(0) == 3
 
 
 # ---- similarity grouping ---------------------------------------------------------------------------
+
 
 def test_gqa_similar_groups_identical_heads_exactly():
     """Heads 0 and 3 are copies: at 5 heads they share a group and the model is unchanged (HF reference)."""
@@ -95,6 +108,7 @@ def test_gqa_similar_groups_identical_heads_exactly():
 
 
 # ---- svd ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kv_heads, bias", [(6, False), (3, True)])
 def test_svd_full_rank_reproduces_model(kv_heads, bias):
@@ -118,10 +132,10 @@ def test_svd_is_exact_on_rope_commuting_copies():
     with torch.no_grad():
         for layer in hf.model.layers:
             wk, wv = layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight
-            k1, k2 = wk[: HD // 2], wk[HD // 2: HD]  # rotate-half pairs (i, i + hd/2) of head 0
-            wk[3 * HD:4 * HD] = torch.cat([a * k1 - b * k2, b * k1 + a * k2])
+            k1, k2 = wk[: HD // 2], wk[HD // 2 : HD]  # rotate-half pairs (i, i + hd/2) of head 0
+            wk[3 * HD : 4 * HD] = torch.cat([a * k1 - b * k2, b * k1 + a * k2])
             Q = torch.linalg.qr(torch.randn(HD, HD, generator=g))[0]
-            wv[3 * HD:4 * HD] = Q @ wv[:HD]
+            wv[3 * HD : 4 * HD] = Q @ wv[:HD]
     ids, calib = random_ids(), random_ids(6, 16, seed=1)
     options = ConvertOptions(grouping="similar", metric="cka")
     plan, model = convert_svd(ours_from_hf(hf), 5 / 6, calib, options)
@@ -135,13 +149,14 @@ def test_svd_is_exact_on_rope_commuting_copies():
 
 # ---- prune -------------------------------------------------------------------------------------------
 
+
 def test_prune_keeps_budget_and_drops_unused_heads():
     """Query head 2's W_O columns are zero, so key and value head 2 cannot matter: prune drops them
     at 5 of 6 heads. The result keeps the other heads' weights as they were (HF reference)."""
     hf = tiny_llama_hf()
     with torch.no_grad():
         for layer in hf.model.layers:
-            layer.self_attn.o_proj.weight[:, 2 * HD:3 * HD] = 0
+            layer.self_attn.o_proj.weight[:, 2 * HD : 3 * HD] = 0
     source = ours_from_hf(hf)
     plan, model = convert_prune(source, 5 / 6, random_ids(4, 16, seed=1), ConvertOptions())
     assert plan.kv_fraction() <= 5 / 6 + 1e-9 and plan.key_heads() == [5, 5]
@@ -193,7 +208,11 @@ def test_methods_registry_and_convert_carry_everything():
     loaded = Loaded(ours_from_hf(tiny_llama_hf()), "TOK", "src", "native", {"model_type": "llama"}, None, {"a": 1})
     out = convert(loaded, "svd", 0.5, random_ids(4, 16, seed=1), ConvertOptions(seed=3))
     assert out.tokenizer == "TOK" and out.hf_config == {"model_type": "llama"} and out.plan.method == "svd"
-    assert out.plan.kv_budget == 0.5 and out.provenance["converted_from"] == "src" and out.provenance["options"]["seed"] == 3
+    assert (
+        out.plan.kv_budget == 0.5
+        and out.provenance["converted_from"] == "src"
+        and out.provenance["options"]["seed"] == 3
+    )
     with pytest.raises(UserError):
         convert(loaded, "nope", 0.5, None)
     with pytest.raises(UserError):
@@ -212,23 +231,27 @@ def test_apply_plan_mean_pools_like_gqa():
 
 # ---- the CLI -----------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
     return tmp_path, tiny_source(str(tmp_path / "src")), text_file(str(tmp_path / "d.txt"))
 
 
-@pytest.mark.parametrize("args", [
-    ["--method", "gqa", "--kv-budget", "0.1"],  # below one K and one V head per layer (1/6)
-    ["--method", "gqa", "--kv-budget", "1.5"],
-    ["--method", "gqa", "--kv-budget", "0"],
-    ["--method", "gqa"],
-    ["--method", "magic", "--kv-budget", "0.5"],
-    ["--method", "svd", "--kv-budget", "0.5", "--data", "EMPTY"],
-    ["--method", "svd", "--kv-budget", "0.5", "--data", "missing.txt"],
-    ["--plan", "BADPLAN"],
-    [],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--method", "gqa", "--kv-budget", "0.1"],  # below one K and one V head per layer (1/6)
+        ["--method", "gqa", "--kv-budget", "1.5"],
+        ["--method", "gqa", "--kv-budget", "0"],
+        ["--method", "gqa"],
+        ["--method", "magic", "--kv-budget", "0.5"],
+        ["--method", "svd", "--kv-budget", "0.5", "--data", "EMPTY"],
+        ["--method", "svd", "--kv-budget", "0.5", "--data", "missing.txt"],
+        ["--plan", "BADPLAN"],
+        [],
+    ],
+)
 def test_cli_convert_bad_input_exits_2_and_writes_nothing(workspace, args, capsys):
     tmp, src, data = workspace
     empty = tmp / "empty.txt"
@@ -250,14 +273,35 @@ def test_cli_convert_identity_plan_leaves_logits_unchanged(workspace, capsys):
     identity_plan([6, 6], [6, 6]).save(str(tmp / "id.json"))
     assert main(["convert", src, "--plan", str(tmp / "id.json"), "--out", str(tmp / "out")]) == 0
     ids = random_ids()
-    assert_close(load(str(tmp / "out"), tokenizer=False).model(ids), load(src, tokenizer=False).model(ids), atol=0, rtol=0)
+    assert_close(
+        load(str(tmp / "out"), tokenizer=False).model(ids), load(src, tokenizer=False).model(ids), atol=0, rtol=0
+    )
 
 
 def test_cli_convert_svd_writes_checkpoint_with_plan(workspace, capsys):
     tmp, src, data = workspace
     out = tmp / "out"
-    assert main(["convert", src, "--method", "svd", "--kv-budget", "0.34", "--data", data, "--calib-tokens", "128",
-                 "--calib-block-size", "32", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                src,
+                "--method",
+                "svd",
+                "--kv-budget",
+                "0.34",
+                "--data",
+                data,
+                "--calib-tokens",
+                "128",
+                "--calib-block-size",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["key_heads"] == [2, 2] and last["kv_bytes_per_token_fp32_before"] == 2 * 2 * 6 * HD * 4
     assert last["kv_bytes_per_token_fp32_after"] == 2 * 2 * 2 * HD * 4
@@ -267,6 +311,7 @@ def test_cli_convert_svd_writes_checkpoint_with_plan(workspace, capsys):
 
 
 # ---- the real default checkpoint ---------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_svd_full_rank_on_smollm2_reproduces_logits():
@@ -295,8 +340,30 @@ def test_cli_convert_baseline_with_tokens_trains_and_saves(tmp_path, monkeypatch
     source = tiny_source(str(tmp_path / "tiny"))
     data = text_file(str(tmp_path / "data.txt"))
     out = str(tmp_path / "gqa")
-    code = main(["convert", source, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--block-size", "16",
-                 "--batch-tokens", "64", "--tokens", "256", "--eval-every", "2", "--no-progress", "--json", "--out", out])
+    code = main(
+        [
+            "convert",
+            source,
+            "--method",
+            "gqa",
+            "--kv-budget",
+            "0.5",
+            "--data",
+            data,
+            "--block-size",
+            "16",
+            "--batch-tokens",
+            "64",
+            "--tokens",
+            "256",
+            "--eval-every",
+            "2",
+            "--no-progress",
+            "--json",
+            "--out",
+            out,
+        ]
+    )
     assert code == 0
     with open(os.path.join(out, "log.jsonl")) as f:
         steps = [json.loads(line) for line in f if '"loss"' in line]
@@ -313,6 +380,7 @@ def test_cli_convert_baseline_with_tokens_trains_and_saves(tmp_path, monkeypatch
 
 # ---- convert --tokens: the training options --------------------------------------------------------
 
+
 def _state(path):
     return {k: v.clone() for k, v in load(path).model.state_dict().items()}
 
@@ -323,8 +391,26 @@ def test_cli_convert_training_resumes_after_a_crash_like_an_uninterrupted_run(wo
     import dha.continued
 
     tmp, src, data = workspace
-    common = ["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--tokens", "384",
-              "--block-size", "16", "--batch-tokens", "64", "--eval-every", "0", "--no-progress", "--json"]
+    common = [
+        "convert",
+        src,
+        "--method",
+        "gqa",
+        "--kv-budget",
+        "0.5",
+        "--data",
+        data,
+        "--tokens",
+        "384",
+        "--block-size",
+        "16",
+        "--batch-tokens",
+        "64",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--json",
+    ]
     full, crashed = str(tmp / "full"), str(tmp / "crashed")
     assert main([*common, "--out", full]) == 0
 
@@ -347,17 +433,22 @@ def test_cli_convert_training_resumes_after_a_crash_like_an_uninterrupted_run(wo
         assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--resume", "somewhere"], "give --tokens"),
-    (["--save-every", "2"], "give --tokens"),
-    (["--tokens", "128", "--dtype", "bfloat16"], "--train-dtype"),
-    (["--tokens", "128", "--teacher", "x"], "only used with --distill"),
-    (["--tokens", "128", "--resume", "elsewhere"], "resumes in its own directory"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resume", "somewhere"], "give --tokens"),
+        (["--save-every", "2"], "give --tokens"),
+        (["--tokens", "128", "--dtype", "bfloat16"], "--train-dtype"),
+        (["--tokens", "128", "--teacher", "x"], "only used with --distill"),
+        (["--tokens", "128", "--resume", "elsewhere"], "resumes in its own directory"),
+    ],
+)
 def test_cli_convert_training_options_refused_before_loading(workspace, extra, message, capsys):
     tmp, src, data = workspace
     out = tmp / "out"
-    assert main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, *extra, "--out", str(out)]) == 2
+    assert (
+        main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, *extra, "--out", str(out)]) == 2
+    )
     assert message in capsys.readouterr().err
     assert not out.exists()
 
@@ -376,9 +467,34 @@ def test_cli_convert_training_holds_out_what_calibration_held_out(workspace, mon
 
     monkeypatch.setattr(dha.data, "load_tokens", spy)  # calibration (the CLI)
     monkeypatch.setattr(dha.continued, "load_tokens", spy)  # training
-    assert main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--heldout-fraction", "0.3",
-                 "--tokens", "64", "--block-size", "16", "--batch-tokens", "64", "--eval-every", "0", "--no-progress",
-                 "--out", str(tmp / "o")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                src,
+                "--method",
+                "gqa",
+                "--kv-budget",
+                "0.5",
+                "--data",
+                data,
+                "--heldout-fraction",
+                "0.3",
+                "--tokens",
+                "64",
+                "--block-size",
+                "16",
+                "--batch-tokens",
+                "64",
+                "--eval-every",
+                "0",
+                "--no-progress",
+                "--out",
+                str(tmp / "o"),
+            ]
+        )
+        == 0
+    )
     assert seen and all(f == 0.3 for f in seen)
 
 
@@ -386,8 +502,12 @@ def test_cli_out_that_cannot_be_created_exits_2_before_any_work(workspace, capsy
     tmp, src, data = workspace
     blocker = tmp / "a_file"
     blocker.write_text("x")
-    for verb in (["convert", src, "--method", "gqa", "--kv-budget", "0.5"], ["convert", src, "--method", "dha", "--kv-budget", "0.5"],
-                 ["analyze", src, "--data", data], ["export", src]):
+    for verb in (
+        ["convert", src, "--method", "gqa", "--kv-budget", "0.5"],
+        ["convert", src, "--method", "dha", "--kv-budget", "0.5"],
+        ["analyze", src, "--data", data],
+        ["export", src],
+    ):
         assert main([*verb, "--out", str(blocker / "sub" / "out")]) == 2, verb
         assert "is not a directory" in capsys.readouterr().err
     assert blocker.read_text() == "x"
@@ -423,8 +543,25 @@ def test_cli_metric_default_is_each_consumers_own(workspace, monkeypatch):
     monkeypatch.setattr(dha.pipeline, "search", stop_search)
     for method in ("gqa-similar", "dha"):
         with pytest.raises(_Stop):
-            main(["convert", src, "--method", method, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "64",
-                  "--calib-block-size", "16", "--no-progress", "--out", str(tmp / method)])
+            main(
+                [
+                    "convert",
+                    src,
+                    "--method",
+                    method,
+                    "--kv-budget",
+                    "0.5",
+                    "--data",
+                    data,
+                    "--calib-tokens",
+                    "64",
+                    "--calib-block-size",
+                    "16",
+                    "--no-progress",
+                    "--out",
+                    str(tmp / method),
+                ]
+            )
     assert seen == {"gqa-similar": "cka", "dha": "weighted"}
 
 
@@ -441,9 +578,32 @@ def test_cli_convert_training_gets_train_dtype_and_teacher(workspace, monkeypatc
     monkeypatch.setattr(dha.continued, "continue_training", stop)
     other = tiny_source(str(tmp / "teacher"), tiny_llama_hf(seed=7, layers=3))  # a teacher unlike the source
     with pytest.raises(_Stop):
-        main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--tokens", "64",
-              "--train-dtype", "bfloat16", "--distill", "--teacher", other, "--block-size", "16", "--batch-tokens", "64",
-              "--no-progress", "--out", str(tmp / "o")])
+        main(
+            [
+                "convert",
+                src,
+                "--method",
+                "gqa",
+                "--kv-budget",
+                "0.5",
+                "--data",
+                data,
+                "--tokens",
+                "64",
+                "--train-dtype",
+                "bfloat16",
+                "--distill",
+                "--teacher",
+                other,
+                "--block-size",
+                "16",
+                "--batch-tokens",
+                "64",
+                "--no-progress",
+                "--out",
+                str(tmp / "o"),
+            ]
+        )
     assert seen["dtype"] == "bfloat16" and seen["weights"] == torch.float32
     assert seen["teacher"].config.num_layers == 3  # --teacher, not the source (2 layers)
 

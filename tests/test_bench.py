@@ -20,10 +20,32 @@ from tests.speed_clock import SpeedClock
 from tests.test_evaluate import dha_uneven_model
 
 FAST = ["--batch-sizes", "1,2", "--contexts", "4,8", "--new-tokens", "2", "--repeats", "1"]
-RESULT_FIELDS = {"model", "batch_size", "context", "new_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s",
-                 "decode_s", "kv_cache_bytes", "peak_memory_bytes", "run_memory_bytes", "peak_memory_kind", "ratios"}
-MODEL_FIELDS = {"name", "source", "kind", "dtype", "parameters", "key_heads_total", "value_heads_total",
-                "kv_bytes_per_token", "attention_paths"}
+RESULT_FIELDS = {
+    "model",
+    "batch_size",
+    "context",
+    "new_tokens",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "prefill_s",
+    "decode_s",
+    "kv_cache_bytes",
+    "peak_memory_bytes",
+    "run_memory_bytes",
+    "peak_memory_kind",
+    "ratios",
+}
+MODEL_FIELDS = {
+    "name",
+    "source",
+    "kind",
+    "dtype",
+    "parameters",
+    "key_heads_total",
+    "value_heads_total",
+    "kv_bytes_per_token",
+    "attention_paths",
+}
 
 
 def test_measure_records_against_an_independent_clock(monkeypatch):
@@ -54,7 +76,9 @@ def test_transformers_runner_decodes_what_ours_decodes():
                 seq.append(logits.argmax(-1, keepdim=True))
                 cache, logits = runner.step(cache, seq[-1])
             tokens.append(torch.cat(seq, 1))
-            assert runner.cache_bytes(cache) == 2 * 2 * 3 * 8 * 4 * 2 * 12  # layers, K+V, heads, hd, fp32, batch, 7 + 5 tokens
+            assert (
+                runner.cache_bytes(cache) == 2 * 2 * 3 * 8 * 4 * 2 * 12
+            )  # layers, K+V, heads, hd, fp32, batch, 7 + 5 tokens
     assert torch.equal(tokens[0], tokens[1])
 
 
@@ -63,17 +87,27 @@ def test_bench_report_ratios_and_transformers_row(tmp_path, monkeypatch):
     hf = tiny_llama_hf(num_kv_heads=2)
     source = Loaded(ours_from_hf(hf), None, "tiny-gqa", "native", hf_config=hf.config.to_dict())
     dha = Loaded(dha_uneven_model(), None, "tiny-dha", "native")
-    report = bench([source, dha], BenchOptions(batch_sizes=[1], contexts=[4, 8], new_tokens=2, repeats=1, progress=False),
-                   with_transformers=True)
+    report = bench(
+        [source, dha],
+        BenchOptions(batch_sizes=[1], contexts=[4, 8], new_tokens=2, repeats=1, progress=False),
+        with_transformers=True,
+    )
     names = [m["name"] for m in report["models"]]
     assert names == ["tiny-gqa", "transformers:tiny-gqa", "tiny-dha"]
     assert report["models"][1]["hf_class"] == "LlamaForCausalLM"
     assert report["models"][2]["attention_paths"] == {"decoupled": 2}
     assert any(n.startswith("tiny-dha: no transformers row") for n in report["notes"])
     # The rows' runners, told apart by what they run: our model objects, and transformers' class.
-    pick = {"tiny-gqa": lambda r: r.model is source.model, "tiny-dha": lambda r: r.model is dha.model,
-            "transformers:tiny-gqa": lambda r: r.kind == "transformers"}
-    heads = {"tiny-gqa": 2 * (2 + 2), "transformers:tiny-gqa": 2 * (2 + 2), "tiny-dha": 3 + 2 + 1 + 4}  # K+V heads, all layers
+    pick = {
+        "tiny-gqa": lambda r: r.model is source.model,
+        "tiny-dha": lambda r: r.model is dha.model,
+        "transformers:tiny-gqa": lambda r: r.kind == "transformers",
+    }
+    heads = {
+        "tiny-gqa": 2 * (2 + 2),
+        "transformers:tiny-gqa": 2 * (2 + 2),
+        "tiny-dha": 3 + 2 + 1 + 4,
+    }  # K+V heads, all layers
     for r in report["results"]:
         c = r["context"]
         run, base = clock.timed_run(pick[r["model"]], 1, c, 2), clock.timed_run(pick["tiny-gqa"], 1, c, 2)
@@ -112,8 +146,23 @@ def test_cli_bench_point_too_big_exits_2_before_running(tmp_path, capsys):
     path = save_tiny_source(str(tmp_path / "tiny"), dha_uneven_model())
     (_, kv_bytes), _ = generation_bytes(dha_uneven_model().config, torch.float32, Generation(10**6, 10**6, 2))
     assert kv_bytes == 10**6 * (10**6 + 2) * (3 + 2 + 1 + 4) * 8 * 4
-    assert main(["bench", path, "--batch-sizes", "1000000", "--contexts", "1000000", "--new-tokens", "2",
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                path,
+                "--batch-sizes",
+                "1000000",
+                "--contexts",
+                "1000000",
+                "--new-tokens",
+                "2",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "batch 1000000 x context 1000000" in err and "GiB" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "o")
@@ -127,5 +176,7 @@ def test_decode_only_times_decode_after_a_random_cache(monkeypatch):
     for runner, per_point in zip(runners, out):
         s = per_point[0]
         assert s["prefill_s"] is None and s["prefill_tokens_per_s"] is None
-        clock.check_record(s, clock.timed_run(lambda r: r is runner, 2, 6, 3), decode_only=True)  # no prefill call, one random cache
+        clock.check_record(
+            s, clock.timed_run(lambda r: r is runner, 2, 6, 3), decode_only=True
+        )  # no prefill call, one random cache
         assert s["kv_cache_bytes"] == 2 * 2 * 2 * 8 * 4 * 2 * (6 + 3)  # layers, K+V, heads, hd, fp32, batch, tokens

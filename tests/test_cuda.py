@@ -88,24 +88,76 @@ def test_every_verb_runs_on_cuda(verb, setup, monkeypatch, capsys):
 def test_conversion_on_cuda_matches_the_cpu(method, setup, capsys):
     """The same conversion (float32 weights) on both devices: the same plan, logits within 1e-3."""
     src, data, tmp = setup
-    extra = {"dha-trained": ["--method", "dha", "--tokens", "128", "--block-size", "16", "--batch-tokens", "64", "--fusion-fraction", "0.3", "--train-dtype", "float32",
-                             "--no-progress"],
-             "dha": ["--method", "dha", "--tokens", "0"]}.get(method, ["--method", method])
-    common = ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "128", "--calib-block-size", "16",
-              "--dtype", "float32", "--json"]
+    extra = {
+        "dha-trained": [
+            "--method",
+            "dha",
+            "--tokens",
+            "128",
+            "--block-size",
+            "16",
+            "--batch-tokens",
+            "64",
+            "--fusion-fraction",
+            "0.3",
+            "--train-dtype",
+            "float32",
+            "--no-progress",
+        ],
+        "dha": ["--method", "dha", "--tokens", "0"],
+    }.get(method, ["--method", method])
+    common = [
+        "convert",
+        src,
+        *extra,
+        "--kv-budget",
+        "0.5",
+        "--data",
+        data,
+        "--calib-tokens",
+        "128",
+        "--calib-block-size",
+        "16",
+        "--dtype",
+        "float32",
+        "--json",
+    ]
     for device in ("cpu", "cuda"):
         run_json(capsys, [*common, "--out", str(tmp / device), "--device", device])
     plans = [Plan.load(os.path.join(tmp, d, "plan.json")) for d in ("cpu", "cuda")]
-    assert [(l.key_groups, l.value_groups) for l in plans[0].layers] == [(l.key_groups, l.value_groups) for l in plans[1].layers]
-    on_cpu, from_gpu = (dha.checkpoint.load(str(tmp / d), torch.float32, tokenizer=False).model for d in ("cpu", "cuda"))
+    assert [(l.key_groups, l.value_groups) for l in plans[0].layers] == [
+        (l.key_groups, l.value_groups) for l in plans[1].layers
+    ]
+    on_cpu, from_gpu = (
+        dha.checkpoint.load(str(tmp / d), torch.float32, tokenizer=False).model for d in ("cpu", "cuda")
+    )
     diff, scale = max_logit_diff(from_gpu, on_cpu, random_ids(length=16))
     assert diff <= 1e-3, (diff, scale)
 
 
 def test_eval_on_cuda_in_bfloat16_matches_the_cpu(setup, capsys):
     src, data, _ = setup
-    common = ["eval", src, "--data", data, "--eval-block-size", "16", "--max-eval-tokens", "128", "--context", "8",
-              "--new-tokens", "4", "--batch-sizes", "1,2", "--repeats", "1", "--heldout-fraction", "0.3", "--json"]
+    common = [
+        "eval",
+        src,
+        "--data",
+        data,
+        "--eval-block-size",
+        "16",
+        "--max-eval-tokens",
+        "128",
+        "--context",
+        "8",
+        "--new-tokens",
+        "4",
+        "--batch-sizes",
+        "1,2",
+        "--repeats",
+        "1",
+        "--heldout-fraction",
+        "0.3",
+        "--json",
+    ]
     cpu = run_json(capsys, [*common, "--device", "cpu"])
     gpu = run_json(capsys, [*common, "--device", "cuda"])
     assert (cpu["device"], cpu["dtype"], gpu["device"], gpu["dtype"]) == ("cpu", "float32", "cuda:0", "bfloat16")
@@ -137,9 +189,8 @@ def test_learned_search_and_lagrangian_fusion_on_cuda(setup):
     """The two searches' and schedules' own parameters (gates, multipliers) live on the GPU with the model."""
     from dha.budget import source_heads
     from dha.fuse import FusedModel, FusionSchedule, merge
-    from dha.options import FusionOptions
+    from dha.options import FusionOptions, TrainConfig
     from dha.search import SearchOptions, search
-    from dha.options import TrainConfig
     from dha.train import train
 
     src = setup[0]
@@ -151,7 +202,9 @@ def test_learned_search_and_lagrangian_fusion_on_cuda(setup):
 
     fused = FusedModel(model, plan, None, FusionOptions(schedule="lagrangian"))
     schedule = FusionSchedule(fused, 2)
-    cfg = TrainConfig(tokens=64, block_size=16, batch_tokens=32, micro_batch=2, dtype="float32", eval_every=0, device="cuda:0")
+    cfg = TrainConfig(
+        tokens=64, block_size=16, batch_tokens=32, micro_batch=2, dtype="float32", eval_every=0, device="cuda:0"
+    )
     stream = random_ids(batch=1, length=200, vocab=model.config.vocab_size)[0]
     result = train(fused, stream, None, cfg, hooks=schedule.hooks(), progress=False)
     assert schedule.multipliers.device == CUDA and result.steps == 2
@@ -160,6 +213,7 @@ def test_learned_search_and_lagrangian_fusion_on_cuda(setup):
 
 
 # ---- --offload: the model in CPU memory, one layer at a time on the GPU ------------------------------
+
 
 @pytest.mark.parametrize("method", ["dha", "svd", "gqa-similar"])
 def test_offload_conversion_on_cuda_matches_the_cpu(method, setup, monkeypatch, capsys):
@@ -170,15 +224,35 @@ def test_offload_conversion_on_cuda_matches_the_cpu(method, setup, monkeypatch, 
 
     src, data, tmp = setup
     extra = ["--method", "dha", "--tokens", "0"] if method == "dha" else ["--method", method]
-    common = ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "128", "--calib-block-size", "16", "--json"]
+    common = [
+        "convert",
+        src,
+        *extra,
+        "--kv-budget",
+        "0.5",
+        "--data",
+        data,
+        "--calib-tokens",
+        "128",
+        "--calib-block-size",
+        "16",
+        "--json",
+    ]
     reference = run_json(capsys, [*common, "--out", str(tmp / "cpu"), "--device", "cpu"])
     seen = spy_on_devices(monkeypatch)
     sweeps = []
     real = dha.layerwise.compute_device
-    monkeypatch.setattr(dha.layerwise, "compute_device", lambda model, device=None: sweeps.append(
-        (real(model, device), next(model.parameters()).device)) or real(model, device))
+    monkeypatch.setattr(
+        dha.layerwise,
+        "compute_device",
+        lambda model, device=None: (
+            sweeps.append((real(model, device), next(model.parameters()).device)) or real(model, device)
+        ),
+    )
     offloaded = run_json(capsys, [*common, "--out", str(tmp / "cuda"), "--device", "cuda", "--offload"])
-    assert seen["load"] == ["cpu"] and sweeps and all(where == CUDA and home.type == "cpu" for where, home in sweeps), sweeps
+    assert seen["load"] == ["cpu"] and sweeps and all(where == CUDA and home.type == "cpu" for where, home in sweeps), (
+        sweeps
+    )
     plans = [Plan.load(os.path.join(tmp, d, "plan.json")) for d in ("cpu", "cuda")]
     assert plans[0].layers == plans[1].layers
     on_cpu, offload = (dha.checkpoint.load(str(tmp / d), tokenizer=False).model for d in ("cpu", "cuda"))
@@ -199,7 +273,9 @@ def test_offload_analysis_on_cuda_matches_the_cpu(setup, capsys):
     for ea, eb in zip(a["layers"], b["layers"]):
         for kind in ("keys", "values"):
             for metric in ("cka", "cosine"):
-                torch.testing.assert_close(torch.tensor(eb[kind][metric]), torch.tensor(ea[kind][metric]), atol=1e-4, rtol=0)
+                torch.testing.assert_close(
+                    torch.tensor(eb[kind][metric]), torch.tensor(ea[kind][metric]), atol=1e-4, rtol=0
+                )
 
 
 @pytest.mark.parametrize("method", ["dha", "svd"])
@@ -221,11 +297,36 @@ def test_offload_peak_gpu_memory_is_within_the_estimate(method, tmp_path, monkey
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(CUDA)
     torch.cuda.reset_peak_memory_stats(CUDA)
-    run_json(capsys, ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--calib-tokens", "1024",
-                      "--calib-block-size", "128", "--device", "cuda", "--offload", "--out", str(tmp_path / "out"), "--json"])
+    run_json(
+        capsys,
+        [
+            "convert",
+            src,
+            *extra,
+            "--kv-budget",
+            "0.5",
+            "--data",
+            data,
+            "--calib-tokens",
+            "1024",
+            "--calib-block-size",
+            "128",
+            "--device",
+            "cuda",
+            "--offload",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+    )
     peak = torch.cuda.max_memory_allocated(CUDA) - before
-    work = Work(calib_tokens=1024, calib_block=128, gradients=method == "dha", merge="aligned",
-                eval_tokens=16384 if method == "dha" else 0)
+    work = Work(
+        calib_tokens=1024,
+        calib_block=128,
+        gradients=method == "dha",
+        merge="aligned",
+        eval_tokens=16384 if method == "dha" else 0,
+    )
     layer = sum(b for _, b in estimate(source_shape(src)[0], torch.float32, work).layer)
     print(f"{method}: peak {peak / 2**20:.1f} MiB, estimate {layer / 2**20:.1f} MiB ({layer / peak:.2f}x)")
-    assert 0 < peak <= layer + 2 ** 25, (peak, layer)
+    assert 0 < peak <= layer + 2**25, (peak, layer)

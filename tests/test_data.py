@@ -23,8 +23,12 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<eos>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(DOCS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
@@ -54,6 +58,7 @@ def write_jsonl(path, docs, field="text"):
 
 
 # ---- formats ----------------------------------------------------------------------------------
+
 
 def test_txt_splits_on_blank_lines(tmp_path):
     p = tmp_path / "a.txt"
@@ -94,8 +99,12 @@ def test_saved_dataset_and_dataset_dict(tmp_path):
 
     datasets.Dataset.from_dict({"text": DOCS[:4]}).save_to_disk(str(tmp_path / "ds"))
     assert read_documents(str(tmp_path / "ds")) == DOCS[:4]
-    dd = datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": DOCS[4:6]}),
-                               "train": datasets.Dataset.from_dict({"text": DOCS[:4]})})
+    dd = datasets.DatasetDict(
+        {
+            "validation": datasets.Dataset.from_dict({"text": DOCS[4:6]}),
+            "train": datasets.Dataset.from_dict({"text": DOCS[:4]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert read_documents(str(tmp_path / "dd")) == DOCS[:6]  # splits in sorted name order
 
@@ -111,6 +120,7 @@ def test_pydoc_default():
 
 
 # ---- split, tokens, cache ---------------------------------------------------------------------
+
 
 def test_split_is_by_document_deterministic_and_disjoint(tmp_path):
     tok = tiny_tokenizer()
@@ -185,15 +195,19 @@ def test_cache_hit_returns_identical_tensors(tmp_path):
 
 # ---- bad input --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, content, match", [
-    ("missing.txt", None, "data not found"),
-    ("empty.txt", "\n\n  \n", "holds no text"),
-    ("data.csv", "a,b\n", "unknown data format"),
-    ("bad.jsonl", '{"text": "ok"}\n{not json\n', r"bad.jsonl:2: not valid JSON"),
-    ("num.jsonl", '{"text": 3}\n', "is int, not text"),
-    ("latin.txt", b"caf\xe9\n", "not UTF-8"),
-    ("broken.parquet", b"PAR1 not really", "cannot read .* as parquet"),
-])
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("missing.txt", None, "data not found"),
+        ("empty.txt", "\n\n  \n", "holds no text"),
+        ("data.csv", "a,b\n", "unknown data format"),
+        ("bad.jsonl", '{"text": "ok"}\n{not json\n', r"bad.jsonl:2: not valid JSON"),
+        ("num.jsonl", '{"text": 3}\n', "is int, not text"),
+        ("latin.txt", b"caf\xe9\n", "not UTF-8"),
+        ("broken.parquet", b"PAR1 not really", "cannot read .* as parquet"),
+    ],
+)
 def test_bad_data_raises_data_error(tmp_path, name, content, match):
     p = tmp_path / name
     if isinstance(content, bytes):
@@ -236,10 +250,16 @@ def test_blocks():
 def test_calibration_blocks_one_rule_for_every_method():
     """The DHA search and the baselines cut calibration text by the same rule (dha.data.calibration_blocks)."""
     stream = torch.arange(100)
-    assert calibration_blocks(stream, 40, 16).tolist() == [list(range(0, 16)), list(range(16, 32)), list(range(32, 48))]  # ceil(40/16)
+    assert calibration_blocks(stream, 40, 16).tolist() == [
+        list(range(0, 16)),
+        list(range(16, 32)),
+        list(range(32, 48)),
+    ]  # ceil(40/16)
     assert calibration_blocks(stream, 10, 16).tolist() == [list(range(10))]  # the block cut to calib_tokens
     assert calibration_blocks(stream, 1000, 16).shape == (6, 16)  # the stream ends first: 6 whole blocks
-    assert calibration_blocks(torch.arange(7), 64, 16).tolist() == [list(range(7))]  # a short stream: one block of all of it
+    assert calibration_blocks(torch.arange(7), 64, 16).tolist() == [
+        list(range(7))
+    ]  # a short stream: one block of all of it
     assert calibration_blocks(stream, 1, 16).tolist() == [[0, 1]]  # at least 2 tokens: one prediction
     with pytest.raises(DataError, match="train split is empty"):
         calibration_blocks(torch.arange(0), 64, 16)

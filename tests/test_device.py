@@ -26,21 +26,124 @@ CALIB = ["--data", "{data}", "--calib-tokens", "64", "--calib-block-size", "16"]
 VERBS = {
     "inspect": ["inspect", "{src}", "--json"],
     "generate": ["generate", "{src}", "--prompt", "the quick brown fox", "--max-new-tokens", "3", "--json"],
-    "eval": ["eval", "{src}", "--data", "{data}", "--eval-block-size", "16", "--max-eval-tokens", "64", "--context", "8",
-             "--new-tokens", "2", "--batch-sizes", "1", "--repeats", "1", "--heldout-fraction", "0.3", "--json"],
+    "eval": [
+        "eval",
+        "{src}",
+        "--data",
+        "{data}",
+        "--eval-block-size",
+        "16",
+        "--max-eval-tokens",
+        "64",
+        "--context",
+        "8",
+        "--new-tokens",
+        "2",
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "1",
+        "--heldout-fraction",
+        "0.3",
+        "--json",
+    ],
     "export": ["export", "{src}", "--out", "{out}"],
     "analyze": ["analyze", "{src}", *CALIB, "--out", "{out}"],
     "convert-gqa": ["convert", "{src}", "--method", "gqa", "--kv-budget", "0.5", "--out", "{out}", "--json"],
-    "convert-gqa-similar": ["convert", "{src}", "--method", "gqa-similar", "--kv-budget", "0.5", *CALIB, "--out", "{out}", "--json"],
+    "convert-gqa-similar": [
+        "convert",
+        "{src}",
+        "--method",
+        "gqa-similar",
+        "--kv-budget",
+        "0.5",
+        *CALIB,
+        "--out",
+        "{out}",
+        "--json",
+    ],
     "convert-svd": ["convert", "{src}", "--method", "svd", "--kv-budget", "0.5", *CALIB, "--out", "{out}", "--json"],
-    "convert-prune": ["convert", "{src}", "--method", "prune", "--kv-budget", "0.5", *CALIB, "--out", "{out}", "--json"],
-    "convert-gqa-trained": ["convert", "{src}", "--method", "gqa", "--kv-budget", "0.5", "--data", "{data}", "--tokens", "64",
-                            "--block-size", "16", "--batch-tokens", "32", "--no-progress", "--out", "{out}", "--json"],
-    "convert-dha": ["convert", "{src}", "--method", "dha", "--kv-budget", "0.5", *CALIB, "--tokens", "128",
-                    "--block-size", "16", "--batch-tokens", "64", "--fusion-fraction", "0.5", "--no-progress", "--out", "{out}", "--json"],
-    "train": ["train", "{src}", "--data", "{data}", "--tokens", "64", "--block-size", "16", "--batch-tokens", "32",
-              "--no-progress", "--out", "{out}"],
-    "bench": ["bench", "{src}", "--batch-sizes", "1", "--contexts", "4", "--new-tokens", "2", "--repeats", "1", "--json"],
+    "convert-prune": [
+        "convert",
+        "{src}",
+        "--method",
+        "prune",
+        "--kv-budget",
+        "0.5",
+        *CALIB,
+        "--out",
+        "{out}",
+        "--json",
+    ],
+    "convert-gqa-trained": [
+        "convert",
+        "{src}",
+        "--method",
+        "gqa",
+        "--kv-budget",
+        "0.5",
+        "--data",
+        "{data}",
+        "--tokens",
+        "64",
+        "--block-size",
+        "16",
+        "--batch-tokens",
+        "32",
+        "--no-progress",
+        "--out",
+        "{out}",
+        "--json",
+    ],
+    "convert-dha": [
+        "convert",
+        "{src}",
+        "--method",
+        "dha",
+        "--kv-budget",
+        "0.5",
+        *CALIB,
+        "--tokens",
+        "128",
+        "--block-size",
+        "16",
+        "--batch-tokens",
+        "64",
+        "--fusion-fraction",
+        "0.5",
+        "--no-progress",
+        "--out",
+        "{out}",
+        "--json",
+    ],
+    "train": [
+        "train",
+        "{src}",
+        "--data",
+        "{data}",
+        "--tokens",
+        "64",
+        "--block-size",
+        "16",
+        "--batch-tokens",
+        "32",
+        "--no-progress",
+        "--out",
+        "{out}",
+    ],
+    "bench": [
+        "bench",
+        "{src}",
+        "--batch-sizes",
+        "1",
+        "--contexts",
+        "4",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+    ],
 }
 REPORTS_DEVICE = ("eval", "bench", "export")  # verbs whose JSON line says where they ran
 
@@ -85,6 +188,7 @@ def spy_on_devices(monkeypatch) -> dict:
 
 
 # ---- parsing ---------------------------------------------------------------------------------------
+
 
 def test_resolve_device_names(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -133,7 +237,9 @@ def test_an_explicit_gpu_under_torchrun_is_refused(setup, monkeypatch, capsys):
         resolve_device("cuda:0")
     assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
     assert resolve_device("cpu") == torch.device("cpu")
-    monkeypatch.setattr(dha.checkpoint, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model was loaded")))
+    monkeypatch.setattr(
+        dha.checkpoint, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model was loaded"))
+    )
     capsys.readouterr()
     assert main([*argv("train", src, data, out), "--device", "cuda:1"]) == 2
     lines = capsys.readouterr().err.splitlines()
@@ -145,10 +251,13 @@ def test_inference_dtype():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert inference_dtype(None, cuda) == torch.bfloat16  # --dtype auto on a GPU
     assert inference_dtype(None, cpu) is None  # the checkpoint's own
-    assert inference_dtype(torch.float16, cuda) == torch.float16 and inference_dtype(torch.float32, cpu) == torch.float32
+    assert (
+        inference_dtype(torch.float16, cuda) == torch.float16 and inference_dtype(torch.float32, cpu) == torch.float32
+    )
 
 
 # ---- the option ------------------------------------------------------------------------------------
+
 
 def test_every_verb_has_the_device_option():
     sub = next(a for a in build_parser()._actions if a.dest == "verb")
@@ -159,11 +268,14 @@ def test_every_verb_has_the_device_option():
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))
-@pytest.mark.parametrize("spec, gpus, message", [
-    ("cuda", 0, "--device cuda: this machine has no usable GPU"),
-    ("cuda:7", 1, "--device cuda:7: there is no GPU cuda:7; this machine has 1 (cuda:0)"),
-    ("foo", 0, "unknown --device 'foo'"),
-])
+@pytest.mark.parametrize(
+    "spec, gpus, message",
+    [
+        ("cuda", 0, "--device cuda: this machine has no usable GPU"),
+        ("cuda:7", 1, "--device cuda:7: there is no GPU cuda:7; this machine has 1 (cuda:0)"),
+        ("foo", 0, "unknown --device 'foo'"),
+    ],
+)
 def test_absent_device_is_refused_before_any_work(verb, spec, gpus, message, setup, monkeypatch, capsys):
     src, data, out = setup
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
@@ -182,6 +294,7 @@ def test_absent_device_is_refused_before_any_work(verb, spec, gpus, message, set
 
 
 # ---- loading onto a device ---------------------------------------------------------------------------
+
 
 def test_load_reads_onto_the_device_in_the_dtype(tmp_path):
     """Native and HF-directory loads in bfloat16 on the CPU: every weight is the source weight
@@ -202,12 +315,15 @@ def test_load_reads_onto_the_device_in_the_dtype(tmp_path):
 
 # ---- every verb on --device cpu -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("verb", sorted(VERBS))
 def test_every_verb_runs_on_the_cpu(verb, setup, monkeypatch, capsys):
     src, data, out = setup
     seen = spy_on_devices(monkeypatch)
     assert main([*argv(verb, src, data, out), "--device", "cpu"]) == 0
-    assert seen["load"] and all(d is not None and torch.device(d) == torch.device("cpu") for d in seen["load"]), seen["load"]
+    assert seen["load"] and all(d is not None and torch.device(d) == torch.device("cpu") for d in seen["load"]), seen[
+        "load"
+    ]
     if verb not in ("inspect", "convert-gqa"):  # these two only read shapes and weights
         assert seen["forward"], "no forward pass"
     assert all(i.type == "cpu" and p.type == "cpu" for i, p in seen["forward"])

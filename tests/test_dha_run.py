@@ -33,9 +33,37 @@ def run_setup(tmp_path, monkeypatch):
 
 
 def convert_args(source: str, data: str, out: str, *extra: str) -> list[str]:
-    return ["convert", source, "--method", "dha", "--kv-budget", "0.5", "--data", data, "--block-size", "16",
-            "--calib-block-size", "16", "--batch-tokens", "64", "--fusion-fraction", "0.3", "--calib-tokens", "256", "--tokens", str(TOKENS), "--eval-every", "4", "--train-dtype", "float32",
-            "--no-progress", "--json", "--out", out, *extra]
+    return [
+        "convert",
+        source,
+        "--method",
+        "dha",
+        "--kv-budget",
+        "0.5",
+        "--data",
+        data,
+        "--block-size",
+        "16",
+        "--calib-block-size",
+        "16",
+        "--batch-tokens",
+        "64",
+        "--fusion-fraction",
+        "0.3",
+        "--calib-tokens",
+        "256",
+        "--tokens",
+        str(TOKENS),
+        "--eval-every",
+        "4",
+        "--train-dtype",
+        "float32",
+        "--no-progress",
+        "--json",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def final_run(out: str) -> tuple[list[float], dict]:
@@ -43,7 +71,9 @@ def final_run(out: str) -> tuple[list[float], dict]:
     with open(os.path.join(out, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
     train = [r for r in records if r["kind"] == "train"]
-    assert [(r["stage"], r["step"]) for r in train] == [("fusion", s) for s in (1, 2, 3)] + [("continued", s) for s in range(1, 8)]
+    assert [(r["stage"], r["step"]) for r in train] == [("fusion", s) for s in (1, 2, 3)] + [
+        ("continued", s) for s in range(1, 8)
+    ]
     return [r["loss"] for r in train], load(out, tokenizer=False).model.state_dict()
 
 
@@ -64,8 +94,13 @@ sys.exit(main(sys.argv[2:]))
 
 
 def child(args: list[str], delay: float = 0.0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=REPO), str(delay), *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT.format(repo=REPO), str(delay), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.mark.parametrize("stage,step", [("fusion", 2), ("continued", 3)])
@@ -104,6 +139,7 @@ def test_kill_during_search_leaves_a_run_that_resumes(run_setup):
 
 
 # ---- bad input -----------------------------------------------------------------------------------------
+
 
 def test_resume_refuses_other_settings_a_finished_run_and_a_foreign_out(run_setup, capsys):
     tmp_path, source, data = run_setup
@@ -172,9 +208,11 @@ def test_plan_from_another_model_is_refused(run_setup, capsys):
 
 # ---- torchrun: two processes equal one ------------------------------------------------------------------
 
+
 def _worker(rank: int, world: int, port: int, args: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -191,7 +229,9 @@ def test_two_processes_match_one(run_setup, monkeypatch):
     tmp_path, source, data = run_setup
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert main(convert_args(source, data, one, "--micro-batch", "4")) == 0
-    mp.spawn(_worker, args=(2, _free_port(), convert_args(source, data, two, "--micro-batch", "2")), nprocs=2, join=True)
+    mp.spawn(
+        _worker, args=(2, _free_port(), convert_args(source, data, two, "--micro-batch", "2")), nprocs=2, join=True
+    )
     losses_one, weights_one = final_run(one)
     losses_two, weights_two = final_run(two)
     # fp32; only the order of summation differs (two ranks of 2 rows against one of 4): 1e-5.

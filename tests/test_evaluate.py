@@ -19,14 +19,22 @@ from dha.cli import main
 from dha.data import TokenSplits
 from dha.evaluate import EvalOptions, evaluate, evaluate_models, kv_bytes, perplexity
 from dha.model import ModelConfig, Transformer
-from tests.helpers import scaled_init_
 from dha.transforms import build, state_dict_of, with_maps
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
+from tests.helpers import scaled_init_
 from tests.speed_clock import SpeedClock
 from tests.test_data import DOCS, reference_split, reference_stream, tiny_tokenizer
 
-FAST = EvalOptions(block_size=16, max_eval_tokens=64, eval_batch_size=2, batch_sizes=[1, 2], context=8,
-                   new_tokens=3, repeats=1, progress=False)
+FAST = EvalOptions(
+    block_size=16,
+    max_eval_tokens=64,
+    eval_batch_size=2,
+    batch_sizes=[1, 2],
+    context=8,
+    new_tokens=3,
+    repeats=1,
+    progress=False,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -35,13 +43,23 @@ def cache_in_tmp(tmp_path, monkeypatch):
 
 
 def tiny_model(vocab=300, key_index=None, value_index=None, seed=0) -> Transformer:
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=48, num_layers=2, num_heads=6, head_dim=8, intermediate_size=64,
-                      key_index=key_index or [], value_index=value_index or [], max_position_embeddings=256)
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=6,
+        head_dim=8,
+        intermediate_size=64,
+        key_index=key_index or [],
+        value_index=value_index or [],
+        max_position_embeddings=256,
+    )
     torch.manual_seed(seed)
     return scaled_init_(Transformer(cfg), std=0.2, seed=seed).eval()
 
 
 # ---- perplexity -------------------------------------------------------------------------------
+
 
 def test_perplexity_equals_hand_computation():
     model = ours_from_hf(tiny_llama_hf(num_kv_heads=2))
@@ -71,6 +89,7 @@ def test_perplexity_needs_two_token_windows():
 
 # ---- KV-cache bytes ---------------------------------------------------------------------------
 
+
 def dha_uneven_model() -> Transformer:
     """Layer 0: 3 key heads {0,1},{2},{3,4,5}, 2 value heads {0,2,4},{1,3,5}; layer 1: 1 key head, 4 value heads."""
     key_index = [[0, 0, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0]]
@@ -98,11 +117,14 @@ def tensors_held(obj) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("name, make, heads_per_layer", [
-    ("mha", lambda: ours_from_hf(tiny_llama_hf()), [(6, 6), (6, 6)]),
-    ("gqa", lambda: ours_from_hf(tiny_llama_hf(num_kv_heads=2)), [(2, 2), (2, 2)]),
-    ("dha", dha_uneven_model, [(3, 2), (1, 4)]),
-])
+@pytest.mark.parametrize(
+    "name, make, heads_per_layer",
+    [
+        ("mha", lambda: ours_from_hf(tiny_llama_hf()), [(6, 6), (6, 6)]),
+        ("gqa", lambda: ours_from_hf(tiny_llama_hf(num_kv_heads=2)), [(2, 2), (2, 2)]),
+        ("dha", dha_uneven_model, [(3, 2), (1, 4)]),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_measured_kv_bytes_equal_analytic(name, make, heads_per_layer, dtype):
     """The expected bytes are counted here from the heads per layer (head dim 8), not from the
@@ -116,8 +138,11 @@ def test_measured_kv_bytes_equal_analytic(name, make, heads_per_layer, dtype):
     assert got["measured"] == expected
 
     outputs, max_len, T = {}, 16, 8
-    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: outputs.__setitem__(n, out.detach()))
-             for n, m in model.named_modules() if n.endswith(("k_proj", "v_proj"))]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, n=n: outputs.__setitem__(n, out.detach()))
+        for n, m in model.named_modules()
+        if n.endswith(("k_proj", "v_proj"))
+    ]
     cache = model.new_cache(1, max_len)
     with torch.no_grad():
         model(random_ids(1, T, vocab=model.config.vocab_size), cache)
@@ -127,12 +152,18 @@ def test_measured_kv_bytes_equal_analytic(name, make, heads_per_layer, dtype):
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_held(cache)}
     assert sum(storages.values()) == expected * max_len
     for l, (hk, hv) in enumerate(heads_per_layer):
-        held = [t for t in tensors_held(cache) if t.dim() == 4 and t.shape[1] == hv and torch.equal(
-            t[0, :, :T], outputs[f"layers.{l}.attn.v_proj"][0].view(T, hv, 8).transpose(0, 1))]
+        held = [
+            t
+            for t in tensors_held(cache)
+            if t.dim() == 4
+            and t.shape[1] == hv
+            and torch.equal(t[0, :, :T], outputs[f"layers.{l}.attn.v_proj"][0].view(T, hv, 8).transpose(0, 1))
+        ]
         assert held, f"layer {l}: the cache does not hold v_proj's {hv} value heads"
 
 
 # ---- speed and the whole evaluation ------------------------------------------------------------
+
 
 def loaded_tiny(model=None, source="tiny") -> Loaded:
     return Loaded(model or tiny_model(), tiny_tokenizer(), source, "native")
@@ -171,8 +202,11 @@ def test_evaluate_and_compare(monkeypatch):
         assert s["peak_memory_bytes"] > 0
     batch2 = clock.timed_run(lambda r: r.model is source.model, 2, 8, 3)
     assert one["decode_batch_size"] == 2
-    assert (batch2.decoded_tokens / batch2.decode_outer * (1 - 1e-9) <= one["decode_tokens_per_s"]
-            <= batch2.decoded_tokens / batch2.decode_inner * (1 + 1e-9))  # float64 seconds, 1e-9 relative for rounding
+    assert (
+        batch2.decoded_tokens / batch2.decode_outer * (1 - 1e-9)
+        <= one["decode_tokens_per_s"]
+        <= batch2.decoded_tokens / batch2.decode_inner * (1 + 1e-9)
+    )  # float64 seconds, 1e-9 relative for rounding
     assert one["decode_tokens_per_s"] >= 2 * 3 / wall  # and the whole evaluate() call bounds it too
 
     dha = loaded_tiny(dha_uneven_model(), "dha")
@@ -189,6 +223,7 @@ def test_evaluate_and_compare(monkeypatch):
 
 # ---- CLI --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def saved_tiny(tmp_path):
     path = str(tmp_path / "tiny_ckpt")
@@ -202,8 +237,22 @@ def write_text_data(tmp_path):
     return str(p)
 
 
-CLI_FAST = ["--eval-block-size", "16", "--max-eval-tokens", "64", "--context", "8", "--new-tokens", "3",
-            "--batch-sizes", "1,2", "--repeats", "1", "--heldout-fraction", "0.3"]
+CLI_FAST = [
+    "--eval-block-size",
+    "16",
+    "--max-eval-tokens",
+    "64",
+    "--context",
+    "8",
+    "--new-tokens",
+    "3",
+    "--batch-sizes",
+    "1,2",
+    "--repeats",
+    "1",
+    "--heldout-fraction",
+    "0.3",
+]
 
 
 def test_cli_eval_prints_table_then_json_line(tmp_path, saved_tiny, capsys):
@@ -236,7 +285,9 @@ def test_cli_eval_compare(tmp_path, saved_tiny, capsys):
     ref_a, ref_b = reference_ppl(tiny_model(), windows), reference_ppl(dha_uneven_model(), windows)
     torch.testing.assert_close(report["ppl"], ref_a, rtol=1e-5, atol=0)  # the top level: the first model's
     torch.testing.assert_close(report["models"][1]["ppl"], ref_b, rtol=1e-5, atol=0)
-    torch.testing.assert_close(report["models"][1]["ratios"]["ppl"], ref_b / ref_a, rtol=2e-5, atol=0)  # each side within 1e-5
+    torch.testing.assert_close(
+        report["models"][1]["ratios"]["ppl"], ref_b / ref_a, rtol=2e-5, atol=0
+    )  # each side within 1e-5
 
 
 def test_cli_eval_bad_data_exits_2_and_writes_nothing(tmp_path, saved_tiny, capsys):

@@ -135,8 +135,9 @@ def test_decoupled_uneven_exports_remote_code(tmp_path, capsys):
     # each layer's 3 key heads and 2 value heads only.
     prompt = random_ids(2, 6, seed=2)
     with torch.no_grad():
-        hf_tokens = exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                                      do_sample=False, pad_token_id=0)
+        hf_tokens = exported.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0
+        )
         step = exported(prompt, use_cache=True)
     assert torch.equal(hf_tokens, generate(ours, prompt, 8))
     cache = step.cache if hasattr(step, "cache") else step.past_key_values
@@ -223,12 +224,18 @@ def test_remote_code_export_tokenizer_needs_no_remote_code(tmp_path):
     text = "the quick brown fox jumps over a zebra"  # "zebra" is not in the vocabulary: [UNK]
     expected = loaded.tokenizer(text)["input_ids"]
     assert 0 in expected  # the unknown word
-    p = subprocess.run([sys.executable, "-c", TOKENIZER_SCRIPT, out, text], stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [sys.executable, "-c", TOKENIZER_SCRIPT, out, text],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr
     ids = dict(re.findall(r"(explicit|bare): (\[[\d, ]*\])", p.stdout))  # the question ends without a newline
     assert json.loads(ids["explicit"]) == expected and json.loads(ids["bare"]) == expected, p.stdout
-    assert "custom code" not in p.stdout[:p.stdout.index("explicit:")]  # input() asks on stdout: not for this load
+    assert "custom code" not in p.stdout[: p.stdout.index("explicit:")]  # input() asks on stdout: not for this load
 
 
 def test_family_without_gqa_exports_stock_only_as_mha(tmp_path):
@@ -248,7 +255,9 @@ def test_family_without_gqa_exports_stock_only_as_mha(tmp_path):
     gqa = merge_groups(ours, Plan([LayerPlan(groups, groups)] * 2, [6, 6], [6, 6], method="custom")).eval()
     result = export(Loaded(gqa, None, "gpt2", "hf", hf_config=hf.config.to_dict()), str(tmp_path / "gqa"))
     assert result.kind == "remote-code" and "no grouped-query attention" in result.reason
-    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gqa"), trust_remote_code=True, dtype=torch.float32).eval()
+    exported = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "gqa"), trust_remote_code=True, dtype=torch.float32
+    ).eval()
     assert_close(logits(exported, ids), logits(gqa, ids), atol=1e-5, rtol=0)  # fp32
 
 
@@ -286,8 +295,16 @@ def test_mismatch_leaves_nothing(tmp_path, capsys):
 
 
 def _cfg(key_index, value_index):
-    return ModelConfig(vocab_size=11, hidden_size=48, num_layers=len(key_index), num_heads=6, head_dim=8,
-                       intermediate_size=16, key_index=key_index, value_index=value_index)
+    return ModelConfig(
+        vocab_size=11,
+        hidden_size=48,
+        num_layers=len(key_index),
+        num_heads=6,
+        head_dim=8,
+        intermediate_size=16,
+        key_index=key_index,
+        value_index=value_index,
+    )
 
 
 def test_stock_layout_rules():

@@ -50,58 +50,114 @@ def hf_model(cls_name: str, config_name: str, **kwargs):
     return perturbed(getattr(transformers, cls_name)(config))
 
 
-NEOX = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=64, max_position_embeddings=64)
+NEOX = dict(
+    hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=64, max_position_embeddings=64
+)
 OPT = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, ffn_dim=64, max_position_embeddings=64)
-LLAMA_LIKE = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=64, max_position_embeddings=64)
+LLAMA_LIKE = dict(
+    hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=64, max_position_embeddings=64
+)
 
 # name -> builder of a tiny HF model. Variants cover each family's switches.
 CASES = {
     "llama": lambda: tiny_llama_hf(num_kv_heads=3, bias=True),
     "gpt2": lambda: hf_model("GPT2LMHeadModel", "GPT2Config", n_embd=48, n_layer=2, n_head=6, n_positions=64),
     "gpt2-untied-gelu": lambda: hf_model(
-        "GPT2LMHeadModel", "GPT2Config", n_embd=48, n_layer=2, n_head=6, n_positions=64, n_inner=40,
-        tie_word_embeddings=False, activation_function="gelu", layer_norm_epsilon=1e-3,
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        n_embd=48,
+        n_layer=2,
+        n_head=6,
+        n_positions=64,
+        n_inner=40,
+        tie_word_embeddings=False,
+        activation_function="gelu",
+        layer_norm_epsilon=1e-3,
         # reorder_and_upcast_attn only runs in eager attention: there it computes q.k in float32.
-        reorder_and_upcast_attn=True, attn_implementation="eager",
+        reorder_and_upcast_attn=True,
+        attn_implementation="eager",
     ),
     # Pythia-style: parallel residual, the first half of each head rotated, RoPE base 500.
     "gpt_neox": lambda: hf_model("GPTNeoXForCausalLM", "GPTNeoXConfig", **NEOX, rotary_pct=0.5, rotary_emb_base=500),
     "gpt_neox-sequential-nobias": lambda: hf_model(
-        "GPTNeoXForCausalLM", "GPTNeoXConfig", **NEOX, use_parallel_residual=False, attention_bias=False,
-        tie_word_embeddings=True, layer_norm_eps=1e-3,
+        "GPTNeoXForCausalLM",
+        "GPTNeoXConfig",
+        **NEOX,
+        use_parallel_residual=False,
+        attention_bias=False,
+        tie_word_embeddings=True,
+        layer_norm_eps=1e-3,
     ),
     "opt": lambda: hf_model("OPTForCausalLM", "OPTConfig", **OPT),
     "opt-nobias-nofinalnorm-untied": lambda: hf_model(
-        "OPTForCausalLM", "OPTConfig", **OPT, enable_bias=False, _remove_final_layer_norm=True,
-        tie_word_embeddings=False, activation_function="gelu",
+        "OPTForCausalLM",
+        "OPTConfig",
+        **OPT,
+        enable_bias=False,
+        _remove_final_layer_norm=True,
+        tie_word_embeddings=False,
+        activation_function="gelu",
     ),
     "phi": lambda: hf_model("PhiForCausalLM", "PhiConfig", **LLAMA_LIKE, partial_rotary_factor=0.5),
-    "phi-gqa": lambda: hf_model("PhiForCausalLM", "PhiConfig", **LLAMA_LIKE, num_key_value_heads=3, partial_rotary_factor=0.75),
+    "phi-gqa": lambda: hf_model(
+        "PhiForCausalLM", "PhiConfig", **LLAMA_LIKE, num_key_value_heads=3, partial_rotary_factor=0.75
+    ),
     "qwen2": lambda: hf_model("Qwen2ForCausalLM", "Qwen2Config", **LLAMA_LIKE, num_key_value_heads=3),
     # Every layer slides (max_window_layers=0); window 5 < LENGTH so the window really masks.
     "qwen2-sliding": lambda: hf_model(
-        "Qwen2ForCausalLM", "Qwen2Config", **LLAMA_LIKE, num_key_value_heads=2, use_sliding_window=True,
-        sliding_window=5, max_window_layers=0, tie_word_embeddings=True,
+        "Qwen2ForCausalLM",
+        "Qwen2Config",
+        **LLAMA_LIKE,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=5,
+        max_window_layers=0,
+        tie_word_embeddings=True,
     ),
-    "mistral": lambda: hf_model("MistralForCausalLM", "MistralConfig", **LLAMA_LIKE, num_key_value_heads=2, sliding_window=5),
-    "mistral-nowindow": lambda: hf_model("MistralForCausalLM", "MistralConfig", **LLAMA_LIKE, num_key_value_heads=6, sliding_window=None),
+    "mistral": lambda: hf_model(
+        "MistralForCausalLM", "MistralConfig", **LLAMA_LIKE, num_key_value_heads=2, sliding_window=5
+    ),
+    "mistral-nowindow": lambda: hf_model(
+        "MistralForCausalLM", "MistralConfig", **LLAMA_LIKE, num_key_value_heads=6, sliding_window=None
+    ),
     # qk-norm families. Qwen3: per-head RMSNorm of q and k (head dim 8 set explicitly: Qwen3Config's is 128).
-    "qwen3": lambda: hf_model("Qwen3ForCausalLM", "Qwen3Config", **LLAMA_LIKE, num_key_value_heads=3, head_dim=8, attention_bias=True),
-    "qwen3-mha-tied": lambda: hf_model("Qwen3ForCausalLM", "Qwen3Config", **LLAMA_LIKE, num_key_value_heads=6, head_dim=8,
-                                       tie_word_embeddings=True),
+    "qwen3": lambda: hf_model(
+        "Qwen3ForCausalLM", "Qwen3Config", **LLAMA_LIKE, num_key_value_heads=3, head_dim=8, attention_bias=True
+    ),
+    "qwen3-mha-tied": lambda: hf_model(
+        "Qwen3ForCausalLM", "Qwen3Config", **LLAMA_LIKE, num_key_value_heads=6, head_dim=8, tie_word_embeddings=True
+    ),
     # OLMo 2: RMSNorm of the whole q (48) and k (Hk * 8) projections, norms after each sublayer.
     "olmo2": lambda: hf_model("Olmo2ForCausalLM", "Olmo2Config", **LLAMA_LIKE, num_key_value_heads=2),
-    "olmo2-mha-bias": lambda: hf_model("Olmo2ForCausalLM", "Olmo2Config", **LLAMA_LIKE, attention_bias=True, rms_norm_eps=1e-3),
+    "olmo2-mha-bias": lambda: hf_model(
+        "Olmo2ForCausalLM", "Olmo2Config", **LLAMA_LIKE, attention_bias=True, rms_norm_eps=1e-3
+    ),
     # Gemma 3: local layers 0 and 2 (window 5 < LENGTH, RoPE theta 10,000) and a global layer 1 (linear
     # RoPE scaling), query_pre_attn_scalar != head_dim, final logits soft-capped.
     "gemma3_text": lambda: hf_model(
-        "Gemma3ForCausalLM", "Gemma3TextConfig", **{**LLAMA_LIKE, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=8,
-        sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=12,
-        final_logit_softcapping=3.0, rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                                      "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}},
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        **{**LLAMA_LIKE, "num_hidden_layers": 3},
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=12,
+        final_logit_softcapping=3.0,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+        },
     ),
-    "gemma3_text-mha": lambda: hf_model("Gemma3ForCausalLM", "Gemma3TextConfig", **LLAMA_LIKE, num_key_value_heads=6, head_dim=8,
-                                        sliding_window=6, layer_types=["full_attention", "sliding_attention"]),
+    "gemma3_text-mha": lambda: hf_model(
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        **LLAMA_LIKE,
+        num_key_value_heads=6,
+        head_dim=8,
+        sliding_window=6,
+        layer_types=["full_attention", "sliding_attention"],
+    ),
 }
 
 
@@ -203,7 +259,7 @@ def test_uneven_merge_runs(case):
     with torch.no_grad():
         logits = merged(ids)
         cache = merged.new_cache(ids.shape[0], LENGTH)
-        stepped = torch.cat([merged(ids[:, :LENGTH - 1], cache), merged(ids[:, LENGTH - 1 :], cache)], dim=1)
+        stepped = torch.cat([merged(ids[:, : LENGTH - 1], cache), merged(ids[:, LENGTH - 1 :], cache)], dim=1)
     assert logits.shape == (2, LENGTH, VOCAB) and torch.isfinite(logits).all()
     assert_close(stepped, logits, atol=1e-5, rtol=0)  # the compact cache serves the merged heads
 
@@ -252,18 +308,46 @@ TINY = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention
 SUPPORTED = "gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, opt, phi, qwen2, qwen3"
 
 REFUSED = [
-    ("Qwen3MoeConfig", dict(TINY, intermediate_size=64), r"'qwen3_moe' is not supported: its MLP is a mixture of experts"),
+    (
+        "Qwen3MoeConfig",
+        dict(TINY, intermediate_size=64),
+        r"'qwen3_moe' is not supported: its MLP is a mixture of experts",
+    ),
     ("Olmo3Config", dict(TINY, intermediate_size=64), r"'olmo3' is not supported: .*OLMo 2 is supported"),
-    ("Gemma3TextConfig", dict(TINY, intermediate_size=64, use_bidirectional_attention=True), r"use_bidirectional_attention=True"),
-    ("Qwen3Config", dict(TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1), r"qwen3 with a sliding window on some layers only"),
-    ("PhiConfig", dict(TINY, qk_layernorm=True), r"phi with qk_layernorm=True .*qk-norm only for qwen3, olmo2, gemma3_text"),
+    (
+        "Gemma3TextConfig",
+        dict(TINY, intermediate_size=64, use_bidirectional_attention=True),
+        r"use_bidirectional_attention=True",
+    ),
+    (
+        "Qwen3Config",
+        dict(TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        r"qwen3 with a sliding window on some layers only",
+    ),
+    (
+        "PhiConfig",
+        dict(TINY, qk_layernorm=True),
+        r"phi with qk_layernorm=True .*qk-norm only for qwen3, olmo2, gemma3_text",
+    ),
     ("OPTConfig", dict(TINY, do_layer_norm_before=False), r"do_layer_norm_before=False \(post-LayerNorm"),
     ("OPTConfig", dict(TINY, word_embed_proj_dim=32), r"word_embed_proj_dim=32 != hidden_size=48"),
-    ("GPT2Config", dict(n_embd=48, n_layer=2, n_head=6, scale_attn_by_inverse_layer_idx=True), r"scale_attn_by_inverse_layer_idx"),
+    (
+        "GPT2Config",
+        dict(n_embd=48, n_layer=2, n_head=6, scale_attn_by_inverse_layer_idx=True),
+        r"scale_attn_by_inverse_layer_idx",
+    ),
     ("GPT2Config", dict(n_embd=48, n_layer=2, n_head=6, scale_attn_weights=False), r"scale_attn_weights=False"),
-    ("Qwen2Config", dict(TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1), r"sliding window on some layers only"),
+    (
+        "Qwen2Config",
+        dict(TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        r"sliding window on some layers only",
+    ),
     ("GPTNeoXConfig", dict(TINY, rotary_pct=0.1), r"partial_rotary_factor 0.1 gives 0 rotary dims"),
-    ("MambaConfig", dict(vocab_size=VOCAB, hidden_size=48), r"'mamba' is not supported: .*no config and weight mapping.*" + SUPPORTED),
+    (
+        "MambaConfig",
+        dict(vocab_size=VOCAB, hidden_size=48),
+        r"'mamba' is not supported: .*no config and weight mapping.*" + SUPPORTED,
+    ),
 ]
 
 
@@ -290,7 +374,10 @@ def test_cli_refuses_unmapped_qk_norm_dir(tmp_path, capsys):
 
 # ---- saved HF directories -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "opt", "phi-gqa", "qwen2", "mistral", "qwen3", "olmo2", "gemma3_text"])
+
+@pytest.mark.parametrize(
+    "name", ["gpt2", "gpt_neox", "opt", "phi-gqa", "qwen2", "mistral", "qwen3", "olmo2", "gemma3_text"]
+)
 def test_inspect_and_load_saved_hf_dir(name, tmp_path, capsys):
     hf = CASES[name]()
     hf.save_pretrained(tmp_path)

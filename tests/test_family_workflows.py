@@ -40,7 +40,9 @@ from tests.test_families import CASES, LENGTH, VOCAB, assert_cached_decode_match
 BUDGET = 0.5
 # One case per family: the base row of test_families (llama 3 KV heads, qwen2 3, mistral 2 with a
 # sliding window, phi and the MHA-only families 6; NeoX and Phi rotate only part of each head).
-FAMILY_CASES = sorted(set(FAMILIES) - set(QK_NORM_SUPPORTED))  # the qk-norm families convert not yet: tests/test_qk_norm.py
+FAMILY_CASES = sorted(
+    set(FAMILIES) - set(QK_NORM_SUPPORTED)
+)  # the qk-norm families convert not yet: tests/test_qk_norm.py
 # transformers classes with grouped-query attention (Family.kv_heads_field set).
 GQA_CLASSES = {name for name, family in FAMILIES.items() if family.kv_heads_field is not None}
 OPTIONS = dict(calib_tokens=64, block_size=16, batch_size=4)
@@ -159,7 +161,9 @@ def test_duplicate_heads_merge_exactly(family, case):
     _, source = family
     model = with_duplicate_heads(source.model)
     method, options = METHOD_CASES[case]
-    out = convert(Loaded(model, None, "dup", "native"), method, BUDGET, calibration(), ConvertOptions(**OPTIONS, **options))
+    out = convert(
+        Loaded(model, None, "dup", "native"), method, BUDGET, calibration(), ConvertOptions(**OPTIONS, **options)
+    )
     assert out.plan.kv_fraction() <= BUDGET + 1e-9
     ids = random_ids(length=LENGTH, seed=4)
     with torch.no_grad():
@@ -182,7 +186,10 @@ def hf_keys_values(name, hf, ids):
     cfg = hf.config
     H = cfg.num_attention_heads
     hd = cfg.hidden_size // H
-    fused = {"gpt2": ("transformer.h.{}.attn.c_attn", "qkv"), "gpt_neox": ("gpt_neox.layers.{}.attention.query_key_value", "neox")}
+    fused = {
+        "gpt2": ("transformer.h.{}.attn.c_attn", "qkv"),
+        "gpt_neox": ("gpt_neox.layers.{}.attention.query_key_value", "neox"),
+    }
     separate = {"opt": "model.decoder.layers.{}.self_attn.{}"}
     modules = dict(hf.named_modules())
     captured, handles = {}, []
@@ -281,6 +288,7 @@ def test_analyze_runs(family):
 
 # ---- the same workflow through the CLI, on a saved HF directory -------------------------------------
 
+
 def char_tokenizer():
     """A character-level tokenizer over the tiny models' 97 ids (printable ASCII, <unk>, newline)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -324,15 +332,47 @@ def test_cli_workflow(family_hf, tmp_path, capsys, monkeypatch):
     assert analysis["calibration_tokens"] == 64 and len(analysis["key_groups_needed"]) == 2
     for method in ("gqa", "svd"):
         calibration = data if method != "gqa" else []  # gqa reads no text (and refuses calibration options)
-        summary = cli(capsys, "convert", src, "--method", method, "--kv-budget", "0.5", *calibration, "--out", tmp_path / method, "--json")
+        summary = cli(
+            capsys,
+            "convert",
+            src,
+            "--method",
+            method,
+            "--kv-budget",
+            "0.5",
+            *calibration,
+            "--out",
+            tmp_path / method,
+            "--json",
+        )
         assert summary["kv_fraction"] <= 0.5 + 1e-9
         result = cli(capsys, "export", tmp_path / method, "--out", tmp_path / f"{method}-hf")
         # svd keeps contiguous groups shared by K and V at 0.5 too, so both fit a GQA class
         assert result["kind"] == ("stock" if name in GQA_CLASSES else "remote-code"), result["reason"]
         converted = load(str(tmp_path / method), tokenizer=False).model  # the saved conversion, read back
         reload_and_compare(SimpleNamespace(out=result["out"]), converted)
-    evaluated = cli(capsys, "eval", src, "--compare", tmp_path / "svd-hf", "--data", text, "--eval-block-size", "16",
-                    "--max-eval-tokens", "64", "--batch-sizes", "1", "--context", "8", "--new-tokens", "2", "--repeats", "1", "--json")
+    evaluated = cli(
+        capsys,
+        "eval",
+        src,
+        "--compare",
+        tmp_path / "svd-hf",
+        "--data",
+        text,
+        "--eval-block-size",
+        "16",
+        "--max-eval-tokens",
+        "64",
+        "--batch-sizes",
+        "1",
+        "--context",
+        "8",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+    )
     assert evaluated["models"][1]["kv_bytes_per_token"] == converted.config.kv_bytes_per_token(torch.float32)
     # Perplexities against transformers' on the same 4 held-out windows of 16 tokens (fp32 models,
     # fp64 sums here: rtol 1e-5; these random models are near uniform, ppl ~ 100): the source as transformers' own model, the svd export as
@@ -362,8 +402,26 @@ def test_cli_dha_without_training(name, tmp_path, capsys):
     from dha.checkpoint import load
 
     src, text = saved_hf_dir(CASES[name](), tmp_path)
-    summary = cli(capsys, "convert", src, "--method", "dha", "--kv-budget", "0.5", "--tokens", "0", "--data", text,
-                  "--calib-tokens", "64", "--calib-block-size", "16", "--out", tmp_path / "dha", "--no-progress")
+    summary = cli(
+        capsys,
+        "convert",
+        src,
+        "--method",
+        "dha",
+        "--kv-budget",
+        "0.5",
+        "--tokens",
+        "0",
+        "--data",
+        text,
+        "--calib-tokens",
+        "64",
+        "--calib-block-size",
+        "16",
+        "--out",
+        tmp_path / "dha",
+        "--no-progress",
+    )
     assert summary["kv_fraction"] <= 0.5 + 1e-9 and summary["tokens"] == 0
     result = cli(capsys, "export", tmp_path / "dha", "--out", tmp_path / "dha-hf")
     converted = load(str(tmp_path / "dha"), tokenizer=False).model
@@ -378,8 +436,10 @@ def test_loading_a_remote_code_export_asks_nothing(tmp_path, capsys):
 
     src, _ = saved_hf_dir(CASES["gpt2"](), tmp_path)
     loaded = load(src)
-    result = export(Loaded(decoupled(loaded.model), loaded.tokenizer, "gpt2", "native", hf_config=loaded.hf_config),
-                    str(tmp_path / "hf"))
+    result = export(
+        Loaded(decoupled(loaded.model), loaded.tokenizer, "gpt2", "native", hf_config=loaded.hf_config),
+        str(tmp_path / "hf"),
+    )
     capsys.readouterr()
     back = load(result.out)
     assert back.tokenizer is not None

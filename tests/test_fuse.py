@@ -23,8 +23,12 @@ HD = 8  # tiny_llama_hf head dim
 
 def hand_plan(key_groups, value_groups, layers=2, heads=6) -> Plan:
     """The same key and value groups in every layer."""
-    return Plan([LayerPlan([list(g) for g in key_groups], [list(g) for g in value_groups]) for _ in range(layers)],
-                [heads] * layers, [heads] * layers, method="hand")
+    return Plan(
+        [LayerPlan([list(g) for g in key_groups], [list(g) for g in value_groups]) for _ in range(layers)],
+        [heads] * layers,
+        [heads] * layers,
+        method="hand",
+    )
 
 
 DECOUPLED = hand_plan([[0, 3, 5], [1], [2, 4]], [[0, 1], [2, 3, 4, 5]])
@@ -121,13 +125,15 @@ def identical_heads_hf(bias=True):
     hf = tiny_llama_hf(bias=bias)
     with torch.no_grad():
         for layer in hf.model.layers:
-            for proj, groups in ((layer.self_attn.k_proj, DECOUPLED.layers[0].key_groups),
-                                 (layer.self_attn.v_proj, DECOUPLED.layers[0].value_groups)):
+            for proj, groups in (
+                (layer.self_attn.k_proj, DECOUPLED.layers[0].key_groups),
+                (layer.self_attn.v_proj, DECOUPLED.layers[0].value_groups),
+            ):
                 for g in groups:
                     for h in g[1:]:
-                        proj.weight[h * HD:(h + 1) * HD] = proj.weight[g[0] * HD:(g[0] + 1) * HD]
+                        proj.weight[h * HD : (h + 1) * HD] = proj.weight[g[0] * HD : (g[0] + 1) * HD]
                         if bias:
-                            proj.bias[h * HD:(h + 1) * HD] = proj.bias[g[0] * HD:(g[0] + 1) * HD]
+                            proj.bias[h * HD : (h + 1) * HD] = proj.bias[g[0] * HD : (g[0] + 1) * HD]
     return hf
 
 
@@ -160,7 +166,8 @@ def test_mean_target_on_a_contiguous_plan_matches_hf_gqa_model_built_by_hand():
             for suffix in ("weight", "bias"):
                 w = sd[f"model.layers.{l}.self_attn.{name}.{suffix}"]
                 sd[f"model.layers.{l}.self_attn.{name}.{suffix}"] = torch.cat(
-                    [(w[2 * g * HD:(2 * g + 1) * HD] + w[(2 * g + 1) * HD:(2 * g + 2) * HD]) / 2 for g in range(3)])
+                    [(w[2 * g * HD : (2 * g + 1) * HD] + w[(2 * g + 1) * HD : (2 * g + 2) * HD]) / 2 for g in range(3)]
+                )
     gqa.load_state_dict(sd, strict=True)
     ids = random_ids()
     with torch.no_grad():
@@ -175,8 +182,10 @@ def test_distance_is_the_relative_error_of_the_members_read_back():
         W, b = proj.weight.detach().double(), proj.bias.detach().double()
         d = proj.distances()
         for g, members in enumerate(proj.groups):
-            rows = torch.stack([torch.cat([W[j * HD:(j + 1) * HD].flatten(), b[j * HD:(j + 1) * HD]]) for j in members])
-            ref = float(((rows - rows.mean(0)) ** 2).sum() / (rows ** 2).sum())
+            rows = torch.stack(
+                [torch.cat([W[j * HD : (j + 1) * HD].flatten(), b[j * HD : (j + 1) * HD]]) for j in members]
+            )
+            ref = float(((rows - rows.mean(0)) ** 2).sum() / (rows**2).sum())
             assert d[g].item() == pytest.approx(ref, rel=1e-4, abs=1e-7), (l, kind, members)
     loss, logs = fused.fusion_loss()
     assert loss.item() > 1e-3 and "fusion/key/0" in logs
@@ -206,7 +215,9 @@ def test_short_fusion_run_drives_distance_down(schedule):
     stream = random_ids(batch=1, length=31 * 64, seed=5)[0]
     before = fused.fusion_loss()[0].item()
     schedule_hooks = FusionSchedule(fused, steps=30, options=options).hooks()
-    cfg = TrainConfig(tokens=30 * 64, block_size=16, batch_tokens=64, micro_batch=4, dtype="float32", eval_every=0, lr=1e-2)
+    cfg = TrainConfig(
+        tokens=30 * 64, block_size=16, batch_tokens=64, micro_batch=4, dtype="float32", eval_every=0, lr=1e-2
+    )
     result = train(fused, stream, None, cfg, hooks=schedule_hooks, progress=False)
     assert result.steps == 30
     after = fused.fusion_loss()[0].item()
@@ -252,7 +263,7 @@ def test_lagrangian_penalty_in_parameter_space():
     target = (1 - frac) * initial + frac * 1e-3
     gap = (d - target).clamp_min(0.0)
     assert gap[0, 0] == 0 and (gap[1] > 0).all(), (d, target)  # one ahead, the others behind
-    reference = float((l1 * gap + l2 * gap ** 2).sum())
+    reference = float((l1 * gap + l2 * gap**2).sum())
     term, logs = schedule.extra_loss(fused, 3)
     assert term.item() == pytest.approx(reference, rel=1e-4)  # fp32 distances, fp64 reference
     assert logs["fusion/key/0"] == pytest.approx(float(d[0, 0]), rel=1e-4)
@@ -263,7 +274,14 @@ def test_lagrangian_penalty_in_parameter_space():
 
 # ---- the pipeline: `dha convert --method dha` ------------------------------------------------------
 
-TRAIN = ["--block-size", "16", "--batch-tokens", "64", "--fusion-fraction", "0.3"]  # training rows and steps of the runs with --tokens
+TRAIN = [
+    "--block-size",
+    "16",
+    "--batch-tokens",
+    "64",
+    "--fusion-fraction",
+    "0.3",
+]  # training rows and steps of the runs with --tokens
 
 
 @pytest.fixture
@@ -273,8 +291,22 @@ def convert_setup(tmp_path, monkeypatch):
     monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
     source = tiny_source(str(tmp_path / "tiny"))
     data = text_file(str(tmp_path / "data.txt"))
-    common = ["--method", "dha", "--kv-budget", "0.5", "--data", data, "--calib-block-size", "16",
-              "--calib-tokens", "256", "--dtype", "float32", "--no-progress", "--json"]
+    common = [
+        "--method",
+        "dha",
+        "--kv-budget",
+        "0.5",
+        "--data",
+        data,
+        "--calib-block-size",
+        "16",
+        "--calib-tokens",
+        "256",
+        "--dtype",
+        "float32",
+        "--no-progress",
+        "--json",
+    ]
     return tmp_path, source, common
 
 
@@ -303,7 +335,10 @@ def test_cli_convert_dha_end_to_end(convert_setup, capsys):
 
     tmp_path, source, common = convert_setup
     out = str(tmp_path / "dha")
-    assert main(["convert", source, *common, *TRAIN, "--tokens", "640", "--eval-every", "3", "--lr", "3e-3", "--out", out]) == 0
+    assert (
+        main(["convert", source, *common, *TRAIN, "--tokens", "640", "--eval-every", "3", "--lr", "3e-3", "--out", out])
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["fusion_tokens"] == 3 * 64 and summary["continued_tokens"] == 7 * 64
     for name in ("plan.json", "report.md", "summary.json", "log.jsonl", "allocation.png", "loss.png", "perplexity.png"):
@@ -354,7 +389,10 @@ def test_continued_training_reads_on_from_where_fusion_stopped(convert_setup, ca
 
     monkeypatch.setattr(dha.train, "rows_at", spy)
     tmp_path, source, common = convert_setup
-    assert main(["convert", source, *common, *TRAIN, "--tokens", "640", "--eval-every", "0", "--out", str(tmp_path / "o")]) == 0
+    assert (
+        main(["convert", source, *common, *TRAIN, "--tokens", "640", "--eval-every", "0", "--out", str(tmp_path / "o")])
+        == 0
+    )
     assert len(reads) == 10  # 3 fusion + 7 continued steps of 4 rows
     num_rows = reads[0][0]
     rows = [i for _, idx in reads for i in idx]
@@ -372,13 +410,20 @@ def rotated_pairs_source(path: str) -> str:
     rotation (query head j's W_Q turned the same way) and value head j is an orthogonal map of value
     head i (its W_O columns mapped alike): the aligned merge of the pairs is exact, the mean is not."""
     from dha.model import ModelConfig, Transformer
-    from tests.helpers import scaled_init_
     from dha.transforms import build, heads, state_dict_of, unheads
     from tests.conftest import save_tiny_source
+    from tests.helpers import scaled_init_
     from tests.test_merge import pair_rotation
 
-    cfg = ModelConfig(vocab_size=97, hidden_size=48, num_layers=2, num_heads=6, head_dim=HD, intermediate_size=64,
-                      tie_word_embeddings=False)
+    cfg = ModelConfig(
+        vocab_size=97,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=6,
+        head_dim=HD,
+        intermediate_size=64,
+        tie_word_embeddings=False,
+    )
     model = scaled_init_(Transformer(cfg), std=0.2, seed=0)
     sd, g = state_dict_of(model), torch.Generator().manual_seed(3)
     for l in range(2):
@@ -447,8 +492,24 @@ def test_cli_convert_dha_too_few_tokens_exits_2_and_writes_nothing(convert_setup
         main(["convert", source, *common, *TRAIN, "--tokens", "640", "--fusion-schedule", "weights", "--out", out])
     assert exit_info.value.code == 2 and not os.path.exists(out)
     no_fusion = [a for a in TRAIN if a not in ("--fusion-fraction", "0.3")]  # the default: no fusion stage
-    assert main(["convert", source, *common, *no_fusion, "--tokens", "640", "--fusion-schedule", "ramp", "--freeze-maps",
-                 "--out", out]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                source,
+                *common,
+                *no_fusion,
+                "--tokens",
+                "640",
+                "--fusion-schedule",
+                "ramp",
+                "--freeze-maps",
+                "--out",
+                out,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--fusion-schedule, --freeze-maps only shape(s) the fusion stage" in err and "--fusion-fraction" in err
     assert not os.path.exists(out)
@@ -470,7 +531,9 @@ def test_anneal_reaches_the_merged_model_exactly():
         assert_close(fused(ids), merged(ids), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("ramp_start, ramp_end, steps", [(0.0, 1.0, 4), (0.0, 0.5, 1), (1.0, 1.0, 4), (0.9, 0.9, 3), (0.6, 1.0, 1)])
+@pytest.mark.parametrize(
+    "ramp_start, ramp_end, steps", [(0.0, 1.0, 4), (0.0, 0.5, 1), (1.0, 1.0, 4), (0.9, 0.9, 3), (0.6, 1.0, 1)]
+)
 def test_anneal_schedule_starts_at_the_unchanged_model_and_ends_merged(ramp_start, ramp_end, steps):
     """Step 0 (and its evaluation) is the source; after the last step the copies sit at their mean."""
     from dha.fuse import FusionSchedule
@@ -524,7 +587,12 @@ def test_cli_convert_dha_pca_merge(convert_setup, capsys):
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["search"]["metric"] == "plain"
     bad = str(tmp_path / "bad")
-    assert main(["convert", source, *common, "--tokens", "0", "--merge", "pca", "--merge-metric", "weighted", "--out", bad]) == 2
+    assert (
+        main(
+            ["convert", source, *common, "--tokens", "0", "--merge", "pca", "--merge-metric", "weighted", "--out", bad]
+        )
+        == 2
+    )
     assert "--merge pca" in capsys.readouterr().err and not os.path.exists(bad)
 
 
@@ -570,8 +638,17 @@ def test_distillation_lowers_the_converted_models_kl_to_the_source():
         return float((p.exp() * (p - q)).sum(-1).mean())
 
     before = kl(student)
-    cfg = TrainConfig(tokens=20 * 64, block_size=16, batch_tokens=64, micro_batch=4, dtype="float32", eval_every=0,
-                      lr=3e-4, distill=True, distill_weight=1.0)
+    cfg = TrainConfig(
+        tokens=20 * 64,
+        block_size=16,
+        batch_tokens=64,
+        micro_batch=4,
+        dtype="float32",
+        eval_every=0,
+        lr=3e-4,
+        distill=True,
+        distill_weight=1.0,
+    )
     trained = train(student, stream, None, cfg, teacher=source, progress=False).model.eval()
     after = kl(trained)
     assert after < 0.7 * before, (before, after)
@@ -589,6 +666,22 @@ def test_cli_convert_dha_serving_layout_exports_without_padding(convert_setup, c
     out = str(tmp_path / "serving")
     assert main(["convert", source, *common, "--tokens", "0", "--layout", "serving", "--out", out]) == 0
     assert serving_layout_problem(load(out).model.config) is None
-    assert main(["convert", source, *common, "--tokens", "0", "--layout", "serving", "--search", "learned",
-                 "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                source,
+                *common,
+                "--tokens",
+                "0",
+                "--layout",
+                "serving",
+                "--search",
+                "learned",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     assert not os.path.exists(tmp_path / "bad")

@@ -22,8 +22,9 @@ from dha.cli import main
 from tests.conftest import byte_bpe_tokenizer, ours_from_hf, tiny_llama_hf
 from tests.test_serving import converted
 
-requires_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                        reason="needs llama-cpp-python (make setup-test installs 0.3.36)")
+requires_llama_cpp = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (make setup-test installs 0.3.36)"
+)
 
 VOCAB = 320  # the tokenizer's 300 tokens and 20 ids it never produces (exported as unused padding)
 # Measured: at most 4.2e-7 on these models (logits up to about 1.1), f32 file and f32 cache.
@@ -71,7 +72,9 @@ def analytic_f16_bytes(kv_heads: list[int], head_dim: int = 8) -> int:
 
 
 def exported(tmp_path, capsys, model, hf, *flags, name="model.gguf", digits=False) -> tuple[str, dict, str]:
-    src = tiny_source(tmp_path, model, hf, name=f"src-{name}", digits=digits)  # a checkpoint per export: save never overwrites
+    src = tiny_source(
+        tmp_path, model, hf, name=f"src-{name}", digits=digits
+    )  # a checkpoint per export: save never overwrites
     out = str(tmp_path / name)
     code, stdout, err = export([src, "--format", "gguf", "--out", out, *flags], capsys)
     assert code == 0, err
@@ -145,8 +148,14 @@ def test_decoupled_layout_refused_naming_the_layer_and_padded_exactly(tmp_path, 
 @requires_llama_cpp
 def test_llama3_rope_scaling(tmp_path, capsys):
     """Scaled RoPE is written as llama.cpp's rope_freqs divisors."""
-    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     hf = tiny_llama_hf(vocab_size=VOCAB, num_kv_heads=3, rope_parameters=rope)
     model = ours_from_hf(hf)
     path, report, _ = exported(tmp_path, capsys, model, hf)
@@ -216,10 +225,13 @@ def test_smollm2_runs_in_llama_cpp(tmp_path):
     assert llama_cpp_vocab_only(path).tokenize(text.encode(), add_bos=False, special=False) == ids
     llm = llama(path, n_ctx=128, f32_cache=True)
     torch.testing.assert_close(llama_cpp_logits(llm, ids), ours_logits(loaded.model, ids), atol=1e-3, rtol=0)
-    assert measured_kv_bytes_per_token(llama(path, n_ctx=128), ids) == loaded.model.config.kv_bytes_per_token(torch.float16)
+    assert measured_kv_bytes_per_token(llama(path, n_ctx=128), ids) == loaded.model.config.kv_bytes_per_token(
+        torch.float16
+    )
 
 
 # ---- bad input (no llama.cpp needed) -------------------------------------------------------------
+
 
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     hf = tiny_llama_hf(vocab_size=VOCAB)
@@ -252,8 +264,15 @@ def test_unwritable_directory(tmp_path, capsys):
 def test_other_families_and_qk_norm_are_refused(tmp_path, capsys):
     from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    small = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=6,
-                 num_key_value_heads=6, head_dim=8)
+    small = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        head_dim=8,
+    )
     for name, model, message in [
         ("mistral", MistralForCausalLM(MistralConfig(sliding_window=None, **small)), "family 'mistral'"),
         ("qwen3", Qwen3ForCausalLM(Qwen3Config(**small)), "family 'qwen3'"),

@@ -18,8 +18,8 @@ import dha.layerwise
 from dha.analyze import collect_heads
 from dha.calibration import Calibration, calibrate, layer_stats
 from dha.merge import aligned_merge, closed_form_merges
-from dha.search import SearchOptions, search
 from dha.options import TrainConfig
+from dha.search import SearchOptions, search
 from dha.train import train
 from tests.conftest import ours_from_hf, random_ids
 from tests.test_families import CASES
@@ -35,11 +35,14 @@ def whole_model_reference(model, blocks: torch.Tensor, batch_size: int) -> tuple
     acts = [{"queries": [], "keys": [], "values": []} for _ in range(L)]
     grads = [{"keys": [], "values": []} for _ in range(L)]
     live = []
-    handles = [getattr(b.attn, proj).register_forward_hook(lambda m, a, out, l=l, name=name: live.append((l, name, out)))
-               for l, b in enumerate(model.layers) for proj, name in (("q_proj", "queries"), ("k_proj", "keys"), ("v_proj", "values"))]
+    handles = [
+        getattr(b.attn, proj).register_forward_hook(lambda m, a, out, l=l, name=name: live.append((l, name, out)))
+        for l, b in enumerate(model.layers)
+        for proj, name in (("q_proj", "queries"), ("k_proj", "keys"), ("v_proj", "values"))
+    ]
     try:
         for start in range(0, blocks.shape[0], batch_size):
-            x = blocks[start:start + batch_size]
+            x = blocks[start : start + batch_size]
             live.clear()
             with torch.enable_grad():
                 logits = model(x)
@@ -148,8 +151,18 @@ def test_aligned_merge_shares_all_but_attention_and_training_leaves_the_source_a
         attention = any(f".attn.{p}_proj." in k for p in "qkv") or k.endswith("o_proj.weight")  # o_proj's bias stays
         assert (ours[k].data_ptr() == theirs[k].data_ptr()) != attention, k
     frozen = {k: v.clone() for k, v in theirs.items()}
-    cfg = TrainConfig(tokens=2 * 4 * 16, block_size=16, batch_tokens=64, micro_batch=4, lr=1e-2, warmup_steps=0,
-                      eval_every=0, distill=True, device="cpu", dtype="float32")
+    cfg = TrainConfig(
+        tokens=2 * 4 * 16,
+        block_size=16,
+        batch_tokens=64,
+        micro_batch=4,
+        lr=1e-2,
+        warmup_steps=0,
+        eval_every=0,
+        distill=True,
+        device="cpu",
+        dtype="float32",
+    )
     result = train(merged, random_ids(8, 17, seed=5).flatten(), None, cfg, teacher=source, progress=False)
     for k, v in source.state_dict().items():
         assert torch.equal(v, frozen[k]), k
@@ -167,8 +180,30 @@ def test_convert_without_training_keeps_a_bf16_source_in_bf16(tmp_path, capsys):
     data = text_file(str(tmp_path / "d.txt"))
     for method in ("dha", "svd"):
         out = tmp_path / method
-        assert main(["convert", src, "--method", method, "--kv-budget", "0.5", "--data", data, "--tokens", "0",
-                     "--calib-tokens", "256", "--calib-block-size", "32", "--out", str(out), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "convert",
+                    src,
+                    "--method",
+                    method,
+                    "--kv-budget",
+                    "0.5",
+                    "--data",
+                    data,
+                    "--tokens",
+                    "0",
+                    "--calib-tokens",
+                    "256",
+                    "--calib-block-size",
+                    "32",
+                    "--out",
+                    str(out),
+                    "--json",
+                ]
+            )
+            == 0
+        )
         model = load(str(out), tokenizer=False).model
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
         cfg = model.config

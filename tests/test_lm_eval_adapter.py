@@ -56,7 +56,9 @@ def test_lm_eval_task_matches_hand_computation(tmp_path, capsys):
             requests.append(((row["question"], choice), ctx, cont))
             expected.append(hand_loglikelihood(loaded.model, loaded.tokenizer, row["question"], choice))
     got = [lp for lp, _ in lm._loglikelihood_tokens(requests)]  # batches of 3 mixed lengths, right-padded
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)  # fp32 model vs fp64 sum
+    torch.testing.assert_close(
+        torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5
+    )  # fp32 model vs fp64 sum
 
     # The same through a local task YAML and the CLI.
     data = tmp_path / "mc.jsonl"
@@ -68,7 +70,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
-  cache_dir: {tmp_path / 'hf'}
+  cache_dir: {tmp_path / "hf"}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
@@ -85,7 +87,10 @@ metadata:
     path = str(tmp_path / "ckpt")
     save(path, loaded)
     text = write_text_data(tmp_path)
-    assert main(["eval", path, "--data", text, "--json", "--tasks", "tiny_mc", "--include-path", str(tasks), *CLI_FAST]) == 0
+    assert (
+        main(["eval", path, "--data", text, "--json", "--tasks", "tiny_mc", "--include-path", str(tasks), *CLI_FAST])
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["tasks"]["tiny_mc"]["acc"] == pytest.approx(acc)
 
@@ -135,13 +140,22 @@ def test_scoring_never_builds_a_log_softmax_of_the_batch():
             mode.paused = False
 
     lm.model.forward = unwatched
-    pairs = [(list(range(5, 10)), list(range(20, 26))), (list(range(30, 38)), [40, 41, 42, 43, 44, 45]), ([7], [8, 9, 10])]
+    pairs = [
+        (list(range(5, 10)), list(range(20, 26))),
+        (list(range(30, 38)), [40, 41, 42, 43, 44, 45]),
+        ([7], [8, 9, 10]),
+    ]
     with mode:
         got = lm.score(pairs)
     del lm.model.forward
     assert 0 < mode.largest <= 2 * 300
     expected = [hand_tokens_loglikelihood(lm.model, c, x) for c, x in pairs]
-    torch.testing.assert_close(torch.tensor([lp for lp, _ in got], dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor([lp for lp, _ in got], dtype=torch.float64),
+        torch.tensor(expected, dtype=torch.float64),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def hand_tokens_loglikelihood(model, context: list[int], continuation: list[int]) -> float:
@@ -153,13 +167,14 @@ def hand_tokens_loglikelihood(model, context: list[int], continuation: list[int]
 
 # ---- loglikelihood_rolling ----------------------------------------------------------------------
 
+
 def rolling_reference(model, tokens: list[int], prefix: int, L: int) -> float:
     """Every token scored once, in blocks of L: block [a, b) is predicted by the L inputs that end just
     before its last token, in y = [prefix] + tokens: y[max(0, b - L) : b] (fp64 log-softmax)."""
     y, total = [prefix] + tokens, 0.0
     for a in range(0, len(tokens), L):
         b = min(a + L, len(tokens))
-        inputs = y[max(0, b - L): b]
+        inputs = y[max(0, b - L) : b]
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([inputs]))[0].double(), -1)
         for k, t in enumerate(range(a, b)):
@@ -182,6 +197,7 @@ def test_loglikelihood_rolling_against_windows_written_here():
 
 
 # ---- generate_until ---------------------------------------------------------------------------
+
 
 def greedy_reference(model, ids: list[int], max_new: int, eos: int) -> list[int]:
     """Greedy tokens by full recompute (no cache), stopping before EOS."""
@@ -224,22 +240,31 @@ def test_generate_until_stops_at_the_until_string_and_at_eos():
     assert len(free) == 12 and len(set(free[:4])) > 1
     text = tok.decode(free)
     # `until`: a piece of the free-running text; decoding stops once the text holds it, cut before it.
-    k = next(k for k in range(2, 8) if tok.decode(free[:k]) != tok.decode(free[:k - 1]) and tok.decode(free[k - 1:k]).strip())
-    stop = tok.decode(free[k - 1:k])
+    k = next(
+        k
+        for k in range(2, 8)
+        if tok.decode(free[:k]) != tok.decode(free[: k - 1]) and tok.decode(free[k - 1 : k]).strip()
+    )
+    stop = tok.decode(free[k - 1 : k])
     cut = text[: text.index(stop)]
     calls = counted_forwards(model)
-    got = DHALM(loaded, progress=False).generate_until([SimpleNamespace(args=(context, {"until": [stop], "max_gen_toks": 12}))])
+    got = DHALM(loaded, progress=False).generate_until(
+        [SimpleNamespace(args=(context, {"until": [stop], "max_gen_toks": 12}))]
+    )
     assert got == [cut] and stop not in got[0]
     assert len(calls) <= k  # the prefill and at most k - 1 decode steps, not 12
     # EOS: make the 4th free-running token the tokenizer's EOS; the text ends before it.
     assert free[3] not in free[:3]
     tok.eos_token = tok.convert_ids_to_tokens(free[3])
     assert tok.eos_token_id == free[3]
-    got = DHALM(loaded, progress=False).generate_until([SimpleNamespace(args=(context, {"until": ["@@"], "max_gen_toks": 12}))])
+    got = DHALM(loaded, progress=False).generate_until(
+        [SimpleNamespace(args=(context, {"until": ["@@"], "max_gen_toks": 12}))]
+    )
     assert got == [tok.decode(free[:3], skip_special_tokens=True)]
 
 
 # ---- RULER (lm-eval's synthetic long-context tasks), offline ------------------------------------
+
 
 def test_ruler_niah_single_1_runs_offline_through_the_adapter(monkeypatch):
     """niah_single_1 at 768 tokens (max_length 16, raised to fit them), 2 samples, with no network
@@ -270,7 +295,9 @@ def test_ruler_niah_single_1_runs_offline_through_the_adapter(monkeypatch):
         return text
 
     monkeypatch.setattr(DHALM, "greedy_until", spy)
-    got = run_tasks(loaded, ["niah_single_1"], limit=2, max_length=16, progress=False, task_metadata='{"max_seq_lengths": [768]}')
+    got = run_tasks(
+        loaded, ["niah_single_1"], limit=2, max_length=16, progress=False, task_metadata='{"max_seq_lengths": [768]}'
+    )
     assert len(seen) == 2 and [m for _, m, _, _ in seen] == [128, 128]
     for ids, _, value, _ in seen:
         prompt = loaded.tokenizer.decode(ids)
@@ -298,7 +325,12 @@ def test_ruler_missing_pieces_are_one_line_user_errors(monkeypatch):
         with pytest.raises(UserError, match="needs a download .* does not run offline") as e:
             run_tasks(loaded, [task], limit=1)
         assert ", ".join(RULER_OFFLINE) in str(e.value) and "\n" not in str(e.value)
-    for metadata, message in [('{"max_seq_lengths": 768}', "list of positive"), ('{"max_seq_lengths": [true]}', "list of positive"),
-                              ('{"tokenizer": "gpt2"}', "own tokenizer"), ("{max_seq_lengths: [768]}", "not JSON"), ("[768]", "JSON object")]:
+    for metadata, message in [
+        ('{"max_seq_lengths": 768}', "list of positive"),
+        ('{"max_seq_lengths": [true]}', "list of positive"),
+        ('{"tokenizer": "gpt2"}', "own tokenizer"),
+        ("{max_seq_lengths: [768]}", "not JSON"),
+        ("[768]", "JSON object"),
+    ]:
         with pytest.raises(UserError, match=message):
             run_tasks(loaded, ["niah_single_1"], limit=1, task_metadata=metadata)

@@ -14,7 +14,6 @@ from torch import nn
 from dha import longctx
 from dha.errors import UserError
 from dha.evaluate import EvalOptions, evaluate_models
-
 from tests.conftest import byte_bpe_tokenizer, ours_from_hf, random_ids, tiny_llama_hf
 
 
@@ -55,7 +54,7 @@ def test_prompts_have_their_length_and_the_needle_at_its_depth():
         text = tok.decode(p.ids)
         assert text.count(p.key) == 2 and text.endswith("The pass key is")
         needle = tok(longctx.NEEDLE.format(key=p.key), add_special_tokens=False)["input_ids"]
-        at = next(i for i in range(len(p.ids)) if p.ids[i:i + len(needle)] == needle)
+        at = next(i for i in range(len(p.ids)) if p.ids[i : i + len(needle)] == needle)
         before = at - len(tok(longctx.INTRO, add_special_tokens=False)["input_ids"])
         after = len(p.ids) - at - len(needle) - len(tok(longctx.QUESTION, add_special_tokens=False)["input_ids"])
         assert abs(before / (before + after) - p.depth) <= 1 / (before + after)  # haystack tokens before the needle
@@ -125,9 +124,11 @@ def test_convert_context_is_refused_past_the_positions_and_beside_the_block_flag
     assert err == ["dha: error: --context 512 is beyond the source's 256 positions"]
     assert main(base + ["--context", "128", "--calib-block-size", "64"]) == 2
     assert "give one of them" in capsys.readouterr().err
-    refused = {("--retrieval", "512"): "beyond the source's 256 positions",
-               ("--retrieval-heads", "2", "--search", "learned"): "not with --search learned",
-               ("--protect-values",): "give N too"}
+    refused = {
+        ("--retrieval", "512"): "beyond the source's 256 positions",
+        ("--retrieval-heads", "2", "--search", "learned"): "not with --search learned",
+        ("--protect-values",): "give N too",
+    }
     for extra, why in refused.items():
         assert main(base + list(extra)) == 2
         assert why in capsys.readouterr().err
@@ -141,10 +142,29 @@ def test_convert_context_that_cannot_fit_even_with_checkpointing_is_refused(cli_
     from dha.cli import main
 
     src, data, tmp = cli_setup
-    monkeypatch.setattr(dha.memory, "free_memory", lambda device: 2 ** 20)  # 1 MiB free
+    monkeypatch.setattr(dha.memory, "free_memory", lambda device: 2**20)  # 1 MiB free
     out = tmp / "out"
-    assert main(["convert", src, "--method", "dha", "--kv-budget", "0.5", "--data", data, "--context", "256",
-                 "--tokens", "512", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                src,
+                "--method",
+                "dha",
+                "--kv-budget",
+                "0.5",
+                "--data",
+                data,
+                "--context",
+                "256",
+                "--tokens",
+                "512",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "even with activation checkpointing" in err[0] and "0.0 GiB free" in err[0]
     assert not out.exists()
@@ -159,8 +179,32 @@ def test_convert_context_sets_calibration_training_rows_and_free_pairs(cli_setup
 
     src, data, tmp = cli_setup
     out = tmp / "ctx"
-    assert main(["convert", src, "--method", "dha", "--kv-budget", "0.5", "--data", data, "--context", "64",
-                 "--tokens", "256", "--batch-tokens", "32", "--retrieval", "128", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                src,
+                "--method",
+                "dha",
+                "--kv-budget",
+                "0.5",
+                "--data",
+                data,
+                "--context",
+                "64",
+                "--tokens",
+                "256",
+                "--batch-tokens",
+                "32",
+                "--retrieval",
+                "128",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train"]["block_size"] == 64 and summary["train"]["batch_tokens"] == 64
     assert summary["calibration_tokens"] % 64 == 0 and summary["search"]["free_context"] == 64
@@ -176,8 +220,9 @@ def test_needle_attention_equals_transformers_attention_probabilities():
     """fp32, 1e-5: the mass the last prompt position puts on the needle's digits, per layer and
     query head, against transformers' eager attention probabilities (output_attentions)."""
     tok = byte_bpe_tokenizer(digits=True)
-    hf = tiny_llama_hf(num_heads=6, num_kv_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
-                       attn_implementation="eager")
+    hf = tiny_llama_hf(
+        num_heads=6, num_kv_heads=2, vocab_size=len(tok), max_position_embeddings=1024, attn_implementation="eager"
+    )
     ours = ours_from_hf(hf)
     got = longctx.needle_attention(ours, tok, length=400, prompts=2, progress=False)
     options = longctx.RetrievalOptions(lengths=[400], depths=2, per_depth=1)
@@ -199,10 +244,45 @@ def test_eval_cli_prints_long_context_tables_writes_plots_and_json(cli_setup, ca
 
     src, data, tmp = cli_setup
     plots = tmp / "plots"
-    assert main(["eval", src, "--compare", src, "--data", data, "--heldout-fraction", "0.5", "--long-context", "128",
-                 "--long-windows", "2", "--retrieval", "96,128", "--retrieval-depths", "2", "--retrieval-per-depth", "1",
-                 "--batch-sizes", "1", "--repeats", "1", "--new-tokens", "2", "--context", "8", "--max-eval-tokens", "256", "--eval-block-size", "64",
-                 "--plot-dir", str(plots)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                src,
+                "--compare",
+                src,
+                "--data",
+                data,
+                "--heldout-fraction",
+                "0.5",
+                "--long-context",
+                "128",
+                "--long-windows",
+                "2",
+                "--retrieval",
+                "96,128",
+                "--retrieval-depths",
+                "2",
+                "--retrieval-per-depth",
+                "1",
+                "--batch-sizes",
+                "1",
+                "--repeats",
+                "1",
+                "--new-tokens",
+                "2",
+                "--context",
+                "8",
+                "--max-eval-tokens",
+                "256",
+                "--eval-block-size",
+                "64",
+                "--plot-dir",
+                str(plots),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "perplexity by position (2 windows of 128 tokens" in out and "passkey retrieval (synthetic haystack" in out
     report = json.loads(out.strip().splitlines()[-1])

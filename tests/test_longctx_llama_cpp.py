@@ -47,7 +47,7 @@ def test_position_nll_and_greedy_answers_equal_dha(tmp_path, capsys):
     # Greedy decoding through llama.cpp's KV cache (f32) gives dha.model.generate's tokens; prompts
     # as lists of ids or as objects with .ids (dha.longctx.Prompt).
     prompts = [token_ids(30, seed=3), token_ids(120, seed=4)]
-    ours = [generate(model, torch.tensor([p]), 12)[0, len(p):].tolist() for p in prompts]
+    ours = [generate(model, torch.tensor([p]), 12)[0, len(p) :].tolist() for p in prompts]
     llm, _ = llamacpp.open_model(path, 256, f32_cache=True)
     assert llamacpp.greedy_answers(llm, prompts, 12) == ours
     as_prompts = [longctx.Prompt(p, key="00000", length=len(p), depth=0.5) for p in prompts]

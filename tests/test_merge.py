@@ -31,7 +31,7 @@ def rope_reference(x: torch.Tensor, positions: torch.Tensor, theta: float = 1000
     inv = theta ** (-torch.arange(0, HD, 2, dtype=torch.float64) / HD)
     ang = positions[:, None].double() * inv[None]  # (T, hd/2)
     cos, sin = ang.cos(), ang.sin()
-    x1, x2 = x[..., : HD // 2], x[..., HD // 2:]
+    x1, x2 = x[..., : HD // 2], x[..., HD // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
 
@@ -94,7 +94,10 @@ def normed_input(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
 
 def test_aligned_merge_of_rotated_copies_is_exact_and_the_mean_is_not():
     model = rotated_copies_model()
-    plan = [LayerPlan([[0, 1, 2], [3], [4], [5]], [[0, 1, 2], [3], [4], [5]]), LayerPlan([[j] for j in range(6)], [[j] for j in range(6)])]
+    plan = [
+        LayerPlan([[0, 1, 2], [3], [4], [5]], [[0, 1, 2], [3], [4], [5]]),
+        LayerPlan([[j] for j in range(6)], [[j] for j in range(6)]),
+    ]
     calib = calibrate(model, random_ids(4, 16, seed=1))
     merged = aligned_merge(model, plan, closed_form_merges(calib.stats, plan))
     from dha.plan import Plan
@@ -138,7 +141,7 @@ def test_query_weighted_keys_have_lower_logit_error_than_plain_pca():
     acts = dict(collect_heads(model, random_ids(8, 32, seed=5))[0])
     q = acts["queries"].clone()
     q[:, 0, :2] *= 10.0
-    q[:, 0, HD // 2: HD // 2 + 2] *= 10.0
+    q[:, 0, HD // 2 : HD // 2 + 2] *= 10.0
     acts["queries"] = q
     group = [0, 1, 2]
     errors = {}
@@ -180,10 +183,12 @@ def free_block_copies_model(free: int):
     g = torch.Generator().manual_seed(5)
     pre = "layers.0.attn"
     k, q = heads(sd[f"{pre}.k_proj.weight"], HD).double(), heads(sd[f"{pre}.q_proj.weight"], HD).double()
-    still = key_layout(HD, R, free)[R - 2 * free:]  # the dims of the still pairs
+    still = key_layout(HD, R, free)[R - 2 * free :]  # the dims of the still pairs
     for j in (1, 2):
         m = pair_rotation(torch.rand(HD // 2, generator=g, dtype=torch.float64) * 2 * math.pi)
-        m[still[:, None], still] = torch.randn(2 * free, 2 * free, generator=g, dtype=torch.float64) + 2 * torch.eye(2 * free)
+        m[still[:, None], still] = torch.randn(2 * free, 2 * free, generator=g, dtype=torch.float64) + 2 * torch.eye(
+            2 * free
+        )
         k[j], q[j] = m @ k[0], torch.linalg.inv(m).T @ q[j]  # (m^-T q) . (m k) = q . k, and m commutes with this RoPE
     q = q * 8  # sharp attention, so a wrong key shows in the output (random tiny weights attend near uniformly)
     sd[f"{pre}.k_proj.weight"], sd[f"{pre}.q_proj.weight"] = unheads(k).float(), unheads(q).float()
@@ -203,7 +208,10 @@ def attention_output(model, ids: torch.Tensor) -> torch.Tensor:
 def test_position_free_pairs_merge_a_mixed_block_exactly_and_exact_pairs_cannot():
     free = 2
     model = free_block_copies_model(free)
-    keys_only = [LayerPlan([[0, 1, 2], [3], [4], [5]], [[j] for j in range(6)]), LayerPlan([[j] for j in range(6)], [[j] for j in range(6)])]
+    keys_only = [
+        LayerPlan([[0, 1, 2], [3], [4], [5]], [[j] for j in range(6)]),
+        LayerPlan([[j] for j in range(6)], [[j] for j in range(6)]),
+    ]
     ids, calib_ids = random_ids(2, 12, seed=6), random_ids(4, 16, seed=1)
     reference = attention_output(model, ids)
     errors = {}
@@ -211,7 +219,9 @@ def test_position_free_pairs_merge_a_mixed_block_exactly_and_exact_pairs_cannot(
         calib = calibrate(model, calib_ids, free_pairs=n)
         merged = aligned_merge(model, keys_only, closed_form_merges(calib.stats, keys_only))
         assert merged.config.key_heads(0) == 4
-        errors[n] = ((attention_output(merged, ids) - reference).norm() / reference.norm()).item()  # relative, fp32 model
+        errors[n] = (
+            (attention_output(merged, ids) - reference).norm() / reference.norm()
+        ).item()  # relative, fp32 model
     assert errors[free] < 1e-5, errors  # exact up to fp32
     assert errors[0] > 1e-2, errors
 
@@ -229,14 +239,19 @@ def test_key_groups_that_exact_maps_fit_keep_them_under_position_free_pairs():
         k[j], q[j] = m @ k[0], m @ q[j]  # an orthogonal m that commutes with RoPE: (m q) . (m k) = q . k
     sd["layers.0.attn.k_proj.weight"], sd["layers.0.attn.q_proj.weight"] = unheads(k).float(), unheads(q * 8).float()
     model = build(model.config, sd)
-    keys_only = [LayerPlan([[0, 1, 2], [3], [4], [5]], [[j] for j in range(6)]), LayerPlan([[j] for j in range(6)], [[j] for j in range(6)])]
+    keys_only = [
+        LayerPlan([[0, 1, 2], [3], [4], [5]], [[j] for j in range(6)]),
+        LayerPlan([[j] for j in range(6)], [[j] for j in range(6)]),
+    ]
     ids = random_ids(2, 24, seed=6)
     reference = attention_output(model, ids)
     stats = calibrate(model, random_ids(4, 16, seed=1), free_pairs=2).stats
     errors = {}
     for name, chosen in (("tie rule", stats), ("position-free forced", [replace(s, exact=None) for s in stats])):
         merges = closed_form_merges(chosen, keys_only)
-        errors[name] = ((attention_output(aligned_merge(model, keys_only, merges), ids) - reference).norm() / reference.norm()).item()
+        errors[name] = (
+            (attention_output(aligned_merge(model, keys_only, merges), ids) - reference).norm() / reference.norm()
+        ).item()
     assert merges[0]["key"][0].rotary == 4  # forced: two pairs merged exactly, two position-free
     assert closed_form_merges(stats, keys_only)[0]["key"][0].rotary == R  # the tie: every pair exact
     assert errors["tie rule"] < 1e-5, errors  # fp32 model, relative
@@ -259,7 +274,9 @@ def test_free_pairs_follow_the_model_positions_or_the_context():
     """The FREE_ANGLE rule (0.5 rad) over the model's positions (at least 2,048), or a given context:
     a pair turning 1e-4 rad a token is position-free over 2,048 tokens (0.2 rad), not over 8,192 (0.8)."""
     model = ours_from_hf(tiny_llama_hf())
-    long = build(replace(model.config, rope_inv_freq=[1.0, 0.1, 1e-4, 1e-5], max_position_embeddings=8192), state_dict_of(model))
+    long = build(
+        replace(model.config, rope_inv_freq=[1.0, 0.1, 1e-4, 1e-5], max_position_embeddings=8192), state_dict_of(model)
+    )
     assert free_pairs_for(long, None) == 1  # over its 8,192 positions: only the 1e-5 pair
     assert free_pairs_for(long, None, context=2048) == 2
     short = build(replace(long.config, max_position_embeddings=256), state_dict_of(model))

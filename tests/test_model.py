@@ -36,14 +36,28 @@ def test_logits_equal_hf_llama(kwargs):
 
 
 def test_logits_equal_hf_llama3_rope_scaling():
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                         rope_parameters=rope)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        rope_parameters=rope,
+    )
     hf = LlamaForCausalLM(config).eval()
     ours = ours_from_hf(hf)
     ids = random_ids(batch=1, length=100)
@@ -95,8 +109,17 @@ LAYOUTS = {
 
 def one_layer_model(layout: str, dtype=torch.float32) -> Transformer:
     key_groups, value_groups, _ = LAYOUTS[layout]
-    cfg = ModelConfig(vocab_size=50, hidden_size=48, num_layers=1, num_heads=6, head_dim=8, intermediate_size=32,
-                      key_index=[index_of(key_groups)], value_index=[index_of(value_groups)], rope_theta=10000.0)
+    cfg = ModelConfig(
+        vocab_size=50,
+        hidden_size=48,
+        num_layers=1,
+        num_heads=6,
+        head_dim=8,
+        intermediate_size=32,
+        key_index=[index_of(key_groups)],
+        value_index=[index_of(value_groups)],
+        rope_theta=10000.0,
+    )
     torch.manual_seed(0)
     return Transformer(cfg).eval().to(dtype)
 
@@ -111,8 +134,11 @@ def test_runs_and_orders_of_a_decoupled_layer():
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("prefix, T", [(0, 1), (0, 11), (7, 1), (7, 2), (7, 4), (6, 12)],
-                         ids=["decode-1", "prefill-11", "cached-1", "cached-2", "cached-4", "cached-12"])
+@pytest.mark.parametrize(
+    "prefix, T",
+    [(0, 1), (0, 11), (7, 1), (7, 2), (7, 4), (6, 12)],
+    ids=["decode-1", "prefill-11", "cached-1", "cached-2", "cached-4", "cached-12"],
+)
 def test_attention_paths_equal_einsum_reference(layout, prefix, T):
     """Every path, for prefill, one token, 2-4 tokens and many tokens after a cached prefix:
     the new tokens' attention outputs equal the einsum reference over the whole sequence
@@ -121,7 +147,9 @@ def test_attention_paths_equal_einsum_reference(layout, prefix, T):
     model = one_layer_model(layout)
     attn = model.layers[0].attn
     assert attn.path == LAYOUTS[layout][2]
-    assert attn.k_proj.weight.shape[0] == 8 * len(LAYOUTS[layout][0]) and attn.v_proj.weight.shape[0] == 8 * len(LAYOUTS[layout][1])
+    assert attn.k_proj.weight.shape[0] == 8 * len(LAYOUTS[layout][0]) and attn.v_proj.weight.shape[0] == 8 * len(
+        LAYOUTS[layout][1]
+    )
     x = torch.randn(2, prefix + T, 48, generator=torch.Generator().manual_seed(1))
     cache = model.new_cache(2, prefix + T)
     with torch.no_grad():
@@ -130,8 +158,18 @@ def test_attention_paths_equal_einsum_reference(layout, prefix, T):
             cache.length = prefix
         positions = torch.arange(prefix, prefix + T)
         ours = attn(x[:, prefix:], model.rope(positions), model.causal_mask(prefix, T, prefix + T, "cpu"), cache)
-        ref = reference_attention(x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
-                                  model.config.key_index[0], model.config.value_index[0], 6, 8, 10000.0)
+        ref = reference_attention(
+            x,
+            attn.q_proj.weight,
+            attn.k_proj.weight,
+            attn.v_proj.weight,
+            attn.o_proj.weight,
+            model.config.key_index[0],
+            model.config.value_index[0],
+            6,
+            8,
+            10000.0,
+        )
     assert_close(ours, ref[:, prefix:], atol=1e-5, rtol=0)
 
 
@@ -217,8 +255,9 @@ def test_generate_greedy_matches_hf():
 
 
 def test_sliding_window_mask():
-    cfg = ModelConfig(vocab_size=20, hidden_size=16, num_layers=1, num_heads=2, head_dim=8, intermediate_size=16,
-                      sliding_window=3)
+    cfg = ModelConfig(
+        vocab_size=20, hidden_size=16, num_layers=1, num_heads=2, head_dim=8, intermediate_size=16, sliding_window=3
+    )
     mask = Transformer(cfg).causal_mask(start=2, T=2, S=4, device="cpu")
     # Query at position 2 sees keys 0..2; at position 3 sees 1..3 (window of 3, HF/Mistral convention).
     assert mask.tolist() == [[True, True, True, False], [False, True, True, True]]
@@ -231,7 +270,10 @@ def duplicated_heads_pair(key_index, value_index, bias=True):
     compact = state_dict_of(ours_from_hf(hf))
     with torch.no_grad():
         for l, layer in enumerate(hf.model.layers):
-            for proj, index, name in ((layer.self_attn.k_proj, key_index, "k_proj"), (layer.self_attn.v_proj, value_index, "v_proj")):
+            for proj, index, name in (
+                (layer.self_attn.k_proj, key_index, "k_proj"),
+                (layer.self_attn.v_proj, value_index, "v_proj"),
+            ):
                 n = max(index) + 1
                 for suffix in ("weight", "bias"):
                     w = getattr(proj, suffix)
@@ -260,14 +302,16 @@ def test_chunks_of_2_to_4_tokens_after_a_cached_prefix_equal_transformers(name, 
     hf, ours = CHUNKED[name]()
     calls = []
     grouped = Attention.attend_grouped
-    monkeypatch.setattr(Attention, "attend_grouped", lambda self, q, *a: calls.append(q.shape[2]) or grouped(self, q, *a))
+    monkeypatch.setattr(
+        Attention, "attend_grouped", lambda self, q, *a: calls.append(q.shape[2]) or grouped(self, q, *a)
+    )
     ids = random_ids(batch=2, length=16, seed=4)
     with torch.no_grad():
         reference = hf(ids).logits
         cache = ours.new_cache(2, 16)
         out, start = [ours(ids[:, :7], cache)], 7
         for T in (2, 3, 4):
-            out.append(ours(ids[:, start:start + T], cache))
+            out.append(ours(ids[:, start : start + T], cache))
             start += T
     assert calls == [2, 2, 3, 3, 4, 4]  # two layers per chunk; the prefill took SDPA
     assert_close(torch.cat(out, 1), reference, atol=ATOL, rtol=0)
@@ -284,7 +328,7 @@ def test_chunks_after_a_cached_prefix_with_a_sliding_window_equal_transformers()
     ids = random_ids(batch=2, length=16, seed=5)
     with torch.no_grad():
         cache = ours.new_cache(2, 16)
-        out = [ours(ids[:, :4], cache)] + [ours(ids[:, s:s + 4], cache) for s in (4, 8, 12)]
+        out = [ours(ids[:, :4], cache)] + [ours(ids[:, s : s + 4], cache) for s in (4, 8, 12)]
         assert_close(torch.cat(out, 1), hf(ids).logits, atol=ATOL, rtol=0)
 
 
@@ -304,7 +348,7 @@ def test_cli_generate_greedy_equals_transformers_generate(tmp_path, capsys, monk
     ids = torch.tensor([tok(prompt)["input_ids"]])
     hf.generation_config.eos_token_id = None  # dha generate decodes exactly --max-new-tokens tokens
     with torch.no_grad():
-        theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        theirs = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
     assert theirs.numel() == 12 and len(set(theirs.tolist())) > 1  # a completion that can differ
     assert main(["generate", str(tmp_path / "src"), "--prompt", prompt, "--max-new-tokens", "12", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -35,19 +35,30 @@ def reference_logits(directory: str, ids: torch.Tensor) -> torch.Tensor:
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
     sd = load_file(os.path.join(directory, "model.safetensors"))
-    common = dict(hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads, head_dim=config.head_dim,
-                  rms_norm_eps=config.rms_norm_eps, rope_parameters=config.rope_parameters, hidden_act=config.hidden_act)
+    common = dict(
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=config.rope_parameters,
+        hidden_act=config.hidden_act,
+    )
     x = torch.nn.functional.embedding(ids, sd["model.embed_tokens.weight"])
     positions = torch.arange(ids.shape[1])[None]
     with torch.no_grad():
         for i, block in enumerate(config.block_configs):
             assert not block.attention.no_op and not block.ffn.no_op
-            layer_config = LlamaConfig(num_key_value_heads=config.num_attention_heads // block.attention.n_heads_in_group,
-                                       intermediate_size=vllm_intermediate_size(block.ffn.ffn_mult, config.hidden_size), **common)
+            layer_config = LlamaConfig(
+                num_key_value_heads=config.num_attention_heads // block.attention.n_heads_in_group,
+                intermediate_size=vllm_intermediate_size(block.ffn.ffn_mult, config.hidden_size),
+                **common,
+            )
             layer_config._attn_implementation = "sdpa"  # causal when no mask is given
             layer = LlamaDecoderLayer(layer_config, layer_idx=i)
             prefix = f"model.layers.{i}."
-            layer.load_state_dict({k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}, strict=True)
+            layer.load_state_dict(
+                {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}, strict=True
+            )
             rope = LlamaRotaryEmbedding(layer_config)(x, positions)
             out = layer(x, attention_mask=None, position_ids=positions, position_embeddings=rope)
             x = out[0] if isinstance(out, tuple) else out

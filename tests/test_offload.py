@@ -31,7 +31,7 @@ from dha.checkpoint import source_shape
 from dha.cli import main
 from dha.memory import GiB, Sizes, Work, estimate
 from dha.plan import Plan
-from tests.conftest import ours_from_hf, save_tiny_source, text_file, tiny_llama_hf
+from tests.conftest import ours_from_hf, save_tiny_source, tiny_llama_hf
 
 CALIB = ["--calib-tokens", "64", "--calib-block-size", "16"]
 METHODS = {
@@ -72,10 +72,23 @@ def spy(monkeypatch) -> dict:
 
 # ---- the same result -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_offload_conversion_writes_the_same_model(method, setup, monkeypatch, capsys):
     src, data, tmp = setup
-    common = ["convert", src, *METHODS[method], "--kv-budget", "0.5", "--data", data, *CALIB, "--device", "cpu", "--json"]
+    common = [
+        "convert",
+        src,
+        *METHODS[method],
+        "--kv-budget",
+        "0.5",
+        "--data",
+        data,
+        *CALIB,
+        "--device",
+        "cpu",
+        "--json",
+    ]
     seen = spy(monkeypatch)
     reports = {}
     for name, extra in (("whole", []), ("offload", ["--offload"])):
@@ -102,18 +115,23 @@ def test_offload_analysis_is_the_same(setup, capsys):
     for name, extra in (("whole", []), ("offload", ["--offload"])):
         run(capsys, [*common, *extra, "--out", str(tmp / name)])
     a, b = (json.load(open(tmp / name / "analysis.json")) for name in ("whole", "offload"))
-    assert [(e["keys"]["clusters"], e["values"]["clusters"]) for e in a["layers"]] == \
-        [(e["keys"]["clusters"], e["values"]["clusters"]) for e in b["layers"]]
+    assert [(e["keys"]["clusters"], e["values"]["clusters"]) for e in a["layers"]] == [
+        (e["keys"]["clusters"], e["values"]["clusters"]) for e in b["layers"]
+    ]
     for ea, eb in zip(a["layers"], b["layers"]):
         for kind in ("keys", "values"):
             for metric in ("cka", "cosine"):
-                torch.testing.assert_close(torch.tensor(eb[kind][metric]), torch.tensor(ea[kind][metric]), atol=1e-5, rtol=0)
+                torch.testing.assert_close(
+                    torch.tensor(eb[kind][metric]), torch.tensor(ea[kind][metric]), atol=1e-5, rtol=0
+                )
 
 
 # ---- refusals --------------------------------------------------------------------------------------
 
+
 def nothing_may_be_read(monkeypatch):
     """Fail the test if a model is loaded, a weights file is read or the data is tokenised."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("read before the refusal")
 
@@ -131,22 +149,37 @@ def refused(capsys, argv: list[str], out: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("extra, conflict", [
-    (["--method", "dha", "--tokens", "64", "--block-size", "16", "--batch-tokens", "32"], "--tokens N trains the whole model"),
-    (["--method", "svd", "--tokens", "64", "--block-size", "16", "--batch-tokens", "32"], "--tokens N trains the whole model"),
-    (["--method", "prune"], "--method prune runs whole-model forward passes"),
-    (["--method", "dha", "--search", "learned"], "--search learned trains its gates on the whole model"),
-])
+@pytest.mark.parametrize(
+    "extra, conflict",
+    [
+        (
+            ["--method", "dha", "--tokens", "64", "--block-size", "16", "--batch-tokens", "32"],
+            "--tokens N trains the whole model",
+        ),
+        (
+            ["--method", "svd", "--tokens", "64", "--block-size", "16", "--batch-tokens", "32"],
+            "--tokens N trains the whole model",
+        ),
+        (["--method", "prune"], "--method prune runs whole-model forward passes"),
+        (["--method", "dha", "--search", "learned"], "--search learned trains its gates on the whole model"),
+    ],
+)
 def test_what_needs_the_whole_model_refuses_offload(extra, conflict, setup, monkeypatch, capsys):
     src, data, tmp = setup
     nothing_may_be_read(monkeypatch)
     out = str(tmp / "out")
-    line = refused(capsys, ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--offload", "--out", out], out)
-    assert line == f"dha: error: --offload keeps the model in CPU memory, one layer at a time on the device, but {conflict} " \
-                   "on the device: drop one of them"
+    line = refused(
+        capsys, ["convert", src, *extra, "--kv-budget", "0.5", "--data", data, "--offload", "--out", out], out
+    )
+    assert (
+        line
+        == f"dha: error: --offload keeps the model in CPU memory, one layer at a time on the device, but {conflict} "
+        "on the device: drop one of them"
+    )
 
 
 # ---- the fit check ---------------------------------------------------------------------------------
+
 
 def test_sizes_read_before_loading_equal_the_hf_model(tmp_path):
     """Parameter counts from the config (a meta-device model) against transformers' LlamaForCausalLM
@@ -179,25 +212,52 @@ def test_no_room_on_the_cpu_is_refused_before_loading(verb, setup, monkeypatch, 
     out = str(tmp / "out")
     monkeypatch.setattr(dha.memory, "free_memory", lambda device: 12345)
     nothing_may_be_read(monkeypatch)
-    argv = (["analyze", src] if verb == "analyze" else ["convert", src, *METHODS[verb], "--kv-budget", "0.5"])
+    argv = ["analyze", src] if verb == "analyze" else ["convert", src, *METHODS[verb], "--kv-budget", "0.5"]
     for offload in ([], ["--offload"]):  # the same on the CPU: the model is in CPU memory either way
         line = refused(capsys, [*argv, "--data", data, *CALIB, "--device", "cpu", *offload, "--out", out], out)
-        assert re.fullmatch(rf"dha: error: {re.escape(src)} does not fit in the CPU's memory: it needs about (\S+) GiB "
-                            r"\(working memory \1 GiB\) besides its memory-mapped weights; the CPU has 0\.00 GiB available "
-                            r"\(MemAvailable\)", line), line
+        assert re.fullmatch(
+            rf"dha: error: {re.escape(src)} does not fit in the CPU's memory: it needs about (\S+) GiB "
+            r"\(working memory \1 GiB\) besides its memory-mapped weights; the CPU has 0\.00 GiB available "
+            r"\(MemAvailable\)",
+            line,
+        ), line
 
 
 def test_training_that_cannot_fit_is_refused_before_loading(setup, monkeypatch, capsys):
     src, data, tmp = setup
     out = str(tmp / "out")
-    monkeypatch.setattr(dha.memory, "free_memory", lambda device: 2 ** 20)
+    monkeypatch.setattr(dha.memory, "free_memory", lambda device: 2**20)
     nothing_may_be_read(monkeypatch)
-    line = refused(capsys, ["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--data", data, "--tokens", "64",
-                            "--block-size", "16", "--batch-tokens", "32", "--device", "cpu", "--out", out], out)
+    line = refused(
+        capsys,
+        [
+            "convert",
+            src,
+            "--method",
+            "gqa",
+            "--kv-budget",
+            "0.5",
+            "--data",
+            data,
+            "--tokens",
+            "64",
+            "--block-size",
+            "16",
+            "--batch-tokens",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        ],
+        out,
+    )
     params = tiny_llama_hf().num_parameters()
     assert line.startswith(f"dha: error: {src} does not fit in the CPU's memory: it needs about "), line
-    assert f"(weights, gradients and AdamW state in float32 {gib(16 * params)} + the source and teacher in float32 " \
-           f"{gib(4 * params)} + activations of a micro-batch " in line, line
+    assert (
+        f"(weights, gradients and AdamW state in float32 {gib(16 * params)} + the source and teacher in float32 "
+        f"{gib(4 * params)} + activations of a micro-batch " in line
+    ), line
     assert line.endswith("; the CPU has 0.00 GiB available (MemAvailable)"), line
 
 
@@ -221,10 +281,15 @@ def test_the_fit_check_on_a_gpu(verb, setup, monkeypatch, capsys):
     perplexity holds every held-out token's hidden states, which outweighs the weights here.)"""
     src, data, tmp = setup
     out = str(tmp / "out")
-    argv = (["analyze", src] if verb == "analyze" else ["convert", src, *METHODS[verb], "--kv-budget", "0.5"])
+    argv = ["analyze", src] if verb == "analyze" else ["convert", src, *METHODS[verb], "--kv-budget", "0.5"]
     argv = [*argv, "--data", data, *CALIB, "--device", "cuda", "--out", out]
-    work = Work(calib_tokens=64, calib_block=16, gradients=verb == "dha", merge=None if verb == "analyze" else "aligned",
-                eval_tokens=16384 if verb == "dha" else 0)  # what the verb runs (dha: the pipeline's final table)
+    work = Work(
+        calib_tokens=64,
+        calib_block=16,
+        gradients=verb == "dha",
+        merge=None if verb == "analyze" else "aligned",
+        eval_tokens=16384 if verb == "dha" else 0,
+    )  # what the verb runs (dha: the pipeline's final table)
     est = estimate(source_shape(src)[0], torch.bfloat16, work)
     whole, layer = (sum(b for _, b in parts) for parts in (est.whole, est.layer))
     assert (layer < whole) == (verb != "dha")
@@ -234,18 +299,24 @@ def test_the_fit_check_on_a_gpu(verb, setup, monkeypatch, capsys):
 
     simulate_gpu(monkeypatch, min(layer, whole) - 1)
     line = refused(capsys, argv, out)
-    assert line.startswith(f"dha: error: {src} does not fit on cuda:0: the whole model needs about {gib(whole)} (the weights in "
-                           f"bfloat16 {gib(weights)} + working memory {gib(whole - weights)}), and one layer at a time about "
-                           f"{gib(layer)} (its largest layer in float32 "), line
+    assert line.startswith(
+        f"dha: error: {src} does not fit on cuda:0: the whole model needs about {gib(whole)} (the weights in "
+        f"bfloat16 {gib(weights)} + working memory {gib(whole - weights)}), and one layer at a time about "
+        f"{gib(layer)} (its largest layer in float32 "
+    ), line
     assert line.endswith(f"; cuda:0 has {gib(min(layer, whole) - 1)} free"), line
     if layer < whole:
         simulate_gpu(monkeypatch, (layer + whole) // 2)
         line = refused(capsys, argv, out)
-        assert line.endswith(f"; cuda:0 has {gib((layer + whole) // 2)} free. Give --offload to keep it in CPU memory and "
-                             f"bring one layer at a time to cuda:0 (about {gib(layer)})"), line
+        assert line.endswith(
+            f"; cuda:0 has {gib((layer + whole) // 2)} free. Give --offload to keep it in CPU memory and "
+            f"bring one layer at a time to cuda:0 (about {gib(layer)})"
+        ), line
     simulate_gpu(monkeypatch, layer - 1)
     line = refused(capsys, [*argv, "--offload"], out)
-    assert line.startswith(f"dha: error: {src} does not fit on cuda:0 even one layer at a time: it needs about {gib(layer)} "), line
+    assert line.startswith(
+        f"dha: error: {src} does not fit on cuda:0 even one layer at a time: it needs about {gib(layer)} "
+    ), line
 
     def load(*args, **kwargs):
         raise Loaded(args, kwargs)

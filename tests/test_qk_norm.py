@@ -23,10 +23,10 @@ from dha.cli import main
 from dha.export import export
 from dha.families import UnsupportedModel, config_from_hf, refuse_merge_of_qk_norm, weights_from_hf
 from dha.model import ModelConfig, Transformer, generate
-from tests.helpers import scaled_init_
 from dha.plan import LayerPlan, Plan
 from dha.transforms import build, expand_to_mha
 from tests.conftest import ours_from_hf, random_ids
+from tests.helpers import scaled_init_
 from tests.test_families import CASES, LENGTH
 
 QK_CASES = ["qwen3", "olmo2", "gemma3_text"]
@@ -34,27 +34,54 @@ QK_CASES = ["qwen3", "olmo2", "gemma3_text"]
 
 def test_config_fields():
     qwen3 = config_from_hf(CASES["qwen3"]().config)
-    assert (qwen3.qk_norm, qwen3.norm, qwen3.block_norms, qwen3.qkv_bias, qwen3.o_bias) == ("head", "rmsnorm", "pre", True, True)
+    assert (qwen3.qk_norm, qwen3.norm, qwen3.block_norms, qwen3.qkv_bias, qwen3.o_bias) == (
+        "head",
+        "rmsnorm",
+        "pre",
+        True,
+        True,
+    )
 
     olmo2 = config_from_hf(CASES["olmo2"]().config)
-    assert (olmo2.qk_norm, olmo2.norm, olmo2.block_norms, olmo2.rope_in_float32) == ("full", "rmsnorm_f32", "post", True)
+    assert (olmo2.qk_norm, olmo2.norm, olmo2.block_norms, olmo2.rope_in_float32) == (
+        "full",
+        "rmsnorm_f32",
+        "post",
+        True,
+    )
 
     gemma = config_from_hf(CASES["gemma3_text"]().config)
     assert (gemma.qk_norm, gemma.norm, gemma.block_norms) == ("head", "rmsnorm_1p", "sandwich")
     assert gemma.local_layers == [0, 2] and gemma.sliding_window == 5 and gemma.local_rope_theta == 10000.0
     assert gemma.rope_theta == 1e6 and gemma.rope_inv_freq is not None  # linear scaling on the global layer
-    assert gemma.embed_scale == math.sqrt(48) and gemma.attn_scale == 12 ** -0.5 and gemma.logit_softcap == 3.0
+    assert gemma.embed_scale == math.sqrt(48) and gemma.attn_scale == 12**-0.5 and gemma.logit_softcap == 3.0
     assert gemma.tie_word_embeddings  # Gemma3TextConfig ties by default
 
-    shapes = {name: {k: tuple(v.shape) for k, v in ours_from_hf(CASES[name]()).state_dict().items() if "_norm" in k and ".0." in k}
-              for name in QK_CASES}
-    assert shapes["qwen3"] == {"layers.0.attn_norm.weight": (48,), "layers.0.mlp_norm.weight": (48,),
-                               "layers.0.attn.q_norm.weight": (8,), "layers.0.attn.k_norm.weight": (8,)}
+    shapes = {
+        name: {
+            k: tuple(v.shape)
+            for k, v in ours_from_hf(CASES[name]()).state_dict().items()
+            if "_norm" in k and ".0." in k
+        }
+        for name in QK_CASES
+    }
+    assert shapes["qwen3"] == {
+        "layers.0.attn_norm.weight": (48,),
+        "layers.0.mlp_norm.weight": (48,),
+        "layers.0.attn.q_norm.weight": (8,),
+        "layers.0.attn.k_norm.weight": (8,),
+    }
     # OLMo 2 normalises the whole projections: q over H * hd, k over Hk * hd (2 key heads).
-    assert shapes["olmo2"] == {"layers.0.attn_post_norm.weight": (48,), "layers.0.mlp_post_norm.weight": (48,),
-                               "layers.0.attn.q_norm.weight": (48,), "layers.0.attn.k_norm.weight": (16,)}
-    assert set(shapes["gemma3_text"]) == {f"layers.0.{n}.weight" for n in
-                                          ("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm", "attn.q_norm", "attn.k_norm")}
+    assert shapes["olmo2"] == {
+        "layers.0.attn_post_norm.weight": (48,),
+        "layers.0.mlp_post_norm.weight": (48,),
+        "layers.0.attn.q_norm.weight": (48,),
+        "layers.0.attn.k_norm.weight": (16,),
+    }
+    assert set(shapes["gemma3_text"]) == {
+        f"layers.0.{n}.weight"
+        for n in ("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm", "attn.q_norm", "attn.k_norm")
+    }
 
 
 def variant(hf, **changes):
@@ -68,17 +95,21 @@ def variant(hf, **changes):
     return build(cfg, {k: v for k, v in sd.items() if k in keys}).eval()
 
 
-@pytest.mark.parametrize("name,changes", [
-    ("qwen3", dict(qk_norm=None)),
-    ("gemma3_text", dict(qk_norm=None)),
-    ("gemma3_text", dict(local_layers=None)),  # every layer slides, with the global RoPE
-    ("gemma3_text", dict(sliding_window=None)),
-    ("gemma3_text", dict(local_rope_theta=None)),  # local layers read the global (scaled) RoPE
-    ("gemma3_text", dict(embed_scale=None)),
-    ("gemma3_text", dict(attn_scale=None)),
-    ("gemma3_text", dict(logit_softcap=None)),
-    ("gemma3_text", dict(norm="rmsnorm")),  # weight instead of 1 + weight
-], ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={w}" for k, w in v.items()))
+@pytest.mark.parametrize(
+    "name,changes",
+    [
+        ("qwen3", dict(qk_norm=None)),
+        ("gemma3_text", dict(qk_norm=None)),
+        ("gemma3_text", dict(local_layers=None)),  # every layer slides, with the global RoPE
+        ("gemma3_text", dict(sliding_window=None)),
+        ("gemma3_text", dict(local_rope_theta=None)),  # local layers read the global (scaled) RoPE
+        ("gemma3_text", dict(embed_scale=None)),
+        ("gemma3_text", dict(attn_scale=None)),
+        ("gemma3_text", dict(logit_softcap=None)),
+        ("gemma3_text", dict(norm="rmsnorm")),  # weight instead of 1 + weight
+    ],
+    ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={w}" for k, w in v.items()),
+)
 def test_each_switch_is_exercised(name, changes):
     """The parity cases would fail without each field: HF's logits move by more than 1e-3 when it is undone."""
     hf = CASES[name]()
@@ -97,7 +128,9 @@ def test_greedy_generation_equals_transformers(name):
     ids = random_ids(batch=2, length=7, seed=1)
     hf.generation_config.eos_token_id = None  # never stop early, never mask a token (ours has no stop token)
     with torch.no_grad():
-        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        theirs = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0
+        )
     assert theirs.shape == (2, 19)
     assert torch.equal(generate(ours, ids, 12), theirs)
 
@@ -106,8 +139,19 @@ def qk_model(qk_norm: str, norm: str = "rmsnorm") -> Transformer:
     """A random 3-layer model whose layers read uneven coupled, decoupled and GQA maps."""
     maps_k = [[0, 0, 1, 1, 1, 2], [0, 1, 1, 2, 2, 2], [0, 0, 0, 1, 1, 1]]
     maps_v = [[0, 0, 1, 1, 1, 2], [0, 0, 0, 1, 2, 2], [0, 0, 0, 1, 1, 1]]
-    cfg = ModelConfig(vocab_size=97, hidden_size=48, num_layers=3, num_heads=6, head_dim=8, intermediate_size=64,
-                      key_index=maps_k, value_index=maps_v, qk_norm=qk_norm, norm=norm, tie_word_embeddings=False)
+    cfg = ModelConfig(
+        vocab_size=97,
+        hidden_size=48,
+        num_layers=3,
+        num_heads=6,
+        head_dim=8,
+        intermediate_size=64,
+        key_index=maps_k,
+        value_index=maps_v,
+        qk_norm=qk_norm,
+        norm=norm,
+        tie_word_embeddings=False,
+    )
     model = scaled_init_(Transformer(cfg), seed=0)
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
@@ -126,12 +170,12 @@ def test_qk_norm_under_any_maps_cached_decode_equals_full_forward(qk_norm):
         full = model(ids)
         for prefill in (1, 5, 10):
             cache = model.new_cache(2, LENGTH)
-            steps = [model(ids[:, :prefill], cache)] + [model(ids[:, t:t + 1], cache) for t in range(prefill, LENGTH)]
+            steps = [model(ids[:, :prefill], cache)] + [model(ids[:, t : t + 1], cache) for t in range(prefill, LENGTH)]
             assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
 
 
 def test_head_norm_normalises_each_stored_key_head_alone():
-    """"head": a query head reads its key head normalised alone, so giving every query head its own copy
+    """ "head": a query head reads its key head normalised alone, so giving every query head its own copy
     (expand_to_mha) is exact under uneven and decoupled maps."""
     model = qk_model("head")
     ids = random_ids(length=LENGTH)
@@ -140,7 +184,7 @@ def test_head_norm_normalises_each_stored_key_head_alone():
 
 
 def test_full_norm_normalises_the_layers_stored_key_heads_together():
-    """"full": the layer's whole key projection (its Hk stored heads, in order) is one RMSNorm vector;
+    """ "full": the layer's whole key projection (its Hk stored heads, in order) is one RMSNorm vector;
     the query projection likewise over all H heads. Written out here for one layer's projections."""
     model = qk_model("full", norm="rmsnorm_f32")
     attn = model.layers[1].attn
@@ -193,8 +237,10 @@ def test_cli_convert_refuses_qk_norm(name, how, tmp_path, capsys):
     assert "Traceback" not in err and not os.path.exists(out)
 
 
-@pytest.mark.parametrize("name,hf_class", [("qwen3", "Qwen3ForCausalLM"), ("olmo2", "Olmo2ForCausalLM"),
-                                           ("gemma3_text", "Gemma3ForCausalLM")])
+@pytest.mark.parametrize(
+    "name,hf_class",
+    [("qwen3", "Qwen3ForCausalLM"), ("olmo2", "Olmo2ForCausalLM"), ("gemma3_text", "Gemma3ForCausalLM")],
+)
 def test_unconverted_export_stock_and_remote_code(name, hf_class, tmp_path):
     """An unconverted qk-norm model exports as its stock class (weights mapped back, config unchanged)
     and, forced, with remote code (dha_model.py, a copy of dha/model.py); both reload in transformers
@@ -215,8 +261,17 @@ def test_unconverted_export_stock_and_remote_code(name, hf_class, tmp_path):
 
 def test_gemma_norm_starts_as_the_identity():
     """A fresh model's Gemma norms (weight 0, scaled by 1 + weight) pass normalised inputs unchanged."""
-    cfg = ModelConfig(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2, head_dim=4, intermediate_size=8,
-                      norm="rmsnorm_1p", block_norms="sandwich", qk_norm="head")
+    cfg = ModelConfig(
+        vocab_size=11,
+        hidden_size=8,
+        num_layers=1,
+        num_heads=2,
+        head_dim=4,
+        intermediate_size=8,
+        norm="rmsnorm_1p",
+        block_norms="sandwich",
+        qk_norm="head",
+    )
     model = Transformer(cfg)
     x = torch.randn(3, 8)
     x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
@@ -226,14 +281,21 @@ def test_gemma_norm_starts_as_the_identity():
 
 def test_config_validation():
     base = dict(vocab_size=11, hidden_size=8, num_layers=2, num_heads=2, head_dim=4, intermediate_size=8)
-    for bad, message in [(dict(qk_norm="layer"), "unknown qk_norm"), (dict(block_norms="middle"), "unknown block_norms"),
-                         (dict(norm="batchnorm"), "unknown norm"), (dict(local_layers=[2]), "local_layers"),
-                         (dict(block_norms="post", parallel_residual=True), "parallel_residual")]:
+    for bad, message in [
+        (dict(qk_norm="layer"), "unknown qk_norm"),
+        (dict(block_norms="middle"), "unknown block_norms"),
+        (dict(norm="batchnorm"), "unknown norm"),
+        (dict(local_layers=[2]), "local_layers"),
+        (dict(block_norms="post", parallel_residual=True), "parallel_residual"),
+    ]:
         with pytest.raises(ValueError, match=message):
             ModelConfig(**base, **bad)
     # Configs saved before these fields existed load with the defaults (the families as they were).
-    old = {k: v for k, v in ModelConfig(**base).to_dict().items()
-           if k not in ("qk_norm", "block_norms", "local_layers", "embed_scale", "attn_scale", "logit_softcap")}
+    old = {
+        k: v
+        for k, v in ModelConfig(**base).to_dict().items()
+        if k not in ("qk_norm", "block_norms", "local_layers", "embed_scale", "attn_scale", "logit_softcap")
+    }
     assert ModelConfig.from_dict(old) == ModelConfig(**base)
 
 
@@ -268,15 +330,41 @@ def test_cli_generate_and_eval_on_a_saved_hf_dir(name, tmp_path, capsys):
     hf.generation_config.eos_token_id = None
     with torch.no_grad():
         # An explicit all-ones mask: else transformers masks the prompt's spaces (id 0 = pad_token_id).
-        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                             pad_token_id=0)[0, ids.shape[1]:]
+        theirs = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0
+        )[0, ids.shape[1] :]
     assert main(["generate", src, "--prompt", prompt, "--max-new-tokens", "10", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["completion"] == tok.decode(theirs, skip_special_tokens=True)
 
     data = tmp_path / "data.txt"
-    data.write_text("\n\n".join(f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(12)))
-    assert main(["eval", src, "--data", str(data), "--eval-block-size", "16", "--max-eval-tokens", "64", "--context", "8",
-                 "--new-tokens", "3", "--batch-sizes", "1", "--repeats", "1", "--heldout-fraction", "0.3"]) == 0
+    data.write_text(
+        "\n\n".join(f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(12))
+    )
+    assert (
+        main(
+            [
+                "eval",
+                src,
+                "--data",
+                str(data),
+                "--eval-block-size",
+                "16",
+                "--max-eval-tokens",
+                "64",
+                "--context",
+                "8",
+                "--new-tokens",
+                "3",
+                "--batch-sizes",
+                "1",
+                "--repeats",
+                "1",
+                "--heldout-fraction",
+                "0.3",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert math.isfinite(report["ppl"] if not isinstance(report["ppl"], dict) else next(iter(report["ppl"].values())))

@@ -44,8 +44,12 @@ def test_check_starts_in_a_missing_or_empty_dir_and_resumes_only_the_same_unfini
     assert rundir.check(out, IDENTITY, resume=True) is True
     refusals = {
         "already holds this run: pass --resume": dict(identity=IDENTITY, resume=False),
-        "holds a different run (differs in config.lr)": dict(identity={**IDENTITY, "config": {"lr": 1, "eval_every": 5}}, resume=True),
-        "holds a run of another kind (test-run/1, not other/1)": dict(identity={**IDENTITY, "format": "other/1"}, resume=True),
+        "holds a different run (differs in config.lr)": dict(
+            identity={**IDENTITY, "config": {"lr": 1, "eval_every": 5}}, resume=True
+        ),
+        "holds a run of another kind (test-run/1, not other/1)": dict(
+            identity={**IDENTITY, "format": "other/1"}, resume=True
+        ),
     }
     for message, kw in refusals.items():
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -105,8 +109,23 @@ def test_dha_train_takes_the_lock_too(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DHA_CACHE", str(tmp_path / "cache"))
     source, data = tiny_source(str(tmp_path / "src")), text_file(str(tmp_path / "data.txt"))
     out = str(tmp_path / "run")
-    argv = ["train", source, "--data", data, "--tokens", "64", "--block-size", "16", "--batch-tokens", "32",
-            "--eval-every", "0", "--no-progress", "--out", out]
+    argv = [
+        "train",
+        source,
+        "--data",
+        data,
+        "--tokens",
+        "64",
+        "--block-size",
+        "16",
+        "--batch-tokens",
+        "32",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--out",
+        out,
+    ]
     with rundir.hold(out, main=True):  # another run holds --out
         assert main(argv) == 2
     assert "in use by another dha run" in capsys.readouterr().err

@@ -20,7 +20,12 @@ from dha.errors import UserError
 from dha.merge import group_merge
 from dha.plan import LayerPlan, Plan, contiguous_groups
 from dha.search import (
-    SearchOptions, agglomerate, allocate, allocate_with, head_tables, search,
+    SearchOptions,
+    agglomerate,
+    allocate,
+    allocate_with,
+    head_tables,
+    search,
 )
 from dha.transforms import build, expand_to_mha, merge_groups, permute_query_heads, state_dict_of
 from tests.conftest import ours_from_hf, random_ids, tiny_llama_hf
@@ -47,11 +52,12 @@ def with_copied_heads(model, layer, key_pair, value_pair):
     sd, hd = state_dict_of(model), model.config.head_dim
     for name, (src, dst) in (("k_proj", key_pair), ("v_proj", value_pair)):
         w = sd[f"layers.{layer}.attn.{name}.weight"]
-        w[dst * hd:(dst + 1) * hd] = w[src * hd:(src + 1) * hd]
+        w[dst * hd : (dst + 1) * hd] = w[src * hd : (src + 1) * hd]
     return build(model.config, sd)
 
 
 # ---- grouping and costs -------------------------------------------------------------------------
+
 
 def test_identical_heads_are_grouped_at_zero_cost():
     model = with_copied_heads(ours_from_hf(tiny_llama_hf()), 0, key_pair=(1, 4), value_pair=(2, 5))
@@ -71,15 +77,23 @@ def test_agglomerate_merges_the_cheapest_union_first_against_brute_force():
     """A residual given as a table over every subset: the greedy order is the one a loop finds."""
     rng = np.random.default_rng(0)
     n = 5
-    table = {tuple(c): float(rng.random()) * len(c) ** 2 for k in range(2, n + 1) for c in itertools.combinations(range(n), k)}
+    table = {
+        tuple(c): float(rng.random()) * len(c) ** 2
+        for k in range(2, n + 1)
+        for c in itertools.combinations(range(n), k)
+    }
     groupings = agglomerate(lambda members: table[tuple(members)], n)
     assert [len(g) for g in groupings] == list(range(1, n + 1))
     for c in range(n, 1, -1):  # from c groups to c - 1: the cheapest union of two of them
         cur, nxt = groupings[c - 1], groupings[c - 2]
+
         def res(g):
             return 0.0 if len(g) == 1 else table[tuple(sorted(g))]
-        best = min(itertools.combinations(range(c), 2),
-                   key=lambda ab: res(cur[ab[0]] + cur[ab[1]]) - res(cur[ab[0]]) - res(cur[ab[1]]))
+
+        best = min(
+            itertools.combinations(range(c), 2),
+            key=lambda ab: res(cur[ab[0]] + cur[ab[1]]) - res(cur[ab[0]]) - res(cur[ab[1]]),
+        )
         merged = sorted(cur[best[0]] + cur[best[1]])
         assert as_sets(nxt) == as_sets([g for i, g in enumerate(cur) if i not in best] + [merged])
 
@@ -128,6 +142,7 @@ def test_sensitivity_costs_are_the_fisher_estimate_of_each_merge():
 
 # ---- allocation ----------------------------------------------------------------------------------
 
+
 def test_allocate_is_optimal_against_brute_force():
     rng = np.random.default_rng(0)
     for trial in range(20):
@@ -136,7 +151,8 @@ def test_allocate_is_optimal_against_brute_force():
         for total in range(len(sizes), int(sizes.sum()) + 1):
             best = min(
                 sum(c[n - 1] for c, n in zip(costs, combo))
-                for combo in itertools.product(*[range(1, s + 1) for s in sizes]) if sum(combo) == total
+                for combo in itertools.product(*[range(1, s + 1) for s in sizes])
+                if sum(combo) == total
             )
             counts = allocate(costs, total)
             assert sum(counts) == total
@@ -163,8 +179,11 @@ def test_ablation_allocations_against_brute_force():
         assert sum(counts) == L * most and math.isclose(total_cost(counts), best, rel_tol=1e-12)
 
         coupled = allocate_with(costs, total, SearchOptions(decoupled=False))
-        brute = min(total_cost([m for m in combo for _ in range(2)])
-                    for combo in itertools.product(range(1, n + 1), repeat=L) if 2 * sum(combo) == 2 * (total // 2))
+        brute = min(
+            total_cost([m for m in combo for _ in range(2)])
+            for combo in itertools.product(range(1, n + 1), repeat=L)
+            if 2 * sum(combo) == 2 * (total // 2)
+        )
         assert coupled[0::2] == coupled[1::2] and sum(coupled) == 2 * (total // 2)
         assert math.isclose(total_cost(coupled), brute, rel_tol=1e-12)
 
@@ -194,6 +213,7 @@ def test_budgets_out_of_reach_raise_user_error():
 
 
 # ---- the search ----------------------------------------------------------------------------------
+
 
 def test_plans_meet_the_budget_exactly():
     model = ours_from_hf(tiny_llama_hf())
@@ -246,7 +266,7 @@ def uneven_copies_model():
         for name in ("k_proj", "v_proj"):
             w = sd[f"layers.{layer}.attn.{name}.weight"]
             for j in range(6):
-                w[j * hd:(j + 1) * hd] = w[source_of(j) * hd:(source_of(j) + 1) * hd].clone()
+                w[j * hd : (j + 1) * hd] = w[source_of(j) * hd : (source_of(j) + 1) * hd].clone()
     return build(model.config, sd)
 
 
@@ -298,7 +318,13 @@ def test_hard_concrete_gates_against_their_distribution():
             t = (x - LOW) / (HIGH - LOW)
             cdf = 1 / (1 + math.exp(-(BETA * math.log(t / (1 - t)) - la)))
             assert abs(float((z <= x).double().mean()) - cdf) < 0.006, (la, x)
-        assert abs(float((z == 1).double().mean()) - (1 - 1 / (1 + math.exp(-(BETA * math.log((1 - LOW) / (HIGH - 1)) - la))))) < 0.006
+        assert (
+            abs(
+                float((z == 1).double().mean())
+                - (1 - 1 / (1 + math.exp(-(BETA * math.log((1 - LOW) / (HIGH - 1)) - la))))
+            )
+            < 0.006
+        )
         p_open = 1 / (1 + math.exp(-(la - BETA * math.log(-LOW / HIGH))))
         assert math.isclose(float(hard_concrete_open(torch.tensor(la))), p_open, rel_tol=1e-6)
         assert abs(float((z != 0).double().mean()) - p_open) < 0.006

@@ -30,7 +30,9 @@ def test_problems_name_the_reason():
     assert "decoupled" in layer_layout_problem([0, 0, 1, 1, 2, 2], [0, 0, 0, 1, 1, 1])
     assert "unequal" in layer_layout_problem([0, 1, 1, 2, 2, 2], [0, 1, 1, 2, 2, 2])
     hf = tiny_llama_hf()
-    model = converted(hf, [[[0, 1], [2, 3], [4, 5]], [[0, 1], [2, 3], [4, 5]]], [[[0, 1], [2, 3], [4, 5]], [[0, 1, 2], [3, 4, 5]]])
+    model = converted(
+        hf, [[[0, 1], [2, 3], [4, 5]], [[0, 1], [2, 3], [4, 5]]], [[[0, 1], [2, 3], [4, 5]], [[0, 1, 2], [3, 4, 5]]]
+    )
     assert serving_layout_problem(model.config).startswith("layer 1: key heads and value heads are grouped differently")
 
 
@@ -81,7 +83,7 @@ def test_padding_uses_the_fewest_equal_groups():
         assert sorted(layout.perm) == list(range(H))
         size = H // layout.kv_heads
         for j in range(layout.kv_heads):
-            for h in layout.perm[j * size:(j + 1) * size]:
+            for h in layout.perm[j * size : (j + 1) * size]:
                 assert (keys[h], values[h]) == (layout.key_source[j], layout.value_source[j])
         if layer_layout_problem(keys, values) is None:
             assert layout.kv_heads == max(keys) + 1 == max(values) + 1  # representable: nothing duplicated

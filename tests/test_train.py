@@ -22,10 +22,10 @@ from torch.testing import assert_close
 from dha.checkpoint import load
 from dha.cli import main
 from dha.model import ModelConfig, Transformer
-from tests.helpers import scaled_init_
 from dha.options import TrainConfig
 from dha.train import Hooks, distill_loss_sum, lr_factor, ramp, train
 from tests.conftest import kill_when, ours_from_hf, random_ids, save_tiny_source, text_file, tiny_llama_hf  # noqa: F401
+from tests.helpers import scaled_init_
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,30 +42,50 @@ def one_thread():
 
 def tiny_model(seed: int = 0, layers: int = 2) -> Transformer:
     """Our tiny MHA model built directly (no transformers import: cheap in child processes)."""
-    cfg = ModelConfig(vocab_size=97, hidden_size=48, num_layers=layers, num_heads=6, head_dim=8,
-                      intermediate_size=64, tie_word_embeddings=False)
+    cfg = ModelConfig(
+        vocab_size=97,
+        hidden_size=48,
+        num_layers=layers,
+        num_heads=6,
+        head_dim=8,
+        intermediate_size=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return scaled_init_(Transformer(cfg), seed=seed)
 
 
 def fp32_config(**overrides) -> TrainConfig:
-    base = dict(tokens=6 * 128, block_size=16, batch_tokens=128, micro_batch=2, lr=3e-3, warmup_steps=1,
-                dtype="float32", eval_every=0, seed=0)
+    base = dict(
+        tokens=6 * 128,
+        block_size=16,
+        batch_tokens=128,
+        micro_batch=2,
+        lr=3e-3,
+        warmup_steps=1,
+        dtype="float32",
+        eval_every=0,
+        seed=0,
+    )
     base.update(overrides)
     return TrainConfig(**base)
 
 
 # ---- schedule and ramp -----------------------------------------------------------------------------
 
+
 def test_schedule_and_ramp():
     # warm-up 1/4, 2/4, ... then cosine from 1 to 0.1 at the last step
     assert [lr_factor(s, 10, 4, 0.1) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
     assert lr_factor(10, 10, 4, 0.1) == pytest.approx(0.1)
-    assert lr_factor(7, 10, 4, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 3 / 6)).item()))
+    assert lr_factor(7, 10, 4, 0.1) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 3 / 6)).item())
+    )
     assert [ramp(s, 10, 20, 0.0, 2.0) for s in (0, 10, 15, 20, 30)] == [0.0, 0.0, 1.0, 2.0, 2.0]
 
 
 # ---- it learns -------------------------------------------------------------------------------------
+
 
 def test_loss_halves_on_one_repeated_batch():
     hf = tiny_llama_hf()
@@ -109,6 +129,7 @@ def test_bf16_autocast_step_is_close_to_fp32():
 
 # ---- distributed = single ---------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,17 +137,29 @@ def _free_port() -> int:
 
 
 def _distributed_worker(rank: int, world: int, port: int, fsdp: bool, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
-        result = train(tiny_model(), random_ids(batch=40, length=16, seed=3), random_ids(batch=5, length=16, seed=4),
-                       fp32_config(micro_batch=1, fsdp=fsdp, eval_every=3), progress=False)
+        result = train(
+            tiny_model(),
+            random_ids(batch=40, length=16, seed=3),
+            random_ids(batch=5, length=16, seed=4),
+            fp32_config(micro_batch=1, fsdp=fsdp, eval_every=3),
+            progress=False,
+        )
         if rank == 0:
-            torch.save({"losses": [h["loss"] for h in result.history], "evals": [e["heldout_loss"] for e in result.evals],
-                        "weights": {k: v.detach().cpu() for k, v in result.model.state_dict().items()}}, out_path)
+            torch.save(
+                {
+                    "losses": [h["loss"] for h in result.history],
+                    "evals": [e["heldout_loss"] for e in result.evals],
+                    "weights": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+                },
+                out_path,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -141,8 +174,13 @@ def test_two_processes_match_one(tmp_path, fsdp, monkeypatch):
     mp.spawn(_distributed_worker, args=(2, _free_port(), fsdp, out), nprocs=2, join=True)
     two = torch.load(out)
     # One process, the same global batch of 8 rows, in micro batches of 4 instead of 2 x 4 x 1.
-    single = train(tiny_model(), random_ids(batch=40, length=16, seed=3), random_ids(batch=5, length=16, seed=4),
-                   fp32_config(micro_batch=4, eval_every=3), progress=False)
+    single = train(
+        tiny_model(),
+        random_ids(batch=40, length=16, seed=3),
+        random_ids(batch=5, length=16, seed=4),
+        fp32_config(micro_batch=4, eval_every=3),
+        progress=False,
+    )
     # fp32; only the order of summation differs, so losses agree to 1e-5 (absolute, losses ~4.6).
     assert_close(torch.tensor(two["losses"]), torch.tensor([h["loss"] for h in single.history]), atol=1e-5, rtol=0)
     assert_close(torch.tensor(two["evals"]), torch.tensor([e["heldout_loss"] for e in single.evals]), atol=1e-5, rtol=0)
@@ -152,19 +190,34 @@ def test_two_processes_match_one(tmp_path, fsdp, monkeypatch):
 
 # ---- FSDP at both ends: sharded checkpoints, the final gather to rank 0 ---------------------------------
 
+
 def _fsdp_worker(rank: int, world: int, port: int, out_dir: str, resume: str | None, result_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
-        result = train(tiny_model(), random_ids(batch=40, length=16, seed=3), None,
-                       fp32_config(micro_batch=4 // world, fsdp=True, save_every=3, keep_checkpoints=5),
-                       out_dir=out_dir, resume=resume, progress=False)
-        torch.save({"losses": [h["loss"] for h in result.history], "model_is_none": result.model is None,
-                    "weights": None if result.model is None else {k: v.detach().clone() for k, v in result.model.state_dict().items()}},
-                   f"{result_path}.{rank}")
+        result = train(
+            tiny_model(),
+            random_ids(batch=40, length=16, seed=3),
+            None,
+            fp32_config(micro_batch=4 // world, fsdp=True, save_every=3, keep_checkpoints=5),
+            out_dir=out_dir,
+            resume=resume,
+            progress=False,
+        )
+        torch.save(
+            {
+                "losses": [h["loss"] for h in result.history],
+                "model_is_none": result.model is None,
+                "weights": None
+                if result.model is None
+                else {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+            },
+            f"{result_path}.{rank}",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -190,13 +243,21 @@ def test_fsdp_sharded_checkpoint_resumes_on_one_and_two_processes(tmp_path, monk
         for f in ("run.json", "checkpoints"):
             os.symlink(os.path.join(run, f), os.path.join(resumed, f))
         if name == "two":
-            mp.spawn(_fsdp_worker, args=(2, _free_port(), resumed, checkpoint, str(tmp_path / name)), nprocs=2, join=True)
+            mp.spawn(
+                _fsdp_worker, args=(2, _free_port(), resumed, checkpoint, str(tmp_path / name)), nprocs=2, join=True
+            )
             got = torch.load(str(tmp_path / "two.0"))
             losses, weights = got["losses"], got["weights"]
         else:
-            result = train(tiny_model(), random_ids(batch=40, length=16, seed=3), None,
-                           fp32_config(micro_batch=4, fsdp=True, save_every=3, keep_checkpoints=5),
-                           out_dir=resumed, resume=checkpoint, progress=False)
+            result = train(
+                tiny_model(),
+                random_ids(batch=40, length=16, seed=3),
+                None,
+                fp32_config(micro_batch=4, fsdp=True, save_every=3, keep_checkpoints=5),
+                out_dir=resumed,
+                resume=checkpoint,
+                progress=False,
+            )
             losses, weights = [h["loss"] for h in result.history], result.model.state_dict()
         # fp32; the process count changes only the order of sums: 1e-5.
         assert_close(torch.tensor(losses), torch.tensor(full["losses"]), atol=1e-5, rtol=0)
@@ -222,9 +283,13 @@ train(tiny_model(), random_ids(batch=40, length=16, seed=3), random_ids(batch=5,
 
 
 def _run_script(out: str, resume: str = "", delay: float = 0.0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RUN_SCRIPT.format(repo=REPO), out, resume, str(delay)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN_SCRIPT.format(repo=REPO), out, resume, str(delay)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _final(out: str) -> tuple[list[float], dict]:
@@ -256,19 +321,30 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
 # ---- distillation -------------------------------------------------------------------------------------
 
+
 def test_distill_loss_against_kl_div():
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
     for T in (1.0, 2.0):
-        reference = F.kl_div(F.log_softmax(student / T, -1).flatten(0, 1), F.log_softmax(teacher / T, -1).flatten(0, 1),
-                             log_target=True, reduction="sum") * T * T
+        reference = (
+            F.kl_div(
+                F.log_softmax(student / T, -1).flatten(0, 1),
+                F.log_softmax(teacher / T, -1).flatten(0, 1),
+                log_target=True,
+                reduction="sum",
+            )
+            * T
+            * T
+        )
         assert_close(distill_loss_sum(student, teacher, T), reference, atol=1e-5, rtol=1e-6)
         assert_close(distill_loss_sum(teacher, teacher, T), torch.tensor(0.0), atol=1e-6, rtol=0)
 
 
 def test_distillation_in_training():
     batch = random_ids(batch=4, length=16, seed=6)
-    cfg = fp32_config(tokens=2 * 64, batch_tokens=64, micro_batch=2, distill=True, distill_weight=1.0, distill_temperature=2.0)
+    cfg = fp32_config(
+        tokens=2 * 64, batch_tokens=64, micro_batch=2, distill=True, distill_weight=1.0, distill_temperature=2.0
+    )
     # Teacher left out = the student as given: the KL is zero at step 1, so the objective is zero.
     same = train(tiny_model(), batch, None, cfg, progress=False)
     assert same.history[0]["distill_loss"] == pytest.approx(0.0, abs=1e-6)
@@ -277,14 +353,22 @@ def test_distillation_in_training():
     student, teacher = tiny_model(seed=0), tiny_model(seed=1)
     with torch.no_grad():
         s, t = student(batch[:, :-1]) / 2.0, teacher(batch[:, :-1]) / 2.0
-    reference = F.kl_div(F.log_softmax(s, -1).flatten(0, 1), F.log_softmax(t, -1).flatten(0, 1), log_target=True,
-                         reduction="batchmean").item() * 4.0
+    reference = (
+        F.kl_div(
+            F.log_softmax(s, -1).flatten(0, 1),
+            F.log_softmax(t, -1).flatten(0, 1),
+            log_target=True,
+            reduction="batchmean",
+        ).item()
+        * 4.0
+    )
     other = train(student, batch, None, cfg, teacher=teacher, progress=False)
     assert other.history[0]["distill_loss"] == pytest.approx(reference, abs=1e-5)
     assert other.history[-1]["distill_loss"] < other.history[0]["distill_loss"]
 
 
 # ---- hooks: extra loss, parameter groups with negative lr ---------------------------------------------
+
 
 def _multiplier_run(lr: float) -> tuple[list[float], list[float]]:
     lam = nn.Parameter(torch.tensor(0.5))
@@ -294,8 +378,11 @@ def _multiplier_run(lr: float) -> tuple[list[float], list[float]]:
         return lam * violation, {"lambda": lam.item()}
 
     values = []
-    hooks = Hooks(extra_loss=extra_loss, param_groups=lambda model: [{"params": [lam], "lr": lr}],
-                  on_step_end=lambda model, step, record: values.append(lam.item()))
+    hooks = Hooks(
+        extra_loss=extra_loss,
+        param_groups=lambda model: [{"params": [lam], "lr": lr}],
+        on_step_end=lambda model, step, record: values.append(lam.item()),
+    )
     cfg = fp32_config(tokens=4 * 64, batch_tokens=64, lr=1e-3, warmup_steps=0, min_lr_ratio=1.0)
     result = train(tiny_model(), random_ids(batch=8, length=16, seed=7), None, cfg, hooks=hooks, progress=False)
     return [h["extra_loss"] for h in result.history], values
@@ -314,6 +401,7 @@ def test_negative_lr_group_ascends_positive_descends():
 
 
 # ---- the CLI, bad input ------------------------------------------------------------------------------
+
 
 def tiny_source(path: str, layers: int = 2, seed: int = 0) -> str:
     """A native checkpoint of tiny_model with a word-level tokenizer (tests.conftest)."""
@@ -351,8 +439,10 @@ def test_cli_train_writes_a_loadable_run(cli_setup, capsys):
     assert os.listdir(os.path.join(out, "tensorboard"))
     trained = load(out)  # the run directory is a SOURCE
     assert trained.tokenizer is not None and trained.provenance["trained"]["steps"] == 4
-    assert not torch.equal(trained.model.state_dict()["layers.0.attn.q_proj.weight"],
-                           load(source).model.state_dict()["layers.0.attn.q_proj.weight"])
+    assert not torch.equal(
+        trained.model.state_dict()["layers.0.attn.q_proj.weight"],
+        load(source).model.state_dict()["layers.0.attn.q_proj.weight"],
+    )
 
 
 def test_cli_bad_inputs_exit_2_and_overwrite_nothing(cli_setup, capsys):
@@ -366,14 +456,33 @@ def test_cli_bad_inputs_exit_2_and_overwrite_nothing(cli_setup, capsys):
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     cases = {
-        "shorter than one block": ["train", source, *common, "--data", short, "--tokens", "192", "--out", str(tmp_path / "a")],
+        "shorter than one block": [
+            "train",
+            source,
+            *common,
+            "--data",
+            short,
+            "--tokens",
+            "192",
+            "--out",
+            str(tmp_path / "a"),
+        ],
         "smaller than one optimizer step": ["train", source, *common, "--tokens", "63", "--out", str(tmp_path / "b")],
         "different run": ["train", source, *common, "--tokens", "192", "--lr", "0.1", "--out", run],
         "already holds this run": ["train", source, *common, "--tokens", "192", "--out", run],
         "holds no dha run": ["train", source, *common, "--tokens", "192", "--out", str(stranger)],
         "holds a different run (differs in model.": ["train", other, *common, "--tokens", "192", "--resume", run],
-        "a run resumes in its own directory": ["train", source, *common, "--tokens", "192", "--resume", run,
-                                               "--out", str(tmp_path / "c")],
+        "a run resumes in its own directory": [
+            "train",
+            source,
+            *common,
+            "--tokens",
+            "192",
+            "--resume",
+            run,
+            "--out",
+            str(tmp_path / "c"),
+        ],
     }
     for expected, argv in cases.items():
         capsys.readouterr()

@@ -14,9 +14,16 @@ from ..errors import UserError
 from . import analyze, bench, convert, eval, export, generate, inspect, train
 from .common import add_device_option
 
-
-VERBS = [inspect.add_inspect, generate.add_generate, eval.add_eval, export.add_export, analyze.add_analyze, convert.add_convert,
-         train.add_train, bench.add_bench]
+VERBS = [
+    inspect.add_inspect,
+    generate.add_generate,
+    eval.add_eval,
+    export.add_export,
+    analyze.add_analyze,
+    convert.add_convert,
+    train.add_train,
+    bench.add_bench,
+]
 
 
 def given_options(p: argparse.ArgumentParser, argv: list[str]) -> set[str]:

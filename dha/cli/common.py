@@ -9,25 +9,32 @@ import sys
 from ..errors import UserError
 from ..options import CHECKPOINTING, TrainConfig
 
-
-SOURCE_HELP = "model: a dha checkpoint dir, a Hugging Face model dir, a .gguf file, or a hub id (default: smollm2-135m, built in)"
+SOURCE_HELP = (
+    "model: a dha checkpoint dir, a Hugging Face model dir, a .gguf file, or a hub id (default: smollm2-135m, built in)"
+)
 
 
 DEVICE_HELP = "where the work runs: auto (CUDA when a GPU is present, else the CPU; default) | cpu | cuda | cuda:N"
 
 
-DTYPE_HELP = ("float32 | bfloat16 | float16 | auto (default): the checkpoint's own, except bfloat16 on a GPU "
-              "for inference and calibration (generate, eval, analyze, convert without --tokens; not with --offload)")
+DTYPE_HELP = (
+    "float32 | bfloat16 | float16 | auto (default): the checkpoint's own, except bfloat16 on a GPU "
+    "for inference and calibration (generate, eval, analyze, convert without --tokens; not with --offload)"
+)
 
 
-FIT_CHECK = ("Before any work, the device memory it needs is estimated from SOURCE's config and compared with what "
-             "--device has free: too little, or on a GPU room only for one layer at a time without --offload, is "
-             "refused with the numbers (docs/scaling.md, the fit check).")
+FIT_CHECK = (
+    "Before any work, the device memory it needs is estimated from SOURCE's config and compared with what "
+    "--device has free: too little, or on a GPU room only for one layer at a time without --offload, is "
+    "refused with the numbers (docs/scaling.md, the fit check)."
+)
 
 
-OFFLOAD_HELP = ("keep the model in CPU memory (memory-mapped, in the checkpoint's own dtype unless --dtype) and bring one "
-                "decoder layer at a time to --device, in float32, for the calibration sweeps{merges}; the result is written "
-                "from the CPU. For a model larger than the GPU's memory: the GPU then holds one layer and its activations")
+OFFLOAD_HELP = (
+    "keep the model in CPU memory (memory-mapped, in the checkpoint's own dtype unless --dtype) and bring one "
+    "decoder layer at a time to --device, in float32, for the calibration sweeps{merges}; the result is written "
+    "from the CPU. For a model larger than the GPU's memory: the GPU then holds one layer and its activations"
+)
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -105,19 +112,38 @@ def check_fits(args, work, dtype) -> None:
     from ..memory import check_fit, estimate
 
     cfg, own = source_shape(args.source)
-    check_fit(torch.device(args.device), estimate(cfg, dtype or own, work), getattr(args, "offload", False),
-              args.source or DEFAULT_SOURCE)
+    check_fit(
+        torch.device(args.device),
+        estimate(cfg, dtype or own, work),
+        getattr(args, "offload", False),
+        args.source or DEFAULT_SOURCE,
+    )
 
 
 def add_calibration(p: argparse.ArgumentParser, default_tokens: int) -> None:
-    p.add_argument("--data", default="pydoc", help="calibration text (its TRAIN split is used): .txt, .jsonl, .parquet, a saved `datasets` directory, or 'pydoc' (default)")
+    p.add_argument(
+        "--data",
+        default="pydoc",
+        help="calibration text (its TRAIN split is used): .txt, .jsonl, .parquet, a saved `datasets` directory, or 'pydoc' (default)",
+    )
     p.add_argument("--text-field", default="text", help="JSONL field / parquet or dataset column holding the text")
-    p.add_argument("--heldout-fraction", type=float, default=0.1, help="share of documents held out (never used for calibration)")
+    p.add_argument(
+        "--heldout-fraction", type=float, default=0.1, help="share of documents held out (never used for calibration)"
+    )
     p.add_argument("--calib-tokens", type=int, default=default_tokens, help="calibration tokens, from the train split")
     p.add_argument("--calib-block-size", type=int, default=256, help="tokens per calibration block (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed for token subsampling (convert: also the search and the training data order)")
-    p.add_argument("--metric", default=None, choices=("cka", "cosine"),
-                   help="head similarity of analyze, gqa-similar and svd --grouping similar: cka (linear CKA, default) | cosine")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for token subsampling (convert: also the search and the training data order)",
+    )
+    p.add_argument(
+        "--metric",
+        default=None,
+        choices=("cka", "cosine"),
+        help="head similarity of analyze, gqa-similar and svd --grouping similar: cka (linear CKA, default) | cosine",
+    )
 
 
 def check_calibration_args(args) -> None:
@@ -150,31 +176,104 @@ def add_training_options(p: argparse.ArgumentParser, tokens_required: bool = Tru
     Read them back with train_config_from_args(args)."""
     d = TrainConfig(tokens=1)
     options = [
-        ("tokens", dict(type=int, required=tokens_required, default=None, help="training tokens in total (all processes)")),
+        (
+            "tokens",
+            dict(type=int, required=tokens_required, default=None, help="training tokens in total (all processes)"),
+        ),
         ("block_size", dict(type=int, default=d.block_size, help=f"tokens per training row (default {d.block_size})")),
-        ("batch_tokens", dict(type=int, default=d.batch_tokens, help=f"global batch in tokens, over all processes and accumulation (default {d.batch_tokens})")),
-        ("micro_batch", dict(type=int, default=d.micro_batch, help=f"rows per forward/backward on one process (default {d.micro_batch})")),
+        (
+            "batch_tokens",
+            dict(
+                type=int,
+                default=d.batch_tokens,
+                help=f"global batch in tokens, over all processes and accumulation (default {d.batch_tokens})",
+            ),
+        ),
+        (
+            "micro_batch",
+            dict(
+                type=int,
+                default=d.micro_batch,
+                help=f"rows per forward/backward on one process (default {d.micro_batch})",
+            ),
+        ),
         ("lr", dict(type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")),
-        ("min_lr_ratio", dict(type=float, default=d.min_lr_ratio, help=f"cosine ends at this fraction of --lr (default {d.min_lr_ratio})")),
+        (
+            "min_lr_ratio",
+            dict(
+                type=float,
+                default=d.min_lr_ratio,
+                help=f"cosine ends at this fraction of --lr (default {d.min_lr_ratio})",
+            ),
+        ),
         ("warmup_steps", dict(type=int, default=None, help="linear warm-up steps (default: 5%% of the steps)")),
-        ("weight_decay", dict(type=float, default=d.weight_decay, help=f"AdamW weight decay on matrices (default {d.weight_decay})")),
-        ("grad_clip", dict(type=float, default=d.grad_clip, help=f"max gradient norm, 0 = off (default {d.grad_clip})")),
-        ("train_dtype", dict(default=d.dtype, choices=DTYPES, help="autocast dtype: auto (bfloat16 where the hardware has it natively, else float32) | bfloat16 | "
-                                                    "float16 | float32 = off; weights stay float32 (default auto)")),
-        ("eval_every", dict(type=int, default=d.eval_every, help=f"held-out evaluation every N steps, 0 = only at the end (default {d.eval_every})")),
-        ("eval_tokens", dict(type=int, default=d.eval_tokens, help=f"held-out tokens per evaluation (default {d.eval_tokens})")),
-        ("save_every", dict(type=int, default=d.save_every, help="checkpoint for --resume every N steps, 0 = none (default 0)")),
+        (
+            "weight_decay",
+            dict(type=float, default=d.weight_decay, help=f"AdamW weight decay on matrices (default {d.weight_decay})"),
+        ),
+        (
+            "grad_clip",
+            dict(type=float, default=d.grad_clip, help=f"max gradient norm, 0 = off (default {d.grad_clip})"),
+        ),
+        (
+            "train_dtype",
+            dict(
+                default=d.dtype,
+                choices=DTYPES,
+                help="autocast dtype: auto (bfloat16 where the hardware has it natively, else float32) | bfloat16 | "
+                "float16 | float32 = off; weights stay float32 (default auto)",
+            ),
+        ),
+        (
+            "eval_every",
+            dict(
+                type=int,
+                default=d.eval_every,
+                help=f"held-out evaluation every N steps, 0 = only at the end (default {d.eval_every})",
+            ),
+        ),
+        (
+            "eval_tokens",
+            dict(type=int, default=d.eval_tokens, help=f"held-out tokens per evaluation (default {d.eval_tokens})"),
+        ),
+        (
+            "save_every",
+            dict(type=int, default=d.save_every, help="checkpoint for --resume every N steps, 0 = none (default 0)"),
+        ),
         ("seed", dict(type=int, default=d.seed, help="data order seed (default 0)")),
-        ("distill", dict(action=argparse.BooleanOptionalAction, default=None,
-                         help="add a KL loss to the teacher's logits (default: on for convert --method dha, off otherwise)")),
-        ("teacher", dict(default=None, help="teacher model SOURCE for --distill (default: SOURCE as loaded, before training)")),
-        ("distill_weight", dict(type=float, default=d.distill_weight, help=f"objective = (1-w) LM + w KD (default {d.distill_weight})")),
-        ("distill_temperature", dict(type=float, default=d.distill_temperature, help=f"KD temperature (default {d.distill_temperature})")),
+        (
+            "distill",
+            dict(
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help="add a KL loss to the teacher's logits (default: on for convert --method dha, off otherwise)",
+            ),
+        ),
+        (
+            "teacher",
+            dict(default=None, help="teacher model SOURCE for --distill (default: SOURCE as loaded, before training)"),
+        ),
+        (
+            "distill_weight",
+            dict(
+                type=float, default=d.distill_weight, help=f"objective = (1-w) LM + w KD (default {d.distill_weight})"
+            ),
+        ),
+        (
+            "distill_temperature",
+            dict(type=float, default=d.distill_temperature, help=f"KD temperature (default {d.distill_temperature})"),
+        ),
         ("fsdp", dict(action="store_true", help="under torchrun: shard with FSDP instead of DDP")),
-        ("activation_checkpointing", dict(default=d.activation_checkpointing, choices=CHECKPOINTING,
-                                          help="keep only each decoder block's input for the backward pass and recompute the rest "
-                                               "there: far less activation memory for long rows, for about one more forward pass. "
-                                               "auto: on when a micro batch fits the device's free memory only with it (default auto)")),
+        (
+            "activation_checkpointing",
+            dict(
+                default=d.activation_checkpointing,
+                choices=CHECKPOINTING,
+                help="keep only each decoder block's input for the backward pass and recompute the rest "
+                "there: far less activation memory for long rows, for about one more forward pass. "
+                "auto: on when a micro batch fits the device's free memory only with it (default auto)",
+            ),
+        ),
         ("resume", dict(default=None, help="continue the run in this directory (its newest checkpoint)")),
         ("no_progress", dict(action="store_true", help="no progress bar")),
     ]
@@ -188,8 +287,11 @@ def train_config_from_args(args, tokens: int | None = None):
     replaces --tokens (a conversion without training still gets a valid template)."""
     from dataclasses import fields
 
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-              if f.name not in ("tokens", "dtype") and getattr(args, f.name, None) is not None}
+    values = {
+        f.name: getattr(args, f.name)
+        for f in fields(TrainConfig)
+        if f.name not in ("tokens", "dtype") and getattr(args, f.name, None) is not None
+    }
     values["distill"] = bool(getattr(args, "distill", False))
     if getattr(args, "train_dtype", None) is not None:
         values["dtype"] = args.train_dtype
@@ -201,8 +303,10 @@ def train_config_from_args(args, tokens: int | None = None):
 def check_convert_training_flags(args) -> None:
     """What both convert paths (baselines, dha) require of the training flags: float32 master weights, and --teacher only with --distill."""
     if args.dtype not in ("auto", "float32"):
-        raise UserError(f"--dtype {args.dtype}: --method dha, and any conversion with --tokens, keeps float32 weights; "
-                        "set the autocast dtype of its training with --train-dtype")
+        raise UserError(
+            f"--dtype {args.dtype}: --method dha, and any conversion with --tokens, keeps float32 weights; "
+            "set the autocast dtype of its training with --train-dtype"
+        )
     if getattr(args, "teacher", None) is not None and not getattr(args, "distill", False):
         raise UserError("--teacher is only used with --distill")
 
@@ -218,5 +322,11 @@ def training_work(args, cfg):
         return None
     teacher = Sizes.of(source_shape(args.teacher)[0]).total if getattr(args, "teacher", None) else 0
     shards = int(os.environ.get("WORLD_SIZE", "1")) if getattr(args, "fsdp", False) else 1
-    return Training(micro_batch=cfg.micro_batch, block_size=cfg.block_size, shards=shards, teacher_parameters=teacher,
-                    checkpointing=cfg.activation_checkpointing, distill=cfg.distill)
+    return Training(
+        micro_batch=cfg.micro_batch,
+        block_size=cfg.block_size,
+        shards=shards,
+        teacher_parameters=teacher,
+        checkpointing=cfg.activation_checkpointing,
+        distill=cfg.distill,
+    )

@@ -8,41 +8,81 @@ import json
 from .. import rundir
 from ..errors import UserError
 from ..options import TrainConfig
-from .common import (FIT_CHECK, OFFLOAD_HELP, add_calibration, add_json_option, add_source, calibration_text_blocks,
-                     check_calibration_args, check_convert_training_flags, check_fits, compute_device, load_device,
-                     load_dtype, train_config_from_args, training_work)
+from .common import (
+    FIT_CHECK,
+    OFFLOAD_HELP,
+    add_calibration,
+    add_json_option,
+    add_source,
+    calibration_text_blocks,
+    check_calibration_args,
+    check_convert_training_flags,
+    check_fits,
+    compute_device,
+    load_device,
+    load_dtype,
+    train_config_from_args,
+    training_work,
+)
 from .convert_dha import add_dha_options, run_convert_dha
 
 
 def add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="shrink the KV cache by a method at a KV budget, or by a saved plan",
-                       description="Convert SOURCE to fewer key/value heads and write a native checkpoint (with plan.json) "
-                                   "to --out. Methods: dha (Decoupled-Head Attention: search, fusion, merge, continued "
-                                   "training, report; docs/method.md), and the baselines gqa (contiguous mean-pooling), "
-                                   "gqa-similar (similar heads mean-pooled), svd (low-rank from calibration activations), "
-                                   "prune (keep the most important heads); or --plan PLAN.json to replay a plan with mean "
-                                   "pooling. With --tokens N the converted model is trained on N tokens of --data. " + FIT_CHECK)
+    p = sub.add_parser(
+        "convert",
+        help="shrink the KV cache by a method at a KV budget, or by a saved plan",
+        description="Convert SOURCE to fewer key/value heads and write a native checkpoint (with plan.json) "
+        "to --out. Methods: dha (Decoupled-Head Attention: search, fusion, merge, continued "
+        "training, report; docs/method.md), and the baselines gqa (contiguous mean-pooling), "
+        "gqa-similar (similar heads mean-pooled), svd (low-rank from calibration activations), "
+        "prune (keep the most important heads); or --plan PLAN.json to replay a plan with mean "
+        "pooling. With --tokens N the converted model is trained on N tokens of --data. " + FIT_CHECK,
+    )
     add_source(p)
-    p.add_argument("--method", metavar="METHOD",
-                   help="conversion method, a name of the registry dha.convert.METHODS: dha | gqa | gqa-similar | svd | prune")
+    p.add_argument(
+        "--method",
+        metavar="METHOD",
+        help="conversion method, a name of the registry dha.convert.METHODS: dha | gqa | gqa-similar | svd | prune",
+    )
     p.add_argument("--kv-budget", type=float, help="fraction of the source's KV cache to keep, in (0, 1]")
-    p.add_argument("--plan", help="apply this plan.json (mean pooling) instead of a method; with --method dha, "
-                                  "use its groups instead of searching (aligned merge, fusion, training)")
-    p.add_argument("--grouping", default="contiguous", choices=("contiguous", "similar"),
-                   help="svd only: contiguous (Yu et al., default) | similar")
+    p.add_argument(
+        "--plan",
+        help="apply this plan.json (mean pooling) instead of a method; with --method dha, "
+        "use its groups instead of searching (aligned merge, fusion, training)",
+    )
+    p.add_argument(
+        "--grouping",
+        default="contiguous",
+        choices=("contiguous", "similar"),
+        help="svd only: contiguous (Yu et al., default) | similar",
+    )
     add_calibration(p, default_tokens=4096)
-    p.add_argument("--out", required=True, help="checkpoint directory to write (must not exist or be empty; "
-                                                "with --tokens, a training run directory that --resume continues)")
-    p.add_argument("--offload", action="store_true",
-                   help=OFFLOAD_HELP.format(merges=" and the closed-form merges (dha and svd: aligned merges; gqa-similar: "
-                                                   "head similarity; dha: the report's perplexity too)")
-                   + ". Without training only (no --tokens N), and not with --method prune or --search learned, which "
-                     "run the whole model")
-    p.add_argument("--context", type=int, default=None, metavar="N",
-                   help="the context the conversion keeps: calibration blocks and training (and distillation) rows of N "
-                        "tokens; dha: position-free key pairs chosen for N tokens (--free-pairs), and the report's "
-                        "perplexity by position over N-token windows (default: 256-token blocks and rows, pairs for "
-                        "2,048 tokens; docs/longcontext.md)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="checkpoint directory to write (must not exist or be empty; "
+        "with --tokens, a training run directory that --resume continues)",
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help=OFFLOAD_HELP.format(
+            merges=" and the closed-form merges (dha and svd: aligned merges; gqa-similar: "
+            "head similarity; dha: the report's perplexity too)"
+        )
+        + ". Without training only (no --tokens N), and not with --method prune or --search learned, which "
+        "run the whole model",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the context the conversion keeps: calibration blocks and training (and distillation) rows of N "
+        "tokens; dha: position-free key pairs chosen for N tokens (--free-pairs), and the report's "
+        "perplexity by position over N-token windows (default: 256-token blocks and rows, pairs for "
+        "2,048 tokens; docs/longcontext.md)",
+    )
     add_json_option(p)
     add_dha_options(p)  # --method dha: search, fusion, training options (dha.pipeline)
     p.set_defaults(func=run_convert)
@@ -61,7 +101,9 @@ def run_convert(args) -> int:
     if args.method is not None:
         check_method(args.method)  # the registry's names, before any other check
     if (args.method is None) == (args.plan is None) and args.method != "dha":
-        raise UserError("give either --method (with --kv-budget) or --plan (--method dha takes both: its search is replaced by the plan)")
+        raise UserError(
+            "give either --method (with --kv-budget) or --plan (--method dha takes both: its search is replaced by the plan)"
+        )
     refuse_merge_of_qk_norm(source_shape(args.source)[0])  # before any model is loaded
     tokens = getattr(args, "tokens", None) or 0
     check_convert_options_used(args, tokens)
@@ -87,8 +129,26 @@ def run_convert(args) -> int:
     return 0
 
 
-DHA_OPTIONS = ("retrieval", "retrieval_heads", "protect_values", "search", "sensitivity", "allocation", "coupled_kv", "layout", "merge", "merge_metric", "free_pairs", "fusion_fraction",
-               "fusion_schedule", "fusion_weight", "fusion_ramp_end", "fusion_eps", "freeze_base", "freeze_maps")
+DHA_OPTIONS = (
+    "retrieval",
+    "retrieval_heads",
+    "protect_values",
+    "search",
+    "sensitivity",
+    "allocation",
+    "coupled_kv",
+    "layout",
+    "merge",
+    "merge_metric",
+    "free_pairs",
+    "fusion_fraction",
+    "fusion_schedule",
+    "fusion_weight",
+    "fusion_ramp_end",
+    "fusion_eps",
+    "freeze_base",
+    "freeze_maps",
+)
 
 
 SEARCH_OPTIONS = ("search", "sensitivity", "allocation", "coupled_kv", "layout", "retrieval_heads", "protect_values")
@@ -104,20 +164,37 @@ def check_convert_options_used(args, tokens: int) -> None:
     unused = {}  # dest -> why, in the order they are reported
     if not tokens:
         training = {f.name for f in fields(TrainConfig)} | {"train_dtype", "teacher", "resume"}
-        unused.update({d: "is about training: give --tokens N as well" for d in sorted(training - {"tokens", "seed", "dtype", "device"})})
-        unused["block_size"] = "is the training row length: give --tokens N as well (calibration blocks: --calib-block-size)"
+        unused.update(
+            {
+                d: "is about training: give --tokens N as well"
+                for d in sorted(training - {"tokens", "seed", "dtype", "device"})
+            }
+        )
+        unused["block_size"] = (
+            "is the training row length: give --tokens N as well (calibration blocks: --calib-block-size)"
+        )
         if method in ("gqa", "plan"):
-            unused.update({d: f"is about calibration text, which {'gqa' if method == 'gqa' else 'a plan replay'} does not read"
-                           for d in CALIBRATION_OPTIONS})
+            unused.update(
+                {
+                    d: f"is about calibration text, which {'gqa' if method == 'gqa' else 'a plan replay'} does not read"
+                    for d in CALIBRATION_OPTIONS
+                }
+            )
     if method != "dha":
         unused.update({d: "is a --method dha option" for d in DHA_OPTIONS})
     elif args.plan is not None:
-        unused.update({d: "shapes the search, which --plan replaces (the plan fixes the groups and the layout)"
-                       for d in SEARCH_OPTIONS})
+        unused.update(
+            {
+                d: "shapes the search, which --plan replaces (the plan fixes the groups and the layout)"
+                for d in SEARCH_OPTIONS
+            }
+        )
     if method != "svd":
         unused["grouping"] = "is an svd option"
     if method == "dha":
-        unused["metric"] = "(cka | cosine) is a baselines option: the DHA search groups heads by their merge residual (see --merge-metric)"
+        unused["metric"] = (
+            "(cka | cosine) is a baselines option: the DHA search groups heads by their merge residual (see --merge-metric)"
+        )
     elif method not in ("gqa-similar", "svd") or (method == "svd" and args.grouping != "similar"):
         unused["metric"] = "is used by gqa-similar and svd --grouping similar only"
     for dest, why in unused.items():
@@ -135,7 +212,9 @@ def apply_context(args, tokens: int) -> None:
     from ..checkpoint import source_shape
 
     if not tokens and (args.method == "gqa" or args.method is None):
-        raise UserError("--context sets calibration blocks and training rows: gqa and a plan replay read neither without --tokens")
+        raise UserError(
+            "--context sets calibration blocks and training rows: gqa and a plan replay read neither without --tokens"
+        )
     cfg, _ = source_shape(args.source)
     if n < 2:
         raise UserError(f"--context must be at least 2 tokens, got {n}")
@@ -163,23 +242,34 @@ def check_context_fits(args, cfg, n: int) -> None:
     distill = args.distill if args.distill is not None else args.method == "dha"
     fit = training_fit(cfg, torch.float32, n, args.micro_batch, torch.device(args.device), distill=distill)
     if not fit.fits_with:
-        raise UserError(f"--context {n}: training rows of {n} tokens ({args.micro_batch} per micro batch) need about "
-                        f"{fit.with_checkpointing / GiB:.1f} GiB even with activation checkpointing; "
-                        f"{args.device} has {fit.free / GiB:.1f} GiB free: lower --context or --micro-batch")
+        raise UserError(
+            f"--context {n}: training rows of {n} tokens ({args.micro_batch} per micro batch) need about "
+            f"{fit.with_checkpointing / GiB:.1f} GiB even with activation checkpointing; "
+            f"{args.device} has {fit.free / GiB:.1f} GiB free: lower --context or --micro-batch"
+        )
 
 
 def check_offload(args, tokens: int) -> None:
     """--offload runs the work one decoder layer at a time; refuse what needs the whole model on the device."""
     if not getattr(args, "offload", False):
         return
-    conflicts = [(tokens > 0, "--tokens N trains the whole model on the device"),
-                 (args.method == "prune", "--method prune runs whole-model forward passes on the device"),
-                 (args.method == "dha" and args.search == "learned", "--search learned trains its gates on the whole model on the device"),
-                 (args.method == "dha" and bool(args.retrieval or args.retrieval_heads),
-                  "--retrieval and --retrieval-heads run passkey prompts through the whole model")]
+    conflicts = [
+        (tokens > 0, "--tokens N trains the whole model on the device"),
+        (args.method == "prune", "--method prune runs whole-model forward passes on the device"),
+        (
+            args.method == "dha" and args.search == "learned",
+            "--search learned trains its gates on the whole model on the device",
+        ),
+        (
+            args.method == "dha" and bool(args.retrieval or args.retrieval_heads),
+            "--retrieval and --retrieval-heads run passkey prompts through the whole model",
+        ),
+    ]
     for hit, why in conflicts:
         if hit:
-            raise UserError(f"--offload keeps the model in CPU memory, one layer at a time on the device, but {why}: drop one of them")
+            raise UserError(
+                f"--offload keeps the model in CPU memory, one layer at a time on the device, but {why}: drop one of them"
+            )
 
 
 def baseline_options(args):
@@ -195,8 +285,14 @@ def baseline_options(args):
         raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
     if args.method not in NO_CALIBRATION:
         check_calibration_args(args)
-    return ConvertOptions(seed=args.seed, calib_tokens=args.calib_tokens, block_size=args.calib_block_size,
-                          metric=args.metric or ConvertOptions.metric, grouping=args.grouping, device=compute_device(args))
+    return ConvertOptions(
+        seed=args.seed,
+        calib_tokens=args.calib_tokens,
+        block_size=args.calib_block_size,
+        metric=args.metric or ConvertOptions.metric,
+        grouping=args.grouping,
+        device=compute_device(args),
+    )
 
 
 def _convert_training(args, tokens: int):
@@ -216,9 +312,13 @@ def baseline_work(args, train_cfg):
     from ..memory import Work
 
     calibrated = args.method is not None and args.method not in NO_CALIBRATION
-    return Work(calib_tokens=args.calib_tokens if calibrated else 0, calib_block=args.calib_block_size,
-                merge="aligned" if args.method == "svd" else "mean", all_layer_inputs=args.method == "prune",
-                training=training_work(args, train_cfg))
+    return Work(
+        calib_tokens=args.calib_tokens if calibrated else 0,
+        calib_block=args.calib_block_size,
+        merge="aligned" if args.method == "svd" else "mean",
+        all_layer_inputs=args.method == "prune",
+        training=training_work(args, train_cfg),
+    )
 
 
 def convert_baseline(args, loaded, options):
@@ -251,31 +351,57 @@ def train_converted(args, loaded, result, train_cfg, resume, tokens: int) -> Non
     else:
         teacher = loaded.model if args.distill else None
     result.provenance = {**result.provenance, "method": result.plan.method, "train_tokens": tokens}
-    run_info = {"source": source_identity(args.source), "method": result.plan.method,
-                "kv_budget": args.kv_budget, "plan": source_identity(args.plan) if args.plan else None,
-                "data": source_identity(args.data or "pydoc"), "text_field": args.text_field,
-                "heldout_fraction": args.heldout_fraction, "calib_tokens": args.calib_tokens,
-                "metric": args.metric or ConvertOptions.metric, "grouping": args.grouping,
-                "teacher": source_identity(args.teacher) if args.teacher else None}
+    run_info = {
+        "source": source_identity(args.source),
+        "method": result.plan.method,
+        "kv_budget": args.kv_budget,
+        "plan": source_identity(args.plan) if args.plan else None,
+        "data": source_identity(args.data or "pydoc"),
+        "text_field": args.text_field,
+        "heldout_fraction": args.heldout_fraction,
+        "calib_tokens": args.calib_tokens,
+        "metric": args.metric or ConvertOptions.metric,
+        "grouping": args.grouping,
+        "teacher": source_identity(args.teacher) if args.teacher else None,
+    }
     with rundir.hold(args.out):
-        continue_training(result, args.data, train_cfg, out_dir=args.out, teacher=teacher, resume=resume,
-                          progress=not args.no_progress, text_field=args.text_field,
-                          heldout_fraction=args.heldout_fraction, run_info=run_info)
+        continue_training(
+            result,
+            args.data,
+            train_cfg,
+            out_dir=args.out,
+            teacher=teacher,
+            resume=resume,
+            progress=not args.no_progress,
+            text_field=args.text_field,
+            heldout_fraction=args.heldout_fraction,
+            run_info=run_info,
+        )
 
 
 def print_convert_result(args, result, before: dict, after: dict) -> None:
     summary = {
-        "out": args.out, "method": result.plan.method, "kv_budget": result.plan.kv_budget,
+        "out": args.out,
+        "method": result.plan.method,
+        "kv_budget": result.plan.kv_budget,
         "kv_fraction": round(result.plan.kv_fraction(), 6),
-        "key_heads": after["key_heads"], "value_heads": after["value_heads"],
-        **{f"kv_bytes_per_token_{t}_{when}": kv[f"kv_bytes_per_token_{t}"]
-           for t in ("fp32", "bf16") for when, kv in (("before", before), ("after", after))},
+        "key_heads": after["key_heads"],
+        "value_heads": after["value_heads"],
+        **{
+            f"kv_bytes_per_token_{t}_{when}": kv[f"kv_bytes_per_token_{t}"]
+            for t in ("fp32", "bf16")
+            for when, kv in (("before", before), ("after", after))
+        },
     }
     if not args.json:
         print(f"{'layer':>5}  {'K heads':>9}  {'V heads':>9}")
-        for l, (kb, ka, vb, va) in enumerate(zip(before["key_heads"], after["key_heads"], before["value_heads"], after["value_heads"])):
+        for l, (kb, ka, vb, va) in enumerate(
+            zip(before["key_heads"], after["key_heads"], before["value_heads"], after["value_heads"])
+        ):
             print(f"{l:>5}  {kb:>3} -> {ka:<3}  {vb:>3} -> {va:<3}")
-        print(f"KV cache / token: {before['kv_bytes_per_token_fp32']:,} -> {after['kv_bytes_per_token_fp32']:,} bytes fp32 "
-              f"({before['kv_bytes_per_token_bf16']:,} -> {after['kv_bytes_per_token_bf16']:,} bf16), "
-              f"{result.plan.kv_fraction():.1%} kept ({result.plan.method}); wrote {args.out}")
+        print(
+            f"KV cache / token: {before['kv_bytes_per_token_fp32']:,} -> {after['kv_bytes_per_token_fp32']:,} bytes fp32 "
+            f"({before['kv_bytes_per_token_bf16']:,} -> {after['kv_bytes_per_token_bf16']:,} bf16), "
+            f"{result.plan.kv_fraction():.1%} kept ({result.plan.method}); wrote {args.out}"
+        )
     print(json.dumps(summary))

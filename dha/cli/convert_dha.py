@@ -10,53 +10,126 @@ from .. import rundir
 from ..atomic import write_json
 from ..errors import UserError
 from ..options import DEFAULT_FUSION_FRACTION, FREE_ANGLE, FREE_CONTEXT, MERGES, FusionOptions
-from .common import (add_training_options, check_convert_training_flags, check_fits, compute_device, int_list,
-                     load_device, load_dtype, train_config_from_args, training_work)
+from .common import (
+    add_training_options,
+    check_convert_training_flags,
+    check_fits,
+    compute_device,
+    int_list,
+    load_device,
+    load_dtype,
+    train_config_from_args,
+    training_work,
+)
 
 
 def add_dha_options(p) -> None:
     """The DHA-specific options of `dha convert --method dha`."""
     g = p.add_argument_group("DHA (--method dha)")
     d = FusionOptions()
-    g.add_argument("--search", default="cost", choices=["cost", "learned"],
-                   help="allocation search: cost (DP on the merge costs, default) | learned (paper-faithful, trained)")
-    g.add_argument("--sensitivity", action=argparse.BooleanOptionalAction, default=True,
-                   help="cost search: costs as estimated LM-loss increases, from one backward pass over the calibration "
-                        "tokens (default on; --no-sensitivity: relative merge residuals alone)")
-    g.add_argument("--allocation", default="adaptive", choices=["adaptive", "uniform"],
-                   help="cost search: adaptive (per-layer counts, default) | uniform (the same K and V counts in every layer; an ablation)")
-    g.add_argument("--coupled-kv", action="store_true", help="cost search: keys and values share one grouping and count per layer (an ablation)")
-    g.add_argument("--layout", default="free", choices=["free", "serving"],
-                   help="free (any groups and counts, default) | serving: per layer one grouping for keys and values in equal "
-                        "groups, so `dha export --format gguf` (llama.cpp deci) and nemotron-nas hold it without --pad")
-    g.add_argument("--merge", default="aligned", choices=[*MERGES, "pca"],
-                   help="what each group becomes, and what fusion moves toward: aligned (closed-form aligned merge, default) | "
-                        "mean (the group mean; the old target) | pca (aligned with --merge-metric plain)")
-    g.add_argument("--merge-metric", default=None, choices=["weighted", "plain"],
-                   help="aligned merge: weighted (keys by the energy of their queries, values by W_O: default) | plain (PCA)")
-    g.add_argument("--free-pairs", type=int, default=None, metavar="N",
-                   help="aligned merge: merge the N lowest-frequency RoPE pairs of the keys as one position-free block "
-                        "(full maps, a far better merge, exact only at angle 0; default: the pairs that turn by at most "
-                        f"{FREE_ANGLE:g} rad over the model's positions, at least {FREE_CONTEXT} tokens, or --context; "
-                        "0: every pair exact under RoPE). "
-                        "Not with a fusion stage (docs/method.md, \"Position-free pairs\")")
-    g.add_argument("--fusion-fraction", type=float, default=DEFAULT_FUSION_FRACTION,
-                   help=f"share of --tokens spent fusing toward the merge, the rest after it (default {DEFAULT_FUSION_FRACTION:g}: "
-                        "the aligned merge at once, every step trains the merged model; docs/method.md, \"The recipe\")")
-    g.add_argument("--fusion-schedule", default=d.schedule, choices=["anneal", "ramp", "lagrangian"],
-                   help=f"anneal (heads interpolated to their merge, plus the ramp) | ramp (progressive loss weight) | lagrangian (default {d.schedule})")
-    g.add_argument("--fusion-weight", type=float, default=d.weight, help=f"ramp: final fusion-loss weight (default {d.weight:g})")
-    g.add_argument("--fusion-ramp-end", type=float, default=d.ramp_end, help=f"fraction of the fusion steps at which the ramp ends (default {d.ramp_end:g})")
-    g.add_argument("--fusion-eps", type=float, default=d.eps, help=f"lagrangian: target fusion distance (default {d.eps:g})")
+    g.add_argument(
+        "--search",
+        default="cost",
+        choices=["cost", "learned"],
+        help="allocation search: cost (DP on the merge costs, default) | learned (paper-faithful, trained)",
+    )
+    g.add_argument(
+        "--sensitivity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cost search: costs as estimated LM-loss increases, from one backward pass over the calibration "
+        "tokens (default on; --no-sensitivity: relative merge residuals alone)",
+    )
+    g.add_argument(
+        "--allocation",
+        default="adaptive",
+        choices=["adaptive", "uniform"],
+        help="cost search: adaptive (per-layer counts, default) | uniform (the same K and V counts in every layer; an ablation)",
+    )
+    g.add_argument(
+        "--coupled-kv",
+        action="store_true",
+        help="cost search: keys and values share one grouping and count per layer (an ablation)",
+    )
+    g.add_argument(
+        "--layout",
+        default="free",
+        choices=["free", "serving"],
+        help="free (any groups and counts, default) | serving: per layer one grouping for keys and values in equal "
+        "groups, so `dha export --format gguf` (llama.cpp deci) and nemotron-nas hold it without --pad",
+    )
+    g.add_argument(
+        "--merge",
+        default="aligned",
+        choices=[*MERGES, "pca"],
+        help="what each group becomes, and what fusion moves toward: aligned (closed-form aligned merge, default) | "
+        "mean (the group mean; the old target) | pca (aligned with --merge-metric plain)",
+    )
+    g.add_argument(
+        "--merge-metric",
+        default=None,
+        choices=["weighted", "plain"],
+        help="aligned merge: weighted (keys by the energy of their queries, values by W_O: default) | plain (PCA)",
+    )
+    g.add_argument(
+        "--free-pairs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="aligned merge: merge the N lowest-frequency RoPE pairs of the keys as one position-free block "
+        "(full maps, a far better merge, exact only at angle 0; default: the pairs that turn by at most "
+        f"{FREE_ANGLE:g} rad over the model's positions, at least {FREE_CONTEXT} tokens, or --context; "
+        "0: every pair exact under RoPE). "
+        'Not with a fusion stage (docs/method.md, "Position-free pairs")',
+    )
+    g.add_argument(
+        "--fusion-fraction",
+        type=float,
+        default=DEFAULT_FUSION_FRACTION,
+        help=f"share of --tokens spent fusing toward the merge, the rest after it (default {DEFAULT_FUSION_FRACTION:g}: "
+        'the aligned merge at once, every step trains the merged model; docs/method.md, "The recipe")',
+    )
+    g.add_argument(
+        "--fusion-schedule",
+        default=d.schedule,
+        choices=["anneal", "ramp", "lagrangian"],
+        help=f"anneal (heads interpolated to their merge, plus the ramp) | ramp (progressive loss weight) | lagrangian (default {d.schedule})",
+    )
+    g.add_argument(
+        "--fusion-weight", type=float, default=d.weight, help=f"ramp: final fusion-loss weight (default {d.weight:g})"
+    )
+    g.add_argument(
+        "--fusion-ramp-end",
+        type=float,
+        default=d.ramp_end,
+        help=f"fraction of the fusion steps at which the ramp ends (default {d.ramp_end:g})",
+    )
+    g.add_argument(
+        "--fusion-eps", type=float, default=d.eps, help=f"lagrangian: target fusion distance (default {d.eps:g})"
+    )
     g.add_argument("--freeze-base", action="store_true", help="fusion: keep the source K/V projection weights fixed")
-    g.add_argument("--freeze-maps", action="store_true", help="fusion: keep the merge maps at their closed form (not trained)")
-    g.add_argument("--retrieval-heads", type=int, default=0, metavar="N",
-                   help="keep the N key heads that attend most to a passkey needle (the source on 5 synthetic passkey "
-                        "prompts) out of every merge: long-context retrieval runs through them (docs/longcontext.md)")
-    g.add_argument("--protect-values", action="store_true", help="--retrieval-heads: keep their value heads unmerged too")
-    g.add_argument("--retrieval", type=int_list, default=None, metavar="LENGTHS",
-                   help="the report adds passkey retrieval at these prompt lengths (10 prompts each: 5 depths x 2 keys, "
-                        "synthetic haystack) for the source, the merge and the result, e.g. 2048,8192")
+    g.add_argument(
+        "--freeze-maps", action="store_true", help="fusion: keep the merge maps at their closed form (not trained)"
+    )
+    g.add_argument(
+        "--retrieval-heads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the N key heads that attend most to a passkey needle (the source on 5 synthetic passkey "
+        "prompts) out of every merge: long-context retrieval runs through them (docs/longcontext.md)",
+    )
+    g.add_argument(
+        "--protect-values", action="store_true", help="--retrieval-heads: keep their value heads unmerged too"
+    )
+    g.add_argument(
+        "--retrieval",
+        type=int_list,
+        default=None,
+        metavar="LENGTHS",
+        help="the report adds passkey retrieval at these prompt lengths (10 prompts each: 5 depths x 2 keys, "
+        "synthetic haystack) for the source, the merge and the result, e.g. 2048,8192",
+    )
     # Training options (--tokens, --lr, --distill, ...) from dha.cli, unless the verb has them already.
     # The verb's --block-size (calibration) and --seed also serve training; its --dtype is the load
     # dtype, so the autocast dtype of training is --train-dtype.
@@ -95,8 +168,11 @@ def run_convert_dha(args) -> int:
     dtype = torch.float32 if tokens else load_dtype(args)
     check_fits(args, dha_work(args, config, plan), dtype)
     loaded = load(args.source, dtype, device=load_device(args))
-    teacher = (load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
-               if getattr(args, "teacher", None) else None)
+    teacher = (
+        load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
+        if getattr(args, "teacher", None)
+        else None
+    )
     splits = load_tokens(data, loaded.tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
     progress = not getattr(args, "no_progress", False)
     if not tokens:
@@ -107,10 +183,21 @@ def run_convert_dha(args) -> int:
         with rundir.hold(args.out, main=d.main):
             if d.main:  # again under the lock: another run may have started or finished meanwhile
                 if check_dha_out(args.out, identity, args.resume is not None) != resuming:
-                    raise UserError(f"output {args.out} was changed by another dha run meanwhile: check it, or use a new --out")
+                    raise UserError(
+                        f"output {args.out} was changed by another dha run meanwhile: check it, or use a new --out"
+                    )
                 write_json(os.path.join(args.out, rundir.RUN_JSON), identity)
-            result = run_dha(loaded, splits, config, teacher=teacher, plan=plan, progress=progress, run_dir=args.out,
-                             resume=resuming, run_info=identity["run"])
+            result = run_dha(
+                loaded,
+                splits,
+                config,
+                teacher=teacher,
+                plan=plan,
+                progress=progress,
+                run_dir=args.out,
+                resume=resuming,
+                run_info=identity["run"],
+            )
             files = finish_run_dir(args.out, result) if d.main else None
     if result is not None:
         print_dha_result(args, result.summary, files)
@@ -130,7 +217,9 @@ def dha_config_from_args(args):
     if args.distill is None:
         args.distill = tokens > 0  # distillation from the source is on by default for dha (docs/method.md)
     if getattr(args, "fsdp", False):
-        raise UserError("--fsdp is not supported with --method dha: under torchrun its training stages run data-parallel (DDP)")
+        raise UserError(
+            "--fsdp is not supported with --method dha: under torchrun its training stages run data-parallel (DDP)"
+        )
     if not tokens and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--method dha without --tokens has nothing to run in parallel: start it without torchrun")
     rundir.resume_path(args.out, args.resume)
@@ -146,25 +235,57 @@ def dha_config_from_args(args):
     if args.merge == "pca" and args.merge_metric == "weighted":
         raise UserError("--merge pca is the aligned merge with --merge-metric plain: drop one of them")
     metric = "plain" if args.merge == "pca" else (args.merge_metric or SearchOptions.metric)
-    search_options = SearchOptions(search=args.search, metric=metric, sensitivity=args.sensitivity, allocation=args.allocation,
-                                   decoupled=not args.coupled_kv, layout=args.layout, seed=args.seed, free_pairs=args.free_pairs,
-                                   free_context=args.context,
-                                   progress=not getattr(args, "no_progress", False))
-    fusion = FusionOptions(schedule=args.fusion_schedule, weight=args.fusion_weight, ramp_end=args.fusion_ramp_end,
-                           eps=args.fusion_eps, train_base=not args.freeze_base, learn_maps=not args.freeze_maps)
-    flags = {"schedule": "--fusion-schedule", "weight": "--fusion-weight", "ramp_end": "--fusion-ramp-end",
-             "eps": "--fusion-eps", "train_base": "--freeze-base", "learn_maps": "--freeze-maps"}
+    search_options = SearchOptions(
+        search=args.search,
+        metric=metric,
+        sensitivity=args.sensitivity,
+        allocation=args.allocation,
+        decoupled=not args.coupled_kv,
+        layout=args.layout,
+        seed=args.seed,
+        free_pairs=args.free_pairs,
+        free_context=args.context,
+        progress=not getattr(args, "no_progress", False),
+    )
+    fusion = FusionOptions(
+        schedule=args.fusion_schedule,
+        weight=args.fusion_weight,
+        ramp_end=args.fusion_ramp_end,
+        eps=args.fusion_eps,
+        train_base=not args.freeze_base,
+        learn_maps=not args.freeze_maps,
+    )
+    flags = {
+        "schedule": "--fusion-schedule",
+        "weight": "--fusion-weight",
+        "ramp_end": "--fusion-ramp-end",
+        "eps": "--fusion-eps",
+        "train_base": "--freeze-base",
+        "learn_maps": "--freeze-maps",
+    }
     changed = [flag for name, flag in flags.items() if getattr(fusion, name) != getattr(FusionOptions(), name)]
     if tokens and not args.fusion_fraction and changed:
-        raise UserError(f"{', '.join(changed)} only shape(s) the fusion stage, which --fusion-fraction 0 (the default) "
-                        "skips: add --fusion-fraction F (e.g. 0.3)")
+        raise UserError(
+            f"{', '.join(changed)} only shape(s) the fusion stage, which --fusion-fraction 0 (the default) "
+            "skips: add --fusion-fraction F (e.g. 0.3)"
+        )
     train_cfg = train_config_from_args(args, tokens)
-    config = DHAConfig(kv_budget=args.kv_budget, tokens=tokens, fusion_fraction=args.fusion_fraction,
-                       merge="aligned" if args.merge == "pca" else args.merge,
-                       calib_tokens=args.calib_tokens, calib_block_size=args.calib_block_size,
-                       search=search_options, fusion=fusion, train=train_cfg, device=compute_device(args),
-                       long_context=args.context or 0, retrieval=report_retrieval(args),
-                       retrieval_heads=args.retrieval_heads, protect_values=args.protect_values)
+    config = DHAConfig(
+        kv_budget=args.kv_budget,
+        tokens=tokens,
+        fusion_fraction=args.fusion_fraction,
+        merge="aligned" if args.merge == "pca" else args.merge,
+        calib_tokens=args.calib_tokens,
+        calib_block_size=args.calib_block_size,
+        search=search_options,
+        fusion=fusion,
+        train=train_cfg,
+        device=compute_device(args),
+        long_context=args.context or 0,
+        retrieval=report_retrieval(args),
+        retrieval_heads=args.retrieval_heads,
+        protect_values=args.protect_values,
+    )
     config.validate()
     split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
     return config, data
@@ -196,21 +317,46 @@ def dha_work(args, config, plan):
     from ..memory import Work
 
     search = config.search
-    return Work(calib_tokens=config.calib_tokens, calib_block=config.calib_block_size, batch=search.batch_size,
-                gradients=plan is None and search.needs_gradients, merge=config.merge,
-                eval_tokens=config.final_eval_tokens, eval_block=config.final_eval_block_size,
-                training=training_work(args, config.train) if config.tokens else None)
+    return Work(
+        calib_tokens=config.calib_tokens,
+        calib_block=config.calib_block_size,
+        batch=search.batch_size,
+        gradients=plan is None and search.needs_gradients,
+        merge=config.merge,
+        eval_tokens=config.final_eval_tokens,
+        eval_block=config.final_eval_block_size,
+        training=training_work(args, config.train) if config.tokens else None,
+    )
 
 
 DHA_RUN_FORMAT = "dha-convert-run/1"
 # Settings a resumed run may change: how it reports and checkpoints, and where it runs.
-DHA_RESUMABLE = {f"config.{name}" for name in ("search.progress", "train.eval_every", "train.save_every",
-                 "train.keep_checkpoints", "train.device", "train.micro_batch", "train.activation_checkpointing", "device")}
+DHA_RESUMABLE = {
+    f"config.{name}"
+    for name in (
+        "search.progress",
+        "train.eval_every",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.device",
+        "train.micro_batch",
+        "train.activation_checkpointing",
+        "device",
+    )
+}
 # Settings added after runs were first written: a run.json without one was made with its value here.
 # (search.free_context: the pairs' rule was over 2,048 tokens; the new default, None, is another rule.)
-DHA_ADDED = {f"config.{name}": value for name, value in
-             {"long_context": 0, "retrieval_heads": 0, "protect_values": False, "search.free_context": 2048,
-              "search.protect": [], "fusion.target": "aligned"}.items()}  # fusion.target: removed, it was always "aligned"
+DHA_ADDED = {
+    f"config.{name}": value
+    for name, value in {
+        "long_context": 0,
+        "retrieval_heads": 0,
+        "protect_values": False,
+        "search.free_context": 2048,
+        "search.protect": [],
+        "fusion.target": "aligned",
+    }.items()
+}  # fusion.target: removed, it was always "aligned"
 
 
 def convert_run_identity(args, config, data: str) -> dict:
@@ -221,13 +367,18 @@ def convert_run_identity(args, config, data: str) -> dict:
 
     flat = {}
     for part, value in asdict(config).items():
-        for k, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+        for k, v in value.items() if isinstance(value, dict) else [(None, value)]:
             name = part if k is None else f"{part}.{k}"
             if f"config.{name}" not in DHA_RESUMABLE:
                 flat[name] = v
-    run = {"source": source_identity(args.source), "data": source_identity(data), "text_field": args.text_field,
-           "heldout_fraction": args.heldout_fraction, "plan": source_identity(args.plan) if args.plan else None,
-           "teacher": source_identity(args.teacher) if getattr(args, "teacher", None) else None}
+    run = {
+        "source": source_identity(args.source),
+        "data": source_identity(data),
+        "text_field": args.text_field,
+        "heldout_fraction": args.heldout_fraction,
+        "plan": source_identity(args.plan) if args.plan else None,
+        "teacher": source_identity(args.teacher) if getattr(args, "teacher", None) else None,
+    }
     return {"format": DHA_RUN_FORMAT, "run": run, "config": flat}
 
 
@@ -244,11 +395,27 @@ def print_dha_result(args, s: dict, files: list[str]) -> None:
 
     if not getattr(args, "json", False):
         for r in s["results"]:
-            print(f"{r['model']:<34} KV {r['kv_bytes_per_token_bf16']:>8,} B/token bf16   ppl {format_number(r['heldout_ppl'], '.3f')}")
+            print(
+                f"{r['model']:<34} KV {r['kv_bytes_per_token_bf16']:>8,} B/token bf16   ppl {format_number(r['heldout_ppl'], '.3f')}"
+            )
         print(f"wrote {args.out} ({', '.join(files)})")
-    print(json.dumps({"out": args.out, "method": "dha", "kv_budget": s["kv_budget"], "kv_fraction": round(s["kv_fraction"], 6),
-                      "tokens": s["tokens"], "merge": s["merge"], "fusion_tokens": s["fusion_tokens"], "continued_tokens": s["continued_tokens"],
-                      "key_heads": s["key_heads"], "value_heads": s["value_heads"],
-                      "source_ppl": s["results"][0]["heldout_ppl"], "ppl": s["results"][-1]["heldout_ppl"],
-                      "kv_bytes_per_token_bf16_before": s["results"][0]["kv_bytes_per_token_bf16"],
-                      "kv_bytes_per_token_bf16_after": s["results"][-1]["kv_bytes_per_token_bf16"]}))
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "method": "dha",
+                "kv_budget": s["kv_budget"],
+                "kv_fraction": round(s["kv_fraction"], 6),
+                "tokens": s["tokens"],
+                "merge": s["merge"],
+                "fusion_tokens": s["fusion_tokens"],
+                "continued_tokens": s["continued_tokens"],
+                "key_heads": s["key_heads"],
+                "value_heads": s["value_heads"],
+                "source_ppl": s["results"][0]["heldout_ppl"],
+                "ppl": s["results"][-1]["heldout_ppl"],
+                "kv_bytes_per_token_bf16_before": s["results"][0]["kv_bytes_per_token_bf16"],
+                "kv_bytes_per_token_bf16_after": s["results"][-1]["kv_bytes_per_token_bf16"],
+            }
+        )
+    )

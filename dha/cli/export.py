@@ -11,23 +11,43 @@ from .common import add_json_option, add_source
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a Hugging Face checkpoint (stock class when the layout allows, else with its own code)",
-                       description="Write SOURCE as a Hugging Face checkpoint: the family's stock class (e.g. LlamaForCausalLM) "
-                                   "when every layer is GQA with the same number of equal groups (query heads are reordered to "
-                                   "make groups contiguous), otherwise a checkpoint carrying its modeling code "
-                                   "(trust_remote_code=True). The export is reloaded with transformers and its logits compared "
-                                   "with ours before it is kept. --format gguf / nemotron-nas write layouts serving engines run with "
-                                   "each layer's own key/value head count (llama.cpp, vLLM). Prints a summary, then one JSON line.")
+    p = sub.add_parser(
+        "export",
+        help="write a Hugging Face checkpoint (stock class when the layout allows, else with its own code)",
+        description="Write SOURCE as a Hugging Face checkpoint: the family's stock class (e.g. LlamaForCausalLM) "
+        "when every layer is GQA with the same number of equal groups (query heads are reordered to "
+        "make groups contiguous), otherwise a checkpoint carrying its modeling code "
+        "(trust_remote_code=True). The export is reloaded with transformers and its logits compared "
+        "with ours before it is kept. --format gguf / nemotron-nas write layouts serving engines run with "
+        "each layer's own key/value head count (llama.cpp, vLLM). Prints a summary, then one JSON line.",
+    )
     add_source(p)
-    p.add_argument("--out", required=True, metavar="OUT", help="new (or empty) output directory; with --format gguf a new .gguf file")
-    p.add_argument("--format", default="hf", choices=("hf", "gguf", "nemotron-nas"),
-                   help="hf: transformers checkpoint (default); gguf: a llama.cpp file (llama, or deci for per-layer "
-                        "head counts); nemotron-nas: a DeciLMForCausalLM directory for vLLM (see README, Serving)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT",
+        help="new (or empty) output directory; with --format gguf a new .gguf file",
+    )
+    p.add_argument(
+        "--format",
+        default="hf",
+        choices=("hf", "gguf", "nemotron-nas"),
+        help="hf: transformers checkpoint (default); gguf: a llama.cpp file (llama, or deci for per-layer "
+        "head counts); nemotron-nas: a DeciLMForCausalLM directory for vLLM (see README, Serving)",
+    )
     p.add_argument("--outtype", default="f32", choices=("f32", "f16", "q8_0"), help="gguf: weight type (default f32)")
-    p.add_argument("--pad", action="store_true", help="gguf, nemotron-nas: duplicate heads to hold a decoupled or "
-                                                      "uneven layout exactly (a larger KV cache; the summary says how much)")
-    p.add_argument("--force-remote-code", action="store_true", help="write the remote-code kind even when a stock class fits")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest |logit difference| (fp32) accepted in the reload check")
+    p.add_argument(
+        "--pad",
+        action="store_true",
+        help="gguf, nemotron-nas: duplicate heads to hold a decoupled or "
+        "uneven layout exactly (a larger KV cache; the summary says how much)",
+    )
+    p.add_argument(
+        "--force-remote-code", action="store_true", help="write the remote-code kind even when a stock class fits"
+    )
+    p.add_argument(
+        "--atol", type=float, default=1e-4, help="largest |logit difference| (fp32) accepted in the reload check"
+    )
     add_json_option(p)
     p.set_defaults(func=run_export)
 
@@ -68,7 +88,9 @@ def run_export_serving(args) -> int:
         from ..gguf import check_gguf_out, export_gguf, summary_lines
 
         check_gguf_out(args.out)
-        result = export_gguf(load(args.source, parse_dtype(args.dtype), device=args.device), args.out, args.outtype, pad=args.pad)
+        result = export_gguf(
+            load(args.source, parse_dtype(args.dtype), device=args.device), args.out, args.outtype, pad=args.pad
+        )
     else:
         from ..nemotron import export_nemotron, summary_lines
 

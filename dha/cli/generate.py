@@ -10,8 +10,11 @@ from .common import add_json_option, add_source, load_dtype
 
 
 def add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue a prompt (greedy or sampled), from the KV cache",
-                       description="Prefill the prompt, then decode token by token from the compact KV cache.")
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt (greedy or sampled), from the KV cache",
+        description="Prefill the prompt, then decode token by token from the compact KV cache.",
+    )
     add_source(p)
     p.add_argument("--prompt", default="The Python interpreter", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -39,10 +42,12 @@ def run_generate(args) -> int:
     ids = torch.tensor([loaded.tokenizer(args.prompt)["input_ids"]], device=device)
     synchronize(device)
     t0 = time.perf_counter()
-    out = generate(loaded.model, ids, args.max_new_tokens, args.temperature, torch.Generator(device).manual_seed(args.seed))
+    out = generate(
+        loaded.model, ids, args.max_new_tokens, args.temperature, torch.Generator(device).manual_seed(args.seed)
+    )
     synchronize(device)
     seconds = time.perf_counter() - t0
-    text = loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    text = loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     if args.json:
         print(json.dumps({"prompt": args.prompt, "completion": text, "seconds": seconds}))
     else:

@@ -8,8 +8,11 @@ from .common import add_source
 
 
 def add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="show a model's shape: heads per layer, parameters, KV-cache bytes per token",
-                       description="Show family, layers, query/key/value heads per layer, parameters and KV-cache bytes per token.")
+    p = sub.add_parser(
+        "inspect",
+        help="show a model's shape: heads per layer, parameters, KV-cache bytes per token",
+        description="Show family, layers, query/key/value heads per layer, parameters and KV-cache bytes per token.",
+    )
     add_source(p)
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.set_defaults(func=run_inspect)

@@ -10,15 +10,24 @@ from .common import SOURCE_HELP, add_json_option, add_training_options, old_spel
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="continued pre-training (AdamW, cosine schedule), alone or under torchrun",
-                       description="Continue pre-training SOURCE on DATA and write the trained model, logs (log.jsonl, "
-                                   "TensorBoard) and checkpoints to --out. Under `torchrun --nproc_per_node P -m dha train ...` "
-                                   "the same command runs data-parallel (DDP, or FSDP with --fsdp). See docs/training.md.")
+    p = sub.add_parser(
+        "train",
+        help="continued pre-training (AdamW, cosine schedule), alone or under torchrun",
+        description="Continue pre-training SOURCE on DATA and write the trained model, logs (log.jsonl, "
+        "TensorBoard) and checkpoints to --out. Under `torchrun --nproc_per_node P -m dha train ...` "
+        "the same command runs data-parallel (DDP, or FSDP with --fsdp). See docs/training.md.",
+    )
     p.add_argument("source", nargs="?", default=None, metavar="SOURCE", help=SOURCE_HELP)
-    p.add_argument("--data", default=None, help="training text: .txt, .jsonl, .parquet, a saved dataset dir, or pydoc (default)")
+    p.add_argument(
+        "--data", default=None, help="training text: .txt, .jsonl, .parquet, a saved dataset dir, or pydoc (default)"
+    )
     p.add_argument("--text-field", default="text", help="the text field/column of .jsonl, .parquet and datasets")
-    p.add_argument("--heldout-fraction", type=float, default=0.1,
-                   help="share of documents held out for the evaluations (by a stable hash of each document; default 0.1)")
+    p.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.1,
+        help="share of documents held out for the evaluations (by a stable hash of each document; default 0.1)",
+    )
     p.add_argument("--out", default=None, help="run directory to write (default: the --resume directory)")
     add_json_option(p)
     add_training_options(p)
@@ -42,16 +51,35 @@ def run_train(args) -> int:
     if not 0 <= args.heldout_fraction < 1:
         raise UserError(f"--heldout-fraction must be in [0, 1), got {args.heldout_fraction}")
     cfg = train_config_from_args(args)
-    loaded = load(args.source, torch.float32, device=args.device)  # master weights in float32; --train-dtype is the autocast dtype
-    teacher = load(args.teacher, torch.float32, tokenizer=False, device=args.device).model if args.teacher is not None else None
-    run_info = {"source": source_identity(args.source), "data": source_identity(args.data or "pydoc"),
-                "text_field": args.text_field, "heldout_fraction": args.heldout_fraction,
-                "teacher": source_identity(args.teacher) if args.teacher else None}
+    loaded = load(
+        args.source, torch.float32, device=args.device
+    )  # master weights in float32; --train-dtype is the autocast dtype
+    teacher = (
+        load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
+        if args.teacher is not None
+        else None
+    )
+    run_info = {
+        "source": source_identity(args.source),
+        "data": source_identity(args.data or "pydoc"),
+        "text_field": args.text_field,
+        "heldout_fraction": args.heldout_fraction,
+        "teacher": source_identity(args.teacher) if args.teacher else None,
+    }
     try:
         with rundir.hold(args.out):
-            result = continue_training(loaded, args.data, cfg, out_dir=args.out, teacher=teacher, resume=args.resume,
-                                       progress=not args.no_progress, text_field=args.text_field,
-                                       heldout_fraction=args.heldout_fraction, run_info=run_info)
+            result = continue_training(
+                loaded,
+                args.data,
+                cfg,
+                out_dir=args.out,
+                teacher=teacher,
+                resume=args.resume,
+                progress=not args.no_progress,
+                text_field=args.text_field,
+                heldout_fraction=args.heldout_fraction,
+                run_info=run_info,
+            )
     finally:
         import torch.distributed as dist
 
@@ -60,10 +88,18 @@ def run_train(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 reports
         last = result.history[-1] if result.history else {}
         final_eval = result.evals[-1] if result.evals else {}
-        summary = {"out": args.out, "steps": result.steps, "tokens": last.get("tokens"), "loss": last.get("loss"),
-                   "heldout_loss": final_eval.get("heldout_loss"), "ppl": final_eval.get("ppl")}
+        summary = {
+            "out": args.out,
+            "steps": result.steps,
+            "tokens": last.get("tokens"),
+            "loss": last.get("loss"),
+            "heldout_loss": final_eval.get("heldout_loss"),
+            "ppl": final_eval.get("ppl"),
+        }
         if not args.json:
             ppl = f", held-out ppl {summary['ppl']:.3f}" if summary["ppl"] is not None else ""
-            print(f"trained {summary['steps']} steps ({summary['tokens']:,} tokens), last loss {summary['loss']:.4f}{ppl}; wrote {args.out}")
+            print(
+                f"trained {summary['steps']} steps ({summary['tokens']:,} tokens), last loss {summary['loss']:.4f}{ppl}; wrote {args.out}"
+            )
         print(json.dumps(summary))
     return 0

@@ -27,7 +27,9 @@ class DeciLMConfig(LlamaConfig):
     model_type = "nemotron-nas"
 
     def __init__(self, block_configs=None, **kwargs):
-        self.block_configs = [b if isinstance(b, BlockConfig) else BlockConfig.from_dict(b) for b in block_configs or []]
+        self.block_configs = [
+            b if isinstance(b, BlockConfig) else BlockConfig.from_dict(b) for b in block_configs or []
+        ]
         super().__init__(**kwargs)
 
     def to_dict(self) -> dict:

@@ -100,7 +100,9 @@ class DhaForCausalLM(DhaPreTrainedModel, GenerationMixin):
         if inputs_embeds is not None:
             raise ValueError("DhaForCausalLM takes input_ids, not inputs_embeds")
         if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
-            raise ValueError("DhaForCausalLM does not support padding (attention_mask with zeros): pass unpadded batches")
+            raise ValueError(
+                "DhaForCausalLM does not support padding (attention_mask with zeros): pass unpadded batches"
+            )
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if cache is None and use_cache and labels is None:
