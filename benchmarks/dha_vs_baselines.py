@@ -31,7 +31,8 @@ also has its wall time and the process's peak resident memory during it ("peak_r
 source, the teacher and the row's own models together).
 
     python benchmarks/dha_vs_baselines.py --setup smollm2 --tokens 0,16384 --methods gqa,svd,dha
-    python benchmarks/dha_vs_baselines.py --setup mha-permuted --kv-budget 0.3334 --tokens 0 --methods gqa-similar,svd,dha
+    python benchmarks/dha_vs_baselines.py --setup mha-permuted --kv-budget 0.3334 --tokens 0 \\
+        --methods gqa-similar,svd,dha
     python benchmarks/dha_vs_baselines.py --kv-budget 0.5 --tokens 16384 --methods dha,dha+nofusion,dha+uniform
 
 A method whose converted model is bit-identical to one already run (gqa-similar and gqa at one

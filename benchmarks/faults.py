@@ -193,7 +193,8 @@ def main() -> int:
         row = kill_trial(source, data, os.path.join(work, f"kill{i}"), rng.uniform(0, span), args.delay, reference)
         rows.append(row)
         print(
-            f"trial {i:>2}: killed at {row['kill_at_s']:>5.2f}s in {row['stage']:<10} -> {row['outcome']:<45} {'ok' if row['ok'] else 'FAILED'}",
+            f"trial {i:>2}: killed at {row['kill_at_s']:>5.2f}s in {row['stage']:<10} -> {row['outcome']:<45} "
+            f"{'ok' if row['ok'] else 'FAILED'}",
             flush=True,
         )
     cases = [

@@ -15,7 +15,8 @@ perplexity against the source's with the same cache type.
 
     python benchmarks/long_context_llama_cpp.py /tmp/dha_half --out benchmarks/results/long_context_llama_cpp.json
 
-(/tmp/dha_half from `python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --layout serving --out /tmp/dha_half`.)
+(/tmp/dha_half from
+`python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --layout serving --out /tmp/dha_half`.)
 Prints a table; the JSON document (with the command line) is written atomically to --out.
 """
 
@@ -214,7 +215,8 @@ def print_table(results: list[dict]) -> None:
         total = ours["retrieval"]["prompts_per_length"] * len(ours["retrieval"]["lengths"])
         ppl = " ".join(f"{b['ppl']:>10.4f}" for b in ours["position"]["buckets"])
         print(
-            f"{r['model']:<14} {'dha fp32':<9} {'':>8} {'':>7} {'':>6} {ours['found']:>5} of {total:<3}  dha ppl:         {ppl}"
+            f"{r['model']:<14} {'dha fp32':<9} {'':>8} {'':>7} {'':>6} {ours['found']:>5} of {total:<3}  "
+            f"dha ppl:         {ppl}"
         )
         for cache_type, run in r["llama_cpp"].items():
             kv = larger_allocation(run)

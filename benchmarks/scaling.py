@@ -16,8 +16,9 @@ which counts the memory-mapped weights' resident pages too) and its wall time is
 exit; the anonymous part of the resident memory (everything but file-backed pages such as the
 memory-mapped weights) is sampled every 20 ms. The data is a text file of 400 pydoc-topic
 paragraphs with a held-out fraction of 0.003 (one paragraph), so the final perplexity table of
-`--method dha` scores about 200 tokens: the conversion is what is measured. Cases run smallest first; one whose time, extrapolated from the largest case before it
-(linear in parameters), would take the conversions' wall time past --budget-s is skipped and listed.
+`--method dha` scores about 200 tokens: the conversion is what is measured. Cases run smallest
+first; one whose time, extrapolated from the largest case before it (linear in parameters), would
+take the conversions' wall time past --budget-s is skipped and listed.
 
     python benchmarks/scaling.py --out benchmarks/results/scaling_cpu.json [--budget-s 1200] [--cases a,b] [--add]
 
@@ -59,7 +60,8 @@ SHAPES = {
         hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, head_dim=128, vocab=128256, theta=5e5
     ),
 }
-# Shapes extrapolated to (not run): Mistral-7B-v0.1 and Llama-3-70B (both 8 key/value heads of dim 128, as Llama-3.2-3B).
+# Shapes extrapolated to (not run): Mistral-7B-v0.1 and Llama-3-70B (both 8 key/value heads of dim 128,
+# as Llama-3.2-3B).
 EXTRAPOLATE = {
     "mistral-7b": dict(
         hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32000, tie=False
@@ -337,7 +339,8 @@ def main() -> int:
             }
             rows.append(row)
             print(
-                f"{name:<18} {method:<4} params {n_params / 1e6:8.1f}M  weights {row['weight_bytes'] / 2**30:6.2f} GiB  "
+                f"{name:<18} {method:<4} params {n_params / 1e6:8.1f}M  "
+                f"weights {row['weight_bytes'] / 2**30:6.2f} GiB  "
                 f"peak {row['peak_rss_bytes'] / 2**30:6.2f} GiB  ({row['peak_rss_bytes'] / row['weight_bytes']:.2f}x)  "
                 f"{row['wall_s']:7.1f} s  rc {row['rc']}",
                 file=sys.stderr,

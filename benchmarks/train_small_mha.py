@@ -128,7 +128,8 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(
-        f"small MHA model: held-out ppl {before:.1f} at init -> {after:.2f} after {args.tokens:,} tokens; saved {args.out}",
+        f"small MHA model: held-out ppl {before:.1f} at init -> {after:.2f} after {args.tokens:,} tokens; "
+        f"saved {args.out}",
         file=sys.stderr,
     )
     print(json.dumps(report))

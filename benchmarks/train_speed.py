@@ -221,8 +221,8 @@ def main() -> None:
         f"{rows[0]['threads']} threads, CPU; peak MB = resident memory added during training\n"
     )
     print(
-        f"{'model':8} {'dtype':9} {'params':>8} {'dha tok/s':>10} {'hf tok/s':>9} {'ratio':>6} {'dha MB':>7} {'hf MB':>7} "
-        f"{'loss1 dha':>10} {'loss1 hf':>9}"
+        f"{'model':8} {'dtype':9} {'params':>8} {'dha tok/s':>10} {'hf tok/s':>9} {'ratio':>6} "
+        f"{'dha MB':>7} {'hf MB':>7} {'loss1 dha':>10} {'loss1 hf':>9}"
     )
     summary = []
     for i in range(0, len(rows), 2):

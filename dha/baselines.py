@@ -151,7 +151,8 @@ def convert_gqa_similar(
     for l, (nk, nv) in enumerate(zip(src_k, src_v)):
         if nk != nv:
             raise UserError(
-                f"gqa-similar shares one grouping between keys and values, but layer {l} has {nk} key and {nv} value heads"
+                "gqa-similar shares one grouping between keys and values, "
+                f"but layer {l} has {nk} key and {nv} value heads"
             )
         groups = cluster((sims[l]["keys"] + sims[l]["values"]) / 2, min(want_k[l], want_v[l]))
         layers.append(LayerPlan(groups, [list(g) for g in groups]))

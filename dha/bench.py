@@ -392,7 +392,8 @@ def print_bench(report: dict, file=None) -> None:
     o = report["options"]
     first = "a cache of random numbers (prefill not timed)" if o["decode_only"] else "prefill"
     print(
-        f"random token ids; {first}, then {o['new_tokens']} greedy decode steps; best of {o['repeats']} interleaved runs; "
+        f"random token ids; {first}, then {o['new_tokens']} greedy decode steps; "
+        f"best of {o['repeats']} interleaved runs; "
         f"{report['device']}, {report['threads']} threads, torch {report['torch']}",
         file=file,
     )

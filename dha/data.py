@@ -334,7 +334,8 @@ def blocks(stream: torch.Tensor, block_size: int, max_blocks: int | None = None)
     n = stream.numel() // block_size
     if n == 0:
         raise DataError(
-            f"only {stream.numel()} tokens, shorter than one block of {block_size}: use more data or a smaller block size"
+            f"only {stream.numel()} tokens, shorter than one block of {block_size}: "
+            "use more data or a smaller block size"
         )
     if max_blocks is not None:
         if max_blocks < 1:

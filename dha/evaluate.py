@@ -151,7 +151,8 @@ def _check_options(model, options: EvalOptions) -> None:
         longest = max(options.block_size, options.context + options.new_tokens)
         if longest > cfg.max_position_embeddings:
             raise UserError(
-                f"the model has {cfg.max_position_embeddings} positions; block size / context + new tokens = {longest} is longer"
+                f"the model has {cfg.max_position_embeddings} positions; "
+                f"block size / context + new tokens = {longest} is longer"
             )
 
 
@@ -208,7 +209,10 @@ def evaluate_models(models: list, splits: TokenSplits, options: EvalOptions) -> 
             "window_tokens": options.block_size,
             "scored_tokens": windows.shape[0] * (options.block_size - 1),
             "max_eval_tokens": options.max_eval_tokens,
-            "rule": "non-overlapping windows; each token but a window's first is predicted from that window's earlier tokens only",
+            "rule": (
+                "non-overlapping windows; "
+                "each token but a window's first is predicted from that window's earlier tokens only"
+            ),
         },
         "options": asdict(options),
         "device": str(next(first.model.parameters()).device),
@@ -325,7 +329,8 @@ def print_long_context(models: list[dict], file) -> None:
     if "retrieval" in models[0]:
         grid = models[0]["retrieval"]
         print(
-            f"\npasskey retrieval ({grid['haystack']} haystack; found of {grid['prompts_per_length']} prompts per length, "
+            f"\npasskey retrieval ({grid['haystack']} haystack; "
+            f"found of {grid['prompts_per_length']} prompts per length, "
             f"{len(grid['depths'])} depths from {grid['depths'][0]:.0%} to {grid['depths'][-1]:.0%}):",
             file=file,
         )
@@ -347,12 +352,14 @@ def print_report(report: dict, file=None) -> None:
         file=file,
     )
     print(
-        f"perplexity: {w['windows']} non-overlapping windows of {w['window_tokens']} tokens, {w['scored_tokens']} tokens scored "
+        f"perplexity: {w['windows']} non-overlapping windows of {w['window_tokens']} tokens, "
+        f"{w['scored_tokens']} tokens scored "
         f"(each token predicted from its own window's earlier tokens only; a window's first token is not scored)",
         file=file,
     )
     print(
-        f"speed: random token ids, prefill {report['options']['context']} then decode {report['options']['new_tokens']} tokens, "
+        f"speed: random token ids, prefill {report['options']['context']} "
+        f"then decode {report['options']['new_tokens']} tokens, "
         f"best of {report['options']['repeats']} interleaved runs, {report['device']}, {report['threads']} threads",
         file=file,
     )

@@ -279,7 +279,10 @@ def export(loaded: Loaded, out: str, force_remote_code: bool = False, atol: floa
     elif family is not None and not loaded.hf_config:
         reason = "the source keeps no Hugging Face config to start a stock one from"
     elif family is not None and loaded.hf_config.get("model_type") != cfg.family:
-        reason = f"the source's Hugging Face config is for {loaded.hf_config.get('model_type')!r}, the model for {cfg.family!r}"
+        reason = (
+            f"the source's Hugging Face config is for {loaded.hf_config.get('model_type')!r}, "
+            f"the model for {cfg.family!r}"
+        )
     elif family is not None:
         try:
             layout = stock_layout(cfg, family)
@@ -348,7 +351,8 @@ def summary_lines(result: ExportResult) -> list[str]:
     else:
         lines = [
             f"remote-code export: {result.hf_class} (load with trust_remote_code=True), key heads "
-            f"{heads_text(result.key_heads)}, value heads {heads_text(result.value_heads)}, query heads {result.query_heads}",
+            f"{heads_text(result.key_heads)}, value heads {heads_text(result.value_heads)}, "
+            f"query heads {result.query_heads}",
             f"not stock because: {result.reason}",
         ]
         if result.tokenizer:

@@ -148,8 +148,12 @@ def activation(hf_config, name: str) -> str:
 # run exactly) but a part of the architecture dha's model lacks.
 QK_NORM_REFUSED = {
     "qwen3_moe": "its MLP is a mixture of experts, which dha's model lacks",
-    "qwen3_next": "it mixes linear-attention (Gated DeltaNet) layers with a mixture-of-experts MLP, which dha's model lacks",
-    "gemma3": "it is the vision-language Gemma3ForConditionalGeneration; text-only gemma3_text checkpoints are supported",
+    "qwen3_next": (
+        "it mixes linear-attention (Gated DeltaNet) layers with a mixture-of-experts MLP, which dha's model lacks"
+    ),
+    "gemma3": (
+        "it is the vision-language Gemma3ForConditionalGeneration; text-only gemma3_text checkpoints are supported"
+    ),
     "gemma3n": "it is multimodal and its text model uses AltUp and per-layer embeddings, which dha's model lacks",
     "gemma3n_text": "it uses AltUp and per-layer embeddings, which dha's model lacks",
     "olmo3": "its per-layer sliding windows and RoPE are not mapped yet (OLMo 2 is supported)",
@@ -314,7 +318,8 @@ def uniform_window(c) -> int | None:
     if len(sliding) != c.num_hidden_layers:
         raise UnsupportedModel(
             f"{c.model_type} with a sliding window on some layers only (layers {sliding[0]}..{sliding[-1]} of "
-            f"{c.num_hidden_layers}: use_sliding_window with max_window_layers={getattr(c, 'max_window_layers', None)}) "
+            f"{c.num_hidden_layers}: use_sliding_window with "
+            f"max_window_layers={getattr(c, 'max_window_layers', None)}) "
             "is not supported: dha's model uses one attention window for every layer"
         )
     return c.sliding_window
@@ -615,7 +620,8 @@ OPT_WEIGHTS = {
 def opt_config(c) -> ModelConfig:
     if not c.do_layer_norm_before:
         raise UnsupportedModel(
-            "opt with do_layer_norm_before=False (post-LayerNorm, e.g. opt-350m) is not supported: dha's blocks are pre-norm"
+            "opt with do_layer_norm_before=False (post-LayerNorm, e.g. opt-350m) is not supported: "
+            "dha's blocks are pre-norm"
         )
     if c.word_embed_proj_dim != c.hidden_size:
         raise UnsupportedModel(

@@ -181,7 +181,8 @@ def _as_float64(merge):
 
 
 def mean_merges(model: Transformer, plan: Plan) -> list[dict]:
-    """The group mean of every group of `plan`, as merges (what FusedModel fuses toward without merges: merge "mean")."""
+    """The group mean of every group of `plan`, as merges (what FusedModel fuses toward without merges:
+    merge "mean")."""
     cfg, device = model.config, next(model.parameters()).device
     r = cfg.rotary_dim if cfg.position == "rope" else 0
     return [

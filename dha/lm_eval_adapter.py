@@ -117,7 +117,8 @@ class DHALM(TemplateLM):
                 n, L = len(pairs[i][1]), len(seqs[i]) - 1
                 if n > L:
                     raise UserError(
-                        f"an lm-eval continuation of {n} tokens is longer than the {self.max_length}-token maximum length"
+                        f"an lm-eval continuation of {n} tokens is longer than "
+                        f"the {self.max_length}-token maximum length"
                     )
                 rows = logits[row, L - n : L]  # (n, V): the positions that predict the continuation
                 target = torch.tensor(seqs[i][L + 1 - n :], device=rows.device)
@@ -227,8 +228,8 @@ def check_ruler(names: list[str]) -> None:
             f"RULER task {online[0]} needs a download ({RULER_DOWNLOADS[online[0]]}) and does not run offline; "
             f"the offline ones: {', '.join(RULER_OFFLINE)}"
         )
-    try:
-        import nltk
+    try:  # imported only to check that they are installed (and import)
+        import nltk  # noqa: F401
         import wonderwords  # noqa: F401
     except ImportError as e:
         raise UserError(f'RULER tasks need {e.name or "nltk and wonderwords"}: pip install "lm-eval[ruler]"') from None

@@ -344,7 +344,8 @@ def check_fit(
     if offload and est.layer is not None:  # (work that needs the whole model refuses --offload before this)
         if not layer_fits:
             raise UserError(
-                f"{subject} does not fit on {device} even one layer at a time: it needs {_described(est.layer)}; {have}{tail}"
+                f"{subject} does not fit on {device} even one layer at a time: "
+                f"it needs {_described(est.layer)}; {have}{tail}"
             )
     elif Estimate.total(est.whole) > free:
         if layer_fits:

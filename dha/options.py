@@ -100,7 +100,10 @@ class TrainConfig:
             (self.distill_temperature > 0, f"distill temperature must be > 0, got {self.distill_temperature}"),
             (
                 self.activation_checkpointing in CHECKPOINTING,
-                f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, got {self.activation_checkpointing!r}",
+                (
+                    f"activation checkpointing must be one of {', '.join(CHECKPOINTING)}, "
+                    f"got {self.activation_checkpointing!r}"
+                ),
             ),
         ]
         for ok, message in checks:

@@ -4,16 +4,18 @@ The three stages of the DHA paper (Chen et al. 2024, section 3), on the user's d
 
 1. Search (`dha.search.search`): groups of similar key heads and value heads and how many of each
    every layer keeps, exactly on the KV budget, from calibration blocks of the TRAIN split.
-2. Fusion (`dha.fuse`; by default none, see DEFAULT_FUSION_FRACTION): for `fusion_fraction` of the training tokens, the model keeps all its
-   heads; each group's heads become learned linear combinations (identity at step 0) pushed
-   together by a progressive fusion loss, trained with the LM loss (+ distillation to the source).
+2. Fusion (`dha.fuse`; by default none, see DEFAULT_FUSION_FRACTION): for `fusion_fraction` of
+   the training tokens, the model keeps all its heads; each group's heads become learned linear
+   combinations (identity at step 0) pushed together by a progressive fusion loss, trained with
+   the LM loss (+ distillation to the source).
 3. Merge each group to one head (exact: at the end of fusion the copies are their merge), then
    continued training for the rest of the tokens (`dha.train`).
 
-With tokens = 0 the plan is merged without training. `merge` says what the groups become: "aligned" (default) the closed-form aligned
-merge of `dha.merge` (shared head + reading maps folded into W_Q and W_O), which fusion moves
-toward and which is also the training-free result; "mean" the group mean (the old target, for
-comparison). The output directory is a native checkpoint (with plan.json) plus a report:
+With tokens = 0 the plan is merged without training. `merge` says what the groups become:
+"aligned" (default) the closed-form aligned merge of `dha.merge` (shared head + reading maps
+folded into W_Q and W_O), which fusion moves toward and which is also the training-free result;
+"mean" the group mean (the old target, for comparison). The output directory is a native
+checkpoint (with plan.json) plus a report:
 
     report.md        what was done, a table against the source, the plots below
     summary.json     the same numbers as one JSON document
@@ -139,9 +141,9 @@ def split_tokens(tokens: int, fusion_fraction: float, batch_tokens: int, block_s
     ):
         if wanted and n < 1:
             raise UserError(
-                f"--tokens {tokens} is {steps} optimizer step(s) of {step} tokens ({rows} blocks of {block_size}), which leaves "
-                f"the {name} stage no step at --fusion-fraction {fusion_fraction}: raise --tokens, lower --batch-tokens, "
-                "or change --fusion-fraction"
+                f"--tokens {tokens} is {steps} optimizer step(s) of {step} tokens ({rows} blocks of {block_size}), "
+                f"which leaves the {name} stage no step at --fusion-fraction {fusion_fraction}: "
+                "raise --tokens, lower --batch-tokens, or change --fusion-fraction"
             )
     return StageTokens(fusion_steps * step, continued_steps * step, step)
 
@@ -342,7 +344,8 @@ def run_dha(
 
 
 def merge_without_fusion(model, plan: Plan, merges, device=None):
-    """The plan applied at once: the closed-form aligned merges (each layer's on `device`), or the group means (merges None)."""
+    """The plan applied at once: the closed-form aligned merges (each layer's on `device`), or the group
+    means (merges None)."""
     return aligned_merge(model, plan.layers, merges, device) if merges is not None else merge_groups(model, plan)
 
 
@@ -593,7 +596,10 @@ def long_context_markdown(rows: list[dict]) -> list[str]:
     if "by_position" in source:
         buckets = source["by_position"]["buckets"]
         lines += [
-            f"## Long context: perplexity by position ({source['by_position']['window']:,}-token window of held-out text)",
+            (
+                "## Long context: perplexity by position "
+                f"({source['by_position']['window']:,}-token window of held-out text)"
+            ),
             "",
             "| model | " + " | ".join(f"{b['start']}-{b['end']}" for b in buckets) + " |",
             "|---|" + "---:|" * len(buckets),
@@ -611,7 +617,10 @@ def long_context_markdown(rows: list[dict]) -> list[str]:
     if "retrieval" in source:
         grid = source["retrieval"]
         lines += [
-            f"## Long context: passkey retrieval ({grid['prompts_per_length']} prompts per length, {grid['haystack']} haystack)",
+            (
+                f"## Long context: passkey retrieval ({grid['prompts_per_length']} prompts per length, "
+                f"{grid['haystack']} haystack)"
+            ),
             "",
             "| model | " + " | ".join(f"{n} tokens" for n in grid["lengths"]) + " |",
             "|---|" + "---:|" * len(grid["lengths"]),
@@ -636,14 +645,17 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
         f"- data: `{summary['data']}` (calibration and training on its train split; evaluation on its held-out split)",
         f"- KV budget: {summary['kv_budget']:g}; kept {summary['kv_fraction']:.4f} of the source's KV heads",
         f"- search: {summary['search']['search']} ({summary['calibration_tokens']:,} calibration tokens)",
-        f"- training tokens: {summary['tokens']:,} = fusion {summary['fusion_tokens']:,} + continued {summary['continued_tokens']:,}"
+        f"- training tokens: {summary['tokens']:,} = fusion {summary['fusion_tokens']:,} "
+        f"+ continued {summary['continued_tokens']:,}"
         + ("" if summary["tokens"] else " (tokens 0: groups merged, no training)"),
     ]
     if summary["fusion_tokens"]:
         fu = summary["fusion"]
         lines.append(
-            f"- fusion: toward the {summary['merge']} merge, {fu['schedule']} schedule (weight {fu['weight']:g}, eps {fu['eps']:g}), "
-            f"base K/V weights {'trained' if fu['train_base'] else 'frozen'}, maps {'trained' if fu['learn_maps'] else 'frozen'}; "
+            f"- fusion: toward the {summary['merge']} merge, {fu['schedule']} schedule "
+            f"(weight {fu['weight']:g}, eps {fu['eps']:g}), "
+            f"base K/V weights {'trained' if fu['train_base'] else 'frozen'}, "
+            f"maps {'trained' if fu['learn_maps'] else 'frozen'}; "
             f"fusion distance at the merge: {format_number(summary['fusion_distance_at_merge'], '.3g')}"
         )
     if summary.get("train"):
@@ -676,7 +688,10 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
     captions = {
         "allocation.png": "Key and value heads kept per layer (outline: the source).",
         "loss.png": "Training loss against tokens; fusion distance on the right axis; the dotted line is the merge.",
-        "perplexity.png": "Held-out perplexity against tokens (the training evaluations' windows); the dashed line is the source on the same windows.",
+        "perplexity.png": (
+            "Held-out perplexity against tokens (the training evaluations' windows); "
+            "the dashed line is the source on the same windows."
+        ),
     }
     lines += ["## Plots", ""]
     for p in plots:

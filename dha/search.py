@@ -117,7 +117,8 @@ class SearchOptions:
             raise UserError(f"unknown layout {self.layout!r}; choose from {', '.join(LAYOUTS)}")
         if self.layout == "serving" and (self.search != "cost" or self.allocation != "adaptive" or not self.decoupled):
             raise UserError(
-                "--layout serving is a constraint of the cost search (no --search learned, --allocation uniform, --coupled-kv)"
+                "--layout serving is a constraint of the cost search "
+                "(no --search learned, --allocation uniform, --coupled-kv)"
             )
         if self.search == "learned" and (self.allocation != "adaptive" or not self.decoupled):
             raise UserError(

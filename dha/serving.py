@@ -133,7 +133,8 @@ def serving_kv_bytes_per_token(kv_heads: list[int], head_dim: int, bytes_per_val
 def check_same_function(
     served: Transformer, source: Transformer, seed: int = 0, batch: int = 2, length: int = 32
 ) -> float:
-    """Largest |logit difference| of the two (float32) models on random tokens, on their device; raises if beyond tolerance."""
+    """Largest |logit difference| of the two (float32) models on random tokens, on their device; raises
+    if beyond tolerance."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(
         0, source.config.vocab_size, (batch, min(length, source.config.max_position_embeddings)), generator=g

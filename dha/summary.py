@@ -104,5 +104,6 @@ def print_inspect(info: dict) -> None:
     print(f"{'layer':>5} {'Hq':>3} {'Hk':>3} {'Hv':>3}  key_index / value_index")
     for l in info["per_layer"]:
         print(
-            f"{l['layer']:>5} {l['query_heads']:>3} {l['key_heads']:>3} {l['value_heads']:>3}  {l['key_index']} / {l['value_index']}"
+            f"{l['layer']:>5} {l['query_heads']:>3} {l['key_heads']:>3} {l['value_heads']:>3}  "
+            f"{l['key_index']} / {l['value_index']}"
         )

@@ -53,7 +53,10 @@ def _cka_reference(a: np.ndarray, b: np.ndarray) -> float:
     n = a.shape[0]
     H = np.eye(n) - np.ones((n, n)) / n
     K, L = a @ a.T, b @ b.T
-    hsic = lambda P, Q: np.trace(P @ H @ Q @ H)
+
+    def hsic(P, Q):
+        return np.trace(P @ H @ Q @ H)
+
     return hsic(K, L) / np.sqrt(hsic(K, K) * hsic(L, L))
 
 

@@ -238,7 +238,8 @@ def test_help_imports_no_torch():
     import sys
 
     code = (
-        "import sys, contextlib, io\nfrom dha.cli import main\nfor argv in (['--help'], ['convert', '--help'], ['train', '--help']):\n"
+        "import sys, contextlib, io\nfrom dha.cli import main\n"
+        "for argv in (['--help'], ['convert', '--help'], ['train', '--help']):\n"
         "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n        main(argv)\n"
         "print('torch' in sys.modules)"
     )

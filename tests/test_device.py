@@ -232,7 +232,10 @@ def test_an_explicit_gpu_under_torchrun_is_refused(setup, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    message = "--device cuda:0 under torchrun (WORLD_SIZE=2) would put every process on that one GPU: give --device cuda or auto"
+    message = (
+        "--device cuda:0 under torchrun (WORLD_SIZE=2) would put every process on that one GPU: "
+        "give --device cuda or auto"
+    )
     with pytest.raises(UserError, match=re.escape(message)):
         resolve_device("cuda:0")
     assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)

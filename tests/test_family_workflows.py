@@ -375,8 +375,9 @@ def test_cli_workflow(family_hf, tmp_path, capsys, monkeypatch):
     )
     assert evaluated["models"][1]["kv_bytes_per_token"] == converted.config.kv_bytes_per_token(torch.float32)
     # Perplexities against transformers' on the same 4 held-out windows of 16 tokens (fp32 models,
-    # fp64 sums here: rtol 1e-5; these random models are near uniform, ppl ~ 100): the source as transformers' own model, the svd export as
-    # transformers loads it (its own class when stock, the export's code when remote code).
+    # fp64 sums here: rtol 1e-5; these random models are near uniform, ppl ~ 100): the source as
+    # transformers' own model, the svd export as transformers loads it (its own class when stock,
+    # the export's code when remote code).
     from dha.data import blocks, load_tokens
 
     windows = blocks(load_tokens(text, load(src).tokenizer, cache=False).heldout, 16, 4)

@@ -35,7 +35,8 @@ def given_options(p: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dha",
-        description="Shrink a transformer's KV cache by Decoupled-Head Attention (adaptive heads fusion), and measure what it costs.",
+        description="Shrink a transformer's KV cache by Decoupled-Head Attention (adaptive heads fusion), "
+        "and measure what it costs.",
         allow_abbrev=False,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")

@@ -124,7 +124,8 @@ def add_calibration(p: argparse.ArgumentParser, default_tokens: int) -> None:
     p.add_argument(
         "--data",
         default="pydoc",
-        help="calibration text (its TRAIN split is used): .txt, .jsonl, .parquet, a saved `datasets` directory, or 'pydoc' (default)",
+        help="calibration text (its TRAIN split is used): .txt, .jsonl, .parquet, a saved `datasets` directory, "
+        "or 'pydoc' (default)",
     )
     p.add_argument("--text-field", default="text", help="JSONL field / parquet or dataset column holding the text")
     p.add_argument(
@@ -301,7 +302,8 @@ def train_config_from_args(args, tokens: int | None = None):
 
 
 def check_convert_training_flags(args) -> None:
-    """What both convert paths (baselines, dha) require of the training flags: float32 master weights, and --teacher only with --distill."""
+    """What both convert paths (baselines, dha) require of the training flags: float32 master weights,
+    and --teacher only with --distill."""
     if args.dtype not in ("auto", "float32"):
         raise UserError(
             f"--dtype {args.dtype}: --method dha, and any conversion with --tokens, keeps float32 weights; "

@@ -102,7 +102,8 @@ def run_convert(args) -> int:
         check_method(args.method)  # the registry's names, before any other check
     if (args.method is None) == (args.plan is None) and args.method != "dha":
         raise UserError(
-            "give either --method (with --kv-budget) or --plan (--method dha takes both: its search is replaced by the plan)"
+            "give either --method (with --kv-budget) or --plan "
+            "(--method dha takes both: its search is replaced by the plan)"
         )
     refuse_merge_of_qk_norm(source_shape(args.source)[0])  # before any model is loaded
     tokens = getattr(args, "tokens", None) or 0
@@ -193,7 +194,8 @@ def check_convert_options_used(args, tokens: int) -> None:
         unused["grouping"] = "is an svd option"
     if method == "dha":
         unused["metric"] = (
-            "(cka | cosine) is a baselines option: the DHA search groups heads by their merge residual (see --merge-metric)"
+            "(cka | cosine) is a baselines option: "
+            "the DHA search groups heads by their merge residual (see --merge-metric)"
         )
     elif method not in ("gqa-similar", "svd") or (method == "svd" and args.grouping != "similar"):
         unused["metric"] = "is used by gqa-similar and svd --grouping similar only"
@@ -268,7 +270,8 @@ def check_offload(args, tokens: int) -> None:
     for hit, why in conflicts:
         if hit:
             raise UserError(
-                f"--offload keeps the model in CPU memory, one layer at a time on the device, but {why}: drop one of them"
+                "--offload keeps the model in CPU memory, one layer at a time on the device, "
+                f"but {why}: drop one of them"
             )
 
 
@@ -296,7 +299,8 @@ def baseline_options(args):
 
 
 def _convert_training(args, tokens: int):
-    """A baseline conversion's training settings, checked before loading: (TrainConfig or None, the run to resume or None)."""
+    """A baseline conversion's training settings, checked before loading: (TrainConfig or None, the run
+    to resume or None)."""
     if tokens <= 0:  # the training flags were refused without --tokens (check_convert_options_used)
         return None, None
     check_convert_training_flags(args)
@@ -400,7 +404,8 @@ def print_convert_result(args, result, before: dict, after: dict) -> None:
         ):
             print(f"{l:>5}  {kb:>3} -> {ka:<3}  {vb:>3} -> {va:<3}")
         print(
-            f"KV cache / token: {before['kv_bytes_per_token_fp32']:,} -> {after['kv_bytes_per_token_fp32']:,} bytes fp32 "
+            f"KV cache / token: {before['kv_bytes_per_token_fp32']:,} -> "
+            f"{after['kv_bytes_per_token_fp32']:,} bytes fp32 "
             f"({before['kv_bytes_per_token_bf16']:,} -> {after['kv_bytes_per_token_bf16']:,} bf16), "
             f"{result.plan.kv_fraction():.1%} kept ({result.plan.method}); wrote {args.out}"
         )

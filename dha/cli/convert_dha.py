@@ -44,7 +44,8 @@ def add_dha_options(p) -> None:
         "--allocation",
         default="adaptive",
         choices=["adaptive", "uniform"],
-        help="cost search: adaptive (per-layer counts, default) | uniform (the same K and V counts in every layer; an ablation)",
+        help="cost search: adaptive (per-layer counts, default) | "
+        "uniform (the same K and V counts in every layer; an ablation)",
     )
     g.add_argument(
         "--coupled-kv",
@@ -86,14 +87,16 @@ def add_dha_options(p) -> None:
         "--fusion-fraction",
         type=float,
         default=DEFAULT_FUSION_FRACTION,
-        help=f"share of --tokens spent fusing toward the merge, the rest after it (default {DEFAULT_FUSION_FRACTION:g}: "
+        help="share of --tokens spent fusing toward the merge, the rest after it "
+        f"(default {DEFAULT_FUSION_FRACTION:g}: "
         'the aligned merge at once, every step trains the merged model; docs/method.md, "The recipe")',
     )
     g.add_argument(
         "--fusion-schedule",
         default=d.schedule,
         choices=["anneal", "ramp", "lagrangian"],
-        help=f"anneal (heads interpolated to their merge, plus the ramp) | ramp (progressive loss weight) | lagrangian (default {d.schedule})",
+        help="anneal (heads interpolated to their merge, plus the ramp) | ramp (progressive loss weight) | "
+        f"lagrangian (default {d.schedule})",
     )
     g.add_argument(
         "--fusion-weight", type=float, default=d.weight, help=f"ramp: final fusion-loss weight (default {d.weight:g})"
@@ -396,7 +399,8 @@ def print_dha_result(args, s: dict, files: list[str]) -> None:
     if not getattr(args, "json", False):
         for r in s["results"]:
             print(
-                f"{r['model']:<34} KV {r['kv_bytes_per_token_bf16']:>8,} B/token bf16   ppl {format_number(r['heldout_ppl'], '.3f')}"
+                f"{r['model']:<34} KV {r['kv_bytes_per_token_bf16']:>8,} B/token bf16   "
+                f"ppl {format_number(r['heldout_ppl'], '.3f')}"
             )
         print(f"wrote {args.out} ({', '.join(files)})")
     print(

@@ -24,7 +24,8 @@ def add_eval(sub) -> None:
     p.add_argument(
         "--data",
         default="pydoc",
-        help="text: .txt, .jsonl, .parquet, a saved `datasets` directory, or 'pydoc' (default: Python's own reference topics)",
+        help="text: .txt, .jsonl, .parquet, a saved `datasets` directory, "
+        "or 'pydoc' (default: Python's own reference topics)",
     )
     p.add_argument("--text-field", default="text", help="JSONL field / parquet or dataset column holding the text")
     p.add_argument(
@@ -85,7 +86,8 @@ def add_long_context_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="perplexity by position over windows of N held-out tokens (buckets 0-256, 256-1k, 1k-2k, 2k-4k, 4k-8k, ...)",
+        help="perplexity by position over windows of N held-out tokens "
+        "(buckets 0-256, 256-1k, 1k-2k, 2k-4k, 4k-8k, ...)",
     )
     g.add_argument("--long-windows", type=int, default=4, help="windows of --long-context tokens scored (default 4)")
     g.add_argument(

@@ -99,7 +99,8 @@ def run_train(args) -> int:
         if not args.json:
             ppl = f", held-out ppl {summary['ppl']:.3f}" if summary["ppl"] is not None else ""
             print(
-                f"trained {summary['steps']} steps ({summary['tokens']:,} tokens), last loss {summary['loss']:.4f}{ppl}; wrote {args.out}"
+                f"trained {summary['steps']} steps ({summary['tokens']:,} tokens), "
+                f"last loss {summary['loss']:.4f}{ppl}; wrote {args.out}"
             )
         print(json.dumps(summary))
     return 0
