@@ -171,116 +171,151 @@ def calibration_text_blocks(args, tokenizer):
     return calibration_blocks(splits.train, args.calib_tokens, args.calib_block_size)
 
 
+# The defaults the training options show: TrainConfig's own (dha.options, no torch).
+TRAIN_DEFAULTS = TrainConfig(tokens=1)
+
+# The training options (dest name, add_argument keywords), in --help order; the flag is the dest
+# name with dashes. --tokens is required or not by the verb (add_training_options).
+TRAINING_OPTIONS: tuple[tuple[str, dict], ...] = (
+    ("tokens", dict(type=int, default=None, help="training tokens in total (all processes)")),
+    (
+        "block_size",
+        dict(
+            type=int,
+            default=TRAIN_DEFAULTS.block_size,
+            help=f"tokens per training row (default {TRAIN_DEFAULTS.block_size})",
+        ),
+    ),
+    (
+        "batch_tokens",
+        dict(
+            type=int,
+            default=TRAIN_DEFAULTS.batch_tokens,
+            help=f"global batch in tokens, over all processes and accumulation (default {TRAIN_DEFAULTS.batch_tokens})",
+        ),
+    ),
+    (
+        "micro_batch",
+        dict(
+            type=int,
+            default=TRAIN_DEFAULTS.micro_batch,
+            help=f"rows per forward/backward on one process (default {TRAIN_DEFAULTS.micro_batch})",
+        ),
+    ),
+    ("lr", dict(type=float, default=TRAIN_DEFAULTS.lr, help=f"peak learning rate (default {TRAIN_DEFAULTS.lr})")),
+    (
+        "min_lr_ratio",
+        dict(
+            type=float,
+            default=TRAIN_DEFAULTS.min_lr_ratio,
+            help=f"cosine ends at this fraction of --lr (default {TRAIN_DEFAULTS.min_lr_ratio})",
+        ),
+    ),
+    ("warmup_steps", dict(type=int, default=None, help="linear warm-up steps (default: 5%% of the steps)")),
+    (
+        "weight_decay",
+        dict(
+            type=float,
+            default=TRAIN_DEFAULTS.weight_decay,
+            help=f"AdamW weight decay on matrices (default {TRAIN_DEFAULTS.weight_decay})",
+        ),
+    ),
+    (
+        "grad_clip",
+        dict(
+            type=float,
+            default=TRAIN_DEFAULTS.grad_clip,
+            help=f"max gradient norm, 0 = off (default {TRAIN_DEFAULTS.grad_clip})",
+        ),
+    ),
+    (
+        "train_dtype",
+        dict(
+            default=TRAIN_DEFAULTS.dtype,
+            choices=DTYPES,
+            help="autocast dtype: auto (bfloat16 where the hardware has it natively, else float32) | bfloat16 | "
+            "float16 | float32 = off; weights stay float32 (default auto)",
+        ),
+    ),
+    (
+        "eval_every",
+        dict(
+            type=int,
+            default=TRAIN_DEFAULTS.eval_every,
+            help=f"held-out evaluation every N steps, 0 = only at the end (default {TRAIN_DEFAULTS.eval_every})",
+        ),
+    ),
+    (
+        "eval_tokens",
+        dict(
+            type=int,
+            default=TRAIN_DEFAULTS.eval_tokens,
+            help=f"held-out tokens per evaluation (default {TRAIN_DEFAULTS.eval_tokens})",
+        ),
+    ),
+    (
+        "save_every",
+        dict(
+            type=int,
+            default=TRAIN_DEFAULTS.save_every,
+            help="checkpoint for --resume every N steps, 0 = none (default 0)",
+        ),
+    ),
+    ("seed", dict(type=int, default=TRAIN_DEFAULTS.seed, help="data order seed (default 0)")),
+    (
+        "distill",
+        dict(
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="add a KL loss to the teacher's logits (default: on for convert --method dha, off otherwise)",
+        ),
+    ),
+    (
+        "teacher",
+        dict(default=None, help="teacher model SOURCE for --distill (default: SOURCE as loaded, before training)"),
+    ),
+    (
+        "distill_weight",
+        dict(
+            type=float,
+            default=TRAIN_DEFAULTS.distill_weight,
+            help=f"objective = (1-w) LM + w KD (default {TRAIN_DEFAULTS.distill_weight})",
+        ),
+    ),
+    (
+        "distill_temperature",
+        dict(
+            type=float,
+            default=TRAIN_DEFAULTS.distill_temperature,
+            help=f"KD temperature (default {TRAIN_DEFAULTS.distill_temperature})",
+        ),
+    ),
+    ("fsdp", dict(action="store_true", help="under torchrun: shard with FSDP instead of DDP")),
+    (
+        "activation_checkpointing",
+        dict(
+            default=TRAIN_DEFAULTS.activation_checkpointing,
+            choices=CHECKPOINTING,
+            help="keep only each decoder block's input for the backward pass and recompute the rest "
+            "there: far less activation memory for long rows, for about one more forward pass. "
+            "auto: on when a micro batch fits the device's free memory only with it (default auto)",
+        ),
+    ),
+    ("resume", dict(default=None, help="continue the run in this directory (its newest checkpoint)")),
+    ("no_progress", dict(action="store_true", help="no progress bar")),
+)
+
+
 def add_training_options(p: argparse.ArgumentParser, tokens_required: bool = True, skip: tuple[str, ...] = ()) -> None:
-    """The TrainConfig options (dha.train), for `train` and for verbs that train afterwards (convert
-    --tokens). `skip` names options (dest names) the verb already defines with the same meaning.
-    Read them back with train_config_from_args(args)."""
-    d = TrainConfig(tokens=1)
-    options = [
-        (
-            "tokens",
-            dict(type=int, required=tokens_required, default=None, help="training tokens in total (all processes)"),
-        ),
-        ("block_size", dict(type=int, default=d.block_size, help=f"tokens per training row (default {d.block_size})")),
-        (
-            "batch_tokens",
-            dict(
-                type=int,
-                default=d.batch_tokens,
-                help=f"global batch in tokens, over all processes and accumulation (default {d.batch_tokens})",
-            ),
-        ),
-        (
-            "micro_batch",
-            dict(
-                type=int,
-                default=d.micro_batch,
-                help=f"rows per forward/backward on one process (default {d.micro_batch})",
-            ),
-        ),
-        ("lr", dict(type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")),
-        (
-            "min_lr_ratio",
-            dict(
-                type=float,
-                default=d.min_lr_ratio,
-                help=f"cosine ends at this fraction of --lr (default {d.min_lr_ratio})",
-            ),
-        ),
-        ("warmup_steps", dict(type=int, default=None, help="linear warm-up steps (default: 5%% of the steps)")),
-        (
-            "weight_decay",
-            dict(type=float, default=d.weight_decay, help=f"AdamW weight decay on matrices (default {d.weight_decay})"),
-        ),
-        (
-            "grad_clip",
-            dict(type=float, default=d.grad_clip, help=f"max gradient norm, 0 = off (default {d.grad_clip})"),
-        ),
-        (
-            "train_dtype",
-            dict(
-                default=d.dtype,
-                choices=DTYPES,
-                help="autocast dtype: auto (bfloat16 where the hardware has it natively, else float32) | bfloat16 | "
-                "float16 | float32 = off; weights stay float32 (default auto)",
-            ),
-        ),
-        (
-            "eval_every",
-            dict(
-                type=int,
-                default=d.eval_every,
-                help=f"held-out evaluation every N steps, 0 = only at the end (default {d.eval_every})",
-            ),
-        ),
-        (
-            "eval_tokens",
-            dict(type=int, default=d.eval_tokens, help=f"held-out tokens per evaluation (default {d.eval_tokens})"),
-        ),
-        (
-            "save_every",
-            dict(type=int, default=d.save_every, help="checkpoint for --resume every N steps, 0 = none (default 0)"),
-        ),
-        ("seed", dict(type=int, default=d.seed, help="data order seed (default 0)")),
-        (
-            "distill",
-            dict(
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help="add a KL loss to the teacher's logits (default: on for convert --method dha, off otherwise)",
-            ),
-        ),
-        (
-            "teacher",
-            dict(default=None, help="teacher model SOURCE for --distill (default: SOURCE as loaded, before training)"),
-        ),
-        (
-            "distill_weight",
-            dict(
-                type=float, default=d.distill_weight, help=f"objective = (1-w) LM + w KD (default {d.distill_weight})"
-            ),
-        ),
-        (
-            "distill_temperature",
-            dict(type=float, default=d.distill_temperature, help=f"KD temperature (default {d.distill_temperature})"),
-        ),
-        ("fsdp", dict(action="store_true", help="under torchrun: shard with FSDP instead of DDP")),
-        (
-            "activation_checkpointing",
-            dict(
-                default=d.activation_checkpointing,
-                choices=CHECKPOINTING,
-                help="keep only each decoder block's input for the backward pass and recompute the rest "
-                "there: far less activation memory for long rows, for about one more forward pass. "
-                "auto: on when a micro batch fits the device's free memory only with it (default auto)",
-            ),
-        ),
-        ("resume", dict(default=None, help="continue the run in this directory (its newest checkpoint)")),
-        ("no_progress", dict(action="store_true", help="no progress bar")),
-    ]
-    for dest, kw in options:
-        if dest not in skip:
-            p.add_argument("--" + dest.replace("_", "-"), dest=dest, **kw)
+    """The TrainConfig options (TRAINING_OPTIONS), for `train` and for verbs that train afterwards
+    (convert --tokens). `skip` names options (dest names) the verb already defines with the same
+    meaning. Read them back with train_config_from_args(args)."""
+    for dest, kw in TRAINING_OPTIONS:
+        if dest in skip:
+            continue
+        if dest == "tokens":
+            kw = dict(kw, required=tokens_required)
+        p.add_argument("--" + dest.replace("_", "-"), dest=dest, **kw)
 
 
 def train_config_from_args(args, tokens: int | None = None):

@@ -24,9 +24,23 @@ from .common import (
 
 
 def add_dha_options(p) -> None:
-    """The DHA-specific options of `dha convert --method dha`."""
+    """The DHA-specific options of `dha convert --method dha`, in one --help group, then the training
+    options the verb lacks."""
     g = p.add_argument_group("DHA (--method dha)")
-    d = FusionOptions()
+    add_search_options(g)
+    add_merge_options(g)
+    add_fusion_options(g)
+    add_retrieval_options(g)
+    # Training options (--tokens, --lr, --distill, ...) from dha.cli, unless the verb has them already.
+    # The verb's --block-size (calibration) and --seed also serve training; its --dtype is the load
+    # dtype, so the autocast dtype of training is --train-dtype.
+    present = {a.dest for a in p._actions}
+    if "tokens" not in present:
+        add_training_options(p, tokens_required=False, skip=tuple(present))
+
+
+def add_search_options(g) -> None:
+    """How the head groups and their counts per layer are chosen (dha.search)."""
     g.add_argument(
         "--search",
         default="cost",
@@ -59,6 +73,10 @@ def add_dha_options(p) -> None:
         help="free (any groups and counts, default) | serving: per layer one grouping for keys and values in equal "
         "groups, so `dha export --format gguf` (llama.cpp deci) and nemotron-nas hold it without --pad",
     )
+
+
+def add_merge_options(g) -> None:
+    """What each group of heads becomes (the merge), and which RoPE pairs merge position-free."""
     g.add_argument(
         "--merge",
         default="aligned",
@@ -83,6 +101,11 @@ def add_dha_options(p) -> None:
         "0: every pair exact under RoPE). "
         'Not with a fusion stage (docs/method.md, "Position-free pairs")',
     )
+
+
+def add_fusion_options(g) -> None:
+    """The fusion stage: how much of --tokens it takes and how the heads move toward their merge."""
+    d = FusionOptions()
     g.add_argument(
         "--fusion-fraction",
         type=float,
@@ -114,6 +137,10 @@ def add_dha_options(p) -> None:
     g.add_argument(
         "--freeze-maps", action="store_true", help="fusion: keep the merge maps at their closed form (not trained)"
     )
+
+
+def add_retrieval_options(g) -> None:
+    """Long-context retrieval: heads kept out of the merges, and the report's passkey measure."""
     g.add_argument(
         "--retrieval-heads",
         type=int,
@@ -133,12 +160,6 @@ def add_dha_options(p) -> None:
         help="the report adds passkey retrieval at these prompt lengths (10 prompts each: 5 depths x 2 keys, "
         "synthetic haystack) for the source, the merge and the result, e.g. 2048,8192",
     )
-    # Training options (--tokens, --lr, --distill, ...) from dha.cli, unless the verb has them already.
-    # The verb's --block-size (calibration) and --seed also serve training; its --dtype is the load
-    # dtype, so the autocast dtype of training is --train-dtype.
-    present = {a.dest for a in p._actions}
-    if "tokens" not in present:
-        add_training_options(p, tokens_required=False, skip=tuple(present))
 
 
 def run_convert_dha(args) -> int:
@@ -148,27 +169,47 @@ def run_convert_dha(args) -> int:
     the run directory (dha.pipeline, "A run directory"): --resume OUT continues a killed run,
     under torchrun the training stages run data-parallel, and one run at a time holds OUT (a lock).
     """
+    from functools import partial
+
     import torch
 
-    from ..atomic import atomic_dir
-    from ..checkpoint import load
-    from ..data import load_tokens
-    from ..pipeline import finish_run_dir, run_dha, write_outputs
+    from ..pipeline import run_dha
     from ..plan import Plan
     from ..train import setup_distributed
 
     config, data = dha_config_from_args(args)
-    tokens = config.tokens
     plan = Plan.load(args.plan) if args.plan is not None else None
-    d = setup_distributed(config.train.device) if tokens else None
+    d = setup_distributed(config.train.device) if config.tokens else None
     identity = convert_run_identity(args, config, data)
     resuming = check_dha_out(args.out, identity, args.resume is not None)
     if d is not None and d.world > 1:
         torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
-    # float32 master weights for training (--train-dtype is autocast only); without training the
-    # inference dtype (the checkpoint's own, bf16 on a GPU): calibration computes each layer in
-    # float32 (dha.layerwise). Straight onto --device, or with --offload into CPU memory.
-    dtype = torch.float32 if tokens else load_dtype(args)
+    loaded, teacher, splits = load_dha_inputs(args, config, plan, data)
+    progress = not getattr(args, "no_progress", False)
+    run = partial(run_dha, loaded, splits, config, teacher=teacher, plan=plan, progress=progress)
+    if not config.tokens:
+        result = run()
+        files = write_dha_out(args.out, result)
+    else:
+        result, files = run_in_run_dir(args, run, d.main, identity, resuming)
+    if result is not None:
+        print_dha_result(args, result.summary, files)
+    return 0
+
+
+def load_dha_inputs(args, config, plan, data: str):
+    """After the fit check: the model, the --teacher model (or None) and the text splits of --data.
+
+    The model is loaded in float32 master weights for training (--train-dtype is autocast only);
+    without training in the inference dtype (the checkpoint's own, bf16 on a GPU): calibration
+    computes each layer in float32 (dha.layerwise). Straight onto --device, or with --offload into
+    CPU memory."""
+    import torch
+
+    from ..checkpoint import load
+    from ..data import load_tokens
+
+    dtype = torch.float32 if config.tokens else load_dtype(args)
     check_fits(args, dha_work(args, config, plan), dtype)
     loaded = load(args.source, dtype, device=load_device(args))
     teacher = (
@@ -177,101 +218,43 @@ def run_convert_dha(args) -> int:
         else None
     )
     splits = load_tokens(data, loaded.tokenizer, text_field=args.text_field, heldout_fraction=args.heldout_fraction)
-    progress = not getattr(args, "no_progress", False)
-    if not tokens:
-        result = run_dha(loaded, splits, config, teacher=teacher, plan=plan, progress=progress)
-        with atomic_dir(args.out) as tmp:
-            files = write_outputs(tmp, result)
-    else:
-        with rundir.hold(args.out, main=d.main):
-            if d.main:  # again under the lock: another run may have started or finished meanwhile
-                if check_dha_out(args.out, identity, args.resume is not None) != resuming:
-                    raise UserError(
-                        f"output {args.out} was changed by another dha run meanwhile: check it, or use a new --out"
-                    )
-                write_json(os.path.join(args.out, rundir.RUN_JSON), identity)
-            result = run_dha(
-                loaded,
-                splits,
-                config,
-                teacher=teacher,
-                plan=plan,
-                progress=progress,
-                run_dir=args.out,
-                resume=resuming,
-                run_info=identity["run"],
-            )
-            files = finish_run_dir(args.out, result) if d.main else None
-    if result is not None:
-        print_dha_result(args, result.summary, files)
-    return 0
+    return loaded, teacher, splits
+
+
+def write_dha_out(out: str, result) -> list[str]:
+    """Without --tokens: write the result to --out at once (a temp dir, then renamed); its files."""
+    from ..atomic import atomic_dir
+    from ..pipeline import write_outputs
+
+    with atomic_dir(out) as tmp:
+        return write_outputs(tmp, result)
+
+
+def run_in_run_dir(args, run, main: bool, identity: dict, resuming: bool):
+    """With --tokens: `run` (run_dha) in the run directory --out, holding its lock. The main process
+    writes run.json first and the outputs last. Returns (result, files; None off the main process)."""
+    from ..pipeline import finish_run_dir
+
+    with rundir.hold(args.out, main=main):
+        if main:  # again under the lock: another run may have started or finished meanwhile
+            if check_dha_out(args.out, identity, args.resume is not None) != resuming:
+                raise UserError(
+                    f"output {args.out} was changed by another dha run meanwhile: check it, or use a new --out"
+                )
+            write_json(os.path.join(args.out, rundir.RUN_JSON), identity)
+        result = run(run_dir=args.out, resume=resuming, run_info=identity["run"])
+        files = finish_run_dir(args.out, result) if main else None
+    return result, files
 
 
 def dha_config_from_args(args):
     """The DHAConfig of `convert --method dha` and its --data, checked before anything is loaded."""
-    import os
-
-    from ..data import DEFAULT_DATA, DataError
     from ..pipeline import DHAConfig, split_tokens
-    from ..plan import Plan
-    from ..search import SearchOptions
 
     tokens = getattr(args, "tokens", None) or 0
-    if args.distill is None:
-        args.distill = tokens > 0  # distillation from the source is on by default for dha (docs/method.md)
-    if getattr(args, "fsdp", False):
-        raise UserError(
-            "--fsdp is not supported with --method dha: under torchrun its training stages run data-parallel (DDP)"
-        )
-    if not tokens and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--method dha without --tokens has nothing to run in parallel: start it without torchrun")
-    rundir.resume_path(args.out, args.resume)
-    check_convert_training_flags(args)  # --method dha always works on float32 weights
-    if args.kv_budget is None and args.plan is not None:
-        plan = Plan.load(args.plan)
-        args.kv_budget = plan.kv_budget if plan.kv_budget is not None else plan.kv_fraction()
-    if args.kv_budget is None or not 0 < args.kv_budget <= 1:
-        raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {args.kv_budget}")
-    data = args.data or DEFAULT_DATA
-    if data != DEFAULT_DATA and not os.path.exists(data):
-        raise DataError(f"data not found: {data}")
-    if args.merge == "pca" and args.merge_metric == "weighted":
-        raise UserError("--merge pca is the aligned merge with --merge-metric plain: drop one of them")
-    metric = "plain" if args.merge == "pca" else (args.merge_metric or SearchOptions.metric)
-    search_options = SearchOptions(
-        search=args.search,
-        metric=metric,
-        sensitivity=args.sensitivity,
-        allocation=args.allocation,
-        decoupled=not args.coupled_kv,
-        layout=args.layout,
-        seed=args.seed,
-        free_pairs=args.free_pairs,
-        free_context=args.context,
-        progress=not getattr(args, "no_progress", False),
-    )
-    fusion = FusionOptions(
-        schedule=args.fusion_schedule,
-        weight=args.fusion_weight,
-        ramp_end=args.fusion_ramp_end,
-        eps=args.fusion_eps,
-        train_base=not args.freeze_base,
-        learn_maps=not args.freeze_maps,
-    )
-    flags = {
-        "schedule": "--fusion-schedule",
-        "weight": "--fusion-weight",
-        "ramp_end": "--fusion-ramp-end",
-        "eps": "--fusion-eps",
-        "train_base": "--freeze-base",
-        "learn_maps": "--freeze-maps",
-    }
-    changed = [flag for name, flag in flags.items() if getattr(fusion, name) != getattr(FusionOptions(), name)]
-    if tokens and not args.fusion_fraction and changed:
-        raise UserError(
-            f"{', '.join(changed)} only shape(s) the fusion stage, which --fusion-fraction 0 (the default) "
-            "skips: add --fusion-fraction F (e.g. 0.3)"
-        )
+    data = check_dha_args(args, tokens)
+    search = search_options_from_args(args)
+    fusion = fusion_options_from_args(args, tokens)
     train_cfg = train_config_from_args(args, tokens)
     config = DHAConfig(
         kv_budget=args.kv_budget,
@@ -280,7 +263,7 @@ def dha_config_from_args(args):
         merge="aligned" if args.merge == "pca" else args.merge,
         calib_tokens=args.calib_tokens,
         calib_block_size=args.calib_block_size,
-        search=search_options,
+        search=search,
         fusion=fusion,
         train=train_cfg,
         device=compute_device(args),
@@ -292,6 +275,96 @@ def dha_config_from_args(args):
     config.validate()
     split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
     return config, data
+
+
+def check_dha_args(args, tokens: int) -> str:
+    """The checks of `convert --method dha`'s options that come before its configuration is built,
+    in this order. Fills in two defaults on `args`: --distill (on when it trains) and --kv-budget
+    (--plan's). Returns the --data to read."""
+    from ..data import DEFAULT_DATA, DataError
+
+    if args.distill is None:
+        args.distill = tokens > 0  # distillation from the source is on by default for dha (docs/method.md)
+    if getattr(args, "fsdp", False):
+        raise UserError(
+            "--fsdp is not supported with --method dha: under torchrun its training stages run data-parallel (DDP)"
+        )
+    if not tokens and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--method dha without --tokens has nothing to run in parallel: start it without torchrun")
+    rundir.resume_path(args.out, args.resume)
+    check_convert_training_flags(args)  # --method dha always works on float32 weights
+    args.kv_budget = kv_budget_from_args(args)
+    data = args.data or DEFAULT_DATA
+    if data != DEFAULT_DATA and not os.path.exists(data):
+        raise DataError(f"data not found: {data}")
+    if args.merge == "pca" and args.merge_metric == "weighted":
+        raise UserError("--merge pca is the aligned merge with --merge-metric plain: drop one of them")
+    return data
+
+
+def kv_budget_from_args(args) -> float:
+    """--kv-budget, or else --plan's budget (its KV fraction where it names none); in (0, 1]."""
+    from ..plan import Plan
+
+    budget = args.kv_budget
+    if budget is None and args.plan is not None:
+        plan = Plan.load(args.plan)
+        budget = plan.kv_budget if plan.kv_budget is not None else plan.kv_fraction()
+    if budget is None or not 0 < budget <= 1:
+        raise UserError(f"--kv-budget must be in (0, 1] (the fraction of the KV cache kept), got {budget}")
+    return budget
+
+
+def search_options_from_args(args):
+    """The SearchOptions (dha.search) of the search and merge options; --merge pca is the aligned merge
+    with the plain metric."""
+    from ..search import SearchOptions
+
+    metric = "plain" if args.merge == "pca" else (args.merge_metric or SearchOptions.metric)
+    return SearchOptions(
+        search=args.search,
+        metric=metric,
+        sensitivity=args.sensitivity,
+        allocation=args.allocation,
+        decoupled=not args.coupled_kv,
+        layout=args.layout,
+        seed=args.seed,
+        free_pairs=args.free_pairs,
+        free_context=args.context,
+        progress=not getattr(args, "no_progress", False),
+    )
+
+
+# The FusionOptions field each fusion flag sets.
+FUSION_FLAGS = {
+    "schedule": "--fusion-schedule",
+    "weight": "--fusion-weight",
+    "ramp_end": "--fusion-ramp-end",
+    "eps": "--fusion-eps",
+    "train_base": "--freeze-base",
+    "learn_maps": "--freeze-maps",
+}
+
+
+def fusion_options_from_args(args, tokens: int) -> FusionOptions:
+    """The FusionOptions of the fusion flags; refused when they change a fusion stage that does not run
+    (training with --fusion-fraction 0)."""
+    fusion = FusionOptions(
+        schedule=args.fusion_schedule,
+        weight=args.fusion_weight,
+        ramp_end=args.fusion_ramp_end,
+        eps=args.fusion_eps,
+        train_base=not args.freeze_base,
+        learn_maps=not args.freeze_maps,
+    )
+    default = FusionOptions()
+    changed = [flag for name, flag in FUSION_FLAGS.items() if getattr(fusion, name) != getattr(default, name)]
+    if tokens and not args.fusion_fraction and changed:
+        raise UserError(
+            f"{', '.join(changed)} only shape(s) the fusion stage, which --fusion-fraction 0 (the default) "
+            "skips: add --fusion-fraction F (e.g. 0.3)"
+        )
+    return fusion
 
 
 def report_retrieval(args):

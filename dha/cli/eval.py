@@ -21,6 +21,24 @@ def add_eval(sub) -> None:
         "prefill and decode tokens/s and peak memory. Prints a table, then one JSON line.",
     )
     add_source(p)
+    add_eval_data_options(p)
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="OTHER",
+        help="more models to evaluate in the same run; ratios are to SOURCE",
+    )
+    add_perplexity_options(p)
+    add_speed_options(p)
+    add_lm_eval_options(p)
+    add_long_context_options(p)
+    add_json_option(p)
+    p.set_defaults(func=run_eval)
+
+
+def add_eval_data_options(p: argparse.ArgumentParser) -> None:
+    """The text the perplexities are measured on: its held-out documents."""
     p.add_argument(
         "--data",
         default="pydoc",
@@ -34,19 +52,20 @@ def add_eval(sub) -> None:
         default=0.1,
         help="share of documents held out (by a stable hash of each document)",
     )
-    p.add_argument(
-        "--compare",
-        nargs="+",
-        default=[],
-        metavar="OTHER",
-        help="more models to evaluate in the same run; ratios are to SOURCE",
-    )
+
+
+def add_perplexity_options(p: argparse.ArgumentParser) -> None:
+    """How held-out perplexity is scored: window length, token budget, windows per pass."""
     p.add_argument("--eval-block-size", type=int, default=512, help="perplexity window length in tokens (default 512)")
     old_spelling(p, "--block-size", "--eval-block-size", "eval_block_size", int)
     p.add_argument(
         "--max-eval-tokens", type=int, default=16384, help="score at most this many held-out tokens (0: all)"
     )
     p.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward pass for perplexity")
+
+
+def add_speed_options(p: argparse.ArgumentParser) -> None:
+    """The decode-speed timing runs: batch sizes, prompt and decode lengths, repeats, CPU threads."""
     p.add_argument("--batch-sizes", type=int_list, default=[1, 8], help="decode-speed batch sizes, comma-separated")
     p.add_argument("--context", type=int, default=512, help="prompt tokens prefilled before timing decode")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per timing run")
@@ -57,6 +76,10 @@ def add_eval(sub) -> None:
         default=None,
         help="CPU threads for torch (default: torch's own; 1 is faster on a busy machine)",
     )
+
+
+def add_lm_eval_options(p: argparse.ArgumentParser) -> None:
+    """lm-evaluation-harness tasks run on the models too (optional)."""
     p.add_argument(
         "--tasks",
         default="",
@@ -74,9 +97,6 @@ def add_eval(sub) -> None:
         metavar="JSON",
         help="lm-eval task metadata, e.g. '{\"max_seq_lengths\": [4096]}' for the RULER tasks (docs/longcontext.md)",
     )
-    add_long_context_options(p)
-    add_json_option(p)
-    p.set_defaults(func=run_eval)
 
 
 def add_long_context_options(p: argparse.ArgumentParser) -> None:

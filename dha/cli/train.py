@@ -36,13 +36,29 @@ def add_train(sub) -> None:
 
 
 def run_train(args) -> int:
+    """`dha train SOURCE ...`: train in the run directory --out, then (the main process) print a summary."""
     import os
 
     import torch
 
     from ..checkpoint import load
-    from ..continued import continue_training, source_identity
 
+    check_train_args(args)
+    cfg = train_config_from_args(args)
+    loaded = load(args.source, torch.float32, device=args.device)  # master weights; --train-dtype is autocast
+    teacher = (
+        load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
+        if args.teacher is not None
+        else None
+    )
+    result = train_in_run_dir(args, loaded, teacher, cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 reports
+        print_train_summary(args, result)
+    return 0
+
+
+def check_train_args(args) -> None:
+    """Fail on bad options before any model is loaded; --out defaults to the --resume directory."""
     args.out = rundir.resume_path(args.out, args.resume)
     if args.out is None:
         raise UserError("give --out DIR (or --resume DIR to continue a run there)")
@@ -50,25 +66,29 @@ def run_train(args) -> int:
         raise UserError("--teacher is only used with --distill")
     if not 0 <= args.heldout_fraction < 1:
         raise UserError(f"--heldout-fraction must be in [0, 1), got {args.heldout_fraction}")
-    cfg = train_config_from_args(args)
-    loaded = load(
-        args.source, torch.float32, device=args.device
-    )  # master weights in float32; --train-dtype is the autocast dtype
-    teacher = (
-        load(args.teacher, torch.float32, tokenizer=False, device=args.device).model
-        if args.teacher is not None
-        else None
-    )
-    run_info = {
+
+
+def train_run_info(args) -> dict:
+    """What a resumed run must share with the run it continues: its source, data and teacher."""
+    from ..continued import source_identity
+
+    return {
         "source": source_identity(args.source),
         "data": source_identity(args.data or "pydoc"),
         "text_field": args.text_field,
         "heldout_fraction": args.heldout_fraction,
         "teacher": source_identity(args.teacher) if args.teacher else None,
     }
+
+
+def train_in_run_dir(args, loaded, teacher, cfg):
+    """continue_training in --out, holding its lock; under torchrun the process group ends with it."""
+    from ..continued import continue_training
+
+    run_info = train_run_info(args)
     try:
         with rundir.hold(args.out):
-            result = continue_training(
+            return continue_training(
                 loaded,
                 args.data,
                 cfg,
@@ -85,22 +105,24 @@ def run_train(args) -> int:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 reports
-        last = result.history[-1] if result.history else {}
-        final_eval = result.evals[-1] if result.evals else {}
-        summary = {
-            "out": args.out,
-            "steps": result.steps,
-            "tokens": last.get("tokens"),
-            "loss": last.get("loss"),
-            "heldout_loss": final_eval.get("heldout_loss"),
-            "ppl": final_eval.get("ppl"),
-        }
-        if not args.json:
-            ppl = f", held-out ppl {summary['ppl']:.3f}" if summary["ppl"] is not None else ""
-            print(
-                f"trained {summary['steps']} steps ({summary['tokens']:,} tokens), "
-                f"last loss {summary['loss']:.4f}{ppl}; wrote {args.out}"
-            )
-        print(json.dumps(summary))
-    return 0
+
+
+def print_train_summary(args, result) -> None:
+    """The last training step and held-out evaluation: a line (unless --json), then the JSON line."""
+    last = result.history[-1] if result.history else {}
+    final_eval = result.evals[-1] if result.evals else {}
+    summary = {
+        "out": args.out,
+        "steps": result.steps,
+        "tokens": last.get("tokens"),
+        "loss": last.get("loss"),
+        "heldout_loss": final_eval.get("heldout_loss"),
+        "ppl": final_eval.get("ppl"),
+    }
+    if not args.json:
+        ppl = f", held-out ppl {summary['ppl']:.3f}" if summary["ppl"] is not None else ""
+        print(
+            f"trained {summary['steps']} steps ({summary['tokens']:,} tokens), "
+            f"last loss {summary['loss']:.4f}{ppl}; wrote {args.out}"
+        )
+    print(json.dumps(summary))
