@@ -21,8 +21,6 @@ import torch
 
 from .errors import UserError
 
-DEVICE_HELP = "auto (CUDA when a GPU is present, else the CPU; default) | cpu | cuda | cuda:N"
-
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """The torch.device that `spec` names on this machine; UserError when it is unknown or absent."""

@@ -342,9 +342,27 @@ def print_long_context(models: list[dict], file) -> None:
 
 
 def print_report(report: dict, file=None) -> None:
+    """The report as text (stdout by default): how it was measured, the table, ratios to the first
+    model, long context, lm-eval tasks, peak memory."""
     file = file or sys.stdout
-    w = report["perplexity_windows"]
     models = report["models"]
+    print_measurement(report, file)
+    print(file=file)
+    print_table(models, file)
+    if len(models) > 1:
+        print(file=file)
+        print_ratios(models, file)
+    print_long_context(models, file)
+    if "tasks" in models[0]:
+        print(file=file)
+        print_tasks(models, file)
+    print(file=file)
+    print_memory(models, file)
+
+
+def print_measurement(report: dict, file) -> None:
+    """What was measured and how: the data and its held-out windows for perplexity, the speed runs."""
+    w = report["perplexity_windows"]
     cap = f", capped at {w['max_eval_tokens']} tokens" if w["max_eval_tokens"] is not None else ""
     print(
         f"data: {report['data']}, held-out {report['heldout_tokens_available']} tokens"
@@ -363,45 +381,51 @@ def print_report(report: dict, file=None) -> None:
         f"best of {report['options']['repeats']} interleaved runs, {report['device']}, {report['threads']} threads",
         file=file,
     )
-    print(file=file)
-    name_w = max(12, *(len(os.path.basename(m["source"].rstrip("/")) or m["source"]) for m in models))
+
+
+def print_table(models: list[dict], file) -> None:
+    """One row per model: parameters, K+V heads, perplexity, KV bytes per token, prefill and decode speed."""
+    name_w = max(12, *(len(_name(m)) for m in models))
     head = f"{'model':<{name_w}} {'params':>11} {'K+V heads':>9} {'ppl':>9} {'KV B/token':>10}"
     for s in models[0]["speed"]:
         head += f" {'prefill b' + str(s['batch_size']):>11} {'decode b' + str(s['batch_size']):>10}"
     print(head + "   (tokens/s)", file=file)
     for m in models:
-        name = os.path.basename(m["source"].rstrip("/")) or m["source"]
         row = (
-            f"{name:<{name_w}} {m['parameters']:>11,} {m['key_heads_total'] + m['value_heads_total']:>9} "
+            f"{_name(m):<{name_w}} {m['parameters']:>11,} {m['key_heads_total'] + m['value_heads_total']:>9} "
             f"{m['ppl']:>9.3f} {m['kv_bytes_per_token']:>10,}"
         )
         for s in m["speed"]:
             row += f" {s['prefill_tokens_per_s']:>11.1f} {s['decode_tokens_per_s']:>10.1f}"
         print(row, file=file)
-    if len(models) > 1:
-        print(file=file)
-        print(f"ratios to {os.path.basename(models[0]['source'].rstrip('/')) or models[0]['source']}:", file=file)
-        for m in models[1:]:
-            r = m["ratios"]
-            dec = ", ".join(f"b{b} {v:.2f}x" for b, v in r["decode_tokens_per_s"].items())
-            print(
-                f"  {os.path.basename(m['source'].rstrip('/')) or m['source']}: ppl {r['ppl']:.3f}x, "
-                f"KV bytes {r['kv_bytes_per_token']:.3f}x, decode speed {dec}",
-                file=file,
-            )
-    print_long_context(models, file)
-    if "tasks" in models[0]:
-        print(file=file)
-        for m in models:
-            name = os.path.basename(m["source"].rstrip("/")) or m["source"]
-            for task, metrics in m["tasks"].items():
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                print(f"lm-eval {name} {task}: {shown}", file=file)
-    print(file=file)
+
+
+def print_ratios(models: list[dict], file) -> None:
+    """Perplexity, KV bytes and decode speed of every model after the first, as ratios to the first."""
+    print(f"ratios to {_name(models[0])}:", file=file)
+    for m in models[1:]:
+        r = m["ratios"]
+        dec = ", ".join(f"b{b} {v:.2f}x" for b, v in r["decode_tokens_per_s"].items())
+        print(
+            f"  {_name(m)}: ppl {r['ppl']:.3f}x, KV bytes {r['kv_bytes_per_token']:.3f}x, decode speed {dec}",
+            file=file,
+        )
+
+
+def print_tasks(models: list[dict], file) -> None:
+    """The lm-eval tasks' metrics, one line per model and task."""
+    for m in models:
+        for task, metrics in m["tasks"].items():
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            print(f"lm-eval {_name(m)} {task}: {shown}", file=file)
+
+
+def print_memory(models: list[dict], file) -> None:
+    """Each model's peak memory per batch size, with its KV cache's share."""
     for m in models:
         mem = ", ".join(
             f"b{s['batch_size']} {_mb(s['peak_memory_bytes'])} (KV cache {_mb(s['kv_cache_bytes'])})"
             for s in m["speed"]
         )
         kind = m["speed"][0]["peak_memory_kind"]
-        print(f"peak memory ({kind}) {os.path.basename(m['source'].rstrip('/')) or m['source']}: {mem}", file=file)
+        print(f"peak memory ({kind}) {_name(m)}: {mem}", file=file)

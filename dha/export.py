@@ -267,7 +267,32 @@ def export(loaded: Loaded, out: str, force_remote_code: bool = False, atol: floa
 
     Raises UserError when `out` is not empty, ExportMismatch when the reloaded export's fp32 logits
     differ from ours by more than `atol` (then nothing is written)."""
-    model, cfg = loaded.model, loaded.model.config
+    family, layout, reason = stock_choice(loaded, force_remote_code)
+    with atomic_dir(out) as tmp:
+        kind, written, permuted = write_export(tmp, loaded, family, layout)
+        diff, diff_source, hf_class, check = check_export(tmp, kind, written, loaded.model, permuted, atol)
+    cfg = loaded.model.config
+    counts = kv_summary(cfg)
+    return ExportResult(
+        os.path.abspath(out),
+        kind,
+        hf_class,
+        counts["key_heads"],
+        counts["value_heads"],
+        cfg.num_heads,
+        diff,
+        diff_source,
+        permuted,
+        reason,
+        check,
+        tokenizer=loaded.tokenizer is not None,
+    )
+
+
+def stock_choice(loaded: Loaded, force_remote_code: bool) -> tuple[Family | None, StockLayout | None, str | None]:
+    """(family, layout, reason): the StockLayout when the model can be written as its family's stock
+    class, else layout None and the reason it cannot (the export then carries remote code)."""
+    cfg = loaded.model.config
     family, reason = None, None
     try:
         family = family_of(cfg.family)
@@ -288,52 +313,51 @@ def export(loaded: Loaded, out: str, force_remote_code: bool = False, atol: floa
             layout = stock_layout(cfg, family)
         except NotStock as e:
             reason = str(e)
+    return family, layout, reason
 
-    H, L = cfg.num_heads, cfg.num_layers
-    with atomic_dir(out) as tmp:
-        written, permuted = model, 0
-        if layout is not None:
-            permuted = sum(perm != list(range(H)) for perm in layout.perms)
-            if permuted:
-                written = permute_query_heads(model, layout.perms)
-            assert all(is_grouped(written.config.key_index[l], layout.kv_heads) for l in range(L))
-            write_stock(tmp, written, loaded.hf_config, family, layout.kv_heads)
-            kind = "stock"
-        else:
-            write_remote_code(tmp, model, loaded.hf_config)
-            kind = "remote-code"
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        diffs, scale, hf_class, check = compare_with_transformers(
-            tmp, [written, model] if permuted else [written], trust_remote_code=kind == "remote-code"
-        )
-        diff, diff_source = diffs[0], diffs[-1]
-        where = f"on {check['batch']}x{check['length']} random tokens (fp32); nothing written"
-        if not diff <= atol:  # also catches NaN
-            raise ExportMismatch(
-                f"the {kind} export reloaded with transformers ({hf_class}) differs from the model: "
-                f"max |logit difference| {diff:.3g} > {atol:g} {where}"
-            )
-        if not diff_source <= atol + REORDER_RTOL * scale:
-            raise ExportMismatch(
-                f"the {kind} export differs from the model before its query heads were reordered: "
-                f"max |logit difference| {diff_source:.3g} > {atol + REORDER_RTOL * scale:.3g} {where}"
-            )
-    counts = kv_summary(cfg)
-    return ExportResult(
-        os.path.abspath(out),
-        kind,
-        hf_class,
-        counts["key_heads"],
-        counts["value_heads"],
-        H,
-        diff,
-        diff_source,
-        permuted,
-        reason,
-        check,
-        tokenizer=loaded.tokenizer is not None,
+
+def write_export(directory: str, loaded: Loaded, family: Family | None, layout: StockLayout | None) -> tuple:
+    """Write the model (stock with a layout: its query heads reordered first where needed; else
+    remote-code) and its tokenizer into `directory`. Returns (kind, the model as written, how many
+    layers' query heads were reordered)."""
+    model, cfg = loaded.model, loaded.model.config
+    written, permuted = model, 0
+    if layout is not None:
+        permuted = sum(perm != list(range(cfg.num_heads)) for perm in layout.perms)
+        if permuted:
+            written = permute_query_heads(model, layout.perms)
+        assert all(is_grouped(written.config.key_index[l], layout.kv_heads) for l in range(cfg.num_layers))
+        write_stock(directory, written, loaded.hf_config, family, layout.kv_heads)
+        kind = "stock"
+    else:
+        write_remote_code(directory, model, loaded.hf_config)
+        kind = "remote-code"
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(directory)
+    return kind, written, permuted
+
+
+def check_export(directory: str, kind: str, written: Transformer, model: Transformer, permuted: int, atol: float):
+    """Reload `directory` with transformers and compare its logits with the model as written (within
+    atol) and, when query heads were reordered, with the model before (within atol + REORDER_RTOL *
+    max|logit|); ExportMismatch otherwise. Returns (difference to the written model, to the source
+    model, the reloaded class name, the check's inputs)."""
+    diffs, scale, hf_class, check = compare_with_transformers(
+        directory, [written, model] if permuted else [written], trust_remote_code=kind == "remote-code"
     )
+    diff, diff_source = diffs[0], diffs[-1]
+    where = f"on {check['batch']}x{check['length']} random tokens (fp32); nothing written"
+    if not diff <= atol:  # also catches NaN
+        raise ExportMismatch(
+            f"the {kind} export reloaded with transformers ({hf_class}) differs from the model: "
+            f"max |logit difference| {diff:.3g} > {atol:g} {where}"
+        )
+    if not diff_source <= atol + REORDER_RTOL * scale:
+        raise ExportMismatch(
+            f"the {kind} export differs from the model before its query heads were reordered: "
+            f"max |logit difference| {diff_source:.3g} > {atol + REORDER_RTOL * scale:.3g} {where}"
+        )
+    return diff, diff_source, hf_class, check
 
 
 def summary_lines(result: ExportResult) -> list[str]:

@@ -41,6 +41,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -273,50 +274,88 @@ def run_dha(
     Under torchrun (WORLD_SIZE > 1) rank 0 runs stage 1 and sends its plan to the other ranks, every
     rank trains (DDP), and rank 0 alone evaluates: the other ranks return None.
     """
+    config, search_options, stages = prepared_run(loaded.model, splits, config)
+    d = setup_distributed(config.train.device)
+    if config.train.distill and teacher is None:
+        teacher = loaded.model
+    log_progress = progress_logger(progress and d.main)
+    run = StageRun(run_dir, resume, dict(run_info or {}), d, progress)
+    seconds = {}
+    with timed(seconds, "search"):
+        calib = calibration_blocks(splits.train, config.calib_tokens, config.calib_block_size)
+        plan, merges = run.stage1(
+            lambda: plan_and_merges(loaded.model, calib, config, search_options, plan, log_progress, loaded.tokenizer)
+        )
+    heldout_train = training_heldout(splits, config.train.block_size)
+    with timed(seconds, "fusion"):
+        model, fusion_distance, log = fusion_stage(
+            loaded.model, plan, merges, config, stages, splits, heldout_train, teacher, run, log_progress
+        )
+    with timed(seconds, "continued"):
+        model, continued_log = continued_stage(model, config, stages, splits, heldout_train, teacher, run, log_progress)
+    if not d.main:
+        return None
+    model = model.eval()
+    with timed(seconds, "evaluation"):
+        rows, source_curve_ppl = final_table(
+            loaded.model, model, plan, merges, config, splits, heldout_train, loaded.tokenizer
+        )
+    summary = {
+        **run_description(loaded, splits, config, search_options, stages, plan, calib, fusion_distance, d.world),
+        "results": rows,
+        "source_ppl_on_training_eval_windows": source_curve_ppl,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
+    return DHAResult(result_loaded(loaded, model, plan, config, summary), summary, log + continued_log)
+
+
+def prepared_run(model, splits, config: DHAConfig) -> tuple:
+    """run_dha's checks and settings, before any work: the config is valid, the model's heads can be
+    merged (no qk-norm), the search options resolve for the model, and with tokens the train split
+    holds a training block. Returns (config with its training template filled in, search options,
+    StageTokens)."""
     config.validate()
-    refuse_merge_of_qk_norm(loaded.model)
+    refuse_merge_of_qk_norm(model)
     search_options = config.search or SearchOptions()
     template = config.train or TrainConfig(tokens=1)
     config = replace(config, train=template)
     stages = split_tokens(config.tokens, config.fusion_fraction, template.batch_tokens, template.block_size)
-    search_options = resolved_search(loaded.model, search_options, fusion=bool(stages.fusion))  # once, before any work
+    search_options = resolved_search(model, search_options, fusion=bool(stages.fusion))  # once, before any work
     if config.tokens and splits.train.numel() < template.block_size + 1:
         raise UserError(
             f"the train split has {splits.train.numel()} tokens, less than one training block of "
             f"{template.block_size}: use more data or a smaller --block-size"
         )
-    d = setup_distributed(template.device)
-    if template.distill and teacher is None:
-        teacher = loaded.model
-    log_progress = (lambda msg: print(f"dha: {msg}", file=sys.stderr)) if progress and d.main else (lambda msg: None)
-    run = StageRun(run_dir, resume, dict(run_info or {}), d, progress)
-    seconds = {}
+    return config, search_options, stages
 
-    t0 = time.perf_counter()
-    calib = calibration_blocks(splits.train, config.calib_tokens, config.calib_block_size)
-    plan, merges = run.stage1(
-        lambda: plan_and_merges(loaded.model, calib, config, search_options, plan, log_progress, loaded.tokenizer)
-    )
-    seconds["search"] = time.perf_counter() - t0
 
-    heldout_train = training_heldout(splits, template.block_size)
+def progress_logger(enabled: bool):
+    """A function that prints "dha: <message>" on stderr (enabled) or does nothing."""
+    return (lambda msg: print(f"dha: {msg}", file=sys.stderr)) if enabled else (lambda msg: None)
+
+
+@contextmanager
+def timed(seconds: dict, name: str):
+    """seconds[name]: the wall-clock time the `with` block took."""
     t0 = time.perf_counter()
-    model, fusion_distance, log = fusion_stage(
-        loaded.model, plan, merges, config, stages, splits, heldout_train, teacher, run, log_progress
-    )
-    seconds["fusion"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model, continued_log = continued_stage(model, config, stages, splits, heldout_train, teacher, run, log_progress)
-    seconds["continued"] = time.perf_counter() - t0
-    if not d.main:
-        return None
-    model = model.eval()
-    t0 = time.perf_counter()
-    rows, source_curve_ppl = final_table(
-        loaded.model, model, plan, merges, config, splits, heldout_train, loaded.tokenizer
-    )
-    seconds["evaluation"] = time.perf_counter() - t0
-    summary = {
+    yield
+    seconds[name] = time.perf_counter() - t0
+
+
+def run_description(
+    loaded,
+    splits,
+    config: DHAConfig,
+    search_options,
+    stages: StageTokens,
+    plan: Plan,
+    calib,
+    fusion_distance,
+    processes,
+) -> dict:
+    """The first part of summary.json: what was run, on what, with which settings (run_dha adds the
+    final table and the timings)."""
+    return {
         "method": "dha",
         "source": loaded.source,
         "data": splits.source,
@@ -330,17 +369,13 @@ def run_dha(
         "value_heads": plan.value_heads(),
         "search": {k: v for k, v in asdict(search_options).items() if k != "progress"},
         "fusion": asdict(config.fusion),
-        "train": asdict(template) if config.tokens else None,
+        "train": asdict(config.train) if config.tokens else None,
         "fusion_fraction": config.fusion_fraction,
         "merge": config.merge,
         "retrieval_heads": config.retrieval_heads,
         "calibration_tokens": int(calib.numel()),
-        "processes": d.world,
-        "results": rows,
-        "source_ppl_on_training_eval_windows": source_curve_ppl,
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "processes": processes,
     }
-    return DHAResult(result_loaded(loaded, model, plan, config, summary), summary, log + continued_log)
 
 
 def merge_without_fusion(model, plan: Plan, merges, device=None):
@@ -636,11 +671,19 @@ def long_context_markdown(rows: list[dict]) -> list[str]:
 
 
 def report_markdown(summary: dict, plots: list[str]) -> str:
+    """report.md: how the run was made, the table against the source, long context, heads per layer, the plots."""
     rows = summary["results"]
-    source = rows[0]
+    lines = ["# DHA conversion report", "", *run_markdown(summary), ""]
+    lines += against_source_markdown(rows)
+    lines += long_context_markdown(rows)
+    lines += heads_markdown(summary)
+    lines += plots_markdown(plots)
+    return "\n".join(lines)
+
+
+def run_markdown(summary: dict) -> list[str]:
+    """The report's list of what was done: source, data, budget, search, tokens, fusion, training, time."""
     lines = [
-        "# DHA conversion report",
-        "",
         f"- source: `{summary['source']}`",
         f"- data: `{summary['data']}` (calibration and training on its train split; evaluation on its held-out split)",
         f"- KV budget: {summary['kv_budget']:g}; kept {summary['kv_fraction']:.4f} of the source's KV heads",
@@ -664,9 +707,15 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
             f"- training: lr {tr['lr']:g}, batch {tr['batch_tokens']:,} tokens of blocks of {tr['block_size']}, "
             f"autocast {tr['dtype']}" + (f", distillation (weight {tr['distill_weight']:g})" if tr["distill"] else "")
         )
-    lines += [
-        "- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()),
-        "",
+    lines.append("- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()))
+    return lines
+
+
+def against_source_markdown(rows: list[dict]) -> list[str]:
+    """The report's main table: each model's KV heads, KV cache and held-out perplexity, and their ratios to the
+    source's (rows[0])."""
+    source = rows[0]
+    lines = [
         "## Against the source",
         "",
         "| model | KV heads | KV bytes/token (bf16) | KV cache vs source | held-out ppl | ppl vs source |",
@@ -680,20 +729,31 @@ def report_markdown(summary: dict, plots: list[str]) -> str:
             f"{format_number(r['heldout_ppl'], '.3f')} | {'n/a' if rel is None else format(rel, '.3f') + 'x'} |"
         )
     lines += ["", f"Perplexity on {source['heldout_tokens']:,} held-out tokens (non-overlapping windows).", ""]
-    lines += long_context_markdown(rows)
-    lines += ["## Heads per layer", "", "| layer | key heads | value heads |", "|---:|---:|---:|"]
+    return lines
+
+
+def heads_markdown(summary: dict) -> list[str]:
+    """The report's table of the key and value heads each layer keeps."""
+    lines = ["## Heads per layer", "", "| layer | key heads | value heads |", "|---:|---:|---:|"]
     for l, (k, v) in enumerate(zip(summary["key_heads"], summary["value_heads"])):
         lines.append(f"| {l} | {k} | {v} |")
     lines.append("")
-    captions = {
-        "allocation.png": "Key and value heads kept per layer (outline: the source).",
-        "loss.png": "Training loss against tokens; fusion distance on the right axis; the dotted line is the merge.",
-        "perplexity.png": (
-            "Held-out perplexity against tokens (the training evaluations' windows); "
-            "the dashed line is the source on the same windows."
-        ),
-    }
-    lines += ["## Plots", ""]
+    return lines
+
+
+PLOT_CAPTIONS = {
+    "allocation.png": "Key and value heads kept per layer (outline: the source).",
+    "loss.png": "Training loss against tokens; fusion distance on the right axis; the dotted line is the merge.",
+    "perplexity.png": (
+        "Held-out perplexity against tokens (the training evaluations' windows); "
+        "the dashed line is the source on the same windows."
+    ),
+}
+
+
+def plots_markdown(plots: list[str]) -> list[str]:
+    """The report's plots (files in the same directory), each with its caption."""
+    lines = ["## Plots", ""]
     for p in plots:
-        lines += [f"![{p}]({p})", "", captions.get(p, ""), ""]
-    return "\n".join(lines)
+        lines += [f"![{p}]({p})", "", PLOT_CAPTIONS.get(p, ""), ""]
+    return lines

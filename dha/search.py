@@ -549,12 +549,35 @@ def learned_counts(
     same dynamic programming as the cost search, minimising sum_l (n_l - E[n_l])^2.
     """
     relaxed = RelaxedCounts(model, tables, calibration, options.gate_init)
+    result = _train_gates(relaxed, calib_blocks, total, options)
+    counts, expected_counts = _counts_from_gates(relaxed, tables, total)
+    return counts, {
+        "expected_counts": [round(e, 4) for e in expected_counts],
+        "history": _learned_history(result, options),
+    }
+
+
+def _train_gates(relaxed: RelaxedCounts, calib_blocks: torch.Tensor, total: int, options: SearchOptions):
+    """The learned search's loop: `dha.train.train` of the gates (and the Lagrange multipliers) on the
+    calibration blocks, on the source model's device; the model's train/eval mode is restored after."""
+    model = relaxed.model
     device = next(model.parameters()).device  # where dha.train.train runs it (cfg.device below)
     multipliers = nn.Parameter(torch.zeros(2, device=device))  # lambda1, lambda2
     hooks = _lagrangian_hooks(multipliers, total / relaxed.source_heads, options)
+    cfg = _gates_train_config(calib_blocks, options, device)
+    was_training = model.training
+    try:
+        return train(relaxed, calib_blocks, None, cfg, hooks=hooks, progress=options.progress)
+    finally:
+        model.train(was_training)
+
+
+def _gates_train_config(calib_blocks: torch.Tensor, options: SearchOptions, device: torch.device) -> TrainConfig:
+    """options.steps steps of up to options.batch_size calibration blocks, in fp32 at constant learning rates,
+    without clipping, evaluation or activation checkpointing."""
     rows = min(options.batch_size, calib_blocks.shape[0])
     width = calib_blocks.shape[1]
-    cfg = TrainConfig(
+    return TrainConfig(
         tokens=options.steps * rows * width,
         block_size=width,
         batch_tokens=rows * width,
@@ -569,19 +592,15 @@ def learned_counts(
         device=str(device),
         activation_checkpointing="off",
     )  # functional_call's weights are gone when a block would recompute
-    was_training = model.training
-    try:
-        result = train(relaxed, calib_blocks, None, cfg, hooks=hooks, progress=options.progress)
-    finally:
-        model.train(was_training)
+
+
+def _counts_from_gates(relaxed: RelaxedCounts, tables: list[HeadTable], total: int) -> tuple[list[int], list[float]]:
+    """The learned search's readout: (integer counts meeting `total` exactly, nearest in squared distance to the
+    expected counts; the expected counts E[n] of the trained gates), per table."""
     with torch.no_grad():
         expected_counts = [float(e) for e in relaxed.expected_counts()]
     rounding = [[(c - e) ** 2 for c in range(1, len(t.costs) + 1)] for t, e in zip(tables, expected_counts)]
-    counts = allocate(rounding, total)
-    return counts, {
-        "expected_counts": [round(e, 4) for e in expected_counts],
-        "history": _learned_history(result, options),
-    }
+    return allocate(rounding, total), expected_counts
 
 
 def _lagrangian_hooks(multipliers: nn.Parameter, final: float, options: SearchOptions) -> Hooks:
@@ -654,18 +673,8 @@ def search(
     check_calib_blocks(calib_blocks)
     src_k, src_v = source_heads(model)
     total = total_heads_for_budget(src_k, src_v, kv_budget)
-    weighted = options.needs_gradients
-    free_pairs = free_pairs_for(model, options.free_pairs, options.free_context)
-    fresh = calibration is None or (calibration.metric, calibration.free_pairs) != (options.metric, free_pairs)
-    if fresh or (weighted and calibration.grads is None):
-        calibration = calibrate(
-            model, calib_blocks, options.batch_size, options.metric, gradients=weighted, free_pairs=free_pairs
-        )
-    if options.layout == "free" and options.decoupled:
-        tables = head_tables(model, calibration, weighted, options.protect)
-    else:
-        tables = (serving_tables if options.layout == "serving" else coupled_tables)(model, calibration, weighted)
-    forbid_protected_merges(tables, options.protect)
+    calibration = _search_calibration(model, calib_blocks, options, calibration)
+    tables = _search_tables(model, calibration, options)
     notes = {
         "search": options.search,
         "total_heads": total,
@@ -675,7 +684,53 @@ def search(
             "free_pairs": calibration.free_pairs,
         },
     }
-    costs = [t.fisher for t in tables] if weighted else [t.costs for t in tables]
+    costs = [t.fisher for t in tables] if options.needs_gradients else [t.costs for t in tables]
+    counts = _allocated_counts(model, calib_blocks, tables, calibration, costs, total, options, notes)
+    notes.update(_cost_notes(tables, costs, counts, options.needs_gradients))
+    plan = Plan(_chosen_groupings(tables, counts), src_k, src_v, method="dha", kv_budget=kv_budget, notes=notes)
+    plan.validate(src_k, src_v)
+    return plan
+
+
+def _search_calibration(
+    model: Transformer, calib_blocks: torch.Tensor, options: SearchOptions, calibration: Calibration | None
+) -> Calibration:
+    """`calibration` when it was made with the options' merge metric and position-free pairs (and
+    gradients, when the costs are weighted by sensitivity); else a new calibration pass."""
+    weighted = options.needs_gradients
+    free_pairs = free_pairs_for(model, options.free_pairs, options.free_context)
+    fresh = calibration is None or (calibration.metric, calibration.free_pairs) != (options.metric, free_pairs)
+    if fresh or (weighted and calibration.grads is None):
+        calibration = calibrate(
+            model, calib_blocks, options.batch_size, options.metric, gradients=weighted, free_pairs=free_pairs
+        )
+    return calibration
+
+
+def _search_tables(model: Transformer, calibration: Calibration, options: SearchOptions) -> list[HeadTable]:
+    """Steps 1 and 2 (module doc): per layer, key table then value table, the nested groupings and
+    their costs in the options' layout; merges of protected heads cost PROTECTED."""
+    weighted = options.needs_gradients
+    if options.layout == "free" and options.decoupled:
+        tables = head_tables(model, calibration, weighted, options.protect)
+    else:
+        tables = (serving_tables if options.layout == "serving" else coupled_tables)(model, calibration, weighted)
+    forbid_protected_merges(tables, options.protect)
+    return tables
+
+
+def _allocated_counts(
+    model: Transformer,
+    calib_blocks: torch.Tensor,
+    tables: list[HeadTable],
+    calibration: Calibration,
+    costs: list[list[float]],
+    total: int,
+    options: SearchOptions,
+    notes: dict,
+) -> list[int]:
+    """Step 3 (module doc): the head count of every table, by the options' layout and search; what
+    the allocation reports goes into `notes`. UserError when the counts must merge a protected head."""
     if options.layout == "serving":
         counts = allocate_serving(costs, total)
         notes["heads_kept"] = sum(counts)  # the most heads equal groups reach within the budget
@@ -689,17 +744,25 @@ def search(
             f"the budget keeps {total} heads, too few to keep the {len(options.protect)} protected heads "
             "unmerged in this layout: protect fewer (--retrieval-heads) or raise --kv-budget"
         )
-    notes["costs"] = _by_kind(tables, [_rounded(t.costs) for t in tables])
+    return counts
+
+
+def _cost_notes(tables: list[HeadTable], costs: list[list[float]], counts: list[int], weighted: bool) -> dict:
+    """The plan's notes on costs: the cost table (and the loss increases when weighted) by kind, layer and
+    count, and the summed cost of the chosen counts."""
+    notes = {"costs": _by_kind(tables, [_rounded(t.costs) for t in tables])}
     if weighted:
         notes["loss_increase"] = _by_kind(tables, [_rounded(t.fisher) for t in tables])
     notes["chosen_cost"] = float(f"{sum(c[n - 1] for c, n in zip(costs, counts)):.6g}")
-    layers = []
-    for l in range(len(src_k)):
-        key_table, value_table = tables[2 * l], tables[2 * l + 1]
-        layers.append(LayerPlan(key_table.groupings[counts[2 * l] - 1], value_table.groupings[counts[2 * l + 1] - 1]))
-    plan = Plan(layers, src_k, src_v, method="dha", kv_budget=kv_budget, notes=notes)
-    plan.validate(src_k, src_v)
-    return plan
+    return notes
+
+
+def _chosen_groupings(tables: list[HeadTable], counts: list[int]) -> list[LayerPlan]:
+    """Each layer's key and value groupings at its chosen counts (tables and counts: key, value per layer)."""
+    return [
+        LayerPlan(tables[2 * l].groupings[counts[2 * l] - 1], tables[2 * l + 1].groupings[counts[2 * l + 1] - 1])
+        for l in range(len(tables) // 2)
+    ]
 
 
 def _rounded(values: list[float]) -> list[float | None]:

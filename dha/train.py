@@ -612,8 +612,18 @@ def train(
     )
     if not run.resumed and cfg.eval_every:
         run.evaluate()  # the starting point
-    bar = _progress_bar(run.shape.steps, run.step) if progress and run.d.main else None
-    steps = run.shape.steps
+    _step_loop(run, progress, checkpoint_at_end)
+    if not cfg.eval_every and run.heldout is not None and (not run.evals or run.evals[-1]["step"] != run.step):
+        run.evaluate()  # eval_every 0: one evaluation, at the end
+    return run.finish(loaded, save_final, run_info)
+
+
+def _step_loop(run: "_Run", progress: bool, checkpoint_at_end: bool) -> None:
+    """`train`'s loop: the optimizer steps from where `run` stands to its last, each followed by the
+    evaluation every eval_every steps (and at the last), the progress bar (rank 0) and a checkpoint
+    every save_every steps (with checkpoint_at_end, also after the last)."""
+    cfg, steps = run.cfg, run.shape.steps
+    bar = _progress_bar(steps, run.step) if progress and run.d.main else None
     while run.step < steps:
         record = run.optimizer_step()
         if cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == steps):
@@ -621,13 +631,10 @@ def train(
         if bar is not None:
             _show_progress(bar, record, run.evals)
         periodic = cfg.save_every and run.step % cfg.save_every == 0 and run.step < steps
-        if out_dir is not None and (periodic or (checkpoint_at_end and run.step == steps)):
+        if run.out_dir is not None and (periodic or (checkpoint_at_end and run.step == steps)):
             run.checkpoint()
     if bar is not None:
         bar.close()
-    if not cfg.eval_every and run.heldout is not None and (not run.evals or run.evals[-1]["step"] != run.step):
-        run.evaluate()  # eval_every 0: one evaluation, at the end
-    return run.finish(loaded, save_final, run_info)
 
 
 class _Run:
