@@ -115,3 +115,31 @@ def test_the_check_sees_upward_same_layer_and_function_level_imports():
 def test_a_subpackage_imports_its_own_modules_freely_and_dha_from_two_dots():
     source = "from .common import x\nfrom ..low import y\nfrom .. import peer\nfrom ...up import z\n"
     assert dha_imports(source, depth=1) == {"low", "peer", "<import above the package: level 3>"}
+
+
+MAX_FUNCTION_LINES = 60  # a function fits a screen
+
+
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """(name, lines) of the functions of `source` longer than `limit` lines, from `def` to the end."""
+    return [
+        (node.name, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit
+    ]
+
+
+def test_no_function_is_longer_than_a_screen():
+    found = {}
+    for root, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                with open(path) as f:
+                    found.update({f"{os.path.relpath(path, REPO)}:{fn}": n for fn, n in long_functions(f.read())})
+    assert found == {}, f"functions over {MAX_FUNCTION_LINES} lines: {found}"
+
+
+def test_the_length_check_counts_from_def_to_the_last_line():
+    source = "def short():\n    return 1\n\n\ndef long():\n" + "    x = 1\n" * 60 + "    return x\n"
+    assert long_functions(source) == [("long", 62)]
