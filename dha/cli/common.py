@@ -174,60 +174,25 @@ def calibration_text_blocks(args, tokenizer):
 # The defaults the training options show: TrainConfig's own (dha.options, no torch).
 TRAIN_DEFAULTS = TrainConfig(tokens=1)
 
+
+def _number(dest: str, type_, what: str) -> tuple[str, dict]:
+    """A numeric training option whose default is TrainConfig's, said in its help."""
+    default = getattr(TRAIN_DEFAULTS, dest)
+    return dest, dict(type=type_, default=default, help=f"{what} (default {default})")
+
+
 # The training options (dest name, add_argument keywords), in --help order; the flag is the dest
 # name with dashes. --tokens is required or not by the verb (add_training_options).
 TRAINING_OPTIONS: tuple[tuple[str, dict], ...] = (
     ("tokens", dict(type=int, default=None, help="training tokens in total (all processes)")),
-    (
-        "block_size",
-        dict(
-            type=int,
-            default=TRAIN_DEFAULTS.block_size,
-            help=f"tokens per training row (default {TRAIN_DEFAULTS.block_size})",
-        ),
-    ),
-    (
-        "batch_tokens",
-        dict(
-            type=int,
-            default=TRAIN_DEFAULTS.batch_tokens,
-            help=f"global batch in tokens, over all processes and accumulation (default {TRAIN_DEFAULTS.batch_tokens})",
-        ),
-    ),
-    (
-        "micro_batch",
-        dict(
-            type=int,
-            default=TRAIN_DEFAULTS.micro_batch,
-            help=f"rows per forward/backward on one process (default {TRAIN_DEFAULTS.micro_batch})",
-        ),
-    ),
-    ("lr", dict(type=float, default=TRAIN_DEFAULTS.lr, help=f"peak learning rate (default {TRAIN_DEFAULTS.lr})")),
-    (
-        "min_lr_ratio",
-        dict(
-            type=float,
-            default=TRAIN_DEFAULTS.min_lr_ratio,
-            help=f"cosine ends at this fraction of --lr (default {TRAIN_DEFAULTS.min_lr_ratio})",
-        ),
-    ),
+    _number("block_size", int, "tokens per training row"),
+    _number("batch_tokens", int, "global batch in tokens, over all processes and accumulation"),
+    _number("micro_batch", int, "rows per forward/backward on one process"),
+    _number("lr", float, "peak learning rate"),
+    _number("min_lr_ratio", float, "cosine ends at this fraction of --lr"),
     ("warmup_steps", dict(type=int, default=None, help="linear warm-up steps (default: 5%% of the steps)")),
-    (
-        "weight_decay",
-        dict(
-            type=float,
-            default=TRAIN_DEFAULTS.weight_decay,
-            help=f"AdamW weight decay on matrices (default {TRAIN_DEFAULTS.weight_decay})",
-        ),
-    ),
-    (
-        "grad_clip",
-        dict(
-            type=float,
-            default=TRAIN_DEFAULTS.grad_clip,
-            help=f"max gradient norm, 0 = off (default {TRAIN_DEFAULTS.grad_clip})",
-        ),
-    ),
+    _number("weight_decay", float, "AdamW weight decay on matrices"),
+    _number("grad_clip", float, "max gradient norm, 0 = off"),
     (
         "train_dtype",
         dict(
@@ -237,31 +202,10 @@ TRAINING_OPTIONS: tuple[tuple[str, dict], ...] = (
             "float16 | float32 = off; weights stay float32 (default auto)",
         ),
     ),
-    (
-        "eval_every",
-        dict(
-            type=int,
-            default=TRAIN_DEFAULTS.eval_every,
-            help=f"held-out evaluation every N steps, 0 = only at the end (default {TRAIN_DEFAULTS.eval_every})",
-        ),
-    ),
-    (
-        "eval_tokens",
-        dict(
-            type=int,
-            default=TRAIN_DEFAULTS.eval_tokens,
-            help=f"held-out tokens per evaluation (default {TRAIN_DEFAULTS.eval_tokens})",
-        ),
-    ),
-    (
-        "save_every",
-        dict(
-            type=int,
-            default=TRAIN_DEFAULTS.save_every,
-            help="checkpoint for --resume every N steps, 0 = none (default 0)",
-        ),
-    ),
-    ("seed", dict(type=int, default=TRAIN_DEFAULTS.seed, help="data order seed (default 0)")),
+    _number("eval_every", int, "held-out evaluation every N steps, 0 = only at the end"),
+    _number("eval_tokens", int, "held-out tokens per evaluation"),
+    _number("save_every", int, "checkpoint for --resume every N steps, 0 = none"),
+    _number("seed", int, "data order seed"),
     (
         "distill",
         dict(
@@ -274,22 +218,8 @@ TRAINING_OPTIONS: tuple[tuple[str, dict], ...] = (
         "teacher",
         dict(default=None, help="teacher model SOURCE for --distill (default: SOURCE as loaded, before training)"),
     ),
-    (
-        "distill_weight",
-        dict(
-            type=float,
-            default=TRAIN_DEFAULTS.distill_weight,
-            help=f"objective = (1-w) LM + w KD (default {TRAIN_DEFAULTS.distill_weight})",
-        ),
-    ),
-    (
-        "distill_temperature",
-        dict(
-            type=float,
-            default=TRAIN_DEFAULTS.distill_temperature,
-            help=f"KD temperature (default {TRAIN_DEFAULTS.distill_temperature})",
-        ),
-    ),
+    _number("distill_weight", float, "objective = (1-w) LM + w KD"),
+    _number("distill_temperature", float, "KD temperature"),
     ("fsdp", dict(action="store_true", help="under torchrun: shard with FSDP instead of DDP")),
     (
         "activation_checkpointing",
