@@ -28,6 +28,20 @@ if [[ $part == convert || $part == all ]]; then
     python -m dha convert --method dha --plan $runs/dha0_rh9/plan.json --context $ctx --tokens 24576 \
       --no-progress --out $runs/rh9_ctx$ctx
   done
+  # the long-context recipe: rows of 2,048 tokens (12 steps of one row) with the position-free pairs
+  # of the model's 8,192 positions (5, the default; 0 for comparison), on the plan keeping the
+  # nine retrieval key heads and their value heads, and on the default plan
+  python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --retrieval-heads 9 --protect-values --out $runs/dha0_pv
+  python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --retrieval-heads 9 --protect-values --free-pairs 0 \
+    --out $runs/dha0_pv_fp0
+  rows="--calib-block-size 2048 --calib-tokens 4096 --block-size 2048 --micro-batch 1 --batch-tokens 2048 --tokens 24576"
+  python -m dha convert --method dha --plan $runs/dha0_pv/plan.json $rows --no-progress --out $runs/pv2k_fp5
+  python -m dha convert --method dha --plan $runs/dha0_pv_fp0/plan.json --free-pairs 0 $rows --no-progress \
+    --out $runs/pv2k_fp0
+  python -m dha convert --method dha --plan $runs/dha0_fp5/plan.json $rows --no-progress --out $runs/plain2k_fp5
+  # the same plan and rows with --context 2048 (so pairs for 2,048 tokens: 8)
+  python -m dha convert --method dha --plan $runs/dha0_pv/plan.json --context 2048 --tokens 24576 --batch-tokens 2048 \
+    --no-progress --out $runs/pv2k
 fi
 if [[ $part == eval || $part == all ]]; then
   # per model: 2 windows of 8,192 tokens by position, passkeys at 2,048 (10) and 8,192 (5) tokens,
@@ -35,7 +49,16 @@ if [[ $part == eval || $part == all ]]; then
   python benchmarks/long_context_lean.py smollm2-135m $runs/rh9_ctx2048 $runs/rh9_ctx8192 --data "$man" \
     --out $res/long_context_half.jsonl
   python benchmarks/long_context_lean.py $runs/dha0 --data "$man" --lengths "" --out $res/long_context_half.jsonl
+  python benchmarks/long_context_lean.py $runs/pv2k_fp5 $runs/plain2k_fp5 --data "$man" --lengths 8192,4096,2048 \
+    --per-depth 1 --out $res/long_context_half.jsonl
   python benchmarks/plot_long_context.py $res/long_context_half.jsonl --out docs/images
+  # one 8,192-token window of man pages (passkeys: 5 per length)
+  python benchmarks/long_context_lean.py smollm2-135m --data "$man" --windows 1 --lengths 4096 --per-depth 1 \
+    --out $res/long_context_half_man1.jsonl
+  python benchmarks/long_context_lean.py $runs/pv2k --data "$man" --windows 1 --lengths 8192,4096,2048 --per-depth 2 \
+    --out $res/long_context_half_man1.jsonl
+  python benchmarks/long_context_lean.py $runs/pv2k_fp0 --data "$man" --windows 1 --lengths 8192,2048 --per-depth 1 \
+    --out $res/long_context_half_man1.jsonl
   # no training, one 8,192-token window of held-out pydoc (the source's row is in rh9_ctx8192's report)
   python benchmarks/long_context_lean.py $runs/dha0 $runs/dha0_rh9 $runs/dha0_fp5 $runs/dha0_fp0 --data pydoc \
     --windows 1 --lengths "" --out $res/long_context_half_pydoc.jsonl
