@@ -39,6 +39,10 @@ if [[ $part == convert || $part == all ]]; then
   python -m dha convert --method dha --plan $runs/dha0_pv_fp0/plan.json --free-pairs 0 $rows --no-progress \
     --out $runs/pv2k_fp0
   python -m dha convert --method dha --plan $runs/dha0_fp5/plan.json $rows --no-progress --out $runs/plain2k_fp5
+  # the control (the source trained the same way, no distillation) and svd (1/3: its uniform rounding of 1/2)
+  python -m dha train smollm2-135m --block-size 2048 --batch-tokens 2048 --micro-batch 1 --tokens 24576 --no-progress \
+    --out $runs/control2k
+  python -m dha convert --method svd --kv-budget 0.5 $rows --distill --no-progress --out $runs/svd2k
   # the same plan and rows with --context 2048 (so pairs for 2,048 tokens: 8)
   python -m dha convert --method dha --plan $runs/dha0_pv/plan.json --context 2048 --tokens 24576 --batch-tokens 2048 \
     --no-progress --out $runs/pv2k
@@ -49,7 +53,8 @@ if [[ $part == eval || $part == all ]]; then
   python benchmarks/long_context_lean.py smollm2-135m $runs/rh9_ctx2048 $runs/rh9_ctx8192 --data "$man" \
     --out $res/long_context_half.jsonl
   python benchmarks/long_context_lean.py $runs/dha0 --data "$man" --lengths "" --out $res/long_context_half.jsonl
-  python benchmarks/long_context_lean.py $runs/pv2k_fp5 $runs/plain2k_fp5 --data "$man" --lengths 8192,4096,2048 \
+  python benchmarks/long_context_lean.py $runs/pv2k_fp5 $runs/pv2k_fp0 $runs/plain2k_fp5 $runs/control2k $runs/svd2k \
+    --data "$man" --lengths 8192,4096,2048 \
     --per-depth 1 --out $res/long_context_half.jsonl
   python benchmarks/plot_long_context.py $res/long_context_half.jsonl --out docs/images
   # one 8,192-token window of man pages (passkeys: 5 per length)
