@@ -96,6 +96,9 @@ def resume_path(out: str | None, resume: str | None) -> str | None:
     if resume is None:
         return out
     if out is None:
+        a_file = os.path.exists(resume) and not os.path.isdir(resume)
+        if a_file or os.path.basename(resume.rstrip("/")) == "checkpoints":
+            raise UserError(f"--resume {resume}: give the run's directory, or --out DIR with a checkpoint inside it")
         return resume
     o, r = os.path.abspath(out), os.path.abspath(resume)
     if os.path.commonpath([o, r]) != o:

@@ -78,6 +78,12 @@ def test_resume_path_is_out_or_inside_it(tmp_path):
     assert rundir.resume_path(out, os.path.join(out, "checkpoints", "step_00000002.pt")) == out
     with pytest.raises(UserError, match="a run resumes in its own directory"):
         rundir.resume_path(out, str(tmp_path / "elsewhere"))
+    checkpoint = tmp_path / "o" / "checkpoints" / "step_00000002.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+    for inside in (checkpoint, checkpoint.parent):  # without --out, the run's directory must be named
+        with pytest.raises(UserError, match="give the run's directory, or --out DIR"):
+            rundir.resume_path(None, str(inside))
 
 
 def test_hold_is_one_run_at_a_time_and_a_failed_new_run_leaves_nothing(tmp_path):
