@@ -115,14 +115,17 @@ def files_into(directory: str, last: str):
 
 
 def _leftover(name: str) -> bool:
-    return name.startswith(".final-") or ".tmp-" in name
+    """A name only dha's writers give (hidden: `.final-*`, `.NAME.tmp-*`), never a user's file."""
+    return name.startswith(".") and (name.startswith(".final-") or ".tmp-" in name)
 
 
 def is_empty(path: str) -> bool:
     """Whether the directory `path` is missing or holds nothing but its run lock (.lock) and what a
     killed writer left: the one meaning of an empty output directory."""
+    if not os.path.exists(path):
+        return True
     try:
-        return not os.path.isdir(path) or not [n for n in os.listdir(path) if n != ".lock" and not _leftover(n)]
+        return os.path.isdir(path) and not [n for n in os.listdir(path) if n != ".lock" and not _leftover(n)]
     except OSError as e:
         raise UserError(f"output {path} cannot be read: {e.strerror or e}") from None
 

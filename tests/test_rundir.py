@@ -8,6 +8,7 @@ import os
 import pytest
 
 from dha import rundir
+from dha.atomic import check_out, is_empty
 from dha.cli import main
 from dha.errors import UserError
 from tests.test_train import text_file, tiny_source
@@ -69,6 +70,26 @@ def test_check_refuses_a_stranger_dir_a_file_and_a_missing_resume(tmp_path):
         rundir.check(str(stranger / "notes.txt"), IDENTITY, resume=False)
     with pytest.raises(UserError, match="no such run directory"):
         rundir.check(str(tmp_path / "none"), IDENTITY, resume=True)
+    assert not is_empty(str(stranger / "notes.txt"))  # a file is no empty output directory
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        check_out(str(stranger / "notes.txt"))
+    with pytest.raises(UserError, match="not empty and holds no dha run"):
+        with rundir.hold(str(stranger / "notes.txt"), main=True):
+            pass
+
+
+def test_a_users_file_that_looks_like_a_leftover_is_not_one(tmp_path):
+    mine = tmp_path / "u"
+    mine.mkdir()
+    (mine / "notes.tmp-2024").write_text("keep")  # not hidden: no writer of dha names a file so
+    assert not is_empty(str(mine))
+    with pytest.raises(UserError, match="not empty and holds no dha run"):
+        with rundir.hold(str(mine), main=True):
+            pass
+    assert (mine / "notes.tmp-2024").read_text() == "keep"
+    (mine / "notes.tmp-2024").unlink()
+    (mine / ".model.safetensors.tmp-x1y2").write_text("")  # what a killed atomic writer leaves
+    assert is_empty(str(mine))
 
 
 def test_resume_path_is_out_or_inside_it(tmp_path):

@@ -32,8 +32,8 @@ def add_dha_options(p) -> None:
     add_fusion_options(g)
     add_retrieval_options(g)
     # Training options (--tokens, --lr, --distill, ...) from dha.cli, unless the verb has them already.
-    # The verb's --block-size (calibration) and --seed also serve training; its --dtype is the load
-    # dtype, so the autocast dtype of training is --train-dtype.
+    # The verb's --seed also serves training; its --dtype is the load dtype, so the autocast dtype of
+    # training is --train-dtype. --block-size is the training row only (--calib-block-size: calibration).
     present = {a.dest for a in p._actions}
     if "tokens" not in present:
         add_training_options(p, tokens_required=False, skip=tuple(present))
