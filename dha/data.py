@@ -62,17 +62,24 @@ class TokenSplits:
 # ---- reading documents ------------------------------------------------------------------------
 
 
+def check_data(data: str | None) -> str:
+    """DATA as named (None: the default), or DataError when it names nothing: a file, a saved
+    dataset directory, or 'pydoc'. Cheap, so a verb calls it before loading any model."""
+    data = data or DEFAULT_DATA
+    if data != DEFAULT_DATA and not os.path.exists(data):
+        raise DataError(
+            f"data not found: {data} (give a .txt, .jsonl or .parquet file, a saved dataset directory, or 'pydoc')"
+        )
+    return data
+
+
 def read_documents(data: str | None, text_field: str = "text") -> list[str]:
     """The documents of DATA (see the module doc), in a deterministic order; empty ones dropped."""
-    data = data or DEFAULT_DATA
+    data = check_data(data)
     if data == DEFAULT_DATA and not os.path.exists(data):
         from pydoc_data.topics import topics
 
         docs = [topics[k] for k in sorted(topics)]
-    elif not os.path.exists(data):
-        raise DataError(
-            f"data not found: {data} (give a .txt, .jsonl or .parquet file, a saved dataset directory, or 'pydoc')"
-        )
     elif os.path.isdir(data):
         docs = _read_directory(data, text_field)
     elif data.endswith(".txt"):

@@ -107,8 +107,7 @@ RESUMABLE_CHANGES = {
     "config.micro_batch",  # only the order of sums
     "config.activation_checkpointing",
 }  # recomputes the same forward: the same gradients
-AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
-assert tuple(AUTOCAST_DTYPES) == AUTOCAST_NAMES
+AUTOCAST_DTYPES = {name: None if name == "float32" else getattr(torch, name) for name in AUTOCAST_NAMES}  # float32: off
 
 
 def native_bf16(device: torch.device) -> bool:

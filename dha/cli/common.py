@@ -149,12 +149,9 @@ def add_calibration(p: argparse.ArgumentParser, default_tokens: int) -> None:
 
 def check_calibration_args(args) -> None:
     """Fail on bad options before any model is loaded."""
-    import os
+    from ..data import check_data
 
-    from ..data import DEFAULT_DATA, DataError
-
-    if args.data != DEFAULT_DATA and not os.path.exists(args.data):
-        raise DataError(f"data not found: {args.data}")
+    check_data(args.data)
     if args.calib_tokens < 1:
         raise UserError("--calib-tokens must be at least 1")
     if args.calib_block_size < 1:

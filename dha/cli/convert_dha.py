@@ -281,7 +281,7 @@ def check_dha_args(args, tokens: int) -> str:
     """The checks of `convert --method dha`'s options that come before its configuration is built,
     in this order. Fills in two defaults on `args`: --distill (on when it trains) and --kv-budget
     (--plan's). Returns the --data to read."""
-    from ..data import DEFAULT_DATA, DataError
+    from ..data import check_data
 
     if args.distill is None:
         args.distill = tokens > 0  # distillation from the source is on by default for dha (docs/method.md)
@@ -294,9 +294,7 @@ def check_dha_args(args, tokens: int) -> str:
     rundir.resume_path(args.out, args.resume)
     check_convert_training_flags(args)  # --method dha always works on float32 weights
     args.kv_budget = kv_budget_from_args(args)
-    data = args.data or DEFAULT_DATA
-    if data != DEFAULT_DATA and not os.path.exists(data):
-        raise DataError(f"data not found: {data}")
+    data = check_data(args.data)
     if args.merge == "pca" and args.merge_metric == "weighted":
         raise UserError("--merge pca is the aligned merge with --merge-metric plain: drop one of them")
     return data

@@ -169,11 +169,10 @@ def run_eval(args) -> int:
     import os
 
     from ..checkpoint import load
-    from ..data import DEFAULT_DATA, DataError, load_tokens
+    from ..data import check_data, load_tokens
     from ..evaluate import EvalOptions, evaluate_models, flatten, print_report
 
-    if args.data != DEFAULT_DATA and not os.path.exists(args.data):  # fail before loading models
-        raise DataError(f"data not found: {args.data}")
+    check_data(args.data)  # before loading models
     if args.max_eval_tokens < 0:
         raise UserError("--max-eval-tokens must be 0 (all) or positive")
     if args.threads is not None:
