@@ -4,9 +4,13 @@ No package we install ships a pretrained decoder with plain multi-head attention
 SmolLM2's exact MHA expansion has heads that are copies by construction. This trains a 6-layer
 LLaMA-style MHA model (hidden 384, 6 heads of 64, SwiGLU 1024, RoPE, tied embeddings; the
 SmolLM2 tokenizer) from scratch on the built-in text (the train split of CPython's pydoc topics),
-so its heads are learned, not copied. The result is a native dha checkpoint any verb reads:
+so its heads are learned, not copied. `--qk-norm` trains the same model with Qwen3's per-head
+query and key norms (RMSNorm over each head's 64 dims, before RoPE; family qwen3), so that
+conversions of one model trained with and without qk-norm compare at equal settings and tokens.
+The result is a native dha checkpoint any verb reads:
 
     python benchmarks/train_small_mha.py                       # -> ~/.cache/dha/small-mha-pydoc
+    python benchmarks/train_small_mha.py --qk-norm --out ~/.cache/dha/small-qknorm-pydoc
     dha eval ~/.cache/dha/small-mha-pydoc
     python benchmarks/dha_vs_baselines.py --setup ~/.cache/dha/small-mha-pydoc --kv-budget 0.5 ...
 
@@ -22,7 +26,7 @@ import sys
 import time
 
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen3Config
 
 from dha.checkpoint import Loaded, load, save
 from dha.data import blocks, load_tokens
@@ -37,7 +41,9 @@ from tests.helpers import scaled_init_  # noqa: E402
 DEFAULT_OUT = os.path.join(os.path.expanduser("~"), ".cache", "dha", "small-mha-pydoc")
 
 
-def small_mha_config(vocab_size: int, layers: int = 6, hidden: int = 384, heads: int = 6) -> ModelConfig:
+def small_mha_config(
+    vocab_size: int, layers: int = 6, hidden: int = 384, heads: int = 6, qk_norm: bool = False
+) -> ModelConfig:
     return ModelConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -49,13 +55,15 @@ def small_mha_config(vocab_size: int, layers: int = 6, hidden: int = 384, heads:
         rope_theta=10000.0,
         norm_eps=1e-5,
         tie_word_embeddings=True,
-        family="llama",
+        family="qwen3" if qk_norm else "llama",
+        qk_norm="head" if qk_norm else None,
     )
 
 
 def hf_config_of(cfg: ModelConfig) -> dict:
-    """The Hugging Face LLaMA config of the same model (dha export writes it)."""
-    return LlamaConfig(
+    """The Hugging Face LLaMA (or, with qk-norm, Qwen3) config of the same model (dha export writes it)."""
+    make = Qwen3Config if cfg.qk_norm else LlamaConfig
+    return make(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -77,13 +85,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--qk-norm", action="store_true", help="per-head query and key norms, as Qwen3 (module doc)")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
     tokenizer = load(None).tokenizer
     splits = load_tokens(None, tokenizer)
     torch.manual_seed(args.seed)
-    model = scaled_init_(Transformer(small_mha_config(len(tokenizer))), seed=args.seed)
+    model = scaled_init_(
+        Transformer(small_mha_config(len(tokenizer), args.layers, qk_norm=args.qk_norm)), seed=args.seed
+    )
     windows = blocks(splits.heldout, 512)
     before = perplexity(model.eval(), windows, batch_size=4, progress=False)["ppl"]
     cfg = TrainConfig(
@@ -106,6 +118,7 @@ def main(argv=None) -> int:
         "lr": args.lr,
         "batch_tokens": args.batch_tokens,
         "seed": args.seed,
+        "qk_norm": args.qk_norm,
         "heldout_ppl": after,
     }
     save(

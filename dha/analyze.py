@@ -60,7 +60,7 @@ def heads_by_layer(
         g = torch.Generator().manual_seed(seed)
         keep = torch.randperm(blocks.numel(), generator=g)[:max_tokens].sort().values  # flat token positions
     for l, heads in forward_heads(model, blocks, batch_size, device):
-        yield l, {name: t[keep] if keep is not None else t for name, t in heads.items()}
+        yield l, {name: t[keep] if keep is not None and name != "key_rms" else t for name, t in heads.items()}
 
 
 def collect_heads(

@@ -46,6 +46,8 @@ class LayerStats:
     value_gram: (n*hd, n*hd) float64, Gram of the whitened value outputs [v_j L_j]; value_metric (n, hd, hd): L_j.
     The key statistics are in the order of key_layout (hd,) long. With position-free pairs, `exact`
     holds the statistics with every pair exact, for the groups they fit as well (the tie rule, dha.merge).
+    With a per-head qk-norm the keys are the normalised ones and key_rms (n,) float64 is each key
+    head's RMS before its norm (the norm-aware merge, dha.merge).
     """
 
     key_pair_gram: torch.Tensor
@@ -57,6 +59,7 @@ class LayerStats:
     tokens: int
     key_layout: torch.Tensor
     exact: LayerStats | None = None
+    key_rms: torch.Tensor | None = None
 
 
 def _readers(index: list[int], n: int) -> list[list[int]]:
@@ -84,6 +87,13 @@ def free_pairs_for(model: Transformer, requested: int | None, context: int | Non
     FREE_CONTEXT; 0 pairs without RoPE)."""
     pairs = model.config.rotary_dim // 2 if model.config.position == "rope" else 0
     context = context or max(FREE_CONTEXT, model.config.max_position_embeddings)
+    if model.config.qk_norm is not None and requested:
+        raise UserError(
+            "position-free pairs merge keys through full maps that mix pairs, and a key norm does not commute "
+            "with them: a qk-norm model merges every pair exactly (--free-pairs 0)"
+        )
+    if model.config.qk_norm is not None:
+        return 0
     if requested is None:
         return int((model.inv_freq.double() * context <= FREE_ANGLE).sum()) if pairs else 0
     if not 0 <= requested <= pairs:
@@ -144,7 +154,8 @@ def layer_stats(
         value_metric = torch.eye(hd, **f64).expand(nv, hd, hd).clone()
     y = torch.einsum("tnd,nde->tne", v, value_metric).reshape(N, nv * hd)  # (N, n*hd)
     exact = layer_stats(model, layer, acts, metric) if free_pairs else None
-    return LayerStats(pair_gram, scale, kp.T @ kp, pass_metric, y.T @ y, value_metric, N, layout, exact)
+    rms = acts.get("key_rms")
+    return LayerStats(pair_gram, scale, kp.T @ kp, pass_metric, y.T @ y, value_metric, N, layout, exact, rms)
 
 
 @dataclass

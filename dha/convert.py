@@ -63,6 +63,10 @@ METHODS: dict[str, Method] = {
     "dha": convert_dha,  # dha.pipeline without training; `dha convert --method dha` runs all of it (run_dha)
 }
 
+# Methods that merge by the aligned merge (dha.merge), which a per-head qk-norm model needs once its
+# norms have one weight per head; the others take group means or pick heads.
+ALIGNED_METHODS = {"svd", "dha"}
+
 # Methods that can run without calibration text.
 NO_CALIBRATION = {"gqa"}
 
@@ -98,7 +102,7 @@ def convert(
 ) -> Loaded:
     """Run METHODS[method] on loaded.model; the new Loaded carries tokenizer, hf_config, plan."""
     fn = check_method(method)
-    refuse_merge_of_qk_norm(loaded.model)
+    refuse_merge_of_qk_norm(loaded.model, mean=method not in ALIGNED_METHODS)
     options = options or ConvertOptions()
     plan, model = fn(loaded.model, kv_budget, calib_blocks, options)
     plan.method, plan.kv_budget = method, kv_budget
@@ -110,7 +114,7 @@ def convert(
 
 def apply_plan(loaded: Loaded, plan: Plan) -> Loaded:
     """Mean-pool the groups of a saved plan (PlanError, a UserError, if it does not fit the model)."""
-    refuse_merge_of_qk_norm(loaded.model)
+    refuse_merge_of_qk_norm(loaded.model, mean=True)
     src_k, src_v = source_heads(loaded.model)
     plan.validate(src_k, src_v)
     model = merge_groups(loaded.model, plan)

@@ -95,6 +95,11 @@ class ExportResult:
 def stock_layout(cfg: ModelConfig, family: Family) -> StockLayout:
     """The query-head permutations that make every layer plain GQA, or NotStock saying why not."""
     H = cfg.num_heads
+    if cfg.qk_norm_weights == "head":
+        raise NotStock(
+            "its query and key norms have one weight per head (a merged qk-norm model); "
+            "the stock class has one per layer"
+        )
     kv_heads, perms = None, []
     for l in range(cfg.num_layers):
         keys, values = cfg.key_index[l], cfg.value_index[l]

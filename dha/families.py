@@ -22,9 +22,9 @@ with remote code.
 
 Families whose attention normalises queries and keys after projection (qk-norm) run exactly:
 Qwen3 and Gemma 3 per head (ModelConfig.qk_norm "head"), OLMo 2 over the whole projection
-("full"). They load, inspect, evaluate, generate and export unconverted; merging their key heads
-is refused (`refuse_merge_of_qk_norm`): a norm is not linear, so a fused key head (a weighted sum
-of a group's key projections) would not reproduce the normalised keys. Other qk-norm families
+("full"). They load, inspect, evaluate, generate and export unconverted. Per-head ones convert
+through a norm-aware merge (`dha.merge.normed_key_rows`); OLMo 2's conversions are refused
+(`refuse_merge_of_qk_norm`), since its norm spans every key head at once. Other qk-norm families
 (mixture-of-experts, hybrid or vision-language ones) are refused by name, saying why.
 """
 
@@ -178,21 +178,33 @@ def refuse_qk_norm(hf_config) -> None:
 QK_NORM_SUPPORTED = ("qwen3", "olmo2", "gemma3_text")
 
 
-def refuse_merge_of_qk_norm(model_or_config) -> None:
-    """Raise UnsupportedModel when a conversion would merge the key heads of a qk-norm model.
+def refuse_merge_of_qk_norm(model_or_config, fusion: bool = False, mean: bool = False) -> None:
+    """Raise UnsupportedModel when a conversion cannot merge this qk-norm model's key heads.
 
-    A merged key head is a weighted sum of its group's key projections; with qk-norm each key is
-    divided by its own RMS (per head, or over the layer's whole key projection) before RoPE, so the
-    merged projection's norm is not the merge of the normalised keys, and the norm weights (one per
-    head dim, or one per stored key dim) have no derived merge yet. Unconverted qk-norm models run
-    exactly; call this where a conversion starts (dha convert, any method; dha.pipeline.run_dha)."""
+    A per-head norm (Qwen3, Gemma 3: qk_norm "head") divides each key head by its own RMS, so a
+    merge is realised through the norm (`dha.merge.normed_key_rows`, one norm weight per merged
+    head). Refused: a norm over the layer's whole key projection (OLMo 2: "full"), where any change
+    in the number of key heads changes the divisor of every head; the fusion stage (`fusion`), whose
+    learned operators act on the projections before the norm; and group means (`mean`) of a model
+    whose norms already have one weight per head. Call this where a conversion starts (dha convert,
+    any method; dha.pipeline.run_dha)."""
     cfg = getattr(model_or_config, "config", model_or_config)
-    if getattr(cfg, "qk_norm", None) is not None:
-        kind = "each key head over its head dim" if cfg.qk_norm == "head" else "the layer's whole key projection"
+    qk_norm = getattr(cfg, "qk_norm", None)
+    if qk_norm == "full":
         raise UnsupportedModel(
-            f"{cfg.family} normalises queries and keys after projection (qk-norm over {kind}): merging key heads "
-            "changes what the norm divides by, and norm-aware merges are not implemented; dha runs this model "
-            "unconverted only (inspect, eval, generate, export)"
+            f"{cfg.family} normalises the layer's whole key projection at once (qk-norm over every key head "
+            "together): merging key heads changes the divisor of every head, and dha has no merge for it; "
+            "dha runs this model unconverted only (inspect, eval, generate, export)"
+        )
+    if qk_norm == "head" and fusion:
+        raise UnsupportedModel(
+            f"{cfg.family} normalises each key head (qk-norm): the fusion stage's learned operators act before "
+            "the norm and are not norm-aware; use --fusion-fraction 0 (the default)"
+        )
+    if qk_norm == "head" and mean and getattr(cfg, "qk_norm_weights", "layer") == "head":
+        raise UnsupportedModel(
+            "this model's key norms already have one weight per head (a merged qk-norm model): group means "
+            "and pruning need the source's shared norm; convert the source instead"
         )
 
 

@@ -12,7 +12,9 @@ is already there in the compute dtype).
 
 - `forward_heads`: per layer, in order, the query, key and value heads' outputs (before RoPE) on
   the layer's input, which is the output of the source's own previous layers: what one
-  whole-model forward pass sees.
+  whole-model forward pass sees. With qk-norm the queries and keys are taken after their norms
+  (what RoPE and attention see), and a per-head norm ("head") adds "key_rms": each key head's RMS
+  before its norm (what the norm divides by, on average), which the norm-aware merge needs.
 - `backward_heads`: the same outputs with the gradient of the summed next-token loss at the key
   and value outputs, from the last layer back. A forward sweep keeps every layer's input hidden
   states (in CPU memory); the loss gradient at the last hidden states is taken with the
@@ -41,6 +43,15 @@ from .model import Transformer
 
 LM_HEAD_CHUNK_BYTES = 2**25  # bound on one chunk of the output matrix, and on its logits, in the compute dtype
 PROJECTIONS = (("q_proj", "queries"), ("k_proj", "keys"), ("v_proj", "values"))
+NORMED = (("q_norm", "queries"), ("k_norm", "keys"), ("v_proj", "values"), ("k_proj", "raw_keys"))
+
+
+def capture_points(model: Transformer) -> tuple[tuple[str, str], ...]:
+    """(module of a layer's attention, name) whose outputs `forward_heads` collects: the projections,
+    or with qk-norm the normalised queries and keys (and, per head, the keys before their norm)."""
+    if model.config.qk_norm is None:
+        return PROJECTIONS
+    return NORMED if model.config.qk_norm == "head" else NORMED[:3]
 
 
 def compute_device(model: Transformer, device=None) -> torch.device:
@@ -100,20 +111,20 @@ class Sweep:
         return tensors_on(self.model.layers[l], self.device, self.dtype)
 
     def run(self, l: int, weights: dict, x: torch.Tensor, capture: list | None = None) -> torch.Tensor:
-        """Layer l on x (B, T, D); with `capture`, appends (name, output) of its q/k/v projections."""
+        """Layer l on x (B, T, D); with `capture`, appends (name, output) of its `capture_points`."""
         block = self.model.layers[l]
-        with _capturing(block, capture):
+        with _capturing(block, capture_points(self.model), capture):
             return functional_call(block, weights, (x, self.rope, self.mask, None))
 
 
 @contextlib.contextmanager
-def _capturing(block: nn.Module, capture: list | None):
+def _capturing(block: nn.Module, points, capture: list | None):
     if capture is None:
         yield
         return
     handles = [
-        getattr(block.attn, proj).register_forward_hook(lambda m, a, out, name=name: capture.append((name, out)))
-        for proj, name in PROJECTIONS
+        getattr(block.attn, module).register_forward_hook(lambda m, a, out, name=name: capture.append((name, out)))
+        for module, name in points
     ]
     try:
         yield
@@ -123,8 +134,17 @@ def _capturing(block: nn.Module, capture: list | None):
 
 
 def _heads(outputs: list[torch.Tensor], hd: int) -> torch.Tensor:
-    """Per-batch projection outputs (B, T, n*hd) -> (N, n, hd) float32 on the CPU."""
-    return torch.cat([t.detach().reshape(-1, t.shape[-1] // hd, hd).float().cpu() for t in outputs])
+    """Per-batch outputs (B, T, n*hd) or (B, T, n, hd) -> (N, n, hd) float32 on the CPU."""
+    return torch.cat([t.detach().reshape(t.shape[0] * t.shape[1], -1, hd).float().cpu() for t in outputs])
+
+
+def _collected(capture: list, points, hd: int) -> dict[str, torch.Tensor]:
+    """The captured outputs by name, (N, n, hd) each; raw keys become "key_rms" (n,) float64."""
+    out = {name: _heads([t for n, t in capture if n == name], hd) for _, name in points}
+    raw = out.pop("raw_keys", None)
+    if raw is not None:
+        out["key_rms"] = raw.double().pow(2).mean((0, 2)).sqrt()
+    return out
 
 
 def forward_heads(
@@ -133,14 +153,14 @@ def forward_heads(
     """For each layer l in order: (l, {"queries": (N, H, hd), "keys": (N, Hk, hd), "values": (N, Hv, hd)}),
     float32 on the CPU, pre-RoPE, on the hidden states the source's layers 0..l-1 give."""
     sweep = Sweep(model, blocks, batch_size, device)
-    hd = model.config.head_dim
+    hd, points = model.config.head_dim, capture_points(model)
     xs = sweep.embed()
     with torch.no_grad():
         for l in range(model.config.num_layers):
             weights, capture = sweep.layer(l), []
             xs = [sweep.run(l, weights, x, capture) for x in xs]
             del weights
-            yield l, {name: _heads([t for n, t in capture if n == name], hd) for _, name in PROJECTIONS}
+            yield l, _collected(capture, points, hd)
 
 
 def _final_hidden(sweep: Sweep, x: torch.Tensor) -> torch.Tensor:
@@ -257,8 +277,4 @@ def backward_heads(
             grads["values"].append(gv)
         inputs[l] = None  # this layer's input is no longer needed
         del weights
-        yield (
-            l,
-            {name: _heads([t for n, t in capture if n == name], hd) for _, name in PROJECTIONS},
-            {name: _heads(ts, hd) for name, ts in grads.items()},
-        )
+        yield l, _collected(capture, capture_points(model), hd), {name: _heads(ts, hd) for name, ts in grads.items()}

@@ -122,6 +122,7 @@ class KeyMerge:
     pass_down: torch.Tensor  # (g, p, p)
     pass_up: torch.Tensor  # (g, p, p)
     layout: torch.Tensor  # (hd,) long: key_layout
+    rms: torch.Tensor | None = None  # (g,) float64: each member's RMS before a per-head key norm (qk-norm)
 
     @property
     def rotary(self) -> int:
@@ -158,7 +159,8 @@ def group_merge(stats: LayerStats, kind: str, members: list[int]) -> KeyMerge | 
     s = stats.key_scale[members].T  # (r/2, g)
     p = stats.key_pass_metric.shape[1]
     pass_down, pass_up = _real_merge(_block(stats.key_pass_gram, members, p), stats.key_pass_metric[members], p)
-    return KeyMerge(u.conj() * s, u / s, pass_down, pass_up, stats.key_layout)
+    rms = stats.key_rms[members] if stats.key_rms is not None else None
+    return KeyMerge(u.conj() * s, u / s, pass_down, pass_up, stats.key_layout, rms)
 
 
 def mean_merge(
@@ -240,55 +242,146 @@ def reconstructed_value_rows(rows: torch.Tensor, merge: ValueMerge) -> torch.Ten
 
 
 def _merge_on(merge: KeyMerge | ValueMerge, device: torch.device) -> KeyMerge | ValueMerge:
-    return type(merge)(*(getattr(merge, f.name).to(device) for f in fields(merge)))
+    moved = (getattr(merge, f.name) for f in fields(merge))
+    return type(merge)(*(t.to(device) if t is not None else None for t in moved))
+
+
+def norm_gain(weight: torch.Tensor, norm: str) -> torch.Tensor:
+    """What a norm's stored weight multiplies by: the weight, or 1 + weight for Gemma's rmsnorm_1p."""
+    return weight + 1 if norm == "rmsnorm_1p" else weight
+
+
+def _pairs_to_dims(x: torch.Tensor) -> torch.Tensor:
+    """Per-pair values (..., r/2) -> per-dim (..., r) in the rotate-half layout (pair i is dims i, i + r/2)."""
+    return torch.cat([x, x], -1)
+
+
+def normed_key_rows(rows: torch.Tensor, gains: torch.Tensor, merge: KeyMerge) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-head key norm's group, members' k_proj rows (g, hd, ...) and norm gains (g, hd) -> the
+    shared head's k_proj rows (hd, ...) and norm gain (hd,): the norm-aware realisation (docs/method.md).
+
+    The merge is computed on the normalised keys z_j = gain * W_j x / rms(W_j x). With each member's
+    RMS near its mean r_j (times a factor common to the group, which a norm divides out), the shared
+    key sum_j down_j z_j is gain * sum_j down_j W_j x / r_j when the gain commutes with the maps (they
+    scale each pair, and turn it where the gain is equal within the pair). The shared head stores
+    W~ = mean(r) / m * sum_j down_j W_j / r_j and gain m * gain, m per pair = the mean over members of
+    1 / |up_j| (what brings the shared key back to each member's scale, so the norm sees a vector of
+    the members' RMS; mean(r) keeps the norm's eps as it weighed). Exact for copies, and for per-pair
+    rotations of one head when the gain is equal within each pair; a gain of 0 (Gemma's switched-off
+    dims) stays 0, its row the first member's. Members with gains of their own (a merged model merged
+    again) share their mean."""
+    if merge.rms is None or merge.rotary != rows.shape[1]:
+        raise ValueError("a per-head key norm merges with its members' RMS and every dim rotary, pair by pair")
+    column = lambda t: t.reshape((-1,) + (1,) * (rows.dim() - 2))  # noqa: E731  (hd,) against rows (hd, ...)
+    normalised = rows / merge.rms.reshape((-1,) + (1,) * (rows.dim() - 1))  # W_j / r_j
+    m = _pairs_to_dims((1 / merge.up.abs().clamp_min(1e-300)).mean(1))  # (hd,)
+    shared = _shared_in_layout(normalised, merge) * column(merge.rms.mean() / m)  # every pair exact: no reordering
+    gain = gains.mean(0)
+    # A dim whose gain is 0 is 0 in every calibrated key: it has no merge of its own, but it still
+    # counts in what the norm divides by, so the shared head keeps the first member's row there.
+    off = gain == 0
+    shared[off] = merge.rms.mean() * normalised[0][off]
+    return shared, torch.where(off, torch.zeros_like(gain), gain * m)
+
+
+def normed_reader_rows(rows: torch.Tensor, gain: torch.Tensor, merge: KeyMerge, member: int):
+    """q_proj rows (hd, ...) and q-norm gain (hd,) of a query head that read `member`, rewritten to
+    read the shared head: the reading map's phase turns the rows (a rotation keeps the norm's
+    divisor), its modulus scales the gain. Exact when the gain is equal within each pair."""
+    c = merge.up[:, member].conj()
+    phase = torch.where(c.abs() > 0, c / c.abs().clamp_min(1e-300), torch.ones_like(c))  # no turn where up is 0
+    return pair_multiply(rows, phase, merge.rotary), gain * _pairs_to_dims(c.abs())
+
+
+def _stored(sd: dict, name: str, where: torch.device, hd: int | None = None) -> torch.Tensor:
+    """sd[name] in float64 on `where`; with hd, split into heads (n, hd, ...)."""
+    t = sd[name].to(where, torch.float64)
+    return heads(t, hd) if hd is not None else t
+
+
+def _put(sd: dict, name: str, new: torch.Tensor) -> None:
+    """sd[name] = new, in the old tensor's dtype and place."""
+    sd[name] = new.to(sd[name].device, sd[name].dtype)
+
+
+def _merge_keys(sd, pre, names, index, groups, merges, where, hd) -> None:
+    """One layer's key groups merged (shared k_proj rows), every query head reading its key's
+    shared head through up* (q_proj rows)."""
+    key_of = {j: (g, m) for g, members in enumerate(groups) for m, j in enumerate(members)}
+    for s in names:
+        k, q = _stored(sd, f"{pre}.k_proj.{s}", where, hd), _stored(sd, f"{pre}.q_proj.{s}", where, hd)
+        shared = [shared_key_rows(k[g], mg) for g, mg in zip(groups, merges)]
+        readers = [key_reader_rows(q[h], merges[key_of[j][0]], key_of[j][1]) for h, j in enumerate(index)]
+        _put(sd, f"{pre}.k_proj.{s}", unheads(torch.stack(shared)))
+        _put(sd, f"{pre}.q_proj.{s}", unheads(torch.stack(readers)))
+
+
+def _merge_normed_keys(sd, pre, names, index, groups, merges, where, hd, norm: str) -> None:
+    """`_merge_keys` for a per-head qk-norm layer: `normed_key_rows` and `normed_reader_rows`, the
+    norms' weights becoming one row per head."""
+    key_of = {j: (g, m) for g, members in enumerate(groups) for m, j in enumerate(members)}
+    k_gain = norm_gain(_stored(sd, f"{pre}.k_norm.weight", where), norm).expand(len(key_of), hd)
+    q_gain = norm_gain(_stored(sd, f"{pre}.q_norm.weight", where), norm).expand(len(index), hd)
+    for s in names:
+        k, q = _stored(sd, f"{pre}.k_proj.{s}", where, hd), _stored(sd, f"{pre}.q_proj.{s}", where, hd)
+        shared = [normed_key_rows(k[g], k_gain[g], mg) for g, mg in zip(groups, merges)]
+        readers = [normed_reader_rows(q[h], q_gain[h], merges[key_of[j][0]], key_of[j][1]) for h, j in enumerate(index)]
+        _put(sd, f"{pre}.k_proj.{s}", unheads(torch.stack([rows for rows, _ in shared])))
+        _put(sd, f"{pre}.q_proj.{s}", unheads(torch.stack([rows for rows, _ in readers])))
+    for name, new in (("k_norm", [g for _, g in shared]), ("q_norm", [g for _, g in readers])):
+        gains = torch.stack(new)
+        sd[f"{pre}.{name}.weight"] = (gains - 1 if norm == "rmsnorm_1p" else gains).to(sd[f"{pre}.{name}.weight"])
+
+
+def _merge_values(sd, pre, names, index, groups, merges, where, hd) -> None:
+    """One layer's value groups merged (shared v_proj rows), each query head's W_O columns reading
+    its value's shared head through up."""
+    value_of = {j: (g, m) for g, members in enumerate(groups) for m, j in enumerate(members)}
+    for s in names:
+        v = _stored(sd, f"{pre}.v_proj.{s}", where, hd)
+        _put(
+            sd,
+            f"{pre}.v_proj.{s}",
+            unheads(torch.stack([shared_value_rows(v[g], mg) for g, mg in zip(groups, merges)])),
+        )
+    o_heads = heads(sd[f"{pre}.o_proj.weight"].T.to(where, torch.float64, copy=True), hd)  # (H, hd, D): W_O[h]
+    for h, j in enumerate(index):  # y_h W_O[h] ~ y~ (up_j W_O[h])
+        g, m = value_of[j]
+        o_heads[h] = merges[g].up[m] @ o_heads[h]
+    _put(sd, f"{pre}.o_proj.weight", unheads(o_heads).T.contiguous())
 
 
 def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict], device=None) -> Transformer:
     """The merged model: each group of `layers` becomes one head by its merge, the reading maps folded
-    into q_proj (keys) and o_proj (values). merges[l] = {"key": [KeyMerge per group], "value": [...]}.
-    q_proj, k_proj, v_proj and o_proj are new tensors, computed one layer at a time in float64 on
+    into q_proj (keys) and o_proj (values); with a per-head qk-norm, by the norm-aware realisation
+    (`normed_key_rows`), the norms' weights one per head. merges[l] = {"key": [KeyMerge per group],
+    "value": [...]}. The attention's tensors are new, computed one layer at a time in float64 on
     `device` (default: where the model's weights are; for a model kept in CPU memory, each layer's
-    four projections go there and the results come back) and placed beside the old ones; every
-    other tensor is `model`'s own, shared (no second copy of the model; `dha.train.train` gives a
-    model its own copies of the weights it trains)."""
+    projections go there and the results come back) and placed beside the old ones; every other
+    tensor is `model`'s own, shared (no second copy of the model; `dha.train.train` gives a model
+    its own copies of the weights it trains)."""
     cfg, hd = model.config, model.config.head_dim
+    if cfg.qk_norm not in (None, "head"):
+        raise ValueError(f"no aligned merge for qk_norm {cfg.qk_norm!r}")
     sd = tensors_of(model)
     key_index, value_index = [], []
     for l, (plan_layer, merge) in enumerate(zip(layers, merges)):
         pre = f"layers.{l}.attn"
-        home = sd[f"{pre}.o_proj.weight"].device
-        where = torch.device(device) if device is not None else home
+        where = torch.device(device) if device is not None else sd[f"{pre}.o_proj.weight"].device
         merge = {kind: [_merge_on(m, where) for m in ms] for kind, ms in merge.items()}
-        here = lambda name: heads(sd[name].to(where, torch.float64), hd)  # noqa: E731  (n, hd, ...) float64 on `where`
-        put = lambda name, new: sd.__setitem__(name, new.to(home, sd[name].dtype))  # noqa: E731
         names = [s for s in ("weight", "bias") if f"{pre}.k_proj.{s}" in sd]
-        key_of = {j: (g, m) for g, members in enumerate(plan_layer.key_groups) for m, j in enumerate(members)}
-        value_of = {j: (g, m) for g, members in enumerate(plan_layer.value_groups) for m, j in enumerate(members)}
-        for s in names:  # keys: shared rows; every query head reads its key's shared head through up*
-            k, q = here(f"{pre}.k_proj.{s}"), here(f"{pre}.q_proj.{s}")
-            shared = [shared_key_rows(k[g], mg) for g, mg in zip(plan_layer.key_groups, merge["key"])]
-            readers = [
-                key_reader_rows(q[h], merge["key"][key_of[j][0]], key_of[j][1]) for h, j in enumerate(cfg.key_index[l])
-            ]
-            put(f"{pre}.k_proj.{s}", unheads(torch.stack(shared)))
-            put(f"{pre}.q_proj.{s}", unheads(torch.stack(readers)))
-        for s in names:
-            v = here(f"{pre}.v_proj.{s}")
-            put(
-                f"{pre}.v_proj.{s}",
-                unheads(
-                    torch.stack([shared_value_rows(v[g], mg) for g, mg in zip(plan_layer.value_groups, merge["value"])])
-                ),
-            )
-        # (H, hd, D): W_O[h], a copy (written below)
-        o_heads = heads(sd[f"{pre}.o_proj.weight"].T.to(where, torch.float64, copy=True), hd)
-        for h, j in enumerate(cfg.value_index[l]):  # y_h W_O[h] ~ y~ (up_j W_O[h])
-            g, m = value_of[j]
-            o_heads[h] = merge["value"][g].up[m] @ o_heads[h]
-        put(f"{pre}.o_proj.weight", unheads(o_heads).T.contiguous())
+        keys = (sd, pre, names, cfg.key_index[l], plan_layer.key_groups, merge["key"], where, hd)
+        if cfg.qk_norm == "head":
+            _merge_normed_keys(*keys, cfg.norm)
+        else:
+            _merge_keys(*keys)
+        _merge_values(sd, pre, names, cfg.value_index[l], plan_layer.value_groups, merge["value"], where, hd)
         key_index.append(regroup_map(cfg.key_index[l], plan_layer.key_groups))
         value_index.append(regroup_map(cfg.value_index[l], plan_layer.value_groups))
-    return build(with_maps(cfg, key_index, value_index), sd)
+    merged = with_maps(cfg, key_index, value_index)
+    if cfg.qk_norm == "head":
+        merged.qk_norm_weights = "head"
+    return build(merged, sd)
 
 
 def closed_form_merges(stats: list[LayerStats], layers: list[LayerPlan]) -> list[dict]:

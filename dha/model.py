@@ -26,9 +26,9 @@ residual, qk-norm, block norm layout, per-layer windows) are plain config fields
 qk-norm (Qwen3, Gemma 3, OLMo 2) normalises queries and keys after their projections, before RoPE:
 "head" normalises each head over hd with one (hd,) weight shared by all heads, so each stored key
 head of a layer is normalised alone; "full" normalises the whole query projection (H*hd) and the
-layer's whole key projection (Hk*hd, every stored key head together). Either is exact for an
-unconverted model; a merged key head is not normalised as its sources were (dha.families refuses
-to merge qk-norm models).
+layer's whole key projection (Hk*hd, every stored key head together). A merged "head" model
+(`dha.merge`'s norm-aware realisation) keeps one norm weight per head instead
+(qk_norm_weights "head": q_norm (H, hd), k_norm (Hk, hd)); "full" models are not merged.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class ModelConfig:
     rope_in_float32: bool = False  # rotate in float32 and round once (OLMo 2 keeps cos/sin float32)
     # qk-norm after the q/k projections, before RoPE (module docstring): None | "head" | "full".
     qk_norm: str | None = None
+    qk_norm_weights: str = "layer"  # "layer": one (hd,) weight per layer; "head": one per head (a merged model)
     # Where a block's norms sit: "pre" x + f(norm(x)); "post" x + norm(f(x)) (OLMo 2);
     # "sandwich" x + norm2(f(norm1(x))) (Gemma 2/3).
     block_norms: str = "pre"
@@ -117,6 +118,8 @@ class ModelConfig:
             raise ValueError(f"unknown norm {self.norm!r} (known: {', '.join(NORMS)})")
         if self.qk_norm not in (None, "head", "full"):
             raise ValueError(f"unknown qk_norm {self.qk_norm!r} (known: None, 'head', 'full')")
+        if self.qk_norm_weights not in ("layer", "head") or (self.qk_norm_weights == "head" and self.qk_norm != "head"):
+            raise ValueError(f"qk_norm_weights {self.qk_norm_weights!r} needs qk_norm 'head' (known: 'layer', 'head')")
         if self.block_norms not in ("pre", "post", "sandwich"):
             raise ValueError(f"unknown block_norms {self.block_norms!r} (known: 'pre', 'post', 'sandwich')")
         if self.parallel_residual and self.block_norms != "pre":
@@ -209,14 +212,20 @@ class RMSNormOnePlus(RMSNorm):
 NORMS = {"rmsnorm": RMSNorm, "rmsnorm_f32": RMSNormF32, "rmsnorm_1p": RMSNormOnePlus, "layernorm": None}
 
 
-def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
-    """The config's norm over `dim` features (default: hidden_size)."""
+def make_norm(cfg: ModelConfig, dim: int | None = None, heads: int | None = None) -> nn.Module:
+    """The config's norm over `dim` features (default: hidden_size); with `heads`, an RMSNorm whose
+    weight is (heads, dim), one row per head of a (..., heads, dim) input."""
     dim = cfg.hidden_size if dim is None else dim
     if cfg.norm == "layernorm":
+        if heads is not None:
+            raise ValueError("per-head norm weights need an RMSNorm")
         return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
-    if cfg.norm in NORMS:
-        return NORMS[cfg.norm](dim, cfg.norm_eps)
-    raise ValueError(f"unknown norm {cfg.norm!r}")
+    if cfg.norm not in NORMS:
+        raise ValueError(f"unknown norm {cfg.norm!r}")
+    norm = NORMS[cfg.norm](dim, cfg.norm_eps)
+    if heads is not None:
+        norm.weight = nn.Parameter(norm.weight.detach().expand(heads, dim).clone())
+    return norm
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -381,7 +390,9 @@ class Attention(nn.Module):
         # qk-norm (ModelConfig.qk_norm): per head over hd, or over the whole projection of the layer.
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
-            self.q_norm, self.k_norm = make_norm(cfg, hd), make_norm(cfg, hd)
+            per_head = cfg.qk_norm_weights == "head"
+            self.q_norm = make_norm(cfg, hd, H if per_head else None)
+            self.k_norm = make_norm(cfg, hd, self.num_key_heads if per_head else None)
         elif cfg.qk_norm == "full":
             self.q_norm, self.k_norm = make_norm(cfg, H * hd), make_norm(cfg, self.num_key_heads * hd)
         # A local layer (ModelConfig.local_layers) masks by its own window and reads the local RoPE.

@@ -311,15 +311,15 @@ def run_dha(
 
 def prepared_run(model, splits, config: DHAConfig) -> tuple:
     """run_dha's checks and settings, before any work: the config is valid, the model's heads can be
-    merged (no qk-norm), the search options resolve for the model, and with tokens the train split
-    holds a training block. Returns (config with its training template filled in, search options,
-    StageTokens)."""
+    merged (dha.families.refuse_merge_of_qk_norm), the search options resolve for the model, and
+    with tokens the train split holds a training block. Returns (config with its training template
+    filled in, search options, StageTokens)."""
     config.validate()
-    refuse_merge_of_qk_norm(model)
     search_options = config.search or SearchOptions()
     template = config.train or TrainConfig(tokens=1)
     config = replace(config, train=template)
     stages = split_tokens(config.tokens, config.fusion_fraction, template.batch_tokens, template.block_size)
+    refuse_merge_of_qk_norm(model, fusion=bool(stages.fusion), mean=config.merge != "aligned")
     search_options = resolved_search(model, search_options, fusion=bool(stages.fusion))  # once, before any work
     if config.tokens and splits.train.numel() < template.block_size + 1:
         raise UserError(

@@ -153,7 +153,13 @@ def check_same_function(
 def unsupported_reason(cfg: ModelConfig) -> str | None:
     """Why the LLaMA graph these engines run (llama.cpp `llama` / `deci`, Nemotron-NAS) cannot run this
     model (its architecture, not its layout), or None."""
+    per_head = " (and one norm weight per head, which llama.cpp's qwen3 and gemma3 graphs do not hold)"
     checks = [
+        (
+            cfg.qk_norm is None,
+            f"qk-norm ({cfg.family}): the serving exports write LLaMA graphs, which have no query/key norms"
+            + (per_head if cfg.qk_norm_weights == "head" else ""),
+        ),
         (
             cfg.family == "llama",
             f"family {cfg.family!r}: the serving exports write LLaMA-family models only (model_type llama)",

@@ -94,7 +94,7 @@ def run_convert(args) -> int:
 
     from ..atomic import check_out
     from ..checkpoint import load, save, source_shape
-    from ..convert import check_method
+    from ..convert import ALIGNED_METHODS, check_method
     from ..families import refuse_merge_of_qk_norm
     from ..summary import kv_summary
 
@@ -105,8 +105,12 @@ def run_convert(args) -> int:
             "give either --method (with --kv-budget) or --plan "
             "(--method dha takes both: its search is replaced by the plan)"
         )
-    refuse_merge_of_qk_norm(source_shape(args.source)[0])  # before any model is loaded
     tokens = getattr(args, "tokens", None) or 0
+    refuse_merge_of_qk_norm(  # before any model is loaded
+        source_shape(args.source)[0],
+        fusion=bool(tokens and getattr(args, "fusion_fraction", None)),
+        mean=args.method not in ALIGNED_METHODS or getattr(args, "merge", None) == "mean",
+    )
     check_convert_options_used(args, tokens)
     check_offload(args, tokens)
     apply_context(args, tokens)

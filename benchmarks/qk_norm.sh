@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# qk-norm against none: one small model (6 layers, 6 heads of 64, the SmolLM2 tokenizer) trained twice
+# from the same seed on the same 150,000 tokens of the built-in pydoc text, once with Qwen3's per-head
+# query and key norms and once without (benchmarks/train_small_mha.py). Each is converted at 1/2 and
+# 1/3 of its KV cache by dha and svd, with no training and with 16,384 tokens (distilled from its
+# source), beside the control (the source trained the same way). Held-out pydoc and Linux man pages
+# (a text nothing trains or calibrates on), as ratios to each model's own source. One thread per
+# job; about an hour on 2 cores.
+#   bash benchmarks/qk_norm.sh [train|convert|table|all]
+set -euo pipefail
+part=${1:-all}
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+cache=$HOME/.cache/dha
+second=${DHA_SECOND_TEXT:-$cache/man1_400.txt}
+res=benchmarks/results
+[[ -f $second ]] || python benchmarks/man_pages_text.py --pages 400 --out "$second"
+if [[ $part == train || $part == all ]]; then
+  [[ -d $cache/small-qknorm-150k ]] || python benchmarks/train_small_mha.py --qk-norm --tokens 150000 --out $cache/small-qknorm-150k
+  [[ -d $cache/small-mha-150k ]] || python benchmarks/train_small_mha.py --tokens 150000 --out $cache/small-mha-150k
+fi
+if [[ $part == convert || $part == all ]]; then
+  for model in qknorm mha; do
+    for budget in 0.5 0.3334; do
+      python benchmarks/dha_vs_baselines.py --setup $cache/small-$model-150k --kv-budget $budget --methods dha,svd,source \
+        --tokens 0,16384 --batch-tokens 1024 --second-text "$second" --out $res/qk_norm_${model}_${budget}.json
+    done
+  done
+fi
+if [[ $part == table || $part == all ]]; then
+  python benchmarks/qk_norm_table.py $res/qk_norm_{qknorm,mha}_{0.5,0.3334}.json
+fi
