@@ -43,6 +43,12 @@ if [[ $part == convert || $part == all ]]; then
   python -m dha train smollm2-135m --block-size 2048 --batch-tokens 2048 --micro-batch 1 --tokens 24576 --no-progress \
     --out $runs/control2k
   python -m dha convert --method svd --kv-budget 0.5 $rows --distill --no-progress --out $runs/svd2k
+  # the search's costs on 2,048-token calibration blocks (no training); a longer budget: 98,304 tokens
+  # (4x the demo's: 48 steps of one 2,048-token row) for the no-pairs recipe
+  python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --calib-block-size 2048 --calib-tokens 4096 \
+    --no-progress --out $runs/dha0_search2k
+  python -m dha convert --method dha --plan $runs/dha0_pv_fp0/plan.json --free-pairs 0 --context 2048 --calib-tokens 4096 \
+    --tokens 98304 --batch-tokens 2048 --no-progress --out $runs/pv2k_fp0_98k
   # the same plan and rows with --context 2048 (so pairs for 2,048 tokens: 8)
   python -m dha convert --method dha --plan $runs/dha0_pv/plan.json --context 2048 --tokens 24576 --batch-tokens 2048 \
     --no-progress --out $runs/pv2k
@@ -56,7 +62,14 @@ if [[ $part == eval || $part == all ]]; then
   python benchmarks/long_context_lean.py $runs/pv2k_fp5 $runs/pv2k_fp0 $runs/plain2k_fp5 $runs/control2k $runs/svd2k \
     --data "$man" --lengths 8192,4096,2048 \
     --per-depth 1 --out $res/long_context_half.jsonl
+  python benchmarks/long_context_lean.py $runs/dha0_fp5 $runs/dha0_search2k --data "$man" --lengths "" \
+    --out $res/long_context_half.jsonl
   python benchmarks/plot_long_context.py $res/long_context_half.jsonl --out docs/images
+  # 20 passkeys per length (4 per depth), the source and the no-pairs recipe at the demo's and a 4x budget
+  python benchmarks/long_context_lean.py smollm2-135m $runs/pv2k_fp0 --data "$man" --windows 0 --lengths 2048,4096,8192 \
+    --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
+  python benchmarks/long_context_lean.py $runs/pv2k_fp0_98k --data "$man" --windows 2 --lengths 2048,4096,8192 \
+    --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   # one 8,192-token window of man pages (passkeys: 5 per length)
   python benchmarks/long_context_lean.py smollm2-135m --data "$man" --windows 1 --lengths 4096 --per-depth 1 \
     --out $res/long_context_half_man1.jsonl

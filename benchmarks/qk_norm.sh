@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # qk-norm against none: one small model (6 layers, 6 heads of 64, the SmolLM2 tokenizer) trained twice
-# from the same seed on the same 150,000 tokens of the built-in pydoc text, once with Qwen3's per-head
-# query and key norms and once without (benchmarks/train_small_mha.py). Each is converted at 1/2 and
+# from the same seed on the same 300,000 tokens of the built-in pydoc text (146 steps of 2,048), once
+# with Qwen3's per-head query and key norms and once without (benchmarks/train_small_mha.py). Each is converted at 1/2 and
 # 1/3 of its KV cache by dha and svd, with no training and with 16,384 tokens (distilled from its
 # source), beside the control (the source trained the same way). Held-out pydoc and Linux man pages
 # (a text nothing trains or calibrates on), as ratios to each model's own source. One thread per
@@ -16,17 +16,17 @@ second=${DHA_SECOND_TEXT:-$cache/man1_400.txt}
 res=benchmarks/results
 [[ -f $second ]] || python benchmarks/man_pages_text.py --pages 400 --out "$second"
 if [[ $part == train || $part == all ]]; then
-  [[ -d $cache/small-qknorm-150k ]] || python benchmarks/train_small_mha.py --qk-norm --tokens 150000 --out $cache/small-qknorm-150k
-  [[ -d $cache/small-mha-150k ]] || python benchmarks/train_small_mha.py --tokens 150000 --out $cache/small-mha-150k
+  [[ -d $cache/small-qknorm ]] || python benchmarks/train_small_mha.py --qk-norm --tokens 300000 --batch-tokens 2048 --out $cache/small-qknorm
+  [[ -d $cache/small-plain ]] || python benchmarks/train_small_mha.py --tokens 300000 --batch-tokens 2048 --out $cache/small-plain
 fi
 if [[ $part == convert || $part == all ]]; then
-  for model in qknorm mha; do
+  for model in qknorm plain; do
     for budget in 0.5 0.3334; do
-      python benchmarks/dha_vs_baselines.py --setup $cache/small-$model-150k --kv-budget $budget --methods dha,svd,source \
+      python benchmarks/dha_vs_baselines.py --setup $cache/small-$model --kv-budget $budget --methods dha,svd,source \
         --tokens 0,16384 --batch-tokens 1024 --second-text "$second" --out $res/qk_norm_${model}_${budget}.json
     done
   done
 fi
 if [[ $part == table || $part == all ]]; then
-  python benchmarks/qk_norm_table.py $res/qk_norm_{qknorm,mha}_{0.5,0.3334}.json
+  python benchmarks/qk_norm_table.py $res/qk_norm_{qknorm,plain}_{0.5,0.3334}.json
 fi

@@ -6,7 +6,7 @@ its own source on held-out pydoc and on the second text, for the qk-norm model a
 and the two targets: dha's ratio on the qk-norm model within 1.2x of its ratio on the plain model,
 and dha ahead of svd on the qk-norm model.
 
-    python benchmarks/qk_norm_table.py benchmarks/results/qk_norm_{qknorm,mha}_{0.5,0.3334}.json
+    python benchmarks/qk_norm_table.py benchmarks/results/qk_norm_{qknorm,plain}_{0.5,0.3334}.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def rows_by_key(path: str) -> tuple[str, float, dict]:
     """(model name from the setup path, budget, {(method, tokens): row})."""
     with open(path) as f:
         result = json.load(f)
-    model = "qknorm" if "qknorm" in os.path.basename(result["setup"]) else "mha"
+    model = "qknorm" if "qknorm" in os.path.basename(result["setup"]) else "plain"
     return model, result["kv_budget"], {(r["method"], r["tokens"]): r for r in result["rows"]}
 
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     verdicts = []
     for budget in sorted({b for _, b in found}, reverse=True):
-        qk, plain = found.get(("qknorm", budget), {}), found.get(("mha", budget), {})
+        qk, plain = found.get(("qknorm", budget), {}), found.get(("plain", budget), {})
         for tokens in sorted({t for _, t in qk}):
             for text, key in (("pydoc", "ppl_ratio"), ("man pages", "second_ppl_ratio")):
                 d_qk, d_plain = qk.get(("dha", tokens)), plain.get(("dha", tokens))
