@@ -251,6 +251,11 @@ def norm_gain(weight: torch.Tensor, norm: str) -> torch.Tensor:
     return weight + 1 if norm == "rmsnorm_1p" else weight
 
 
+def gain_weight(gain: torch.Tensor, norm: str) -> torch.Tensor:
+    """The stored weight of a norm that multiplies by `gain` (norm_gain's inverse)."""
+    return gain - 1 if norm == "rmsnorm_1p" else gain
+
+
 def _pairs_to_dims(x: torch.Tensor) -> torch.Tensor:
     """Per-pair values (..., r/2) -> per-dim (..., r) in the rotate-half layout (pair i is dims i, i + r/2)."""
     return torch.cat([x, x], -1)
@@ -329,8 +334,7 @@ def _merge_normed_keys(sd, pre, names, index, groups, merges, where, hd, norm: s
         _put(sd, f"{pre}.k_proj.{s}", unheads(torch.stack([rows for rows, _ in shared])))
         _put(sd, f"{pre}.q_proj.{s}", unheads(torch.stack([rows for rows, _ in readers])))
     for name, new in (("k_norm", [g for _, g in shared]), ("q_norm", [g for _, g in readers])):
-        gains = torch.stack(new)
-        sd[f"{pre}.{name}.weight"] = (gains - 1 if norm == "rmsnorm_1p" else gains).to(sd[f"{pre}.{name}.weight"])
+        sd[f"{pre}.{name}.weight"] = gain_weight(torch.stack(new), norm).to(sd[f"{pre}.{name}.weight"])
 
 
 def _merge_values(sd, pre, names, index, groups, merges, where, hd) -> None:
