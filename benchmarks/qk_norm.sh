@@ -24,9 +24,12 @@ if [[ $part == convert || $part == all ]]; then
     for budget in 0.5 0.3334; do
       python benchmarks/dha_vs_baselines.py --setup $cache/small-$model --kv-budget $budget --methods dha,svd,source \
         --tokens 0,16384 --batch-tokens 1024 --second-text "$second" --out $res/qk_norm_${model}_${budget}.json
+      # gqa: the group mean of the projections, under the source's shared norm (what ignoring the norm gives)
+      python benchmarks/dha_vs_baselines.py --setup $cache/small-$model --kv-budget $budget --methods gqa --tokens 0 \
+        --batch-tokens 1024 --second-text "$second" --out $res/qk_norm_gqa_${model}_${budget}.json
     done
   done
 fi
 if [[ $part == table || $part == all ]]; then
-  python benchmarks/qk_norm_table.py $res/qk_norm_{qknorm,plain}_{0.5,0.3334}.json
+  python benchmarks/qk_norm_table.py $res/qk_norm_{,gqa_}{qknorm,plain}_{0.5,0.3334}.json
 fi

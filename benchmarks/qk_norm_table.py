@@ -2,11 +2,12 @@
 
 Reads the result files of benchmarks/qk_norm.sh (benchmarks/dha_vs_baselines.py, one per model and
 budget) and prints one markdown row per budget and token count: each method's perplexity ratio to
-its own source on held-out pydoc and on the second text, for the qk-norm model and the plain one,
-and the two targets: dha's ratio on the qk-norm model within 1.2x of its ratio on the plain model,
+its own source on held-out pydoc and on the second text, for the qk-norm model and the plain one
+(with `gqa`, the mean of the projections that ignores the norm, where a file has it), and the two
+targets: dha's ratio on the qk-norm model within 1.2x of its ratio on the plain model,
 and dha ahead of svd on the qk-norm model.
 
-    python benchmarks/qk_norm_table.py benchmarks/results/qk_norm_{qknorm,plain}_{0.5,0.3334}.json
+    python benchmarks/qk_norm_table.py benchmarks/results/qk_norm_{,gqa_}{qknorm,plain}_{0.5,0.3334}.json
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def main(argv=None) -> int:
     found = {}
     for path in args.results:
         model, budget, rows = rows_by_key(path)
-        found[(model, budget)] = rows
+        found.setdefault((model, budget), {}).update(rows)
     print(
         "| budget | tokens | text | dha, qk-norm | dha, plain | dha qk-norm / plain | svd, qk-norm | svd, plain "
-        "| control, qk-norm | control, plain |"
+        "| gqa, qk-norm | gqa, plain | control, qk-norm | control, plain |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     verdicts = []
     for budget in sorted({b for _, b in found}, reverse=True):
         qk, plain = found.get(("qknorm", budget), {}), found.get(("plain", budget), {})
@@ -49,12 +50,13 @@ def main(argv=None) -> int:
                 d_qk, d_plain = qk.get(("dha", tokens)), plain.get(("dha", tokens))
                 ratio = d_qk[key] / d_plain[key] if d_qk and d_plain else None
                 s_qk, s_plain = qk.get(("svd", tokens)), plain.get(("svd", tokens))
+                g_qk, g_plain = qk.get(("gqa", tokens)), plain.get(("gqa", tokens))
                 c_qk, c_plain = qk.get(("source", tokens)), plain.get(("source", tokens))
                 if ratio is None:
-                    print(f"| {budget:g} | {tokens:,} | {text} | missing | | | | | | |")
+                    print(f"| {budget:g} | {tokens:,} | {text} | missing | | | | | | | | |")
                     continue
                 cells = [cell(r, key) for r in (d_qk, d_plain)] + [f"{ratio:.3f}"]
-                cells += [cell(r, key) for r in (s_qk, s_plain, c_qk, c_plain)]
+                cells += [cell(r, key) for r in (s_qk, s_plain, g_qk, g_plain, c_qk, c_plain)]
                 print(f"| {budget:g} | {tokens:,} | {text} | " + " | ".join(cells) + " |")
                 ahead = s_qk is None or d_qk[key] < s_qk[key]
                 verdicts.append((budget, tokens, text, ratio <= 1.2, ahead))
