@@ -275,7 +275,7 @@ def test_other_families_and_qk_norm_are_refused(tmp_path, capsys):
     )
     for name, model, message in [
         ("mistral", MistralForCausalLM(MistralConfig(sliding_window=None, **small)), "family 'mistral'"),
-        ("qwen3", Qwen3ForCausalLM(Qwen3Config(**small)), "family 'qwen3'"),
+        ("qwen3", Qwen3ForCausalLM(Qwen3Config(**small)), "qk-norm (qwen3): the serving exports write LLaMA graphs"),
     ]:
         directory = str(tmp_path / name)
         model.save_pretrained(directory)
