@@ -135,8 +135,10 @@ def plot_position_ratio(names: list[str], positions: list[dict], path: str) -> N
     base = positions[0]["buckets"]
     mids = [np.sqrt(max(b["start"], 1) * b["end"]) for b in base]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, result in zip(names[1:], positions[1:]):
-        ax.plot(mids, [r["ppl"] / b["ppl"] for r, b in zip(result["buckets"], base)], marker="o", label=name)
+    styles = ("-", "--", ":")  # past ten lines the colours repeat: the line style tells them apart
+    for i, (name, result) in enumerate(zip(names[1:], positions[1:])):
+        ratios = [r["ppl"] / b["ppl"] for r, b in zip(result["buckets"], base)]
+        ax.plot(mids, ratios, marker="o", linestyle=styles[(i // 10) % 3], label=name)
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--", label=names[0])
     ax.set_xscale("log", base=2)
     ax.set_xticks(mids, [f"{b['start']}-{b['end']}" for b in base], rotation=30, fontsize=8)
