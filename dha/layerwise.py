@@ -14,7 +14,8 @@ is already there in the compute dtype).
   the layer's input, which is the output of the source's own previous layers: what one
   whole-model forward pass sees. With qk-norm the queries and keys are taken after their norms
   (what RoPE and attention see), and a per-head norm ("head") adds "key_rms": each key head's RMS
-  before its norm (what the norm divides by, on average), which the norm-aware merge needs.
+  before its norm (what the norm divides by, on average, over every calibration token), which the
+  norm-aware merge needs.
 - `backward_heads`: the same outputs with the gradient of the summed next-token loss at the key
   and value outputs, from the last layer back. A forward sweep keeps every layer's input hidden
   states (in CPU memory); the loss gradient at the last hidden states is taken with the

@@ -279,7 +279,10 @@ def normed_key_rows(rows: torch.Tensor, gains: torch.Tensor, merge: KeyMerge) ->
         raise ValueError("a per-head key norm merges with its members' RMS and every dim rotary, pair by pair")
     column = lambda t: t.reshape((-1,) + (1,) * (rows.dim() - 2))  # noqa: E731  (hd,) against rows (hd, ...)
     normalised = rows / merge.rms.reshape((-1,) + (1,) * (rows.dim() - 1))  # W_j / r_j
-    m = _pairs_to_dims((1 / merge.up.abs().clamp_min(1e-300)).mean(1))  # (hd,)
+    up = merge.up.abs()  # (r/2, g); a member with up 0 on a pair is not read there: the mean skips it
+    reads = up > 1e-12 * up.amax(1, keepdim=True).clamp_min(1e-300)
+    inverse = torch.where(reads, 1 / up.clamp_min(1e-300), torch.zeros_like(up)).sum(1)
+    m = _pairs_to_dims(torch.where(reads.any(1), inverse / reads.sum(1).clamp_min(1), torch.ones_like(inverse)))
     shared = _shared_in_layout(normalised, merge) * column(merge.rms.mean() / m)  # every pair exact: no reordering
     gain = gains.mean(0)
     # A dim whose gain is 0 is 0 in every calibrated key: it has no merge of its own, but it still

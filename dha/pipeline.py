@@ -216,6 +216,11 @@ def resolved_search(source, search_options, fusion: bool):
     model cannot hold fails here, before any work). A fusion stage ends exactly at the merge only
     with exact maps, so with one (`fusion`) the default is 0 pairs."""
     requested = 0 if fusion and search_options.free_pairs is None else search_options.free_pairs
+    if source.config.qk_norm is not None and search_options.search == "learned":
+        raise UserError(
+            "--search learned relaxes the merge on the projections before the key norm, which a qk-norm model "
+            "does not merge by: use --search cost (the default)"
+        )
     return replace(search_options, free_pairs=free_pairs_for(source, requested, search_options.free_context))
 
 

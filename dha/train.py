@@ -452,9 +452,10 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig, hooks: Hooks, device: t
         ascent = peak < 0
         g.setdefault("weight_decay", 0.0 if ascent else cfg.weight_decay)
         groups.append({"params": params, "lr": abs(peak), "peak_lr": peak, "ascent": ascent, **g})
-    rest = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
-    matrices = [p for p in rest if p.dim() >= 2]
-    vectors = [p for p in rest if p.dim() < 2]
+    rest = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in seen]
+    gain = lambda name, p: p.dim() < 2 or name.endswith("norm.weight")  # noqa: E731  (per-head norms are 2-D)
+    matrices = [p for n, p in rest if not gain(n, p)]
+    vectors = [p for n, p in rest if gain(n, p)]
     # Decay matrices only: norms' gains and biases are not shrunk toward 0 (nanoGPT's configure_optimizers).
     groups.insert(
         0, {"params": matrices, "lr": cfg.lr, "peak_lr": cfg.lr, "ascent": False, "weight_decay": cfg.weight_decay}

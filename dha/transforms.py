@@ -83,6 +83,8 @@ def expand_to_mha(model: Transformer) -> Transformer:
     for l in range(cfg.num_layers):
         _select_heads(sd, f"layers.{l}.attn.k_proj", hd, cfg.key_index[l])
         _select_heads(sd, f"layers.{l}.attn.v_proj", hd, cfg.value_index[l])
+        if cfg.qk_norm_weights == "head":  # one key-norm row per key head: each copy keeps its own
+            sd[f"layers.{l}.attn.k_norm.weight"] = sd[f"layers.{l}.attn.k_norm.weight"][cfg.key_index[l]]
     H = cfg.num_heads
     return build(with_maps(cfg, [list(range(H))] * cfg.num_layers, [list(range(H))] * cfg.num_layers), sd)
 
@@ -95,6 +97,8 @@ def permute_query_heads(model: Transformer, perms: list[list[int]]) -> Transform
         if sorted(perm) != list(range(cfg.num_heads)):
             raise ValueError(f"layer {l}: {perm} is not a permutation of {cfg.num_heads} query heads")
         _select_heads(sd, f"layers.{l}.attn.q_proj", hd, perm)
+        if cfg.qk_norm_weights == "head":  # one query-norm row per query head
+            sd[f"layers.{l}.attn.q_norm.weight"] = sd[f"layers.{l}.attn.q_norm.weight"][perm]
         w_o = sd[f"layers.{l}.attn.o_proj.weight"]  # (D, H*hd): columns are heads
         sd[f"layers.{l}.attn.o_proj.weight"] = unheads(heads(w_o.T, hd)[perm]).T.contiguous()
         key_index.append([cfg.key_index[l][p] for p in perm])

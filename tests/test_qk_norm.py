@@ -553,3 +553,46 @@ def test_gemma3_270m_loads_exactly_and_merges_back_exactly():
     assert [merged.config.key_heads(l) for l in range(18)] == [1] * 18
     with torch.no_grad():
         assert_close(merged.eval()(ids), want, atol=1e-4, rtol=0)
+
+
+def test_merged_qk_norm_model_keeps_finite_gains_its_heads_maps_and_undecayed_norms():
+    """A member not read on a pair (its key rows zero there) leaves the merge's gains finite; a merged
+    model's per-head norm rows follow their heads through expand_to_mha and permute_query_heads (the
+    function unchanged, fp32, 1e-5); and training never decays those 2-D norm weights."""
+    from dha.options import TrainConfig
+    from dha.train import Hooks, build_optimizer
+    from dha.transforms import permute_query_heads
+
+    hf = with_key_copies(CASES["qwen3"](), turned=True)
+    with torch.no_grad():
+        for layer in hf.model.layers:  # key head 1: pair 0 (rows 0 and 4) zero
+            rows = layer.self_attn.k_proj.weight.view(-1, 8, 48)
+            rows[1, [0, 4]] = 0
+            layer.self_attn.k_proj.bias.view(-1, 8)[1, [0, 4]] = 0
+    merged = merge_key_heads_0_1(ours_from_hf(hf))
+    assert all(torch.isfinite(p).all() for p in merged.parameters())
+    ids = random_ids(length=LENGTH, seed=10)
+    with torch.no_grad():
+        want = merged(ids)
+        assert torch.isfinite(want).all()
+        assert_close(expand_to_mha(merged)(ids), want, atol=1e-5, rtol=0)
+        perm = [[5, 3, 1, 0, 2, 4]] * merged.config.num_layers
+        assert_close(permute_query_heads(merged, perm)(ids), want, atol=1e-5, rtol=0)
+    optimizer = build_optimizer(merged.train(), TrainConfig(tokens=1, weight_decay=0.1), Hooks(), torch.device("cpu"))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    norms = [p for n, p in merged.named_parameters() if n.endswith("norm.weight")]
+    assert norms and not any(id(p) in decayed for p in norms)
+    assert id(merged.layers[0].attn.k_proj.weight) in decayed
+
+
+def test_cli_refuses_the_learned_search_on_qk_norm(tmp_path, capsys):
+    hf, tok = CASES["qwen3"](), char_tokenizer()
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    hf.save_pretrained(src)
+    tok.save_pretrained(src)
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join(f"def f{i}(x): return x * {i}" for i in range(200)))
+    argv = ["convert", src, "--method", "dha", "--kv-budget", "0.5", "--data", str(data), "--search", "learned"]
+    assert main([*argv, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "use --search cost" in err[-1] and not os.path.exists(out), err

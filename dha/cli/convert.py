@@ -106,12 +106,12 @@ def run_convert(args) -> int:
             "(--method dha takes both: its search is replaced by the plan)"
         )
     tokens = getattr(args, "tokens", None) or 0
+    check_convert_options_used(args, tokens)
     refuse_merge_of_qk_norm(  # before any model is loaded
         source_shape(args.source)[0],
-        fusion=bool(tokens and getattr(args, "fusion_fraction", None)),
+        fusion=bool(args.method == "dha" and tokens and getattr(args, "fusion_fraction", None)),
         mean=args.method not in ALIGNED_METHODS or getattr(args, "merge", None) == "mean",
     )
-    check_convert_options_used(args, tokens)
     check_offload(args, tokens)
     apply_context(args, tokens)
     if args.method == "dha":  # the full DHA pipeline: search, fusion, merge, training, report
