@@ -87,12 +87,12 @@ def free_pairs_for(model: Transformer, requested: int | None, context: int | Non
     FREE_CONTEXT; 0 pairs without RoPE)."""
     pairs = model.config.rotary_dim // 2 if model.config.position == "rope" else 0
     context = context or max(FREE_CONTEXT, model.config.max_position_embeddings)
-    if model.config.qk_norm is not None and requested:
-        raise UserError(
-            "position-free pairs merge keys through full maps that mix pairs, and a key norm does not commute "
-            "with them: a qk-norm model merges every pair exactly (--free-pairs 0)"
-        )
     if model.config.qk_norm is not None:
+        if requested:
+            raise UserError(
+                "position-free pairs merge keys through full maps that mix pairs, and a key norm does not commute "
+                "with them: a qk-norm model merges every pair exactly (--free-pairs 0)"
+            )
         return 0
     if requested is None:
         return int((model.inv_freq.double() * context <= FREE_ANGLE).sum()) if pairs else 0

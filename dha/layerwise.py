@@ -44,7 +44,8 @@ from .model import Transformer
 
 LM_HEAD_CHUNK_BYTES = 2**25  # bound on one chunk of the output matrix, and on its logits, in the compute dtype
 PROJECTIONS = (("q_proj", "queries"), ("k_proj", "keys"), ("v_proj", "values"))
-NORMED = (("q_norm", "queries"), ("k_norm", "keys"), ("v_proj", "values"), ("k_proj", "raw_keys"))
+NORMED = (("q_norm", "queries"), ("k_norm", "keys"), ("v_proj", "values"))
+RAW_KEYS = ("k_proj", "raw_keys")  # a per-head norm's divisor: `_collected` turns it into "key_rms"
 
 
 def capture_points(model: Transformer) -> tuple[tuple[str, str], ...]:
@@ -52,7 +53,7 @@ def capture_points(model: Transformer) -> tuple[tuple[str, str], ...]:
     or with qk-norm the normalised queries and keys (and, per head, the keys before their norm)."""
     if model.config.qk_norm is None:
         return PROJECTIONS
-    return NORMED if model.config.qk_norm == "head" else NORMED[:3]
+    return (*NORMED, RAW_KEYS) if model.config.qk_norm == "head" else NORMED
 
 
 def compute_device(model: Transformer, device=None) -> torch.device:

@@ -312,10 +312,15 @@ def _put(sd: dict, name: str, new: torch.Tensor) -> None:
     sd[name] = new.to(sd[name].device, sd[name].dtype)
 
 
+def _member_of(groups: list[list[int]]) -> dict[int, tuple[int, int]]:
+    """Source head j -> (its group, its place in the group)."""
+    return {j: (g, m) for g, members in enumerate(groups) for m, j in enumerate(members)}
+
+
 def _merge_keys(sd, pre, names, index, groups, merges, where, hd) -> None:
     """One layer's key groups merged (shared k_proj rows), every query head reading its key's
     shared head through up* (q_proj rows)."""
-    key_of = {j: (g, m) for g, members in enumerate(groups) for m, j in enumerate(members)}
+    key_of = _member_of(groups)
     for s in names:
         k, q = _stored(sd, f"{pre}.k_proj.{s}", where, hd), _stored(sd, f"{pre}.q_proj.{s}", where, hd)
         shared = [shared_key_rows(k[g], mg) for g, mg in zip(groups, merges)]
@@ -327,7 +332,7 @@ def _merge_keys(sd, pre, names, index, groups, merges, where, hd) -> None:
 def _merge_normed_keys(sd, pre, names, index, groups, merges, where, hd, norm: str) -> None:
     """`_merge_keys` for a per-head qk-norm layer: `normed_key_rows` and `normed_reader_rows`, the
     norms' weights becoming one row per head."""
-    key_of = {j: (g, m) for g, members in enumerate(groups) for m, j in enumerate(members)}
+    key_of = _member_of(groups)
     k_gain = norm_gain(_stored(sd, f"{pre}.k_norm.weight", where), norm).expand(len(key_of), hd)
     q_gain = norm_gain(_stored(sd, f"{pre}.q_norm.weight", where), norm).expand(len(index), hd)
     for s in names:
@@ -343,7 +348,7 @@ def _merge_normed_keys(sd, pre, names, index, groups, merges, where, hd, norm: s
 def _merge_values(sd, pre, names, index, groups, merges, where, hd) -> None:
     """One layer's value groups merged (shared v_proj rows), each query head's W_O columns reading
     its value's shared head through up."""
-    value_of = {j: (g, m) for g, members in enumerate(groups) for m, j in enumerate(members)}
+    value_of = _member_of(groups)
     for s in names:
         v = _stored(sd, f"{pre}.v_proj.{s}", where, hd)
         _put(
