@@ -5,12 +5,16 @@ SmolLM2's exact MHA expansion has heads that are copies by construction. This tr
 LLaMA-style MHA model (hidden 384, 6 heads of 64, SwiGLU 1024, RoPE, tied embeddings; the
 SmolLM2 tokenizer) from scratch on the built-in text (the train split of CPython's pydoc topics),
 so its heads are learned, not copied. `--qk-norm` trains the same model with Qwen3's per-head
-query and key norms (RMSNorm over each head's 64 dims, before RoPE; family qwen3), so that
-conversions of one model trained with and without qk-norm compare at equal settings and tokens.
+query and key norms (RMSNorm over each head's 64 dims, before RoPE; family qwen3), and
+`--qk-norm full` with OLMo 2's norms over the whole query and key projections (its blocks kept
+pre-norm, so that only the q/k norms differ; no transformers class has that layout, so it exports
+with remote code), so that conversions of one model trained with and without qk-norm compare at
+equal settings and tokens.
 The result is a native dha checkpoint any verb reads:
 
     python benchmarks/train_small_mha.py                       # -> ~/.cache/dha/small-mha-pydoc
     python benchmarks/train_small_mha.py --qk-norm --out ~/.cache/dha/small-qknorm-pydoc
+    python benchmarks/train_small_mha.py --qk-norm full --out ~/.cache/dha/small-qknorm-full
     dha eval ~/.cache/dha/small-mha-pydoc
     python benchmarks/dha_vs_baselines.py --setup ~/.cache/dha/small-mha-pydoc --kv-budget 0.5 ...
 
@@ -42,7 +46,7 @@ DEFAULT_OUT = os.path.join(os.path.expanduser("~"), ".cache", "dha", "small-mha-
 
 
 def small_mha_config(
-    vocab_size: int, layers: int = 6, hidden: int = 384, heads: int = 6, qk_norm: bool = False
+    vocab_size: int, layers: int = 6, hidden: int = 384, heads: int = 6, qk_norm: str | None = None
 ) -> ModelConfig:
     return ModelConfig(
         vocab_size=vocab_size,
@@ -55,14 +59,17 @@ def small_mha_config(
         rope_theta=10000.0,
         norm_eps=1e-5,
         tie_word_embeddings=True,
-        family="qwen3" if qk_norm else "llama",
-        qk_norm="head" if qk_norm else None,
+        family="qwen3" if qk_norm == "head" else "llama",
+        qk_norm=qk_norm,
     )
 
 
-def hf_config_of(cfg: ModelConfig) -> dict:
-    """The Hugging Face LLaMA (or, with qk-norm, Qwen3) config of the same model (dha export writes it)."""
-    make = Qwen3Config if cfg.qk_norm else LlamaConfig
+def hf_config_of(cfg: ModelConfig) -> dict | None:
+    """The Hugging Face LLaMA (or, with per-head qk-norm, Qwen3) config of the same model (dha export
+    writes it); None for norms over the whole projections in pre-norm blocks, which no class has."""
+    if cfg.qk_norm == "full":
+        return None
+    make = Qwen3Config if cfg.qk_norm == "head" else LlamaConfig
     return make(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -86,7 +93,14 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--qk-norm", action="store_true", help="per-head query and key norms, as Qwen3 (module doc)")
+    p.add_argument(
+        "--qk-norm",
+        nargs="?",
+        const="head",
+        choices=["head", "full"],
+        help="query and key norms: per head as Qwen3 (the default with the flag), or over the whole projections "
+        "as OLMo 2 (full) (module doc)",
+    )
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()

@@ -46,8 +46,10 @@ class LayerStats:
     value_gram: (n*hd, n*hd) float64, Gram of the whitened value outputs [v_j L_j]; value_metric (n, hd, hd): L_j.
     The key statistics are in the order of key_layout (hd,) long. With position-free pairs, `exact`
     holds the statistics with every pair exact, for the groups they fit as well (the tie rule, dha.merge).
-    With a per-head qk-norm the keys are the normalised ones and key_rms (n,) float64 is each key
-    head's RMS before its norm (the norm-aware merge, dha.merge).
+    With a qk-norm the keys are the normalised ones. A per-head norm adds key_rms (n,) float64, each
+    key head's RMS before its norm; a norm over the layer's whole key projection adds
+    key_pair_moments (r/2, 2n, 2n) float64, sum_t y_t y_t^T per pair with y = (the pair's first dims
+    of the n heads, then their second dims): what the new divisor needs (the norm-aware merge, dha.merge).
     """
 
     key_pair_gram: torch.Tensor
@@ -60,6 +62,7 @@ class LayerStats:
     key_layout: torch.Tensor
     exact: LayerStats | None = None
     key_rms: torch.Tensor | None = None
+    key_pair_moments: torch.Tensor | None = None
 
 
 def _readers(index: list[int], n: int) -> list[list[int]]:
@@ -155,7 +158,11 @@ def layer_stats(
     y = torch.einsum("tnd,nde->tne", v, value_metric).reshape(N, nv * hd)  # (N, n*hd)
     exact = layer_stats(model, layer, acts, metric) if free_pairs else None
     rms = acts.get("key_rms")
-    return LayerStats(pair_gram, scale, kp.T @ kp, pass_metric, y.T @ y, value_metric, N, layout, exact, rms)
+    moments = None
+    if cfg.qk_norm == "full":  # every dim rotary (free_pairs_for: no position-free pairs under a qk-norm)
+        pairs = torch.cat([k[..., : r // 2], k[..., r // 2 : r]], 1)  # (N, 2n, r/2)
+        moments = torch.einsum("tai,tbi->iab", pairs, pairs)
+    return LayerStats(pair_gram, scale, kp.T @ kp, pass_metric, y.T @ y, value_metric, N, layout, exact, rms, moments)
 
 
 @dataclass

@@ -22,9 +22,9 @@ with remote code.
 
 Families whose attention normalises queries and keys after projection (qk-norm) run exactly:
 Qwen3 and Gemma 3 per head (ModelConfig.qk_norm "head"), OLMo 2 over the whole projection
-("full"). They load, inspect, evaluate, generate and export unconverted. Per-head ones convert
-through a norm-aware merge (`dha.merge.normed_key_rows`); OLMo 2's conversions are refused
-(`refuse_merge_of_qk_norm`), since its norm spans every key head at once. Other qk-norm families
+("full"). They load, inspect, evaluate, generate and export unconverted, and convert through
+norm-aware merges (`dha.merge`: per head, and over the layer's whole key projection); what a
+conversion cannot do with them is refused by `refuse_merge_of_qk_norm`. Other qk-norm families
 (mixture-of-experts, hybrid or vision-language ones) are refused by name, saying why.
 """
 
@@ -181,25 +181,18 @@ QK_NORM_SUPPORTED = ("qwen3", "olmo2", "gemma3_text")
 def refuse_merge_of_qk_norm(model_or_config, fusion: bool = False, mean: bool = False) -> None:
     """Raise UnsupportedModel when a conversion cannot merge this qk-norm model's key heads.
 
-    A per-head norm (Qwen3, Gemma 3: qk_norm "head") divides each key head by its own RMS, so a
-    merge is realised through the norm (`dha.merge.normed_key_rows`, one norm weight per merged
-    head). Refused: a norm over the layer's whole key projection (OLMo 2: "full"), where any change
-    in the number of key heads changes the divisor of every head; the fusion stage (`fusion`), whose
-    learned operators act on the projections before the norm; and group means (`mean`) of a model
-    whose norms already have one weight per head. Call this where a conversion starts (dha convert,
-    any method; dha.pipeline.run_dha)."""
+    The aligned merges are realised through the norm (`dha.merge`): per head (Qwen3, Gemma 3:
+    qk_norm "head", one norm weight per merged head) or over the layer's whole key projection
+    (OLMo 2: "full", the divisor's change folded into the gains). Refused: the fusion stage
+    (`fusion`), whose learned operators act on the projections before the norm, and group means
+    (`mean`) of a model whose per-head norms already have one weight per head. Call this where a
+    conversion starts (dha convert, any method; dha.pipeline.run_dha)."""
     cfg = getattr(model_or_config, "config", model_or_config)
     qk_norm = getattr(cfg, "qk_norm", None)
-    if qk_norm == "full":
+    if qk_norm is not None and fusion:
         raise UnsupportedModel(
-            f"{cfg.family} normalises the layer's whole key projection at once (qk-norm over every key head "
-            "together): merging key heads changes the divisor of every head, and dha has no merge for it; "
-            "dha runs this model unconverted only (inspect, eval, generate, export)"
-        )
-    if qk_norm == "head" and fusion:
-        raise UnsupportedModel(
-            f"{cfg.family} normalises each key head (qk-norm): the fusion stage's learned operators act before "
-            "the norm and are not norm-aware; use --fusion-fraction 0 (the default)"
+            f"{cfg.family} normalises its keys after projection (qk-norm): the fusion stage's learned operators act "
+            "before the norm and are not norm-aware; use --fusion-fraction 0 (the default)"
         )
     if qk_norm == "head" and mean and getattr(cfg, "qk_norm_weights", "layer") == "head":
         raise UnsupportedModel(

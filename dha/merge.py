@@ -123,6 +123,7 @@ class KeyMerge:
     pass_up: torch.Tensor  # (g, p, p)
     layout: torch.Tensor  # (hd,) long: key_layout
     rms: torch.Tensor | None = None  # (g,) float64: each member's RMS before a per-head key norm (qk-norm)
+    energy: torch.Tensor | None = None  # (1 + g, r) float64: E[z_d^2] per dim of the shared key, then of each member
 
     @property
     def rotary(self) -> int:
@@ -160,7 +161,24 @@ def group_merge(stats: LayerStats, kind: str, members: list[int]) -> KeyMerge | 
     p = stats.key_pass_metric.shape[1]
     pass_down, pass_up = _real_merge(_block(stats.key_pass_gram, members, p), stats.key_pass_metric[members], p)
     rms = stats.key_rms[members] if stats.key_rms is not None else None
-    return KeyMerge(u.conj() * s, u / s, pass_down, pass_up, stats.key_layout, rms)
+    down = u.conj() * s
+    return KeyMerge(down, u / s, pass_down, pass_up, stats.key_layout, rms, _shared_energy(stats, members, down))
+
+
+def _shared_energy(stats: LayerStats, members: list[int], down: torch.Tensor) -> torch.Tensor | None:
+    """E[z_d^2] per rotary dim (pair firsts, then seconds) of the shared key sum_j down_j z_j, then of
+    each member z_j, from the real per-pair moments (LayerStats.key_pair_moments); None without them."""
+    if stats.key_pair_moments is None:
+        return None
+    n = stats.key_pair_moments.shape[1] // 2
+    idx = [*members, *(n + j for j in members)]
+    moments = stats.key_pair_moments[:, idx][:, :, idx] / stats.tokens  # (r/2, 2g, 2g)
+    first = torch.cat([down.real, -down.imag], 1)  # z~_a = sum_j Re(d_j) a_j - Im(d_j) b_j
+    second = torch.cat([down.imag, down.real], 1)  # z~_b = sum_j Im(d_j) a_j + Re(d_j) b_j
+    quad = lambda c: torch.einsum("pi,pij,pj->p", c, moments, c)  # noqa: E731
+    own = torch.diagonal(moments, dim1=1, dim2=2).T  # (2g, r/2): E a_j^2, then E b_j^2
+    g = len(members)
+    return torch.cat([torch.cat([quad(first), quad(second)])[None], torch.cat([own[:g], own[g:]], 1)])
 
 
 def mean_merge(
@@ -261,6 +279,15 @@ def _pairs_to_dims(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x], -1)
 
 
+def _member_scale(merge: KeyMerge) -> torch.Tensor:
+    """m (r,) per dim: the mean over the members that read each pair of 1 / |up_j|, which brings the
+    shared key back to its members' scale (1 on a pair no member reads)."""
+    up = merge.up.abs()  # (r/2, g); a member with up 0 on a pair is not read there: the mean skips it
+    reads = up > 1e-12 * up.amax(1, keepdim=True).clamp_min(1e-300)
+    inverse = torch.where(reads, 1 / up.clamp_min(1e-300), torch.zeros_like(up)).sum(1)
+    return _pairs_to_dims(torch.where(reads.any(1), inverse / reads.sum(1).clamp_min(1), torch.ones_like(inverse)))
+
+
 def normed_key_rows(rows: torch.Tensor, gains: torch.Tensor, merge: KeyMerge) -> tuple[torch.Tensor, torch.Tensor]:
     """A per-head key norm's group, members' k_proj rows (g, hd, ...) and norm gains (g, hd) -> the
     shared head's k_proj rows (hd, ...) and norm gain (hd,): the norm-aware realisation (docs/method.md).
@@ -279,10 +306,7 @@ def normed_key_rows(rows: torch.Tensor, gains: torch.Tensor, merge: KeyMerge) ->
         raise ValueError("a per-head key norm merges with its members' RMS and every dim rotary, pair by pair")
     column = lambda t: t.reshape((-1,) + (1,) * (rows.dim() - 2))  # noqa: E731  (hd,) against rows (hd, ...)
     normalised = rows / merge.rms.reshape((-1,) + (1,) * (rows.dim() - 1))  # W_j / r_j
-    up = merge.up.abs()  # (r/2, g); a member with up 0 on a pair is not read there: the mean skips it
-    reads = up > 1e-12 * up.amax(1, keepdim=True).clamp_min(1e-300)
-    inverse = torch.where(reads, 1 / up.clamp_min(1e-300), torch.zeros_like(up)).sum(1)
-    m = _pairs_to_dims(torch.where(reads.any(1), inverse / reads.sum(1).clamp_min(1), torch.ones_like(inverse)))
+    m = _member_scale(merge)
     shared = _shared_in_layout(normalised, merge) * column(merge.rms.mean() / m)  # every pair exact: no reordering
     gain = gains.mean(0)
     # A dim whose gain is 0 is 0 in every calibrated key: it has no merge of its own, but it still
@@ -345,6 +369,43 @@ def _merge_normed_keys(sd, pre, names, index, groups, merges, where, hd, norm: s
         sd[f"{pre}.{name}.weight"] = gain_weight(torch.stack(new), norm).to(sd[f"{pre}.{name}.weight"])
 
 
+def _unscaled(energy: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """E[z^2] / gain^2 per dim (0 where the gain is 0)."""
+    return torch.where(gain == 0, torch.zeros_like(energy), energy / torch.where(gain == 0, 1.0, gain) ** 2)
+
+
+def _merge_layer_normed_keys(sd, pre, names, index, groups, merges, where, hd, norm: str) -> None:
+    """`_merge_keys` under a norm over the layer's whole key projection (OLMo 2; docs/method.md). Each
+    shared head merges its members' normalised keys z_j (gain included) and is put back on their
+    scale before the norm: divided per dim by d = m * p (m `_member_scale`, p the members' mean gain).
+    The layer's divisor then changes per token by rho: rho^2 = (mean over the new dims of
+    (z~_d / d)^2 + eps / r^2) with r^2 = the old divisor squared, and eps / r^2 = 1 - the mean over the
+    old dims of (z_d / gain_d)^2. The new gains are sqrt(E[rho^2]) * d (E from KeyMerge.energy).
+    Exact for copies in groups of one size (rho = 1) and, with gains equal within each pair, for
+    per-pair turns."""
+    if any(mg.energy is None or mg.rotary != hd for mg in merges):
+        raise ValueError("a layer-wide key norm merges with its pairs' moments and every dim rotary, pair by pair")
+    key_of = _member_of(groups)
+    k_gain = heads(norm_gain(_stored(sd, f"{pre}.k_norm.weight", where), norm), hd)  # (n, hd)
+    q_gain = heads(norm_gain(_stored(sd, f"{pre}.q_norm.weight", where), norm), hd)  # (H, hd)
+    mean_gain = [k_gain[g].mean(0) for g in groups]
+    d = [torch.where(p == 0, torch.ones_like(p), _member_scale(mg) * p) for p, mg in zip(mean_gain, merges)]
+    new = sum((mg.energy[0] / dg**2).sum() for mg, dg in zip(merges, d)) / (len(groups) * hd)
+    old = sum(_unscaled(mg.energy[1:], k_gain[g]).sum() for g, mg in zip(groups, merges)) / (len(key_of) * hd)
+    rho = (new + 1 - old).clamp_min(1e-12).sqrt()
+    for s in names:
+        k, q = _stored(sd, f"{pre}.k_proj.{s}", where, hd), _stored(sd, f"{pre}.q_proj.{s}", where, hd)
+        gained = k * k_gain.reshape(k_gain.shape + (1,) * (k.dim() - 2))  # gain_j * W_j
+        column = lambda t: t.reshape((-1,) + (1,) * (k.dim() - 2))  # noqa: E731  (hd,) against rows (hd, ...)
+        shared = [_shared_in_layout(gained[g], mg) / column(dg) for g, mg, dg in zip(groups, merges, d)]
+        readers = [normed_reader_rows(q[h], q_gain[h], merges[key_of[j][0]], key_of[j][1]) for h, j in enumerate(index)]
+        _put(sd, f"{pre}.k_proj.{s}", unheads(torch.stack(shared)))
+        _put(sd, f"{pre}.q_proj.{s}", unheads(torch.stack([rows for rows, _ in readers])))
+    k_new = [torch.where(p == 0, torch.zeros_like(p), rho * dg) for p, dg in zip(mean_gain, d)]
+    for name, new in (("k_norm", k_new), ("q_norm", [g for _, g in readers])):
+        sd[f"{pre}.{name}.weight"] = gain_weight(torch.cat(new), norm).to(sd[f"{pre}.{name}.weight"])
+
+
 def _merge_values(sd, pre, names, index, groups, merges, where, hd) -> None:
     """One layer's value groups merged (shared v_proj rows), each query head's W_O columns reading
     its value's shared head through up."""
@@ -366,15 +427,14 @@ def _merge_values(sd, pre, names, index, groups, merges, where, hd) -> None:
 def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict], device=None) -> Transformer:
     """The merged model: each group of `layers` becomes one head by its merge, the reading maps folded
     into q_proj (keys) and o_proj (values); with a per-head qk-norm, by the norm-aware realisation
-    (`normed_key_rows`), the norms' weights one per head. merges[l] = {"key": [KeyMerge per group],
+    (`normed_key_rows`), the norms' weights one per head; with a norm over the layer's whole key
+    projection, by `_merge_layer_normed_keys`. merges[l] = {"key": [KeyMerge per group],
     "value": [...]}. The attention's tensors are new, computed one layer at a time in float64 on
     `device` (default: where the model's weights are; for a model kept in CPU memory, each layer's
     projections go there and the results come back) and placed beside the old ones; every other
     tensor is `model`'s own, shared (no second copy of the model; `dha.train.train` gives a model
     its own copies of the weights it trains)."""
     cfg, hd = model.config, model.config.head_dim
-    if cfg.qk_norm not in (None, "head"):
-        raise ValueError(f"no aligned merge for qk_norm {cfg.qk_norm!r}")
     sd = tensors_of(model)
     key_index, value_index = [], []
     for l, (plan_layer, merge) in enumerate(zip(layers, merges)):
@@ -385,6 +445,8 @@ def aligned_merge(model: Transformer, layers: list[LayerPlan], merges: list[dict
         keys = (sd, pre, names, cfg.key_index[l], plan_layer.key_groups, merge["key"], where, hd)
         if cfg.qk_norm == "head":
             _merge_normed_keys(*keys, cfg.norm)
+        elif cfg.qk_norm == "full":
+            _merge_layer_normed_keys(*keys, cfg.norm)
         else:
             _merge_keys(*keys)
         _merge_values(sd, pre, names, cfg.value_index[l], plan_layer.value_groups, merge["value"], where, hd)

@@ -28,7 +28,8 @@ qk-norm (Qwen3, Gemma 3, OLMo 2) normalises queries and keys after their project
 head of a layer is normalised alone; "full" normalises the whole query projection (H*hd) and the
 layer's whole key projection (Hk*hd, every stored key head together). A merged "head" model
 (`dha.merge`'s norm-aware realisation) keeps one norm weight per head instead
-(qk_norm_weights "head": q_norm (H, hd), k_norm (Hk, hd)); "full" models are not merged.
+(qk_norm_weights "head": q_norm (H, hd), k_norm (Hk, hd)); a merged "full" model keeps its layout,
+the norm over its new, smaller key projection.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ Summing key weights before RoPE is exact because RoPE is linear and the same for
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import torch
 
@@ -85,6 +86,13 @@ def expand_to_mha(model: Transformer) -> Transformer:
         _select_heads(sd, f"layers.{l}.attn.v_proj", hd, cfg.value_index[l])
         if cfg.qk_norm_weights == "head":  # one key-norm row per key head: each copy keeps its own
             sd[f"layers.{l}.attn.k_norm.weight"] = sd[f"layers.{l}.attn.k_norm.weight"][cfg.key_index[l]]
+        if cfg.qk_norm == "full":  # the layer's RMS is kept when every key head gets the same number of copies
+            if len(set(Counter(cfg.key_index[l]).values())) > 1:
+                raise ValueError(
+                    f"layer {l}: key heads read by unequal numbers of query heads; copying them changes what a "
+                    "norm over the whole key projection divides by"
+                )
+            _select_heads(sd, f"layers.{l}.attn.k_norm", hd, cfg.key_index[l])
     H = cfg.num_heads
     return build(with_maps(cfg, [list(range(H))] * cfg.num_layers, [list(range(H))] * cfg.num_layers), sd)
 
@@ -99,6 +107,8 @@ def permute_query_heads(model: Transformer, perms: list[list[int]]) -> Transform
         _select_heads(sd, f"layers.{l}.attn.q_proj", hd, perm)
         if cfg.qk_norm_weights == "head":  # one query-norm row per query head
             sd[f"layers.{l}.attn.q_norm.weight"] = sd[f"layers.{l}.attn.q_norm.weight"][perm]
+        if cfg.qk_norm == "full":  # the norm over the whole query projection: its weight is per head dim
+            _select_heads(sd, f"layers.{l}.attn.q_norm", hd, perm)
         w_o = sd[f"layers.{l}.attn.o_proj.weight"]  # (D, H*hd): columns are heads
         sd[f"layers.{l}.attn.o_proj.weight"] = unheads(heads(w_o.T, hd)[perm]).T.contiguous()
         key_index.append([cfg.key_index[l][p] for p in perm])
@@ -112,6 +122,14 @@ def regroup_map(index: list[int], groups: list[list[int]]) -> list[int]:
     return [group_of[i] for i in index]
 
 
+def _pool(sd: dict, key: str, hd: int, groups: list[list[int]], weights: list[torch.Tensor]) -> None:
+    """sd[key]'s heads (n*hd, ...) -> one per group, sum_k weights[g][k] * head_k."""
+    per_head = heads(sd[key], hd).float()  # (n, hd, ...)
+    shape = (-1,) + (1,) * (per_head.dim() - 1)
+    merged = [(per_head[m] * w.to(per_head).reshape(shape)).sum(0) for m, w in zip(groups, weights)]
+    sd[key] = unheads(torch.stack(merged)).to(sd[key].dtype)
+
+
 def merge_groups(
     model: Transformer,
     plan: Plan,
@@ -120,7 +138,9 @@ def merge_groups(
 ) -> Transformer:
     """Replace each plan group by one head: sum_k w_k * head_k (weights default to the mean).
 
-    key_weights[l][g] is a vector with one coefficient per member of layer l's key group g.
+    key_weights[l][g] is a vector with one coefficient per member of layer l's key group g. Under a
+    norm over the layer's whole key projection (qk_norm "full"), each group's slice of the norm's
+    weight becomes its members' mean by the same coefficients, scaled to sum to one.
     """
     cfg, sd, hd = model.config, state_dict_of(model), model.config.head_dim
     counts = kv_summary(cfg)
@@ -131,17 +151,12 @@ def merge_groups(
             ("k_proj", layer.key_groups, key_weights[l] if key_weights else None),
             ("v_proj", layer.value_groups, value_weights[l] if value_weights else None),
         ):
+            weights = weights or [torch.full((len(m),), 1.0 / len(m)) for m in groups]
             for suffix in ("weight", "bias"):
-                key = f"layers.{l}.attn.{name}.{suffix}"
-                if key not in sd:
-                    continue
-                per_head = heads(sd[key], hd).float()  # (n, hd, ...)
-                merged = []
-                for g, members in enumerate(groups):
-                    w = weights[g] if weights is not None else torch.full((len(members),), 1.0 / len(members))
-                    w = w.to(per_head).reshape(-1, *([1] * (per_head.dim() - 1)))
-                    merged.append((per_head[members] * w).sum(0))
-                sd[key] = unheads(torch.stack(merged)).to(sd[key].dtype)
+                if f"layers.{l}.attn.{name}.{suffix}" in sd:
+                    _pool(sd, f"layers.{l}.attn.{name}.{suffix}", hd, groups, weights)
+            if name == "k_proj" and cfg.qk_norm == "full":
+                _pool(sd, f"layers.{l}.attn.k_norm.weight", hd, groups, [w / w.sum() for w in weights])
         key_index.append(regroup_map(cfg.key_index[l], layer.key_groups))
         value_index.append(regroup_map(cfg.value_index[l], layer.value_groups))
     return build(with_maps(cfg, key_index, value_index), sd)

@@ -246,11 +246,7 @@ def uneven_plan(num_layers: int) -> Plan:
 
 def test_uneven_merge_runs(case):
     _, _, ours = case
-    if ours.config.qk_norm == "full":  # OLMo 2: a norm over every key head at once, refused
-        with pytest.raises(UnsupportedModel, match="dha has no merge for it"):
-            refuse_merge_of_qk_norm(ours)
-        return
-    refuse_merge_of_qk_norm(ours, mean=True)  # every other family merges (a per-head norm's source too)
+    refuse_merge_of_qk_norm(ours, mean=True)  # every family merges (a qk-norm source too)
     merged = merge_groups(expand_to_mha(ours), uneven_plan(ours.config.num_layers))
     cfg = merged.config
     assert [cfg.key_heads(l) for l in range(cfg.num_layers)] == [3] * cfg.num_layers

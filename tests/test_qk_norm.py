@@ -204,43 +204,22 @@ def test_full_norm_normalises_the_layers_stored_key_heads_together():
 
 
 def test_merge_refused_with_one_line():
-    """OLMo 2's norm spans every key head of a layer: no conversion merges it. A per-head norm merges,
-    except in the fusion stage and by group means of an already merged model."""
+    """Every qk-norm family merges, except in the fusion stage (its operators act before the norm)
+    and by group means of an already merged per-head model."""
     olmo = ours_from_hf(CASES["olmo2"]())
-    for arg in (olmo, olmo.config):
+    refuse_merge_of_qk_norm(olmo, mean=True)  # the norm's weight is per dim of the projection: a mean fits
+    for name in ("olmo2", "qwen3"):
         with pytest.raises(UnsupportedModel) as e:
-            refuse_merge_of_qk_norm(arg)
+            refuse_merge_of_qk_norm(ours_from_hf(CASES[name]()), fusion=True)
         message = str(e.value)
-        assert "\n" not in message and message.startswith("olmo2 normalises the layer's whole key projection")
+        assert "\n" not in message and "fusion stage's learned operators act before the norm" in message
     qwen3 = ours_from_hf(CASES["qwen3"]())
     refuse_merge_of_qk_norm(qwen3, mean=True)  # the source's norm is shared: a mean is a valid model
-    with pytest.raises(UnsupportedModel, match="fusion stage's learned operators act before the norm"):
-        refuse_merge_of_qk_norm(qwen3, fusion=True)
     merged = copy.deepcopy(qwen3.config)
     merged.qk_norm_weights = "head"
     with pytest.raises(UnsupportedModel, match="already have one weight per head"):
         refuse_merge_of_qk_norm(merged, mean=True)
     refuse_merge_of_qk_norm(ours_from_hf(CASES["llama"]()), fusion=True, mean=True)  # no qk-norm
-
-
-# `dha convert` refuses OLMo 2 before loading it (dha.cli.convert); dha.convert's convert / apply_plan
-# and dha.pipeline.run_dha refuse a loaded one.
-@pytest.mark.parametrize("how", ["method", "plan"])
-def test_cli_convert_refuses_olmo2(how, tmp_path, capsys):
-    hf = CASES["olmo2"]()
-    src, out = str(tmp_path / "src"), str(tmp_path / "out")
-    hf.save_pretrained(src)
-    if how == "method":
-        argv = ["--method", "gqa", "--kv-budget", "0.5"]
-    else:
-        heads = [hf.config.num_key_value_heads] * hf.config.num_hidden_layers
-        layer = LayerPlan([list(range(heads[0] - 1)), [heads[0] - 1]], [list(range(heads[0] - 1)), [heads[0] - 1]])
-        Plan([layer] * len(heads), heads, heads, method="test").save(str(tmp_path / "plan.json"))
-        argv = ["--plan", str(tmp_path / "plan.json")]
-    code = main(["convert", src, *argv, "--out", out])
-    err = capsys.readouterr().err
-    assert code == 2 and "dha has no merge for it" in err.strip().splitlines()[-1], err
-    assert "Traceback" not in err and not os.path.exists(out)
 
 
 # ---- the norm-aware merge (dha.merge.normed_key_rows) ------------------------------------------------
@@ -255,10 +234,12 @@ def turn_pairs(rows: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 def with_key_copies(hf, turned: bool = False, pair_equal: bool = False):
-    """The HF model with, in every layer, key head 1 a copy of key head 0 (weights and bias), or with
-    turned, head 0 with each RoPE pair turned by its own angle; with pair_equal, the q and k norm
-    weights made equal within each pair (so a turn commutes with them)."""
-    g, hd = torch.Generator().manual_seed(5), hf.config.head_dim
+    """The HF model with, in every layer, key head 1 a copy of key head 0 (weights and bias, and under
+    a norm over the whole key projection its slice of the norm's weight), or with turned, head 0 with
+    each RoPE pair turned by its own angle; with pair_equal, the q and k norm weights made equal
+    within each pair of each head (so a turn commutes with them)."""
+    c = hf.config
+    g, hd = torch.Generator().manual_seed(5), getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     with torch.no_grad():
         for layer in hf.model.layers:
             attn = layer.self_attn
@@ -267,9 +248,12 @@ def with_key_copies(hf, turned: bool = False, pair_equal: bool = False):
                 if t is not None:
                     per_head = t.view(-1, hd, *t.shape[1:])
                     per_head[1] = turn_pairs(per_head[0].clone(), angles)
+            per_head_norms = [norm.weight.view(-1, hd) for norm in (attn.q_norm, attn.k_norm)]
+            if per_head_norms[1].shape[0] > 1:  # the whole projection's norm: head 1 gets head 0's slice
+                per_head_norms[1][1] = per_head_norms[1][0]
             if pair_equal:
-                for norm in (attn.q_norm, attn.k_norm):
-                    norm.weight[hd // 2 :] = norm.weight[: hd // 2]
+                for w in per_head_norms:
+                    w[:, hd // 2 :] = w[:, : hd // 2]
     return hf.eval()
 
 
@@ -285,32 +269,70 @@ def merge_key_heads_0_1(model: Transformer, metric: str = "weighted") -> Transfo
     return aligned_merge(model, layers, closed_form_merges(calibration.stats, layers)).eval()
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma3_text"])
+@pytest.mark.parametrize("name", ["qwen3", "gemma3_text", "olmo2"])
 @pytest.mark.parametrize("how", ["copies", "turned copies, pair-equal norm weights"])
 def test_norm_aware_merge_is_exact_where_the_heads_allow(name, how):
     """Key heads that are copies, or per-pair turns of one head under pair-equal norm weights, merge
-    into one head with one norm weight per head and reproduce transformers' logits of the model they
-    came from (fp32, 1e-5), as the docs state."""
+    into one head and reproduce transformers' logits of the model they came from (fp32, 1e-5), as
+    the docs state: per head (Qwen3, Gemma 3) the norms get one weight per head; over the whole key
+    projection (OLMo 2, whose two key heads become one group) the norm's weight shrinks with it."""
     hf = with_key_copies(CASES[name](), turned=how != "copies", pair_equal=how != "copies")
     merged = merge_key_heads_0_1(ours_from_hf(hf))
-    assert merged.config.qk_norm_weights == "head"
-    assert merged.layers[0].attn.k_norm.weight.shape == (hf.config.num_key_value_heads - 1, 8)
-    assert merged.layers[0].attn.q_norm.weight.shape == (hf.config.num_attention_heads, 8)
+    keys, H, hd = hf.config.num_key_value_heads - 1, hf.config.num_attention_heads, merged.config.head_dim
+    per_head = merged.config.qk_norm == "head"
+    assert merged.config.qk_norm_weights == ("head" if per_head else "layer")
+    assert merged.layers[0].attn.k_norm.weight.shape == ((keys, hd) if per_head else (keys * hd,))
+    assert merged.layers[0].attn.q_norm.weight.shape == ((H, hd) if per_head else (H * hd,))
     ids = random_ids(length=LENGTH, seed=8)
     with torch.no_grad():
         assert_close(merged(ids), hf(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_norm_aware_merge_of_turned_copies_without_pair_equal_weights_is_approximate():
+def test_layer_wide_norm_merges_copies_in_groups_of_one_size_exactly():
+    """Under OLMo 2's norm over the whole key projection, six key heads that are three pairs of copies
+    merge into three heads exactly (fp32, 1e-5 against transformers): the new divisor is the old one.
+    A norm-blind group mean is exact here too; one group of two among singletons is not, for either
+    (what the norm divides by then changes token by token, which no gain can follow)."""
+    from dha.calibration import calibrate
+    from dha.merge import aligned_merge, closed_form_merges
+    from dha.transforms import merge_groups
+    from tests.test_families import LLAMA_LIKE, hf_model
+
+    hf = hf_model("Olmo2ForCausalLM", "Olmo2Config", **LLAMA_LIKE)
+    hd = 8
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            attn = layer.self_attn
+            for w in (attn.k_proj.weight.view(6, hd, -1), attn.k_norm.weight.view(6, hd)):
+                w[1::2] = w[0::2]
+    ours = ours_from_hf(hf.eval())
+    layers = [LayerPlan([[0, 1], [2, 3], [4, 5]], [[j] for j in range(6)])] * 2
+    calibration = calibrate(ours, random_ids(batch=6, length=24, seed=7))
+    merge = lambda layers: aligned_merge(ours, layers, closed_form_merges(calibration.stats, layers)).eval()  # noqa: E731
+    merged = merge(layers)
+    assert merged.layers[0].attn.k_norm.weight.shape == (3 * hd,)
+    ids = random_ids(length=LENGTH, seed=8)
+    uneven = [LayerPlan([[0, 1], [2], [3], [4], [5]], [[j] for j in range(6)])] * 2
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert_close(merged(ids), want, atol=1e-5, rtol=0)
+        assert_close(merge_groups(ours, Plan(layers, [6] * 2, [6] * 2, method="test"))(ids), want, atol=1e-5, rtol=0)
+        assert (merge(uneven)(ids) - want).abs().max() > 1e-3
+        assert (merge_groups(ours, Plan(uneven, [6] * 2, [6] * 2, method="test"))(ids) - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["qwen3", "olmo2"])
+def test_norm_aware_merge_of_turned_copies_without_pair_equal_weights_is_approximate(name):
     """Without pair-equal norm weights a turn does not commute with the weight, so turned copies merge
-    only approximately; the norm-aware merge still leaves less than the mean of the projections
-    (what a merge that ignores the norm gives, the group mean `gqa` takes)."""
+    only approximately; the norm-aware merge still leaves less than half the error of the mean of
+    the projections (what a merge that ignores the norm gives, the group mean `gqa` takes)."""
     from dha.transforms import merge_groups
 
-    hf = with_key_copies(CASES["qwen3"](), turned=True)
+    hf = with_key_copies(CASES[name](), turned=True)
     ours = ours_from_hf(hf)
     n = ours.config.key_heads(0)
-    plan = Plan([LayerPlan([[0, 1], [2]], [[j] for j in range(n)])] * 2, [n] * 2, [n] * 2, method="test")
+    layer = LayerPlan([[0, 1], *[[j] for j in range(2, n)]], [[j] for j in range(n)])
+    plan = Plan([layer] * 2, [n] * 2, [n] * 2, method="test")
     ids = random_ids(length=LENGTH, seed=8)
     with torch.no_grad():
         want = hf(ids).logits
@@ -347,19 +369,22 @@ def test_merged_qk_norm_model_saves_reloads_and_exports_with_remote_code(tmp_pat
     assert "qk-norm" in err[-1] and "Traceback" not in "\n".join(err) and not os.path.exists(out)
 
 
-def test_cli_convert_qwen3_dha_and_svd(tmp_path, capsys):
-    """`dha convert` runs dha and svd on a Qwen3 checkpoint; position-free pairs and the fusion stage are
-    refused before any work (one line, exit 2, nothing written)."""
-    hf, tok = CASES["qwen3-mha-tied"](), char_tokenizer()
+@pytest.mark.parametrize(
+    "name,methods", [("qwen3-mha-tied", ("dha", "svd")), ("olmo2-mha-bias", ("dha", "svd", "gqa", "prune"))]
+)
+def test_cli_convert_qk_norm_families(name, methods, tmp_path, capsys):
+    """`dha convert` runs the methods on a Qwen3 and an OLMo 2 checkpoint; position-free pairs and the
+    fusion stage are refused before any work (one line, exit 2, nothing written)."""
+    hf, tok = CASES[name](), char_tokenizer()
     src = str(tmp_path / "src")
     hf.save_pretrained(src)
     tok.save_pretrained(src)
     data = tmp_path / "data.txt"
     data.write_text("\n\n".join(f"def f{i}(x): return x * {i} + {i % 7}" for i in range(300)))
-    common = [src, "--kv-budget", "0.5", "--data", str(data), "--calib-tokens", "512", "--json"]
-    for method in ("dha", "svd"):
-        out = str(tmp_path / method)
-        assert main(["convert", *common, "--method", method, "--out", out]) == 0, capsys.readouterr().err
+    common = [src, "--kv-budget", "0.5", "--json"]
+    for method in methods:
+        out, reads = str(tmp_path / method), ["--data", str(data), "--calib-tokens", "512"] if method != "gqa" else []
+        assert main(["convert", *common, *reads, "--method", method, "--out", out]) == 0, capsys.readouterr().err
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert summary["kv_fraction"] <= 0.5 + 1e-9
         assert os.path.exists(os.path.join(out, "model.safetensors"))
@@ -368,9 +393,51 @@ def test_cli_convert_qwen3_dha_and_svd(tmp_path, capsys):
         (["--tokens", "2048", "--fusion-fraction", "0.5"], "not norm-aware"),
     ):
         out = str(tmp_path / "refused")
-        assert main(["convert", *common, "--method", "dha", *extra, "--out", out]) == 2
+        assert main(["convert", *common, "--data", str(data), "--method", "dha", *extra, "--out", out]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and not os.path.exists(out), err
+
+
+def test_merged_olmo2_exports_as_the_stock_class(tmp_path):
+    """An OLMo 2 model merged to plain GQA (svd, contiguous groups) with its query heads reordered
+    exports as Olmo2ForCausalLM (its norm's weight is per dim of the projection, so any head count
+    fits), which transformers reloads equal to ours (fp32, 1e-5)."""
+    from transformers import AutoModelForCausalLM
+
+    from dha.baselines import ConvertOptions, convert_svd
+    from dha.transforms import permute_query_heads
+
+    hf = CASES["olmo2-mha-bias"]()
+    ours = ours_from_hf(hf)
+    _, merged = convert_svd(ours, 0.5, random_ids(batch=6, length=24, seed=7), ConvertOptions())
+    merged = permute_query_heads(merged.eval(), [[5, 3, 1, 0, 2, 4]] * 2)  # still GQA, not contiguous
+    assert merged.config.key_index[0] == [2, 1, 0, 0, 1, 2]
+    loaded = Loaded(merged, None, "olmo2", "hf", hf_config=hf.config.to_dict())
+    result = export(loaded, str(tmp_path / "hf"))
+    assert result.kind == "stock" and result.hf_class == "Olmo2ForCausalLM"
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    assert exported.config.num_key_value_heads == 3
+    ids = random_ids(length=LENGTH, seed=3)
+    with torch.no_grad():
+        assert_close(exported(ids).logits, merged(ids), atol=1e-5, rtol=0)
+
+
+def test_layer_wide_norm_follows_heads_through_expand_and_permute():
+    """Under a norm over the whole projections, permuting query heads moves their slices of the query
+    norm's weight (the function unchanged), and expanding to MHA is exact when every key head has
+    the same number of readers and refused when not (the layer's divisor would change)."""
+    from dha.transforms import permute_query_heads
+
+    olmo = ours_from_hf(CASES["olmo2"]())  # 2 key heads, 3 readers each
+    uneven = qk_model("full", norm="rmsnorm_f32")
+    ids = random_ids(length=LENGTH, seed=4)
+    with torch.no_grad():
+        for model in (olmo, uneven):
+            perm = [[5, 3, 1, 0, 2, 4]] * model.config.num_layers
+            assert_close(permute_query_heads(model, perm)(ids), model(ids), atol=1e-5, rtol=0)
+        assert_close(expand_to_mha(olmo)(ids), olmo(ids), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unequal numbers of query heads"):
+        expand_to_mha(uneven)
 
 
 @pytest.mark.parametrize(
