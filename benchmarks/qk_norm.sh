@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# qk-norm against none: one small model (6 layers, 6 heads of 64, the SmolLM2 tokenizer) trained twice
-# from the same seed on the same 300,000 tokens of the built-in pydoc text (146 steps of 2,048), once
-# with Qwen3's per-head query and key norms and once without (benchmarks/train_small_mha.py). Each is converted at 1/2 and
+# qk-norm against none: one small model (6 layers, 6 heads of 64, the SmolLM2 tokenizer) trained three
+# times from the same seed on the same 300,000 tokens of the built-in pydoc text (146 steps of 2,048):
+# with Qwen3's per-head query and key norms, with OLMo 2's norms over the whole projections, and
+# without (benchmarks/train_small_mha.py). Each is converted at 1/2 and
 # 1/3 of its KV cache by dha and svd, with no training and with 16,384 tokens (distilled from its
 # source), beside the control (the source trained the same way). Held-out pydoc and Linux man pages
 # (a text nothing trains or calibrates on), as ratios to each model's own source. One thread per
-# job; about an hour on 2 cores.
+# job; about an hour and a half on 2 cores.
 #   bash benchmarks/qk_norm.sh [train|convert|table|all]
 set -euo pipefail
 part=${1:-all}
@@ -17,10 +18,12 @@ res=benchmarks/results
 [[ -f $second ]] || python benchmarks/man_pages_text.py --pages 400 --out "$second"
 if [[ $part == train || $part == all ]]; then
   [[ -d $cache/small-qknorm ]] || python benchmarks/train_small_mha.py --qk-norm --tokens 300000 --batch-tokens 2048 --out $cache/small-qknorm
+  [[ -d $cache/small-fullnorm ]] || python benchmarks/train_small_mha.py --qk-norm full --tokens 300000 --batch-tokens 2048 \
+    --out $cache/small-fullnorm
   [[ -d $cache/small-plain ]] || python benchmarks/train_small_mha.py --tokens 300000 --batch-tokens 2048 --out $cache/small-plain
 fi
 if [[ $part == convert || $part == all ]]; then
-  for model in qknorm plain; do
+  for model in qknorm fullnorm plain; do
     for budget in 0.5 0.3334; do
       python benchmarks/dha_vs_baselines.py --setup $cache/small-$model --kv-budget $budget --methods dha,svd,source \
         --tokens 0,16384 --batch-tokens 1024 --second-text "$second" --out $res/qk_norm_${model}_${budget}.json
@@ -32,4 +35,5 @@ if [[ $part == convert || $part == all ]]; then
 fi
 if [[ $part == table || $part == all ]]; then
   python benchmarks/qk_norm_table.py $res/qk_norm_{,gqa_}{qknorm,plain}_{0.5,0.3334}.json
+  python benchmarks/qk_norm_table.py --qk fullnorm $res/qk_norm_{,gqa_}{fullnorm,plain}_{0.5,0.3334}.json
 fi

@@ -8,6 +8,10 @@ targets: dha's ratio on the qk-norm model within 1.2x of its ratio on the plain 
 and dha ahead of svd on the qk-norm model.
 
     python benchmarks/qk_norm_table.py benchmarks/results/qk_norm_{,gqa_}{qknorm,plain}_{0.5,0.3334}.json
+    python benchmarks/qk_norm_table.py --qk fullnorm benchmarks/results/qk_norm_{,gqa_}{fullnorm,plain}_{0.5,0.3334}.json
+
+Each file's model is named by its setup directory, less "small-" (qknorm: Qwen3's per-head norms;
+fullnorm: OLMo 2's norms over the whole projections; plain: none); --qk picks the qk-norm one.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ def rows_by_key(path: str) -> tuple[str, float, dict]:
     """(model name from the setup path, budget, {(method, tokens): row})."""
     with open(path) as f:
         result = json.load(f)
-    model = "qknorm" if "qknorm" in os.path.basename(result["setup"]) else "plain"
+    model = os.path.basename(result["setup"].rstrip("/")).removeprefix("small-")
     return model, result["kv_budget"], {(r["method"], r["tokens"]): r for r in result["rows"]}
 
 
@@ -32,6 +36,7 @@ def cell(row: dict | None, key: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+")
+    p.add_argument("--qk", default="qknorm", help="the qk-norm model's name (module doc)")
     args = p.parse_args(argv)
     found = {}
     for path in args.results:
@@ -44,7 +49,7 @@ def main(argv=None) -> int:
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     verdicts = []
     for budget in sorted({b for _, b in found}, reverse=True):
-        qk, plain = found.get(("qknorm", budget), {}), found.get(("plain", budget), {})
+        qk, plain = found.get((args.qk, budget), {}), found.get(("plain", budget), {})
         for tokens in sorted({t for _, t in qk}):
             for text, key in (("pydoc", "ppl_ratio"), ("man pages", "second_ppl_ratio")):
                 d_qk, d_plain = qk.get(("dha", tokens)), plain.get(("dha", tokens))
