@@ -8,7 +8,8 @@ targets: dha's ratio on the qk-norm model within 1.2x of its ratio on the plain 
 and dha ahead of svd on the qk-norm model.
 
     python benchmarks/qk_norm_table.py benchmarks/results/qk_norm_{,gqa_}{qknorm,plain}_{0.5,0.3334}.json
-    python benchmarks/qk_norm_table.py --qk fullnorm benchmarks/results/qk_norm_{,gqa_}{fullnorm,plain}_{0.5,0.3334}.json
+    python benchmarks/qk_norm_table.py --qk fullnorm \
+        benchmarks/results/qk_norm_{,gqa_}{fullnorm,plain}_{0.5,0.3334}.json
 
 Each file's model is named by its setup directory, less "small-" (qknorm: Qwen3's per-head norms;
 fullnorm: OLMo 2's norms over the whole projections; plain: none); --qk picks the qk-norm one.

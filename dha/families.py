@@ -21,7 +21,7 @@ only the field named by `kv_heads_field`; families whose HF class has no such fi
 with remote code.
 
 Families whose attention normalises queries and keys after projection (qk-norm) run exactly:
-Qwen3 and Gemma 3 per head (ModelConfig.qk_norm "head"), OLMo 2 over the whole projection
+Qwen3, Qwen3-MoE and Gemma 3 per head (ModelConfig.qk_norm "head"), OLMo 2 over the whole projection
 ("full"). They load, inspect, evaluate, generate and export unconverted, and convert through
 norm-aware merges (`dha.merge`: per head, and over the layer's whole key projection); what a
 conversion cannot do with them is refused by `refuse_merge_of_qk_norm`. Other qk-norm families
@@ -31,7 +31,7 @@ conversion cannot do with them is refused by `refuse_merge_of_qk_norm`. Other qk
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -62,6 +62,9 @@ class Family:
     ignored_keys: tuple[str, ...] = ()
     # Old HF key -> current HF key, applied on load (HF's own checkpoint conversion mapping).
     legacy_keys: dict[str, str] = field(default_factory=dict)
+    # Optional step in HF's key space before renaming on load: a checkpoint's layout on disk into
+    # the one transformers holds in memory (and the weight map names), as transformers does on load.
+    from_checkpoint: Callable[[dict], dict] | None = None
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -147,7 +150,6 @@ def activation(hf_config, name: str) -> str:
 # qk-norm families dha does not run, and why: the reason is not the norm (Qwen3, Gemma 3 and OLMo 2
 # run exactly) but a part of the architecture dha's model lacks.
 QK_NORM_REFUSED = {
-    "qwen3_moe": "its MLP is a mixture of experts, which dha's model lacks",
     "qwen3_next": (
         "it mixes linear-attention (Gated DeltaNet) layers with a mixture-of-experts MLP, which dha's model lacks"
     ),
@@ -175,7 +177,7 @@ def refuse_qk_norm(hf_config) -> None:
 
 
 # Families that run with qk-norm (ModelConfig.qk_norm set by their config_from_hf).
-QK_NORM_SUPPORTED = ("qwen3", "olmo2", "gemma3_text")
+QK_NORM_SUPPORTED = ("qwen3", "qwen3_moe", "olmo2", "gemma3_text")
 
 
 def refuse_merge_of_qk_norm(model_or_config, fusion: bool = False, mean: bool = False) -> None:
@@ -351,6 +353,57 @@ def qwen3_config(c) -> ModelConfig:
     bias = bool(getattr(c, "attention_bias", False))
     return rope_decoder_config(
         c, qkv_bias=bias, o_bias=bias, mlp_bias=False, sliding_window=uniform_window(c), qk_norm="head"
+    )
+
+
+# ---- Qwen3-MoE: Qwen3's attention, a mixture-of-experts MLP ------------------------------------
+
+QWEN3_MOE_WEIGHTS = {
+    **QWEN3_WEIGHTS,
+    "model.layers.{}.mlp.gate.weight": "layers.{}.mlp.router.weight",
+    "model.layers.{}.mlp.experts.gate_up_proj": "layers.{}.mlp.gate_up_proj",
+    "model.layers.{}.mlp.experts.down_proj": "layers.{}.mlp.down_proj",
+}
+# A checkpoint on disk stores each expert apart; transformers stacks them on load (gate and up
+# concatenated per expert), and so does `stack_experts` (save_pretrained splits them again).
+EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def stack_experts(sd: dict) -> dict:
+    """Per-expert weights (experts.E.{gate,up,down}_proj.weight) -> experts.gate_up_proj (E, 2F, D)
+    and experts.down_proj (E, D, F), as transformers holds them; other keys unchanged."""
+    out, parts = {}, {}
+    for key, value in sd.items():
+        m = EXPERT_KEY.match(key)
+        if m:
+            parts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = value
+        else:
+            out[key] = value
+    for prefix, p in parts.items():
+        n = 1 + max(e for e, _ in p)
+        try:
+            out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([p[e, "gate"], p[e, "up"]]) for e in range(n)])
+            out[f"{prefix}.down_proj"] = torch.stack([p[e, "down"] for e in range(n)])
+        except KeyError as e:
+            raise UnsupportedModel(f"{prefix}: expert {e.args[0][0]} has no {e.args[0][1]}_proj weight") from None
+    return out
+
+
+def qwen3_moe_config(c) -> ModelConfig:
+    # Qwen3MoeDecoderLayer: the sparse block in layer l unless l is in mlp_only_layers, when experts
+    # exist and (l + 1) % decoder_sparse_step == 0; the others a dense Qwen3 MLP of intermediate_size.
+    layers = [
+        l
+        for l in range(c.num_hidden_layers)
+        if l not in (c.mlp_only_layers or []) and (l + 1) % c.decoder_sparse_step == 0
+    ]
+    return replace(
+        qwen3_config(c),
+        num_experts=c.num_experts,
+        experts_per_token=c.num_experts_per_tok,
+        expert_size=c.moe_intermediate_size,
+        expert_layers=layers,
+        normalise_expert_weights=bool(c.norm_topk_prob),
     )
 
 
@@ -755,6 +808,13 @@ FAMILIES: dict[str, Family] = {
     "phi": Family("phi", "PhiForCausalLM", phi_config, PHI_WEIGHTS),
     # qk-norm families (exact unconverted; refuse_merge_of_qk_norm): their HF classes take GQA.
     "qwen3": Family("qwen3", "Qwen3ForCausalLM", qwen3_config, QWEN3_WEIGHTS),
+    "qwen3_moe": Family(
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        qwen3_moe_config,
+        QWEN3_MOE_WEIGHTS,
+        from_checkpoint=stack_experts,
+    ),
     "olmo2": Family("olmo2", "Olmo2ForCausalLM", olmo2_config, OLMO2_WEIGHTS),
     "gemma3_text": Family("gemma3_text", "Gemma3ForCausalLM", gemma3_text_config, GEMMA3_WEIGHTS),
 }
@@ -798,6 +858,8 @@ def weights_from_hf(state_dict: dict, cfg: ModelConfig) -> dict:
     """HF state dict (any checkpoint of the family) -> our state dict for `cfg` (from config_from_hf)."""
     fam = family_of(cfg.family)
     sd = normalise_hf_keys(state_dict, fam)
+    if fam.from_checkpoint:
+        sd = fam.from_checkpoint(sd)
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     sd = rename(sd, fam.weight_map)

@@ -97,6 +97,14 @@ class ModelConfig:
     embed_scale: float | None = None  # embeddings times this, rounded to their dtype (Gemma: sqrt(D))
     attn_scale: float | None = None  # q.k multiplier; None: hd ** -0.5 (Gemma 3: query_pre_attn_scalar ** -0.5)
     logit_softcap: float | None = None  # logits -> c * tanh(logits / c)
+    # A mixture-of-experts MLP (Qwen3-MoE, `SparseMoE`): num_experts gated experts of expert_size,
+    # experts_per_token of them per token by a softmax router (their weights renormalised to sum to 1
+    # with normalise_expert_weights), in expert_layers (None: every layer); 0 experts: dense MLPs.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_size: int = 0
+    expert_layers: list[int] | None = None
+    normalise_expert_weights: bool = False
 
     def __post_init__(self):
         H, L = self.num_heads, self.num_layers
@@ -127,10 +135,21 @@ class ModelConfig:
             raise ValueError("parallel_residual needs block_norms 'pre'")
         if self.local_layers is not None and not set(self.local_layers) <= set(range(L)):
             raise ValueError(f"local_layers {self.local_layers} are not all layers of 0..{L - 1}")
+        if self.num_experts and not (0 < self.experts_per_token <= self.num_experts and self.expert_size > 0):
+            raise ValueError(
+                f"a mixture of {self.num_experts} experts needs 1..{self.num_experts} experts per token and an "
+                f"expert size, got {self.experts_per_token} and {self.expert_size}"
+            )
+        if self.expert_layers is not None and not set(self.expert_layers) <= set(range(L)):
+            raise ValueError(f"expert_layers {self.expert_layers} are not all layers of 0..{L - 1}")
 
     def is_local(self, layer: int) -> bool:
         """Whether `layer` is a local layer (its own window and RoPE): see local_layers."""
         return self.local_layers is not None and layer in self.local_layers
+
+    def has_experts(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is a mixture of experts (num_experts, expert_layers)."""
+        return self.num_experts > 0 and (self.expert_layers is None or layer in self.expert_layers)
 
     def key_heads(self, layer: int) -> int:
         return max(self.key_index[layer]) + 1
@@ -523,6 +542,39 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
+class SparseMoE(nn.Module):
+    """A mixture of gated experts (Qwen3-MoE): a softmax router picks experts_per_token experts per
+    token (their probabilities, renormalised to sum to 1 with normalise_expert_weights, weigh their
+    outputs). Expert e: down_proj[e] (act(gate) * up), gate and up the halves of gate_up_proj[e] x.
+    Each expert runs on the tokens routed to it only."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, Fe = cfg.num_experts, cfg.hidden_size, cfg.expert_size
+        self.top_k, self.normalise = cfg.experts_per_token, cfg.normalise_expert_weights
+        self.act = ACTIVATIONS[cfg.activation]
+        self.router = nn.Linear(D, E, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fe, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, Fe))
+        for w in (self.gate_up_proj, self.down_proj):
+            nn.init.normal_(w, std=0.02)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        if self.normalise:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(flat.dtype)
+        out = torch.zeros_like(flat)
+        for e in experts.unique().tolist():
+            token, slot = torch.where(experts == e)
+            gate, up = F.linear(flat[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, self.down_proj[e]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.reshape(x.shape)
+
+
 class Block(nn.Module):
     """One layer. block_norms "pre": attn_norm / mlp_norm on the sublayer inputs; "post":
     attn_post_norm / mlp_post_norm on the sublayer outputs (OLMo 2); "sandwich": both (Gemma)."""
@@ -541,7 +593,7 @@ class Block(nn.Module):
             self.attn_post_norm = make_norm(cfg)
             self.mlp_post_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoE(cfg) if cfg.has_experts(layer) else MLP(cfg)
 
     def forward(self, x, rope, mask, cache):
         if self.post_norms:

@@ -127,6 +127,32 @@ CASES = {
     "qwen3-mha-tied": lambda: hf_model(
         "Qwen3ForCausalLM", "Qwen3Config", **LLAMA_LIKE, num_key_value_heads=6, head_dim=8, tie_word_embeddings=True
     ),
+    # Qwen3-MoE: Qwen3's attention; 4 experts of 16, 2 per token; layer 1 dense (mlp_only_layers), or
+    # every second layer sparse (decoder_sparse_step 2) with the top-2 weights not renormalised.
+    "qwen3_moe": lambda: hf_model(
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        **{**LLAMA_LIKE, "num_hidden_layers": 3},
+        num_key_value_heads=3,
+        head_dim=8,
+        moe_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+        norm_topk_prob=True,
+    ),
+    "qwen3_moe-step2-bias": lambda: hf_model(
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        **LLAMA_LIKE,
+        num_key_value_heads=2,
+        head_dim=8,
+        moe_intermediate_size=16,
+        num_experts=3,
+        num_experts_per_tok=1,
+        decoder_sparse_step=2,
+        attention_bias=True,
+    ),
     # OLMo 2: RMSNorm of the whole q (48) and k (Hk * 8) projections, norms after each sublayer.
     "olmo2": lambda: hf_model("Olmo2ForCausalLM", "Olmo2Config", **LLAMA_LIKE, num_key_value_heads=2),
     "olmo2-mha-bias": lambda: hf_model(
@@ -301,14 +327,10 @@ def test_old_checkpoint_layouts_load():
 # ---- refused configurations ---------------------------------------------------------------------
 
 TINY = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=6)
-SUPPORTED = "gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, opt, phi, qwen2, qwen3"
+SUPPORTED = "gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, opt, phi, qwen2, qwen3, qwen3_moe"
 
 REFUSED = [
-    (
-        "Qwen3MoeConfig",
-        dict(TINY, intermediate_size=64),
-        r"'qwen3_moe' is not supported: its MLP is a mixture of experts",
-    ),
+    ("OlmoeConfig", dict(TINY, intermediate_size=64), r"'olmoe' is not supported: its MLP is a mixture of experts"),
     ("Olmo3Config", dict(TINY, intermediate_size=64), r"'olmo3' is not supported: .*OLMo 2 is supported"),
     (
         "Gemma3TextConfig",
@@ -323,7 +345,7 @@ REFUSED = [
     (
         "PhiConfig",
         dict(TINY, qk_layernorm=True),
-        r"phi with qk_layernorm=True .*qk-norm only for qwen3, olmo2, gemma3_text",
+        r"phi with qk_layernorm=True .*qk-norm only for qwen3, qwen3_moe, olmo2, gemma3_text",
     ),
     ("OPTConfig", dict(TINY, do_layer_norm_before=False), r"do_layer_norm_before=False \(post-LayerNorm"),
     ("OPTConfig", dict(TINY, word_embed_proj_dim=32), r"word_embed_proj_dim=32 != hidden_size=48"),
@@ -355,14 +377,14 @@ def test_refused_with_a_clear_message(config_name, kwargs, message):
 
 
 def test_unmapped_qk_norm_family_refused_by_name():
-    with pytest.raises(UnsupportedModel, match="'qwen3_moe' is not supported: its MLP is a mixture of experts"):
-        family_of("qwen3_moe")
+    with pytest.raises(UnsupportedModel, match="'olmoe' is not supported: its MLP is a mixture of experts"):
+        family_of("olmoe")
     with pytest.raises(UnsupportedModel, match="'gemma3' is not supported: it is the vision-language"):
         family_of("gemma3")
 
 
 def test_cli_refuses_unmapped_qk_norm_dir(tmp_path, capsys):
-    transformers.Qwen3MoeConfig(**TINY, intermediate_size=64).save_pretrained(tmp_path)
+    transformers.OlmoeConfig(**TINY, intermediate_size=64).save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "mixture of experts" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -372,7 +394,7 @@ def test_cli_refuses_unmapped_qk_norm_dir(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "name", ["gpt2", "gpt_neox", "opt", "phi-gqa", "qwen2", "mistral", "qwen3", "olmo2", "gemma3_text"]
+    "name", ["gpt2", "gpt_neox", "opt", "phi-gqa", "qwen2", "mistral", "qwen3", "qwen3_moe", "olmo2", "gemma3_text"]
 )
 def test_inspect_and_load_saved_hf_dir(name, tmp_path, capsys):
     hf = CASES[name]()

@@ -1,4 +1,4 @@
-"""qk-norm families (Qwen3, OLMo 2, Gemma 3 text) beyond the per-family battery of test_families.py.
+"""qk-norm families (Qwen3, Qwen3-MoE, OLMo 2, Gemma 3 text) beyond the per-family battery of test_families.py.
 
 There every case is checked against transformers' own model (fp32 logits within 1e-5, cached decode,
 weight round trip, saved directories). Here: the config fields each family sets, that each Gemma 3
@@ -29,7 +29,7 @@ from tests.conftest import ours_from_hf, random_ids
 from tests.helpers import scaled_init_
 from tests.test_families import CASES, LENGTH
 
-QK_CASES = ["qwen3", "olmo2", "gemma3_text"]
+QK_CASES = ["qwen3", "qwen3_moe", "olmo2", "gemma3_text"]
 
 
 def test_config_fields():
@@ -370,7 +370,12 @@ def test_merged_qk_norm_model_saves_reloads_and_exports_with_remote_code(tmp_pat
 
 
 @pytest.mark.parametrize(
-    "name,methods", [("qwen3-mha-tied", ("dha", "svd")), ("olmo2-mha-bias", ("dha", "svd", "gqa", "prune"))]
+    "name,methods",
+    [
+        ("qwen3-mha-tied", ("dha", "svd")),
+        ("qwen3_moe", ("dha",)),
+        ("olmo2-mha-bias", ("dha", "svd", "gqa", "prune")),
+    ],
 )
 def test_cli_convert_qk_norm_families(name, methods, tmp_path, capsys):
     """`dha convert` runs the methods on a Qwen3 and an OLMo 2 checkpoint; position-free pairs and the
@@ -442,7 +447,12 @@ def test_layer_wide_norm_follows_heads_through_expand_and_permute():
 
 @pytest.mark.parametrize(
     "name,hf_class",
-    [("qwen3", "Qwen3ForCausalLM"), ("olmo2", "Olmo2ForCausalLM"), ("gemma3_text", "Gemma3ForCausalLM")],
+    [
+        ("qwen3", "Qwen3ForCausalLM"),
+        ("qwen3_moe", "Qwen3MoeForCausalLM"),
+        ("olmo2", "Olmo2ForCausalLM"),
+        ("gemma3_text", "Gemma3ForCausalLM"),
+    ],
 )
 def test_unconverted_export_stock_and_remote_code(name, hf_class, tmp_path):
     """An unconverted qk-norm model exports as its stock class (weights mapped back, config unchanged)
