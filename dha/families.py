@@ -25,7 +25,7 @@ Qwen3, Qwen3-MoE and Gemma 3 per head (ModelConfig.qk_norm "head"), OLMo 2 over 
 ("full"). They load, inspect, evaluate, generate and export unconverted, and convert through
 norm-aware merges (`dha.merge`: per head, and over the layer's whole key projection); what a
 conversion cannot do with them is refused by `refuse_merge_of_qk_norm`. Other qk-norm families
-(mixture-of-experts, hybrid or vision-language ones) are refused by name, saying why.
+(OLMoE, hybrid or vision-language ones) are refused by name, saying why.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ QK_NORM_REFUSED = {
     "gemma3n": "it is multimodal and its text model uses AltUp and per-layer embeddings, which dha's model lacks",
     "gemma3n_text": "it uses AltUp and per-layer embeddings, which dha's model lacks",
     "olmo3": "its per-layer sliding windows and RoPE are not mapped yet (OLMo 2 is supported)",
-    "olmoe": "its MLP is a mixture of experts, which dha's model lacks",
+    "olmoe": "its mixture-of-experts layers are not mapped (Qwen3-MoE's are)",
     "chameleon": "it is a vision-language model with image tokens, which dha's model lacks",
 }
 # Config flags that turn qk-norm on in families where it is optional (Phi, Cohere, GLM-4 MoE...).
@@ -397,8 +397,10 @@ def qwen3_moe_config(c) -> ModelConfig:
         for l in range(c.num_hidden_layers)
         if l not in (c.mlp_only_layers or []) and (l + 1) % c.decoder_sparse_step == 0
     ]
+    # Qwen3MoeConfig has no layer_types: its sliding_window (None unless use_sliding_window) is every layer's.
     return replace(
         qwen3_config(c),
+        sliding_window=c.sliding_window,
         num_experts=c.num_experts,
         experts_per_token=c.num_experts_per_tok,
         expert_size=c.moe_intermediate_size,

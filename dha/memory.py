@@ -114,6 +114,19 @@ class Sizes:
         return cls(model.num_parameters(), [count(b) for b in model.layers], [count(b.attn) for b in model.layers])
 
 
+def mlp_width(cfg: ModelConfig) -> int:
+    """What a layer's MLP keeps per token, in units of a dense MLP's hidden width: F for a dense
+    MLP; for a mixture of experts (`dha.model.SparseMoE`) its k experts' gathered inputs, halves and
+    outputs and the router's float32 probabilities over E, as a dense MLP that keeps as much (the
+    larger of the two where only some layers have experts)."""
+    if not cfg.num_experts:
+        return cfg.intermediate_size
+    D, k, Fe, E = cfg.hidden_size, cfg.experts_per_token, cfg.expert_size, cfg.num_experts
+    moe = math.ceil((k * (2 * D + 3 * Fe) + E) / 3)
+    every_layer = all(cfg.has_experts(l) for l in range(cfg.num_layers))
+    return moe if every_layer else max(moe, cfg.intermediate_size)
+
+
 def output_chunk_bytes(cfg: ModelConfig, positions: int, c: int) -> int:
     """A chunk of rows of the output matrix and its logits at `positions` positions, as
     `dha.layerwise._output_chunks` cuts them (LM_HEAD_CHUNK_BYTES bounds each)."""
@@ -138,7 +151,7 @@ def calibration_bytes(cfg: ModelConfig, work: Work, c: int) -> int:
         return 0
     T = max(2, min(work.calib_block, work.calib_tokens))  # as dha.data.calibration_blocks cuts them
     N = math.ceil(work.calib_tokens / T) * T
-    D, F, H, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
+    D, F, H, hd = cfg.hidden_size, mlp_width(cfg), cfg.num_heads, cfg.head_dim
     n = max(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers))
     blocks = min(work.batch, N // T)
     hidden = (3 if work.gradients else 2) * N * D
@@ -155,7 +168,7 @@ def eval_bytes(cfg: ModelConfig, work: Work, c: int, layerwise: bool) -> int:
     if not work.eval_tokens:
         return 0
     tokens, T = work.eval_tokens, work.eval_block
-    D, F = cfg.hidden_size, cfg.intermediate_size
+    D, F = cfg.hidden_size, mlp_width(cfg)
     blocks = min(4, math.ceil(tokens / T))
     one_batch = blocks * T * (4 * D + 3 * F) + score_numbers(cfg, blocks, T)
     if layerwise:
@@ -176,7 +189,7 @@ def activation_bytes(cfg: ModelConfig, training: Training, checkpointing: bool) 
     Distillation adds four more rows x vocabulary float32 tensors (the teacher's logits, the two
     log-softmaxes and the teacher's probabilities: measured 4.0 of them, 2,048 tokens, vocabulary 4,096)."""
     tokens = training.micro_batch * training.block_size
-    D, F, H, hd, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.vocab_size
+    D, F, H, hd, V = cfg.hidden_size, mlp_width(cfg), cfg.num_heads, cfg.head_dim, cfg.vocab_size
     n = max(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers))
     per_layer = tokens * (8 * D + 2 * (H + n) * hd + 4 * F)
     kept = cfg.num_layers * tokens * D + per_layer if checkpointing else cfg.num_layers * per_layer
@@ -210,7 +223,7 @@ def generation_bytes(cfg: ModelConfig, dtype: torch.dtype, generation: Generatio
     for a decoupled layer, its MLP intermediates, the residual stream), with the last-position
     logits in float32."""
     b, c, s = generation.batch_size, generation.context, dtype.itemsize
-    D, F, H, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
+    D, F, H, hd = cfg.hidden_size, mlp_width(cfg), cfg.num_heads, cfg.head_dim
     kv = b * (c + generation.new_tokens) * cfg.kv_bytes_per_token(dtype)
     activations = b * c * s * (4 * F + 6 * D + 5 * H * hd) + b * cfg.vocab_size * 4
     return [("KV cache", kv), ("activations", activations)]

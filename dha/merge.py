@@ -382,13 +382,14 @@ def _merge_layer_normed_keys(sd, pre, names, index, groups, merges, where, hd, n
     (z~_d / d)^2 + eps / r^2) with r^2 = the old divisor squared, and eps / r^2 = 1 - the mean over the
     old dims of (z_d / gain_d)^2. The new gains are sqrt(E[rho^2]) * d (E from KeyMerge.energy).
     Exact for copies in groups of one size (rho = 1) and, with gains equal within each pair, for
-    per-pair turns."""
+    per-pair turns. A dim whose gain is 0 in every member stays 0; what it added to the old divisor
+    is not known from the normalised keys, so there the new divisor is approximate."""
     if any(mg.energy is None or mg.rotary != hd for mg in merges):
         raise ValueError("a layer-wide key norm merges with its pairs' moments and every dim rotary, pair by pair")
     key_of = _member_of(groups)
     k_gain = heads(norm_gain(_stored(sd, f"{pre}.k_norm.weight", where), norm), hd)  # (n, hd)
     q_gain = heads(norm_gain(_stored(sd, f"{pre}.q_norm.weight", where), norm), hd)  # (H, hd)
-    mean_gain = [k_gain[g].mean(0) for g in groups]
+    mean_gain = [k_gain[g].abs().mean(0) for g in groups]  # the signs are in the rows (gain_j * W_j)
     d = [torch.where(p == 0, torch.ones_like(p), _member_scale(mg) * p) for p, mg in zip(mean_gain, merges)]
     new = sum((mg.energy[0] / dg**2).sum() for mg, dg in zip(merges, d)) / (len(groups) * hd)
     old = sum(_unscaled(mg.energy[1:], k_gain[g]).sum() for g, mg in zip(groups, merges)) / (len(key_of) * hd)

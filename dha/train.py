@@ -76,7 +76,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Callable
 
 import torch
@@ -90,7 +90,7 @@ from .checkpoint import save_final_model
 from .data import DataError, blocks
 from .errors import UserError
 from .memory import Training, free_memory, gib, step_bytes
-from .model import Transformer, next_token_nll
+from .model import ModelConfig, Transformer, next_token_nll
 from .options import AUTOCAST_NAMES, TrainConfig
 from .transforms import build
 
@@ -312,7 +312,9 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def _added() -> dict:
-    return {f"config.{f.name}": f.default for f in fields(TrainConfig)}
+    """Fields a run written before they existed lacks, at their defaults (TrainConfig's and the model's)."""
+    model = {f"model.{f.name}": f.default for f in fields(ModelConfig) if f.default is not MISSING}
+    return {f"config.{f.name}": f.default for f in fields(TrainConfig)} | model
 
 
 def checkpoints_in(directory: str) -> list[str]:

@@ -128,7 +128,8 @@ CASES = {
         "Qwen3ForCausalLM", "Qwen3Config", **LLAMA_LIKE, num_key_value_heads=6, head_dim=8, tie_word_embeddings=True
     ),
     # Qwen3-MoE: Qwen3's attention; 4 experts of 16, 2 per token; layer 1 dense (mlp_only_layers), or
-    # every second layer sparse (decoder_sparse_step 2) with the top-2 weights not renormalised.
+    # every second layer sparse (decoder_sparse_step 2) with one expert a token, its weight not
+    # renormalised, and a sliding window of 5.
     "qwen3_moe": lambda: hf_model(
         "Qwen3MoeForCausalLM",
         "Qwen3MoeConfig",
@@ -152,6 +153,8 @@ CASES = {
         num_experts_per_tok=1,
         decoder_sparse_step=2,
         attention_bias=True,
+        use_sliding_window=True,  # every layer (Qwen3MoeConfig has no layer_types)
+        sliding_window=5,
     ),
     # OLMo 2: RMSNorm of the whole q (48) and k (Hk * 8) projections, norms after each sublayer.
     "olmo2": lambda: hf_model("Olmo2ForCausalLM", "Olmo2Config", **LLAMA_LIKE, num_key_value_heads=2),
@@ -330,7 +333,7 @@ TINY = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention
 SUPPORTED = "gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, opt, phi, qwen2, qwen3, qwen3_moe"
 
 REFUSED = [
-    ("OlmoeConfig", dict(TINY, intermediate_size=64), r"'olmoe' is not supported: its MLP is a mixture of experts"),
+    ("OlmoeConfig", dict(TINY, intermediate_size=64), r"'olmoe' is not supported: its mixture-of-experts layers"),
     ("Olmo3Config", dict(TINY, intermediate_size=64), r"'olmo3' is not supported: .*OLMo 2 is supported"),
     (
         "Gemma3TextConfig",
@@ -377,7 +380,7 @@ def test_refused_with_a_clear_message(config_name, kwargs, message):
 
 
 def test_unmapped_qk_norm_family_refused_by_name():
-    with pytest.raises(UnsupportedModel, match="'olmoe' is not supported: its MLP is a mixture of experts"):
+    with pytest.raises(UnsupportedModel, match="'olmoe' is not supported: its mixture-of-experts"):
         family_of("olmoe")
     with pytest.raises(UnsupportedModel, match="'gemma3' is not supported: it is the vision-language"):
         family_of("gemma3")
@@ -387,7 +390,7 @@ def test_cli_refuses_unmapped_qk_norm_dir(tmp_path, capsys):
     transformers.OlmoeConfig(**TINY, intermediate_size=64).save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "mixture of experts" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "mixture-of-experts" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # ---- saved HF directories -----------------------------------------------------------------------

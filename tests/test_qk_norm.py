@@ -321,6 +321,21 @@ def test_layer_wide_norm_merges_copies_in_groups_of_one_size_exactly():
         assert (merge_groups(ours, Plan(uneven, [6] * 2, [6] * 2, method="test"))(ids) - want).abs().max() > 1e-3
 
 
+def test_layer_wide_norm_merges_copies_of_opposite_sign_exactly():
+    """Key head 1 the negation of head 0 with its norm weight negated too: the same normalised key,
+    so the merge is exact (fp32, 1e-5 against transformers), whatever the signs of the weights."""
+    hf = with_key_copies(CASES["olmo2"]())
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            attn = layer.self_attn
+            attn.k_proj.weight.view(2, 8, -1)[1] *= -1
+            attn.k_norm.weight.view(2, 8)[1] *= -1
+    merged = merge_key_heads_0_1(ours_from_hf(hf))
+    ids = random_ids(length=LENGTH, seed=8)
+    with torch.no_grad():
+        assert_close(merged(ids), hf(ids).logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["qwen3", "olmo2"])
 def test_norm_aware_merge_of_turned_copies_without_pair_equal_weights_is_approximate(name):
     """Without pair-equal norm weights a turn does not commute with the weight, so turned copies merge
