@@ -7,7 +7,7 @@
 # source), beside the control (the source trained the same way). Held-out pydoc and Linux man pages
 # (a text nothing trains or calibrates on), as ratios to each model's own source. One thread per
 # job; about an hour and a half on 2 cores.
-#   bash benchmarks/qk_norm.sh [train|convert|table|all]
+#   bash benchmarks/qk_norm.sh [train|convert|seeds|table|all]
 set -euo pipefail
 part=${1:-all}
 cd "$(dirname "$0")/.."
@@ -30,6 +30,15 @@ if [[ $part == convert || $part == all ]]; then
       # gqa: the group mean of the projections, under the source's shared norm (what ignoring the norm gives)
       python benchmarks/dha_vs_baselines.py --setup $cache/small-$model --kv-budget $budget --methods gqa --tokens 0 \
         --batch-tokens 1024 --second-text "$second" --out $res/qk_norm_gqa_${model}_${budget}.json
+    done
+  done
+fi
+if [[ $part == seeds || $part == all ]]; then
+  # the close cell (1/2, 16,384 tokens) again with two more seeds, dha and svd
+  for seed in 1 2; do
+    for model in fullnorm plain; do
+      python benchmarks/dha_vs_baselines.py --setup $cache/small-$model --kv-budget 0.5 --methods dha,svd --tokens 16384 \
+        --batch-tokens 1024 --second-text "$second" --seed $seed --out $res/qk_norm_seed${seed}_${model}_0.5.json
     done
   done
 fi
