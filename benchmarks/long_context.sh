@@ -49,6 +49,14 @@ if [[ $part == convert || $part == all ]]; then
     --no-progress --out $runs/dha0_search2k
   python -m dha convert --method dha --plan $runs/dha0_pv_fp0/plan.json --free-pairs 0 --context 2048 --calib-tokens 4096 \
     --tokens 98304 --batch-tokens 2048 --no-progress --out $runs/pv2k_fp0_98k
+  # the same 98,304 tokens on rows of 8,192 (12 steps of one row, activation checkpointing on)
+  python -m dha convert --method dha --plan $runs/dha0_pv_fp0/plan.json --free-pairs 0 --context 8192 --calib-tokens 8192 \
+    --tokens 98304 --batch-tokens 8192 --no-progress --out $runs/pv8k_fp0_98k
+  # 1/3 of the cache: one key and one value head per layer, so no head can be kept out of the merges;
+  # no training, and the demo's budget on rows of 2,048 with no position-free pairs
+  python -m dha convert --method dha --kv-budget 0.3334 --tokens 0 --no-progress --out $runs/third0
+  python -m dha convert --method dha --plan $runs/third0/plan.json --free-pairs 0 --context 2048 --calib-tokens 4096 \
+    --tokens 24576 --batch-tokens 2048 --no-progress --out $runs/third_2k_fp0
   # the same plan and rows with --context 2048 (so pairs for 2,048 tokens: 8)
   python -m dha convert --method dha --plan $runs/dha0_pv/plan.json --context 2048 --tokens 24576 --batch-tokens 2048 \
     --no-progress --out $runs/pv2k
@@ -70,6 +78,11 @@ if [[ $part == eval || $part == all ]]; then
     --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   python benchmarks/long_context_lean.py $runs/pv2k_fp0_98k --data "$man" --windows 2 --lengths 2048,4096,8192 \
     --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
+  python benchmarks/long_context_lean.py $runs/pv8k_fp0_98k --data "$man" --windows 2 --lengths 2048,4096,8192 \
+    --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
+  python benchmarks/long_context_lean.py $runs/third0 --data "$man" --windows 2 --lengths "" --out $res/long_context_third.jsonl
+  python benchmarks/long_context_lean.py $runs/third_2k_fp0 --data "$man" --windows 2 --lengths 2048,4096,8192 \
+    --per-depth 4 --far-per-depth 4 --out $res/long_context_third.jsonl
   # one 8,192-token window of man pages (passkeys: 5 per length)
   python benchmarks/long_context_lean.py smollm2-135m --data "$man" --windows 1 --lengths 4096 --per-depth 1 \
     --out $res/long_context_half_man1.jsonl
