@@ -353,6 +353,11 @@ def _merge_keys(sd, pre, names, index, groups, merges, where, hd) -> None:
         _put(sd, f"{pre}.q_proj.{s}", unheads(torch.stack(readers)))
 
 
+def _normed_readers(q, q_gain, index, merges, key_of) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`normed_reader_rows` of every query head h (rows q[h], gain q_gain[h]), reading key head index[h]."""
+    return [normed_reader_rows(q[h], q_gain[h], merges[key_of[j][0]], key_of[j][1]) for h, j in enumerate(index)]
+
+
 def _merge_normed_keys(sd, pre, names, index, groups, merges, where, hd, norm: str) -> None:
     """`_merge_keys` for a per-head qk-norm layer: `normed_key_rows` and `normed_reader_rows`, the
     norms' weights becoming one row per head."""
@@ -362,7 +367,7 @@ def _merge_normed_keys(sd, pre, names, index, groups, merges, where, hd, norm: s
     for s in names:
         k, q = _stored(sd, f"{pre}.k_proj.{s}", where, hd), _stored(sd, f"{pre}.q_proj.{s}", where, hd)
         shared = [normed_key_rows(k[g], k_gain[g], mg) for g, mg in zip(groups, merges)]
-        readers = [normed_reader_rows(q[h], q_gain[h], merges[key_of[j][0]], key_of[j][1]) for h, j in enumerate(index)]
+        readers = _normed_readers(q, q_gain, index, merges, key_of)
         _put(sd, f"{pre}.k_proj.{s}", unheads(torch.stack([rows for rows, _ in shared])))
         _put(sd, f"{pre}.q_proj.{s}", unheads(torch.stack([rows for rows, _ in readers])))
     for name, new in (("k_norm", [g for _, g in shared]), ("q_norm", [g for _, g in readers])):
@@ -391,15 +396,15 @@ def _merge_layer_normed_keys(sd, pre, names, index, groups, merges, where, hd, n
     q_gain = heads(norm_gain(_stored(sd, f"{pre}.q_norm.weight", where), norm), hd)  # (H, hd)
     mean_gain = [k_gain[g].abs().mean(0) for g in groups]  # the signs are in the rows (gain_j * W_j)
     d = [torch.where(p == 0, torch.ones_like(p), _member_scale(mg) * p) for p, mg in zip(mean_gain, merges)]
-    new = sum((mg.energy[0] / dg**2).sum() for mg, dg in zip(merges, d)) / (len(groups) * hd)
-    old = sum(_unscaled(mg.energy[1:], k_gain[g]).sum() for g, mg in zip(groups, merges)) / (len(key_of) * hd)
-    rho = (new + 1 - old).clamp_min(1e-12).sqrt()
+    new_dims = sum((mg.energy[0] / dg**2).sum() for mg, dg in zip(merges, d)) / (len(groups) * hd)
+    old_dims = sum(_unscaled(mg.energy[1:], k_gain[g]).sum() for g, mg in zip(groups, merges)) / (len(key_of) * hd)
+    rho = (new_dims + 1 - old_dims).clamp_min(1e-12).sqrt()
     for s in names:
         k, q = _stored(sd, f"{pre}.k_proj.{s}", where, hd), _stored(sd, f"{pre}.q_proj.{s}", where, hd)
         gained = k * k_gain.reshape(k_gain.shape + (1,) * (k.dim() - 2))  # gain_j * W_j
         column = lambda t: t.reshape((-1,) + (1,) * (k.dim() - 2))  # noqa: E731  (hd,) against rows (hd, ...)
         shared = [_shared_in_layout(gained[g], mg) / column(dg) for g, mg, dg in zip(groups, merges, d)]
-        readers = [normed_reader_rows(q[h], q_gain[h], merges[key_of[j][0]], key_of[j][1]) for h, j in enumerate(index)]
+        readers = _normed_readers(q, q_gain, index, merges, key_of)
         _put(sd, f"{pre}.k_proj.{s}", unheads(torch.stack(shared)))
         _put(sd, f"{pre}.q_proj.{s}", unheads(torch.stack([rows for rows, _ in readers])))
     k_new = [torch.where(p == 0, torch.zeros_like(p), rho * dg) for p, dg in zip(mean_gain, d)]

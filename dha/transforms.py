@@ -78,21 +78,28 @@ def _select_heads(sd, prefix: str, hd: int, rows: list[int]) -> None:
             sd[key] = unheads(heads(sd[key], hd)[rows])
 
 
+def _select_norm_heads(sd, cfg: ModelConfig, key: str, rows: list[int]) -> None:
+    """A q/k norm's weight follows its heads where it has a part per head: one row per head (a merged
+    per-head norm, qk_norm_weights "head"), or one hd slice per head (a norm over the whole projection)."""
+    if cfg.qk_norm_weights == "head":
+        sd[key] = sd[key][rows]
+    elif cfg.qk_norm == "full":
+        sd[key] = unheads(heads(sd[key], cfg.head_dim)[rows])
+
+
 def expand_to_mha(model: Transformer) -> Transformer:
     """Each query head gets its own key and value head: an exactly equivalent MHA model."""
     cfg, sd, hd = model.config, state_dict_of(model), model.config.head_dim
     for l in range(cfg.num_layers):
         _select_heads(sd, f"layers.{l}.attn.k_proj", hd, cfg.key_index[l])
         _select_heads(sd, f"layers.{l}.attn.v_proj", hd, cfg.value_index[l])
-        if cfg.qk_norm_weights == "head":  # one key-norm row per key head: each copy keeps its own
-            sd[f"layers.{l}.attn.k_norm.weight"] = sd[f"layers.{l}.attn.k_norm.weight"][cfg.key_index[l]]
-        if cfg.qk_norm == "full":  # the layer's RMS is kept when every key head gets the same number of copies
-            if len(set(Counter(cfg.key_index[l]).values())) > 1:
-                raise ValueError(
-                    f"layer {l}: key heads read by unequal numbers of query heads; copying them changes what a "
-                    "norm over the whole key projection divides by"
-                )
-            _select_heads(sd, f"layers.{l}.attn.k_norm", hd, cfg.key_index[l])
+        # a norm over the whole key projection keeps the layer's RMS when every key head gets as many copies
+        if cfg.qk_norm == "full" and len(set(Counter(cfg.key_index[l]).values())) > 1:
+            raise ValueError(
+                f"layer {l}: key heads read by unequal numbers of query heads; copying them changes what a "
+                "norm over the whole key projection divides by"
+            )
+        _select_norm_heads(sd, cfg, f"layers.{l}.attn.k_norm.weight", cfg.key_index[l])
     H = cfg.num_heads
     return build(with_maps(cfg, [list(range(H))] * cfg.num_layers, [list(range(H))] * cfg.num_layers), sd)
 
@@ -105,10 +112,7 @@ def permute_query_heads(model: Transformer, perms: list[list[int]]) -> Transform
         if sorted(perm) != list(range(cfg.num_heads)):
             raise ValueError(f"layer {l}: {perm} is not a permutation of {cfg.num_heads} query heads")
         _select_heads(sd, f"layers.{l}.attn.q_proj", hd, perm)
-        if cfg.qk_norm_weights == "head":  # one query-norm row per query head
-            sd[f"layers.{l}.attn.q_norm.weight"] = sd[f"layers.{l}.attn.q_norm.weight"][perm]
-        if cfg.qk_norm == "full":  # the norm over the whole query projection: its weight is per head dim
-            _select_heads(sd, f"layers.{l}.attn.q_norm", hd, perm)
+        _select_norm_heads(sd, cfg, f"layers.{l}.attn.q_norm.weight", perm)
         w_o = sd[f"layers.{l}.attn.o_proj.weight"]  # (D, H*hd): columns are heads
         sd[f"layers.{l}.attn.o_proj.weight"] = unheads(heads(w_o.T, hd)[perm]).T.contiguous()
         key_index.append([cfg.key_index[l][p] for p in perm])
