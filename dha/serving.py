@@ -35,7 +35,7 @@ import torch
 from .errors import UserError
 from .model import ModelConfig, Transformer
 from .summary import kv_summary
-from .transforms import build, heads, state_dict_of, unheads, with_maps
+from .transforms import build, heads, select_norm_heads, state_dict_of, unheads, with_maps
 
 # Permuting query heads changes the order of fp32 sums only: dha.export measured 1.9e-4 on
 # SmolLM2-135M (logits up to ~34) with every layer reordered; a wrong permutation moves logits by O(1).
@@ -117,6 +117,8 @@ def to_serving(model: Transformer, pad: bool = False) -> tuple[Transformer, list
             for suffix in ("weight", "bias"):
                 if f"{prefix}.{name}.{suffix}" in sd:
                     sd[f"{prefix}.{name}.{suffix}"] = unheads(heads(sd[f"{prefix}.{name}.{suffix}"], hd)[rows])
+        select_norm_heads(sd, cfg, f"{prefix}.q_norm.weight", layout.perm)  # qk-norm weights follow their heads
+        select_norm_heads(sd, cfg, f"{prefix}.k_norm.weight", layout.key_source)
         w_o = sd[f"{prefix}.o_proj.weight"]  # (D, H*hd): columns are query heads
         sd[f"{prefix}.o_proj.weight"] = unheads(heads(w_o.T, hd)[layout.perm]).T.contiguous()
         group = cfg.num_heads // layout.kv_heads
@@ -209,18 +211,20 @@ def serve_for_export(
     pad_hint: str,
     refusal: str | None = None,
     checks: Callable[[], None] | None = None,
+    graph_problem: Callable[[ModelConfig], str | None] | None = None,
 ) -> Served:
     """The shared part of the serving exports (dha.gguf, dha.nemotron), in this order:
 
-    - UserError "cannot export to `target`: ..." when the LLaMA graph cannot run the architecture
-      (unsupported_reason), or for the export's own `refusal` when given;
+    - UserError "cannot export to `target`: ..." when the engine's graph cannot run the architecture
+      (`graph_problem`, by default unsupported_reason: the LLaMA graph), or for the export's own
+      `refusal` when given;
     - UserError when `engine` cannot hold the layout exactly and `pad` is not given (`pad_hint`
       says what --pad does);
     - the export's own `checks` (raising UserError), still before any work;
     - a float32 copy of `model` in a serving layout (to_serving), checked to compute the same
       function (check_same_function), with its head counts."""
     cfg = model.config
-    reason = unsupported_reason(cfg) or refusal
+    reason = (graph_problem or unsupported_reason)(cfg) or refusal
     if reason is not None:
         raise UserError(f"cannot export to {target}: {reason}")
     problem = serving_layout_problem(cfg)

@@ -78,7 +78,7 @@ def _select_heads(sd, prefix: str, hd: int, rows: list[int]) -> None:
             sd[key] = unheads(heads(sd[key], hd)[rows])
 
 
-def _select_norm_heads(sd, cfg: ModelConfig, key: str, rows: list[int]) -> None:
+def select_norm_heads(sd, cfg: ModelConfig, key: str, rows: list[int]) -> None:
     """A q/k norm's weight follows its heads where it has a part per head: one row per head (a merged
     per-head norm, qk_norm_weights "head"), or one hd slice per head (a norm over the whole projection)."""
     if cfg.qk_norm_weights == "head":
@@ -99,7 +99,7 @@ def expand_to_mha(model: Transformer) -> Transformer:
                 f"layer {l}: key heads read by unequal numbers of query heads; copying them changes what a "
                 "norm over the whole key projection divides by"
             )
-        _select_norm_heads(sd, cfg, f"layers.{l}.attn.k_norm.weight", cfg.key_index[l])
+        select_norm_heads(sd, cfg, f"layers.{l}.attn.k_norm.weight", cfg.key_index[l])
     H = cfg.num_heads
     return build(with_maps(cfg, [list(range(H))] * cfg.num_layers, [list(range(H))] * cfg.num_layers), sd)
 
@@ -112,7 +112,7 @@ def permute_query_heads(model: Transformer, perms: list[list[int]]) -> Transform
         if sorted(perm) != list(range(cfg.num_heads)):
             raise ValueError(f"layer {l}: {perm} is not a permutation of {cfg.num_heads} query heads")
         _select_heads(sd, f"layers.{l}.attn.q_proj", hd, perm)
-        _select_norm_heads(sd, cfg, f"layers.{l}.attn.q_norm.weight", perm)
+        select_norm_heads(sd, cfg, f"layers.{l}.attn.q_norm.weight", perm)
         w_o = sd[f"layers.{l}.attn.o_proj.weight"]  # (D, H*hd): columns are heads
         sd[f"layers.{l}.attn.o_proj.weight"] = unheads(heads(w_o.T, hd)[perm]).T.contiguous()
         key_index.append([cfg.key_index[l][p] for p in perm])

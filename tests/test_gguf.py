@@ -261,8 +261,9 @@ def test_unwritable_directory(tmp_path, capsys):
     assert code == 2 and "no permission" in err and os.listdir(locked) == []
 
 
-def test_other_families_and_qk_norm_are_refused(tmp_path, capsys):
-    from transformers import MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+def test_other_families_and_mixtures_of_experts_are_refused(tmp_path, capsys):
+    """(The qk-norm families that export: tests/test_gguf_qk_norm.py.)"""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     small = dict(
         vocab_size=VOCAB,
@@ -275,7 +276,13 @@ def test_other_families_and_qk_norm_are_refused(tmp_path, capsys):
     )
     for name, model, message in [
         ("mistral", MistralForCausalLM(MistralConfig(sliding_window=None, **small)), "family 'mistral'"),
-        ("qwen3", Qwen3ForCausalLM(Qwen3Config(**small)), "qk-norm (qwen3): the serving exports write LLaMA graphs"),
+        (
+            "qwen3_moe",
+            Qwen3MoeForCausalLM(
+                Qwen3MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **small)
+            ),
+            "qk-norm family 'qwen3_moe': GGUF is written for qwen3, olmo2, gemma3_text among qk-norm families",
+        ),
     ]:
         directory = str(tmp_path / name)
         model.save_pretrained(directory)
