@@ -303,22 +303,28 @@ def linear_rope_factor(cfg: ModelConfig) -> float | None:
 
 
 def _qk_norm_checks(cfg: ModelConfig, arch: str) -> list[tuple[bool, str]]:
-    """(holds, what is not written) for a qk-norm model and llama.cpp's graph `arch` for its family."""
+    """(holds, what the graph would lack) for a qk-norm model and llama.cpp's graph `arch` for its family."""
     hd, gemma = cfg.head_dim, arch == "gemma3"
     # gemma3's graph scales queries by hd^-0.5, or (D / H)^-0.5 for its 62-layer (27B) model
     graph_scale = (cfg.hidden_size / cfg.num_heads) ** -0.5 if gemma and cfg.num_layers == 62 else hd**-0.5
     scale = cfg.attn_scale or hd**-0.5
     return [
-        (cfg.qk_norm_weights == "layer", "one q/k norm weight per head (a dha merge); it holds one per layer"),
-        (cfg.num_experts == 0, "a mixture of experts is not written"),
+        (cfg.qk_norm_weights == "layer", "one q/k norm weight per head (a dha merge; the graph has one per layer)"),
+        (cfg.num_experts == 0, "a mixture of experts"),
         (cfg.mlp == "gated" and cfg.activation in ARCH_ACTIVATIONS[arch], f"a {cfg.mlp} MLP with {cfg.activation}"),
-        (not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias or cfg.lm_head_bias), "biases are not written"),
+        (not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias or cfg.lm_head_bias), "attention, MLP or output biases"),
         (cfg.rotary_dim == hd and cfg.rope_attention_scaling == 1.0, "partial or attention-scaled RoPE"),
         (cfg.rope_inv_freq is None or linear_rope_factor(cfg) is not None, "scaled RoPE other than linear"),
-        (math.isclose(scale, graph_scale, rel_tol=1e-6), f"attention scale {scale:.6g}; it uses {graph_scale:.6g}"),
+        (
+            math.isclose(scale, graph_scale, rel_tol=1e-6),
+            f"attention scale {scale:.6g} (it scales by {graph_scale:.6g})",
+        ),
         (gemma or cfg.sliding_window is None, "a sliding window"),
-        (gemma or (cfg.embed_scale is None and cfg.logit_softcap is None), "an embedding scale or logit softcap"),
-        (not gemma or math.isclose(cfg.embed_scale or 0.0, cfg.hidden_size**0.5, rel_tol=1e-6), "embedding scale"),
+        (gemma or (cfg.embed_scale is None and cfg.logit_softcap is None), "an embedding scale or a logit softcap"),
+        (
+            not gemma or math.isclose(cfg.embed_scale or 0.0, cfg.hidden_size**0.5, rel_tol=1e-6),
+            "an embedding scale other than sqrt(hidden size)",
+        ),
         (not gemma or cfg.local_rope_inv_freq is None, "scaled RoPE on the sliding-window layers"),
         (not gemma or cfg.sliding_window is None or cfg.local_layers is not None, "a sliding window on every layer"),
     ]
@@ -333,7 +339,7 @@ def graph_problem(cfg: ModelConfig) -> str | None:
         return f"qk-norm family {cfg.family!r}: GGUF is written for {', '.join(QK_NORM_ARCHS)} among qk-norm families"
     for holds, what in _qk_norm_checks(cfg, arch):
         if not holds:
-            return f"{cfg.family}: {what} (llama.cpp's {arch} graph)"
+            return f"{cfg.family}: llama.cpp's {arch} graph does not hold {what}"
     return None
 
 

@@ -87,6 +87,9 @@ GEMMA3 = dict(sliding_window=8, layer_types=["sliding_attention", "full_attentio
         # a misplaced norm, window or RoPE base moves these logits by O(0.1)
         ("gemma3", 2, GEMMA3, GELU_ATOL),
         ("gemma3", 6, {**GEMMA3, "final_logit_softcapping": 0.5}, GELU_ATOL),
+        # linear RoPE scaling on the full-attention layers only (Gemma 3 4B and up): llama.cpp's
+        # rope.scaling.factor, its sliding layers left unscaled
+        ("gemma3", 2, {**GEMMA3, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}, GELU_ATOL),
     ],
 )
 def test_unconverted_source_runs_in_its_llama_cpp_graph(tmp_path, capsys, family, kv_heads, options, atol):
@@ -166,10 +169,10 @@ def test_layouts_its_graph_cannot_hold_are_refused(tmp_path, capsys, family, gro
 def test_unknown_qk_norm_architecture_features_are_refused(tmp_path, capsys):
     """A Qwen3 with attention biases, or a sliding window: not in llama.cpp's qwen3 graph."""
     for options, message in (
-        ({"attention_bias": True}, "biases are not written (llama.cpp's qwen3 graph)"),
+        ({"attention_bias": True}, "llama.cpp's qwen3 graph does not hold attention, MLP or output biases"),
         (
             {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0},
-            "a sliding window (llama.cpp's qwen3 graph)",
+            "llama.cpp's qwen3 graph does not hold a sliding window",
         ),
     ):
         directory = tmp_path / f"case{len(os.listdir(tmp_path))}"
