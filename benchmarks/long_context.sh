@@ -52,6 +52,11 @@ if [[ $part == convert || $part == all ]]; then
   # the same 98,304 tokens on rows of 8,192 (12 steps of one row, activation checkpointing on)
   python -m dha convert --method dha --plan $runs/dha0_pv_fp0/plan.json --free-pairs 0 --context 8192 --calib-tokens 8192 \
     --tokens 98304 --batch-tokens 8192 --no-progress --out $runs/pv8k_fp0_98k
+  # 49,152 more distilled tokens in rows of 8,192 (6 steps, `dha train`): on the 2,048-row model, and on
+  # the 8,192-row one (147,456 tokens in all)
+  long="--distill --teacher smollm2-135m --block-size 8192 --batch-tokens 8192 --micro-batch 1 --tokens 49152 --seed 1"
+  python -m dha train $runs/pv2k_fp0_98k $long --lr 7.5e-5 --no-progress --out $runs/pv2k_then8k
+  python -m dha train $runs/pv8k_fp0_98k $long --lr 1e-4 --no-progress --out $runs/pv8k_more
   # 1/3 of the cache: one key and one value head per layer, so no head can be kept out of the merges;
   # no training, and the demo's budget on rows of 2,048 with no position-free pairs
   python -m dha convert --method dha --kv-budget 0.3334 --tokens 0 --no-progress --out $runs/third0
@@ -80,6 +85,10 @@ if [[ $part == eval || $part == all ]]; then
     --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   python benchmarks/long_context_lean.py $runs/pv8k_fp0_98k --data "$man" --windows 2 --lengths 2048,4096,8192 \
     --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
+  python benchmarks/long_context_lean.py $runs/pv2k_then8k $runs/pv8k_more --data "$man" --windows 2 \
+    --lengths 2048,4096,8192 --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
+  python -m dha eval $runs/pv2k_fp0_98k --compare $runs/pv2k_then8k $runs/pv8k_fp0_98k $runs/pv8k_more \
+    --max-eval-tokens 16384 --batch-sizes 1 --new-tokens 4 --repeats 1  # 512-token windows of held-out pydoc
   python benchmarks/long_context_lean.py $runs/third0 --data "$man" --windows 2 --lengths "" --out $res/long_context_third.jsonl
   python benchmarks/long_context_lean.py $runs/third_2k_fp0 --data "$man" --windows 2 --lengths 2048,4096,8192 \
     --per-depth 4 --far-per-depth 4 --out $res/long_context_third.jsonl

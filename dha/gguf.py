@@ -47,7 +47,13 @@ import torch
 from .atomic import atomic_file
 from .errors import UserError
 from .model import ModelConfig, Transformer
-from .serving import layer_layout, serve_for_export, serving_layout_problem, unsupported_reason
+from .serving import (
+    layer_layout,
+    serve_for_export,
+    serving_kv_bytes_per_token,
+    serving_layout_problem,
+    unsupported_reason,
+)
 from .summary import heads_text
 
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -121,6 +127,9 @@ class GgufResult:
     padded_layers: int  # layers given duplicated heads by --pad
     kv_bytes_per_token: int  # f16 KV cache of the file, as llama.cpp allocates it (deci: with flash attention on)
     source_kv_bytes_per_token: int  # f16 KV cache of the model before export (its own maps)
+    # Gemma 3: llama.cpp keeps a sliding layer's cache to its window, so past the window the cache
+    # grows by the full-attention layers' bytes per token only; None without sliding layers
+    kv_bytes_per_token_past_window: int | None
     max_abs_diff: float  # fp32 logits: the exported layout against the model, on random tokens
     tokenizer_pre: str
     file_bytes: int
@@ -455,6 +464,14 @@ def write_file(path: str, model: Transformer, kv_heads: list[int], tokenizer: di
 # ---- the export ----------------------------------------------------------------------------------
 
 
+def past_window_bytes(cfg: ModelConfig, kv_heads: list[int]) -> int | None:
+    """f16 KV bytes per token of the layers without a sliding window (None when no layer slides)."""
+    if not cfg.local_layers:
+        return None
+    full = [n for layer, n in enumerate(kv_heads) if layer not in cfg.local_layers]
+    return serving_kv_bytes_per_token(full, cfg.head_dim, KV_CACHE_DTYPE.itemsize)
+
+
 def export_gguf(loaded, out: str, outtype: str = "f32", pad: bool = False) -> GgufResult:
     """Write `loaded` as a GGUF file llama.cpp runs; UserError (nothing written) when it cannot be held."""
     if outtype not in OUTTYPES:
@@ -488,6 +505,7 @@ def export_gguf(loaded, out: str, outtype: str = "f32", pad: bool = False) -> Gg
         s.padded_layers,
         s.kv_bytes_per_token(KV_CACHE_DTYPE),
         s.source_kv_bytes_per_token(KV_CACHE_DTYPE),
+        past_window_bytes(s.model.config, s.kv_heads),
         s.max_abs_diff,
         tokenizer["pre"],
         os.path.getsize(out),
@@ -500,6 +518,11 @@ def summary_lines(result: GgufResult) -> list[str]:
         f"{result.query_heads} query heads, tokenizer pre {result.tokenizer_pre!r}, {result.file_bytes:,} bytes",
         f"KV cache per token in llama.cpp (f16 cache): {result.kv_bytes_per_token:,} bytes",
     ]
+    if result.kv_bytes_per_token_past_window is not None:
+        lines.append(
+            "sliding-window layers keep their window only: past it the cache grows by "
+            f"{result.kv_bytes_per_token_past_window:,} bytes per token (the full-attention layers)"
+        )
     if result.arch == "deci":
         lines.append(
             "per-layer head counts: run llama.cpp with flash attention on (-fa on); with it off, llama.cpp pads "

@@ -10,6 +10,7 @@ refused in one line, exit 2, nothing written.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -61,11 +62,12 @@ def saved(tmp_path, model, name: str) -> str:
     return path
 
 
-def exported(tmp_path, capsys, source: str, *flags, name: str = "model.gguf") -> tuple[int, str, str]:
+def exported(tmp_path, capsys, source: str, *flags, name: str = "model.gguf"):
+    """(exit status, the file's path, the JSON report, or the error text when the export failed)."""
     out = str(tmp_path / name)
     code = main(["export", source, "--format", "gguf", "--out", out, *flags])
     captured = capsys.readouterr()
-    return code, out, captured.err
+    return code, out, json.loads(captured.out.strip().splitlines()[-1]) if code == 0 else captured.err
 
 
 def transformers_logits(model, ids: list[int]) -> torch.Tensor:
@@ -97,13 +99,16 @@ def test_unconverted_source_runs_in_its_llama_cpp_graph(tmp_path, capsys, family
     f16 cache grows by our heads per token (gemma3: by its full-attention layer's only, once the
     sliding layer's cache holds its window)."""
     model = hf_model(family, kv_heads, **options)
-    code, path, err = exported(tmp_path, capsys, saved(tmp_path, model, "src"))
-    assert code == 0, err
+    code, path, report = exported(tmp_path, capsys, saved(tmp_path, model, "src"))
+    assert code == 0, report
     ids = token_ids(40)
     llm = llama(path, f32_cache=True)
     torch.testing.assert_close(llama_cpp_logits(llm, ids), transformers_logits(model, ids), atol=atol, rtol=0)
-    growing_layers = 1 if family == "gemma3" else 2
-    assert llamacpp.kv_bytes_per_token(llama(path), ids) == analytic_f16_bytes([kv_heads] * growing_layers)
+    growth = llamacpp.kv_bytes_per_token(llama(path), ids)
+    if family == "gemma3":
+        assert growth == analytic_f16_bytes([kv_heads]) == report["kv_bytes_per_token_past_window"]
+    else:
+        assert growth == analytic_f16_bytes([kv_heads] * 2) == report["kv_bytes_per_token"]
 
 
 def mean_merged(hf, key_groups, value_groups):
