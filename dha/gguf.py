@@ -127,8 +127,9 @@ class GgufResult:
     padded_layers: int  # layers given duplicated heads by --pad
     kv_bytes_per_token: int  # f16 KV cache of the file, as llama.cpp allocates it (deci: with flash attention on)
     source_kv_bytes_per_token: int  # f16 KV cache of the model before export (its own maps)
-    # Gemma 3: llama.cpp keeps a sliding layer's cache to its window, so past the window the cache
-    # grows by the full-attention layers' bytes per token only; None without sliding layers
+    # Gemma 3: with llama.cpp's sliding-window cache (swa_full off: llama-cli's and llama-server's
+    # default, llama-cpp-python's swa_full=False) a sliding layer keeps about its window, so past it
+    # the cache grows by the full-attention layers' bytes per token only; None without sliding layers
     kv_bytes_per_token_past_window: int | None
     max_abs_diff: float  # fp32 logits: the exported layout against the model, on random tokens
     tokenizer_pre: str
@@ -169,17 +170,24 @@ def _pre_tokenizer_key(pre: dict | None) -> str:
     return json.dumps(pre, sort_keys=True)
 
 
+def _normalizer_steps(spec: dict) -> list[dict]:
+    normalizer = spec.get("normalizer") or {}
+    return normalizer.get("normalizers", [normalizer])
+
+
 def _is_sentencepiece_bpe(spec: dict) -> bool:
     """A SentencePiece BPE with byte fallback: spaces become "▁", nothing else splits the text."""
     model, pre = spec["model"], spec.get("pre_tokenizer")
     splits_on_space_only = pre is None or (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "})
-    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and splits_on_space_only
+    spaces = any(
+        step.get("type") == "Replace" and step.get("pattern") == {"String": " "} and step.get("content") == "▁"
+        for step in _normalizer_steps(spec)
+    )
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and splits_on_space_only and spaces
 
 
 def _prepends_space(spec: dict) -> bool:
-    normalizer = spec.get("normalizer") or {}
-    steps = normalizer.get("normalizers", [normalizer])
-    return any(step.get("type") == "Prepend" and step.get("prepend") == "▁" for step in steps)
+    return any(step.get("type") == "Prepend" and step.get("prepend") == "▁" for step in _normalizer_steps(spec))
 
 
 def _token_table(spec: dict, vocab_size: int):
@@ -193,12 +201,15 @@ def _token_table(spec: dict, vocab_size: int):
 
 
 def _token_type(i: int, tokens: dict, added: dict, unk: int | None):
+    """The GGUF token type; `unk` (the unknown token, and byte tokens `<0xNN>`) only for SentencePiece."""
     import gguf
 
     if i not in tokens:  # ids the tokenizer never produces become unused padding tokens
         return gguf.TokenType.UNUSED
     if i in added:
         return gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
+    if unk is None:  # byte-level BPE: every other token is a plain one
+        return gguf.TokenType.NORMAL
     if i == unk:
         return gguf.TokenType.UNKNOWN
     if len(tokens[i]) == 6 and tokens[i].startswith("<0x") and tokens[i].endswith(">"):
@@ -234,17 +245,18 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     if kind is None:
         raise UserError(
             f"GGUF export writes byte-level BPE tokenizers with a pre-tokenizer llama.cpp knows "
-            f"({', '.join(PRE_TOKENIZERS)}) and SentencePiece BPE ones with byte fallback; this one is "
-            f"{model.get('type')} with {key}"
+            f"({', '.join(PRE_TOKENIZERS)}) and SentencePiece BPE ones (byte fallback, spaces as '▁'); this one "
+            f"is {model.get('type')} with {key}{'' if model.get('byte_fallback') else ', no byte fallback'}"
         )
     tokens, added = _token_table(spec, vocab_size)
     full = {i: tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)}
+    unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else -1
     with_specials = tokenizer("a")["input_ids"]
     fields = {
         "model": kind,
         "pre": PRE_TOKENIZERS[key] if kind == "gpt2" else "default",
         "tokens": list(full.values()),
-        "types": [_token_type(i, tokens, added, tokenizer.unk_token_id) for i in range(vocab_size)],
+        "types": [_token_type(i, tokens, added, unk if kind == "llama" else None) for i in range(vocab_size)],
         "add_bos": tokenizer.bos_token_id is not None and with_specials[:1] == [tokenizer.bos_token_id],
         "ids": {name: getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "unk", "pad")},
         "chat_template": getattr(tokenizer, "chat_template", None),
@@ -336,6 +348,9 @@ def _qk_norm_checks(cfg: ModelConfig, arch: str) -> list[tuple[bool, str]]:
         ),
         (not gemma or cfg.local_rope_inv_freq is None, "scaled RoPE on the sliding-window layers"),
         (not gemma or cfg.sliding_window is None or cfg.local_layers is not None, "a sliding window on every layer"),
+        (not gemma or not cfg.local_layers or cfg.sliding_window is not None, "local layers without a window"),
+        # olmo2's graph sizes the query projection and its norm as the hidden size
+        (arch != "olmo2" or cfg.head_dim * cfg.num_heads == cfg.hidden_size, "a head dim other than hidden / heads"),
     ]
 
 
@@ -360,21 +375,27 @@ def arch_of(cfg: ModelConfig, kv_heads: list[int]) -> Arch:
     return ARCHS["llama" if len(set(kv_heads)) == 1 else "deci"]
 
 
-def check_head_counts(cfg: ModelConfig, pad: bool) -> None:
-    """UserError, before any work, when the file's graph cannot hold the serving layout's head counts."""
+def head_count_problem(cfg: ModelConfig) -> str | None:
+    """Why the file's graph cannot hold the serving layout's head counts (with --pad or not), or None."""
     counts = [layer_layout(k, v, pad=True).kv_heads for k, v in zip(cfg.key_index, cfg.value_index)]
     arch = arch_of(cfg, counts)
     if not arch.per_layer_heads and len(set(counts)) > 1:
-        raise UserError(
-            f"cannot export to GGUF: llama.cpp's {arch.name} graph reads one key/value head count for every "
-            f"layer, and this model keeps {heads_text(counts)} key/value heads (convert with a uniform layout, e.g. "
-            "--method gqa, to run it in llama.cpp)"
+        return (
+            f"llama.cpp's {arch.name} graph reads one key/value head count for every layer, and this model keeps "
+            f"{heads_text(counts)} key/value heads (convert with a uniform layout, e.g. --method gqa, to run it "
+            "in llama.cpp)"
         )
-    if pad and cfg.qk_norm == "full" and serving_layout_problem(cfg) is not None:
-        raise UserError(
-            "cannot export to GGUF: --pad would duplicate key heads, which changes what a norm over the whole "
-            f"key projection ({cfg.family}) divides by"
+    if cfg.qk_norm == "full" and serving_layout_problem(cfg) is not None:
+        return (
+            f"{serving_layout_problem(cfg)}; duplicating key heads (--pad) would change what a norm over the "
+            f"whole key projection ({cfg.family}) divides by"
         )
+    return None
+
+
+def export_problem(cfg: ModelConfig) -> str | None:
+    """Why no GGUF file dha writes holds this model: its architecture, then its head counts; or None."""
+    return graph_problem(cfg) or head_count_problem(cfg)
 
 
 def gguf_tensors(model: Transformer, outtype: str, arch: Arch):
@@ -480,7 +501,6 @@ def export_gguf(loaded, out: str, outtype: str = "f32", pad: bool = False) -> Gg
     def checks() -> None:
         if loaded.tokenizer is None:
             raise UserError(f"{loaded.source} has no tokenizer; a GGUF file carries one")
-        check_head_counts(loaded.model.config, pad)
         check_gguf_out(out)
 
     s = serve_for_export(
@@ -490,7 +510,7 @@ def export_gguf(loaded, out: str, outtype: str = "f32", pad: bool = False) -> Gg
         "llama.cpp",
         "--pad duplicates heads to make it representable (a larger KV cache)",
         checks=checks,
-        graph_problem=graph_problem,
+        graph_problem=export_problem,
     )
     tokenizer = tokenizer_fields(loaded.tokenizer, s.model.config.vocab_size)
     arch = write_file(
@@ -520,8 +540,9 @@ def summary_lines(result: GgufResult) -> list[str]:
     ]
     if result.kv_bytes_per_token_past_window is not None:
         lines.append(
-            "sliding-window layers keep their window only: past it the cache grows by "
-            f"{result.kv_bytes_per_token_past_window:,} bytes per token (the full-attention layers)"
+            "with llama.cpp's sliding-window cache (swa_full off, llama-server's default) the sliding layers keep "
+            f"about their window: past it the cache grows by {result.kv_bytes_per_token_past_window:,} bytes per "
+            "token (the full-attention layers)"
         )
     if result.arch == "deci":
         lines.append(

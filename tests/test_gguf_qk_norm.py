@@ -47,7 +47,7 @@ def hf_model(family: str, kv_heads: int, seed: int = 0, **options):
         "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
     }
     config_class, model_class = classes[family]
-    model = model_class(config_class(**SMALL, num_key_value_heads=kv_heads, **options)).eval()
+    model = model_class(config_class(**{**SMALL, "num_key_value_heads": kv_heads, **options})).eval()
     with torch.no_grad():  # norm weights away from their initial values, so a wrong placement shows
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -156,7 +156,9 @@ def test_uniform_conversion_runs_in_its_llama_cpp_graph(tmp_path, capsys, family
             [],
             "reads one key/value head count for every layer",
         ),
-        ("olmo2", [[[0, 1], [2, 3], [4, 5]], [[0, 1, 2, 3], [4, 5]]], ["--pad"], "changes what a norm over the whole"),
+        # with --pad or without: no hint to pad what padding cannot make exact
+        ("olmo2", [[[0, 1], [2, 3], [4, 5]], [[0, 1, 2, 3], [4, 5]]], ["--pad"], "would change what a norm over the"),
+        ("olmo2", [[[0, 1], [2, 3], [4, 5]], [[0, 1, 2, 3], [4, 5]]], [], "would change what a norm over the"),
     ],
 )
 def test_layouts_its_graph_cannot_hold_are_refused(tmp_path, capsys, family, groups, flags, message):
@@ -168,21 +170,26 @@ def test_layouts_its_graph_cannot_hold_are_refused(tmp_path, capsys, family, gro
     src = tiny_source(tmp_path, mean_merged(hf, groups, groups), hf)
     code, out, err = exported(tmp_path, capsys, src, *flags)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
-    assert not os.path.exists(out)
+    assert "--pad duplicates heads" not in err and not os.path.exists(out)
 
 
 def test_unknown_qk_norm_architecture_features_are_refused(tmp_path, capsys):
-    """A Qwen3 with attention biases, or a sliding window: not in llama.cpp's qwen3 graph."""
-    for options, message in (
-        ({"attention_bias": True}, "llama.cpp's qwen3 graph does not hold attention, MLP or output biases"),
+    """What the family's llama.cpp graph cannot compute: a Qwen3 with attention biases or a sliding
+    window; an OLMo 2 whose heads do not span the hidden size (its graph sizes queries by it); a
+    Gemma 3 with local layers but no window (its local RoPE base comes only with one)."""
+    for family, options, message in (
+        ("qwen3", {"attention_bias": True}, "llama.cpp's qwen3 graph does not hold attention, MLP or output biases"),
         (
+            "qwen3",
             {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0},
             "llama.cpp's qwen3 graph does not hold a sliding window",
         ),
+        ("olmo2", {"head_dim": 16}, "llama.cpp's olmo2 graph does not hold a head dim other than hidden / heads"),
+        ("gemma3", {**GEMMA3, "sliding_window": None}, "llama.cpp's gemma3 graph does not hold local layers without"),
     ):
         directory = tmp_path / f"case{len(os.listdir(tmp_path))}"
         directory.mkdir()
-        code, out, err = exported(directory, capsys, saved(directory, hf_model("qwen3", 6, **options), "src"))
+        code, out, err = exported(directory, capsys, saved(directory, hf_model(family, 6, **options), "src"))
         assert code == 2 and message in err and not os.path.exists(out), err
 
 
