@@ -218,3 +218,58 @@ def test_gemma3_270m_runs_in_llama_cpp_from_our_export(tmp_path, capsys):
     got, want = llama_cpp_logits(llm, ids), transformers_logits(hf, ids)
     torch.testing.assert_close(got, want, atol=0.1, rtol=0)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def python_docs() -> list[str]:
+    """The reference topics that ship with CPython (pydoc_data), in a stable order."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
+def sentencepiece_bpe_tokenizer():
+    """A SentencePiece-style BPE trained here (spaces as "▁", no pre-splitting) with the 256 byte
+    tokens `<0xNN>` for byte fallback in its vocabulary, as Gemma's tokenizer is built."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"])
+    backend.train_from_iterator(python_docs()[:40], trainer)
+    spec = json.loads(backend.to_str())
+    for byte in range(256):
+        spec["model"]["vocab"].setdefault(f"<0x{byte:02X}>", len(spec["model"]["vocab"]))
+    spec["model"]["byte_fallback"] = True
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+
+
+@requires_llama_cpp
+def test_sentencepiece_tokenizer_splits_in_llama_cpp_as_in_transformers(tmp_path, capsys):
+    """Written as llama.cpp's `llama` model (scores from the merge ranks, byte tokens typed BYTE):
+    llama.cpp's ids equal transformers' on text the tokenizer was not trained on, runs of spaces,
+    tabs, and characters the merges never saw (byte fallback), and read back as the same bytes. (Equal
+    scores, or reversed ones, split the unseen text differently; NORMAL-typed byte tokens read back
+    as "<0xNN>".)"""
+    import llama_cpp
+
+    tokenizer = sentencepiece_bpe_tokenizer()
+    model = hf_model("qwen3", 2, vocab_size=1280)
+    path = str(tmp_path / "src")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    code, out, report = exported(tmp_path, capsys, path)
+    assert code == 0, report
+    llm = llama_cpp.Llama(out, vocab_only=True, verbose=False)
+    unseen = "\n".join(python_docs()[60:70])  # topics the tokenizer was not trained on
+    for text in (unseen, "  two  spaces\tand a tab\n", "ünïcödé 日本語 🙂", "x" * 40):
+        ids = tokenizer(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+        if text != unseen:  # (llama-cpp-python reads each piece into 32 bytes: it drops longer tokens)
+            assert llm.detokenize(ids) == text.encode(), text  # byte tokens read back as their bytes
