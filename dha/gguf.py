@@ -200,15 +200,15 @@ def _token_table(spec: dict, vocab_size: int):
     return tokens, added
 
 
-def _token_type(i: int, tokens: dict, added: dict, unk: int | None):
-    """The GGUF token type; `unk` (the unknown token, and byte tokens `<0xNN>`) only for SentencePiece."""
+def _token_type(i: int, tokens: dict, added: dict, sentencepiece: bool, unk: int | None):
+    """The GGUF token type; the unknown token and byte tokens `<0xNN>` have their own only in SentencePiece."""
     import gguf
 
     if i not in tokens:  # ids the tokenizer never produces become unused padding tokens
         return gguf.TokenType.UNUSED
     if i in added:
         return gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
-    if unk is None:  # byte-level BPE: every other token is a plain one
+    if not sentencepiece:  # byte-level BPE: every other token is a plain one
         return gguf.TokenType.NORMAL
     if i == unk:
         return gguf.TokenType.UNKNOWN
@@ -217,18 +217,18 @@ def _token_type(i: int, tokens: dict, added: dict, unk: int | None):
     return gguf.TokenType.NORMAL
 
 
-def _merge_scores(spec: dict, tokens: dict) -> list[float]:
+def _merge_scores(spec: dict, names: list[str]) -> list[float]:
     """llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result has the highest score;
     scoring each token minus the rank of the first merge that makes it keeps Hugging Face's merge
     order. Pieces no merge makes score below every merge (they are never a merge's result)."""
-    ids = {t: i for i, t in tokens.items()}
+    ids = {t: i for i, t in enumerate(names)}
     merges = spec["model"].get("merges", [])
     scores = {}
     for rank, merge in enumerate(merges):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
         scores.setdefault(ids.get(left + right), -float(rank))
     floor = -float(len(merges))
-    return [scores.get(i, floor) for i in range(len(tokens))]
+    return [scores.get(i, floor) for i in range(len(names))]
 
 
 def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
@@ -249,14 +249,14 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
             f"is {model.get('type')} with {key}{'' if model.get('byte_fallback') else ', no byte fallback'}"
         )
     tokens, added = _token_table(spec, vocab_size)
-    full = {i: tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)}
-    unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else -1
+    names = [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    sentencepiece = kind == "llama"
     with_specials = tokenizer("a")["input_ids"]
     fields = {
         "model": kind,
         "pre": PRE_TOKENIZERS[key] if kind == "gpt2" else "default",
-        "tokens": list(full.values()),
-        "types": [_token_type(i, tokens, added, unk if kind == "llama" else None) for i in range(vocab_size)],
+        "tokens": names,
+        "types": [_token_type(i, tokens, added, sentencepiece, tokenizer.unk_token_id) for i in range(vocab_size)],
         "add_bos": tokenizer.bos_token_id is not None and with_specials[:1] == [tokenizer.bos_token_id],
         "ids": {name: getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "unk", "pad")},
         "chat_template": getattr(tokenizer, "chat_template", None),
@@ -264,7 +264,7 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     if kind == "gpt2":
         fields["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     else:
-        fields["scores"] = _merge_scores(spec, full)
+        fields["scores"] = _merge_scores(spec, names)
         fields["add_space_prefix"] = _prepends_space(spec)
     return fields
 
@@ -385,10 +385,11 @@ def head_count_problem(cfg: ModelConfig) -> str | None:
             f"{heads_text(counts)} key/value heads (convert with a uniform layout, e.g. --method gqa, to run it "
             "in llama.cpp)"
         )
-    if cfg.qk_norm == "full" and serving_layout_problem(cfg) is not None:
+    layout = serving_layout_problem(cfg) if cfg.qk_norm == "full" else None
+    if layout is not None:
         return (
-            f"{serving_layout_problem(cfg)}; duplicating key heads (--pad) would change what a norm over the "
-            f"whole key projection ({cfg.family}) divides by"
+            f"{layout}; duplicating key heads (--pad) would change what a norm over the whole key projection "
+            f"({cfg.family}) divides by"
         )
     return None
 

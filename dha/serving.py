@@ -35,7 +35,7 @@ import torch
 from .errors import UserError
 from .model import ModelConfig, Transformer
 from .summary import kv_summary
-from .transforms import build, heads, select_norm_heads, state_dict_of, unheads, with_maps
+from .transforms import build, heads, select_heads, select_norm_heads, state_dict_of, unheads, with_maps
 
 # Permuting query heads changes the order of fp32 sums only: dha.export measured 1.9e-4 on
 # SmolLM2-135M (logits up to ~34) with every layer reordered; a wrong permutation moves logits by O(1).
@@ -114,9 +114,7 @@ def to_serving(model: Transformer, pad: bool = False) -> tuple[Transformer, list
             raise ValueError(f"layer {l}: {e}") from None
         prefix = f"layers.{l}.attn"
         for name, rows in (("q_proj", layout.perm), ("k_proj", layout.key_source), ("v_proj", layout.value_source)):
-            for suffix in ("weight", "bias"):
-                if f"{prefix}.{name}.{suffix}" in sd:
-                    sd[f"{prefix}.{name}.{suffix}"] = unheads(heads(sd[f"{prefix}.{name}.{suffix}"], hd)[rows])
+            select_heads(sd, f"{prefix}.{name}", hd, rows)
         select_norm_heads(sd, cfg, f"{prefix}.q_norm.weight", layout.perm)  # qk-norm weights follow their heads
         select_norm_heads(sd, cfg, f"{prefix}.k_norm.weight", layout.key_source)
         w_o = sd[f"{prefix}.o_proj.weight"]  # (D, H*hd): columns are query heads

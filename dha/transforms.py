@@ -71,7 +71,8 @@ def with_maps(cfg: ModelConfig, key_index, value_index) -> ModelConfig:
     return new
 
 
-def _select_heads(sd, prefix: str, hd: int, rows: list[int]) -> None:
+def select_heads(sd, prefix: str, hd: int, rows: list[int]) -> None:
+    """The projection `prefix` (weight, and bias if any) keeps, in order, its heads `rows`."""
     for suffix in ("weight", "bias"):
         key = f"{prefix}.{suffix}"
         if key in sd:
@@ -91,8 +92,8 @@ def expand_to_mha(model: Transformer) -> Transformer:
     """Each query head gets its own key and value head: an exactly equivalent MHA model."""
     cfg, sd, hd = model.config, state_dict_of(model), model.config.head_dim
     for l in range(cfg.num_layers):
-        _select_heads(sd, f"layers.{l}.attn.k_proj", hd, cfg.key_index[l])
-        _select_heads(sd, f"layers.{l}.attn.v_proj", hd, cfg.value_index[l])
+        select_heads(sd, f"layers.{l}.attn.k_proj", hd, cfg.key_index[l])
+        select_heads(sd, f"layers.{l}.attn.v_proj", hd, cfg.value_index[l])
         # a norm over the whole key projection keeps the layer's RMS when every key head gets as many copies
         if cfg.qk_norm == "full" and len(set(Counter(cfg.key_index[l]).values())) > 1:
             raise ValueError(
@@ -111,7 +112,7 @@ def permute_query_heads(model: Transformer, perms: list[list[int]]) -> Transform
     for l, perm in enumerate(perms):
         if sorted(perm) != list(range(cfg.num_heads)):
             raise ValueError(f"layer {l}: {perm} is not a permutation of {cfg.num_heads} query heads")
-        _select_heads(sd, f"layers.{l}.attn.q_proj", hd, perm)
+        select_heads(sd, f"layers.{l}.attn.q_proj", hd, perm)
         select_norm_heads(sd, cfg, f"layers.{l}.attn.q_norm.weight", perm)
         w_o = sd[f"layers.{l}.attn.o_proj.weight"]  # (D, H*hd): columns are heads
         sd[f"layers.{l}.attn.o_proj.weight"] = unheads(heads(w_o.T, hd)[perm]).T.contiguous()
