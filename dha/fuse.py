@@ -233,8 +233,8 @@ class FusedModel(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
-        return self.model(input_ids, cache)
+    def forward(self, input_ids: torch.Tensor, cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, cache, positions=positions)
 
     def new_cache(self, batch_size: int, max_len: int):
         return self.model.new_cache(batch_size, max_len)

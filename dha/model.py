@@ -718,8 +718,10 @@ class Transformer(nn.Module):
         return rope
 
     def _rope_tables(self, inv_freq: torch.Tensor, s: float, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
-        freqs = positions[:, None].float() * inv_freq[None, :]  # (T, r/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, r)
+        freqs = positions[..., None].float() * inv_freq  # (T, r/2), or (B, T, r/2) for per-row positions
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, r) or (B, T, r)
+        if emb.dim() == 3:
+            emb = emb[:, None]  # (B, 1, T, r): the same positions for every head of a row
         if self.config.rope_in_float32:
             return Rope(emb.cos() * s, emb.sin() * s, self.config.rotary_dim, in_float32=True)
         return Rope((emb.cos() * s).to(dtype), (emb.sin() * s).to(dtype), self.config.rotary_dim)
@@ -731,23 +733,41 @@ class Transformer(nn.Module):
         window = self.config.sliding_window if self.config.local_layers is None else None
         return causal_window_mask(start, T, S, window, device)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V). With a cache, the tokens continue what it holds.
 
         last_only: logits of the last position only, (B, 1, V), as generation needs; a prefill then
-        skips the (B, T, V) logits, often its largest tensor."""
-        return self.logits(self.features(input_ids, cache, last_only))
+        skips the (B, T, V) logits, often its largest tensor.
+        positions: (B, T) increasing position ids of each row, in place of 0..T-1 (training with
+        skipped positions, dha.train.skip_positions); no cache, and no sliding window (it counts
+        tokens, not positions)."""
+        return self.logits(self.features(input_ids, cache, last_only, positions))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head on final hidden states (`features`), soft-capped when the config says so."""
         out = self.lm_head(hidden)
         return out if self.config.logit_softcap is None else softcap(out, self.config.logit_softcap)
 
-    def features(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The final hidden states (B, T, D) that lm_head reads (`forward` without the lm_head)."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + T, device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device)
+        elif cache is not None or self.config.sliding_window is not None:
+            raise ValueError("explicit positions take no cache and no sliding window")
         x = self.embed(input_ids)  # (B, T, D)
         if self.config.position == "learned":
             x = x + self.pos_embed(positions + self.config.position_offset)

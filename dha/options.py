@@ -75,6 +75,10 @@ class TrainConfig:
     # "auto": on when a micro batch's activations fit the device's free memory only with it
     # (choose_checkpointing). It trades one more forward pass of the blocks for their activations.
     activation_checkpointing: str = "auto"
+    # Skipped positions (positional skip-wise training, PoSE): each row's positions spread over this
+    # many, so that rows of block_size tokens teach attention over distances up to position_span
+    # (dha.train.skip_positions); 0: positions 0..block_size-1.
+    position_span: int = 0
 
     def validate(self) -> None:
         checks = [
@@ -95,6 +99,11 @@ class TrainConfig:
             ),
             (self.eval_every >= 0 and self.save_every >= 0, "eval every / save every must be >= 0"),
             (self.eval_tokens >= 1, f"eval tokens must be at least 1, got {self.eval_tokens}"),
+            (
+                self.position_span == 0 or self.position_span > self.block_size,
+                f"position span must be 0 (off) or more than the block size ({self.block_size}), "
+                f"got {self.position_span}",
+            ),
             (self.keep_checkpoints >= 1, f"keep checkpoints must be at least 1, got {self.keep_checkpoints}"),
             (0.0 <= self.distill_weight <= 1.0, f"distill weight must be in [0, 1], got {self.distill_weight}"),
             (self.distill_temperature > 0, f"distill temperature must be > 0, got {self.distill_temperature}"),

@@ -24,6 +24,14 @@ Data order: the training rows are visited in epochs; epoch e is a permutation of
 from a generator seeded by (seed, e). The data position (rows consumed) is an integer saved in
 every checkpoint, so a resumed run reads exactly the rows the uninterrupted run would have.
 
+Skipped positions (`position_span`, PoSE: Zhu et al. 2024, "PoSE: Efficient Context Window
+Extension of LLMs via Positional Skip-wise Training"): each row is cut in two at a random point and
+the second part's positions jump forward by a random skip, so that a row of W tokens has positions
+spread over up to `position_span`. Attention then sees distances up to the span at the cost of
+W-token rows. The cut and the skip are drawn from the row's data position (`skip_positions`), so a
+resumed run, and any split over processes and micro batches, sees the same positions; the teacher
+reads the same positions as the student.
+
 Hooks for the fusion stage (plain functions, see `Hooks`): an extra loss term computed from the
 model, optimizer parameter groups with their own learning rates, and `on_step_end`. A group may
 have a NEGATIVE learning rate: gradient ascent, for Lagrange multipliers in augmented-Lagrangian
@@ -266,6 +274,37 @@ def rows_at(num_rows: int, seed: int, start: int, count: int) -> Tensor:
         out.append(epoch_order(num_rows, seed, epoch)[offset : offset + take])
         position += take
     return torch.cat(out)
+
+
+def skip_positions(width: int, span: int, seed: int, data_positions: Tensor) -> Tensor:
+    """(len(data_positions), width) position ids for rows at these data positions (module doc,
+    "Skipped positions"): 0..c-1, then c+s..width-1+s, with the cut c in [1, width-1] and the skip
+    s in [0, span-width], drawn from a generator seeded by (seed, data position). The largest
+    position is at most span-1."""
+    out = torch.empty(len(data_positions), width, dtype=torch.long)
+    base = torch.arange(width)
+    for i, p in enumerate(data_positions.tolist()):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * p + 1)
+        cut = int(torch.randint(1, width, (1,), generator=g))
+        skip = int(torch.randint(0, span - width + 1, (1,), generator=g))
+        out[i] = torch.where(base < cut, base, base + skip)
+    return out
+
+
+def check_position_span(span: int, mc, width: int) -> None:
+    """Refuse a position span (TrainConfig.position_span; 0: off) that rows of `width` tokens or the
+    model of ModelConfig `mc` cannot take."""
+    if not span:
+        return
+    if span <= width:
+        raise UserError(f"--position-span {span} must exceed the training rows' {width} tokens")
+    if span > mc.max_position_embeddings:
+        raise UserError(f"--position-span {span} is beyond the model's {mc.max_position_embeddings} positions")
+    if mc.sliding_window is not None:
+        raise UserError(
+            f"--position-span: the model attends within a sliding window of {mc.sliding_window} tokens, "
+            "which counts tokens, not positions; train it on rows as long as the context instead"
+        )
 
 
 @dataclass
@@ -652,6 +691,7 @@ class _Run:
         self.rows = as_blocks(data, cfg.block_size, "training")
         self.heldout = as_blocks(heldout, cfg.block_size, "held-out") if heldout is not None else None
         self.shape = step_shape(cfg, self.rows.shape[1], d.world)
+        check_position_span(cfg.position_span, model.config, self.shape.width)
         self.identity = run_identity(cfg, model, run_info)
         if out_dir is not None and not rundir.check(
             out_dir, self.identity, resume is not None, resumable=RESUMABLE_CHANGES, added=_added()
@@ -760,7 +800,7 @@ class _Run:
             g["lr"] = abs(g["peak_lr"]) * factor
         start = cfg.data_start + (self.step - 1) * shape.rows + d.rank * self.per_rank
         my_rows = self.rows[rows_at(self.rows.shape[0], cfg.seed, start, self.per_rank)]  # (per_rank, width)
-        sums, extra_value, extra_scalars = self._accumulate(my_rows)
+        sums, extra_value, extra_scalars = self._accumulate(my_rows, start)
         grad_norm = self._update()
         _all_sum(sums, d)
         lm = (sums[0] / self.predicted).item()  # waits for the step's queued work (CUDA is asynchronous): it is timed
@@ -771,9 +811,10 @@ class _Run:
         self.log(record)
         return record
 
-    def _accumulate(self, my_rows: Tensor) -> tuple[Tensor, float, dict]:
+    def _accumulate(self, my_rows: Tensor, start: int) -> tuple[Tensor, float, dict]:
         """Forward and backward of every micro batch, gradients accumulated (reduced across ranks on
-        the last only). Returns the (LM, KD) loss sums and the hook's extra term and scalars."""
+        the last only); `start` is the data position of my_rows[0]. Returns the (LM, KD) loss sums
+        and the hook's extra term and scalars."""
         sums = torch.zeros(2, dtype=torch.float64, device=self.d.device)  # LM and KD loss sums
         extra_value, extra_scalars = 0.0, {}
         starts = list(range(0, self.per_rank, self.micro))
@@ -784,8 +825,13 @@ class _Run:
             ctx = self.wrapped.no_sync() if not sync else contextlib.nullcontext()
             if self.fsdp:
                 self.module.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last micro batch only
+            positions = None
+            if self.cfg.position_span:
+                where = torch.arange(start + s, start + s + batch.shape[0])
+                positions = skip_positions(batch.shape[1] - 1, self.cfg.position_span, self.cfg.seed, where)
+                positions = positions.to(self.d.device, non_blocking=True)
             with ctx:
-                loss = self._micro_batch_loss(batch, sums)
+                loss = self._micro_batch_loss(batch, sums, positions)
                 if last and self.hooks.extra_loss is not None:
                     term, extra_scalars = self.hooks.extra_loss(self.module, self.step)
                     loss = loss + term
@@ -793,18 +839,19 @@ class _Run:
                 loss.backward()
         return sums, extra_value, extra_scalars
 
-    def _micro_batch_loss(self, batch: Tensor, sums: Tensor) -> Tensor:
+    def _micro_batch_loss(self, batch: Tensor, sums: Tensor, positions: Tensor | None = None) -> Tensor:
         """The micro batch's objective sum, scaled to its share of the global mean; adds its LM
-        (and KD) sums to `sums`."""
+        (and KD) sums to `sums`. positions: the inputs' skipped positions (None: 0..W-2)."""
         cfg, device = self.cfg, self.d.device
         inputs, targets = batch[:, :-1], batch[:, 1:]
+        at = {} if positions is None else {"positions": positions}
         with _autocast(device, self.dtype):
-            logits = self.wrapped(inputs)
+            logits = self.wrapped(inputs, **at)
         lm_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
         objective_sum = lm_sum
         if cfg.distill:
             with torch.no_grad(), _autocast(device, self.dtype):
-                teacher_logits = self.teacher(inputs)
+                teacher_logits = self.teacher(inputs, **at)
             kd_sum = distill_loss_sum(logits, teacher_logits, cfg.distill_temperature)
             objective_sum = (1 - cfg.distill_weight) * lm_sum + cfg.distill_weight * kd_sum
             sums[1] += kd_sum.detach().double()

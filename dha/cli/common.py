@@ -228,6 +228,16 @@ TRAINING_OPTIONS: tuple[tuple[str, dict], ...] = (
             "auto: on when a micro batch fits the device's free memory only with it (default auto)",
         ),
     ),
+    (
+        "position_span",
+        dict(
+            type=int,
+            default=TRAIN_DEFAULTS.position_span,
+            help="spread each training row's positions over N (PoSE: the row is cut in two and the second "
+            "part's positions skip ahead), so rows of --block-size tokens teach attention over distances up "
+            "to N; at most the model's positions, 0 = off (default 0)",
+        ),
+    ),
     ("resume", dict(default=None, help="continue the run in this directory (its newest checkpoint)")),
     ("no_progress", dict(action="store_true", help="no progress bar")),
 )
@@ -260,6 +270,11 @@ def train_config_from_args(args, tokens: int | None = None):
         values["dtype"] = args.train_dtype
     cfg = TrainConfig(tokens=args.tokens if tokens is None else max(1, tokens), **values)
     cfg.validate()
+    if cfg.position_span and getattr(args, "resume", None) is None:  # before the model loads
+        from ..checkpoint import source_shape
+        from ..train import check_position_span
+
+        check_position_span(cfg.position_span, source_shape(args.source)[0], cfg.block_size)
     return cfg
 
 
