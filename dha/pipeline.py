@@ -379,6 +379,7 @@ def run_description(
         "merge": config.merge,
         "retrieval_heads": config.retrieval_heads,
         "calibration_tokens": int(calib.numel()),
+        "calibration_block_size": int(calib.shape[-1]),
         "processes": processes,
     }
 

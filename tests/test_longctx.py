@@ -122,8 +122,14 @@ def test_convert_context_is_refused_past_the_positions_and_beside_the_block_flag
     assert main(base + ["--context", "512"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["dha: error: --context 512 is beyond the source's 256 positions"]
-    assert main(base + ["--context", "128", "--calib-block-size", "64"]) == 2
-    assert "give one of them" in capsys.readouterr().err
+    context_conflicts = {
+        ("--calib-block-size", "64"): "--context sets --calib-block-size",
+        ("--tokens", "256", "--position-span", "200"): "--context sets --position-span",
+        ("--tokens", "256", "--block-size", "128"): "--block-size 128 is not shorter than --context 128",
+    }
+    for extra, why in context_conflicts.items():
+        assert main(base + ["--context", "128", *extra]) == 2
+        assert why in capsys.readouterr().err
     refused = {
         ("--retrieval", "512"): "beyond the source's 256 positions",
         ("--retrieval-heads", "2", "--search", "learned"): "not with --search learned",
@@ -214,6 +220,25 @@ def test_convert_context_sets_calibration_training_rows_and_free_pairs(cli_setup
     assert [r["retrieval"]["prompts_per_length"] for r in summary["results"]] == [10, 10, 10]
     report = (out / "report.md").read_text()
     assert "perplexity by position" in report and "passkey retrieval (10 prompts per length" in report
+
+
+def test_convert_context_with_shorter_rows_spreads_their_positions(cli_setup):
+    """--context 64 --block-size 16: calibration blocks and training rows of 16 tokens whose
+    positions span 64 (--position-span), pairs and the report's window for 64 tokens."""
+    import json
+
+    from dha.cli import main
+
+    src, data, tmp = cli_setup
+    out = tmp / "pose"
+    argv = ["convert", src, "--method", "dha", "--kv-budget", "0.5", "--data", data, "--context", "64"]
+    argv += ["--block-size", "16", "--tokens", "64", "--batch-tokens", "32", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    train = summary["train"]
+    assert (train["block_size"], train["position_span"], train["batch_tokens"], train["micro_batch"]) == (16, 64, 32, 1)
+    assert summary["calibration_block_size"] == 16 and summary["search"]["free_context"] == 64
+    assert [r["by_position"]["window"] for r in summary["results"]] == [64, 64, 64]
 
 
 def test_needle_attention_equals_transformers_attention_probabilities():

@@ -79,9 +79,10 @@ def add_convert(sub) -> None:
         default=None,
         metavar="N",
         help="the context the conversion keeps: calibration blocks and training (and distillation) rows of N "
-        "tokens; dha: position-free key pairs chosen for N tokens (--free-pairs), and the report's "
-        "perplexity by position over N-token windows (default: 256-token blocks and rows, pairs for "
-        "2,048 tokens; docs/longcontext.md)",
+        "tokens (with --block-size W < N: blocks and rows of W tokens whose positions spread over N, PoSE); "
+        "dha: position-free key pairs chosen for N tokens (--free-pairs), and the report's perplexity by "
+        "position over N-token windows (default: 256-token blocks and rows, pairs for the source's "
+        "positions; docs/longcontext.md)",
     )
     add_json_option(p)
     add_dha_options(p)  # --method dha: search, fusion, training options (dha.pipeline)
@@ -209,9 +210,10 @@ def check_convert_options_used(args, tokens: int) -> None:
 
 
 def apply_context(args, tokens: int) -> None:
-    """--context N: refused past the source's positions or when an N-token training row cannot fit
-    even with activation checkpointing (before any work); else it sets the calibration block,
-    the training row and the batch (at least one row) to N tokens."""
+    """--context N: refused past the source's positions or when a training row cannot fit even
+    with activation checkpointing (before any work); else it sets the calibration blocks, the
+    training rows and the batch (at least one row) to N tokens. With --block-size W shorter than N,
+    blocks and rows are W tokens and the rows' positions spread over N (--position-span N: PoSE)."""
     n = args.context
     if n is None:
         return
@@ -226,32 +228,45 @@ def apply_context(args, tokens: int) -> None:
         raise UserError(f"--context must be at least 2 tokens, got {n}")
     if n > cfg.max_position_embeddings:
         raise UserError(f"--context {n} is beyond the source's {cfg.max_position_embeddings} positions")
-    for dest in ("calib_block_size", "block_size"):
+    for dest in ("calib_block_size", "position_span"):
         if dest in args.given:
-            raise UserError(f"--context sets --{dest.replace('_', '-')} to {n}: give one of them")
-    args.calib_block_size = n
-    args.calib_tokens = max(args.calib_tokens, n)
+            raise UserError(
+                f"--context sets --{dest.replace('_', '-')}: give --context N alone, or with --block-size W "
+                "for blocks and rows of W tokens whose positions spread over N"
+            )
+    rows = n
+    if "block_size" in args.given:  # (without --tokens it was refused as unused)
+        if args.block_size >= n:
+            raise UserError(
+                f"--block-size {args.block_size} is not shorter than --context {n}: give --context alone "
+                f"for rows of {n} tokens"
+            )
+        rows, args.position_span = args.block_size, n
+    args.calib_block_size = rows
+    args.calib_tokens = max(args.calib_tokens, rows)
     if tokens:
-        args.block_size, args.batch_tokens = n, max(args.batch_tokens, n)
+        args.block_size, args.batch_tokens = rows, max(args.batch_tokens, rows)
         if "micro_batch" not in args.given:
             args.micro_batch = 1  # long rows: one at a time, gradients accumulated
-        check_context_fits(args, cfg, n)
+        check_context_fits(args, cfg, rows)
 
 
-def check_context_fits(args, cfg, n: int) -> None:
-    """Refuse --context N when one micro batch of N-token rows cannot train on --device even with
-    activation checkpointing (dha.memory.training_fit: float32 weights, gradients, AdamW, activations)."""
+def check_context_fits(args, cfg, rows: int) -> None:
+    """Refuse --context when one micro batch of training rows (`rows` tokens) cannot train on
+    --device even with activation checkpointing (dha.memory.training_fit: float32 weights,
+    gradients, AdamW, activations)."""
     import torch
 
     from ..memory import GiB, training_fit
 
     distill = args.distill if args.distill is not None else args.method == "dha"
-    fit = training_fit(cfg, torch.float32, n, args.micro_batch, torch.device(args.device), distill=distill)
+    fit = training_fit(cfg, torch.float32, rows, args.micro_batch, torch.device(args.device), distill=distill)
     if not fit.fits_with:
         raise UserError(
-            f"--context {n}: training rows of {n} tokens ({args.micro_batch} per micro batch) need about "
-            f"{fit.with_checkpointing / GiB:.1f} GiB even with activation checkpointing; "
-            f"{args.device} has {fit.free / GiB:.1f} GiB free: lower --context or --micro-batch"
+            f"--context {args.context}: training rows of {rows} tokens ({args.micro_batch} per micro batch) need "
+            f"about {fit.with_checkpointing / GiB:.1f} GiB even with activation checkpointing; "
+            f"{args.device} has {fit.free / GiB:.1f} GiB free: lower --micro-batch, or train on shorter rows "
+            "whose positions still span the context (--block-size W)"
         )
 
 
