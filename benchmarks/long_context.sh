@@ -57,6 +57,18 @@ if [[ $part == convert || $part == all ]]; then
   long="--distill --teacher smollm2-135m --block-size 8192 --batch-tokens 8192 --micro-batch 1 --tokens 49152 --seed 1"
   python -m dha train $runs/pv2k_fp0_98k $long --lr 7.5e-5 --no-progress --out $runs/pv2k_then8k
   python -m dha train $runs/pv8k_fp0_98k $long --lr 1e-4 --no-progress --out $runs/pv8k_more
+  # skipped positions (PoSE): rows of 2,048 tokens whose positions spread over 8,192 (--context 8192
+  # --block-size 2048), the demo's budget (two seeds) and 4x; rows of 256 tokens (the demo's) spread
+  # over 8,192; the control: the source trained the same way, no distillation
+  pose="--plan $runs/dha0_pv_fp0/plan.json --free-pairs 0 --context 8192 --block-size 2048 --calib-tokens 4096 --batch-tokens 2048"
+  for seed in 0 1; do
+    python -m dha convert --method dha $pose --tokens 24576 --seed $seed --no-progress --out $runs/pose2k_24k_s$seed
+  done
+  python -m dha convert --method dha $pose --tokens 98304 --no-progress --out $runs/pose2k_98k
+  python -m dha convert --method dha --plan $runs/dha0_pv_fp0/plan.json --free-pairs 0 --tokens 24576 --batch-tokens 1024 \
+    --position-span 8192 --no-progress --out $runs/pose256_24k
+  python -m dha train smollm2-135m --block-size 2048 --batch-tokens 2048 --micro-batch 1 --tokens 24576 --position-span 8192 \
+    --no-progress --out $runs/control_pose2k
   # 1/3 of the cache: one key and one value head per layer, so no head can be kept out of the merges;
   # no training, and the demo's budget on rows of 2,048 with no position-free pairs
   python -m dha convert --method dha --kv-budget 0.3334 --tokens 0 --no-progress --out $runs/third0
@@ -89,6 +101,10 @@ if [[ $part == eval || $part == all ]]; then
     --lengths 2048,4096,8192 --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   python -m dha eval $runs/pv2k_fp0_98k --compare $runs/pv2k_then8k $runs/pv8k_fp0_98k $runs/pv8k_more \
     --max-eval-tokens 16384 --batch-sizes 1 --new-tokens 4 --repeats 1  # 512-token windows of held-out pydoc
+  for m in pose2k_24k_s0 pose2k_24k_s1 pose2k_98k pose256_24k control_pose2k; do
+    python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths 2048,4096,8192 \
+      --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
+  done
   python benchmarks/long_context_lean.py $runs/third0 --data "$man" --windows 2 --lengths "" --out $res/long_context_third.jsonl
   python benchmarks/long_context_lean.py $runs/third_2k_fp0 --data "$man" --windows 2 --lengths 2048,4096,8192 \
     --per-depth 4 --far-per-depth 4 --out $res/long_context_third.jsonl

@@ -60,6 +60,17 @@ def ours_from_hf(hf_model):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models gain
+    nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning threads make
+    each step 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_pair():
     """(hf_model, our_model) for a 6-head MHA tiny LLaMA."""
     hf = tiny_llama_hf()

@@ -19,13 +19,7 @@ from dha.train import rows_at, skip_positions, train
 from tests.conftest import ours_from_hf, random_ids, text_file, tiny_llama_hf
 from tests.test_train import tiny_source
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_skip_positions_layout():
