@@ -212,6 +212,25 @@ def test_learned_search_and_lagrangian_fusion_on_cuda(setup):
     assert on_cuda(merged)
 
 
+def test_skipped_positions_train_on_cuda_as_on_the_cpu():
+    """--position-span on the GPU: the first step's loss and distillation loss (teacher reading the
+    same positions) equal the CPU's within 1e-4 (float32, different kernels)."""
+    from dha.options import TrainConfig
+    from dha.train import train
+
+    hf = tiny_llama_hf()
+    rows = random_ids(batch=8, length=17, seed=2)
+    first = {}
+    for device in ("cpu", "cuda:0"):
+        cfg = TrainConfig(
+            tokens=68, block_size=17, batch_tokens=68, micro_batch=2, lr=0.0, dtype="float32", eval_every=0,
+            position_span=96, distill=True, device=device,
+        )  # fmt: skip
+        first[device] = train(ours_from_hf(hf), rows, None, cfg, progress=False).history[0]
+    for key in ("loss", "distill_loss"):
+        assert abs(first["cpu"][key] - first["cuda:0"][key]) < 1e-4, key
+
+
 # ---- --offload: the model in CPU memory, one layer at a time on the GPU ------------------------------
 
 
