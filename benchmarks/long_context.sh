@@ -69,6 +69,9 @@ if [[ $part == convert || $part == all ]]; then
     --position-span 8192 --no-progress --out $runs/pose256_24k
   python -m dha train smollm2-135m --block-size 2048 --batch-tokens 2048 --micro-batch 1 --tokens 24576 --position-span 8192 \
     --no-progress --out $runs/control_pose2k
+  # 98,304 more distilled tokens on the same rows and positions (196,608 in all)
+  python -m dha train $runs/pose2k_98k --distill --teacher smollm2-135m --block-size 2048 --batch-tokens 2048 --micro-batch 1 \
+    --position-span 8192 --tokens 98304 --seed 1 --lr 1e-4 --no-progress --out $runs/pose2k_196k
   # 1/3 of the cache: one key and one value head per layer, so no head can be kept out of the merges;
   # no training, and the demo's budget on rows of 2,048 with no position-free pairs
   python -m dha convert --method dha --kv-budget 0.3334 --tokens 0 --no-progress --out $runs/third0
@@ -101,10 +104,12 @@ if [[ $part == eval || $part == all ]]; then
     --lengths 2048,4096,8192 --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   python -m dha eval $runs/pv2k_fp0_98k --compare $runs/pv2k_then8k $runs/pv8k_fp0_98k $runs/pv8k_more \
     --max-eval-tokens 16384 --batch-sizes 1 --new-tokens 4 --repeats 1  # 512-token windows of held-out pydoc
-  for m in pose2k_24k_s0 pose2k_24k_s1 pose2k_98k pose256_24k control_pose2k; do
+  for m in pose2k_24k_s0 pose2k_24k_s1 pose2k_98k pose2k_196k pose256_24k control_pose2k; do
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths 2048,4096,8192 \
       --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   done
+  python benchmarks/plot_long_context.py $res/long_context_half_20.jsonl --out docs/images \
+    --retrieval smollm2-135m,pv2k_fp0_98k,pose2k_98k,pv8k_fp0_98k,control2k_98k
   python benchmarks/long_context_lean.py $runs/third0 --data "$man" --windows 2 --lengths "" --out $res/long_context_third.jsonl
   python benchmarks/long_context_lean.py $runs/third_2k_fp0 --data "$man" --windows 2 --lengths 2048,4096,8192 \
     --per-depth 4 --far-per-depth 4 --out $res/long_context_third.jsonl

@@ -6,6 +6,8 @@ the ratio in each position bucket, the 4k-8k ratio over the 0-1k one (both as ra
 source), and passkeys found per length.
 
     python benchmarks/plot_long_context.py benchmarks/results/long_context_half.jsonl --out docs/images
+    python benchmarks/plot_long_context.py benchmarks/results/long_context_half_20.jsonl --out docs/images \
+        --retrieval smollm2-135m,pv2k_fp0_98k,pose2k_98k,pv8k_fp0_98k,control2k_98k   # passkey heatmaps
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dha.plots import plot_position_ratio  # noqa: E402
+from dha.plots import plot_position_ratio, plot_retrieval  # noqa: E402
 
 
 def read(paths: list[str]) -> dict[str, dict]:
@@ -40,6 +42,13 @@ def found(grids: list[dict]) -> dict[str, str]:
     return {
         str(g["lengths"][0]): f"{g['found_per_length'][str(g['lengths'][0])]}/{g['prompts_per_length']}" for g in grids
     }
+
+
+def merged_grid(grids: list[dict]) -> dict:
+    """One model's per-length passkey records as one grid (lengths ascending), as plot_retrieval reads it."""
+    grids = sorted(grids, key=lambda g: g["lengths"][0])
+    found = {str(g["lengths"][0]): g["found"][str(g["lengths"][0])] for g in grids}
+    return {**grids[0], "lengths": [g["lengths"][0] for g in grids], "found": found}
 
 
 def bucket_nll(model: dict, start: int, end: int) -> float:
@@ -77,8 +86,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", help="long_context_lean.py outputs; the first model is the reference")
     p.add_argument("--out", default="docs/images")
+    p.add_argument(
+        "--retrieval",
+        default=None,
+        metavar="NAMES",
+        help="only draw these models' passkey grids side by side (comma-separated run directory names) in "
+        "long_context_retrieval.png",
+    )
     args = p.parse_args(argv)
     read_models = read(args.files)
+    if args.retrieval:
+        chosen = args.retrieval.split(",")
+        missing = [n for n in chosen if "retrieval" not in read_models.get(n, {})]
+        if missing:
+            p.error(f"no passkey records for {', '.join(missing)}")
+        grids = [merged_grid(read_models[n]["retrieval"]) for n in chosen]
+        plot_retrieval(chosen, grids, os.path.join(args.out, "long_context_retrieval.png"))
+        return 0
     names = [n for n, m in read_models.items() if "by_position" in m]
     models = [read_models[n] for n in names]
     plot_position_ratio(
