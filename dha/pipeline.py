@@ -91,6 +91,7 @@ class DHAConfig:
     retrieval: object = None  # dha.longctx.RetrievalOptions: the report's passkey grid (None: none)
     retrieval_heads: int = 0  # key heads that attend most to a passkey needle, kept unmerged (dha.longctx)
     protect_values: bool = False  # ... and the value heads of the same index
+    retrieval_length: int = 2048  # tokens of the passkey prompts that find them (capped at the source's positions)
 
     def validate(self) -> None:
         if not 0.0 <= self.fusion_fraction <= 1.0:
@@ -101,6 +102,8 @@ class DHAConfig:
             raise UserError(f"--merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
         if self.retrieval_heads < 0:
             raise UserError(f"--retrieval-heads must be >= 0, got {self.retrieval_heads}")
+        if self.retrieval_length < 64:
+            raise UserError(f"--retrieval-length must be at least 64 tokens, got {self.retrieval_length}")
         if self.calib_tokens < 1 or self.calib_block_size < 1:
             raise UserError("calibration tokens and block size must be positive")
         if self.device is not None and self.tokens:
@@ -197,12 +200,12 @@ class DHAResult:
 def protected_heads(source, tokenizer, config: DHAConfig, log_progress) -> list:
     """(layer, kind, head) of the `config.retrieval_heads` strongest retrieval key heads (and their
     value heads with `protect_values`), from the source's attention on passkey prompts of
-    min(2,048, its positions) tokens."""
+    `config.retrieval_length` tokens (at most its positions)."""
     if not config.retrieval_heads:
         return []
     if tokenizer is None:
         raise UserError("--retrieval-heads needs the source's tokenizer (it builds passkey prompts)")
-    length = min(2048, source.config.max_position_embeddings)
+    length = min(config.retrieval_length, source.config.max_position_embeddings)
     log_progress(f"retrieval heads: attention on the needle of 5 passkey prompts of {length} tokens")
     heads = retrieval_key_heads(
         source, needle_attention(source, tokenizer, length, progress=False), config.retrieval_heads
@@ -378,6 +381,7 @@ def run_description(
         "fusion_fraction": config.fusion_fraction,
         "merge": config.merge,
         "retrieval_heads": config.retrieval_heads,
+        "retrieval_length": config.retrieval_length if config.retrieval_heads else None,
         "calibration_tokens": int(calib.numel()),
         "calibration_block_size": int(calib.shape[-1]),
         "processes": processes,

@@ -134,6 +134,8 @@ def test_convert_context_is_refused_past_the_positions_and_beside_the_block_flag
         ("--retrieval", "512"): "beyond the source's 256 positions",
         ("--retrieval-heads", "2", "--search", "learned"): "not with --search learned",
         ("--protect-values",): "give N too",
+        ("--retrieval-length", "128"): "--retrieval-length sets the prompts that find --retrieval-heads N: give N too",
+        ("--retrieval-heads", "2", "--retrieval-length", "512"): "--retrieval-length 512 is beyond the source's 256",
     }
     for extra, why in refused.items():
         assert main(base + list(extra)) == 2
@@ -260,6 +262,22 @@ def test_needle_attention_equals_transformers_attention_probabilities():
             reference[l] += a[0, :, -1, span].sum(-1).double() / 2
     assert torch.allclose(got, reference, atol=1e-5, rtol=0)
     assert got.max() > 1e-3  # the needle is read at all (a mass of 0 everywhere would pass trivially)
+
+
+def test_retrieval_heads_are_found_on_prompts_of_the_retrieval_length():
+    """--retrieval-length L: the source reads 5 passkey prompts of L tokens (capped at its positions)."""
+    from dha.pipeline import DHAConfig, protected_heads
+
+    tok = byte_bpe_tokenizer(digits=True)
+    ours = ours_from_hf(tiny_llama_hf(num_heads=6, num_kv_heads=2, vocab_size=len(tok), max_position_embeddings=1024))
+    lengths = []
+    ours.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    for asked, read in ((300, 300), (4096, 1024)):
+        lengths.clear()
+        config = DHAConfig(kv_budget=0.5, retrieval_heads=2, protect_values=True, retrieval_length=asked)
+        heads = protected_heads(ours, tok, config, log_progress=lambda line: None)
+        assert len(lengths) == 5 and all(read - 32 < n <= read for n in lengths), lengths  # filler in whole sentences
+        assert len(heads) == 4 and {kind for _, kind, _ in heads} == {"key", "value"}
 
 
 def test_eval_cli_prints_long_context_tables_writes_plots_and_json(cli_setup, capsys):

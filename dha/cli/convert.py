@@ -139,6 +139,7 @@ DHA_OPTIONS = (
     "retrieval",
     "retrieval_heads",
     "protect_values",
+    "retrieval_length",
     "search",
     "sensitivity",
     "allocation",
@@ -157,7 +158,16 @@ DHA_OPTIONS = (
 )
 
 
-SEARCH_OPTIONS = ("search", "sensitivity", "allocation", "coupled_kv", "layout", "retrieval_heads", "protect_values")
+SEARCH_OPTIONS = (
+    "search",
+    "sensitivity",
+    "allocation",
+    "coupled_kv",
+    "layout",
+    "retrieval_heads",
+    "protect_values",
+    "retrieval_length",
+)
 CALIBRATION_OPTIONS = ("data", "text_field", "heldout_fraction", "calib_tokens", "calib_block_size")
 
 

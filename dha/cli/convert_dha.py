@@ -153,6 +153,14 @@ def add_retrieval_options(g) -> None:
         "--protect-values", action="store_true", help="--retrieval-heads: keep their value heads unmerged too"
     )
     g.add_argument(
+        "--retrieval-length",
+        type=int,
+        default=2048,
+        metavar="L",
+        help="--retrieval-heads: the passkey prompts that find them are L tokens (default 2048; the heads that "
+        "reach far differ: measure them at the context you serve, e.g. 8192)",
+    )
+    g.add_argument(
         "--retrieval",
         type=int_list,
         default=None,
@@ -271,6 +279,7 @@ def dha_config_from_args(args):
         retrieval=report_retrieval(args),
         retrieval_heads=args.retrieval_heads,
         protect_values=args.protect_values,
+        retrieval_length=args.retrieval_length,
     )
     config.validate()
     split_tokens(tokens, config.fusion_fraction, train_cfg.batch_tokens, train_cfg.block_size)  # fail before loading
@@ -375,6 +384,12 @@ def report_retrieval(args):
         raise UserError("--retrieval-heads / --protect-values shape the cost search: not with --search learned")
     if args.protect_values and not args.retrieval_heads:
         raise UserError("--protect-values protects the value heads of --retrieval-heads N: give N too")
+    if "retrieval_length" in getattr(args, "given", set()):
+        if not args.retrieval_heads:
+            raise UserError("--retrieval-length sets the prompts that find --retrieval-heads N: give N too")
+        positions = source_shape(args.source)[0].max_position_embeddings
+        if args.retrieval_length > positions:
+            raise UserError(f"--retrieval-length {args.retrieval_length} is beyond the source's {positions} positions")
     if not args.retrieval:
         return None
     positions = source_shape(args.source)[0].max_position_embeddings
@@ -426,6 +441,7 @@ DHA_ADDED = {
         "long_context": 0,
         "retrieval_heads": 0,
         "protect_values": False,
+        "retrieval_length": 2048,
         "search.free_context": 2048,
         "search.protect": [],
         "fusion.target": "aligned",
