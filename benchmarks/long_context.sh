@@ -72,6 +72,13 @@ if [[ $part == convert || $part == all ]]; then
   # 98,304 more distilled tokens on the same rows and positions (196,608 in all)
   python -m dha train $runs/pose2k_98k --distill --teacher smollm2-135m --block-size 2048 --batch-tokens 2048 --micro-batch 1 \
     --position-span 8192 --tokens 98304 --seed 1 --lr 1e-4 --no-progress --out $runs/pose2k_196k
+  # 98,304 tokens: a second seed; distillation alone (--distill-weight 1: no LM loss on the training
+  # text); the retrieval heads found on passkey prompts of 8,192 tokens instead of 2,048
+  python -m dha convert --method dha $pose --tokens 98304 --seed 1 --no-progress --out $runs/pose2k_98k_s1
+  python -m dha convert --method dha $pose --tokens 98304 --distill-weight 1.0 --no-progress --out $runs/pose2k_98k_kd
+  python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --retrieval-heads 9 --protect-values --retrieval-length 8192 \
+    --free-pairs 0 --out $runs/dha0_pv8k_fp0
+  python -m dha convert --method dha ${pose/dha0_pv_fp0/dha0_pv8k_fp0} --tokens 98304 --no-progress --out $runs/pose2k_98k_rl8k
   # 1/3 of the cache: one key and one value head per layer, so no head can be kept out of the merges;
   # no training, and the demo's budget on rows of 2,048 with no position-free pairs
   python -m dha convert --method dha --kv-budget 0.3334 --tokens 0 --no-progress --out $runs/third0
@@ -104,7 +111,8 @@ if [[ $part == eval || $part == all ]]; then
     --lengths 2048,4096,8192 --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   python -m dha eval $runs/pv2k_fp0_98k --compare $runs/pv2k_then8k $runs/pv8k_fp0_98k $runs/pv8k_more \
     --max-eval-tokens 16384 --batch-sizes 1 --new-tokens 4 --repeats 1  # 512-token windows of held-out pydoc
-  for m in pose2k_24k_s0 pose2k_24k_s1 pose2k_98k pose2k_196k pose256_24k control_pose2k; do
+  for m in pose2k_24k_s0 pose2k_24k_s1 pose2k_98k pose2k_196k pose256_24k control_pose2k pose2k_98k_s1 pose2k_98k_kd \
+    pose2k_98k_rl8k; do
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths 2048,4096,8192 \
       --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   done
@@ -130,6 +138,9 @@ if [[ $part == heads || $part == all ]]; then
   # which key heads carry retrieval, and their attention on the needle after each conversion
   python benchmarks/retrieval_heads.py --length 2048 --prompts 5 --compare $runs/dha0 \
     --out $res/retrieval_heads_half.json
+  # the same on passkey prompts of 8,192 tokens, against skipped positions at 98,304 tokens
+  python benchmarks/retrieval_heads.py --length 8192 --prompts 5 --top 12 --compare $runs/pose2k_98k \
+    --out $res/retrieval_heads_half_8k.json
 fi
 if [[ $part == llama || $part == all ]]; then
   # the same measures in llama.cpp on the GGUF export, f16 and q8_0 KV caches, flash attention on
