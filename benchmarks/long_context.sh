@@ -121,6 +121,9 @@ if [[ $part == eval || $part == all ]]; then
   python benchmarks/long_context_lean.py $runs/third0 --data "$man" --windows 2 --lengths "" --out $res/long_context_third.jsonl
   python benchmarks/long_context_lean.py $runs/third_2k_fp0 --data "$man" --windows 2 --lengths 2048,4096,8192 \
     --per-depth 4 --far-per-depth 4 --out $res/long_context_third.jsonl
+  # svd at its 1/3 (the rows of 2,048 above, distilled): 20 passkeys per length
+  python benchmarks/long_context_lean.py $runs/svd2k --data "$man" --windows 0 --lengths 8192,4096,2048 \
+    --per-depth 4 --far-per-depth 4 --out $res/long_context_third.jsonl
   # one 8,192-token window of man pages (passkeys: 5 per length)
   python benchmarks/long_context_lean.py smollm2-135m --data "$man" --windows 1 --lengths 4096 --per-depth 1 \
     --out $res/long_context_half_man1.jsonl
@@ -141,6 +144,8 @@ if [[ $part == heads || $part == all ]]; then
   # the same on passkey prompts of 8,192 tokens, against skipped positions at 98,304 tokens
   python benchmarks/retrieval_heads.py --length 8192 --prompts 5 --top 12 --compare $runs/pose2k_98k \
     --out $res/retrieval_heads_half_8k.json
+  python benchmarks/retrieval_heads.py --length 8192 --prompts 5 --top 12 --compare $runs/dha0_pv_fp0 \
+    --out $res/retrieval_heads_half_8k_merge.json
 fi
 if [[ $part == llama || $part == all ]]; then
   # the same measures in llama.cpp on the GGUF export, f16 and q8_0 KV caches, flash attention on
