@@ -7,7 +7,7 @@ source), and passkeys found per length.
 
     python benchmarks/plot_long_context.py benchmarks/results/long_context_half.jsonl --out docs/images
     python benchmarks/plot_long_context.py benchmarks/results/long_context_half_20.jsonl --out docs/images \
-        --retrieval smollm2-135m,pv2k_fp0_98k,pose2k_98k,pv8k_fp0_98k,control2k_98k   # passkey heatmaps
+        --retrieval smollm2-135m,pv2k_fp0_98k,pose2k_98k,pose2k_98k_s1,pv8k_fp0_98k,control2k_98k   # passkey heatmaps
 """
 
 from __future__ import annotations
