@@ -146,6 +146,8 @@ if [[ $part == heads || $part == all ]]; then
     --out $res/retrieval_heads_half_8k.json
   python benchmarks/retrieval_heads.py --length 8192 --prompts 5 --top 12 --compare $runs/dha0_pv_fp0 \
     --out $res/retrieval_heads_half_8k_merge.json
+  python benchmarks/retrieval_heads.py --source $runs/pose2k_98k_s1 --length 8192 --prompts 5 --top 12 \
+    --out $res/retrieval_heads_half_8k_seed1.json
 fi
 if [[ $part == llama || $part == all ]]; then
   # the same measures in llama.cpp on the GGUF export, f16 and q8_0 KV caches, flash attention on
