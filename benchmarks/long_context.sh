@@ -148,6 +148,10 @@ if [[ $part == heads || $part == all ]]; then
     --out $res/retrieval_heads_half_8k_merge.json
   python benchmarks/retrieval_heads.py --source $runs/pose2k_98k_s1 --length 8192 --prompts 5 --top 12 \
     --out $res/retrieval_heads_half_8k_seed1.json
+  # a diagnostic, not a budget: the same plan with layers 14-19 left whole (0.617 of the cache), no training
+  python -m dha convert --method dha --plan $res/plan_half_whole14_19.json --free-pairs 0 --tokens 0 --out $runs/diag_whole14_19
+  python benchmarks/retrieval_heads.py --source $runs/diag_whole14_19 --length 8192 --prompts 5 --top 12 \
+    --out $res/retrieval_heads_half_8k_whole14_19.json
 fi
 if [[ $part == llama || $part == all ]]; then
   # the same measures in llama.cpp on the GGUF export, f16 and q8_0 KV caches, flash attention on
