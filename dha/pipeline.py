@@ -57,7 +57,7 @@ from .errors import UserError
 from .evaluate import perplexity
 from .families import refuse_merge_of_qk_norm
 from .fuse import FusedModel, FusionSchedule, merge
-from .longctx import needle_attention, position_report, retrieval, retrieval_key_heads
+from .longctx import RetrievalOptions, needle_attention, position_report, retrieval, retrieval_key_heads
 from .merge import aligned_merge, closed_form_merges
 from .options import DEFAULT_FUSION_FRACTION, MERGES, FusionOptions, TrainConfig
 from .plan import Plan
@@ -102,8 +102,8 @@ class DHAConfig:
             raise UserError(f"--merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
         if self.retrieval_heads < 0:
             raise UserError(f"--retrieval-heads must be >= 0, got {self.retrieval_heads}")
-        if self.retrieval_length < 64:
-            raise UserError(f"--retrieval-length must be at least 64 tokens, got {self.retrieval_length}")
+        if self.retrieval_heads:
+            RetrievalOptions(lengths=[self.retrieval_length]).validate()  # the passkey prompts' own rules
         if self.calib_tokens < 1 or self.calib_block_size < 1:
             raise UserError("calibration tokens and block size must be positive")
         if self.device is not None and self.tokens:

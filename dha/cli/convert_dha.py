@@ -384,17 +384,18 @@ def report_retrieval(args):
         raise UserError("--retrieval-heads / --protect-values shape the cost search: not with --search learned")
     if args.protect_values and not args.retrieval_heads:
         raise UserError("--protect-values protects the value heads of --retrieval-heads N: give N too")
+    lengths = {"--retrieval": max(args.retrieval)} if args.retrieval else {}  # prompts the source must hold
     if "retrieval_length" in getattr(args, "given", set()):
         if not args.retrieval_heads:
             raise UserError("--retrieval-length sets the prompts that find --retrieval-heads N: give N too")
+        lengths["--retrieval-length"] = args.retrieval_length
+    if lengths:
         positions = source_shape(args.source)[0].max_position_embeddings
-        if args.retrieval_length > positions:
-            raise UserError(f"--retrieval-length {args.retrieval_length} is beyond the source's {positions} positions")
+        for flag, n in lengths.items():
+            if n > positions:
+                raise UserError(f"{flag} {n} is beyond the source's {positions} positions")
     if not args.retrieval:
         return None
-    positions = source_shape(args.source)[0].max_position_embeddings
-    if max(args.retrieval) > positions:
-        raise UserError(f"--retrieval {max(args.retrieval)} is beyond the source's {positions} positions")
     options = RetrievalOptions(lengths=args.retrieval, per_depth=2)
     options.validate()
     return options
