@@ -117,6 +117,8 @@ class Plan:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"malformed plan: {e!r}") from None
+        if not isinstance(plan.notes, dict):
+            raise PlanError('malformed plan: "notes" must be a JSON object')
         plan.validate()
         return plan
 

@@ -519,6 +519,18 @@ def test_cli_plan_that_is_a_directory_exits_2(workspace, capsys):
     assert "is a directory" in capsys.readouterr().err
 
 
+def test_cli_plan_with_notes_that_are_not_an_object_exits_2(workspace, capsys):
+    tmp, src, data = workspace
+    assert main(["convert", src, "--method", "gqa", "--kv-budget", "0.5", "--out", str(tmp / "p")]) == 0
+    plan = json.loads((tmp / "p" / "plan.json").read_text())
+    plan["notes"] = "hand-made"
+    (tmp / "bad.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    assert main(["convert", src, "--method", "dha", "--plan", str(tmp / "bad.json"), "--out", str(tmp / "out")]) == 2
+    assert '"notes" must be a JSON object' in capsys.readouterr().err
+    assert not (tmp / "out").exists()
+
+
 class _Stop(Exception):
     pass
 
