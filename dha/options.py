@@ -69,6 +69,10 @@ class TrainConfig:
     distill: bool = False  # add the KL to the teacher's logits
     distill_weight: float = 0.5  # w in (1 - w) * LM + w * KD
     distill_temperature: float = 1.0  # T in the KD term
+    # Attention distillation (dha.attention_kd): weight of the KL between the teacher's and the
+    # student's attention of each row's last `attention_queries` positions; 0: off. Needs distill.
+    attention_distill: float = 0.0
+    attention_queries: int = 256
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
     # Activation checkpointing of the decoder blocks (Transformer.checkpoint_blocks): "on" | "off" |
@@ -107,6 +111,12 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, f"keep checkpoints must be at least 1, got {self.keep_checkpoints}"),
             (0.0 <= self.distill_weight <= 1.0, f"distill weight must be in [0, 1], got {self.distill_weight}"),
             (self.distill_temperature > 0, f"distill temperature must be > 0, got {self.distill_temperature}"),
+            (self.attention_distill >= 0, f"attention distill must be >= 0, got {self.attention_distill}"),
+            (
+                self.attention_distill == 0 or self.distill,
+                "attention distillation needs a teacher: add --distill",
+            ),
+            (self.attention_queries >= 1, f"attention queries must be at least 1, got {self.attention_queries}"),
             (
                 self.activation_checkpointing in CHECKPOINTING,
                 (

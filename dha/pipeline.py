@@ -715,7 +715,13 @@ def run_markdown(summary: dict) -> list[str]:
         tr = summary["train"]
         lines.append(
             f"- training: lr {tr['lr']:g}, batch {tr['batch_tokens']:,} tokens of blocks of {tr['block_size']}, "
-            f"autocast {tr['dtype']}" + (f", distillation (weight {tr['distill_weight']:g})" if tr["distill"] else "")
+            f"autocast {tr['dtype']}"
+            + (f", distillation (weight {tr['distill_weight']:g})" if tr["distill"] else "")
+            + (
+                f", attention distillation (weight {tr['attention_distill']:g}, last {tr['attention_queries']} queries)"
+                if tr.get("attention_distill")
+                else ""
+            )
         )
     lines.append("- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()))
     return lines

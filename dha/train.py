@@ -17,8 +17,11 @@ same steps up to float rounding. Then: clip the gradient norm, AdamW step, learn
 (linear warm-up, then cosine down to `min_lr_ratio * lr`).
 
     objective = (1 - w) * LM + w * KD   (with --distill; else LM)   + hooks.extra_loss(model, step)
+                + a * AKD   (with --attention-distill a > 0)
     KD = T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over predicted tokens
          (Hinton et al. 2015: the T^2 keeps gradient sizes comparable across temperatures)
+    AKD = KL of the teacher's attention to the student's, per query head, for the last
+          --attention-queries positions of each row (dha.attention_kd), mean over them
 
 Data order: the training rows are visited in epochs; epoch e is a permutation of all rows drawn
 from a generator seeded by (seed, e). The data position (rows consumed) is an integer saved in
@@ -94,6 +97,7 @@ from torch import Tensor, nn
 
 from . import rundir
 from .atomic import atomic_file, write_json
+from .attention_kd import AttentionTap
 from .checkpoint import save_final_model
 from .data import DataError, blocks
 from .errors import UserError
@@ -707,6 +711,7 @@ class _Run:
             # a teacher may share tensors with the student, as a fused model shares its source's.)
             teacher = teacher.to(d.device).eval()
         self.teacher = teacher
+        self.tap = AttentionTap(cfg.attention_queries) if cfg.attention_distill > 0 else None
 
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -813,9 +818,9 @@ class _Run:
 
     def _accumulate(self, my_rows: Tensor, start: int) -> tuple[Tensor, float, dict]:
         """Forward and backward of every micro batch, gradients accumulated (reduced across ranks on
-        the last only); `start` is the data position of my_rows[0]. Returns the (LM, KD) loss sums
-        and the hook's extra term and scalars."""
-        sums = torch.zeros(2, dtype=torch.float64, device=self.d.device)  # LM and KD loss sums
+        the last only); `start` is the data position of my_rows[0]. Returns the (LM, KD, AKD) loss
+        sums and the hook's extra term and scalars."""
+        sums = torch.zeros(3, dtype=torch.float64, device=self.d.device)  # LM, KD and AKD loss sums
         extra_value, extra_scalars = 0.0, {}
         starts = list(range(0, self.per_rank, self.micro))
         for i, s in enumerate(starts):
@@ -830,7 +835,9 @@ class _Run:
                 where = torch.arange(start + s, start + s + batch.shape[0])
                 positions = skip_positions(batch.shape[1] - 1, self.cfg.position_span, self.cfg.seed, where)
                 positions = positions.to(self.d.device, non_blocking=True)
-            with ctx:
+            # The attention tap spans the backward pass: checkpointed blocks run it again there.
+            tap = self.tap.compare(self.module) if self.tap is not None else contextlib.nullcontext()
+            with ctx, tap:
                 loss = self._micro_batch_loss(batch, sums, positions)
                 if last and self.hooks.extra_loss is not None:
                     term, extra_scalars = self.hooks.extra_loss(self.module, self.step)
@@ -841,20 +848,27 @@ class _Run:
 
     def _micro_batch_loss(self, batch: Tensor, sums: Tensor, positions: Tensor | None = None) -> Tensor:
         """The micro batch's objective sum, scaled to its share of the global mean; adds its LM
-        (and KD) sums to `sums`. positions: the inputs' skipped positions (None: 0..W-2)."""
+        (KD, AKD) sums to `sums`. positions: the inputs' skipped positions (None: 0..W-2). With the
+        attention term, the student runs inside the tap's `compare` (entered by the caller)."""
         cfg, device = self.cfg, self.d.device
         inputs, targets = batch[:, :-1], batch[:, 1:]
         at = {} if positions is None else {"positions": positions}
+        if cfg.distill:  # the teacher first: the attention term needs its distributions
+            tap = self.tap.record(self.teacher) if self.tap is not None else contextlib.nullcontext()
+            with torch.no_grad(), _autocast(device, self.dtype), tap:
+                teacher_logits = self.teacher(inputs, **at)
         with _autocast(device, self.dtype):
             logits = self.wrapped(inputs, **at)
         lm_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
         objective_sum = lm_sum
         if cfg.distill:
-            with torch.no_grad(), _autocast(device, self.dtype):
-                teacher_logits = self.teacher(inputs, **at)
             kd_sum = distill_loss_sum(logits, teacher_logits, cfg.distill_temperature)
             objective_sum = (1 - cfg.distill_weight) * lm_sum + cfg.distill_weight * kd_sum
             sums[1] += kd_sum.detach().double()
+        if self.tap is not None:  # per query, as the mean over predicted tokens: scaled by (W - 1) / n
+            akd_sum = self.tap.take() * inputs.shape[1] / min(cfg.attention_queries, inputs.shape[1])
+            objective_sum = objective_sum + cfg.attention_distill * akd_sum
+            sums[2] += akd_sum.detach().double()
         sums[0] += lm_sum.detach().double()
         return objective_sum * self.loss_scale
 
@@ -894,6 +908,9 @@ class _Run:
         if cfg.distill:
             record["distill_loss"] = (sums[1] / self.predicted).item()
             objective = (1 - cfg.distill_weight) * lm + cfg.distill_weight * record["distill_loss"]
+        if self.tap is not None:
+            record["attention_distill_loss"] = (sums[2] / self.predicted).item()
+            objective += cfg.attention_distill * record["attention_distill_loss"]
         if self.hooks.extra_loss is not None:
             record["extra_loss"] = extra_value
             objective += extra_value

@@ -217,6 +217,17 @@ TRAINING_OPTIONS: tuple[tuple[str, dict], ...] = (
     ),
     _number("distill_weight", float, "objective = (1-w) LM + w KD"),
     _number("distill_temperature", float, "KD temperature"),
+    (
+        "attention_distill",
+        dict(
+            type=float,
+            default=TRAIN_DEFAULTS.attention_distill,
+            help="weight a of an attention distillation term: the KL between the teacher's and the student's "
+            "attention, per query head, of each row's last --attention-queries positions over the whole row; "
+            "it keeps what long-context retrieval reads. Needs --distill; 0 = off (default 0)",
+        ),
+    ),
+    _number("attention_queries", int, "query positions per row read by --attention-distill"),
     ("fsdp", dict(action="store_true", help="under torchrun: shard with FSDP instead of DDP")),
     (
         "activation_checkpointing",
