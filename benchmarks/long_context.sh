@@ -79,6 +79,13 @@ if [[ $part == convert || $part == all ]]; then
   python -m dha convert --method dha --kv-budget 0.5 --tokens 0 --retrieval-heads 9 --protect-values --retrieval-length 8192 \
     --free-pairs 0 --out $runs/dha0_pv8k_fp0
   python -m dha convert --method dha ${pose/dha0_pv_fp0/dha0_pv8k_fp0} --tokens 98304 --no-progress --out $runs/pose2k_98k_rl8k
+  # a third seed; attention distillation (--attention-distill 1: the KL to the source's attention of
+  # each row's last 256 queries, in every layer), seeds 0 and 1
+  python -m dha convert --method dha $pose --tokens 98304 --seed 2 --no-progress --out $runs/pose2k_98k_s2
+  for seed in 0 1; do
+    python -m dha convert --method dha $pose --tokens 98304 --seed $seed --attention-distill 1 --no-progress \
+      --out $runs/akd_98k_s$seed
+  done
   # 1/3 of the cache: one key and one value head per layer, so no head can be kept out of the merges;
   # no training, and the demo's budget on rows of 2,048 with no position-free pairs
   python -m dha convert --method dha --kv-budget 0.3334 --tokens 0 --no-progress --out $runs/third0
@@ -112,7 +119,7 @@ if [[ $part == eval || $part == all ]]; then
   python -m dha eval $runs/pv2k_fp0_98k --compare $runs/pv2k_then8k $runs/pv8k_fp0_98k $runs/pv8k_more \
     --max-eval-tokens 16384 --batch-sizes 1 --new-tokens 4 --repeats 1  # 512-token windows of held-out pydoc
   for m in pose2k_24k_s0 pose2k_24k_s1 pose2k_98k pose2k_196k pose256_24k control_pose2k pose2k_98k_s1 pose2k_98k_kd \
-    pose2k_98k_rl8k; do
+    pose2k_98k_rl8k pose2k_98k_s2 akd_98k_s0 akd_98k_s1; do
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths 2048,4096,8192 \
       --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   done
