@@ -56,7 +56,8 @@ def global_layers(model) -> list:
 class AttentionTap:
     def __init__(self, queries: int):
         self.queries = queries
-        self.teacher: dict[int, torch.Tensor] = {}  # global layer -> the teacher's log-probs
+        self.teacher: dict[int, torch.Tensor] = {}  # global layer -> the teacher's probabilities
+        self.entropy: dict[int, torch.Tensor] = {}  # global layer -> sum of p log p of the teacher
         self.kl: dict[int, torch.Tensor] = {}  # global layer -> the student's KL sum
 
     @contextlib.contextmanager
@@ -64,22 +65,24 @@ class AttentionTap:
         """The teacher's distributions of every global layer, stored (no gradient) while it runs."""
 
         def tap(i, attn, q, k, mask):
-            self.teacher[i] = last_queries_log_probs(attn, q, k, mask, self.queries).detach()
+            log_probs = last_queries_log_probs(attn, q, k, mask, self.queries).detach()
+            self.teacher[i] = log_probs.exp()
+            self.entropy[i] = (self.teacher[i] * log_probs).sum()
 
-        self.teacher, self.kl = {}, {}
+        self.teacher, self.entropy, self.kl = {}, {}, {}
         with _tapped(model, tap):
             yield self
 
     @contextlib.contextmanager
     def compare(self, model):
         """While the student runs: per global layer, KL(teacher || student) summed over rows and
-        queries, averaged over heads (with gradient), against what `record` stored."""
+        queries, averaged over heads (with gradient), against what `record` stored. As
+        sum p_t log p_t - sum p_t log p_s: the backward pass keeps only p_t and log p_s."""
 
         def tap(i, attn, q, k, mask):
-            student = last_queries_log_probs(attn, q, k, mask, self.queries)
-            teacher = self.teacher[i]
-            kl = (teacher.exp() * (teacher - student)).sum(-1)  # (B, H, n)
-            self.kl[i] = kl.mean(1).sum()  # a recomputation (checkpointing) writes the same value again
+            student = last_queries_log_probs(attn, q, k, mask, self.queries)  # (B, H, n, S)
+            kl = self.entropy[i] - (self.teacher[i] * student).sum()
+            self.kl[i] = kl / q.shape[1]  # a recomputation (checkpointing) writes the same value again
 
         with _tapped(model, tap):
             yield self
