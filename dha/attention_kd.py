@@ -14,10 +14,14 @@ compare head by head whatever each model's grouping. The scores are computed exp
 queries only: (B, H, n, S) floats per layer, n/S of one attention matrix. Layers with a sliding
 window (local layers) are left out: their attention does not reach far.
 
-Use: `with tap.record(teacher): teacher(x)` stores the teacher's distributions, then
-`with tap.compare(student): student(x); tap.take().backward()`: take() is the term (a sum over rows
-and queries of the mean over layers and heads). Keep the backward pass inside `compare` when the
-student's blocks are activation-checkpointed: their recomputation runs the tap again.
+Use: `with tap.record(teacher): teacher(x)` stores the teacher's distributions; then
+`with tap.compare(student, weight): loss = f(student(x)); loss.backward()` computes the gradient of
+loss + weight * term, and `tap.take()` gives the term's value (a sum over rows and queries of the
+mean over layers and heads). The term is not added to `loss`: each layer's share enters the
+backward pass through that layer's attention output (`_WithLoss`), so its gradient is formed when
+the block's own backward runs. With the blocks activation-checkpointed, a block's recomputation
+runs the tap again (keep the backward pass inside `compare`), and no block is recomputed before its
+turn, as a separate loss term would force.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class AttentionTap:
         self.queries = queries
         self.teacher: dict[int, torch.Tensor] = {}  # global layer -> the teacher's probabilities
         self.entropy: dict[int, torch.Tensor] = {}  # global layer -> sum of p log p of the teacher
-        self.kl: dict[int, torch.Tensor] = {}  # global layer -> the student's KL sum
+        self.kl: dict[int, torch.Tensor] = {}  # global layer -> the student's KL sum (a value)
 
     @contextlib.contextmanager
     def record(self, model):
@@ -68,41 +72,63 @@ class AttentionTap:
             log_probs = last_queries_log_probs(attn, q, k, mask, self.queries).detach()
             self.teacher[i] = log_probs.exp()
             self.entropy[i] = (self.teacher[i] * log_probs).sum()
+            return None
 
         self.teacher, self.entropy, self.kl = {}, {}, {}
         with _tapped(model, tap):
             yield self
 
     @contextlib.contextmanager
-    def compare(self, model):
-        """While the student runs: per global layer, KL(teacher || student) summed over rows and
-        queries, averaged over heads (with gradient), against what `record` stored. As
+    def compare(self, model, weight: float):
+        """While the student runs and its backward pass: per global layer, KL(teacher || student)
+        summed over rows and queries, averaged over heads, against what `record` stored; its
+        gradient, times `weight` / layers, joins the layer's attention output's. As
         sum p_t log p_t - sum p_t log p_s: the backward pass keeps only p_t and log p_s."""
+        layers = len(global_layers(model))
 
         def tap(i, attn, q, k, mask):
             student = last_queries_log_probs(attn, q, k, mask, self.queries)  # (B, H, n, S)
-            kl = self.entropy[i] - (self.teacher[i] * student).sum()
-            self.kl[i] = kl / q.shape[1]  # a recomputation (checkpointing) writes the same value again
+            kl = (self.entropy[i] - (self.teacher[i] * student).sum()) / q.shape[1]
+            self.kl[i] = kl.detach()  # a recomputation (checkpointing) writes the same value again
+            return kl, weight / layers
 
         with _tapped(model, tap):
             yield self
 
     def take(self) -> torch.Tensor:
-        """Sum over rows and queries of the mean KL over global layers and heads."""
+        """Sum over rows and queries of the mean KL over global layers and heads (a value)."""
         return torch.stack(list(self.kl.values())).sum() / len(self.kl)
+
+
+class _WithLoss(torch.autograd.Function):
+    """Identity on `output`; in the backward pass, `loss` receives gradient `scale` (as if
+    scale * loss were added to the objective) when `output`'s gradient arrives."""
+
+    @staticmethod
+    def forward(ctx, output, loss, scale):
+        ctx.scale = scale
+        ctx.save_for_backward(loss)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (loss,) = ctx.saved_tensors
+        return grad, torch.full_like(loss, ctx.scale), None
 
 
 @contextlib.contextmanager
 def _tapped(model, tap):
-    """Every global layer's attend calls tap(i, attn, q, k, mask) first, then attends as before."""
+    """Every global layer's attend calls tap(i, attn, q, k, mask) first, then attends as before; a
+    tap that returns (loss, scale) has the loss join the backward pass through the output."""
     attns = global_layers(model)
 
     def wrap(i, attn):
         attend = attn.attend
 
         def wrapped(q, k, v, mask):
-            tap(i, attn, q, k, mask)
-            return attend(q, k, v, mask)
+            extra = tap(i, attn, q, k, mask)
+            output = attend(q, k, v, mask)
+            return output if extra is None else _WithLoss.apply(output, *extra)
 
         return wrapped
 

@@ -56,6 +56,7 @@ class Training:
     # count a checkpointed micro-batch's activations ("auto" turns it on where only that fits).
     checkpointing: str = "auto"
     distill: bool = False  # the KL to a teacher's logits (TrainConfig.distill)
+    attention_queries: int = 0  # queries per row of the attention KL (dha.attention_kd); 0: none
 
 
 @dataclass(frozen=True)
@@ -187,13 +188,28 @@ def activation_bytes(cfg: ModelConfig, training: Training, checkpointing: bool) 
     on the CPU (torch 2.13), one forward and backward of SmolLM2-135M on a 2,048-token row above
     the weights: 4.88 GB without, 2.26 GB with (estimated with the gradients: 4.86 and 1.99 GB).
     Distillation adds four more rows x vocabulary float32 tensors (the teacher's logits, the two
-    log-softmaxes and the teacher's probabilities: measured 4.0 of them, 2,048 tokens, vocabulary 4,096)."""
+    log-softmaxes and the teacher's probabilities: measured 4.0 of them, 2,048 tokens, vocabulary 4,096).
+    Attention distillation (`attention_tap_numbers`) adds the (queries x row) distributions it keeps."""
     tokens = training.micro_batch * training.block_size
     D, F, H, hd, V = cfg.hidden_size, mlp_width(cfg), cfg.num_heads, cfg.head_dim, cfg.vocab_size
     n = max(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers))
     per_layer = tokens * (8 * D + 2 * (H + n) * hd + 4 * F)
     kept = cfg.num_layers * tokens * D + per_layer if checkpointing else cfg.num_layers * per_layer
-    return 4 * (kept + (7 if training.distill else 3) * tokens * V)
+    logits = (7 if training.distill else 3) * tokens * V
+    return 4 * (kept + logits + attention_tap_numbers(cfg, training, checkpointing))
+
+
+def attention_tap_numbers(cfg: ModelConfig, training: Training, checkpointing: bool) -> int:
+    """Float32 numbers dha.attention_kd holds in a micro batch: the teacher's probabilities of every
+    global layer, (rows, H, queries, row) each, and the student's log-probabilities, kept for the
+    backward pass in every layer, or with checkpointing recomputed a block at a time; plus one
+    layer's scores being formed."""
+    if not training.attention_queries:
+        return 0
+    W = training.block_size
+    per_layer = training.micro_batch * cfg.num_heads * min(training.attention_queries, W) * W
+    layers = sum(not cfg.is_local(l) for l in range(cfg.num_layers))
+    return per_layer * (layers + (2 if checkpointing else layers + 1))
 
 
 def training_bytes(cfg: ModelConfig, sizes: Sizes, training: Training) -> list[tuple[str, int]]:
@@ -256,13 +272,16 @@ def training_fit(
     shards: int = 1,
     teacher_parameters: int = 0,
     distill: bool = False,
+    attention_queries: int = 0,
 ) -> TrainingFit:
     """Whether training a model of `cfg` (loaded in `dtype`, as `estimate` takes it: training keeps
     float32 copies) on rows of `block_size` tokens, `micro_batch` at a time, fits on `device` with
     and without activation checkpointing, from the config alone (before anything is loaded)."""
 
     def peak(checkpointing: str) -> int:
-        training = Training(micro_batch, block_size, shards, teacher_parameters, checkpointing, distill)
+        training = Training(
+            micro_batch, block_size, shards, teacher_parameters, checkpointing, distill, attention_queries
+        )
         return Estimate.total(estimate(cfg, dtype, Work(training=training)).whole)  # nothing mapped: all of it counts
 
     return TrainingFit(peak("off"), peak("on"), free_memory(torch.device(device)))

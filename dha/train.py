@@ -548,7 +548,11 @@ def choose_checkpointing(cfg: TrainConfig, module: nn.Module, micro: int, width:
             raise UserError("--activation-checkpointing on: the model trained has no Transformer blocks to checkpoint")
         return False
     training = Training(
-        micro_batch=micro, block_size=width, shards=d.world if cfg.fsdp and d.world > 1 else 1, distill=cfg.distill
+        micro_batch=micro,
+        block_size=width,
+        shards=d.world if cfg.fsdp and d.world > 1 else 1,
+        distill=cfg.distill,
+        attention_queries=cfg.attention_queries if cfg.attention_distill else 0,
     )
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1  # they share its memory
@@ -836,8 +840,7 @@ class _Run:
                 positions = skip_positions(batch.shape[1] - 1, self.cfg.position_span, self.cfg.seed, where)
                 positions = positions.to(self.d.device, non_blocking=True)
             # The attention tap spans the backward pass: checkpointed blocks run it again there.
-            tap = self.tap.compare(self.module) if self.tap is not None else contextlib.nullcontext()
-            with ctx, tap:
+            with ctx, self._attention_tap(batch.shape[1] - 1):
                 loss = self._micro_batch_loss(batch, sums, positions)
                 if last and self.hooks.extra_loss is not None:
                     term, extra_scalars = self.hooks.extra_loss(self.module, self.step)
@@ -845,6 +848,14 @@ class _Run:
                     extra_value = float(term.detach())
                 loss.backward()
         return sums, extra_value, extra_scalars
+
+    def _attention_tap(self, width: int):
+        """The student's attention tap (or nothing): its term, per query as the mean over predicted
+        tokens (scaled by (W - 1) / n), joins the backward pass at the micro batch's loss scale."""
+        if self.tap is None:
+            return contextlib.nullcontext()
+        per_query = width / min(self.cfg.attention_queries, width)
+        return self.tap.compare(self.module, self.cfg.attention_distill * per_query * self.loss_scale)
 
     def _micro_batch_loss(self, batch: Tensor, sums: Tensor, positions: Tensor | None = None) -> Tensor:
         """The micro batch's objective sum, scaled to its share of the global mean; adds its LM
@@ -865,10 +876,8 @@ class _Run:
             kd_sum = distill_loss_sum(logits, teacher_logits, cfg.distill_temperature)
             objective_sum = (1 - cfg.distill_weight) * lm_sum + cfg.distill_weight * kd_sum
             sums[1] += kd_sum.detach().double()
-        if self.tap is not None:  # per query, as the mean over predicted tokens: scaled by (W - 1) / n
-            akd_sum = self.tap.take() * inputs.shape[1] / min(cfg.attention_queries, inputs.shape[1])
-            objective_sum = objective_sum + cfg.attention_distill * akd_sum
-            sums[2] += akd_sum.detach().double()
+        if self.tap is not None:  # its gradient is the tap's (_attention_tap); here its value
+            sums[2] += self.tap.take().double() * inputs.shape[1] / min(cfg.attention_queries, inputs.shape[1])
         sums[0] += lm_sum.detach().double()
         return objective_sum * self.loss_scale
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dha.attention_kd import AttentionTap, last_queries_log_probs
 from dha.cli import main
+from dha.memory import Training, attention_tap_numbers
 from dha.model import ModelConfig, Transformer, causal_window_mask
 from dha.options import TrainConfig
 from dha.train import set_checkpointing, train
@@ -24,6 +28,8 @@ from tests.conftest import save_tiny_source, text_file
 from tests.helpers import scaled_init_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 H, HD = 6, 8
 
@@ -64,13 +70,17 @@ def captured(model):
             del block.attn.attend
 
 
-def reference_probs(q, k, key_index, allowed) -> torch.Tensor:
-    """(B, H, T, S) attention probabilities, head by head, written out."""
+def reference_log_probs(q, k, key_index, allowed) -> torch.Tensor:
+    """(B, H, T, S) attention log-probabilities, head by head, written out (-inf where masked)."""
     heads = []
     for h in range(q.shape[1]):
         scores = q[:, h] @ k[:, key_index[h]].transpose(-1, -2) / HD**0.5  # (B, T, S)
-        heads.append(torch.where(allowed, scores, torch.tensor(float("-inf"))).softmax(-1))
+        heads.append(torch.where(allowed, scores, torch.tensor(float("-inf"))).log_softmax(-1))
     return torch.stack(heads, 1)
+
+
+def reference_probs(q, k, key_index, allowed) -> torch.Tensor:
+    return reference_log_probs(q, k, key_index, allowed).exp()
 
 
 IDS = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3))
@@ -98,53 +108,61 @@ def tap_term(teacher, student, ids, queries):
     tap = AttentionTap(queries)
     with torch.no_grad(), tap.record(teacher):
         teacher(ids)
-    with tap.compare(student):
+    with tap.compare(student, 1.0):
         student(ids)
-        term = tap.take()
-    return term
+    return tap.take()
+
+
+def reference_term(teacher, student, ids, n):
+    """The term written out from both models' attention (reference_probs), with the student's graph;
+    and the student's logits."""
+    with torch.no_grad(), captured(teacher) as t_seen:
+        teacher(ids)
+    with captured(student) as s_seen:
+        logits = student(ids)
+    T = ids.shape[1]
+    causal = torch.ones(T, T).tril().bool()
+    per_layer = []
+    for l in range(len(student.layers)):
+        index = teacher.layers[l].attn.key_index.tolist()
+        log_p_t = reference_log_probs(*t_seen[l][:2], index, causal)[:, :, -n:]
+        log_p_s = reference_log_probs(*s_seen[l][:2], index, causal)[:, :, -n:]
+        p_t = log_p_t.exp()
+        kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1)  # (B, H, n); 0 log 0 = 0
+        per_layer.append(kl.mean(1).sum())  # mean over heads, sum over rows and queries
+    return torch.stack(per_layer).mean(), logits
 
 
 def test_the_term_is_the_kl_between_the_two_models_attention():
     teacher, student = small_model(seed=0), small_model(seed=1)
-    n = 9
     with torch.no_grad():
-        assert tap_term(teacher, copy.deepcopy(teacher), IDS, n).abs().item() <= 1e-6  # the same model: 0
-        term = tap_term(teacher, student, IDS, n)
-        with captured(teacher) as t_seen, captured(student) as s_seen:
-            teacher(IDS), student(IDS)
-    T = IDS.shape[1]
-    causal = torch.ones(T, T).tril().bool()
-    per_layer = []
-    for l in range(2):
-        index = teacher.layers[l].attn.key_index.tolist()
-        p_t = reference_probs(*t_seen[l][:2], index, causal)[:, :, -n:]
-        p_s = reference_probs(*s_seen[l][:2], index, causal)[:, :, -n:]
-        kl = F.kl_div(p_s.log(), p_t, reduction="none").nan_to_num().sum(-1)  # (B, H, n); 0 * log 0 = 0
-        per_layer.append(kl.mean(1).sum())  # mean over heads, sum over rows and queries
-    expected = torch.stack(per_layer).mean()
+        assert tap_term(teacher, copy.deepcopy(teacher), IDS, 9).abs().item() <= 1e-6  # the same model: 0
+        term = tap_term(teacher, student, IDS, 9)
+        expected, _ = reference_term(teacher, student, IDS, 9)
     assert expected.item() > 0.01
     assert abs(term.item() - expected.item()) <= 1e-5 * max(1.0, expected.item())
 
 
-def test_checkpointed_blocks_give_the_same_term_and_gradients():
-    """The tap runs again when a checkpointed block is recomputed in the backward pass."""
-    teacher = small_model(seed=0)
-    results = []
-    for checkpointing in (False, True):
-        student = small_model(seed=1).train()
-        set_checkpointing(student, checkpointing)
-        tap = AttentionTap(11)
-        with torch.no_grad(), tap.record(teacher):
-            teacher(IDS)
-        with tap.compare(student):
-            student(IDS)
-            term = tap.take()
-            term.backward()
-        results.append((term.detach(), {n: p.grad for n, p in student.named_parameters() if p.grad is not None}))
-    (term, grads), (term_ck, grads_ck) = results
-    assert abs(term.item() - term_ck.item()) <= 1e-6
-    assert grads.keys() == grads_ck.keys() and any("k_proj" in n for n in grads)
-    assert max((grads[n] - grads_ck[n]).abs().max().item() for n in grads) <= 1e-6
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_gradient_is_that_of_the_term_written_out(checkpointing):
+    """The tap adds weight * term to the objective's gradient through each layer's attention output;
+    checkpointed blocks run it again when they are recomputed in the backward pass."""
+    teacher, weight = small_model(seed=0), 0.7
+    reference = small_model(seed=1).train()
+    term, logits = reference_term(teacher, reference, IDS, 11)
+    (logits.square().mean() + weight * term).backward()
+    student = small_model(seed=1).train()
+    set_checkpointing(student, checkpointing)
+    tap = AttentionTap(11)
+    with torch.no_grad(), tap.record(teacher):
+        teacher(IDS)
+    with tap.compare(student, weight):
+        student(IDS).square().mean().backward()
+    assert abs(tap.take().item() - term.item()) <= 1e-5 * max(1.0, term.item())
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    assert any("k_proj" in n for n in grads)
+    for n, p in student.named_parameters():
+        assert (p.grad - grads[n]).abs().max().item() <= 1e-6, n
 
 
 def perturbed(model) -> Transformer:
@@ -248,3 +266,52 @@ def test_cli_refuses_the_term_without_a_teacher(tmp_path, monkeypatch, capsys):
     assert "attention distillation needs a teacher: add --distill" in err and not (tmp_path / "run").exists()
     assert main([*argv, "--distill", "--attention-distill", "-1", "--out", str(tmp_path / "run")]) == 2
     assert "attention distill must be >= 0" in capsys.readouterr().err
+
+
+# ---- the memory it holds, measured ---------------------------------------------------------------
+
+LAYERS, WIDTH, QUERIES = 12, 2048, 256
+STEP = rf"""
+import contextlib, copy, json, sys, torch, torch.nn.functional as F
+from dha.attention_kd import AttentionTap
+from dha.model import ModelConfig, Transformer
+from tests.helpers import scaled_init_
+torch.set_num_threads(1)
+cfg = ModelConfig(vocab_size=256, hidden_size=64, num_layers={LAYERS}, num_heads=4, head_dim=16, intermediate_size=128)
+teacher = scaled_init_(Transformer(cfg), seed=0)
+student = copy.deepcopy(teacher).train()
+student.checkpoint_blocks = sys.argv[2] == "on"
+tap = AttentionTap({QUERIES}) if sys.argv[1] == "tap" else None
+ids = torch.randint(0, 256, (1, {WIDTH}), generator=torch.Generator().manual_seed(0))
+def status(field):  # kB -> bytes; VmHWM (peak) starts anew at exec
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+warm = student(ids[:, :65]).sum(); warm.backward()  # the allocator and autograd warmed up, gradients allocated
+base = status("VmRSS")
+with torch.no_grad(), (tap.record(teacher) if tap else contextlib.nullcontext()):
+    teacher(ids[:, :-1])
+with tap.compare(student, 1.0) if tap else contextlib.nullcontext():
+    F.cross_entropy(student(ids[:, :-1]).flatten(0, 1), ids[0, 1:]).backward()
+print(json.dumps([status("VmHWM") - base, cfg.to_dict()]))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc (Linux)")
+def test_the_memory_estimate_counts_what_the_term_holds():
+    """Peak resident memory of a teacher forward and a student step at 2,048 tokens (12 layers),
+    with the term (256 queries) and without, blocks checkpointed and not, each in a child process
+    (glibc gives blocks over 128 KiB back when freed, so the peak is that of live tensors). What
+    the term adds is what dha.memory.attention_tap_numbers says, within 25%."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    runs = [(tap, ck) for tap in ("tap", "none") for ck in ("off", "on")]
+    children = {
+        run: subprocess.Popen([sys.executable, "-c", STEP, *run], stdout=subprocess.PIPE, text=True, env=env)
+        for run in runs
+    }
+    measured = {run: json.loads(child.communicate(timeout=300)[0]) for run, child in children.items()}
+    cfg = ModelConfig.from_dict(measured[runs[0]][1])
+    for ck in ("off", "on"):
+        added = measured[("tap", ck)][0] - measured[("none", ck)][0]
+        training = Training(micro_batch=1, block_size=WIDTH, attention_queries=QUERIES)
+        predicted = 4 * attention_tap_numbers(cfg, training, ck == "on")
+        assert 0.75 * predicted <= added <= 1.25 * predicted, (ck, added, predicted)
