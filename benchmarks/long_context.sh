@@ -159,6 +159,13 @@ if [[ $part == heads || $part == all ]]; then
   python -m dha convert --method dha --plan $res/plan_half_whole14_19.json --free-pairs 0 --tokens 0 --out $runs/diag_whole14_19
   python benchmarks/retrieval_heads.py --source $runs/diag_whole14_19 --length 8192 --prompts 5 --top 12 \
     --out $res/retrieval_heads_half_8k_whole14_19.json
+  # the same with layers 0-13, 0-6 or 7-13 left whole (0.767, 0.622, 0.644 of the cache)
+  for whole in 0_13 0_6 7_13; do
+    python -m dha convert --method dha --plan $res/plan_half_whole$whole.json --free-pairs 0 --tokens 0 \
+      --out $runs/diag_whole$whole
+    python benchmarks/retrieval_heads.py --source $runs/diag_whole$whole --length 8192 --prompts 5 --top 12 \
+      --out $res/retrieval_heads_half_8k_whole$whole.json
+  done
 fi
 if [[ $part == llama || $part == all ]]; then
   # the same measures in llama.cpp on the GGUF export, f16 and q8_0 KV caches, flash attention on
