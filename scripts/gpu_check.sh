@@ -3,7 +3,7 @@
 #   1. the tests marked `cuda` (tests/test_cuda.py: every verb with --device cuda, conversions,
 #      evaluation and generation on CUDA against the CPU);
 #   2. one small end-to-end run on the built-in SmolLM2-135M: `dha convert --method dha` at half
-#      its KV cache with 8,192 training tokens, then `dha eval` of the source beside the result,
+#      its KV cache with 8,192 training tokens (attention distillation on), then `dha eval` of the source beside the result,
 #      both with --device cuda;
 #   3. the same conversion without training, with --offload: the model in CPU memory, one layer at
 #      a time on the GPU (its peak GPU memory is printed); a summary line at the end.
@@ -28,7 +28,7 @@ trap 'rm -rf "$work"' EXIT
 echo "gpu_check: [2/4] dha convert --method dha --device $DEVICE"
 t0=$SECONDS
 "$PYTHON" -m dha convert --device "$DEVICE" --method dha --kv-budget 0.5 --tokens 8192 --batch-tokens 1024 \
-    --calib-tokens 2048 --no-progress --json --out "$work/dha" > "$work/convert.json"
+    --calib-tokens 2048 --attention-distill 1 --no-progress --json --out "$work/dha" > "$work/convert.json"
 convert_s=$((SECONDS - t0))
 
 echo "gpu_check: [3/4] dha eval --device $DEVICE (source beside the converted model)"

@@ -9,6 +9,7 @@ within 3% of their largest magnitude."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -229,6 +230,32 @@ def test_skipped_positions_train_on_cuda_as_on_the_cpu():
         first[device] = train(ours_from_hf(hf), rows, None, cfg, progress=False).history[0]
     for key in ("loss", "distill_loss"):
         assert abs(first["cpu"][key] - first["cuda:0"][key]) < 1e-4, key
+
+
+def test_attention_distillation_trains_on_cuda_as_on_the_cpu():
+    """--attention-distill on the GPU (with skipped positions): two steps' losses, the attention
+    term's included, equal the CPU's within 1e-4 (float32, different kernels)."""
+    from dha.options import TrainConfig
+    from dha.train import train
+    from tests.test_attention_kd import perturbed
+
+    hf = tiny_llama_hf()
+    rows = random_ids(batch=8, length=17, seed=2)
+    history = {}
+    for device in ("cpu", "cuda:0"):
+        cfg = TrainConfig(
+            tokens=136, block_size=17, batch_tokens=68, micro_batch=2, lr=1e-3, dtype="float32", eval_every=0,
+            position_span=96, distill=True, attention_distill=1.0, attention_queries=8, device=device,
+        )  # fmt: skip
+        teacher = copy.deepcopy(ours_from_hf(hf))  # its own weights, not hf's
+        with torch.no_grad():  # sharper attention than the tiny model's near-uniform one
+            for block in teacher.layers:
+                block.attn.q_proj.weight.mul_(30)
+        history[device] = train(perturbed(teacher), rows, None, cfg, teacher=teacher, progress=False).history
+    for cpu, gpu in zip(history["cpu"], history["cuda:0"], strict=True):
+        for key in ("loss", "distill_loss", "attention_distill_loss"):
+            assert abs(cpu[key] - gpu[key]) < 1e-4 * max(1.0, abs(cpu[key])), key
+    assert history["cpu"][0]["attention_distill_loss"] > 0.01
 
 
 # ---- --offload: the model in CPU memory, one layer at a time on the GPU ------------------------------
