@@ -159,6 +159,11 @@ if [[ $part == heads || $part == all ]]; then
   python -m dha convert --method dha --plan $res/plan_half_whole14_19.json --free-pairs 0 --tokens 0 --out $runs/diag_whole14_19
   python benchmarks/retrieval_heads.py --source $runs/diag_whole14_19 --length 8192 --prompts 5 --top 12 \
     --out $res/retrieval_heads_half_8k_whole14_19.json
+  # after attention distillation (seeds 0 and 1)
+  for seed in 0 1; do
+    python benchmarks/retrieval_heads.py --source $runs/akd_98k_s$seed --length 8192 --prompts 5 --top 12 \
+      --out $res/retrieval_heads_half_8k_akd_s$seed.json
+  done
   # the same with layers 0-13, 0-6 or 7-13 left whole (0.767, 0.622, 0.644 of the cache)
   for whole in 0_13 0_6 7_13; do
     python -m dha convert --method dha --plan $res/plan_half_whole$whole.json --free-pairs 0 --tokens 0 \
