@@ -84,6 +84,11 @@ class TrainConfig:
     # (dha.train.skip_positions); 0: positions 0..block_size-1.
     position_span: int = 0
 
+    @property
+    def tapped_queries(self) -> int:
+        """Queries per row the attention term reads (dha.attention_kd): 0 when it is off."""
+        return self.attention_queries if self.attention_distill else 0
+
     def validate(self) -> None:
         checks = [
             (self.tokens >= 1, f"tokens must be at least 1, got {self.tokens}"),

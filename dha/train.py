@@ -552,7 +552,7 @@ def choose_checkpointing(cfg: TrainConfig, module: nn.Module, micro: int, width:
         block_size=width,
         shards=d.world if cfg.fsdp and d.world > 1 else 1,
         distill=cfg.distill,
-        attention_queries=cfg.attention_queries if cfg.attention_distill else 0,
+        attention_queries=cfg.tapped_queries,
     )
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1  # they share its memory
@@ -849,13 +849,17 @@ class _Run:
                 loss.backward()
         return sums, extra_value, extra_scalars
 
+    def _per_query(self, width: int) -> float:
+        """(W - 1) / n: what turns the attention term's sum over a row's n queries into a share of
+        the mean over its W - 1 predicted tokens, the scale of the other losses."""
+        return width / min(self.cfg.attention_queries, width)
+
     def _attention_tap(self, width: int):
         """The student's attention tap (or nothing): its term, per query as the mean over predicted
-        tokens (scaled by (W - 1) / n), joins the backward pass at the micro batch's loss scale."""
+        tokens, joins the backward pass at the micro batch's loss scale."""
         if self.tap is None:
             return contextlib.nullcontext()
-        per_query = width / min(self.cfg.attention_queries, width)
-        return self.tap.compare(self.module, self.cfg.attention_distill * per_query * self.loss_scale)
+        return self.tap.compare(self.module, self.cfg.attention_distill * self._per_query(width) * self.loss_scale)
 
     def _micro_batch_loss(self, batch: Tensor, sums: Tensor, positions: Tensor | None = None) -> Tensor:
         """The micro batch's objective sum, scaled to its share of the global mean; adds its LM
@@ -877,7 +881,7 @@ class _Run:
             objective_sum = (1 - cfg.distill_weight) * lm_sum + cfg.distill_weight * kd_sum
             sums[1] += kd_sum.detach().double()
         if self.tap is not None:  # its gradient is the tap's (_attention_tap); here its value
-            sums[2] += self.tap.take().double() * inputs.shape[1] / min(cfg.attention_queries, inputs.shape[1])
+            sums[2] += self.tap.take().double() * self._per_query(inputs.shape[1])
         sums[0] += lm_sum.detach().double()
         return objective_sum * self.loss_scale
 

@@ -234,7 +234,7 @@ def _two_process_worker(rank: int, port: int, out_path: str) -> None:
 
 
 def test_two_processes_checkpointed_match_one_process(tmp_path, monkeypatch):
-    """Under DDP, one row a micro batch, blocks checkpointed: the same steps as one process with two
+    """Under DDP, one row a micro batch, blocks checkpointed: the same steps as one process with four
     rows a micro batch (the term is a mean over the global batch's queries, like the LM loss)."""
     import socket
 

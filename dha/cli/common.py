@@ -319,5 +319,5 @@ def training_work(args, cfg):
         teacher_parameters=teacher,
         checkpointing=cfg.activation_checkpointing,
         distill=cfg.distill,
-        attention_queries=cfg.attention_queries if cfg.attention_distill else 0,
+        attention_queries=cfg.tapped_queries,
     )
