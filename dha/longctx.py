@@ -243,16 +243,25 @@ def needle_span(tokenizer, prompt: Prompt) -> list[int]:
     raise UserError(f"the key {prompt.key} is not found in its own prompt's tokens")
 
 
-@torch.no_grad()
 def needle_attention(model, tokenizer, length: int = 2048, prompts: int = 5, progress: bool = True) -> torch.Tensor:
     """(layers, query heads): the attention probability the last position of a passkey prompt (where
     the answer starts) puts on the needle's digits, averaged over `prompts` synthetic prompts at depths
     from 8% to 92%. Retrieval heads (Wu et al. 2024) put much of it there; most heads almost none."""
+    return needle_attention_by_depth(model, tokenizer, length, prompts, progress).mean(0)
+
+
+@torch.no_grad()
+def needle_attention_by_depth(
+    model, tokenizer, length: int = 2048, depths: int = 5, progress: bool = True, per_depth: int = 1
+) -> torch.Tensor:
+    """(depths, layers, query heads): `needle_attention` of the prompts at each of `depths` depths from
+    8% to 92% (`per_depth` each, averaged), apart, so that a needle far back can be told from one near
+    the question."""
     from tqdm.auto import tqdm
 
     cfg = model.config
-    options = RetrievalOptions(lengths=[length], depths=prompts, per_depth=1)
-    mass = torch.zeros(cfg.num_layers, cfg.num_heads, dtype=torch.float64)
+    options = RetrievalOptions(lengths=[length], depths=depths, per_depth=per_depth)
+    mass = torch.zeros(depths, cfg.num_layers, cfg.num_heads, dtype=torch.float64)
     captured: dict[int, tuple] = {}
     for l, block in enumerate(model.layers):  # read each layer's queries and keys after RoPE
         block.attn.attend = _capture(captured, l, block.attn.attend)
@@ -264,23 +273,27 @@ def needle_attention(model, tokenizer, length: int = 2048, prompts: int = 5, pro
             disable=not progress,
             file=sys.stderr,
         )
-        for p in bar:
+        for i, p in enumerate(bar):
             span = needle_span(tokenizer, p)
             model(torch.tensor([p.ids], device=next(model.parameters()).device), last_only=True)
             for l, block in enumerate(model.layers):
-                q, k = captured[l]
+                q, k, allowed = captured[l]
                 k = k.index_select(1, block.attn.key_index)  # (1, H, S, hd)
-                probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)[0, :, 0]  # (H, S)
-                mass[l] += probs[:, span].sum(-1).double().cpu()
+                scale = block.attn.scale if block.attn.scale is not None else q.shape[-1] ** -0.5
+                scores = q @ k.transpose(-1, -2) * scale
+                if allowed is not None:  # a sliding window's mask; plain causal allows every key
+                    scores = scores.masked_fill(~allowed, float("-inf"))
+                probs = scores.softmax(-1)[0, :, 0]  # (H, S)
+                mass[i // per_depth, l] += probs[:, span].sum(-1).double().cpu() / per_depth
     finally:
         for block in model.layers:
             del block.attn.attend  # back to the class's method
-    return mass / prompts
+    return mass
 
 
 def _capture(captured: dict, layer: int, attend):
     def wrapped(q, k, v, mask):
-        captured[layer] = (q[:, :, -1:].float(), k.float())
+        captured[layer] = (q[:, :, -1:].float(), k.float(), None if mask is None else mask[-1:])
         return attend(q, k, v, mask)
 
     return wrapped

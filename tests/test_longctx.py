@@ -243,25 +243,69 @@ def test_convert_context_with_shorter_rows_spreads_their_positions(cli_setup):
     assert [r["by_position"]["window"] for r in summary["results"]] == [64, 64, 64]
 
 
+def hf_needle_mass(hf, tok, options) -> torch.Tensor:
+    """(prompts, layers, heads): transformers' eager attention probabilities (output_attentions) of
+    each prompt's last position on the needle's digits."""
+    prompts = longctx.passkey_prompts(tok, options)
+    cfg = hf.config
+    reference = torch.zeros(len(prompts), cfg.num_hidden_layers, cfg.num_attention_heads, dtype=torch.float64)
+    for i, p in enumerate(prompts):
+        span = longctx.needle_span(tok, p)
+        with torch.no_grad():
+            attentions = hf(torch.tensor([p.ids]), output_attentions=True).attentions
+        for l, a in enumerate(attentions):
+            reference[i, l] = a[0, :, -1, span].sum(-1).double()
+    return reference
+
+
 def test_needle_attention_equals_transformers_attention_probabilities():
     """fp32, 1e-5: the mass the last prompt position puts on the needle's digits, per layer and
-    query head, against transformers' eager attention probabilities (output_attentions)."""
+    query head, against transformers' eager attention probabilities (output_attentions): per depth
+    (two prompts at each of two depths, averaged) and averaged over one prompt per depth."""
     tok = byte_bpe_tokenizer(digits=True)
     hf = tiny_llama_hf(
         num_heads=6, num_kv_heads=2, vocab_size=len(tok), max_position_embeddings=1024, attn_implementation="eager"
     )
     ours = ours_from_hf(hf)
     got = longctx.needle_attention(ours, tok, length=400, prompts=2, progress=False)
-    options = longctx.RetrievalOptions(lengths=[400], depths=2, per_depth=1)
-    reference = torch.zeros(2, 6, dtype=torch.float64)
-    for p in longctx.passkey_prompts(tok, options):
-        span = longctx.needle_span(tok, p)
-        with torch.no_grad():
-            attentions = hf(torch.tensor([p.ids]), output_attentions=True).attentions
-        for l, a in enumerate(attentions):
-            reference[l] += a[0, :, -1, span].sum(-1).double() / 2
-    assert torch.allclose(got, reference, atol=1e-5, rtol=0)
+    reference = hf_needle_mass(hf, tok, longctx.RetrievalOptions(lengths=[400], depths=2, per_depth=1))
+    assert torch.allclose(got, reference.mean(0), atol=1e-5, rtol=0)
     assert got.max() > 1e-3  # the needle is read at all (a mass of 0 everywhere would pass trivially)
+    by_depth = longctx.needle_attention_by_depth(ours, tok, length=400, depths=2, progress=False, per_depth=2)
+    reference = hf_needle_mass(hf, tok, longctx.RetrievalOptions(lengths=[400], depths=2, per_depth=2))
+    assert by_depth.shape == (2, 2, 6)
+    assert torch.allclose(by_depth, reference.view(2, 2, 2, 6).mean(1), atol=1e-5, rtol=0)
+    wrong = reference.view(2, 2, 2, 6).mean(0)  # prompts grouped across depths instead
+    assert not torch.allclose(by_depth, wrong, atol=1e-5, rtol=0)  # the grouping is really tested
+
+
+def test_needle_attention_reads_local_layers_through_their_window():
+    """fp32, 1e-5, Gemma 3 (a sliding window of 64 tokens in local layers, query_pre_attn_scalar not
+    the head dim): a local layer puts nothing on a needle outside its window, as transformers says."""
+    from tests.test_families import SMALL, hf_model
+
+    tok = byte_bpe_tokenizer(digits=True)
+    hf = hf_model(
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        **{**SMALL, "vocab_size": len(tok)},
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=1024,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=12,
+        attn_implementation="eager",
+    )
+    ours = ours_from_hf(hf)
+    got = longctx.needle_attention_by_depth(ours, tok, length=400, depths=2, progress=False)
+    reference = hf_needle_mass(hf, tok, longctx.RetrievalOptions(lengths=[400], depths=2, per_depth=1))
+    assert torch.allclose(got, reference, atol=1e-5, rtol=0)
+    assert got[:, 0].abs().max() == 0 and got[:, 1].max() > 1e-3  # outside the window; the global layer reads it
 
 
 def test_retrieval_heads_are_found_on_prompts_of_the_retrieval_length():
