@@ -39,7 +39,7 @@ import torch
 
 from .errors import UserError
 from .layerwise import LM_HEAD_CHUNK_BYTES
-from .model import NLL_CHUNK_BYTES, ModelConfig, Transformer
+from .model import NLL_CHUNK_BYTES, ModelConfig, Transformer, logit_chunk
 
 GiB = 2**30
 
@@ -57,6 +57,9 @@ class Training:
     checkpointing: str = "auto"
     distill: bool = False  # the KL to a teacher's logits (TrainConfig.distill)
     attention_queries: int = 0  # queries per row of the attention KL (dha.attention_kd); 0: none
+    # With checkpointing, the loss's logits made a chunk of positions at a time (dha.train.head_chunk:
+    # our own model in one process), not whole.
+    chunked_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,14 +192,18 @@ def activation_bytes(cfg: ModelConfig, training: Training, checkpointing: bool) 
     the weights: 4.88 GB without, 2.26 GB with (estimated with the gradients: 4.86 and 1.99 GB).
     Distillation adds four more rows x vocabulary float32 tensors (the teacher's logits, the two
     log-softmaxes and the teacher's probabilities: measured 4.0 of them, 2,048 tokens, vocabulary 4,096).
+    A chunked head (`Training.chunked_head`, with checkpointing) holds those for one chunk of
+    positions (dha.model.logit_chunk) and keeps the final hidden states (the teacher's too).
     Attention distillation (`attention_tap_numbers`) adds the (queries x row) distributions it keeps."""
     tokens = training.micro_batch * training.block_size
     D, F, H, hd, V = cfg.hidden_size, mlp_width(cfg), cfg.num_heads, cfg.head_dim, cfg.vocab_size
     n = max(cfg.key_heads(l) + cfg.value_heads(l) for l in range(cfg.num_layers))
     per_layer = tokens * (8 * D + 2 * (H + n) * hd + 4 * F)
     kept = cfg.num_layers * tokens * D + per_layer if checkpointing else cfg.num_layers * per_layer
-    logits = (7 if training.distill else 3) * tokens * V
-    return 4 * (kept + logits + attention_tap_numbers(cfg, training, checkpointing))
+    chunked = checkpointing and training.chunked_head
+    logits = (7 if training.distill else 3) * (min(tokens, logit_chunk(cfg)) if chunked else tokens) * V
+    hidden = (2 if training.distill else 1) * tokens * D if chunked else 0
+    return 4 * (kept + logits + hidden + attention_tap_numbers(cfg, training, checkpointing))
 
 
 def attention_tap_numbers(cfg: ModelConfig, training: Training, checkpointing: bool) -> int:
@@ -273,6 +280,7 @@ def training_fit(
     teacher_parameters: int = 0,
     distill: bool = False,
     attention_queries: int = 0,
+    chunked_head: bool = False,
 ) -> TrainingFit:
     """Whether training a model of `cfg` (loaded in `dtype`, as `estimate` takes it: training keeps
     float32 copies) on rows of `block_size` tokens, `micro_batch` at a time, fits on `device` with
@@ -280,7 +288,7 @@ def training_fit(
 
     def peak(checkpointing: str) -> int:
         training = Training(
-            micro_batch, block_size, shards, teacher_parameters, checkpointing, distill, attention_queries
+            micro_batch, block_size, shards, teacher_parameters, checkpointing, distill, attention_queries, chunked_head
         )
         return Estimate.total(estimate(cfg, dtype, Work(training=training)).whole)  # nothing mapped: all of it counts
 

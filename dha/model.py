@@ -795,7 +795,12 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
 
-NLL_CHUNK_BYTES = 2**26  # float32 logits made at once by next_token_nll (64 MiB)
+NLL_CHUNK_BYTES = 2**26  # float32 logits made at once by next_token_nll and a chunked training loss (64 MiB)
+
+
+def logit_chunk(cfg: ModelConfig) -> int:
+    """Positions whose float32 logits take about NLL_CHUNK_BYTES: what a chunked loss makes at once."""
+    return max(1, NLL_CHUNK_BYTES // (4 * cfg.vocab_size))
 
 
 def token_nll(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -811,7 +816,7 @@ def token_nll(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
         logits = model(rows[:, :-1])  # (b, W-1, V)
         return F.cross_entropy(logits.float().flatten(0, 1), targets, reduction="none").view(rows.shape[0], -1)
     hidden = model.features(rows[:, :-1]).flatten(0, 1)  # (b * (W-1), D)
-    step = max(1, NLL_CHUNK_BYTES // (4 * model.config.vocab_size))
+    step = logit_chunk(model.config)
     nll = torch.cat(
         [
             F.cross_entropy(model.logits(hidden[i : i + step]).float(), targets[i : i + step], reduction="none")

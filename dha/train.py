@@ -102,7 +102,7 @@ from .checkpoint import save_final_model
 from .data import DataError, blocks
 from .errors import UserError
 from .memory import Training, free_memory, gib, step_bytes
-from .model import ModelConfig, Transformer, next_token_nll
+from .model import ModelConfig, Transformer, logit_chunk, next_token_nll
 from .options import AUTOCAST_NAMES, TrainConfig
 from .transforms import build
 
@@ -203,6 +203,39 @@ def distill_loss_sum(student_logits: Tensor, teacher_logits: Tensor, temperature
     log_p_teacher = F.log_softmax(teacher_logits.float() / T, dim=-1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (...,)
     return kl.sum() * T * T
+
+
+def loss_sums(logits: Tensor, targets: Tensor, teacher_logits: Tensor | None, temperature: float) -> Tensor:
+    """(LM sum, KD sum): the summed next-token cross-entropy of logits (..., V) against targets
+    (...,), and `distill_loss_sum` against the teacher's logits (0 without a teacher)."""
+    lm = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="sum")
+    kd = distill_loss_sum(logits, teacher_logits, temperature) if teacher_logits is not None else torch.zeros_like(lm)
+    return torch.stack([lm, kd])
+
+
+def chunked_loss_sums(model, hidden: Tensor, targets: Tensor, teacher, teacher_hidden, temperature: float, chunk: int):
+    """`loss_sums` of model.logits(hidden) (and teacher.logits(teacher_hidden)), made `chunk`
+    positions at a time under torch.utils.checkpoint: neither pass holds more than one chunk's
+    logits, as the whole (tokens x vocabulary) logits and their softmaxes are the largest tensors
+    of a long row's step. The backward pass makes each chunk's logits again from the final hidden
+    states (B, T, D), which are all it keeps."""
+    hidden, targets = hidden.flatten(0, -2), targets.flatten()
+    if teacher_hidden is not None:
+        teacher_hidden = teacher_hidden.flatten(0, -2)
+
+    def one(h: Tensor, t: Tensor, th: Tensor | None) -> Tensor:
+        if th is not None:
+            with torch.no_grad():
+                th = teacher.logits(th)
+        return loss_sums(model.logits(h), t, th, temperature)
+
+    total = 0
+    for i in range(0, hidden.shape[0], chunk):
+        th = teacher_hidden[i : i + chunk] if teacher_hidden is not None else None
+        total = total + torch.utils.checkpoint.checkpoint(
+            one, hidden[i : i + chunk], targets[i : i + chunk], th, use_reentrant=False
+        )
+    return total
 
 
 # ---- distributed setup ---------------------------------------------------------------------------
@@ -533,14 +566,26 @@ def set_checkpointing(module: nn.Module, on: bool) -> int:
     return len(models)
 
 
-def choose_checkpointing(cfg: TrainConfig, module: nn.Module, micro: int, width: int, d: Dist) -> bool:
+def head_chunk(module: nn.Module, teacher: nn.Module | None, world: int) -> int:
+    """Positions per chunk of the loss's logits when the blocks are checkpointed (`chunked_loss_sums`,
+    dha.model.logit_chunk), or 0: the logits made whole. Only our own model (and teacher) in one
+    process: DDP and FSDP run the whole forward inside their wrapper, and a fused model (dha.fuse)
+    has no head apart from its forward."""
+    plain = world == 1 and type(module) is Transformer and (teacher is None or type(teacher) is Transformer)
+    return logit_chunk(module.config) if plain else 0
+
+
+def choose_checkpointing(
+    cfg: TrainConfig, module: nn.Module, micro: int, width: int, d: Dist, chunked_head: bool = False
+) -> bool:
     """Whether the blocks run under activation checkpointing (TrainConfig.activation_checkpointing).
 
     "off": no; "on": yes; "auto": yes when a step's working memory (dha.memory.step_bytes: the
     gradients and AdamW moments of the trainable parameters, one micro batch's activations) fits
     the device's free memory only with it, said in one line on stderr. With "auto" or "on" a step
-    that does not fit even with it is refused (UserError) before any work. Called with the model
-    (and teacher) already on the device; every rank takes the decision of the rank that needs most."""
+    that does not fit even with it is refused (UserError) before any work. chunked_head: with it the
+    loss's logits are made a chunk at a time (`head_chunk`). Called with the model (and teacher)
+    already on the device; every rank takes the decision of the rank that needs most."""
     mode = cfg.activation_checkpointing
     models = [m for m in module.modules() if isinstance(m, Transformer)]
     if mode == "off" or not models:
@@ -553,6 +598,7 @@ def choose_checkpointing(cfg: TrainConfig, module: nn.Module, micro: int, width:
         shards=d.world if cfg.fsdp and d.world > 1 else 1,
         distill=cfg.distill,
         attention_queries=cfg.tapped_queries,
+        chunked_head=chunked_head,
     )
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if d.device.type == "cpu" else 1  # they share its memory
@@ -725,8 +771,10 @@ class _Run:
         self.module.train()
         self.per_rank = self.shape.rows // d.world
         self.micro = min(cfg.micro_batch, self.per_rank)
-        self.checkpointing = choose_checkpointing(cfg, self.module, self.micro, self.shape.width, d)
+        chunk = head_chunk(self.module, self.teacher, d.world)
+        self.checkpointing = choose_checkpointing(cfg, self.module, self.micro, self.shape.width, d, chunk > 0)
         set_checkpointing(self.module, self.checkpointing)
+        self.head_chunk = chunk if self.checkpointing else 0  # positions per chunk of the loss's logits
         self.fsdp = cfg.fsdp and d.world > 1
         self.wrapped = wrap_distributed(self.module, self.fsdp, d)
         self.optimizer = build_optimizer(self.module, cfg, hooks, d.device)
@@ -868,16 +916,20 @@ class _Run:
         cfg, device = self.cfg, self.d.device
         inputs, targets = batch[:, :-1], batch[:, 1:]
         at = {} if positions is None else {"positions": positions}
+        teacher_out = None  # the teacher's logits, or with a chunked head its final hidden states
         if cfg.distill:  # the teacher first: the attention term needs its distributions
             tap = self.tap.record(self.teacher) if self.tap is not None else contextlib.nullcontext()
             with torch.no_grad(), _autocast(device, self.dtype), tap:
-                teacher_logits = self.teacher(inputs, **at)
+                teacher_out = (self.teacher.features if self.head_chunk else self.teacher)(inputs, **at)
         with _autocast(device, self.dtype):
-            logits = self.wrapped(inputs, **at)
-        lm_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            if self.head_chunk:
+                hidden = self.wrapped.features(inputs, **at)
+                args = (self.wrapped, hidden, targets, self.teacher, teacher_out, cfg.distill_temperature)
+                lm_sum, kd_sum = chunked_loss_sums(*args, self.head_chunk)
+            else:
+                lm_sum, kd_sum = loss_sums(self.wrapped(inputs, **at), targets, teacher_out, cfg.distill_temperature)
         objective_sum = lm_sum
         if cfg.distill:
-            kd_sum = distill_loss_sum(logits, teacher_logits, cfg.distill_temperature)
             objective_sum = (1 - cfg.distill_weight) * lm_sum + cfg.distill_weight * kd_sum
             sums[1] += kd_sum.detach().double()
         if self.tap is not None:  # its gradient is the tap's (_attention_tap); here its value

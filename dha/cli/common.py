@@ -320,4 +320,13 @@ def training_work(args, cfg):
         checkpointing=cfg.activation_checkpointing,
         distill=cfg.distill,
         attention_queries=cfg.tapped_queries,
+        chunked_head=chunked_head(args),
     )
+
+
+def chunked_head(args) -> bool:
+    """Whether training under this command makes the loss's logits a chunk at a time when its blocks
+    are checkpointed (dha.train.head_chunk): one process, and no fusion stage."""
+    import os
+
+    return os.environ.get("WORLD_SIZE", "1") == "1" and not getattr(args, "fusion_fraction", 0)

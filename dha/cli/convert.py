@@ -18,6 +18,7 @@ from .common import (
     check_calibration_args,
     check_convert_training_flags,
     check_fits,
+    chunked_head,
     compute_device,
     load_device,
     load_dtype,
@@ -270,7 +271,8 @@ def check_context_fits(args, cfg, rows: int) -> None:
     from ..memory import GiB, training_fit
 
     distill = args.distill if args.distill is not None else args.method == "dha"
-    fit = training_fit(cfg, torch.float32, rows, args.micro_batch, torch.device(args.device), distill=distill)
+    device, chunked = torch.device(args.device), chunked_head(args)
+    fit = training_fit(cfg, torch.float32, rows, args.micro_batch, device, distill=distill, chunked_head=chunked)
     if not fit.fits_with:
         raise UserError(
             f"--context {args.context}: training rows of {rows} tokens ({args.micro_batch} per micro batch) need "
