@@ -424,11 +424,16 @@ def test_fit_check_counts_checkpointed_activations(monkeypatch):
 
 def test_smollm2_at_8k_tokens_fits_24_gib_only_with_checkpointing():
     """The target: rows of 8,192 tokens of SmolLM2-135M, two a micro batch, on a 24 GiB CPU machine
-    (the fit check's terms; at this length the logits, not the blocks, are most of what is left)."""
+    (the fit check's terms). Distilled, it fits only with the logits made a chunk at a time: whole,
+    they (and the teacher's) are most of what checkpointing leaves."""
     from dha.checkpoint import source_shape
 
-    fit = training_fit(source_shape("smollm2-135m")[0], torch.float32, 8192, 2, torch.device("cpu"))
+    cfg, cpu = source_shape("smollm2-135m")[0], torch.device("cpu")
+    fit = training_fit(cfg, torch.float32, 8192, 2, cpu)
     assert fit.with_checkpointing < 24 * GiB < fit.without_checkpointing
+    chunked = training_fit(cfg, torch.float32, 8192, 2, cpu, distill=True, chunked_head=True)
+    whole = training_fit(cfg, torch.float32, 8192, 2, cpu, distill=True)
+    assert chunked.with_checkpointing < 8 * GiB and whole.with_checkpointing > 24 * GiB
 
 
 # ---- the command -------------------------------------------------------------------------------------
