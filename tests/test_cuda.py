@@ -232,12 +232,17 @@ def test_skipped_positions_train_on_cuda_as_on_the_cpu():
         assert abs(first["cpu"][key] - first["cuda:0"][key]) < 1e-4, key
 
 
-def test_attention_distillation_trains_on_cuda_as_on_the_cpu():
+@pytest.mark.parametrize("checkpointing", ["off", "on"])
+def test_attention_distillation_trains_on_cuda_as_on_the_cpu(checkpointing, monkeypatch):
     """--attention-distill on the GPU (with skipped positions): two steps' losses, the attention
-    term's included, equal the CPU's within 1e-4 (float32, different kernels)."""
+    term's included, equal the CPU's within 1e-4 (float32, different kernels); with the blocks
+    checkpointed and the loss's logits made 5 positions at a time too."""
+    import dha.train
     from dha.options import TrainConfig
     from dha.train import train
     from tests.test_attention_kd import perturbed
+
+    monkeypatch.setattr(dha.train, "logit_chunk", lambda config: 5)
 
     hf = tiny_llama_hf()
     rows = random_ids(batch=8, length=17, seed=2)
@@ -246,6 +251,7 @@ def test_attention_distillation_trains_on_cuda_as_on_the_cpu():
         cfg = TrainConfig(
             tokens=136, block_size=17, batch_tokens=68, micro_batch=2, lr=1e-3, dtype="float32", eval_every=0,
             position_span=96, distill=True, attention_distill=1.0, attention_queries=8, device=device,
+            activation_checkpointing=checkpointing,
         )  # fmt: skip
         teacher = copy.deepcopy(ours_from_hf(hf))  # its own weights, not hf's
         with torch.no_grad():  # sharper attention than the tiny model's near-uniform one
