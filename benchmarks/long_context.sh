@@ -87,6 +87,12 @@ if [[ $part == convert || $part == all ]]; then
       --out $runs/akd_98k_s$seed
   done
   python -m dha convert --method dha $pose --tokens 24576 --seed 1 --attention-distill 1 --no-progress --out $runs/akd_24k_s1
+  # attention distillation on rows of 8,192 (98,304 tokens: 12 steps of one row; blocks checkpointed and
+  # the loss's logits made a chunk at a time); skipped positions with a third of the weight, seed 1
+  python -m dha convert --method dha --plan $runs/dha0_pv_fp0/plan.json --free-pairs 0 --context 8192 --calib-tokens 8192 \
+    --tokens 98304 --batch-tokens 8192 --attention-distill 1 --no-progress --out $runs/akd8k_98k
+  python -m dha convert --method dha $pose --tokens 98304 --seed 1 --attention-distill 0.3 --no-progress \
+    --out $runs/akd03_98k_s1
   # 1/3 of the cache: one key and one value head per layer, so no head can be kept out of the merges;
   # no training, and the demo's budget on rows of 2,048 with no position-free pairs
   python -m dha convert --method dha --kv-budget 0.3334 --tokens 0 --no-progress --out $runs/third0
@@ -120,7 +126,7 @@ if [[ $part == eval || $part == all ]]; then
   python -m dha eval $runs/pv2k_fp0_98k --compare $runs/pv2k_then8k $runs/pv8k_fp0_98k $runs/pv8k_more \
     --max-eval-tokens 16384 --batch-sizes 1 --new-tokens 4 --repeats 1  # 512-token windows of held-out pydoc
   for m in pose2k_24k_s0 pose2k_24k_s1 pose2k_98k pose2k_196k pose256_24k control_pose2k pose2k_98k_s1 pose2k_98k_kd \
-    pose2k_98k_rl8k pose2k_98k_s2 akd_98k_s0 akd_98k_s1 akd_24k_s1; do
+    pose2k_98k_rl8k pose2k_98k_s2 akd_98k_s0 akd_98k_s1 akd_24k_s1 akd8k_98k akd03_98k_s1; do
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths 2048,4096,8192 \
       --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   done
@@ -154,6 +160,9 @@ if [[ $part == heads || $part == all ]]; then
     --out $res/retrieval_heads_half_8k.json
   python benchmarks/retrieval_heads.py --length 8192 --prompts 5 --top 12 --compare $runs/dha0_pv_fp0 \
     --out $res/retrieval_heads_half_8k_merge.json
+  # the same, one prompt at each depth written apart (..._by_depth in the file)
+  python benchmarks/retrieval_heads.py --length 8192 --prompts 5 --per-depth 1 --compare $runs/dha0_pv_fp0 \
+    --out $res/retrieval_heads_half_8k_merge_by_depth.json
   python benchmarks/retrieval_heads.py --source $runs/pose2k_98k_s1 --length 8192 --prompts 5 --top 12 \
     --out $res/retrieval_heads_half_8k_seed1.json
   # a diagnostic, not a budget: the same plan with layers 14-19 left whole (0.617 of the cache), no training
