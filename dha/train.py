@@ -23,6 +23,11 @@ same steps up to float rounding. Then: clip the gradient norm, AdamW step, learn
     AKD = KL of the teacher's attention to the student's, per query head, for the last
           --attention-queries positions of each row (dha.attention_kd), mean over them
 
+Long rows: with activation checkpointing (`choose_checkpointing`) each block runs again in its
+backward pass, and in one process the loss's logits are made a chunk of positions at a time
+(`chunked_loss_sums`), so a step holds neither every block's activations nor rows x vocabulary
+logits.
+
 Data order: the training rows are visited in epochs; epoch e is a permutation of all rows drawn
 from a generator seeded by (seed, e). The data position (rows consumed) is an integer saved in
 every checkpoint, so a resumed run reads exactly the rows the uninterrupted run would have.
