@@ -177,6 +177,8 @@ if [[ $part == heads || $part == all ]]; then
   # by depth, after attention distillation at weight 0.3 (seed 1)
   python benchmarks/retrieval_heads.py --source $runs/akd03_98k_s1 --length 8192 --prompts 5 --per-depth 1 --top 12 \
     --out $res/retrieval_heads_half_8k_akd03_s1.json
+  python benchmarks/retrieval_heads.py --source $runs/akd8k_98k --length 8192 --prompts 5 --per-depth 1 --top 12 \
+    --out $res/retrieval_heads_half_8k_akd8k.json
   # the same with layers 0-13, 0-6 or 7-13 left whole (0.767, 0.622, 0.644 of the cache)
   for whole in 0_13 0_6 7_13; do
     python -m dha convert --method dha --plan $res/plan_half_whole$whole.json --free-pairs 0 --tokens 0 \
