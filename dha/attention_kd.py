@@ -9,19 +9,31 @@ row; under skipped positions, the longest distances) over every key, per query h
 
     AKD = mean over global layers, query heads, rows and those queries of KL(p_teacher || p_student)
 
+The KL over all keys is mostly about the nearby ones, where nearly all the mass is: a head that
+reads a key thousands of positions back puts a few percent there on natural text, so the term
+barely notices when the student stops finding it. The far term (`far` > 0) compares the same
+queries' attention renormalized over the keys at least `far` positions back (by the rows' position
+ids, so under skipped positions the distances the positions say), whatever mass they have:
+
+    FAR = mean over global layers, query heads, rows and those queries of KL(q_teacher || q_student),
+          q(j) = p(j) / sum of p over the far keys, for the keys j at least `far` positions back
+
+It asks which far keys each head reads, not how much it reads them. A query with no far key has a
+uniform q in both models (a KL of 0).
+
 Both models keep every query head (DHA reduces key and value heads only), so the distributions
 compare head by head whatever each model's grouping. The scores are computed explicitly for those
 queries only: (B, H, n, S) floats per layer, n/S of one attention matrix. Layers with a sliding
 window (local layers) are left out: their attention does not reach far.
 
 Use: `with tap.record(teacher): teacher(x)` stores the teacher's distributions; then
-`with tap.compare(student, weight): loss = f(student(x)); loss.backward()` computes the gradient of
-loss + weight * term, and `tap.take()` gives the term's value (a sum over rows and queries of the
-mean over layers and heads). The term is not added to `loss`: each layer's share enters the
-backward pass through that layer's attention output (`_WithLoss`), so its gradient is formed when
-the block's own backward runs. With the blocks activation-checkpointed, a block's recomputation
-runs the tap again (keep the backward pass inside `compare`), and no block is recomputed before its
-turn, as a separate loss term would force.
+`with tap.compare(student, weight, far_weight): loss = f(student(x)); loss.backward()` computes the
+gradient of loss + weight * AKD + far_weight * FAR, and `tap.take()` (`take("far")`) gives the term's
+value (a sum over rows and queries of the mean over layers and heads). The terms are not added to
+`loss`: each layer's share enters the backward pass through that layer's attention output
+(`_WithLoss`), so its gradient is formed when the block's own backward runs. With the blocks
+activation-checkpointed, a block's recomputation runs the tap again (keep the backward pass inside
+`compare`), and no block is recomputed before its turn, as a separate loss term would force.
 """
 
 from __future__ import annotations
@@ -33,10 +45,15 @@ import torch
 MASKED = -1e9  # a masked score: exp() is exactly 0 in float32, and KL terms stay finite
 
 
-def last_queries_log_probs(attn, q: torch.Tensor, k: torch.Tensor, mask, queries: int) -> torch.Tensor:
+def last_queries_log_probs(
+    attn, q: torch.Tensor, k: torch.Tensor, mask, queries: int, far: int = 0, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention log-probabilities (B, H, n, S) of the last n = min(queries, T) query positions of
     `attn` (a dha.model.Attention): q (B, H, T, hd), k (B, Hk, S, hd) after RoPE, as its attend gets
-    them; mask (T, S) boolean (True: allowed) or None for plain causal. Computed in float32."""
+    them; mask (T, S) boolean (True: allowed) or None for plain causal. Computed in float32.
+    far > 0: over the keys at least `far` positions behind each query only (the distribution those
+    keys alone would get), by the rows' position ids `positions` (B, T) (None: 0..T-1; needs S = T);
+    a query with no such key gets a uniform row, the same for any model."""
     T, S = q.shape[2], k.shape[2]
     n = min(queries, T)
     k = k.index_select(1, attn.key_index)  # (B, H, S, hd)
@@ -47,7 +64,17 @@ def last_queries_log_probs(attn, q: torch.Tensor, k: torch.Tensor, mask, queries
         mask = torch.arange(S, device=q.device)[None, :] <= rows[:, None]
     else:
         mask = mask[T - n :]
+    if far:
+        mask = mask & far_keys(positions, T, n, far, q.device)[:, None]  # (B, 1, n, S)
     return scores.masked_fill(~mask, MASKED).log_softmax(-1)
+
+
+def far_keys(positions: torch.Tensor | None, T: int, n: int, far: int, device) -> torch.Tensor:
+    """(B, n, S) boolean: key j at least `far` positions behind query i, for the last n of T queries;
+    positions (B, T) position ids (None: 0..T-1, one row that broadcasts); keys are the T inputs."""
+    if positions is None:
+        positions = torch.arange(T, device=device)[None]
+    return positions[:, T - n :, None] - positions[:, None, :] >= far
 
 
 def global_layers(model) -> list:
@@ -58,20 +85,28 @@ def global_layers(model) -> list:
 
 
 class AttentionTap:
-    def __init__(self, queries: int):
-        self.queries = queries
-        self.teacher: dict[int, torch.Tensor] = {}  # global layer -> the teacher's probabilities
-        self.entropy: dict[int, torch.Tensor] = {}  # global layer -> sum of p log p of the teacher
-        self.kl: dict[int, torch.Tensor] = {}  # global layer -> the student's KL sum (a value)
+    """The term(s) of one micro batch: AKD, and with `far` > 0 the far term (module doc)."""
+
+    def __init__(self, queries: int, far: int = 0):
+        self.queries, self.far = queries, far
+        self.teacher: dict[tuple, torch.Tensor] = {}  # (global layer, part) -> the teacher's probabilities
+        self.entropy: dict[tuple, torch.Tensor] = {}  # (global layer, part) -> sum of p log p of the teacher
+        self.kl: dict[tuple, torch.Tensor] = {}  # (global layer, part) -> the student's KL sum (a value)
+
+    def _parts(self) -> dict[str, int]:
+        """The distributions compared: "all" keys, and "far" keys (those `far` positions back)."""
+        return {"all": 0, "far": self.far} if self.far else {"all": 0}
 
     @contextlib.contextmanager
-    def record(self, model):
-        """The teacher's distributions of every global layer, stored (no gradient) while it runs."""
+    def record(self, model, positions: torch.Tensor | None = None):
+        """The teacher's distributions of every global layer, stored (no gradient) while it runs on
+        rows with these position ids (None: 0..T-1)."""
 
         def tap(i, attn, q, k, mask):
-            log_probs = last_queries_log_probs(attn, q, k, mask, self.queries).detach()
-            self.teacher[i] = log_probs.exp()
-            self.entropy[i] = (self.teacher[i] * log_probs).sum()
+            for part, far in self._parts().items():
+                log_probs = last_queries_log_probs(attn, q, k, mask, self.queries, far, positions).detach()
+                self.teacher[i, part] = log_probs.exp()
+                self.entropy[i, part] = (self.teacher[i, part] * log_probs).sum()
             return None
 
         self.teacher, self.entropy, self.kl = {}, {}, {}
@@ -79,25 +114,32 @@ class AttentionTap:
             yield self
 
     @contextlib.contextmanager
-    def compare(self, model, weight: float):
+    def compare(self, model, weight: float, far_weight: float = 0.0, positions: torch.Tensor | None = None):
         """While the student runs and its backward pass: per global layer, KL(teacher || student)
         summed over rows and queries, averaged over heads, against what `record` stored; its
-        gradient, times `weight` / layers, joins the layer's attention output's. As
-        sum p_t log p_t - sum p_t log p_s: the backward pass keeps only p_t and log p_s."""
+        gradient, times `weight` / layers (the far term's: `far_weight` / layers), joins the layer's
+        attention output's. As sum p_t log p_t - sum p_t log p_s: the backward pass keeps only p_t
+        and log p_s."""
         layers = len(global_layers(model))
+        weights = {"all": weight, "far": far_weight}
 
         def tap(i, attn, q, k, mask):
-            student = last_queries_log_probs(attn, q, k, mask, self.queries)  # (B, H, n, S)
-            kl = (self.entropy[i] - (self.teacher[i] * student).sum()) / q.shape[1]
-            self.kl[i] = kl.detach()  # a recomputation (checkpointing) writes the same value again
-            return kl, weight / layers
+            loss = 0.0
+            for part, far in self._parts().items():
+                student = last_queries_log_probs(attn, q, k, mask, self.queries, far, positions)  # (B, H, n, S)
+                kl = (self.entropy[i, part] - (self.teacher[i, part] * student).sum()) / q.shape[1]
+                self.kl[i, part] = kl.detach()  # a recomputation (checkpointing) writes the same value again
+                loss = loss + weights[part] * kl
+            return loss, 1.0 / layers
 
         with _tapped(model, tap):
             yield self
 
-    def take(self) -> torch.Tensor:
-        """Sum over rows and queries of the mean KL over global layers and heads (a value)."""
-        return torch.stack(list(self.kl.values())).sum() / len(self.kl)
+    def take(self, part: str = "all") -> torch.Tensor:
+        """Sum over rows and queries of the mean KL over global layers and heads (a value): of the
+        distributions over all keys, or ("far") over the far keys."""
+        values = [v for (_, p), v in self.kl.items() if p == part]
+        return torch.stack(values).sum() / len(values)
 
 
 class _WithLoss(torch.autograd.Function):

@@ -57,6 +57,7 @@ class Training:
     checkpointing: str = "auto"
     distill: bool = False  # the KL to a teacher's logits (TrainConfig.distill)
     attention_queries: int = 0  # queries per row of the attention KL (dha.attention_kd); 0: none
+    far_attention: bool = False  # the far term beside it: a second distribution per query (dha.attention_kd)
     # With checkpointing, the loss's logits made a chunk of positions at a time (dha.train.head_chunk:
     # our own model in one process), not whole.
     chunked_head: bool = False
@@ -210,13 +211,14 @@ def attention_tap_numbers(cfg: ModelConfig, training: Training, checkpointing: b
     """Float32 numbers dha.attention_kd holds in a micro batch: the teacher's probabilities of every
     global layer, (rows, H, queries, row) each, and the student's log-probabilities, kept for the
     backward pass in every layer, or with checkpointing recomputed a block at a time; plus one
-    layer's scores being formed."""
+    layer's scores being formed. The far term holds a second set of each."""
     if not training.attention_queries:
         return 0
     W = training.block_size
     per_layer = training.micro_batch * cfg.num_heads * min(training.attention_queries, W) * W
     layers = sum(not cfg.is_local(l) for l in range(cfg.num_layers))
-    return per_layer * (layers + (2 if checkpointing else layers + 1))
+    sets = 2 if training.far_attention else 1
+    return sets * per_layer * (layers + (2 if checkpointing else layers + 1))
 
 
 def training_bytes(cfg: ModelConfig, sizes: Sizes, training: Training) -> list[tuple[str, int]]:

@@ -73,6 +73,10 @@ class TrainConfig:
     # student's attention of each row's last `attention_queries` positions; 0: off. Needs distill.
     attention_distill: float = 0.0
     attention_queries: int = 256
+    # The far term (dha.attention_kd): weight of the KL between the same queries' attention over the
+    # keys at least `far_distance` positions back only, renormalized; 0: off. Needs distill.
+    far_attention_distill: float = 0.0
+    far_distance: int = 2048
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
     # Activation checkpointing of the decoder blocks (Transformer.checkpoint_blocks): "on" | "off" |
@@ -87,7 +91,12 @@ class TrainConfig:
     @property
     def tapped_queries(self) -> int:
         """Queries per row the attention term reads (dha.attention_kd): 0 when it is off."""
-        return self.attention_queries if self.attention_distill else 0
+        return self.attention_queries if self.attention_distill or self.far_attention_distill else 0
+
+    @property
+    def far(self) -> int:
+        """The far term's distance (dha.attention_kd): 0 when it is off."""
+        return self.far_distance if self.far_attention_distill else 0
 
     def validate(self) -> None:
         checks = [
@@ -121,6 +130,15 @@ class TrainConfig:
                 self.attention_distill == 0 or self.distill,
                 "attention distillation needs a teacher: add --distill",
             ),
+            (
+                self.far_attention_distill >= 0,
+                f"far attention distill must be >= 0, got {self.far_attention_distill}",
+            ),
+            (
+                self.far_attention_distill == 0 or self.distill,
+                "far attention distillation needs a teacher: add --distill",
+            ),
+            (self.far_distance >= 1, f"far distance must be at least 1, got {self.far_distance}"),
             (self.attention_queries >= 1, f"attention queries must be at least 1, got {self.attention_queries}"),
             (
                 self.activation_checkpointing in CHECKPOINTING,

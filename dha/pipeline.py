@@ -722,6 +722,12 @@ def run_markdown(summary: dict) -> list[str]:
                 if tr.get("attention_distill")
                 else ""
             )
+            + (
+                f", far attention distillation (weight {tr['far_attention_distill']:g}, "
+                f"keys {tr['far_distance']:,} positions back or more)"
+                if tr.get("far_attention_distill")
+                else ""
+            )
         )
     lines.append("- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()))
     return lines

@@ -17,11 +17,12 @@ same steps up to float rounding. Then: clip the gradient norm, AdamW step, learn
 (linear warm-up, then cosine down to `min_lr_ratio * lr`).
 
     objective = (1 - w) * LM + w * KD   (with --distill; else LM)   + hooks.extra_loss(model, step)
-                + a * AKD   (with --attention-distill a > 0)
+                + a * AKD   (with --attention-distill a > 0)   + b * FAR   (with --far-attention-distill b > 0)
     KD = T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over predicted tokens
          (Hinton et al. 2015: the T^2 keeps gradient sizes comparable across temperatures)
     AKD = KL of the teacher's attention to the student's, per query head, for the last
           --attention-queries positions of each row (dha.attention_kd), mean over them
+    FAR = the same over the keys at least --far-distance positions back, renormalized
 
 Long rows: with activation checkpointing (`choose_checkpointing`) each block runs again in its
 backward pass, and in one process the loss's logits are made a chunk of positions at a time
@@ -603,6 +604,7 @@ def choose_checkpointing(
         shards=d.world if cfg.fsdp and d.world > 1 else 1,
         distill=cfg.distill,
         attention_queries=cfg.tapped_queries,
+        far_attention=bool(cfg.far),
         chunked_head=chunked_head,
     )
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -766,7 +768,7 @@ class _Run:
             # a teacher may share tensors with the student, as a fused model shares its source's.)
             teacher = teacher.to(d.device).eval()
         self.teacher = teacher
-        self.tap = AttentionTap(cfg.attention_queries) if cfg.attention_distill > 0 else None
+        self.tap = AttentionTap(cfg.attention_queries, cfg.far) if cfg.tapped_queries else None
 
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -877,7 +879,7 @@ class _Run:
         """Forward and backward of every micro batch, gradients accumulated (reduced across ranks on
         the last only); `start` is the data position of my_rows[0]. Returns the (LM, KD, AKD) loss
         sums and the hook's extra term and scalars."""
-        sums = torch.zeros(3, dtype=torch.float64, device=self.d.device)  # LM, KD and AKD loss sums
+        sums = torch.zeros(4, dtype=torch.float64, device=self.d.device)  # LM, KD, AKD and FAR loss sums
         extra_value, extra_scalars = 0.0, {}
         starts = list(range(0, self.per_rank, self.micro))
         for i, s in enumerate(starts):
@@ -893,7 +895,7 @@ class _Run:
                 positions = skip_positions(batch.shape[1] - 1, self.cfg.position_span, self.cfg.seed, where)
                 positions = positions.to(self.d.device, non_blocking=True)
             # The attention tap spans the backward pass: checkpointed blocks run it again there.
-            with ctx, self._attention_tap(batch.shape[1] - 1):
+            with ctx, self._attention_tap(batch.shape[1] - 1, positions):
                 loss = self._micro_batch_loss(batch, sums, positions)
                 if last and self.hooks.extra_loss is not None:
                     term, extra_scalars = self.hooks.extra_loss(self.module, self.step)
@@ -907,12 +909,16 @@ class _Run:
         the mean over its W - 1 predicted tokens, the scale of the other losses."""
         return width / min(self.cfg.attention_queries, width)
 
-    def _attention_tap(self, width: int):
-        """The student's attention tap (or nothing): its term, per query as the mean over predicted
-        tokens, joins the backward pass at the micro batch's loss scale."""
+    def _attention_tap(self, width: int, positions: Tensor | None):
+        """The student's attention tap (or nothing): its terms, per query as the mean over predicted
+        tokens, join the backward pass at the micro batch's loss scale."""
         if self.tap is None:
             return contextlib.nullcontext()
-        return self.tap.compare(self.module, self.cfg.attention_distill * self._per_query(width) * self.loss_scale)
+        scale = self._per_query(width) * self.loss_scale
+        cfg = self.cfg
+        return self.tap.compare(
+            self.module, cfg.attention_distill * scale, cfg.far_attention_distill * scale, positions
+        )
 
     def _micro_batch_loss(self, batch: Tensor, sums: Tensor, positions: Tensor | None = None) -> Tensor:
         """The micro batch's objective sum, scaled to its share of the global mean; adds its LM
@@ -923,7 +929,7 @@ class _Run:
         at = {} if positions is None else {"positions": positions}
         teacher_out = None  # the teacher's logits, or with a chunked head its final hidden states
         if cfg.distill:  # the teacher first: the attention term needs its distributions
-            tap = self.tap.record(self.teacher) if self.tap is not None else contextlib.nullcontext()
+            tap = self.tap.record(self.teacher, positions) if self.tap is not None else contextlib.nullcontext()
             with torch.no_grad(), _autocast(device, self.dtype), tap:
                 teacher_out = (self.teacher.features if self.head_chunk else self.teacher)(inputs, **at)
         with _autocast(device, self.dtype):
@@ -939,6 +945,8 @@ class _Run:
             sums[1] += kd_sum.detach().double()
         if self.tap is not None:  # its gradient is the tap's (_attention_tap); here its value
             sums[2] += self.tap.take().double() * self._per_query(inputs.shape[1])
+            if cfg.far:
+                sums[3] += self.tap.take("far").double() * self._per_query(inputs.shape[1])
         sums[0] += lm_sum.detach().double()
         return objective_sum * self.loss_scale
 
@@ -981,6 +989,9 @@ class _Run:
         if self.tap is not None:
             record["attention_distill_loss"] = (sums[2] / self.predicted).item()
             objective += cfg.attention_distill * record["attention_distill_loss"]
+        if cfg.far:
+            record["far_attention_distill_loss"] = (sums[3] / self.predicted).item()
+            objective += cfg.far_attention_distill * record["far_attention_distill_loss"]
         if self.hooks.extra_loss is not None:
             record["extra_loss"] = extra_value
             objective += extra_value

@@ -24,7 +24,7 @@ from dha.cli import main
 from dha.memory import Training, attention_tap_numbers
 from dha.model import ModelConfig, Transformer, causal_window_mask
 from dha.options import TrainConfig
-from dha.train import set_checkpointing, train
+from dha.train import rows_at, set_checkpointing, skip_positions, train
 from tests.conftest import save_tiny_source, text_file
 from tests.helpers import scaled_init_
 
@@ -114,23 +114,30 @@ def tap_term(teacher, student, ids, queries):
     return tap.take()
 
 
-def reference_term(teacher, student, ids, n):
+def reference_term(teacher, student, ids, n, far=0, positions=None):
     """The term written out from both models' attention (reference_probs), with the student's graph;
-    and the student's logits."""
+    and the student's logits. far > 0: the far term, over the keys at least `far` positions back by
+    `positions` (B, T) (None: 0..T-1), a query with no such key counting 0."""
+    at = {} if positions is None else {"positions": positions}
     with torch.no_grad(), captured(teacher) as t_seen:
-        teacher(ids)
+        teacher(ids, **at)
     with captured(student) as s_seen:
-        logits = student(ids)
-    T = ids.shape[1]
-    causal = torch.ones(T, T).tril().bool()
+        logits = student(ids, **at)
+    B, T = ids.shape
+    allowed = torch.ones(T, T).tril().bool().expand(B, T, T)
+    if far:
+        pos = torch.arange(T).expand(B, T) if positions is None else positions
+        allowed = allowed & (pos[:, :, None] - pos[:, None, :] >= far)
+    counted = allowed.any(-1)[:, None, -n:]  # (B, 1, n): queries with a key to read
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # (those read every key here, and count 0)
     per_layer = []
     for l in range(len(student.layers)):
         index = teacher.layers[l].attn.key_index.tolist()
-        log_p_t = reference_log_probs(*t_seen[l][:2], index, causal)[:, :, -n:]
-        log_p_s = reference_log_probs(*s_seen[l][:2], index, causal)[:, :, -n:]
+        log_p_t = reference_log_probs(*t_seen[l][:2], index, allowed)[:, :, -n:]
+        log_p_s = reference_log_probs(*s_seen[l][:2], index, allowed)[:, :, -n:]
         p_t = log_p_t.exp()
         kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1)  # (B, H, n); 0 log 0 = 0
-        per_layer.append(kl.mean(1).sum())  # mean over heads, sum over rows and queries
+        per_layer.append((kl * counted).mean(1).sum())  # mean over heads, sum over rows and queries
     return torch.stack(per_layer).mean(), logits
 
 
@@ -142,6 +149,51 @@ def test_the_term_is_the_kl_between_the_two_models_attention():
         expected, _ = reference_term(teacher, student, IDS, 9)
     assert expected.item() > 0.01
     assert abs(term.item() - expected.item()) <= 1e-5 * max(1.0, expected.item())
+
+
+# Skipped positions (as dha.train.skip_positions makes them): row 0 jumps 20 positions after its
+# 15th token, row 1 none. With far = 18, row 0's last queries read the keys before the jump and a
+# few after; row 1's first queries have no far key.
+SKIPPED = torch.stack([torch.cat([torch.arange(15), torch.arange(35, 60)]), torch.arange(40)])
+
+
+def test_the_far_term_is_the_kl_over_the_far_keys_renormalized():
+    """Against the KL written out over the keys at least `far` positions back, by the rows' position
+    ids; a query with no such key counts 0, and without positions the distance is the index's."""
+    teacher, student = small_model(seed=0), small_model(seed=1)
+    for positions, far, n in ((SKIPPED, 18, 30), (None, 18, 30), (SKIPPED, 30, 9)):
+        tap = AttentionTap(n, far=far)
+        at = {} if positions is None else {"positions": positions}
+        with torch.no_grad():
+            with tap.record(teacher, positions):
+                teacher(IDS, **at)
+            with tap.compare(student, 1.0, 1.0, positions):
+                student(IDS, **at)
+            expected, _ = reference_term(teacher, student, IDS, n, far, positions)
+            whole, _ = reference_term(teacher, student, IDS, n, 0, positions)
+        assert expected.item() > 0.01 and abs(expected.item() - whole.item()) > 0.01  # not the whole row's
+        assert abs(tap.take("far").item() - expected.item()) <= 1e-5 * max(1.0, expected.item()), (far, n)
+        assert abs(tap.take().item() - whole.item()) <= 1e-5 * max(1.0, whole.item())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_far_terms_gradient_is_that_of_the_terms_written_out(checkpointing):
+    """weight * AKD + far_weight * FAR: the gradient of both written out, on skipped positions."""
+    teacher, (weight, far_weight) = small_model(seed=0), (0.3, 0.7)
+    reference = small_model(seed=1).train()
+    term, logits = reference_term(teacher, reference, IDS, 30, 0, SKIPPED)
+    far_term, _ = reference_term(teacher, reference, IDS, 30, 18, SKIPPED)
+    (logits.square().mean() + weight * term + far_weight * far_term).backward()
+    student = small_model(seed=1).train()
+    set_checkpointing(student, checkpointing)
+    tap = AttentionTap(30, far=18)
+    with torch.no_grad(), tap.record(teacher, SKIPPED):
+        teacher(IDS, positions=SKIPPED)
+    with tap.compare(student, weight, far_weight, SKIPPED):
+        student(IDS, positions=SKIPPED).square().mean().backward()
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    for n, p in student.named_parameters():
+        assert (p.grad - grads[n]).abs().max().item() <= 1e-5 * grads[n].abs().max().item(), n
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -207,6 +259,32 @@ def test_training_with_the_term_pulls_the_students_attention_to_the_teachers():
     assert gaps[1.0] < 0.5 * gaps[0.0], gaps
 
 
+def test_a_step_logs_the_far_term_on_its_skipped_positions():
+    """One step over every row, skipped positions on: the logged far term is the mean KL per query
+    measured before it on the same rows and positions (dha.train.rows_at, skip_positions), and the
+    objective counts it at its weight."""
+    teacher, student = small_model(seed=0), perturbed(small_model(seed=0))
+    rows = torch.randint(0, 97, (32, 33), generator=torch.Generator().manual_seed(7))
+    cfg = TrainConfig(
+        tokens=32 * 33, block_size=33, batch_tokens=32 * 33, micro_batch=8, lr=1e-2, dtype="float32", eval_every=0,
+        distill=True, distill_weight=1.0, far_attention_distill=2.0, far_distance=20, attention_queries=8,
+        position_span=64,
+    )  # fmt: skip
+    order = rows_at(32, cfg.seed, 0, 32)
+    positions = skip_positions(32, 64, cfg.seed, torch.arange(32))
+    tap = AttentionTap(8, far=20)
+    with torch.no_grad():
+        inputs = rows[order, :-1]
+        with tap.record(teacher, positions):
+            teacher(inputs, positions=positions)
+        with tap.compare(student, 0.0, 1.0, positions):
+            student(inputs, positions=positions)
+    before = tap.take("far").item() / (32 * 8)
+    first = train(student, rows, None, cfg, teacher=teacher, progress=False).history[0]
+    assert before > 0.01 and abs(first["far_attention_distill_loss"] - before) <= 1e-5
+    assert first["objective"] == pytest.approx(first["distill_loss"] + 2.0 * first["far_attention_distill_loss"])
+
+
 ROWS = torch.randint(0, 97, (16, 33), generator=torch.Generator().manual_seed(5))
 
 
@@ -267,6 +345,15 @@ def test_cli_refuses_the_term_without_a_teacher(tmp_path, monkeypatch, capsys):
     assert "attention distillation needs a teacher: add --distill" in err and not (tmp_path / "run").exists()
     assert main([*argv, "--distill", "--attention-distill", "-1", "--out", str(tmp_path / "run")]) == 2
     assert "attention distill must be >= 0" in capsys.readouterr().err
+    assert main([*argv, "--far-attention-distill", "1", "--out", str(tmp_path / "run")]) == 2
+    assert "far attention distillation needs a teacher: add --distill" in capsys.readouterr().err
+    assert (
+        main(
+            [*argv, "--distill", "--far-attention-distill", "1", "--far-distance", "0", "--out", str(tmp_path / "run")]
+        )
+        == 2
+    )
+    assert "far distance must be at least 1" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 # ---- the memory it holds, measured ---------------------------------------------------------------
@@ -282,7 +369,7 @@ cfg = ModelConfig(vocab_size=256, hidden_size=64, num_layers={LAYERS}, num_heads
 teacher = scaled_init_(Transformer(cfg), seed=0)
 student = copy.deepcopy(teacher).train()
 student.checkpoint_blocks = sys.argv[2] == "on"
-tap = AttentionTap({QUERIES}) if sys.argv[1] == "tap" else None
+tap = AttentionTap({QUERIES}, far=1024 if sys.argv[1] == "far" else 0) if sys.argv[1] != "none" else None
 ids = torch.randint(0, 256, (1, {WIDTH}), generator=torch.Generator().manual_seed(0))
 def status(field):  # kB -> bytes; VmHWM (peak) starts anew at exec
     with open("/proc/self/status") as f:
@@ -291,7 +378,7 @@ warm = student(ids[:, :65]).sum(); warm.backward()  # the allocator and autograd
 base = status("VmRSS")
 with torch.no_grad(), (tap.record(teacher) if tap else contextlib.nullcontext()):
     teacher(ids[:, :-1])
-with tap.compare(student, 1.0) if tap else contextlib.nullcontext():
+with tap.compare(student, 1.0, 1.0) if tap else contextlib.nullcontext():
     F.cross_entropy(student(ids[:, :-1]).flatten(0, 1), ids[0, 1:]).backward()
 print(json.dumps([status("VmHWM") - base, cfg.to_dict()]))
 """
@@ -300,19 +387,20 @@ print(json.dumps([status("VmHWM") - base, cfg.to_dict()]))
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc (Linux)")
 def test_the_memory_estimate_counts_what_the_term_holds():
     """Peak resident memory of a teacher forward and a student step at 2,048 tokens (12 layers),
-    with the term (256 queries) and without, blocks checkpointed and not, each in a child process
-    (glibc gives blocks over 128 KiB back when freed, so the peak is that of live tensors). What
-    the term adds is what dha.memory.attention_tap_numbers says, within 25%."""
+    with the term (256 queries), with the far term beside it, and without, blocks checkpointed and
+    not, each in a child process (glibc gives blocks over 128 KiB back when freed, so the peak is
+    that of live tensors). What the terms add is what dha.memory.attention_tap_numbers says, within
+    25%."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    runs = [(tap, ck) for tap in ("tap", "none") for ck in ("off", "on")]
+    runs = [(tap, ck) for tap in ("tap", "far", "none") for ck in ("off", "on")]
     children = {
         run: subprocess.Popen([sys.executable, "-c", STEP, *run], stdout=subprocess.PIPE, text=True, env=env)
         for run in runs
     }
     measured = {run: json.loads(child.communicate(timeout=300)[0]) for run, child in children.items()}
     cfg = ModelConfig.from_dict(measured[runs[0]][1])
-    for ck in ("off", "on"):
-        added = measured[("tap", ck)][0] - measured[("none", ck)][0]
-        training = Training(micro_batch=1, block_size=WIDTH, attention_queries=QUERIES)
+    for tap, ck in runs[:4]:
+        added = measured[(tap, ck)][0] - measured[("none", ck)][0]
+        training = Training(micro_batch=1, block_size=WIDTH, attention_queries=QUERIES, far_attention=tap == "far")
         predicted = 4 * attention_tap_numbers(cfg, training, ck == "on")
-        assert 0.75 * predicted <= added <= 1.25 * predicted, (ck, added, predicted)
+        assert 0.75 * predicted <= added <= 1.25 * predicted, (tap, ck, added, predicted)

@@ -228,6 +228,17 @@ TRAINING_OPTIONS: tuple[tuple[str, dict], ...] = (
         ),
     ),
     _number("attention_queries", int, "query positions per row read by --attention-distill"),
+    (
+        "far_attention_distill",
+        dict(
+            type=float,
+            default=TRAIN_DEFAULTS.far_attention_distill,
+            help="weight of a far attention term: the same KL over the keys at least --far-distance positions "
+            "back only, renormalized, so that which far keys a head reads counts whatever little mass they "
+            "get. Needs --distill; 0 = off (default 0)",
+        ),
+    ),
+    _number("far_distance", int, "positions back from which --far-attention-distill counts a key"),
     ("fsdp", dict(action="store_true", help="under torchrun: shard with FSDP instead of DDP")),
     (
         "activation_checkpointing",
@@ -320,6 +331,7 @@ def training_work(args, cfg):
         checkpointing=cfg.activation_checkpointing,
         distill=cfg.distill,
         attention_queries=cfg.tapped_queries,
+        far_attention=bool(cfg.far),
         chunked_head=chunked_head(args),
     )
 
