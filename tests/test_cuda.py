@@ -234,9 +234,9 @@ def test_skipped_positions_train_on_cuda_as_on_the_cpu():
 
 @pytest.mark.parametrize("checkpointing", ["off", "on"])
 def test_attention_distillation_trains_on_cuda_as_on_the_cpu(checkpointing, monkeypatch):
-    """--attention-distill on the GPU (with skipped positions): two steps' losses, the attention
-    term's included, equal the CPU's within 1e-4 (float32, different kernels); with the blocks
-    checkpointed and the loss's logits made 5 positions at a time too."""
+    """--attention-distill and --far-attention-distill on the GPU (with skipped positions): two
+    steps' losses, both attention terms' included, equal the CPU's within 1e-4 (float32, different
+    kernels); with the blocks checkpointed and the loss's logits made 5 positions at a time too."""
     import dha.train
     from dha.options import TrainConfig
     from dha.train import train
@@ -251,7 +251,7 @@ def test_attention_distillation_trains_on_cuda_as_on_the_cpu(checkpointing, monk
         cfg = TrainConfig(
             tokens=136, block_size=17, batch_tokens=68, micro_batch=2, lr=1e-3, dtype="float32", eval_every=0,
             position_span=96, distill=True, attention_distill=1.0, attention_queries=8, device=device,
-            activation_checkpointing=checkpointing,
+            activation_checkpointing=checkpointing, far_attention_distill=1.0, far_distance=24,
         )  # fmt: skip
         teacher = copy.deepcopy(ours_from_hf(hf))  # its own weights, not hf's
         with torch.no_grad():  # sharper attention than the tiny model's near-uniform one
@@ -259,9 +259,9 @@ def test_attention_distillation_trains_on_cuda_as_on_the_cpu(checkpointing, monk
                 block.attn.q_proj.weight.mul_(30)
         history[device] = train(perturbed(teacher), rows, None, cfg, teacher=teacher, progress=False).history
     for cpu, gpu in zip(history["cpu"], history["cuda:0"], strict=True):
-        for key in ("loss", "distill_loss", "attention_distill_loss"):
+        for key in ("loss", "distill_loss", "attention_distill_loss", "far_attention_distill_loss"):
             assert abs(cpu[key] - gpu[key]) < 1e-4 * max(1.0, abs(cpu[key])), key
-    assert history["cpu"][0]["attention_distill_loss"] > 0.01
+    assert history["cpu"][0]["attention_distill_loss"] > 0.01 and history["cpu"][0]["far_attention_distill_loss"] > 0
 
 
 # ---- --offload: the model in CPU memory, one layer at a time on the GPU ------------------------------
