@@ -93,6 +93,12 @@ if [[ $part == convert || $part == all ]]; then
     --tokens 98304 --batch-tokens 8192 --attention-distill 1 --no-progress --out $runs/akd8k_98k
   python -m dha convert --method dha $pose --tokens 98304 --seed 1 --attention-distill 0.3 --no-progress \
     --out $runs/akd03_98k_s1
+  # weight 0.3 on seed 0; and on seed 1 with the far term beside it (the KL over the keys 2,048 positions
+  # back or more, each model's attention renormalized over them: --far-attention-distill 2)
+  python -m dha convert --method dha $pose --tokens 98304 --seed 0 --attention-distill 0.3 --no-progress \
+    --out $runs/akd03_98k_s0
+  python -m dha convert --method dha $pose --tokens 98304 --seed 1 --attention-distill 0.3 --far-attention-distill 2 \
+    --no-progress --out $runs/far2_98k_s1
   # 1/3 of the cache: one key and one value head per layer, so no head can be kept out of the merges;
   # no training, and the demo's budget on rows of 2,048 with no position-free pairs
   python -m dha convert --method dha --kv-budget 0.3334 --tokens 0 --no-progress --out $runs/third0
@@ -126,7 +132,7 @@ if [[ $part == eval || $part == all ]]; then
   python -m dha eval $runs/pv2k_fp0_98k --compare $runs/pv2k_then8k $runs/pv8k_fp0_98k $runs/pv8k_more \
     --max-eval-tokens 16384 --batch-sizes 1 --new-tokens 4 --repeats 1  # 512-token windows of held-out pydoc
   for m in pose2k_24k_s0 pose2k_24k_s1 pose2k_98k pose2k_196k pose256_24k control_pose2k pose2k_98k_s1 pose2k_98k_kd \
-    pose2k_98k_rl8k pose2k_98k_s2 akd_98k_s0 akd_98k_s1 akd_24k_s1 akd8k_98k akd03_98k_s1; do
+    pose2k_98k_rl8k pose2k_98k_s2 akd_98k_s0 akd_98k_s1 akd_24k_s1 akd8k_98k akd03_98k_s1 akd03_98k_s0 far2_98k_s1; do
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths 2048,4096,8192 \
       --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   done
@@ -179,6 +185,8 @@ if [[ $part == heads || $part == all ]]; then
     --out $res/retrieval_heads_half_8k_akd03_s1.json
   python benchmarks/retrieval_heads.py --source $runs/akd8k_98k --length 8192 --prompts 5 --per-depth 1 --top 12 \
     --out $res/retrieval_heads_half_8k_akd8k.json
+  python benchmarks/retrieval_heads.py --source $runs/far2_98k_s1 --length 8192 --prompts 5 --per-depth 1 --top 12 \
+    --out $res/retrieval_heads_half_8k_far2_s1.json
   # the same with layers 0-13, 0-6 or 7-13 left whole (0.767, 0.622, 0.644 of the cache)
   for whole in 0_13 0_6 7_13; do
     python -m dha convert --method dha --plan $res/plan_half_whole$whole.json --free-pairs 0 --tokens 0 \
