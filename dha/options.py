@@ -90,7 +90,7 @@ class TrainConfig:
 
     @property
     def tapped_queries(self) -> int:
-        """Queries per row the attention term reads (dha.attention_kd): 0 when it is off."""
+        """Queries per row the attention terms read (dha.attention_kd): 0 when both are off."""
         return self.attention_queries if self.attention_distill or self.far_attention_distill else 0
 
     @property
