@@ -137,7 +137,7 @@ if [[ $part == eval || $part == all ]]; then
       --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   done
   python benchmarks/plot_long_context.py $res/long_context_half_20.jsonl --out docs/images \
-    --retrieval smollm2-135m,pv2k_fp0_98k,pose2k_98k,pose2k_98k_s1,pose2k_98k_s2,pv8k_fp0_98k,control2k_98k
+    --retrieval smollm2-135m,pose2k_98k,pose2k_98k_s1,pose2k_98k_s2,akd03_98k_s0,akd03_98k_s1,far2_98k_s1,pv8k_fp0_98k,control2k_98k
   python benchmarks/long_context_lean.py $runs/third0 --data "$man" --windows 2 --lengths "" --out $res/long_context_third.jsonl
   python benchmarks/long_context_lean.py $runs/third_2k_fp0 --data "$man" --windows 2 --lengths 2048,4096,8192 \
     --per-depth 4 --far-per-depth 4 --out $res/long_context_third.jsonl
