@@ -290,7 +290,14 @@ def training_fit(
 
     def peak(checkpointing: str) -> int:
         training = Training(
-            micro_batch, block_size, shards, teacher_parameters, checkpointing, distill, attention_queries, chunked_head
+            micro_batch=micro_batch,
+            block_size=block_size,
+            shards=shards,
+            teacher_parameters=teacher_parameters,
+            checkpointing=checkpointing,
+            distill=distill,
+            attention_queries=attention_queries,
+            chunked_head=chunked_head,
         )
         return Estimate.total(estimate(cfg, dtype, Work(training=training)).whole)  # nothing mapped: all of it counts
 
