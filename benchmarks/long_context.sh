@@ -99,6 +99,9 @@ if [[ $part == convert || $part == all ]]; then
     --out $runs/akd03_98k_s0
   python -m dha convert --method dha $pose --tokens 98304 --seed 1 --attention-distill 0.3 --far-attention-distill 2 \
     --no-progress --out $runs/far2_98k_s1
+  # weight 0.3 at the demo's budget (24,576 tokens), seed 1
+  python -m dha convert --method dha $pose --tokens 24576 --seed 1 --attention-distill 0.3 --no-progress \
+    --out $runs/akd03_24k_s1
   # 1/3 of the cache: one key and one value head per layer, so no head can be kept out of the merges;
   # no training, and the demo's budget on rows of 2,048 with no position-free pairs
   python -m dha convert --method dha --kv-budget 0.3334 --tokens 0 --no-progress --out $runs/third0
@@ -132,7 +135,7 @@ if [[ $part == eval || $part == all ]]; then
   python -m dha eval $runs/pv2k_fp0_98k --compare $runs/pv2k_then8k $runs/pv8k_fp0_98k $runs/pv8k_more \
     --max-eval-tokens 16384 --batch-sizes 1 --new-tokens 4 --repeats 1  # 512-token windows of held-out pydoc
   for m in pose2k_24k_s0 pose2k_24k_s1 pose2k_98k pose2k_196k pose256_24k control_pose2k pose2k_98k_s1 pose2k_98k_kd \
-    pose2k_98k_rl8k pose2k_98k_s2 akd_98k_s0 akd_98k_s1 akd_24k_s1 akd8k_98k akd03_98k_s1 akd03_98k_s0 far2_98k_s1; do
+    pose2k_98k_rl8k pose2k_98k_s2 akd_98k_s0 akd_98k_s1 akd_24k_s1 akd8k_98k akd03_98k_s1 akd03_98k_s0 far2_98k_s1 akd03_24k_s1; do
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths 2048,4096,8192 \
       --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   done
