@@ -45,15 +45,11 @@ import torch
 MASKED = -1e9  # a masked score: exp() is exactly 0 in float32, and KL terms stay finite
 
 
-def last_queries_log_probs(
-    attn, q: torch.Tensor, k: torch.Tensor, mask, queries: int, far: int = 0, positions: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Attention log-probabilities (B, H, n, S) of the last n = min(queries, T) query positions of
-    `attn` (a dha.model.Attention): q (B, H, T, hd), k (B, Hk, S, hd) after RoPE, as its attend gets
-    them; mask (T, S) boolean (True: allowed) or None for plain causal. Computed in float32.
-    far > 0: over the keys at least `far` positions behind each query only (the distribution those
-    keys alone would get), by the rows' position ids `positions` (B, T) (None: 0..T-1; needs S = T);
-    a query with no such key gets a uniform row, the same for any model."""
+def last_queries_scores(attn, q: torch.Tensor, k: torch.Tensor, mask, queries: int) -> tuple:
+    """Attention scores (B, H, n, S) of the last n = min(queries, T) query positions of `attn` (a
+    dha.model.Attention), in float32, and the (n, S) boolean mask of the keys each may read: q
+    (B, H, T, hd), k (B, Hk, S, hd) after RoPE, as its attend gets them; mask (T, S) boolean (True:
+    allowed) or None for plain causal."""
     T, S = q.shape[2], k.shape[2]
     n = min(queries, T)
     k = k.index_select(1, attn.key_index)  # (B, H, S, hd)
@@ -61,12 +57,18 @@ def last_queries_log_probs(
     scores = (q[:, :, T - n :].float() @ k.float().transpose(-1, -2)) * scale  # (B, H, n, S)
     if mask is None:
         rows = torch.arange(S - n, S, device=q.device)  # the queries' own key index (no cache: S - T = start)
-        mask = torch.arange(S, device=q.device)[None, :] <= rows[:, None]
-    else:
-        mask = mask[T - n :]
-    if far:
-        mask = mask & far_keys(positions, T, n, far, q.device)[:, None]  # (B, 1, n, S)
-    return scores.masked_fill(~mask, MASKED).log_softmax(-1)
+        return scores, torch.arange(S, device=q.device)[None, :] <= rows[:, None]
+    return scores, mask[T - n :]
+
+
+def masked_log_probs(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """log_softmax of `scores` over the allowed keys; a row with none allowed is uniform."""
+    return scores.masked_fill(~allowed, MASKED).log_softmax(-1)
+
+
+def last_queries_log_probs(attn, q: torch.Tensor, k: torch.Tensor, mask, queries: int) -> torch.Tensor:
+    """Attention log-probabilities (B, H, n, S) of the last n queries (`last_queries_scores`)."""
+    return masked_log_probs(*last_queries_scores(attn, q, k, mask, queries))
 
 
 def far_keys(positions: torch.Tensor | None, T: int, n: int, far: int, device) -> torch.Tensor:
@@ -93,9 +95,16 @@ class AttentionTap:
         self.entropy: dict[tuple, torch.Tensor] = {}  # (global layer, part) -> sum of p log p of the teacher
         self.kl: dict[tuple, torch.Tensor] = {}  # (global layer, part) -> the student's KL sum (a value)
 
-    def _parts(self) -> dict[str, int]:
-        """The distributions compared: "all" keys, and "far" keys (those `far` positions back)."""
-        return {"all": 0, "far": self.far} if self.far else {"all": 0}
+    def _log_probs(self, attn, q, k, mask, positions) -> dict[str, torch.Tensor]:
+        """The distributions compared, from one product of queries and keys: over "all" keys, and
+        with `far` over the "far" keys, those at least `far` positions back by `positions` (B, T)
+        (None: 0..T-1)."""
+        scores, allowed = last_queries_scores(attn, q, k, mask, self.queries)
+        out = {"all": masked_log_probs(scores, allowed)}
+        if self.far:
+            far = far_keys(positions, q.shape[2], scores.shape[2], self.far, q.device)[:, None]  # (B, 1, n, S)
+            out["far"] = masked_log_probs(scores, allowed & far)
+        return out
 
     @contextlib.contextmanager
     def record(self, model, positions: torch.Tensor | None = None):
@@ -103,8 +112,8 @@ class AttentionTap:
         rows with these position ids (None: 0..T-1)."""
 
         def tap(i, attn, q, k, mask):
-            for part, far in self._parts().items():
-                log_probs = last_queries_log_probs(attn, q, k, mask, self.queries, far, positions).detach()
+            for part, log_probs in self._log_probs(attn, q, k, mask, positions).items():
+                log_probs = log_probs.detach()
                 self.teacher[i, part] = log_probs.exp()
                 self.entropy[i, part] = (self.teacher[i, part] * log_probs).sum()
             return None
@@ -125,8 +134,7 @@ class AttentionTap:
 
         def tap(i, attn, q, k, mask):
             loss = 0.0
-            for part, far in self._parts().items():
-                student = last_queries_log_probs(attn, q, k, mask, self.queries, far, positions)  # (B, H, n, S)
+            for part, student in self._log_probs(attn, q, k, mask, positions).items():  # (B, H, n, S) each
                 kl = (self.entropy[i, part] - (self.teacher[i, part] * student).sum()) / q.shape[1]
                 self.kl[i, part] = kl.detach()  # a recomputation (checkpointing) writes the same value again
                 loss = loss + weights[part] * kl
