@@ -261,8 +261,8 @@ def test_training_with_the_term_pulls_the_students_attention_to_the_teachers():
 
 def test_a_step_logs_the_far_term_on_its_skipped_positions():
     """One step over every row, skipped positions on: the logged far term is the mean KL per query
-    measured before it on the same rows and positions (dha.train.rows_at, skip_positions), and the
-    objective counts it at its weight."""
+    written out (reference_term) before it on the same rows and positions (dha.train.rows_at,
+    skip_positions), and the objective counts it at its weight."""
     teacher, student = small_model(seed=0), perturbed(small_model(seed=0))
     rows = torch.randint(0, 97, (32, 33), generator=torch.Generator().manual_seed(7))
     cfg = TrainConfig(
@@ -270,16 +270,10 @@ def test_a_step_logs_the_far_term_on_its_skipped_positions():
         distill=True, distill_weight=1.0, far_attention_distill=2.0, far_distance=20, attention_queries=8,
         position_span=64,
     )  # fmt: skip
-    order = rows_at(32, cfg.seed, 0, 32)
+    inputs = rows[rows_at(32, cfg.seed, 0, 32), :-1]
     positions = skip_positions(32, 64, cfg.seed, torch.arange(32))
-    tap = AttentionTap(8, far=20)
     with torch.no_grad():
-        inputs = rows[order, :-1]
-        with tap.record(teacher, positions):
-            teacher(inputs, positions=positions)
-        with tap.compare(student, 0.0, 1.0, positions):
-            student(inputs, positions=positions)
-    before = tap.take("far").item() / (32 * 8)
+        before = reference_term(teacher, student, inputs, 8, 20, positions)[0].item() / (32 * 8)
     first = train(student, rows, None, cfg, teacher=teacher, progress=False).history[0]
     assert before > 0.01 and abs(first["far_attention_distill_loss"] - before) <= 1e-5
     assert first["objective"] == pytest.approx(first["distill_loss"] + 2.0 * first["far_attention_distill_loss"])
