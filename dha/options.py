@@ -87,6 +87,10 @@ class TrainConfig:
     # many, so that rows of block_size tokens teach attention over distances up to position_span
     # (dha.train.skip_positions); 0: positions 0..block_size-1.
     position_span: int = 0
+    # Recall spans: the last `recall_tokens` tokens of each training row repeat as many tokens of its
+    # first part (before the skip, with position_span), so that predicting them takes keys up to the
+    # row's whole span back (dha.train.recall_rows); 0: off.
+    recall_tokens: int = 0
 
     @property
     def tapped_queries(self) -> int:
@@ -121,6 +125,11 @@ class TrainConfig:
                 self.position_span == 0 or self.position_span > self.block_size,
                 f"position span must be 0 (off) or more than the block size ({self.block_size}), "
                 f"got {self.position_span}",
+            ),
+            (
+                self.recall_tokens >= 0 and 2 * self.recall_tokens < self.block_size,
+                f"recall tokens must be >= 0 and less than half the block size ({self.block_size}), "
+                f"got {self.recall_tokens}",
             ),
             (self.keep_checkpoints >= 1, f"keep checkpoints must be at least 1, got {self.keep_checkpoints}"),
             (0.0 <= self.distill_weight <= 1.0, f"distill weight must be in [0, 1], got {self.distill_weight}"),

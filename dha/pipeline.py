@@ -728,6 +728,7 @@ def run_markdown(summary: dict) -> list[str]:
                 if tr.get("far_attention_distill")
                 else ""
             )
+            + (f", recall spans of {tr['recall_tokens']} tokens" if tr.get("recall_tokens") else "")
         )
     lines.append("- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items()))
     return lines

@@ -41,6 +41,12 @@ W-token rows. The cut and the skip are drawn from the row's data position (`skip
 resumed run, and any split over processes and micro batches, sees the same positions; the teacher
 reads the same positions as the student.
 
+Recall spans (`recall_tokens`): natural text rarely needs a token thousands of positions back, so
+training on it teaches little about reading far. With recall spans the last n tokens of each row
+repeat n tokens of its first part (before the skip, with skipped positions), so that predicting
+them takes keys up to the row's whole span back: what a retrieval head does when it copies a
+passkey. The copied span is drawn from the row's data position (`recall_rows`), like the skip.
+
 Hooks for the fusion stage (plain functions, see `Hooks`): an extra loss term computed from the
 model, optimizer parameter groups with their own learning rates, and `on_step_end`. A group may
 have a NEGATIVE learning rate: gradient ascent, for Lagrange multipliers in augmented-Lagrangian
@@ -331,6 +337,25 @@ def skip_positions(width: int, span: int, seed: int, data_positions: Tensor) -> 
         cut = int(torch.randint(1, width, (1,), generator=g))
         skip = int(torch.randint(0, span - width + 1, (1,), generator=g))
         out[i] = torch.where(base < cut, base, base + skip)
+    return out
+
+
+def recall_rows(rows: Tensor, n: int, seed: int, data_positions: Tensor, positions: Tensor | None) -> Tensor:
+    """A copy of `rows` (tokens, W + 1 wide) whose last n tokens repeat n tokens of each row's first
+    part (module doc, "Recall spans"): those at [o, o + n), with o drawn in [0, max(0, cut - n)] from
+    a generator seeded by (seed, data position). The cut is where `positions` (the inputs' position
+    ids, (rows, W); None: no skip) first jump; without a jump it is W - n, so the copy never
+    overlaps itself."""
+    out = rows.clone()
+    width = rows.shape[1] - 1
+    for i, p in enumerate(data_positions.tolist()):
+        cut = width - n
+        if positions is not None:
+            jumps = (positions[i, 1:] - positions[i, :-1] != 1).nonzero()
+            cut = min(cut, int(jumps[0]) + 1) if len(jumps) else cut
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * p + 2)
+        o = int(torch.randint(0, max(0, cut - n) + 1, (1,), generator=g))
+        out[i, -n:] = rows[i, o : o + n]
     return out
 
 
@@ -753,6 +778,10 @@ class _Run:
         self.heldout = as_blocks(heldout, cfg.block_size, "held-out") if heldout is not None else None
         self.shape = step_shape(cfg, self.rows.shape[1], d.world)
         check_position_span(cfg.position_span, model.config, self.shape.width)
+        if 2 * cfg.recall_tokens >= self.shape.width:
+            raise UserError(
+                f"--recall-tokens {cfg.recall_tokens} must be under half the training rows' {self.shape.width} tokens"
+            )
         self.identity = run_identity(cfg, model, run_info)
         if out_dir is not None and not rundir.check(
             out_dir, self.identity, resume is not None, resumable=RESUMABLE_CHANGES, added=_added()
@@ -884,15 +913,19 @@ class _Run:
         starts = list(range(0, self.per_rank, self.micro))
         for i, s in enumerate(starts):
             last = i == len(starts) - 1
-            batch = my_rows[s : s + self.micro].to(self.d.device, non_blocking=True)
+            batch = my_rows[s : s + self.micro]
             sync = last or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
             ctx = self.wrapped.no_sync() if not sync else contextlib.nullcontext()
             if self.fsdp:
                 self.module.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last micro batch only
             positions = None
+            where = torch.arange(start + s, start + s + batch.shape[0])
             if self.cfg.position_span:
-                where = torch.arange(start + s, start + s + batch.shape[0])
                 positions = skip_positions(batch.shape[1] - 1, self.cfg.position_span, self.cfg.seed, where)
+            if self.cfg.recall_tokens:
+                batch = recall_rows(batch.cpu(), self.cfg.recall_tokens, self.cfg.seed, where, positions)
+            batch = batch.to(self.d.device, non_blocking=True)
+            if positions is not None:
                 positions = positions.to(self.d.device, non_blocking=True)
             # The attention tap spans the backward pass: checkpointed blocks run it again there.
             with ctx, self._attention_tap(batch.shape[1] - 1, positions):

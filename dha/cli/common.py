@@ -260,6 +260,16 @@ TRAINING_OPTIONS: tuple[tuple[str, dict], ...] = (
             "to N; at most the model's positions, 0 = off (default 0)",
         ),
     ),
+    (
+        "recall_tokens",
+        dict(
+            type=int,
+            default=TRAIN_DEFAULTS.recall_tokens,
+            help="make the last N tokens of each training row repeat N tokens of its first part (before the "
+            "skip, with --position-span), so that predicting them takes keys up to the row's whole span back; "
+            "under half of --block-size, 0 = off (default 0)",
+        ),
+    ),
     ("resume", dict(default=None, help="continue the run in this directory (its newest checkpoint)")),
     ("no_progress", dict(action="store_true", help="no progress bar")),
 )
