@@ -99,6 +99,11 @@ if [[ $part == convert || $part == all ]]; then
     --out $runs/akd03_98k_s0
   python -m dha convert --method dha $pose --tokens 98304 --seed 1 --attention-distill 0.3 --far-attention-distill 2 \
     --no-progress --out $runs/far2_98k_s1
+  # recall spans: the last 256 tokens of each row repeat 256 tokens of its first part (seeds 0 and 1)
+  for seed in 0 1; do
+    python -m dha convert --method dha $pose --tokens 98304 --seed $seed --attention-distill 0.3 --recall-tokens 256 \
+      --no-progress --out $runs/recall256_98k_s$seed
+  done
   # weight 0.3 at the demo's budget (24,576 tokens), seed 1
   python -m dha convert --method dha $pose --tokens 24576 --seed 1 --attention-distill 0.3 --no-progress \
     --out $runs/akd03_24k_s1
@@ -135,12 +140,14 @@ if [[ $part == eval || $part == all ]]; then
   python -m dha eval $runs/pv2k_fp0_98k --compare $runs/pv2k_then8k $runs/pv8k_fp0_98k $runs/pv8k_more \
     --max-eval-tokens 16384 --batch-sizes 1 --new-tokens 4 --repeats 1  # 512-token windows of held-out pydoc
   for m in pose2k_24k_s0 pose2k_24k_s1 pose2k_98k pose2k_196k pose256_24k control_pose2k pose2k_98k_s1 pose2k_98k_kd \
-    pose2k_98k_rl8k pose2k_98k_s2 akd_98k_s0 akd_98k_s1 akd_24k_s1 akd8k_98k akd03_98k_s1 akd03_98k_s0 far2_98k_s1 akd03_24k_s1; do
+    pose2k_98k_rl8k pose2k_98k_s2 akd_98k_s0 akd_98k_s1 akd_24k_s1 akd8k_98k akd03_98k_s1 akd03_98k_s0 far2_98k_s1 akd03_24k_s1 \
+    recall256_98k_s0 recall256_98k_s1; do
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths 2048,4096,8192 \
       --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   done
   python benchmarks/plot_long_context.py $res/long_context_half_20.jsonl --out docs/images \
-    --retrieval smollm2-135m,pose2k_98k,pose2k_98k_s1,pose2k_98k_s2,akd03_98k_s0,akd03_98k_s1,far2_98k_s1,pv8k_fp0_98k,control2k_98k
+    --retrieval smollm2-135m,pose2k_98k,pose2k_98k_s1,akd03_98k_s0,akd03_98k_s1,recall256_98k_s0,recall256_98k_s1,\
+far2_98k_s1,pv8k_fp0_98k,control2k_98k
   python benchmarks/long_context_lean.py $runs/third0 --data "$man" --windows 2 --lengths "" --out $res/long_context_third.jsonl
   python benchmarks/long_context_lean.py $runs/third_2k_fp0 --data "$man" --windows 2 --lengths 2048,4096,8192 \
     --per-depth 4 --far-per-depth 4 --out $res/long_context_third.jsonl
@@ -190,6 +197,13 @@ if [[ $part == heads || $part == all ]]; then
     --out $res/retrieval_heads_half_8k_akd8k.json
   python benchmarks/retrieval_heads.py --source $runs/far2_98k_s1 --length 8192 --prompts 5 --per-depth 1 --top 12 \
     --out $res/retrieval_heads_half_8k_far2_s1.json
+  # by depth after recall spans (seed 0); the loss on a 64-token span repeated from 1k-8k tokens back
+  python benchmarks/retrieval_heads.py --source $runs/recall256_98k_s0 --length 8192 --prompts 5 --per-depth 1 --top 12 \
+    --out $res/retrieval_heads_half_8k_recall_s0.json
+  python benchmarks/copy_by_distance.py smollm2-135m $runs/akd03_98k_s0 $runs/recall256_98k_s0 --data "$man" \
+    --out $res/copy_by_distance_half_s0.json
+  python benchmarks/copy_by_distance.py $runs/akd03_98k_s1 $runs/recall256_98k_s1 --data "$man" \
+    --out $res/copy_by_distance_half_s1.json
   # the same with layers 0-13, 0-6 or 7-13 left whole (0.767, 0.622, 0.644 of the cache)
   for whole in 0_13 0_6 7_13; do
     python -m dha convert --method dha --plan $res/plan_half_whole$whole.json --free-pairs 0 --tokens 0 \
