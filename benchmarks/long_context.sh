@@ -200,9 +200,10 @@ if [[ $part == heads || $part == all ]]; then
   # by depth after recall spans (seed 0); the loss on a 64-token span repeated from 1k-8k tokens back
   python benchmarks/retrieval_heads.py --source $runs/recall256_98k_s0 --length 8192 --prompts 5 --per-depth 1 --top 12 \
     --out $res/retrieval_heads_half_8k_recall_s0.json
-  python benchmarks/copy_by_distance.py smollm2-135m $runs/akd03_98k_s0 $runs/recall256_98k_s0 --data "$man" \
+  copy="--data $man --windows 2 --distances 1024,4096,7168"
+  python benchmarks/copy_by_distance.py smollm2-135m $runs/akd03_98k_s0 $runs/recall256_98k_s0 $copy \
     --out $res/copy_by_distance_half_s0.json
-  python benchmarks/copy_by_distance.py $runs/akd03_98k_s1 $runs/recall256_98k_s1 --data "$man" \
+  python benchmarks/copy_by_distance.py $runs/akd03_98k_s1 $runs/recall256_98k_s1 $copy \
     --out $res/copy_by_distance_half_s1.json
   # the same with layers 0-13, 0-6 or 7-13 left whole (0.767, 0.622, 0.644 of the cache)
   for whole in 0_13 0_6 7_13; do

@@ -341,7 +341,7 @@ def skip_positions(width: int, span: int, seed: int, data_positions: Tensor) -> 
 
 
 def recall_rows(rows: Tensor, n: int, seed: int, data_positions: Tensor, positions: Tensor | None) -> Tensor:
-    """A copy of `rows` (tokens, W + 1 wide) whose last n tokens repeat n tokens of each row's first
+    """A copy of `rows` ((rows, W + 1) tokens) whose last n tokens repeat n tokens of each row's first
     part (module doc, "Recall spans"): those at [o, o + n), with o drawn in [0, max(0, cut - n)] from
     a generator seeded by (seed, data position). The cut is where `positions` (the inputs' position
     ids, (rows, W); None: no skip) first jump; without a jump it is W - n, so the copy never
@@ -918,15 +918,7 @@ class _Run:
             ctx = self.wrapped.no_sync() if not sync else contextlib.nullcontext()
             if self.fsdp:
                 self.module.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter on the last micro batch only
-            positions = None
-            where = torch.arange(start + s, start + s + batch.shape[0])
-            if self.cfg.position_span:
-                positions = skip_positions(batch.shape[1] - 1, self.cfg.position_span, self.cfg.seed, where)
-            if self.cfg.recall_tokens:
-                batch = recall_rows(batch.cpu(), self.cfg.recall_tokens, self.cfg.seed, where, positions)
-            batch = batch.to(self.d.device, non_blocking=True)
-            if positions is not None:
-                positions = positions.to(self.d.device, non_blocking=True)
+            batch, positions = self._as_trained(batch, start + s)
             # The attention tap spans the backward pass: checkpointed blocks run it again there.
             with ctx, self._attention_tap(batch.shape[1] - 1, positions):
                 loss = self._micro_batch_loss(batch, sums, positions)
@@ -936,6 +928,18 @@ class _Run:
                     extra_value = float(term.detach())
                 loss.backward()
         return sums, extra_value, extra_scalars
+
+    def _as_trained(self, batch: Tensor, start: int) -> tuple[Tensor, Tensor | None]:
+        """Rows at data positions start, start + 1, ... as trained on, on the device: with recall spans
+        their copies written in, and their skipped positions (None: 0..W-2)."""
+        cfg, where = self.cfg, torch.arange(start, start + batch.shape[0])
+        positions = (
+            skip_positions(batch.shape[1] - 1, cfg.position_span, cfg.seed, where) if cfg.position_span else None
+        )
+        if cfg.recall_tokens:
+            batch = recall_rows(batch, cfg.recall_tokens, cfg.seed, where, positions)
+        batch = batch.to(self.d.device, non_blocking=True)
+        return batch, None if positions is None else positions.to(self.d.device, non_blocking=True)
 
     def _per_query(self, width: int) -> float:
         """(W - 1) / n: what turns the attention term's sum over a row's n queries into a share of
