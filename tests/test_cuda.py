@@ -214,8 +214,8 @@ def test_learned_search_and_lagrangian_fusion_on_cuda(setup):
 
 
 def test_skipped_positions_train_on_cuda_as_on_the_cpu():
-    """--position-span on the GPU: the first step's loss and distillation loss (teacher reading the
-    same positions) equal the CPU's within 1e-4 (float32, different kernels)."""
+    """--position-span (and --recall-tokens) on the GPU: the first step's loss and distillation loss
+    (teacher reading the same positions) equal the CPU's within 1e-4 (float32, different kernels)."""
     from dha.options import TrainConfig
     from dha.train import train
 
@@ -225,7 +225,7 @@ def test_skipped_positions_train_on_cuda_as_on_the_cpu():
     for device in ("cpu", "cuda:0"):
         cfg = TrainConfig(
             tokens=68, block_size=17, batch_tokens=68, micro_batch=2, lr=0.0, dtype="float32", eval_every=0,
-            position_span=96, distill=True, device=device,
+            position_span=96, recall_tokens=4, distill=True, device=device,
         )  # fmt: skip
         first[device] = train(ours_from_hf(hf), rows, None, cfg, progress=False).history[0]
     for key in ("loss", "distill_loss"):
