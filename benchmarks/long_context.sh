@@ -104,9 +104,11 @@ if [[ $part == convert || $part == all ]]; then
     python -m dha convert --method dha $pose --tokens 98304 --seed $seed --attention-distill 0.3 --recall-tokens 256 \
       --no-progress --out $runs/recall256_98k_s$seed
   done
-  # weight 0.3 at the demo's budget (24,576 tokens), seed 1
+  # weight 0.3 at the demo's budget (24,576 tokens), seed 1; and with recall spans of 256
   python -m dha convert --method dha $pose --tokens 24576 --seed 1 --attention-distill 0.3 --no-progress \
     --out $runs/akd03_24k_s1
+  python -m dha convert --method dha $pose --tokens 24576 --seed 1 --attention-distill 0.3 --recall-tokens 256 \
+    --no-progress --out $runs/recall256_24k_s1
   # 1/3 of the cache: one key and one value head per layer, so no head can be kept out of the merges;
   # no training, and the demo's budget on rows of 2,048 with no position-free pairs
   python -m dha convert --method dha --kv-budget 0.3334 --tokens 0 --no-progress --out $runs/third0
@@ -145,6 +147,8 @@ if [[ $part == eval || $part == all ]]; then
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths 2048,4096,8192 \
       --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   done
+  python benchmarks/long_context_lean.py $runs/recall256_24k_s1 --data "$man" --windows 0 --lengths 2048,4096 \
+    --per-depth 4 --out $res/long_context_half_20.jsonl
   python benchmarks/plot_long_context.py $res/long_context_half_20.jsonl --out docs/images \
     --retrieval smollm2-135m,pose2k_98k,pose2k_98k_s1,akd03_98k_s0,akd03_98k_s1,recall256_98k_s0,recall256_98k_s1,\
 far2_98k_s1,pv8k_fp0_98k,control2k_98k
