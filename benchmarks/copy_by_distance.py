@@ -29,13 +29,9 @@ from dha.checkpoint import load  # noqa: E402
 def copy_prompts(ids: torch.Tensor, length: int, span: int, distance: int, windows: int) -> torch.Tensor:
     """(windows, length) token ids: consecutive slices of `ids`, each ending with a repeat of the
     `span` tokens that start `distance` positions before the repeat does."""
-    if not span <= distance <= length - span:
-        raise SystemExit(f"distance {distance} must be in [{span}, {length - span}]")
     rows = []
     for w in range(windows):
         text = ids[w * length : w * length + length - span]
-        if len(text) < length - span:
-            raise SystemExit(f"the text has {len(ids):,} tokens: too few for {windows} windows of {length}")
         start = length - span - distance
         rows.append(torch.cat([text, text[start : start + span]]))
     return torch.stack(rows)
@@ -46,7 +42,7 @@ def copy_loss(model, prompts: torch.Tensor, span: int, skip: int) -> float:
     """Mean next-token loss (nats) on the repeats' tokens after their first `skip`."""
     losses = []
     for row in prompts:
-        logits = model(row[None, :-1])[0, -span:].float()
+        logits = model.logits(model.features(row[None, :-1])[:, -span:])[0].float()  # the repeat's only
         losses.append(F.cross_entropy(logits[skip:], row[-span + skip :]))
     return torch.stack(losses).mean().item()
 
@@ -63,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     distances = [int(d) for d in args.distances.split(",")]
+    if not all(args.span <= d <= args.length - args.span for d in distances):
+        p.error(f"--distances must be in [{args.span}, {args.length - args.span}] (--span, --length - --span)")
     result = {k: getattr(args, k) for k in ("data", "length", "span", "skip", "windows")}
     result |= {"distances": distances, "loss": {}}
     tokenizer = None
@@ -73,6 +71,8 @@ def main(argv=None) -> int:
             tokenizer = loaded.tokenizer
             with open(args.data) as f:
                 ids = torch.tensor(tokenizer(f.read(args.windows * args.length * 8))["input_ids"])
+            if len(ids) < args.windows * args.length:
+                p.error(f"--data has {len(ids):,} tokens: too few for {args.windows} windows of {args.length}")
         losses = []
         for d in distances:
             losses.append(

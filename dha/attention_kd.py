@@ -66,11 +66,6 @@ def masked_log_probs(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tenso
     return scores.masked_fill(~allowed, MASKED).log_softmax(-1)
 
 
-def last_queries_log_probs(attn, q: torch.Tensor, k: torch.Tensor, mask, queries: int) -> torch.Tensor:
-    """Attention log-probabilities (B, H, n, S) of the last n queries (`last_queries_scores`)."""
-    return masked_log_probs(*last_queries_scores(attn, q, k, mask, queries))
-
-
 def far_keys(positions: torch.Tensor | None, T: int, n: int, far: int, device) -> torch.Tensor:
     """(B, n, S) boolean: key j at least `far` positions behind query i, for the last n of T queries;
     positions (B, T) position ids (None: 0..T-1, one row that broadcasts); keys are the T inputs."""

@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from dha.attention_kd import AttentionTap, last_queries_log_probs
+from dha.attention_kd import AttentionTap, last_queries_scores, masked_log_probs
 from dha.cli import main
 from dha.memory import Training, attention_tap_numbers
 from dha.model import ModelConfig, Transformer, causal_window_mask
@@ -85,6 +85,11 @@ def reference_probs(q, k, key_index, allowed) -> torch.Tensor:
 
 
 IDS = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3))
+
+
+def last_queries_log_probs(attn, q, k, mask, queries):
+    """The tap's distribution over all keys (AttentionTap._log_probs, "all")."""
+    return masked_log_probs(*last_queries_scores(attn, q, k, mask, queries))
 
 
 def test_the_distributions_are_the_attention_each_layer_applies():
