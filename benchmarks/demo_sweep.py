@@ -27,6 +27,7 @@ import torch
 from dha.atomic import write_json
 from dha.checkpoint import load
 from dha.data import calibration_blocks, load_tokens
+from dha.distributed import setup_distributed
 from dha.evaluate import perplexity
 from dha.options import FusionOptions, TrainConfig
 from dha.pipeline import (
@@ -41,7 +42,6 @@ from dha.pipeline import (
     split_tokens,
 )
 from dha.search import SearchOptions
-from dha.train import setup_distributed
 
 
 def parse_variant(text: str) -> dict:

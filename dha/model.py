@@ -745,7 +745,7 @@ class Transformer(nn.Module):
         last_only: logits of the last position only, (B, 1, V), as generation needs; a prefill then
         skips the (B, T, V) logits, often its largest tensor.
         positions: (B, T) increasing position ids of each row, in place of 0..T-1 (training with
-        skipped positions, dha.train.skip_positions); no cache, and no sliding window (it counts
+        skipped positions, dha.rows.skip_positions); no cache, and no sliding window (it counts
         tokens, not positions)."""
         return self.logits(self.features(input_ids, cache, last_only, positions))
 

@@ -85,11 +85,11 @@ class TrainConfig:
     activation_checkpointing: str = "auto"
     # Skipped positions (positional skip-wise training, PoSE): each row's positions spread over this
     # many, so that rows of block_size tokens teach attention over distances up to position_span
-    # (dha.train.skip_positions); 0: positions 0..block_size-1.
+    # (dha.rows.skip_positions); 0: positions 0..block_size-1.
     position_span: int = 0
     # Recall spans: the last `recall_tokens` tokens of each training row repeat as many tokens of its
     # first part (before the skip, with position_span), so that predicting them takes keys up to the
-    # row's whole span back (dha.train.recall_rows); 0: off.
+    # row's whole span back (dha.rows.recall_rows); 0: off.
     recall_tokens: int = 0
 
     @property

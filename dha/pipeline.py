@@ -53,6 +53,7 @@ from .calibration import calibrate, free_pairs_for
 from .checkpoint import NATIVE_CONFIG, Loaded, write_native
 from .continued import training_heldout
 from .data import blocks, calibration_blocks
+from .distributed import setup_distributed
 from .errors import UserError
 from .evaluate import perplexity
 from .families import refuse_merge_of_qk_norm
@@ -62,9 +63,10 @@ from .merge import aligned_merge, closed_form_merges
 from .options import DEFAULT_FUSION_FRACTION, MERGES, FusionOptions, TrainConfig
 from .plan import Plan
 from .plots import plot_allocation, plot_loss, plot_perplexity
+from .resume import atomic_torch_save, checkpoints_in
 from .search import SearchOptions, check_calib_blocks, search
 from .summary import kv_summary
-from .train import atomic_torch_save, checkpoints_in, eval_rows, setup_distributed, train
+from .train import eval_rows, train
 from .transforms import merge_groups
 
 

@@ -29,23 +29,9 @@ backward pass, and in one process the loss's logits are made a chunk of position
 (`chunked_loss_sums`), so a step holds neither every block's activations nor rows x vocabulary
 logits.
 
-Data order: the training rows are visited in epochs; epoch e is a permutation of all rows drawn
-from a generator seeded by (seed, e). The data position (rows consumed) is an integer saved in
-every checkpoint, so a resumed run reads exactly the rows the uninterrupted run would have.
-
-Skipped positions (`position_span`, PoSE: Zhu et al. 2024, "PoSE: Efficient Context Window
-Extension of LLMs via Positional Skip-wise Training"): each row is cut in two at a random point and
-the second part's positions jump forward by a random skip, so that a row of W tokens has positions
-spread over up to `position_span`. Attention then sees distances up to the span at the cost of
-W-token rows. The cut and the skip are drawn from the row's data position (`skip_positions`), so a
-resumed run, and any split over processes and micro batches, sees the same positions; the teacher
-reads the same positions as the student.
-
-Recall spans (`recall_tokens`): natural text rarely needs a token thousands of positions back, so
-training on it teaches little about reading far. With recall spans the last n tokens of each row
-repeat n tokens of its first part (before the skip, with skipped positions), so that predicting
-them takes keys up to the row's whole span back: what a retrieval head does when it copies a
-passkey. The copied span is drawn from the row's data position (`recall_rows`), like the skip.
+The rows each step reads (their order by epochs, skipped positions, recall spans) come from
+`dha.rows`, so a resumed run, and any split over processes and micro batches, reads the same rows
+at the same positions.
 
 Hooks for the fusion stage (plain functions, see `Hooks`): an extra loss term computed from the
 model, optimizer parameter groups with their own learning rates, and `on_step_end`. A group may
@@ -58,18 +44,8 @@ should not shrink the model's step) and should use weight_decay 0 (the default f
 
 Distributed
 -----------
-The same command runs under torchrun; the process group is gloo on CPU and NCCL on GPU (one GPU
-per process, cuda:LOCAL_RANK). `--fsdp` shards parameters, gradients and optimizer state with
-FSDP2 (`torch.distributed.fsdp.fully_shard`, one unit per transformer block); otherwise DDP.
-Only rank 0 writes files. One machine:
-
-    torchrun --nproc_per_node 2 -m dha train SOURCE --data D --tokens N --out DIR [--fsdp]
-
-Several machines (every node runs this, with its own --node_rank; all see DIR on shared storage,
-which `--resume` also reads):
-
-    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d \\
-        --rdzv_endpoint HOST0:29500 -m dha train SOURCE --data D --tokens N --out DIR
+The same command runs under torchrun (DDP, or FSDP2 with `--fsdp`; `dha.distributed`). Only rank 0
+writes files.
 
 Output directory
 ----------------
@@ -78,9 +54,9 @@ Output directory
     log.jsonl           one JSON object per step ({"kind": "train", ...}) and per evaluation
                         ({"kind": "eval", ...})
     tensorboard/        TensorBoard events (torch.utils.tensorboard)
-    checkpoints/        step_XXXXXXXX.pt, written atomically (temp file + rename); the newest
-                        `keep_checkpoints` are kept; each holds model, optimizer, step, data
-                        position, RNG states and the history so far
+    checkpoints/        step_XXXXXXXX.pt (or step_XXXXXXXX/ under FSDP), what --resume reads back:
+                        model, optimizer, step, data position, RNG states, the history so far
+                        (dha.resume)
     model.safetensors, dha_config.json, tokenizer files
                         the final model as a native checkpoint (dha.checkpoint.save_final_model),
                         so DIR is itself a SOURCE for the other verbs
@@ -90,16 +66,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import glob
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-import warnings
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -108,29 +81,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import rundir
-from .atomic import atomic_file, write_json
+from .atomic import write_json
 from .attention_kd import AttentionTap
 from .checkpoint import save_final_model
-from .data import DataError, blocks
+from .distributed import Dist, all_sum, setup_distributed, unwrap_full_model, wrap_distributed
 from .errors import UserError
 from .memory import Training, free_memory, gib, step_bytes
-from .model import ModelConfig, Transformer, logit_chunk, next_token_nll
+from .model import Transformer, logit_chunk, next_token_nll
 from .options import AUTOCAST_NAMES, TrainConfig
-from .transforms import build
+from .resume import (
+    RESUMABLE_CHANGES,
+    added_defaults,
+    find_checkpoint,
+    load_checkpoint,
+    restore,
+    run_identity,
+    save_checkpoint,
+    set_rng_state,
+)
+from .rows import as_blocks, check_position_span, recall_rows, rows_at, skip_positions
 
-RUN_FORMAT = "dha-train-run/1"
-CHECKPOINT_FORMAT = "dha-train-checkpoint/1"
-SHARDED_META = "meta.pt"  # beside the shards of a sharded checkpoint: step, history, RNG, identity
-# TrainConfig fields that may differ between a run and its resumption: they do not change the
-# trajectory of the weights.
-RESUMABLE_CHANGES = {
-    "config.eval_every",
-    "config.save_every",
-    "config.keep_checkpoints",
-    "config.device",
-    "config.micro_batch",  # only the order of sums
-    "config.activation_checkpointing",
-}  # recomputes the same forward: the same gradients
 AUTOCAST_DTYPES = {name: None if name == "float32" else getattr(torch, name) for name in AUTOCAST_NAMES}  # float32: off
 
 
@@ -250,129 +220,7 @@ def chunked_loss_sums(model, hidden: Tensor, targets: Tensor, teacher, teacher_h
     return total
 
 
-# ---- distributed setup ---------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU)."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        dev = torch.device("cuda", local_rank) if device in ("auto", "cuda") else torch.device(device)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), dev)
-    return Dist(0, 1, dev)
-
-
-def _all_sum(t: Tensor, d: Dist) -> Tensor:
-    if d.world > 1:
-        dist.all_reduce(t)
-    return t
-
-
-# ---- data ----------------------------------------------------------------------------------------
-
-
-def as_blocks(data, block_size: int, what: str) -> Tensor:
-    """A 1-D token stream cut into (n, block_size) rows, or 2-D rows as given."""
-    if not isinstance(data, Tensor):
-        data = torch.as_tensor(data)
-    if data.dim() == 1:
-        if data.numel() < block_size:
-            raise DataError(
-                f"{what} data has {data.numel()} tokens, shorter than one block of {block_size}: "
-                "use more data or a smaller --block-size"
-            )
-        return blocks(data.long(), block_size)
-    if data.dim() != 2 or data.shape[0] < 1 or data.shape[1] < 2:
-        raise DataError(
-            f"{what} data must be a 1-D token stream or (n, block) rows with n >= 1 and block >= 2, "
-            f"got shape {tuple(data.shape)}"
-        )
-    return data.long()
-
-
-def epoch_order(num_rows: int, seed: int, epoch: int) -> Tensor:
-    """The order rows are read in during `epoch`: a permutation seeded by (seed, epoch)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_rows, generator=g)
-
-
-def rows_at(num_rows: int, seed: int, start: int, count: int) -> Tensor:
-    """Row indices at global data positions [start, start + count) (may cross epochs)."""
-    out, position = [], start
-    while position < start + count:
-        epoch, offset = divmod(position, num_rows)
-        take = min(num_rows - offset, start + count - position)
-        out.append(epoch_order(num_rows, seed, epoch)[offset : offset + take])
-        position += take
-    return torch.cat(out)
-
-
-def skip_positions(width: int, span: int, seed: int, data_positions: Tensor) -> Tensor:
-    """(len(data_positions), width) position ids for rows at these data positions (module doc,
-    "Skipped positions"): 0..c-1, then c+s..width-1+s, with the cut c in [1, width-1] and the skip
-    s in [0, span-width], drawn from a generator seeded by (seed, data position). The largest
-    position is at most span-1."""
-    out = torch.empty(len(data_positions), width, dtype=torch.long)
-    base = torch.arange(width)
-    for i, p in enumerate(data_positions.tolist()):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * p + 1)
-        cut = int(torch.randint(1, width, (1,), generator=g))
-        skip = int(torch.randint(0, span - width + 1, (1,), generator=g))
-        out[i] = torch.where(base < cut, base, base + skip)
-    return out
-
-
-def recall_rows(rows: Tensor, n: int, seed: int, data_positions: Tensor, positions: Tensor | None) -> Tensor:
-    """A copy of `rows` ((rows, W + 1) tokens) whose last n tokens repeat n tokens of each row's first
-    part (module doc, "Recall spans"): those at [o, o + n), with o drawn in [0, max(0, cut - n)] from
-    a generator seeded by (seed, data position). The cut is where `positions` (the inputs' position
-    ids, (rows, W); None: no skip) first jump; without a jump it is W - n, so the copy never
-    overlaps itself."""
-    out = rows.clone()
-    width = rows.shape[1] - 1
-    for i, p in enumerate(data_positions.tolist()):
-        cut = width - n
-        if positions is not None:
-            jumps = (positions[i, 1:] - positions[i, :-1] != 1).nonzero()
-            cut = min(cut, int(jumps[0]) + 1) if len(jumps) else cut
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * p + 2)
-        o = int(torch.randint(0, max(0, cut - n) + 1, (1,), generator=g))
-        out[i, -n:] = rows[i, o : o + n]
-    return out
-
-
-def check_position_span(span: int, mc, width: int) -> None:
-    """Refuse a position span (TrainConfig.position_span; 0: off) that rows of `width` tokens or the
-    model of ModelConfig `mc` cannot take."""
-    if not span:
-        return
-    if span <= width:
-        raise UserError(f"--position-span {span} must exceed the training rows' {width} tokens")
-    if span > mc.max_position_embeddings:
-        raise UserError(f"--position-span {span} is beyond the model's {mc.max_position_embeddings} positions")
-    if mc.sliding_window is not None:
-        raise UserError(
-            f"--position-span: the model attends within a sliding window of {mc.sliding_window} tokens, "
-            "which counts tokens, not positions; train it on rows as long as the context instead"
-        )
+# ---- steps ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -402,147 +250,6 @@ def step_shape(cfg: TrainConfig, width: int, world: int) -> StepShape:
         )
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * steps))
     return StepShape(rows, width, steps, min(warmup, steps))
-
-
-# ---- output directory, run identity, checkpoints -------------------------------------------------
-
-
-def run_identity(cfg: TrainConfig, model: nn.Module, run_info: dict | None) -> dict:
-    model_cfg = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else None
-    return {"format": RUN_FORMAT, "run": dict(run_info or {}), "config": asdict(cfg), "model": model_cfg}
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    """What differs between two identities of a training run (dha.rundir.differences): settings a
-    resume may change skipped, a TrainConfig field added since a run was written at its default."""
-    return rundir.differences(old, new, RESUMABLE_CHANGES, _added())
-
-
-def _added() -> dict:
-    """Fields a run written before they existed lacks, at their defaults (TrainConfig's and the model's)."""
-    model = {f"model.{f.name}": f.default for f in fields(ModelConfig) if f.default is not MISSING}
-    return {f"config.{f.name}": f.default for f in fields(TrainConfig)} | model
-
-
-def checkpoints_in(directory: str) -> list[str]:
-    """The checkpoints of a run's checkpoints/ directory, oldest first: step_XXXXXXXX.pt (full state)
-    or step_XXXXXXXX/ (sharded, under FSDP; see save_checkpoint)."""
-    return sorted(glob.glob(os.path.join(directory, "step_*")))
-
-
-def find_checkpoint(resume: str) -> str:
-    """`resume` is a run directory (its newest checkpoint), a checkpoints/ directory, or a checkpoint."""
-    if os.path.isfile(resume) or os.path.isfile(os.path.join(resume, SHARDED_META)):
-        return resume
-    for d in (os.path.join(resume, "checkpoints"), resume):
-        found = checkpoints_in(d)
-        if found:
-            return found[-1]
-    if not os.path.exists(resume):
-        raise UserError(f"resume directory not found: {resume}")
-    raise UserError(f"{resume} holds no training checkpoint (checkpoints/step_*)")
-
-
-def _unreadable(path: str, e: Exception) -> UserError:
-    return UserError(f"checkpoint {path} is unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-
-
-def load_checkpoint(path: str, identity: dict, model: nn.Module) -> dict:
-    """The checkpoint's state, checked against this run and model. A full checkpoint's weights and
-    optimizer state come with it; a sharded one's are read later, into the wrapped model (restore)."""
-    sharded = os.path.isdir(path)
-    try:
-        state = torch.load(
-            os.path.join(path, SHARDED_META) if sharded else path, map_location="cpu", weights_only=False
-        )
-    except Exception as e:  # truncated or not a torch file
-        raise _unreadable(path, e) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a dha training checkpoint")
-    if state["identity"].get("model") != identity.get("model"):
-        raise UserError(f"checkpoint {path} is from another model (different architecture) than the one being trained")
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if sharded:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        try:
-            meta = FileSystemReader(path).read_metadata().state_dict_metadata
-        except Exception as e:
-            raise _unreadable(path, e) from None
-        theirs = {
-            k[len("model.") :]: tuple(m.size) for k, m in meta.items() if k.startswith("model.") and hasattr(m, "size")
-        }
-    else:
-        theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
-    if ours != theirs:
-        raise UserError(f"checkpoint {path} is from another model: its weights do not match this model's")
-    diffs = _differences(state["identity"], identity)
-    if diffs:
-        raise UserError(f"checkpoint {path} belongs to a different run (differs in {', '.join(diffs)})")
-    state["path"], state["sharded"] = path, sharded
-    return state
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def _rng_state() -> dict:
-    import numpy as np
-
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _full_state(module: nn.Module, optimizer) -> tuple[dict, dict]:
-    """Model and optimizer state on CPU, of an unsharded module (one process or DDP)."""
-    model_sd = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return model_sd, copy.deepcopy(optimizer.state_dict())
-
-
-def restore(module: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
-    """Load a checkpoint's weights and optimizer state into the (wrapped) model and optimizer.
-
-    A sharded checkpoint is read by torch.distributed.checkpoint, which reshards: each rank reads
-    what its own shards need, at any process count, with or without FSDP."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-
-    if state["sharded"]:
-        import torch.distributed.checkpoint as dcp
-
-        model_sd, optim_sd = get_state_dict(module, optimizer)
-        target = {"model": model_sd, "optimizer": optim_sd}
-        try:
-            with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(target, checkpoint_id=state["path"])
-        except Exception as e:
-            raise _unreadable(state["path"], e) from None
-        set_state_dict(module, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
-    elif fsdp:
-        set_state_dict(
-            module,
-            optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optimizer"],
-            options=StateDictOptions(full_state_dict=True),
-        )
-    else:
-        module.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
 
 
 # ---- optimizer -----------------------------------------------------------------------------------
@@ -689,7 +396,7 @@ def evaluate_heldout(model: nn.Module, rows: Tensor, micro_batch: int, d: Dist, 
             loss = next_token_nll(model, rows[idx].to(d.device))  # (b,)
         total[0] += (loss * w).sum().double()
         total[1] += w.sum().double() * (rows.shape[1] - 1)
-    _all_sum(total, d)
+    all_sum(total, d)
     model.train(was_training)
     return (total[0] / total[1]).item(), int(total[1].item())
 
@@ -784,7 +491,7 @@ class _Run:
             )
         self.identity = run_identity(cfg, model, run_info)
         if out_dir is not None and not rundir.check(
-            out_dir, self.identity, resume is not None, resumable=RESUMABLE_CHANGES, added=_added()
+            out_dir, self.identity, resume is not None, resumable=RESUMABLE_CHANGES, added=added_defaults()
         ):
             resume = None  # a run killed before it wrote run.json starts anew
         state = load_checkpoint(find_checkpoint(resume), self.identity, model) if resume is not None else None
@@ -833,7 +540,7 @@ class _Run:
         """Weights, optimizer, position, history and RNGs (and the hooks' state) of a checkpoint."""
         restore(self.module, self.optimizer, state, self.fsdp)
         self.step, self.history, self.evals = state["step"], state["history"], state["evals"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         if self.hooks.load_state_dict is not None:
             self.hooks.load_state_dict(state.get("hooks") or {}, self.step)
         if self.d.main:
@@ -895,7 +602,7 @@ class _Run:
         my_rows = self.rows[rows_at(self.rows.shape[0], cfg.seed, start, self.per_rank)]  # (per_rank, width)
         sums, extra_value, extra_scalars = self._accumulate(my_rows, start)
         grad_norm = self._update()
-        _all_sum(sums, d)
+        all_sum(sums, d)
         lm = (sums[0] / self.predicted).item()  # waits for the step's queued work (CUDA is asynchronous): it is timed
         record = self._record(lm, sums, grad_norm, extra_value, extra_scalars, time.perf_counter() - t0)
         if self.hooks.on_step_end is not None:
@@ -1074,22 +781,6 @@ class _Run:
         return TrainResult(self.history, self.evals, final, self.step, self.out_dir, self.checkpointing)
 
 
-def wrap_distributed(module: nn.Module, fsdp: bool, d: Dist) -> nn.Module:
-    """Under torchrun: FSDP2 shards the module in place (one unit per transformer block; the module
-    itself is returned), or DDP wraps it. One process: the module."""
-    if d.world > 1 and fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in getattr(module, "layers", []):
-            fully_shard(block)
-        fully_shard(module)
-    elif d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    return module
-
-
 def _progress_bar(total: int, initial: int):
     from tqdm.auto import tqdm
 
@@ -1107,72 +798,3 @@ def _show_progress(bar, record: dict, evals: list[dict]) -> None:
 def _merged_log(history: list[dict], evals: list[dict]) -> list[dict]:
     """Train and eval records in the order they were logged (an eval at step s follows train step s)."""
     return sorted(history + evals, key=lambda r: (r["step"], r["kind"] == "eval"))
-
-
-def save_checkpoint(
-    out_dir: str,
-    module,
-    optimizer,
-    step: int,
-    data_position: int,
-    history,
-    evals,
-    identity,
-    cfg: TrainConfig,
-    d: Dist,
-    hooks_state: dict | None = None,
-) -> None:
-    """Write checkpoints/step_XXXXXXXX.pt atomically (rank 0), or under FSDP the sharded
-    checkpoints/step_XXXXXXXX/ (every rank writes its shards; then renamed); keep the newest few."""
-    directory = os.path.join(out_dir, "checkpoints")
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "identity": identity,
-        "step": step,
-        "data_position": data_position,  # rows consumed, all ranks together
-        "history": list(history),
-        "evals": list(evals),
-        "rng": _rng_state(),
-        "hooks": hooks_state,
-    }
-    if cfg.fsdp and d.world > 1:
-        _save_sharded(os.path.join(directory, f"step_{step:08d}"), module, optimizer, meta, d)
-    elif d.main:
-        model_sd, optim_sd = _full_state(module, optimizer)
-        atomic_torch_save(
-            {**meta, "model": model_sd, "optimizer": optim_sd}, os.path.join(directory, f"step_{step:08d}.pt")
-        )
-    if d.main:
-        for old in checkpoints_in(directory)[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old) if os.path.isdir(old) else os.unlink(old)
-
-
-def _save_sharded(path: str, module, optimizer, meta: dict, d: Dist) -> None:
-    """torch.distributed.checkpoint into a temp directory (a collective), meta.pt, then the rename.
-    Every rank writes its own shards of the weights and of the optimizer state, to a directory all
-    ranks can reach (one filesystem for a multi-node run)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(module, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
-    if d.main:
-        torch.save(meta, os.path.join(tmp, SHARDED_META))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    dist.barrier()
-
-
-def unwrap_full_model(module: nn.Module, fsdp: bool, d: Dist) -> nn.Module | None:
-    """The trained model as a plain module. Under FSDP the weights are gathered once, to CPU on
-    rank 0, which alone gets a model (the other ranks get None): no rank but rank 0 holds them all."""
-    if not fsdp:
-        return module
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return build(module.config, sd) if d.main else None

@@ -24,7 +24,8 @@ from dha.cli import main
 from dha.memory import Training, attention_tap_numbers
 from dha.model import ModelConfig, Transformer, causal_window_mask
 from dha.options import TrainConfig
-from dha.train import rows_at, set_checkpointing, skip_positions, train
+from dha.rows import rows_at, skip_positions
+from dha.train import set_checkpointing, train
 from tests.conftest import save_tiny_source, text_file
 from tests.helpers import scaled_init_
 
@@ -156,7 +157,7 @@ def test_the_term_is_the_kl_between_the_two_models_attention():
     assert abs(term.item() - expected.item()) <= 1e-5 * max(1.0, expected.item())
 
 
-# Skipped positions (as dha.train.skip_positions makes them): row 0 jumps 20 positions after its
+# Skipped positions (as dha.rows.skip_positions makes them): row 0 jumps 20 positions after its
 # 15th token, row 1 none. With far = 18, row 0's last queries read the keys before the jump and a
 # few after; row 1's first queries have no far key.
 SKIPPED = torch.stack([torch.cat([torch.arange(15), torch.arange(35, 60)]), torch.arange(40)])
@@ -266,7 +267,7 @@ def test_training_with_the_term_pulls_the_students_attention_to_the_teachers():
 
 def test_a_step_logs_the_far_term_on_its_skipped_positions():
     """One step over every row, skipped positions on: the logged far term is the mean KL per query
-    written out (reference_term) before it on the same rows and positions (dha.train.rows_at,
+    written out (reference_term) before it on the same rows and positions (dha.rows.rows_at,
     skip_positions), and the objective counts it at its weight."""
     teacher, student = small_model(seed=0), perturbed(small_model(seed=0))
     rows = torch.randint(0, 97, (32, 33), generator=torch.Generator().manual_seed(7))

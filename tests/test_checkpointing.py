@@ -21,13 +21,15 @@ import dha.model
 import dha.train
 from dha.checkpoint import load
 from dha.cli import main
+from dha.distributed import Dist
 from dha.errors import UserError
 from dha.fuse import FusedModel
 from dha.memory import GiB, Training, Work, activation_bytes, check_fit, estimate, step_bytes, training_fit
 from dha.model import ModelConfig, Transformer
 from dha.options import TrainConfig
 from dha.plan import LayerPlan, Plan
-from dha.train import Dist, _differences, choose_checkpointing, set_checkpointing, train
+from dha.resume import differences
+from dha.train import choose_checkpointing, set_checkpointing, train
 from tests.conftest import save_tiny_source, text_file
 from tests.helpers import scaled_init_
 
@@ -390,7 +392,7 @@ def test_a_change_of_activation_checkpointing_resumes_the_run():
     cfg = TrainConfig(tokens=64)
     run = {"format": 1, "run": {}, "model": None}
     on = {**run, "config": asdict(replace(cfg, activation_checkpointing="on"))}
-    assert _differences({**run, "config": asdict(cfg)}, on) == []
+    assert differences({**run, "config": asdict(cfg)}, on) == []
     with pytest.raises(UserError, match="activation checkpointing must be one of auto, on, off"):
         replace(cfg, activation_checkpointing="yes").validate()
 

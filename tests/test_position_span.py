@@ -15,7 +15,8 @@ from dha.cli import main
 from dha.errors import UserError
 from dha.model import ModelConfig, Transformer
 from dha.options import TrainConfig
-from dha.train import rows_at, skip_positions, train
+from dha.rows import rows_at, skip_positions
+from dha.train import train
 from tests.conftest import ours_from_hf, random_ids, text_file, tiny_llama_hf
 from tests.test_train import tiny_source
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from dha.cli import main
 from dha.errors import UserError
-from dha.train import recall_rows, rows_at, skip_positions, train
+from dha.rows import recall_rows, rows_at, skip_positions
+from dha.train import train
 from tests.conftest import ours_from_hf, random_ids, text_file
 from tests.test_position_span import _config, sharp_llama_hf
 from tests.test_train import tiny_source

@@ -491,17 +491,17 @@ def test_a_run_written_before_a_config_field_existed_still_resumes():
     """run.json from before TrainConfig.data_start: the missing field counts as its default."""
     from dataclasses import asdict
 
-    from dha.train import _differences
+    from dha.resume import differences
 
     cfg = TrainConfig(tokens=64)
     new = {"format": 1, "run": {}, "config": asdict(cfg), "model": None}
     old = {**new, "config": {k: v for k, v in asdict(cfg).items() if k != "data_start"}}
-    assert _differences(old, new) == []
+    assert differences(old, new) == []
     moved = {**new, "config": {**asdict(cfg), "data_start": 8}}
-    assert _differences(old, moved) == ["config.data_start"]
+    assert differences(old, moved) == ["config.data_start"]
     # the same for a model config field added since (ModelConfig.num_experts)
     model = ModelConfig(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2, head_dim=4, intermediate_size=8)
     new = {**new, "model": model.to_dict()}
     old = {**new, "model": {k: v for k, v in model.to_dict().items() if k != "num_experts"}}
-    assert _differences(old, new) == []
-    assert _differences(old, {**new, "model": {**model.to_dict(), "num_experts": 4}}) == ["model.num_experts"]
+    assert differences(old, new) == []
+    assert differences(old, {**new, "model": {**model.to_dict(), "num_experts": 4}}) == ["model.num_experts"]
