@@ -482,7 +482,7 @@ def check_dha_out(out: str, identity: dict, resume: bool) -> bool:
 
 
 def print_dha_result(args, s: dict, files: list[str]) -> None:
-    from ..pipeline import format_number
+    from ..report import format_number
 
     if not getattr(args, "json", False):
         for r in s["results"]:
