@@ -112,3 +112,10 @@ def check_position_span(span: int, mc, width: int) -> None:
             f"--position-span: the model attends within a sliding window of {mc.sliding_window} tokens, "
             "which counts tokens, not positions; train it on rows as long as the context instead"
         )
+
+
+def check_recall_tokens(n: int, width: int) -> None:
+    """Refuse recall spans (TrainConfig.recall_tokens; 0: off) of n tokens that rows of `width` tokens
+    cannot hold beside the first part they copy from."""
+    if 2 * n >= width:
+        raise UserError(f"--recall-tokens {n} must be under half the training rows' {width} tokens")

@@ -99,7 +99,7 @@ from .resume import (
     save_checkpoint,
     set_rng_state,
 )
-from .rows import as_blocks, check_position_span, recall_rows, rows_at, skip_positions
+from .rows import as_blocks, check_position_span, check_recall_tokens, recall_rows, rows_at, skip_positions
 
 AUTOCAST_DTYPES = {name: None if name == "float32" else getattr(torch, name) for name in AUTOCAST_NAMES}  # float32: off
 
@@ -471,6 +471,18 @@ def _step_loop(run: "_Run", progress: bool, checkpoint_at_end: bool) -> None:
         bar.close()
 
 
+def _teacher_on(device: torch.device, teacher: nn.Module | None, student: nn.Module | None) -> nn.Module | None:
+    """The teacher on `device` in eval mode: `teacher`, else (student given: distillation without a
+    teacher) a frozen copy of the student as given, before any step; None without either."""
+    if teacher is None and student is not None:
+        teacher = copy.deepcopy(student)
+    if teacher is None:
+        return None
+    # Only moved and put in eval mode: its forward runs under no_grad. (Not requires_grad_(False): a
+    # teacher may share tensors with the student, as a fused model shares its source's.)
+    return teacher.to(device).eval()
+
+
 class _Run:
     """One call of `train`: what it set up (data, distributed wrapping, optimizer, outputs) and
     where it stands (step, history, evals). Its methods are the loop's steps."""
@@ -485,10 +497,7 @@ class _Run:
         self.heldout = as_blocks(heldout, cfg.block_size, "held-out") if heldout is not None else None
         self.shape = step_shape(cfg, self.rows.shape[1], d.world)
         check_position_span(cfg.position_span, model.config, self.shape.width)
-        if 2 * cfg.recall_tokens >= self.shape.width:
-            raise UserError(
-                f"--recall-tokens {cfg.recall_tokens} must be under half the training rows' {self.shape.width} tokens"
-            )
+        check_recall_tokens(cfg.recall_tokens, self.shape.width)
         self.identity = run_identity(cfg, model, run_info)
         if out_dir is not None and not rundir.check(
             out_dir, self.identity, resume is not None, resumable=RESUMABLE_CHANGES, added=added_defaults()
@@ -497,15 +506,27 @@ class _Run:
         state = load_checkpoint(find_checkpoint(resume), self.identity, model) if resume is not None else None
         if d.world > 1:
             dist.barrier()  # every rank has checked the output directory before rank 0 writes to it
-        if cfg.distill and teacher is None:
-            teacher = copy.deepcopy(model)  # the model as given, before any step
-        if teacher is not None:
-            # Only moved and put in eval mode: its forward runs under no_grad. (Not requires_grad_(False):
-            # a teacher may share tensors with the student, as a fused model shares its source's.)
-            teacher = teacher.to(d.device).eval()
-        self.teacher = teacher
+        self.teacher = _teacher_on(d.device, teacher, model if cfg.distill else None)
         self.tap = AttentionTap(cfg.attention_queries, cfg.far) if cfg.tapped_queries else None
+        self._place(model)
+        self.step, self.history, self.evals = 0, [], []
+        self.resumed = state is not None
+        if state is not None:
+            self._restore(state)
+        if progress and d.main:
+            print(
+                f"dha: {self.shape.steps} steps of {self.shape.tokens} tokens on {d.world} process(es), {d.device}, "
+                f"autocast {self.dtype}, activation checkpointing {'on' if self.checkpointing else 'off'}",
+                file=sys.stderr,
+            )
+        self.writer = self._open_outputs()
+        self.predicted = self.shape.rows * (self.shape.width - 1)  # global number of target tokens per step
+        self.loss_scale = d.world / self.predicted  # DDP/FSDP average over ranks; we want the global mean
 
+    def _place(self, model: nn.Module) -> None:
+        """The model on the device in storage of its own, its micro batch, activation checkpointing
+        (and the loss's chunks), the distributed wrapping and the optimizer."""
+        cfg, d = self.cfg, self.d
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         storages = {p.data_ptr() for p in model.parameters()}
@@ -520,21 +541,7 @@ class _Run:
         self.head_chunk = chunk if self.checkpointing else 0  # positions per chunk of the loss's logits
         self.fsdp = cfg.fsdp and d.world > 1
         self.wrapped = wrap_distributed(self.module, self.fsdp, d)
-        self.optimizer = build_optimizer(self.module, cfg, hooks, d.device)
-        self.step, self.history, self.evals = 0, [], []
-        self.resumed = state is not None
-        if state is not None:
-            self._restore(state)
-        if progress and d.main:
-            print(
-                f"dha: {self.shape.steps} steps of {self.shape.tokens} tokens on {d.world} process(es), {d.device}, "
-                f"autocast {self.dtype}, activation checkpointing {'on' if self.checkpointing else 'off'}",
-                file=sys.stderr,
-            )
-        self.writer = self._open_outputs()
-
-        self.predicted = self.shape.rows * (self.shape.width - 1)  # global number of target tokens per step
-        self.loss_scale = d.world / self.predicted  # DDP/FSDP average over ranks; we want the global mean
+        self.optimizer = build_optimizer(self.module, cfg, self.hooks, d.device)
 
     def _restore(self, state: dict) -> None:
         """Weights, optimizer, position, history and RNGs (and the hooks' state) of a checkpoint."""
