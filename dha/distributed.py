@@ -1,9 +1,10 @@
 """Processes of one training run: joining torchrun's group, wrapping the model, gathering it back.
 
-The same command runs under torchrun; the process group is gloo on CPU and NCCL on GPU (one GPU
-per process, cuda:LOCAL_RANK). `--fsdp` shards parameters, gradients and optimizer state with
-FSDP2 (`torch.distributed.fsdp.fully_shard`, one unit per transformer block); otherwise DDP.
-Only rank 0 writes files. One machine:
+`dha train` (and `dha convert ... --tokens N`) runs under torchrun; the process group is gloo on
+CPU and NCCL on GPU (one GPU per process, cuda:LOCAL_RANK). `--fsdp` shards parameters, gradients
+and optimizer state with FSDP2 (`torch.distributed.fsdp.fully_shard`, one unit per transformer
+block); otherwise DDP. Only rank 0 writes files, but for the shards of a checkpoint under FSDP
+(dha.resume). One machine:
 
     torchrun --nproc_per_node 2 -m dha train SOURCE --data D --tokens N --out DIR [--fsdp]
 

@@ -52,7 +52,7 @@ class Training:
     block_size: int = 256
     shards: int = 1  # FSDP: weights, gradients and optimizer state are split over this many processes
     teacher_parameters: int = 0  # a --teacher model beside the source (float32 on the device)
-    # Activation checkpointing (dha.train.TrainConfig.activation_checkpointing): "on" and "auto"
+    # Activation checkpointing (dha.options.TrainConfig.activation_checkpointing): "on" and "auto"
     # count a checkpointed micro-batch's activations ("auto" turns it on where only that fits).
     checkpointing: str = "auto"
     distill: bool = False  # the KL to a teacher's logits (TrainConfig.distill)

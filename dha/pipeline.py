@@ -85,7 +85,7 @@ class DHAConfig:
     search: object = None  # dha.search.SearchOptions (None: its defaults)
     fusion: FusionOptions = field(default_factory=FusionOptions)
     merge: str = "aligned"  # what each group becomes (fusion's target): "aligned" (closed form, dha.merge) | "mean"
-    train: object = None  # dha.train.TrainConfig template (its `tokens` is set per stage; None: defaults)
+    train: object = None  # dha.options.TrainConfig template (its `tokens` is set per stage; None: defaults)
     # Where stage 1 (calibration, merges) and the final table run, one decoder layer at a time, the
     # model left where it is (None: the model's own device). `dha convert --offload`: --device, the
     # model in CPU memory. Training runs the whole model on its device, so only with tokens 0.

@@ -1,7 +1,8 @@
 """A training run's identity and checkpoints: what `--resume` checks and reads back.
 
 run.json holds the run's identity (source, data, TrainConfig, model). A directory holding another
-run is refused, and a checkpoint resumes only the run that wrote it, up to the settings in
+run is refused (dha.rundir, given `run_identity`, RESUMABLE_CHANGES and `added_defaults` from
+here), and a checkpoint resumes only the run that wrote it, up to the settings in
 RESUMABLE_CHANGES, which do not change the weights' trajectory.
 
 checkpoints/step_XXXXXXXX.pt holds the model, the optimizer state, the step, the data position

@@ -45,7 +45,7 @@ should not shrink the model's step) and should use weight_decay 0 (the default f
 Distributed
 -----------
 The same command runs under torchrun (DDP, or FSDP2 with `--fsdp`; `dha.distributed`). Only rank 0
-writes files.
+writes files, but for the shards of a checkpoint under FSDP (`dha.resume`).
 
 Output directory
 ----------------
@@ -473,7 +473,7 @@ def _step_loop(run: "_Run", progress: bool, checkpoint_at_end: bool) -> None:
 
 def _teacher_on(device: torch.device, teacher: nn.Module | None, student: nn.Module | None) -> nn.Module | None:
     """The teacher on `device` in eval mode: `teacher`, else (student given: distillation without a
-    teacher) a frozen copy of the student as given, before any step; None without either."""
+    teacher) a copy of the student as given, before any step (never trained); None without either."""
     if teacher is None and student is not None:
         teacher = copy.deepcopy(student)
     if teacher is None:
@@ -524,8 +524,9 @@ class _Run:
         self.loss_scale = d.world / self.predicted  # DDP/FSDP average over ranks; we want the global mean
 
     def _place(self, model: nn.Module) -> None:
-        """The model on the device in storage of its own, its micro batch, activation checkpointing
-        (and the loss's chunks), the distributed wrapping and the optimizer."""
+        """Seeds torch and `random` with cfg.seed; the model on the device in storage of its own, its micro
+        batch, activation checkpointing (and the loss's chunks, which need self.teacher set), the distributed
+        wrapping and the optimizer."""
         cfg, d = self.cfg, self.d
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)

@@ -304,7 +304,7 @@ def train_config_from_args(args, tokens: int | None = None):
     cfg.validate()
     if cfg.position_span and getattr(args, "resume", None) is None:  # before the model loads
         from ..checkpoint import source_shape
-        from ..train import check_position_span
+        from ..rows import check_position_span
 
         check_position_span(cfg.position_span, source_shape(args.source)[0], cfg.block_size)
     return cfg

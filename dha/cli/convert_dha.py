@@ -181,9 +181,9 @@ def run_convert_dha(args) -> int:
 
     import torch
 
+    from ..distributed import setup_distributed
     from ..pipeline import run_dha
     from ..plan import Plan
-    from ..train import setup_distributed
 
     config, data = dha_config_from_args(args)
     plan = Plan.load(args.plan) if args.plan is not None else None
