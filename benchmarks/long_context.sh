@@ -99,16 +99,21 @@ if [[ $part == convert || $part == all ]]; then
     --out $runs/akd03_98k_s0
   python -m dha convert --method dha $pose --tokens 98304 --seed 1 --attention-distill 0.3 --far-attention-distill 2 \
     --no-progress --out $runs/far2_98k_s1
-  # recall spans: the last 256 tokens of each row repeat 256 tokens of its first part (seeds 0 and 1)
-  for seed in 0 1; do
+  # recall spans: the last 256 tokens of each row repeat 256 tokens of its first part (seeds 0, 1, 2)
+  for seed in 0 1 2; do
     python -m dha convert --method dha $pose --tokens 98304 --seed $seed --attention-distill 0.3 --recall-tokens 256 \
       --no-progress --out $runs/recall256_98k_s$seed
   done
   # weight 0.3 at the demo's budget (24,576 tokens), seed 1; and with recall spans of 256
   python -m dha convert --method dha $pose --tokens 24576 --seed 1 --attention-distill 0.3 --no-progress \
     --out $runs/akd03_24k_s1
-  python -m dha convert --method dha $pose --tokens 24576 --seed 1 --attention-distill 0.3 --recall-tokens 256 \
-    --no-progress --out $runs/recall256_24k_s1
+  for seed in 1 0; do
+    python -m dha convert --method dha $pose --tokens 24576 --seed $seed --attention-distill 0.3 --recall-tokens 256 \
+      --no-progress --out $runs/recall256_24k_s$seed
+  done
+  # the control with recall spans: the source trained on the same rows, positions and copies, no distillation
+  python -m dha train smollm2-135m --block-size 2048 --batch-tokens 2048 --micro-batch 1 --tokens 98304 --position-span 8192 \
+    --recall-tokens 256 --no-progress --out $runs/control_recall256_98k
   # 1/3 of the cache: one key and one value head per layer, so no head can be kept out of the merges;
   # no training, and the demo's budget on rows of 2,048 with no position-free pairs
   python -m dha convert --method dha --kv-budget 0.3334 --tokens 0 --no-progress --out $runs/third0
@@ -143,15 +148,17 @@ if [[ $part == eval || $part == all ]]; then
     --max-eval-tokens 16384 --batch-sizes 1 --new-tokens 4 --repeats 1  # 512-token windows of held-out pydoc
   for m in pose2k_24k_s0 pose2k_24k_s1 pose2k_98k pose2k_196k pose256_24k control_pose2k pose2k_98k_s1 pose2k_98k_kd \
     pose2k_98k_rl8k pose2k_98k_s2 akd_98k_s0 akd_98k_s1 akd_24k_s1 akd8k_98k akd03_98k_s1 akd03_98k_s0 far2_98k_s1 akd03_24k_s1 \
-    recall256_98k_s0 recall256_98k_s1; do
+    recall256_98k_s0 recall256_98k_s1 recall256_98k_s2 control_recall256_98k recall256_24k_s0; do
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths 2048,4096,8192 \
       --per-depth 4 --far-per-depth 4 --out $res/long_context_half_20.jsonl
   done
-  python benchmarks/long_context_lean.py $runs/recall256_24k_s1 --data "$man" --windows 0 --lengths 2048,4096 \
+  python benchmarks/long_context_lean.py $runs/recall256_24k_s1 --data "$man" --windows 0 --lengths 2048,4096,8192 \
     --per-depth 4 --out $res/long_context_half_20.jsonl
+  # 512-token perplexity of held-out pydoc for the control (a conversion's report has its own)
+  python -m dha eval smollm2-135m --compare $runs/control_recall256_98k --batch-sizes 1 --new-tokens 4 --repeats 1 --json
   python benchmarks/plot_long_context.py $res/long_context_half_20.jsonl --out docs/images \
     --retrieval smollm2-135m,pose2k_98k,pose2k_98k_s1,akd03_98k_s0,akd03_98k_s1,recall256_98k_s0,recall256_98k_s1,\
-far2_98k_s1,pv8k_fp0_98k,control2k_98k
+recall256_98k_s2,far2_98k_s1,pv8k_fp0_98k,control2k_98k,control_recall256_98k
   python benchmarks/long_context_lean.py $runs/third0 --data "$man" --windows 2 --lengths "" --out $res/long_context_third.jsonl
   python benchmarks/long_context_lean.py $runs/third_2k_fp0 --data "$man" --windows 2 --lengths 2048,4096,8192 \
     --per-depth 4 --far-per-depth 4 --out $res/long_context_third.jsonl
@@ -209,6 +216,7 @@ if [[ $part == heads || $part == all ]]; then
     --out $res/copy_by_distance_half_s0.json
   python benchmarks/copy_by_distance.py $runs/akd03_98k_s1 $runs/recall256_98k_s1 $copy \
     --out $res/copy_by_distance_half_s1.json
+  python benchmarks/copy_by_distance.py $runs/recall256_98k_s2 $copy --out $res/copy_by_distance_half_s2.json
   # the same with layers 0-13, 0-6 or 7-13 left whole (0.767, 0.622, 0.644 of the cache)
   for whole in 0_13 0_6 7_13; do
     python -m dha convert --method dha --plan $res/plan_half_whole$whole.json --free-pairs 0 --tokens 0 \

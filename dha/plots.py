@@ -149,11 +149,16 @@ def plot_position_ratio(names: list[str], positions: list[dict], path: str) -> N
     save(fig, path, dpi=120)
 
 
-def plot_retrieval(names: list[str], grids: list[dict], path: str) -> None:
-    """Passkey retrieval heatmaps, one per model: share found per needle depth (rows) and prompt length (columns)."""
+def plot_retrieval(names: list[str], grids: list[dict], path: str, per_row: int = 6) -> None:
+    """Passkey retrieval heatmaps, one per model, `per_row` to a row: share found per needle depth
+    (rows) and prompt length (columns)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(grids), figsize=(2.2 + 2.2 * len(grids), 3.2), squeeze=False)
-    for ax, name, grid in zip(axes[0], names, grids):
+    cols = min(per_row, len(grids))
+    rows = -(-len(grids) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 + 2.2 * cols, 0.4 + 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(grids) :]:
+        ax.set_visible(False)
+    for ax, name, grid in zip(axes.flat, names, grids):
         lengths, depths = [str(n) for n in grid["lengths"]], grid["depths"]
         share = np.array([[grid["found"][n][d] / grid["per_cell"] for n in lengths] for d in range(len(depths))])
         ax.imshow(share, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -164,7 +169,8 @@ def plot_retrieval(names: list[str], grids: list[dict], path: str) -> None:
                 ax.text(j, i, f"{grid['found'][n][i]}/{grid['per_cell']}", ha="center", va="center", fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("prompt tokens")
-    axes[0][0].set_ylabel("needle depth")
+    for row in axes:
+        row[0].set_ylabel("needle depth")
     fig.suptitle(f"passkey found ({grids[0]['haystack']} haystack)", fontsize=10)
     fig.tight_layout()
     save(fig, path, dpi=120)
