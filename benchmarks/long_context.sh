@@ -229,4 +229,6 @@ if [[ $part == llama || $part == all ]]; then
   # the same measures in llama.cpp on the GGUF export, f16 and q8_0 KV caches, flash attention on
   python benchmarks/long_context_llama_cpp.py $runs/dha0 --data "$man" --window 8192 --windows 1 \
     --lengths 2048,8192 --depths 5 --per-depth 1 --out $res/long_context_llama_cpp.json
+  # the recipe's model in llama.cpp's layout: the KV bytes a token after --pad (printed by the export)
+  python -m dha export $runs/recall256_98k_s0 --format gguf --pad --outtype f16 --out $runs/recall256_98k_s0.gguf
 fi
