@@ -3,7 +3,7 @@
 Distillation on logits teaches what the teacher predicts. On natural text few predictions depend
 on tokens thousands of positions back, so it barely constrains the attention that long-context
 retrieval needs: after a merge, the retrieval layers' attention on a needle 8,192 tokens back
-collapses though those layers keep all their heads (docs/longcontext.md). This term reads, in every
+collapses though those layers keep all their heads (docs/longcontext_runs.md). This term reads, in every
 global-attention layer, the attention of each row's last `queries` positions (they see the whole
 row; under skipped positions, the longest distances) over every key, per query head:
 
