@@ -1,10 +1,11 @@
 """How well a model copies a span of text from far back: the loss on a repeated span by distance.
 
-Each prompt is a window of held-out text whose last --span tokens repeat --span tokens from
-DISTANCE tokens earlier. A model that reads that far predicts the repeat (after its first few
-tokens, --skip, which only say where the copy starts) with a loss far below the text's own; one
-that cannot read that far predicts it as fresh text. Unlike a passkey (found or not, a few
-prompts), this is a mean loss over --windows x (span - skip) tokens per distance, on any text.
+Each prompt is a window of --data (a text nothing trained on, read from its start) whose last
+--span tokens repeat --span tokens from DISTANCE tokens earlier. A model that reads that far
+predicts the repeat (after its first few tokens, --skip, which only say where the copy starts)
+with a loss far below the text's own; one that cannot read that far predicts it as fresh text.
+Unlike a passkey (found or not, a few prompts), this is a mean loss over --windows x (span - skip)
+tokens per distance, on any text.
 Writes JSON: per model, the mean loss at each distance.
 
     python benchmarks/copy_by_distance.py smollm2-135m runs/dha --data ~/.cache/dha/man1_400.txt \\
@@ -24,17 +25,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dha.atomic import write_json  # noqa: E402
 from dha.checkpoint import load  # noqa: E402
+from dha.longctx import long_windows  # noqa: E402
 
 
 def copy_prompts(ids: torch.Tensor, length: int, span: int, distance: int, windows: int) -> torch.Tensor:
-    """(windows, length) token ids: consecutive slices of `ids`, each ending with a repeat of the
-    `span` tokens that start `distance` positions before the repeat does."""
-    rows = []
-    for w in range(windows):
-        text = ids[w * length : w * length + length - span]
-        start = length - span - distance
-        rows.append(torch.cat([text, text[start : start + span]]))
-    return torch.stack(rows)
+    """(windows, length) token ids: the first `windows` windows of `ids`, each with its last `span`
+    tokens replaced by a repeat of the `span` tokens that start `distance` positions before them."""
+    text = long_windows(ids, length, windows)[:, : length - span]
+    start = length - span - distance
+    return torch.cat([text, text[:, start : start + span]], dim=1)
 
 
 @torch.no_grad()
