@@ -471,11 +471,11 @@ def _step_loop(run: "_Run", progress: bool, checkpoint_at_end: bool) -> None:
         bar.close()
 
 
-def _teacher_on(device: torch.device, teacher: nn.Module | None, student: nn.Module | None) -> nn.Module | None:
-    """The teacher on `device` in eval mode: `teacher`, else (student given: distillation without a
-    teacher) a copy of the student as given, before any step (never trained); None without either."""
-    if teacher is None and student is not None:
-        teacher = copy.deepcopy(student)
+def _teacher_on(device: torch.device, teacher: nn.Module | None, model: nn.Module, distill: bool) -> nn.Module | None:
+    """The teacher on `device` in eval mode: `teacher`, else with `distill` a copy of `model` as given,
+    before any step (never trained); None without either."""
+    if teacher is None and distill:
+        teacher = copy.deepcopy(model)
     if teacher is None:
         return None
     # Only moved and put in eval mode: its forward runs under no_grad. (Not requires_grad_(False): a
@@ -506,7 +506,7 @@ class _Run:
         state = load_checkpoint(find_checkpoint(resume), self.identity, model) if resume is not None else None
         if d.world > 1:
             dist.barrier()  # every rank has checked the output directory before rank 0 writes to it
-        self.teacher = _teacher_on(d.device, teacher, model if cfg.distill else None)
+        self.teacher = _teacher_on(d.device, teacher, model, cfg.distill)
         self.tap = AttentionTap(cfg.attention_queries, cfg.far) if cfg.tapped_queries else None
         self._place(model)
         self.step, self.history, self.evals = 0, [], []
