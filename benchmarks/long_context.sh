@@ -111,6 +111,17 @@ if [[ $part == convert || $part == all ]]; then
     python -m dha convert --method dha $pose --tokens 24576 --seed $seed --attention-distill 0.3 --recall-tokens 256 \
       --no-progress --out $runs/recall256_24k_s$seed
   done
+  # the demo's budget at 3x the learning rate (12 steps: does a larger step make up for fewer?), and half the
+  # long budget (49,152 tokens), seeds 0 and 1
+  for seed in 0 1; do
+    python -m dha convert --method dha $pose --tokens 24576 --seed $seed --attention-distill 0.3 --recall-tokens 256 \
+      --lr 4.5e-4 --no-progress --out $runs/recall256_24k_lr45_s$seed
+    python -m dha convert --method dha $pose --tokens 49152 --seed $seed --attention-distill 0.3 --recall-tokens 256 \
+      --no-progress --out $runs/recall256_49k_s$seed
+  done
+  # their final tables (512-token held-out pydoc) and training logs
+  python benchmarks/conversion_summaries.py $runs/recall256_24k_lr45_s0 $runs/recall256_24k_lr45_s1 \
+    $runs/recall256_49k_s0 $runs/recall256_49k_s1 --out $res/long_context_recipe_budgets.json
   # the control with recall spans: the source trained on the same rows, positions and copies, no distillation
   python -m dha train smollm2-135m --block-size 2048 --batch-tokens 2048 --micro-batch 1 --tokens 98304 --position-span 8192 \
     --recall-tokens 256 --no-progress --out $runs/control_recall256_98k
@@ -154,6 +165,11 @@ if [[ $part == eval || $part == all ]]; then
   done
   python benchmarks/long_context_lean.py $runs/recall256_24k_s1 --data "$man" --windows 0 --lengths 2048,4096,8192 \
     --per-depth 4 --out $res/long_context_half_20.jsonl
+  for m in recall256_49k_s0 recall256_49k_s1; do
+    python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 0 --lengths 8192,4096,2048 --per-depth 4 \
+      --out $res/long_context_half_20.jsonl
+    python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths "" --out $res/long_context_half_20.jsonl
+  done
   # 512-token perplexity of held-out pydoc for the control (a conversion's report has its own)
   python -m dha eval smollm2-135m --compare $runs/control_recall256_98k --batch-sizes 1 --new-tokens 4 --repeats 1 --json
   python benchmarks/plot_long_context.py $res/long_context_half_20.jsonl --out docs/images \
@@ -231,4 +247,8 @@ if [[ $part == llama || $part == all ]]; then
     --lengths 2048,8192 --depths 5 --per-depth 1 --out $res/long_context_llama_cpp.json
   # the recipe's model in llama.cpp's layout: the KV bytes a token after --pad (printed by the export)
   python -m dha export $runs/recall256_98k_s0 --format gguf --pad --outtype f16 --out $runs/recall256_98k_s0.gguf
+  # the recipe's model itself, run as the "source" (its own export, padded): f16 cache, one 8,192-token window, 5
+  # passkeys at 8,192 (the source's side is the no-training run above)
+  python benchmarks/long_context_llama_cpp.py --source $runs/recall256_98k_s0 --data "$man" --window 8192 --windows 1 \
+    --lengths 8192 --depths 5 --per-depth 1 --cache-types f16 --threads 1 --out $res/long_context_llama_cpp_recipe_8k.json
 fi
