@@ -167,7 +167,7 @@ if [[ $part == eval || $part == all ]]; then
     --per-depth 4 --out $res/long_context_half_20.jsonl
   for m in recall256_49k_s0 recall256_49k_s1; do
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 0 --lengths 8192,4096,2048 --per-depth 4 \
-      --out $res/long_context_half_20.jsonl
+      --far-per-depth 4 --out $res/long_context_half_20.jsonl
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths "" --out $res/long_context_half_20.jsonl
   done
   # 512-token perplexity of held-out pydoc for the control (a conversion's report has its own)
