@@ -129,13 +129,13 @@ if [[ $part == convert || $part == all ]]; then
   python -m dha convert --method dha --kv-budget 0.5 --retrieval-heads 9 --protect-values --free-pairs 0 --context 8192 \
     --block-size 1024 --calib-tokens 4096 --batch-tokens 1024 --tokens 24576 --seed 0 --attention-distill 0.3 \
     --recall-tokens 256 --no-progress --out $runs/one_b1k_s0
+  # their control: the source trained on the same rows of 1,024, positions and copies, no distillation
+  python -m dha train smollm2-135m --block-size 1024 --batch-tokens 1024 --micro-batch 1 --tokens 24576 \
+    --position-span 8192 --recall-tokens 256 --no-progress --out $runs/control_recall256_24k_b1k
   # their final tables (512-token held-out pydoc) and training logs
   python benchmarks/conversion_summaries.py $runs/recall256_24k_lr45_s0 $runs/recall256_24k_lr45_s1 \
     $runs/recall256_49k_s0 $runs/recall256_49k_s1 $runs/recall256_24k_b1k_s0 $runs/recall256_24k_b1k_s1 \
     $runs/recall256_24k_b1k_s2 $runs/one_b1k_s0 --out $res/long_context_recipe_budgets.json
-  # its control: the source trained on the same rows of 1,024, positions and copies, no distillation
-  python -m dha train smollm2-135m --block-size 1024 --batch-tokens 1024 --micro-batch 1 --tokens 24576 \
-    --position-span 8192 --recall-tokens 256 --no-progress --out $runs/control_recall256_24k_b1k
   # the control with recall spans: the source trained on the same rows, positions and copies, no distillation
   python -m dha train smollm2-135m --block-size 2048 --batch-tokens 2048 --micro-batch 1 --tokens 98304 --position-span 8192 \
     --recall-tokens 256 --no-progress --out $runs/control_recall256_98k
@@ -190,7 +190,8 @@ if [[ $part == eval || $part == all ]]; then
     python benchmarks/long_context_lean.py $runs/$m --data "$man" --windows 2 --lengths "" --out $res/long_context_half_20.jsonl
   done
   # 512-token perplexity of held-out pydoc for the control (a conversion's report has its own)
-  python -m dha eval smollm2-135m --compare $runs/control_recall256_98k --batch-sizes 1 --new-tokens 4 --repeats 1 --json
+  python -m dha eval smollm2-135m --compare $runs/control_recall256_98k --batch-sizes 1 --new-tokens 4 --repeats 1 \
+    --json > $res/control_recall256_98k_eval512.json
   python -m dha eval smollm2-135m --compare $runs/control_recall256_24k_b1k --batch-sizes 1 --new-tokens 4 --repeats 1 \
     --json > $res/control_recall256_24k_b1k_eval512.json
   python benchmarks/plot_long_context.py $res/long_context_half_20.jsonl --out docs/images \
